@@ -1,0 +1,130 @@
+"""The one-file checkpoint: backbone and branch tensors plus a JSON metadata string, in safetensors.
+
+Tensors: ``backbone.*``, ``branches.*``, and optional ``state.*`` (training state for --resume).
+Metadata: one JSON document under the header key ``pteenet`` (safetensors refuses non-string values).
+Loading rebuilds only known structures (a backbone spec, ConvX branches): no pickle anywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .backbones import BackboneInfo, load_backbone
+from .branches import BranchConfig
+from .cost import CostTable
+from .errors import PteenetError
+from .model import EarlyExitModel
+from .weights import module_sha256, tensors_sha256
+
+SCHEMA_VERSION = 1
+META_KEY = "pteenet"
+
+
+@dataclass
+class Checkpoint:
+    model: EarlyExitModel
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # training state, without the prefix
+
+
+def describe(model: EarlyExitModel) -> dict[str, Any]:
+    """The checkpoint's metadata document for a model."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "pteenet_version": __version__,
+        "backbone": model.info.to_dict(),
+        "backbone_sha256": model.backbone_sha256,
+        "exits": [{"name": p.name, "node": p.node} for p in model.exit_points],
+        "branch": {"type": model.branch_config.name, "convs": model.branch_config.convs},
+        "cost": model.cost.to_dict() if model.cost else None,
+        "policy": model.policy,
+        "thresholds": model.thresholds,
+        **model.meta,
+    }
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename into place, so a reader never sees half a file."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise PteenetError(f"output folder does not exist: {path.parent}", "create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model: EarlyExitModel, state: dict[str, torch.Tensor] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    if module_sha256(model.backbone) != model.backbone_sha256:
+        raise PteenetError("the backbone's weights or buffers changed since they were attached; refusing to save",
+                           "this is a bug in pteenet: please report it")
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, sd in (("backbone.", model.backbone.state_dict()), ("branches.", model.branches.state_dict()),
+                       ("state.", state or {})):
+        for k, v in sd.items():
+            # clone(): safetensors refuses tensors that share storage (tied weights, views).
+            tensors[prefix + k] = v.detach().to("cpu").contiguous().clone()
+    meta = {META_KEY: json.dumps(describe(model))}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise PteenetError(f"checkpoint not found: {path}", "pass a file written by `pteenet attach`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as e:
+        raise PteenetError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:120]}",
+                           "the file is corrupt or truncated; write it again") from e
+    if raw is None:
+        raise PteenetError(f"{path} is a safetensors file but not a pteenet checkpoint", "create one with `pteenet attach`")
+    meta = json.loads(raw)
+    if int(meta.get("schema_version", 0)) > SCHEMA_VERSION:
+        raise PteenetError(
+            f"{path} was written by a newer pteenet (schema {meta['schema_version']} > {SCHEMA_VERSION})",
+            "upgrade pteenet",
+        )
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise PteenetError(f"cannot read the tensors of {path}: {type(e).__name__}", "the file is corrupt or truncated") from e
+    info = BackboneInfo.from_dict(meta["backbone"])
+    pre = info.preprocess
+    backbone, _ = load_backbone(info.spec, None, info.num_classes, pre.input_size, pre.mean, pre.std)
+    bb_sd = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    if tensors_sha256(bb_sd) != meta["backbone_sha256"]:
+        raise PteenetError(f"the backbone tensors in {path} do not match their recorded hash", "the file is corrupt")
+    backbone.load_state_dict(bb_sd, strict=True)
+    if meta["branch"]["type"] != f"conv{meta['branch']['convs']}":
+        raise PteenetError(f"unknown branch type {meta['branch']['type']!r} in {path}", "upgrade pteenet")
+    cost = CostTable.from_dict(meta["cost"]) if meta.get("cost") else None
+    model = EarlyExitModel(backbone, info, [e["name"] for e in meta["exits"]], BranchConfig(meta["branch"]["convs"]), cost)
+    model.branches.load_state_dict({k[len("branches."):]: v for k, v in tensors.items() if k.startswith("branches.")})
+    model.set_thresholds(meta["thresholds"], meta["policy"])
+    known = set(describe(model))
+    model.meta = {k: v for k, v in meta.items() if k not in known}
+    state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
+    return Checkpoint(model.to(device), state)

@@ -1,0 +1,15 @@
+"""The ``pteenet`` command: one module per command, each a thin layer over one library function."""
+from __future__ import annotations
+
+import typer
+
+from .attach_cmd import attach_command, info_command
+
+app = typer.Typer(help="Early exits for a frozen pretrained CNN (PTEENet).", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+app.command("attach")(attach_command)
+app.command("info")(info_command)
+
+
+def main() -> None:
+    app()

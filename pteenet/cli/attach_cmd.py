@@ -1,0 +1,91 @@
+"""``pteenet attach`` and ``pteenet info``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..attach import AttachConfig, attach, list_candidates
+from ..checkpoint import read_metadata, save_checkpoint
+from .common import console, emit_json, handle_errors, parse_floats, parse_size, split_names
+
+
+def _fmt_macs(m: float) -> str:
+    return f"{m / 1e6:.2f}M" if m < 1e9 else f"{m / 1e9:.2f}G"
+
+
+@handle_errors
+def attach_command(
+    backbone: str = typer.Argument(..., help="torchvision:NAME, cifar-resnet20|32|44|56|110, file.py:factory or package.module:factory"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="checkpoint to write (.safetensors)"),
+    weights: Optional[str] = typer.Option(None, help="weights file (.safetensors/.pt/.pth/.th); torchvision: DEFAULT or an enum name"),
+    num_classes: Optional[int] = typer.Option(None, help="number of classes, if not the model's default"),
+    input_size: Optional[str] = typer.Option(None, help="C,H,W (default: from the weights or the model)"),
+    mean: Optional[str] = typer.Option(None, help="per-channel mean, comma-separated"),
+    std: Optional[str] = typer.Option(None, help="per-channel std, comma-separated"),
+    at: Optional[list[str]] = typer.Option(None, "--at", help="exit point (module path or node name); repeat or comma-separate"),
+    exits: Optional[int] = typer.Option(None, help="number of exits placed by cost (default 4)"),
+    placement: str = typer.Option("linear", help="fine | pareto | linear | golden"),
+    branch: str = typer.Option("conv2", help="branch type: conv0 | conv1 | conv2 | conv3"),
+    list_: bool = typer.Option(False, "--list", help="list candidate exit points and their cumulative MAC share"),
+    json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout"),
+) -> None:
+    """Attach early-exit branches to a frozen backbone and write a checkpoint."""
+    cfg = AttachConfig(backbone, weights, num_classes, parse_size(input_size), parse_floats(mean, "--mean"),
+                       parse_floats(std, "--std"), split_names(at), exits, placement, branch)
+    if list_:
+        doc = list_candidates(cfg)
+        if json_:
+            emit_json(doc)
+            return
+        table = Table(title=f"exit candidates of {doc['backbone']} ({_fmt_macs(doc['backbone_macs'])} MACs)")
+        for col in ("#", "name", "node", "shape", "cumulative MACs", "share"):
+            table.add_column(col, justify="right" if col in ("#", "cumulative MACs", "share") else "left")
+        for i, r in enumerate(doc["candidates"]):
+            table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
+        console.print(table)
+        return
+    if output is None:
+        raise typer.BadParameter("an output file is required (or use --list)", param_hint="-o/--output")
+    model = attach(cfg)
+    save_checkpoint(output, model)
+    assert model.cost is not None
+    doc = {**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name}
+    if json_:
+        emit_json(doc)
+        return
+    table = Table(title=f"{len(model.cost.exits)} exits on {cfg.backbone} ({_fmt_macs(model.cost.backbone_macs)} MACs) -> {output}")
+    for col in ("exit", "point", "prefix MACs", "branch MACs", "cost (cumulative)", "cost (paper)"):
+        table.add_column(col, justify="left" if col == "point" else "right")
+    for i, e in enumerate(model.cost.exits):
+        table.add_row(str(i), e.name, _fmt_macs(e.prefix_macs), _fmt_macs(e.branch_macs), f"{e.cost:.3f}", f"{e.cost_paper:.3f}")
+    table.add_row("end", "backbone output", _fmt_macs(model.cost.backbone_macs), "", f"{model.cost.final_cost:.3f}", "1.000")
+    console.print(table)
+
+
+@handle_errors
+def info_command(
+    checkpoint: Path = typer.Argument(..., help="a pteenet checkpoint"),
+    json_: bool = typer.Option(False, "--json", help="print the metadata document on stdout"),
+) -> None:
+    """Show a checkpoint's metadata."""
+    meta = read_metadata(checkpoint)
+    if json_:
+        emit_json(meta)
+        return
+    table = Table(title=str(checkpoint), show_header=False)
+    table.add_column("key")
+    table.add_column("value")
+    bb = meta["backbone"]
+    table.add_row("backbone", f"{bb['spec']} ({bb['num_classes']} classes, input {'x'.join(map(str, bb['preprocess']['input_size']))})")
+    table.add_row("weights", f"{bb.get('weights')} sha256 {str(bb.get('weights_sha256'))[:12]}")
+    table.add_row("branch", meta["branch"]["type"])
+    table.add_row("policy / thresholds", f"{meta['policy']} {', '.join(f'{t:.3f}' for t in meta['thresholds'])}")
+    for i, e in enumerate((meta.get("cost") or {}).get("exits", [])):
+        table.add_row(f"exit {i}", f"{e['name']}: cost {e['cost']:.3f} (paper {e['cost_paper']:.3f})")
+    for key in meta:
+        if key not in ("backbone", "branch", "policy", "thresholds", "cost", "exits"):
+            table.add_row(key, str(meta[key])[:100])
+    console.print(table)

@@ -1,0 +1,93 @@
+"""What every command shares: the stderr console, the JSON sink, option parsing and error handling.
+
+Data goes to stdout (one JSON document with --json); tables, progress and errors go to stderr.
+A known error becomes one line ``Error: ... (hint: ...)`` and exit code 1; ``PTEENET_DEBUG=1`` adds
+the traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from ..errors import PteenetError
+
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str) -> None:
+    # Plain write, not Rich: Rich would wrap a long error over several lines.
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+
+
+def handle_errors(fn: F) -> F:
+    """Turn known errors into one line and exit code 1; never show a traceback unless debugging."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(os.environ.get("PTEENET_DEBUG"))
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise
+        except PteenetError as e:
+            if debug:
+                console.print_exception()
+            fail(str(e))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            fail("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:  # an unexpected failure is still one line, with a way to see more
+            if debug:
+                raise
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            fail(f"{type(e).__name__}: {first} (hint: rerun with PTEENET_DEBUG=1 for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+    sys.stdout.flush()
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+
+
+def parse_size(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"expected C,H,W such as 3,224,224, got {text!r}", param_hint="--input-size")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def split_names(values: list[str] | None) -> list[str] | None:
+    """``--at a --at b`` and ``--at a,b`` both work."""
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]

@@ -1,0 +1,165 @@
+"""MAC accounting, the paper's cost-based exit placement, and the per-exit cost table.
+
+We count multiply-accumulates (MACs) with thop's per-layer rules, applied node by node while an
+fx Interpreter runs a deep copy of the traced backbone at batch 1. Per-node counts (rather than
+thop.profile's per-module totals) give the cumulative cost at any node, and count a module that is
+called twice (torchvision ResNet's shared ReLU) twice. thop adds ``total_ops`` buffers to what it
+profiles, so it only ever sees copies.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from thop.profile import register_hooks
+from torch import nn
+
+from .errors import PteenetError, unknown_name
+from .graph import ExitPoint, TracedBackbone
+
+PLACEMENTS = {
+    "fine": lambda i, n: 1 - 0.95 ** (i + 1),
+    "pareto": lambda i, n: 1 - 0.8 ** (i + 1),
+    "linear": lambda i, n: (i + 1) / (n + 1),
+    "golden": lambda i, n: 1.618 ** (i - n),
+}
+_MATMULS = {torch.matmul, operator.matmul, torch.bmm, torch.mm}
+
+
+class _MacCounter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.macs: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        macs = 0
+        if n.op == "call_module":
+            m = self.fetch_attr(n.target)
+            rule = register_hooks.get(type(m))
+            if rule is not None:
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                before = float(m.total_ops.item())
+                rule(m, args, out)
+                macs = float(m.total_ops.item()) - before
+        elif n.op == "call_function" and isinstance(out, torch.Tensor):
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            # Functional linear layers and matmuls are real work that no module hook sees.
+            if n.target is torch.nn.functional.linear:
+                macs = out.numel() * args[1].shape[-1]
+            elif n.target in _MATMULS:
+                macs = out.numel() * args[0].shape[-1]
+        self.macs[n.name] = int(macs)
+        return out
+
+
+def node_macs(tb: TracedBackbone, input_size: tuple[int, ...]) -> dict[str, int]:
+    """MACs of every graph node for one sample."""
+    gm = copy.deepcopy(tb.gm)
+    for m in gm.modules():
+        if type(m) in register_hooks:
+            m.register_buffer("total_ops", torch.zeros(1, dtype=torch.float64))
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    counter = _MacCounter(gm)
+    with torch.no_grad():
+        counter.run(torch.zeros(1, *input_size, device=device))
+    return counter.macs
+
+
+def module_macs(module: nn.Module, in_shape: tuple[int, ...]) -> int:
+    """MACs of a small module (a branch) for one sample, profiled on a copy."""
+    import thop
+
+    m = copy.deepcopy(module).eval()
+    device = next((p.device for p in m.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        macs, _ = thop.profile(m, inputs=(torch.zeros(1, *in_shape, device=device),), verbose=False)
+    return int(macs)
+
+
+def cumulative_macs(tb: TracedBackbone, macs: dict[str, int]) -> list[int]:
+    """Cumulative MACs up to and including each node, in graph order."""
+    out, total = [], 0
+    for n in tb.nodes:
+        total += macs.get(n.name, 0)
+        out.append(total)
+    return out
+
+
+def place(candidates: list[ExitPoint], cum: list[int], n_exits: int, rule: str) -> list[ExitPoint]:
+    """The paper's rule: exit i after the first candidate whose cumulative MACs reach fraction f(i).
+
+    Two exits never share a candidate: a later exit that would land on a taken one moves to the next.
+    """
+    if rule not in PLACEMENTS:
+        raise unknown_name("placement", rule, list(PLACEMENTS))
+    if n_exits < 1:
+        raise PteenetError("--exits must be at least 1", "or name the exits with --at")
+    if n_exits > len(candidates):
+        raise PteenetError(
+            f"{n_exits} exits asked for but the backbone has {len(candidates)} candidate exit points",
+            "use fewer --exits, or see `pteenet attach BACKBONE --list`",
+        )
+    total = cum[-1]
+    chosen: list[ExitPoint] = []
+    start = 0
+    for i in range(n_exits):
+        frac = PLACEMENTS[rule](i, n_exits)
+        j = start
+        while j < len(candidates) and cum[candidates[j].position] < frac * total:
+            j += 1
+        # Leave room for the exits still to place; past the end means "as late as possible".
+        j = min(j, len(candidates) - (n_exits - i))
+        chosen.append(candidates[j])
+        start = j + 1
+    return chosen
+
+
+@dataclass
+class ExitCost:
+    name: str
+    node: str
+    prefix_macs: int  # backbone MACs up to and including the exit point
+    branch_macs: int  # this exit's branch alone
+    cost: float  # cumulative: prefix + every branch evaluated up to and including this one, / backbone
+    cost_paper: float  # the paper's convention: prefix + own branch, / backbone
+
+
+@dataclass
+class CostTable:
+    backbone_macs: int
+    exits: list[ExitCost]
+
+    @property
+    def final_cost(self) -> float:
+        """Cost of a sample that passes every exit and runs to the end: 1 + all branches."""
+        return 1.0 + sum(e.branch_macs for e in self.exits) / self.backbone_macs
+
+    def costs(self) -> list[float]:
+        return [e.cost for e in self.exits] + [self.final_cost]
+
+    def costs_paper(self) -> list[float]:
+        return [e.cost_paper for e in self.exits] + [1.0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backbone_macs": self.backbone_macs, "exits": [asdict(e) for e in self.exits], "final_cost": self.final_cost}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CostTable":
+        return cls(int(d["backbone_macs"]), [ExitCost(**e) for e in d["exits"]])
+
+
+def cost_table(points: list[ExitPoint], cum: list[int], branch_macs: list[int]) -> CostTable:
+    total = cum[-1]
+    if total <= 0:
+        raise PteenetError("could not count any MACs in the backbone", "is it built from standard torch.nn layers?")
+    exits, passed = [], 0
+    for p, b in zip(points, branch_macs):
+        prefix = cum[p.position]
+        passed += b
+        exits.append(ExitCost(p.name, p.node, prefix, b, (prefix + passed) / total, (prefix + b) / total))
+    return CostTable(total, exits)

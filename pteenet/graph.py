@@ -1,0 +1,219 @@
+"""Tracing a backbone with torch.fx, naming its exit points, and cutting it into stages.
+
+Exit points are named by module path (``layer1.0``, ``features.3``: the output of that module, i.e. the
+last graph node inside its scope) or by raw fx node name (``add_3``). Stage k runs the graph nodes
+after exit k-1 up to and including exit k; every value a later stage still needs (a residual, a
+DenseNet concatenation input) is carried in the stage's output tuple, so that stage k needs only what
+stage k-1 produced. Parameters and buffers are never carried: each stage reads them from the backbone.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import PteenetError, unknown_name
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# In a container of plain layers (VGG's ``features``) the block boundaries are activations and pools.
+LEAF_BOUNDARIES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d)
+
+
+class TraceError(PteenetError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExitPoint:
+    name: str  # what the user sees and types: a module path or an fx node name
+    node: str  # the fx node whose value the branch reads
+    position: int  # index of that node in graph order
+
+
+@dataclass
+class TracedBackbone:
+    """The traced graph plus what we learnt from a dry run: per-node output shapes (batch excluded)."""
+
+    root: nn.Module  # the backbone itself: its module tree names the candidates
+    gm: fx.GraphModule
+    nodes: list[fx.Node]
+    shapes: dict[str, tuple[int, ...] | None]  # node name -> shape without batch dim; None: not a batch tensor
+    module_outputs: dict[str, fx.Node] = field(default_factory=dict)  # module path -> its last node
+
+    def position(self, node: fx.Node) -> int:
+        return self.nodes.index(node)
+
+
+def trace(backbone: nn.Module, input_size: tuple[int, ...]) -> TracedBackbone:
+    """Symbolically trace the backbone in eval mode and record each node's output shape."""
+    backbone.eval()
+    try:
+        tracer = fx.Tracer()
+        graph = tracer.trace(backbone)
+        gm = fx.GraphModule(backbone, graph)
+    except Exception as e:
+        raise TraceError(
+            f"torch.fx cannot trace {type(backbone).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
+            "pteenet needs a traceable forward (no Python control flow on tensor values) to split it into "
+            "real stages; wrap the untraceable part in a leaf module or pass a traceable model",
+        ) from e
+    nodes = list(gm.graph.nodes)
+    device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    with torch.no_grad():
+        ShapeProp(gm).propagate(torch.zeros(2, *input_size, device=device))
+    for n in nodes:
+        tm = n.meta.get("tensor_meta")
+        ok = tm is not None and hasattr(tm, "shape") and len(tm.shape) >= 1 and tm.shape[0] == 2
+        shapes[n.name] = tuple(tm.shape[1:]) if ok else None
+    module_outputs: dict[str, fx.Node] = {}
+    for n in nodes:
+        for path in (n.meta.get("nn_module_stack") or {}).values():
+            module_outputs[path[0]] = n  # later nodes overwrite: the last node in the scope wins
+    return TracedBackbone(backbone, gm, nodes, shapes, module_outputs)
+
+
+def _candidate_modules(root: nn.Module) -> list[str]:
+    """Module paths of the backbone's repeated blocks: composite children of containers (ResNet
+    ``layer1.0``, MobileNet ``features.3``), or activation/pool outputs in containers of plain layers."""
+    found: list[str] = []
+
+    def visit(module: nn.Module, path: str) -> None:
+        children = list(module.named_children())
+        if isinstance(module, CONTAINERS):
+            composite = any(list(c.children()) for _, c in children)
+            for name, child in children:
+                p = f"{path}.{name}" if path else name
+                if list(child.children()):
+                    found.append(p)
+                    if isinstance(child, CONTAINERS):
+                        visit(child, p)
+                elif not composite and isinstance(child, LEAF_BOUNDARIES):
+                    found.append(p)
+        else:
+            for name, child in children:
+                visit(child, f"{path}.{name}" if path else name)
+
+    visit(root, "")
+    return found
+
+
+def candidates(tb: TracedBackbone) -> list[ExitPoint]:
+    """Default exit candidates in graph order: block outputs that are spatial (C, H, W) batch tensors.
+
+    When several module paths end on the same node (``features.12`` and its activation
+    ``features.12.2``) the shallowest one names it. The very last block (whose output only feeds the classifier) is kept: an exit there
+    is legal, if rarely useful.
+    """
+    by_node: dict[str, ExitPoint] = {}
+    for path in _candidate_modules(tb.root):
+        node = tb.module_outputs.get(path)
+        if node is None or node.op == "output":
+            continue
+        shape = tb.shapes.get(node.name)
+        if shape is None or len(shape) != 3:
+            continue
+        prev = by_node.get(node.name)
+        if prev is None or path.count(".") < prev.name.count("."):
+            by_node[node.name] = ExitPoint(path, node.name, tb.position(node))
+    return sorted(by_node.values(), key=lambda e: e.position)
+
+
+def resolve(tb: TracedBackbone, names: list[str]) -> list[ExitPoint]:
+    """Exit points for user-given module paths or node names, in graph order, checked for use."""
+    by_node_name = {n.name: n for n in tb.nodes}
+    points: list[ExitPoint] = []
+    for name in names:
+        node = tb.module_outputs.get(name) or by_node_name.get(name)
+        if node is None or node.op in ("placeholder", "output"):
+            known = [c.name for c in candidates(tb)] + [n for n in tb.module_outputs]
+            raise unknown_name("exit point", name, list(dict.fromkeys(known)))
+        shape = tb.shapes.get(node.name)
+        if shape is None or len(shape) not in (1, 3):
+            raise PteenetError(
+                f"exit point '{name}' gives {'no batch tensor' if shape is None else 'a tensor of shape (B, ' + ', '.join(map(str, shape)) + ')'}",
+                "exits need a (B, C, H, W) feature map or a (B, C) vector; see `pteenet attach BACKBONE --list`",
+            )
+        points.append(ExitPoint(name, node.name, tb.position(node)))
+    points.sort(key=lambda e: e.position)
+    dup = [p.name for a, p in zip(points, points[1:]) if a.node == p.node]
+    if dup:
+        raise PteenetError(f"exit point '{dup[0]}' names the same place as another exit", "give each exit once")
+    return points
+
+
+@dataclass
+class Stages:
+    """The backbone cut at the exits. ``modules[k]`` for k < E returns ``(*carried, tap)``; the last
+    returns the backbone's output. ``batched[k][j]`` says whether carried value j of the state that
+    enters stage k has the batch as its first dimension (only those are filtered when samples leave)."""
+
+    modules: list[fx.GraphModule]
+    batched: list[list[bool]]
+    shrinkable: bool  # False when a carried non-tensor value depends on the batch size
+
+
+def split(tb: TracedBackbone, points: list[ExitPoint], root: nn.Module) -> Stages:
+    """Cut the traced graph after each exit point; ``root`` (the backbone) owns every parameter."""
+    positions = [p.position for p in points]
+    stage_of = {n: bisect.bisect_left(positions, i) for i, n in enumerate(tb.nodes)}
+    n_stages = len(points) + 1
+    last_use = {n: max((stage_of[u] for u in n.users), default=stage_of[n]) for n in tb.nodes}
+    # carried[k]: values made before stage k (not parameters) that stage k or a later one still reads.
+    carried: list[list[fx.Node]] = [
+        [n for n in tb.nodes if n.op != "get_attr" and stage_of[n] < k <= last_use[n]] for k in range(n_stages)
+    ]
+    carried[0] = [n for n in tb.nodes if n.op == "placeholder"]
+    modules = []
+    for k in range(n_stages):
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {n: g.placeholder(n.name) for n in carried[k]}
+
+        def lookup(a: fx.Node, g: fx.Graph = g, env: dict[fx.Node, fx.Node] = env) -> fx.Node:
+            if a not in env:  # a parameter/buffer read from an earlier stage: read it again here
+                env[a] = g.node_copy(a)
+            return env[a]
+
+        for n in tb.nodes:
+            if stage_of[n] != k or n.op == "placeholder":
+                continue
+            if n.op == "output":
+                g.output(fx.map_arg(n.args[0], lookup))
+            else:
+                env[n] = g.node_copy(n, lookup)
+        if k < len(points):
+            tap = next(n for n in tb.nodes if n.name == points[k].node)
+            g.output(tuple(lookup(n) for n in carried[k + 1]) + (lookup(tap),))
+        modules.append(fx.GraphModule(root, g, class_name=f"Stage{k}"))
+    batched, shrinkable = _batch_layout(modules, tb, carried)
+    return Stages(modules, batched, shrinkable)
+
+
+def _batch_layout(modules: list[fx.GraphModule], tb: TracedBackbone, carried: list[list[fx.Node]]) -> tuple[list[list[bool]], bool]:
+    """Run the stages at batch sizes 2 and 3 to learn which carried values are per-sample tensors."""
+    device = next((p.device for p in tb.gm.parameters()), torch.device("cpu"))
+    input_size = tuple(tb.nodes[0].meta["tensor_meta"].shape[1:])
+    states: list[list[list[object]]] = []
+    with torch.no_grad():
+        for b in (2, 3):
+            state: list[object] = [torch.zeros(b, *input_size, device=device)]
+            per_stage = [state]
+            for m in modules[:-1]:
+                state = list(m(*state))[:-1]
+                per_stage.append(state)
+            states.append(per_stage)
+    batched: list[list[bool]] = []
+    shrinkable = True
+    for k in range(len(modules)):
+        flags = []
+        for v2, v3 in zip(states[0][k], states[1][k]):
+            is_b = isinstance(v2, torch.Tensor) and isinstance(v3, torch.Tensor) and v2.dim() > 0 and v2.shape[0] == 2 and v3.shape[0] == 3
+            if not isinstance(v2, torch.Tensor) and v2 != v3:
+                shrinkable = False
+            flags.append(is_b)
+        batched.append(flags)
+    return batched, shrinkable

@@ -1,0 +1,176 @@
+"""The early-exit model: the frozen backbone cut into stages, one branch per exit, and the runtime
+that really stops computing for samples that leave.
+
+Run time: stage 0 -> branch 0 -> decide -> the samples that stay (and every carried value, indexed
+the same way) go on to stage 1, and so on; outputs come back in input order. Training: every exit is
+computed (``forward_all``), with the backbone under ``no_grad`` once per batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from . import policies
+from .backbones import BackboneInfo
+from .branches import Branch, BranchConfig
+from .cost import CostTable
+from .errors import PteenetError
+from .graph import ExitPoint, Stages, resolve, split, trace
+from .weights import module_sha256
+
+
+@dataclass
+class AllExits:
+    exit_logits: list[torch.Tensor]  # E x [B, K]
+    exit_conf: list[torch.Tensor]  # E x [B]: confidence-head logits (h = sigmoid)
+    final_logits: torch.Tensor  # [B, K]: the backbone's own output
+
+
+@dataclass
+class Prediction:
+    logits: torch.Tensor  # [B, K]: the logits of the exit each sample left at
+    pred: torch.Tensor  # [B]
+    exit_index: torch.Tensor  # [B]: 0..E-1 for a branch, E for the backbone's end
+
+
+class EarlyExitModel(nn.Module):
+    """``backbone`` and ``branches`` are the only registered children, so ``state_dict`` holds each
+    tensor once; the stages are fx GraphModules that read their parameters from ``backbone``."""
+
+    def __init__(self, backbone: nn.Module, info: BackboneInfo, exits: Sequence[str], branch: BranchConfig,
+                 cost: CostTable | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.info = info
+        self.branch_config = branch
+        self.cost = cost
+        self._build_stages(list(exits))
+        self.branches = nn.ModuleList(
+            Branch(self._tap_shapes[k], info.num_classes, branch) for k in range(len(self.exits))
+        )
+        self.policy = "confidence"
+        self.thresholds = [0.5] * len(self.exits)
+        self.meta: dict[str, Any] = {}  # free-form sections (training, history, data, sweep, bench)
+        # The hash the backbone had when it was attached; every save checks it still holds.
+        self.backbone_sha256 = module_sha256(backbone)
+        self.train(False)
+
+    # -- structure -------------------------------------------------------------------------------
+    def _build_stages(self, exits: list[str]) -> None:
+        tb = trace(self.backbone, self.info.preprocess.input_size)
+        points = resolve(tb, exits)
+        stages = split(tb, points, self.backbone)
+        # Plain attributes, not submodules: they share the backbone's parameters.
+        object.__setattr__(self, "exits", points)
+        object.__setattr__(self, "_stages", stages)
+        object.__setattr__(self, "_tap_shapes", [tb.shapes[p.node] for p in points])
+
+    @property
+    def exit_points(self) -> list[ExitPoint]:
+        return self.exits  # type: ignore[return-value]
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+    @property
+    def stages(self) -> Stages:
+        return self._stages  # type: ignore[return-value]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "EarlyExitModel":
+        # .to()/.half() may replace buffer tensors; rebuild the stages so they read the new ones.
+        super()._apply(fn, recurse)
+        self._build_stages([p.name for p in self.exits])
+        return self
+
+    def train(self, mode: bool = True) -> "EarlyExitModel":
+        """Only the branches ever train: the backbone stays in eval mode (BN statistics frozen)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # -- thresholds ------------------------------------------------------------------------------
+    def set_thresholds(self, thresholds: float | Sequence[float], policy: str | None = None) -> None:
+        policy = policy or self.policy
+        if policy not in policies.POLICIES:
+            raise PteenetError(f"unknown policy '{policy}'", f"known policies: {', '.join(policies.POLICIES)}")
+        values = [float(thresholds)] * self.num_exits if isinstance(thresholds, (int, float)) else [float(t) for t in thresholds]
+        if len(values) != self.num_exits:
+            raise PteenetError(f"{len(values)} thresholds given for {self.num_exits} exits", "give one, or one per exit")
+        self.policy, self.thresholds = policy, values
+
+    # -- running ---------------------------------------------------------------------------------
+    def forward_all(self, x: torch.Tensor) -> AllExits:
+        """Every exit's outputs and the backbone's logits (what training and the sweep use)."""
+        taps = []
+        with torch.no_grad():
+            state: tuple[Any, ...] = (x,)
+            for stage in self.stages.modules[:-1]:
+                out = stage(*state)
+                state, tap = out[:-1], out[-1]
+                taps.append(tap)
+            final = self.stages.modules[-1](*state)
+        logits, conf = zip(*(b(t) for b, t in zip(self.branches, taps))) if taps else ((), ())
+        return AllExits(list(logits), list(conf), final)
+
+    def predict(self, x: torch.Tensor, threshold: float | Sequence[float] | None = None,
+                policy: str | None = None) -> Prediction:
+        """Early-exit inference: each sample leaves at the first exit whose score passes."""
+        policy = policy or self.policy
+        if threshold is None:
+            thresholds = self.thresholds
+        elif isinstance(threshold, (int, float)):
+            thresholds = [float(threshold)] * self.num_exits
+        else:
+            thresholds = list(threshold)
+        with torch.no_grad():
+            if x.shape[0] == 1:
+                return self._predict_one(x, thresholds, policy)
+            return self._predict_batch(x, thresholds, policy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predict(x).logits
+
+    def _predict_one(self, x: torch.Tensor, thresholds: list[float], policy: str) -> Prediction:
+        """Batch size 1, the latency case: no index bookkeeping at all."""
+        state: tuple[Any, ...] = (x,)
+        for k, stage in enumerate(self.stages.modules[:-1]):
+            out = stage(*state)
+            state = out[:-1]
+            logits, conf = self.branches[k](out[-1])
+            if bool(policies.passes(policy, policies.score(policy, logits, conf), thresholds[k])):
+                return Prediction(logits, logits.argmax(1), torch.tensor([k]))
+        logits = self.stages.modules[-1](*state)
+        return Prediction(logits, logits.argmax(1), torch.tensor([self.num_exits]))
+
+    def _predict_batch(self, x: torch.Tensor, thresholds: list[float], policy: str) -> Prediction:
+        n = x.shape[0]
+        out_logits = x.new_empty(n, self.info.num_classes)
+        exit_index = torch.full((n,), self.num_exits, dtype=torch.long, device=x.device)
+        rows = torch.arange(n, device=x.device)  # original position of each row of the running batch
+        pending = torch.ones(n, dtype=torch.bool, device=x.device)  # rows still waiting for an answer
+        state: tuple[Any, ...] = (x,)
+        for k, stage in enumerate(self.stages.modules[:-1]):
+            out = stage(*state)
+            state = out[:-1]
+            logits, conf = self.branches[k](out[-1])
+            leave = policies.passes(policy, policies.score(policy, logits, conf), thresholds[k]) & pending
+            if not bool(leave.any()):
+                continue
+            out_logits[rows[leave]] = logits[leave].to(out_logits.dtype)
+            exit_index[rows[leave]] = k
+            pending = pending & ~leave
+            if not bool(pending.any()):
+                return Prediction(out_logits, out_logits.argmax(1), exit_index)
+            # Only the rows still pending run on. If a carried value depends on the batch size the
+            # batch cannot shrink: rows that left ride along and their later results are ignored.
+            if self.stages.shrinkable:
+                flags = self.stages.batched[k + 1]
+                state = tuple(v[pending] if b else v for v, b in zip(state, flags))
+                rows, pending = rows[pending], pending[pending]
+        final = self.stages.modules[-1](*state)
+        out_logits[rows[pending]] = final[pending].to(out_logits.dtype)
+        return Prediction(out_logits, out_logits.argmax(1), exit_index)
