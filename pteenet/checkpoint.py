@@ -7,8 +7,6 @@ Loading rebuilds only known structures (a backbone spec, ConvX branches): no pic
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from .backbones import BackboneInfo, load_backbone
 from .branches import BranchConfig
 from .cost import CostTable
 from .errors import PteenetError
+from .files import atomic_write
 from .model import EarlyExitModel
 from .weights import module_sha256, tensors_sha256
 
@@ -47,21 +46,6 @@ def describe(model: EarlyExitModel) -> dict[str, Any]:
         "thresholds": model.thresholds,
         **model.meta,
     }
-
-
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so a reader never sees half a file."""
-    path = Path(path)
-    if not path.parent.exists():
-        raise PteenetError(f"output folder does not exist: {path.parent}", "create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, model: EarlyExitModel, state: dict[str, torch.Tensor] | None = None) -> None:

@@ -1,0 +1,102 @@
+"""Stages reproduce the backbone; exit points are named, listed and validated."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pteenet import AttachConfig, PteenetError, attach
+from pteenet.backbones import load_backbone
+from pteenet.graph import candidates, resolve, trace
+from pteenet.policies import never_exit_threshold
+from pteenet.weights import module_sha256
+
+MODELS = [
+    ("cifar-resnet20", (3, 32, 32)),
+    ("torchvision:resnet18", (3, 64, 64)),
+    ("torchvision:mobilenet_v3_small", (3, 64, 64)),
+    ("torchvision:efficientnet_b0", (3, 64, 64)),
+    ("torchvision:densenet121", (3, 64, 64)),
+    ("torchvision:vgg11_bn", (3, 32, 32)),
+]
+
+
+@pytest.mark.parametrize("spec,size", MODELS)
+def test_staged_model_reproduces_backbone(spec: str, size: tuple[int, int, int]) -> None:
+    model = attach(AttachConfig(spec, input_size=size, num_classes=10, exits=3, placement="linear"))
+    before = module_sha256(model.backbone)
+    x = torch.randn(4, *size)
+    with torch.no_grad():
+        ref = model.backbone(x)
+        for policy in ("confidence", "max-softmax", "entropy"):
+            model.set_thresholds(never_exit_threshold(policy), policy)
+            for batch in (x, x[:1]):
+                pred = model.predict(batch)
+                assert torch.allclose(pred.logits, ref[: len(batch)], atol=1e-5)
+                assert (pred.exit_index == model.num_exits).all()
+        assert torch.allclose(model.forward_all(x).final_logits, ref, atol=1e-5)
+    assert module_sha256(model.backbone) == before
+
+
+def test_every_sample_leaves_at_first_exit_with_zero_threshold(tiny_model) -> None:
+    tiny_model.set_thresholds(0.0, "max-softmax")
+    x = torch.randn(5, 3, 16, 16)
+    pred = tiny_model.predict(x)
+    assert (pred.exit_index == 0).all()
+    logits0 = tiny_model.forward_all(x).exit_logits[0]
+    assert torch.allclose(pred.logits, logits0, atol=1e-6)
+
+
+def test_candidates_are_block_outputs_in_graph_order() -> None:
+    backbone, info = load_backbone("cifar-resnet20")
+    tb = trace(backbone, info.preprocess.input_size)
+    names = [c.name for c in candidates(tb)]
+    assert names == [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
+    positions = [c.position for c in candidates(tb)]
+    assert positions == sorted(positions)
+
+
+def test_resolve_accepts_module_paths_and_node_names() -> None:
+    backbone, info = load_backbone("cifar-resnet20")
+    tb = trace(backbone, info.preprocess.input_size)
+    by_path = resolve(tb, ["layer2.0", "layer1.1"])
+    assert [p.name for p in by_path] == ["layer1.1", "layer2.0"]  # sorted into graph order
+    by_node = resolve(tb, [by_path[0].node])
+    assert by_node[0].node == by_path[0].node
+
+
+def test_unknown_exit_point_lists_candidates() -> None:
+    backbone, info = load_backbone("cifar-resnet20")
+    tb = trace(backbone, info.preprocess.input_size)
+    with pytest.raises(PteenetError) as e:
+        resolve(tb, ["layer7.0"])
+    assert "layer" in str(e.value.hint)
+
+
+def test_flat_exit_gets_linear_heads() -> None:
+    # The flattened pooled vector of resnet20 is a legal (if late) exit: heads only, no convs.
+    model = attach(AttachConfig("cifar-resnet20", input_size=(3, 16, 16), at=["flatten"]))
+    assert len(list(model.branches[0].body)) == 0
+    out = model.forward_all(torch.randn(2, 3, 16, 16))
+    assert out.exit_logits[0].shape == (2, 10)
+
+
+class Untraceable(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # control flow on a tensor value: torch.fx cannot trace this
+            x = x * 2
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def untraceable_factory() -> torch.nn.Module:
+    return Untraceable()
+
+
+def test_untraceable_model_is_refused_clearly() -> None:
+    with pytest.raises(PteenetError) as e:
+        attach(AttachConfig(f"{__file__}:untraceable_factory", input_size=(3, 8, 8), exits=1))
+    assert "cannot trace" in e.value.message
