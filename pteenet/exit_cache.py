@@ -1,0 +1,118 @@
+"""The exit cache: every exit's prediction and every policy's score for one split, from one pass.
+
+Built batch by batch from ``EarlyExitModel.forward_all`` outputs (``ExitCacheBuilder``); the sweep
+(``pteenet.sweep``) then tries any number of thresholds on it without running the model again.
+Saved as .npz without pickles.
+"""
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import policies as pol
+from .errors import PteenetError
+from .files import atomic_write_bytes
+
+_FORMAT = 1  # bump when the .npz layout changes
+
+
+@dataclass
+class ExitCache:
+    """Per-exit predictions and scores of one split (no probability vectors: it stays small)."""
+
+    preds: np.ndarray  # int32 [E+1, N]; row E is the backbone's prediction
+    scores: dict[str, np.ndarray]  # policy -> float32 [E, N]
+    labels: np.ndarray | None  # int64 [N], None when the split has no labels
+    costs: np.ndarray  # float64 [E+1], cumulative
+    costs_paper: np.ndarray  # float64 [E+1], the paper's convention
+
+    def __post_init__(self) -> None:
+        self.preds = np.asarray(self.preds, dtype=np.int32)
+        self.scores = {p: np.asarray(s, dtype=np.float32) for p, s in self.scores.items()}
+        self.labels = None if self.labels is None else np.asarray(self.labels, dtype=np.int64)
+        self.costs = np.asarray(self.costs, dtype=np.float64).reshape(-1)
+        self.costs_paper = np.asarray(self.costs_paper, dtype=np.float64).reshape(-1)
+        bad = self.preds.ndim != 2 or self.preds.shape[0] < 1
+        e, n = (self.preds.shape[0] - 1, self.preds.shape[1]) if not bad else (0, 0)
+        bad = bad or any(s.shape != (e, n) for s in self.scores.values())
+        bad = bad or (self.labels is not None and self.labels.shape != (n,))
+        if bad or self.costs.shape != (e + 1,) or self.costs_paper.shape != (e + 1,):
+            raise PteenetError("the exit cache is inconsistent (array shapes do not match)",
+                               "recompute it from the model")
+
+    @property
+    def num_exits(self) -> int:
+        return self.preds.shape[0] - 1
+
+    @property
+    def num_samples(self) -> int:
+        return self.preds.shape[1]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save as .npz (no pickles), atomically."""
+        arrays = {"format": np.array(_FORMAT), "preds": self.preds, "costs": self.costs,
+                  "costs_paper": self.costs_paper}
+        arrays.update({f"score_{p}": s for p, s in self.scores.items()})
+        if self.labels is not None:
+            arrays["labels"] = self.labels
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ExitCache:
+        hint = "recompute the cache from the model"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if not isinstance(z, np.lib.npyio.NpzFile) or int(z["format"]) != _FORMAT:
+                    raise PteenetError(f"{path} is not an exit cache of this version", hint)
+                return cls(preds=z["preds"], labels=z["labels"] if "labels" in z.files else None,
+                           scores={k[6:]: z[k] for k in z.files if k.startswith("score_")},
+                           costs=z["costs"], costs_paper=z["costs_paper"])
+        except FileNotFoundError:
+            raise PteenetError(f"no exit cache at {path}", hint) from None
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+            raise PteenetError(f"cannot read the exit cache {path}: {e}", hint) from None
+
+
+class ExitCacheBuilder:
+    """Accumulates per-batch model outputs, then builds an ``ExitCache``."""
+
+    def __init__(self) -> None:
+        self._preds: list[np.ndarray] = []
+        self._scores: dict[str, list[np.ndarray]] = {p: [] for p in pol.POLICIES}
+        self._labels: list[np.ndarray] = []
+        self._num_exits: int | None = None
+
+    @torch.no_grad()
+    def add(self, exit_logits: list[torch.Tensor], exit_conf: list[torch.Tensor],
+            final_logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """One batch: each exit's logits [B,K] and confidence LOGITS [B], the backbone's logits."""
+        e, b = len(exit_logits), final_logits.shape[0]
+        if len(exit_conf) != e or self._num_exits not in (None, e):
+            raise ValueError("every batch needs the same number of exit logits and confidences")
+        if self._preds and (labels is None) != (not self._labels):
+            raise ValueError("either every batch has labels or none has")
+        self._num_exits = e
+        rows = [lg.detach().argmax(1) for lg in exit_logits] + [final_logits.detach().argmax(1)]
+        self._preds.append(torch.stack(rows).to(torch.int32).cpu().numpy())
+        per_exit = [pol.scores(lg.detach(), c.detach()) for lg, c in zip(exit_logits, exit_conf)]
+        for p in pol.POLICIES:
+            s = torch.stack([d[p] for d in per_exit]).cpu().numpy() if e else np.zeros((0, b))
+            self._scores[p].append(s.astype(np.float32))
+        if labels is not None:
+            self._labels.append(labels.detach().reshape(-1).to(torch.int64).cpu().numpy())
+
+    def build(self, costs: Sequence[float], costs_paper: Sequence[float]) -> ExitCache:
+        if not self._preds:
+            raise PteenetError("no samples were evaluated", "check that the data split is not empty")
+        return ExitCache(preds=np.concatenate(self._preds, axis=1),
+                         scores={p: np.concatenate(v, axis=1) for p, v in self._scores.items()},
+                         labels=np.concatenate(self._labels) if self._labels else None,
+                         costs=np.asarray(costs), costs_paper=np.asarray(costs_paper))
