@@ -62,7 +62,7 @@ def attach(cfg: AttachConfig) -> EarlyExitModel:
                                "name them with --at (module paths or node names)")
         points = place(cands, cum, cfg.exits if cfg.exits is not None else DEFAULT_EXITS, cfg.placement)
     model = EarlyExitModel(backbone, info, [p.name for p in points], branch)
-    branch_macs = [module_macs(b, model._tap_shapes[k]) for k, b in enumerate(model.branches)]
+    branch_macs = [module_macs(b, model.tap_shapes[k]) for k, b in enumerate(model.branches)]
     model.cost = cost_table(model.exit_points, cum, branch_macs)
     model.meta["attach"] = {"placement": None if cfg.at else cfg.placement, "requested": cfg.at or cfg.exits or DEFAULT_EXITS}
     return model

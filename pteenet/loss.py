@@ -40,7 +40,7 @@ class LossConfig:
         if self.targets not in TARGETS:
             raise PteenetError(f"unknown loss targets '{self.targets}'", "valid targets: " + ", ".join(TARGETS))
         if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise PteenetError(f"lambda must be a finite number >= 0, got {self.lam}", "e.g. --lam 0.9")
+            raise PteenetError(f"lambda must be a finite number >= 0, got {self.lam}", "e.g. --lambda 0.9")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise PteenetError(f"temperature must be a finite number > 0, got {self.temperature}", "e.g. 1.0")
 

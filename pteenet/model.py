@@ -7,6 +7,7 @@ computed (``forward_all``), with the backbone under ``no_grad`` once per batch.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -73,6 +74,11 @@ class EarlyExitModel(nn.Module):
         return self.exits  # type: ignore[return-value]
 
     @property
+    def tap_shapes(self) -> list[tuple[int, ...]]:
+        """Per exit, the shape (without batch) of the tensor its branch reads."""
+        return list(self._tap_shapes)  # type: ignore[attr-defined]
+
+    @property
     def num_exits(self) -> int:
         return len(self.exits)
 
@@ -94,17 +100,23 @@ class EarlyExitModel(nn.Module):
 
     # -- thresholds ------------------------------------------------------------------------------
     def set_thresholds(self, thresholds: float | Sequence[float], policy: str | None = None) -> None:
+        self.thresholds, self.policy = self.resolve_thresholds(thresholds, policy)
+
+    def resolve_thresholds(self, thresholds: float | Sequence[float], policy: str | None = None) -> tuple[list[float], str]:
+        """One threshold for every exit, or one per exit; the policy defaults to the model's own.
+        ``predict`` checks here too, so a bad call fails with a clear error, not an IndexError."""
         policy = policy or self.policy
         if policy not in policies.POLICIES:
             raise PteenetError(f"unknown policy '{policy}'", f"known policies: {', '.join(policies.POLICIES)}")
-        values = [float(thresholds)] * self.num_exits if isinstance(thresholds, (int, float)) else [float(t) for t in thresholds]
+        # numbers.Real also covers numpy scalars, which are not Python floats (np.float32).
+        values = [float(thresholds)] * self.num_exits if isinstance(thresholds, numbers.Real) else [float(t) for t in thresholds]
         if len(values) != self.num_exits:
             raise PteenetError(f"{len(values)} thresholds given for {self.num_exits} exits", "give one, or one per exit")
-        self.policy, self.thresholds = policy, values
+        return values, policy
 
     # -- running ---------------------------------------------------------------------------------
-    def forward_all(self, x: torch.Tensor) -> AllExits:
-        """Every exit's outputs and the backbone's logits (what training and the sweep use)."""
+    def backbone_taps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The backbone's tensor at every exit and its logits, under no_grad (one backbone pass)."""
         taps = []
         with torch.no_grad():
             state: tuple[Any, ...] = (x,)
@@ -113,19 +125,21 @@ class EarlyExitModel(nn.Module):
                 state, tap = out[:-1], out[-1]
                 taps.append(tap)
             final = self.stages.modules[-1](*state)
+        return taps, final
+
+    def branch_outputs(self, taps: Sequence[torch.Tensor], final: torch.Tensor) -> AllExits:
+        """Every branch on its tap (with gradients when training); feature caches feed this directly."""
         logits, conf = zip(*(b(t) for b, t in zip(self.branches, taps))) if taps else ((), ())
         return AllExits(list(logits), list(conf), final)
+
+    def forward_all(self, x: torch.Tensor) -> AllExits:
+        """Every exit's outputs and the backbone's logits (what training and the sweep use)."""
+        return self.branch_outputs(*self.backbone_taps(x))
 
     def predict(self, x: torch.Tensor, threshold: float | Sequence[float] | None = None,
                 policy: str | None = None) -> Prediction:
         """Early-exit inference: each sample leaves at the first exit whose score passes."""
-        policy = policy or self.policy
-        if threshold is None:
-            thresholds = self.thresholds
-        elif isinstance(threshold, (int, float)):
-            thresholds = [float(threshold)] * self.num_exits
-        else:
-            thresholds = list(threshold)
+        thresholds, policy = self.resolve_thresholds(self.thresholds if threshold is None else threshold, policy)
         with torch.no_grad():
             if x.shape[0] == 1:
                 return self._predict_one(x, thresholds, policy)
@@ -142,9 +156,9 @@ class EarlyExitModel(nn.Module):
             state = out[:-1]
             logits, conf = self.branches[k](out[-1])
             if bool(policies.passes(policy, policies.score(policy, logits, conf), thresholds[k])):
-                return Prediction(logits, logits.argmax(1), torch.tensor([k]))
+                return Prediction(logits, logits.argmax(1), torch.tensor([k], device=x.device))
         logits = self.stages.modules[-1](*state)
-        return Prediction(logits, logits.argmax(1), torch.tensor([self.num_exits]))
+        return Prediction(logits, logits.argmax(1), torch.tensor([self.num_exits], device=x.device))
 
     def _predict_batch(self, x: torch.Tensor, thresholds: list[float], policy: str) -> Prediction:
         n = x.shape[0]

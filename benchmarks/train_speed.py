@@ -1,0 +1,129 @@
+"""How close a training batch of `pteenet train-branches` gets to its floor.
+
+The floor is what no implementation can avoid: the backbone's forward pass under no_grad plus the
+branches' forward and backward. The figure of merit is
+
+    ratio = time per training batch / time of (backbone no_grad forward + branches forward/backward)
+
+both measured in the same run, interleaved (so a noisy neighbour hits both alike). The headline
+figures use the fastest of --batches repeats (the least disturbed one, as timeit advises; a shared
+2-core machine makes single timings swing by 5x); ``ratio_median`` is there as a cross-check. The training batch is ``EarlyExitModel.forward_all`` + ``BranchTrainer.step``,
+exactly what the training loop runs: the loss, Adam, the cosine schedule, the NaN check and the
+per-batch T = 0.5 metrics. Also reported: the data pipeline per batch (augmented synthetic images at
+the backbone's input size) and a step from the --cache-features cache, which skips the backbone.
+
+    python benchmarks/train_speed.py [--batches 3] [--batch-size 128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pteenet import AttachConfig, attach
+from pteenet.checkpoint import atomic_write
+from pteenet.data import DataConfig, load_splits
+from pteenet.train import BranchTrainer, FeatureCache, ImageSource, TrainConfig
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "train_speed.json"
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbone", default="cifar-resnet56")
+    ap.add_argument("--exits", type=int, default=8)
+    ap.add_argument("--placement", default="fine")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batches", type=int, default=3, help="timed repeats of each measurement")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    model = attach(AttachConfig(args.backbone, exits=args.exits, placement=args.placement)).to(device).train()
+    cfg = TrainConfig(batch_size=args.batch_size, device=args.device)
+    trainer = BranchTrainer(model, cfg, device, total_steps=10_000)
+    pre, k = model.info.preprocess, model.info.num_classes
+    x = torch.randn(args.batch_size, *pre.input_size, device=device)
+    y = torch.randint(0, k, (args.batch_size,))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def floor() -> None:
+        taps, final = model.backbone_taps(x)
+        out = model.branch_outputs(taps, final)
+        sum(lg.sum() + c.sum() for lg, c in zip(out.exit_logits, out.exit_conf)).backward()
+        model.branches.zero_grad(set_to_none=True)
+        sync()
+
+    def step() -> None:
+        trainer.step(model.forward_all(x), y)
+        sync()
+
+    def backbone_only() -> None:
+        model.backbone_taps(x)
+        sync()
+
+    # The --cache-features path: float16 taps held on the CPU, gathered by index, no backbone.
+    taps, final = model.backbone_taps(x)
+    cache = FeatureCache([t.to("cpu", torch.float16) for t in taps], final.float().cpu(), y, args.batch_size, True)
+    order = torch.Generator().manual_seed(0)
+
+    def cached_step() -> None:
+        for out, yb in cache.batches(model, device, order, trainer.autocast):
+            trainer.step(out, yb)
+        sync()
+
+    splits = load_splits(DataConfig("synthetic", augment=True), pre, k)
+    source = ImageSource(splits.train, args.batch_size, 0, 0, shuffle=True)
+
+    def data_batch() -> None:
+        # One batch of the real loader: per-image crop/flip/normalise and collation.
+        loader = iter(torch.utils.data.DataLoader(source.ds, batch_size=args.batch_size, shuffle=True))
+        next(loader)
+
+    measures = {"floor": floor, "step": step, "backbone_forward": backbone_only, "cached_step": cached_step,
+                "data": data_batch}
+    for _ in range(args.warmup):
+        for fn in measures.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(args.batches):
+        for name, fn in measures.items():
+            times[name].append(timed(fn))
+    best = {name: min(ts) for name, ts in times.items()}
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    result = {
+        "backbone": args.backbone, "exits": [p.name for p in model.exit_points], "batch_size": args.batch_size,
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(), "repeats": args.batches,
+        "seconds_per_batch": best, "median_seconds_per_batch": med, "all_seconds": times,
+        "ratio": best["step"] / best["floor"],
+        "ratio_median": med["step"] / med["floor"],
+        "ratio_with_data": (best["step"] + best["data"]) / best["floor"],
+        "ratio_cached": best["cached_step"] / best["floor"],
+        "branches_share_of_floor": 1 - best["backbone_forward"] / best["floor"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    print(json.dumps({k: v for k, v in result.items() if k != "all_seconds"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

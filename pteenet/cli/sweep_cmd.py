@@ -1,0 +1,103 @@
+"""``pteenet sweep-threshold``: measure accuracy vs cost over exit thresholds and pick one."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import typer
+
+from ..sweep_report import print_points
+from ..sweep_run import DataRequest, SweepConfig, sweep_threshold
+from .common import console, emit_json, handle_errors
+
+TABLE_ROWS_PER_POLICY = 12  # a front can hold dozens of points; the table shows a spread of them
+
+
+class SplitChoice(str, Enum):
+    val = "val"
+    test = "test"
+
+
+class PolicyChoice(str, Enum):
+    all = "all"
+    confidence = "confidence"
+    max_softmax = "max-softmax"
+    entropy = "entropy"
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+def _table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each policy's Pareto front (thinned evenly, ends kept), then the reference rows."""
+    rows: list[dict[str, Any]] = []
+    for idx in doc.get("pareto", {}).values():
+        keep = np.unique(np.linspace(0, len(idx) - 1, min(TABLE_ROWS_PER_POLICY, len(idx))).round().astype(int)) \
+            if idx else []
+        rows += [doc["points"][idx[i]] for i in keep]
+    n_exits = doc["exits"]
+    for key in ("backbone", "oracle"):
+        ref = doc[key]
+        rows.append({"policy": "", "kind": key, "threshold": None, "cost_paper": ref.get("cost_paper", 1.0),
+                     "exit_fractions": ref.get("exit_fractions", [0.0] * n_exits + [1.0]), **ref})
+    chosen = doc.get("chosen")
+    if chosen:
+        rows.append({**chosen, "kind": "chosen"})
+        if chosen.get("test"):
+            rows.append({**chosen["test"], "kind": "chosen@test"})
+    return rows
+
+
+def _summary(doc: dict[str, Any]) -> str:
+    chosen = doc.get("chosen")
+    if not chosen:
+        return f"swept {len(doc['points'])} settings; pass --budget or --max-drop to choose one"
+    metric = doc["metric"]
+    text = (f"chosen: {chosen['policy']} ({chosen['kind']}) threshold {chosen['threshold']}: "
+            f"{metric} {100 * chosen[metric]:.2f}% at cost {chosen['cost']:.3f} on {doc['split']} "
+            f"(backbone {100 * doc['backbone'][metric]:.2f}%)")
+    test = chosen.get("test")
+    if test:
+        text += f"; on test {metric} {100 * test[metric]:.2f}% at cost {test['cost']:.3f} " \
+                f"(backbone {100 * test['backbone'][metric]:.2f}%)"
+    return text
+
+
+@handle_errors
+def sweep_command(
+    checkpoint: Path = typer.Argument(..., help="a trained pteenet checkpoint"),
+    output: Path = typer.Option(..., "-o", "--output", help="folder for sweep.json, sweep.csv, curve.png, exits.png"),
+    data: Optional[str] = typer.Option(None, help="dataset spec; default: the one the branches were trained on"),
+    data_dir: Optional[str] = typer.Option(None, help="where the dataset files are"),
+    limit: Optional[int] = typer.Option(None, help="cap every split at N images (default: the recorded limit)"),
+    split: SplitChoice = typer.Option(SplitChoice.val, help="val: tune on training's calibration split, report the choice on test; test: sweep test only"),
+    policy: PolicyChoice = typer.Option(PolicyChoice.all, help="exit policy to sweep, or all three"),
+    thresholds: str = typer.Option("0:1:0.01", help="threshold grid START:STOP:STEP (or one value)"),
+    per_exit: bool = typer.Option(False, "--per-exit", help="also search one threshold per exit at a set of budgets"),
+    budget: Optional[float] = typer.Option(None, help="choose the most accurate setting with mean cost <= F x backbone"),
+    max_drop: Optional[float] = typer.Option(None, help="choose the cheapest setting at most P points below the backbone"),
+    write: Optional[Path] = typer.Option(None, help="write the checkpoint with the chosen setting (may be CHECKPOINT)"),
+    batch_size: int = typer.Option(256, help="images per batch"),
+    device: DeviceChoice = typer.Option(DeviceChoice.auto, help="where the model runs"),
+    workers: int = typer.Option(0, help="data loader worker processes"),
+    json_: bool = typer.Option(False, "--json", help="print sweep.json's document on stdout"),
+) -> None:
+    """Sweep exit thresholds on the calibration split and pick one by budget or accuracy drop."""
+    cfg = SweepConfig(outdir=str(output), split=split.value, policy=policy.value, thresholds=thresholds,
+                      per_exit=per_exit, budget=budget, max_drop=max_drop,
+                      write=None if write is None else str(write), batch_size=batch_size,
+                      device=device.value, workers=workers)
+    doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit), cfg, console=console)
+    print_points(_table_rows(doc), title=f"Pareto front per policy on {doc['split']} ({doc['samples']} images)",
+                 console=console)
+    console.print(_summary(doc), soft_wrap=True, markup=False)
+    console.print(f"wrote the sweep to {output}" + (f" and the checkpoint {write}" if write else ""),
+                  soft_wrap=True, markup=False)
+    if json_:
+        emit_json(doc)

@@ -1,0 +1,127 @@
+"""``pteenet train-branches``: parse the options, draw progress on stderr, call ``train_branches``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..data import DataConfig
+from ..loss import LossConfig
+from ..train import Interrupted, Reporter, TrainConfig, train_branches
+from .common import console, emit_json, fail, handle_errors
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _exits(values: list[float] | None) -> str:
+    return "-" if not values else " ".join(f"{100 * v:.0f}" for v in values)
+
+
+class RichReporter(Reporter):
+    """Two bars on stderr: epochs, and the batches of the current phase with the running figures."""
+
+    def __init__(self, out: Console) -> None:
+        self.console = out
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+                                 console=out, transient=True)
+        self.epochs: TaskID | None = None
+        self.current: TaskID | None = None
+
+    def __enter__(self) -> "RichReporter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+    def begin(self, epochs: int, done: int) -> None:
+        self.epochs = self.progress.add_task("epochs", total=epochs, completed=done, stats="")
+
+    def task(self, description: str, total: int) -> None:
+        # Started on the first phase, so an error found before any work stays a single line.
+        if not self.progress.live.is_started:
+            self.progress.start()
+        if self.current is not None:
+            self.progress.remove_task(self.current)
+        self.current = self.progress.add_task(description, total=total, stats="")
+
+    def advance(self, stats: dict[str, Any] | None = None) -> None:
+        assert self.current is not None
+        text = ""
+        if stats:
+            text = (f"loss {stats['loss']:.4f}  agree/exit % {_exits(stats['agreement'])}  "
+                    f"cost@T {stats['ee_cost']:.3f}")
+        self.progress.update(self.current, advance=1, stats=text)
+
+    def epoch_end(self, record: dict[str, Any], epochs: int) -> None:
+        assert self.epochs is not None
+        val = record["val"] or {}
+        ee = val.get("early_exit") or {}
+        self.progress.update(self.epochs, completed=record["epoch"],
+                             stats=f"val acc@T {_pct(ee.get('accuracy'))}%  cost@T {ee.get('cost', float('nan')):.3f}")
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def epoch_table(doc: dict[str, Any]) -> Table:
+    table = Table(title=f"{doc['final']['output']}: per exit and at T = 0.5, in % on the calibration split",
+                  caption="agr = agreement with the backbone; cost@T = mean cost / backbone's")
+    for col in ("epoch", "loss", "train agr", "acc", "agr", "conf", "acc@T", "agr@T", "cost@T", "s"):
+        table.add_column(col, justify="right")
+    for r in doc["epochs"]:
+        v = r["val"] or {}
+        ee = v.get("early_exit") or {}
+        table.add_row(str(r["epoch"]), f"{r['train']['loss']:.4f}", _exits(r["train"]["agreement"]),
+                      _exits(v.get("accuracy")), _exits(v.get("agreement")), _exits(v.get("mean_confidence")),
+                      _pct(ee.get("accuracy")), _pct(ee.get("agreement")),
+                      "-" if not ee else f"{ee['cost']:.3f}", f"{r['seconds']:.0f}")
+    return table
+
+
+@handle_errors
+def train_command(
+    checkpoint: Path = typer.Argument(..., help="a checkpoint written by `pteenet attach`"),
+    output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write after every epoch (.safetensors)"),
+    data: str = typer.Option(..., "--data", help="cifar10 | cifar100 | svhn | mnist | fashion-mnist | imagefolder:PATH | synthetic"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where datasets live (default ~/.cache/pteenet/data)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="use at most N images per split"),
+    no_augment: bool = typer.Option(False, "--no-augment", help="no random crops/flips on the train split"),
+    val_split: float = typer.Option(0.1, "--val-split", help="fraction of train held out for calibration"),
+    targets: str = typer.Option("pseudo", "--targets", help="pseudo (backbone argmax) | soft (backbone softmax) | labels"),
+    temperature: float = typer.Option(1.0, "--temperature", help="softens the backbone's distribution for soft targets"),
+    loss: str = typer.Option("v2", "--loss", help="v2 (every exit) | v1 (first exit's mixture only)"),
+    lam: float = typer.Option(0.9, "--lambda", help="weight of the cost term"),
+    epochs: int = typer.Option(20, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate, cosine-annealed to 0 over all steps"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    seed: int = typer.Option(0, "--seed", help="seeds the split, the data order and the augmentation"),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | mps"),
+    workers: int = typer.Option(0, "--workers", help="data-loading processes (0: in the main process)"),
+    amp: bool = typer.Option(False, "--amp", help="mixed precision (CUDA only)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the unfinished run in OUTPUT"),
+    cache_features: bool = typer.Option(False, "--cache-features", help="run the backbone once and train from cached exit features (needs --no-augment)"),
+    json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout"),
+) -> None:
+    """Train the exit branches (only them) on the frozen backbone, saving OUTPUT after every epoch."""
+    data_cfg = DataConfig(data, data_dir, limit, augment=not no_augment, val_split=val_split, seed=seed)
+    cfg = TrainConfig(epochs, batch_size, lr, weight_decay, seed, device, workers, amp, resume, cache_features,
+                      LossConfig(loss, lam, targets, temperature))
+    try:
+        with RichReporter(console) as reporter:
+            doc = train_branches(checkpoint, output, data_cfg, cfg, reporter)
+    except Interrupted as e:
+        fail(str(e))
+        raise typer.Exit(130) from None
+    if json_:
+        emit_json(doc)
+    elif doc["epochs"]:
+        console.print(epoch_table(doc))

@@ -1,0 +1,285 @@
+"""``pteenet sweep-threshold`` as a library: one pass over a split, then the sweep, the choice and
+the outputs.
+
+The model runs once per split (``build_cache``); every threshold, policy and per-exit search after
+that is numpy over the cache (``pteenet.sweep``). Thresholds are tuned on the calibration split that
+training held out, rebuilt from the checkpoint's own record (``model.meta["data"]``), so tuning
+never sees an image the branches were trained on and the reported test numbers are not tuned on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import Dataset
+
+from . import policies as pol
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import DataConfig, load_splits, make_loader
+from .errors import PteenetError, unknown_name
+from .exit_cache import ExitCache, ExitCacheBuilder
+from .model import EarlyExitModel
+from .sweep import (Point, _below_cheapest, backbone_point, pareto, parse_range, search_per_exit,
+                    select, sweep_global)
+from .sweep_report import build_document, write_sweep_outputs
+from .devices import DEVICES, resolve_device
+
+SPLITS = ("val", "test")
+PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along the global front
+DEFAULT_VAL_SPLIT = 0.1  # only for checkpoints that record no split (training's default)
+
+
+@dataclass
+class DataRequest:
+    """The data the user named. The split itself comes from the checkpoint's record when it has
+    one; ``spec`` None means "the recorded data"; ``limit`` None means "the recorded limit"."""
+
+    spec: str | None = None
+    data_dir: str | None = None
+    limit: int | None = None
+    download: bool = True
+
+
+@dataclass
+class SweepConfig:
+    outdir: str | None = None  # sweep.json, sweep.csv, curve.png, exits.png; None writes nothing
+    split: str = "val"  # val: tune on calibration (and report the choice on test) | test
+    policy: str = "all"  # one of policies.POLICIES, or all three side by side
+    thresholds: str = "0:1:0.01"  # START:STOP:STEP (parse_range)
+    per_exit: bool = False
+    budget: float | None = None  # mean cumulative cost <= budget x backbone
+    max_drop: float | None = None  # percentage points below the backbone
+    write: str | None = None  # checkpoint to write with the chosen setting
+    batch_size: int = 256
+    device: str = "auto"
+    workers: int = 0
+    plots: bool = True
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, Any]:
+    """(images, labels) from a batch of ``(image, label)`` items, or (images, None) from bare images."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0], batch[1] if len(batch) > 1 else None
+    return batch, None
+
+
+def build_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256,
+                device: str | torch.device = "cpu", workers: int = 0, progress: bool = True,
+                console: Console | None = None, description: str = "exits") -> ExitCache:
+    """Run every exit on every sample of ``dataset`` once (``forward_all``) and cache the results.
+
+    Items are ``(image, label)`` or a bare image (then the cache has no labels and the sweep scores
+    agreement with the backbone). ``model`` must already be on ``device``.
+    """
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise PteenetError(f"the {description} split is empty", "check the data and its split")
+    if model.cost is None:
+        raise PteenetError("the checkpoint has no cost table", "attach the branches with `pteenet attach`")
+    model.eval()
+    device = torch.device(device)
+    loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
+    builder = ExitCacheBuilder()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console or Console(stderr=True), transient=True,
+                  disable=not progress) as bar, torch.no_grad():
+        task = bar.add_task(f"{description} ({len(dataset)} images)", total=len(loader))  # type: ignore[arg-type]
+        for batch in loader:
+            x, y = _unpack(batch)
+            out = model.forward_all(x.to(device, non_blocking=True))
+            builder.add(out.exit_logits, out.exit_conf, out.final_logits,
+                        None if y is None else torch.as_tensor(y))
+            bar.advance(task)
+    return builder.build(model.cost.costs(), model.cost.costs_paper())
+
+
+def _same_spec(asked: str, recorded: str) -> bool:
+    if asked.startswith("imagefolder:") and recorded.startswith("imagefolder:"):
+        return True  # the folder may have moved or be named relative to another cwd: trust the user
+    return asked == recorded
+
+
+def resolve_data(request: DataRequest, recorded: dict[str, Any] | None) -> tuple[DataConfig, list[str]]:
+    """The DataConfig that rebuilds training's calibration split, and notes on what was assumed."""
+    notes: list[str] = []
+    if recorded:
+        rec = str(recorded.get("spec"))
+        if request.spec is not None and not _same_spec(request.spec, rec):
+            raise PteenetError(f"--data {request.spec} is not the data the branches were trained on ({rec})",
+                               "omit --data to sweep on the recorded calibration split")
+        try:
+            cfg = DataConfig.from_split_info(recorded, request.data_dir, request.download)
+        except (KeyError, TypeError):
+            raise PteenetError("the checkpoint's data record is incomplete (needs spec, val_split, seed, limit)",
+                               "retrain the branches with `pteenet train-branches`") from None
+        if request.spec is not None and request.spec != rec:
+            cfg.spec = request.spec
+            notes.append(f"data read from {request.spec}, assumed to hold the same images as the recorded {rec}")
+        if request.limit is not None and request.limit != cfg.limit:
+            # Val is carved before the cap, so any limit keeps it inside the held-out images.
+            notes.append(f"--limit {request.limit} replaces the recorded limit {cfg.limit}")
+            cfg.limit = request.limit
+    else:
+        if request.spec is None:
+            raise PteenetError("the checkpoint records no training data", "pass --data SPEC")
+        cfg = DataConfig(request.spec, request.data_dir, request.limit, val_split=DEFAULT_VAL_SPLIT,
+                         download=request.download)
+        notes.append(f"the checkpoint records no data split: calibrated on a fresh val_split "
+                     f"{DEFAULT_VAL_SPLIT} (seed 0), which may overlap the images the branches were trained on")
+    cfg.augment = False  # only val and test are used, and they are never augmented; this is for clarity
+    return cfg, notes
+
+
+def _check(cfg: SweepConfig) -> tuple[list[str], np.ndarray]:
+    """Every check that needs neither model nor data; returns the policies and the threshold grid."""
+    if cfg.device not in DEVICES:
+        raise unknown_name("device", cfg.device, DEVICES)
+    if cfg.split not in SPLITS:
+        raise unknown_name("split", cfg.split, SPLITS)
+    if cfg.policy != "all" and cfg.policy not in pol.POLICIES:
+        raise unknown_name("policy", cfg.policy, [*pol.POLICIES, "all"])
+    if cfg.budget is not None and cfg.max_drop is not None:
+        raise PteenetError("give either --budget or --max-drop, not both")
+    if cfg.budget is not None and not (np.isfinite(cfg.budget) and cfg.budget > 0):
+        raise PteenetError(f"budget must be a positive fraction of the backbone's cost, got {cfg.budget}")
+    if cfg.max_drop is not None and not (np.isfinite(cfg.max_drop) and cfg.max_drop >= 0):
+        raise PteenetError(f"--max-drop must be a number of percentage points >= 0, got {cfg.max_drop}")
+    if cfg.write and cfg.budget is None and cfg.max_drop is None:
+        raise PteenetError("--write needs a chosen setting", "pass --budget F or --max-drop P")
+    if cfg.write and not Path(cfg.write).expanduser().parent.is_dir():
+        raise PteenetError(f"the folder of --write {cfg.write} does not exist", "create it first")
+    if cfg.batch_size < 1 or cfg.workers < 0:
+        raise PteenetError("--batch-size must be >= 1 and --workers >= 0")
+    return list(pol.POLICIES) if cfg.policy == "all" else [cfg.policy], parse_range(cfg.thresholds)
+
+
+def _per_exit_budgets(glob: list[Point], budget: float | None) -> list[float]:
+    """Costs of evenly spread points of the global front, plus the requested budget: each is
+    reachable by a global point, so the search always has a feasible start."""
+    front = pareto(glob)
+    picks = np.unique(np.linspace(0, len(front) - 1, min(PER_EXIT_BUDGETS, len(front))).round().astype(int))
+    budgets = {front[i].cost for i in picks}
+    if budget is not None and budget >= min(p.cost for p in glob) - 1e-9:
+        budgets.add(budget)
+    return sorted(budgets)
+
+
+def sweep_points(cache: ExitCache, policies: list[str], grid: np.ndarray, per_exit: bool = False,
+                 budget: float | None = None) -> tuple[list[Point], dict[str, list[float]]]:
+    """Global sweeps of every policy and, with ``per_exit``, per-exit searches on the SAME grid
+    (so a per-exit point is never worse than the best global point at its budget)."""
+    points: list[Point] = []
+    budgets: dict[str, list[float]] = {}
+    for policy in policies:
+        glob = sweep_global(cache, policy, grid)
+        points += glob
+        if per_exit and cache.num_exits > 1:  # one exit: per-exit is the global sweep
+            budgets[policy] = _per_exit_budgets(glob, budget)
+            seen: set[tuple[float, ...]] = set()
+            for p in search_per_exit(cache, policy, budgets[policy], grid):
+                key = tuple(p.thresholds or ())
+                if len(set(key)) > 1 and key not in seen:  # equal thresholds: already a global point
+                    seen.add(key)
+                    points.append(p)
+    return points, budgets
+
+
+def _front_indices(points: list[Point], policies: list[str]) -> dict[str, list[int]]:
+    """Per policy, the indices into ``points`` of its Pareto front (global and per-exit together),
+    cheapest first."""
+    index = {id(p): i for i, p in enumerate(points)}
+    return {policy: [index[id(p)] for p in pareto([p for p in points if p.policy == policy])]
+            for policy in policies}
+
+
+def sweep_meta(doc: dict[str, Any]) -> dict[str, Any]:
+    """What the checkpoint keeps (``meta["sweep"]``): the document without the other policies'
+    points, in ``Point.to_dict`` form, so that export can re-pick along the chosen policy's curve."""
+    policy = (doc.get("chosen") or {}).get("policy")
+    meta = {k: v for k, v in doc.items() if k not in ("points", "pareto", "outdir")}
+    meta["points"] = [p for p in doc["points"] if p.get("policy") == policy]
+    return meta
+
+
+def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
+                    console: Console | None = None, progress: bool = True) -> dict[str, Any]:
+    """The whole command: load, check, run the split(s) once, sweep, choose, write; returns the
+    document (the same one as sweep.json). Warnings and notes go to ``console`` (stderr) as they
+    arise, and into the document."""
+    console = console or Console(stderr=True)
+    warnings: list[str] = []
+
+    def warn(text: str, record: bool = True) -> None:
+        if record:
+            warnings.append(text)
+        console.print(f"Warning: {text}", style="bold yellow", soft_wrap=True, markup=False)
+
+    policies, grid = _check(cfg)
+    ckpt = load_checkpoint(ckpt_path, resolve_device(cfg.device))
+    model = ckpt.model
+    if model.cost is None:
+        raise PteenetError(f"{ckpt_path} has no cost table", "attach the branches with `pteenet attach`")
+    # No setting costs less than sending every sample out at the first exit: fail before any data.
+    if cfg.budget is not None and cfg.budget < model.cost.costs()[0] - 1e-9:
+        raise _below_cheapest(cfg.budget, model.cost.costs()[0])
+    training = model.meta.get("training")
+    if not training:
+        warn(f"the branches in {ckpt_path} were never trained: the sweep measures random branches "
+             "(run `pteenet train-branches` first)")
+    elif training.get("complete") is False:
+        warn(f"training of {ckpt_path} stopped after {training.get('epochs_done')} epochs: "
+             "the sweep measures unfinished branches")
+    data_cfg, notes = resolve_data(data, model.meta.get("data"))
+    for note in notes:
+        console.print(f"Note: {note}", style="cyan", soft_wrap=True, markup=False)
+    try:
+        splits = load_splits(data_cfg, model.info.preprocess, model.info.num_classes)
+    except PteenetError:
+        raise
+    except Exception as e:  # a corrupt file or folder: still one line, naming the data
+        raise PteenetError(f"cannot read the data {data_cfg.spec}: {type(e).__name__}: {str(e)[:120]}",
+                           "check --data and --data-dir") from None
+    if cfg.split == "val" and len(splits.val) == 0:  # type: ignore[arg-type]
+        raise PteenetError("the calibration (val) split is empty: the branches were trained without one",
+                           "retrain with a val split, or pass --split test (selection then uses test)")
+    choosing = cfg.budget is not None or cfg.max_drop is not None
+    if choosing and cfg.split == "test":
+        warn("the setting is chosen on the test split, so its test numbers are optimistic "
+             "(--split val chooses on the calibration split and reports test separately)")
+    device = next(model.parameters()).device
+
+    def run(dataset: Dataset, name: str) -> ExitCache:
+        return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, progress, console, name)
+
+    cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
+    points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
+    chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
+    test_cache = run(splits.test, "test") if chosen is not None and cfg.split == "val" else None
+
+    doc = build_document(cache, points, chosen, test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
+    doc.update({
+        "checkpoint": str(ckpt_path), "split": cfg.split,
+        "selection_split": cfg.split if choosing else None,
+        "data": splits.split_info,
+        "policies": policies, "grid": {"range": cfg.thresholds, "count": int(grid.size)},
+        "per_exit_budgets": budgets,
+        "pareto": _front_indices(points, policies),
+        "notes": notes, "warnings": warnings, "written": cfg.write, "outdir": cfg.outdir,
+    })
+    if cfg.outdir is not None:
+        skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)
+        if skipped:
+            warn(skipped, record=False)  # sweep.json is already written: keep the document equal to it
+    if choosing and chosen is None:
+        raise PteenetError(f"no swept setting is within {cfg.max_drop} points of the backbone"
+                           + (f" (the curve is in {cfg.outdir})" if cfg.outdir else ""),
+                           "raise --max-drop, widen --thresholds or add --per-exit")
+    if cfg.write and chosen is not None and chosen.policy:
+        model.set_thresholds(chosen.thresholds or [], chosen.policy)
+        model.meta["sweep"] = sweep_meta(doc)
+        save_checkpoint(cfg.write, model, ckpt.state)
+    return doc

@@ -1,0 +1,491 @@
+"""Training the exit branches, and only them, on a frozen backbone (``pteenet train-branches``).
+
+Each batch runs the backbone once under ``no_grad`` (in eval mode: BatchNorm statistics frozen) and
+the branches with gradients; Adam updates branch parameters only, on a cosine schedule over all
+steps. After every epoch the calibration (val) split is scored through the sweep engine at the
+confidence threshold T = 0.5 and the output checkpoint is rewritten atomically, with everything a
+``--resume`` needs under ``state.*``: optimizer moments, step and epoch counters, the torch RNG state
+(augmentation) and the data-order generator state. Resuming therefore ends, on the CPU, bit-identical
+to a run that was never interrupted. When training completes the final checkpoint drops ``state.*``
+(a finished cosine schedule has nothing left to resume) and records ``training.complete = true``.
+
+``--cache-features`` runs the backbone once over the (un-augmented) train and val splits, keeps the
+exit taps in memory as float16 and trains every epoch from them: the backbone, the floor of every
+other mode, then costs one pass instead of one per epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import sweep
+from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from .data import DataConfig, load_splits, make_loader
+from .devices import DEVICES, resolve_device
+from .errors import PteenetError
+from .loss import LossConfig, early_exit_loss
+from .model import AllExits, EarlyExitModel
+from .weights import module_sha256
+
+# Settings that change what a run computes: a --resume must repeat them exactly.
+RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "cache_features", "loss", "lambda",
+               "targets", "temperature", "data", "limit", "augment", "val_split", "data_seed")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | mps
+    workers: int = 0
+    amp: bool = False  # CUDA only: bfloat16 autocast where supported, else float16 with loss scaling
+    resume: bool = False
+    cache_features: bool = False  # needs augmentation off
+    loss: LossConfig = field(default_factory=LossConfig)
+    threshold: float = 0.5  # the confidence threshold of the per-epoch early-exit metrics
+
+    def validate(self) -> None:
+        self.loss.validate()
+        if self.epochs < 1:
+            raise PteenetError(f"epochs must be at least 1, got {self.epochs}", "e.g. --epochs 20")
+        if self.batch_size < 1:
+            raise PteenetError(f"batch size must be at least 1, got {self.batch_size}", "e.g. --batch-size 128")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise PteenetError(f"learning rate must be a finite number > 0, got {self.lr}", "e.g. --lr 1e-3")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise PteenetError(f"weight decay must be a finite number >= 0, got {self.weight_decay}", "e.g. 0 or 5e-4")
+        if self.workers < 0:
+            raise PteenetError(f"workers must be >= 0, got {self.workers}", "0 loads data in the main process")
+        if self.device not in DEVICES:
+            raise PteenetError(f"unknown device '{self.device}'", "valid devices: " + ", ".join(DEVICES))
+
+
+class Interrupted(PteenetError):
+    """Ctrl-C: the output holds the last complete epoch (or nothing new)."""
+
+
+class Reporter:
+    """Where training reports progress. This one reports nothing; the CLI's draws Rich bars."""
+
+    def begin(self, epochs: int, done: int) -> None:
+        """The epoch loop starts, ``done`` of ``epochs`` epochs already behind it (on resume)."""
+
+    def task(self, description: str, total: int) -> None:
+        """A new phase of ``total`` batches (caching features, an epoch, evaluating)."""
+
+    def advance(self, stats: dict[str, Any] | None = None) -> None:
+        """One batch of the current phase done; ``stats`` are running training figures."""
+
+    def epoch_end(self, record: dict[str, Any], epochs: int) -> None:
+        """An epoch's history record, after its checkpoint was written."""
+
+    def warn(self, message: str) -> None:
+        """Something the user should know that does not stop training."""
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """The learning rate of update ``step`` (0-based) out of ``total``: base -> 0 along half a cosine."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+# -- batch sources: images through the backbone, or the cached taps --------------------------------
+def _drop_last(n: int, batch_size: int, shuffle: bool) -> bool:
+    # In training, a last batch of a few samples would give the branches' BatchNorm noisy statistics.
+    return shuffle and n > batch_size
+
+
+def _num_batches(n: int, batch_size: int, shuffle: bool) -> int:
+    return n // batch_size if _drop_last(n, batch_size, shuffle) else -(-n // batch_size)
+
+
+class ImageSource:
+    """Batches of images; every batch runs the backbone (on the augmented input, if any)."""
+
+    def __init__(self, ds: Dataset, batch_size: int, workers: int, seed: int, shuffle: bool) -> None:
+        self.ds, self.batch_size, self.workers, self.seed, self.shuffle = ds, batch_size, workers, seed, shuffle
+        self.size = len(ds)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return _num_batches(self.size, self.batch_size, self.shuffle)
+
+    def batches(self, model: EarlyExitModel, device: torch.device, order: torch.Generator,
+                autocast: Autocast) -> Iterator[tuple[AllExits, torch.Tensor]]:
+        # A fresh loader per epoch whose generator continues ``order``: the shuffle and the worker
+        # seeds then depend on nothing but the saved generator state, so resume is exact.
+        loader = make_loader(self.ds, self.batch_size, self.shuffle, self.workers, self.seed,
+                             _drop_last(self.size, self.batch_size, self.shuffle))
+        loader.generator.set_state(order.get_state())
+        for x, y in loader:
+            with autocast():
+                out = model.forward_all(x.to(device, non_blocking=True))
+            yield out, y
+        order.set_state(loader.generator.get_state())
+
+
+@dataclass
+class FeatureCache:
+    """One backbone pass over a split: exit taps (float16 halves the memory), logits, labels, on the CPU."""
+
+    taps: list[torch.Tensor]  # E x [N, ...] float16
+    final: torch.Tensor  # [N, K] float32
+    labels: torch.Tensor  # [N] int64
+    batch_size: int
+    shuffle: bool
+
+    def __len__(self) -> int:
+        return _num_batches(len(self.labels), self.batch_size, self.shuffle)
+
+    def batches(self, model: EarlyExitModel, device: torch.device, order: torch.Generator,
+                autocast: Autocast) -> Iterator[tuple[AllExits, torch.Tensor]]:
+        n = len(self.labels)
+        idx = torch.randperm(n, generator=order) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            rows = idx[i * self.batch_size:(i + 1) * self.batch_size]
+            taps = [t.index_select(0, rows).to(device, non_blocking=True).float() for t in self.taps]
+            with autocast():
+                out = model.branch_outputs(taps, self.final.index_select(0, rows).to(device))
+            yield out, self.labels[rows]
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def build_feature_cache(model: EarlyExitModel, ds: Dataset, cfg: TrainConfig, device: torch.device,
+                        autocast: Autocast, reporter: Reporter, shuffle: bool, name: str) -> FeatureCache:
+    n = len(ds)  # type: ignore[arg-type]
+    shapes = model.tap_shapes
+    need = n * sum(2 * math.prod(s) for s in shapes)
+    free = _available_memory()
+    if free is not None and need > 0.8 * free:
+        raise PteenetError(f"the {name} feature cache needs {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free",
+                           "use fewer or later exits, --limit, or train without --cache-features")
+    # Preallocated: concatenating per-batch pieces would need twice the memory at the end.
+    taps = [torch.empty(n, *s, dtype=torch.float16) for s in shapes]
+    final = torch.empty(n, model.info.num_classes, dtype=torch.float32)
+    labels = torch.empty(n, dtype=torch.int64)
+    loader = make_loader(ds, cfg.batch_size, False, cfg.workers, cfg.seed)
+    reporter.task(f"caching {name} features", len(loader))
+    i = 0
+    for x, y in loader:
+        with autocast():
+            tb, fb = model.backbone_taps(x.to(device, non_blocking=True))
+        for k, (dst, t) in enumerate(zip(taps, tb)):
+            dst[i:i + len(y)] = t.to("cpu", torch.float16)
+            if not bool(torch.isfinite(dst[i:i + len(y)]).all()):
+                raise PteenetError(f"exit {k}'s features overflow float16 (|x| > 65504) in the feature cache",
+                                   "train without --cache-features")
+        final[i:i + len(y)], labels[i:i + len(y)] = fb.float().cpu(), y
+        i += len(y)
+        reporter.advance()
+    return FeatureCache(taps, final, labels, cfg.batch_size, shuffle)
+
+
+# -- metrics, all through the sweep engine ---------------------------------------------------------
+def cache_metrics(cache: sweep.ExitCache, threshold: float) -> dict[str, Any]:
+    """Per-exit accuracy / agreement / mean confidence and the early-exit model at ``threshold``."""
+    preds, e = cache.preds, cache.num_exits
+    labels = cache.labels
+    return {
+        "samples": cache.num_samples,
+        "accuracy": None if labels is None else [float((preds[k] == labels).mean()) for k in range(e)],
+        "agreement": [float((preds[k] == preds[e]).mean()) for k in range(e)],
+        "mean_confidence": [float(cache.scores["confidence"][k].mean()) for k in range(e)],
+        "backbone_accuracy": None if labels is None else float((preds[e] == labels).mean()),
+        "early_exit": sweep.evaluate(cache, "confidence", threshold).to_dict(),
+    }
+
+
+def _exit_cache(out: AllExits, labels: torch.Tensor, model: EarlyExitModel) -> sweep.ExitCache:
+    b = sweep.ExitCacheBuilder()
+    b.add(out.exit_logits, out.exit_conf, out.final_logits, labels)
+    assert model.cost is not None
+    return b.build(model.cost.costs(), model.cost.costs_paper())
+
+
+class _Meter:
+    """Sample-weighted running means of the training figures of one epoch."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sums: dict[str, np.ndarray] = {}
+
+    def add(self, values: dict[str, Any], n: int) -> None:
+        self.n += n
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0) + np.asarray(v, dtype=np.float64) * n
+
+    def means(self) -> dict[str, Any]:
+        return {k: (v / max(self.n, 1)).tolist() for k, v in self.sums.items()}
+
+
+class Autocast:
+    """``with Autocast(device, amp)():`` -- mixed precision on CUDA when asked, else a no-op."""
+
+    def __init__(self, device: torch.device, amp: bool) -> None:
+        self.device = device
+        self.dtype: torch.dtype | None = None
+        if amp:
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def __call__(self) -> Any:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+# -- the optimisation step -------------------------------------------------------------------------
+class BranchTrainer:
+    """Adam over the branch parameters only, the cosine schedule, AMP, and resumable state."""
+
+    def __init__(self, model: EarlyExitModel, cfg: TrainConfig, device: torch.device, total_steps: int) -> None:
+        if model.cost is None or model.num_exits < 1:
+            raise PteenetError("the checkpoint has no exits to train", "create one with `pteenet attach ... --exits N`")
+        self.model, self.cfg, self.total_steps = model, cfg, total_steps
+        self.costs = model.cost.costs()
+        self.optimizer = torch.optim.Adam(model.branches.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step_count = 0
+        self.autocast = Autocast(device, cfg.amp)
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast.dtype == torch.float16)
+
+    def step(self, out: AllExits, labels: torch.Tensor) -> dict[str, Any]:
+        """One update from a batch's exit outputs; returns the batch's figures (loss, T = 0.5 metrics)."""
+        res = early_exit_loss(out.exit_logits, out.exit_conf, out.final_logits, self.costs, self.cfg.loss,
+                              labels.to(out.final_logits.device))
+        loss = float(res.loss.detach())
+        if not math.isfinite(loss):
+            raise PteenetError(f"the loss became {loss} at step {self.step_count + 1}",
+                               "lower --lr or --lambda, or drop --amp; the output keeps the last good epoch")
+        for group in self.optimizer.param_groups:
+            group["lr"] = cosine_lr(self.cfg.lr, self.step_count, self.total_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(res.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step_count += 1
+        m = cache_metrics(_exit_cache(out, labels, self.model), self.cfg.threshold)
+        ee = m["early_exit"]
+        return {"loss": loss, "nll": res.nll, "head_cost": res.cost, "agreement": m["agreement"],
+                "accuracy": m["accuracy"], "ee_accuracy": ee["accuracy"], "ee_agreement": ee["agreement"],
+                "ee_cost": ee["cost"]}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        st: dict[str, torch.Tensor] = {"step": torch.tensor(self.step_count, dtype=torch.int64)}
+        for i, s in self.optimizer.state_dict()["state"].items():
+            st.update({f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in s.items()})
+        if self.scaler.is_enabled():
+            sd = self.scaler.state_dict()
+            st["scaler.scale"] = torch.tensor(sd["scale"], dtype=torch.float64)
+            st["scaler.growth_tracker"] = torch.tensor(sd["_growth_tracker"], dtype=torch.int64)
+        return st
+
+    def load_state(self, st: dict[str, torch.Tensor]) -> None:
+        self.step_count = int(st["step"])
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in st.items():
+            if key.startswith("optim."):
+                _, i, k = key.split(".", 2)
+                per_param.setdefault(int(i), {})[k] = v
+        sd = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": per_param, "param_groups": sd["param_groups"]})
+        if self.scaler.is_enabled() and "scaler.scale" in st:
+            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": float(st["scaler.scale"]),
+                                         "_growth_tracker": int(st["scaler.growth_tracker"])})
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def run_settings(cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
+    """What ``model.meta["training"]`` records of the configuration (RESUME_KEYS must match on resume)."""
+    return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+            "seed": cfg.seed, "cache_features": cfg.cache_features, "loss": cfg.loss.version, "lambda": cfg.loss.lam,
+            "targets": cfg.loss.targets, "temperature": cfg.loss.temperature, "data": data_cfg.spec,
+            "limit": data_cfg.limit, "augment": data_cfg.augment, "val_split": data_cfg.val_split,
+            "data_seed": data_cfg.seed, "threshold": cfg.threshold}
+
+
+def _check_resume(out_path: Path, src_meta: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """OUT's metadata, after checking that it is a run of this checkpoint with these settings."""
+    hint = "drop --resume to start a new run"
+    if not out_path.is_file():
+        raise PteenetError(f"nothing to resume: {out_path} does not exist", hint)
+    meta = read_metadata(out_path)
+    tr = meta.get("training")
+    if not tr:
+        raise PteenetError(f"{out_path} holds no training run to resume", hint)
+    if meta["backbone_sha256"] != src_meta["backbone_sha256"] or meta["exits"] != src_meta["exits"]:
+        raise PteenetError(f"{out_path} was not trained from this checkpoint (other backbone or exits)",
+                           "pass the checkpoint the run started from, or drop --resume")
+    if tr.get("complete"):
+        return meta
+    diffs = [f"{k} {settings[k]!r} (was {tr.get(k)!r})" for k in RESUME_KEYS if tr.get(k) != settings[k]]
+    if diffs:
+        raise PteenetError("--resume with settings that differ from the run being resumed: " + ", ".join(diffs),
+                           "repeat the original options, or drop --resume to start over")
+    return meta
+
+
+def _unfinished_run(out_path: Path) -> dict[str, Any] | None:
+    if not out_path.is_file():
+        return None
+    try:
+        tr = read_metadata(out_path).get("training")
+    except PteenetError:
+        return None  # not ours, or unreadable: nothing to protect
+    return tr if tr and not tr.get("complete", True) else None
+
+
+def _rng_state(device: torch.device, order: torch.Generator) -> dict[str, torch.Tensor]:
+    st = {"rng.cpu": torch.get_rng_state(), "rng.order": order.get_state()}
+    if device.type == "cuda":
+        st["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: dict[str, torch.Tensor], device: torch.device, order: torch.Generator) -> None:
+    torch.set_rng_state(st["rng.cpu"])
+    order.set_state(st["rng.order"])
+    if device.type == "cuda" and "rng.cuda" in st:
+        torch.cuda.set_rng_state(st["rng.cuda"], device)
+
+
+def evaluate_split(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,
+                   autocast: Autocast, threshold: float, reporter: Reporter) -> dict[str, Any] | None:
+    """Per-exit and early-exit metrics on a split (None when it is empty), branches in eval mode."""
+    if len(source) == 0:
+        return None
+    assert model.cost is not None
+    model.eval()
+    builder = sweep.ExitCacheBuilder()
+    reporter.task("calibration split", len(source))
+    with torch.no_grad():
+        for out, y in source.batches(model, device, torch.Generator(), autocast):
+            builder.add(out.exit_logits, out.exit_conf, out.final_logits, y)
+            reporter.advance()
+    return cache_metrics(builder.build(model.cost.costs(), model.cost.costs_paper()), threshold)
+
+
+def _summary(history: list[dict[str, Any]], out_path: Path, training: dict[str, Any], sha: str,
+             already_complete: bool) -> dict[str, Any]:
+    last = history[-1] if history else {}
+    return {"epochs": history, "final": {
+        "output": str(out_path), "epochs_done": training.get("epochs_done"), "complete": training.get("complete"),
+        "already_complete": already_complete, "seconds": training.get("seconds"), "backbone_sha256": sha,
+        "train": last.get("train"), "val": last.get("val")}}
+
+
+def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataConfig, cfg: TrainConfig,
+                   reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train the branches of ``ckpt_path`` and write ``out_path`` after every epoch.
+
+    Returns ``{"epochs": [per-epoch records], "final": {...}}``; the records are also the output's
+    ``meta["history"]``. Raises ``Interrupted`` on Ctrl-C (the output keeps the last complete epoch).
+    """
+    reporter = reporter or Reporter()
+    out_path = Path(out_path)
+    cfg.validate()
+    if cfg.cache_features and data_cfg.augment:
+        raise PteenetError("--cache-features needs augmentation off",
+                           "add --no-augment: the cache holds one backbone pass per image, reused every epoch")
+    if not out_path.parent.is_dir():
+        raise PteenetError(f"output folder does not exist: {out_path.parent}", "create it first")
+    device = resolve_device(cfg.device)
+    if cfg.amp and device.type != "cuda":
+        if cfg.device != "auto":
+            raise PteenetError(f"--amp needs a CUDA device, not {device.type}", "drop --amp, or use --device cuda")
+        reporter.warn("--amp needs CUDA, which is not available: training in float32")
+        cfg = dataclasses.replace(cfg, amp=False)
+    settings = run_settings(cfg, data_cfg)
+    src_meta = read_metadata(ckpt_path)
+    if not src_meta.get("exits") or not src_meta.get("cost"):
+        raise PteenetError(f"{ckpt_path} has no exits to train", "create it with `pteenet attach BACKBONE --exits N`")
+    if cfg.resume:
+        meta = _check_resume(out_path, src_meta, settings)
+        if meta["training"].get("complete"):
+            reporter.warn(f"{out_path} is already complete ({meta['training'].get('epochs_done')} epochs): nothing to do")
+            return _summary(meta.get("history", []), out_path, meta["training"], meta["backbone_sha256"], True)
+    elif (tr := _unfinished_run(out_path)) is not None:
+        raise PteenetError(f"{out_path} holds an unfinished run (epoch {tr.get('epochs_done')} of {tr.get('epochs')})",
+                           "add --resume to continue it, or delete it / pick another -o to start over")
+
+    ck = load_checkpoint(out_path if cfg.resume else ckpt_path, "cpu")
+    model = ck.model
+    if cfg.resume and "epoch" not in ck.state:
+        raise PteenetError(f"{out_path} has no resume state", "drop --resume to start over")
+    splits = load_splits(data_cfg, model.info.preprocess, model.info.num_classes)
+    model.to(device)
+
+    start_epoch = int(ck.state["epoch"]) if cfg.resume else 0
+    history: list[dict[str, Any]] = list(model.meta.get("history", [])) if cfg.resume else []
+    seconds_before = float(model.meta.get("training", {}).get("seconds", 0.0)) if cfg.resume else 0.0
+    started = time.perf_counter()
+    train_src: ImageSource | FeatureCache
+    val_src: ImageSource | FeatureCache
+    if cfg.cache_features:
+        autocast = Autocast(device, cfg.amp)
+        train_src = build_feature_cache(model, splits.train, cfg, device, autocast, reporter, True, "train")
+        val_src = build_feature_cache(model, splits.val, cfg, device, autocast, reporter, False, "val")
+    else:
+        train_src = ImageSource(splits.train, cfg.batch_size, cfg.workers, cfg.seed, shuffle=True)
+        val_src = ImageSource(splits.val, cfg.batch_size, cfg.workers, cfg.seed, shuffle=False)
+    trainer = BranchTrainer(model, cfg, device, cfg.epochs * len(train_src))
+    order = torch.Generator().manual_seed(cfg.seed)  # the data order, apart from torch's global RNG
+    last_saved = start_epoch if cfg.resume else None
+    epoch = start_epoch
+    training: dict[str, Any] = {}
+    # fork_rng: seeding for reproducibility must not leak into the caller's global RNG.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        if cfg.resume:
+            trainer.load_state(ck.state)
+            _set_rng_state(ck.state, device, order)
+        reporter.begin(cfg.epochs, start_epoch)
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                t0 = time.perf_counter()
+                model.train()
+                reporter.task(f"epoch {epoch + 1}/{cfg.epochs}", len(train_src))
+                meter = _Meter()
+                for out, y in train_src.batches(model, device, order, trainer.autocast):
+                    meter.add(trainer.step(out, y), len(y))
+                    reporter.advance(meter.means())
+                val = evaluate_split(model, val_src, device, trainer.autocast, cfg.threshold, reporter)
+                history.append({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"],
+                                "seconds": time.perf_counter() - t0, "train": meter.means(), "val": val})
+                complete = epoch + 1 == cfg.epochs
+                training = {**settings, "device": str(device), "amp": cfg.amp, "workers": cfg.workers,
+                            "epochs_done": epoch + 1, "complete": complete, "source": str(ckpt_path),
+                            "seconds": seconds_before + time.perf_counter() - started}
+                model.meta.update(training=training, history=history, data=splits.split_info)
+                # Taken where an uninterrupted run goes on from, so a resume continues identically.
+                state = None if complete else {**trainer.state(), **_rng_state(device, order),
+                                               "epoch": torch.tensor(epoch + 1)}
+                save_checkpoint(out_path, model, state)
+                last_saved = epoch + 1
+                reporter.epoch_end(history[-1], cfg.epochs)
+        except KeyboardInterrupt:
+            held = f"{out_path} holds epoch {last_saved}" if last_saved else f"{out_path} was not written"
+            raise Interrupted(f"interrupted in epoch {epoch + 1}; {held}",
+                              "continue with --resume" if last_saved else None) from None
+    sha = module_sha256(model.backbone)
+    if sha != src_meta["backbone_sha256"]:  # save_checkpoint refuses this too; never let it pass silently
+        raise PteenetError("the backbone changed during training", "this is a bug in pteenet: please report it")
+    return _summary(history, out_path, training, sha, False)

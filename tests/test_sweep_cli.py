@@ -1,0 +1,235 @@
+"""``pteenet sweep-threshold`` end to end on a tiny model and synthetic data (CPU, a few seconds)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import pteenet
+from pteenet.checkpoint import read_metadata
+from pteenet.cli import app
+from pteenet.data import DataConfig, load_splits, make_loader
+from pteenet.exit_cache import ExitCacheBuilder
+from pteenet.sweep import evaluate
+from pteenet.sweep_run import DataRequest, SweepConfig, build_cache, resolve_data, sweep_threshold
+
+GRID = "0:1:0.05"  # a coarse grid keeps every run fast
+POINT_KEYS = {"threshold", "accuracy", "agreement", "cost", "cost_paper", "exit_fractions", "policy", "kind"}
+
+
+def _tiny(seed: int = 0) -> pteenet.EarlyExitModel:
+    torch.manual_seed(seed)
+    return pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=3))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Branches fitted for a few steps (random branches make flat, degenerate curves), with the
+    training and data records that `pteenet train` leaves."""
+    torch.set_num_threads(1)
+    model = _tiny()
+    splits = load_splits(DataConfig("synthetic", val_split=0.2, seed=1, augment=False),
+                         model.info.preprocess, model.info.num_classes)
+    opt = torch.optim.Adam(model.branches.parameters(), 1e-2)
+    model.train()
+    for _, (x, y) in zip(range(30), make_loader(splits.train, 64, True)):
+        out = model.forward_all(x)
+        loss = sum(F.cross_entropy(lg, y) + F.binary_cross_entropy_with_logits(c, (lg.argmax(1) == y).float())
+                   for lg, c in zip(out.exit_logits, out.exit_conf))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.meta.update(training={"complete": True, "epochs_done": 1}, data=splits.split_info)
+    path = tmp_path_factory.mktemp("ckpt") / "trained.safetensors"
+    pteenet.save_checkpoint(path, model)
+    return path
+
+
+def _run(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["sweep-threshold", *map(str, args)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_happy_path_writes_outputs_on_the_recorded_split(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(trained, "-o", out, "--thresholds", GRID, "--budget", 0.8)
+    assert code == 0, stderr
+    files = {"sweep.json", "sweep.csv"}
+    if importlib.util.find_spec("matplotlib") is not None:
+        files |= {"curve.png", "exits.png"}
+        assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert files <= {f.name for f in out.iterdir()}
+    assert not list(out.glob("*.tmp"))
+    doc = json.loads((out / "sweep.json").read_text())
+    # The calibration split training held out, rebuilt from the checkpoint's record.
+    assert doc["data"]["val_split"] == 0.2 and doc["data"]["seed"] == 1 and doc["samples"] == 100
+    assert doc["split"] == doc["selection_split"] == "val" and doc["notes"] == [] and doc["warnings"] == []
+    assert doc["policies"] == ["confidence", "max-softmax", "entropy"] and len(doc["points"]) == 3 * 21
+    chosen = doc["chosen"]
+    assert chosen["cost"] <= 0.8 + 1e-9
+    best = max(p["accuracy"] for p in doc["points"] if p["cost"] <= 0.8 + 1e-9)
+    assert chosen["accuracy"] == best
+    assert chosen["test"]["policy"] == chosen["policy"] and "backbone" in chosen["test"]
+    assert "Pareto front" in stderr and "chosen" in stderr and stdout == ""
+
+
+def test_json_shape(trained: Path, tmp_path: Path) -> None:
+    code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--max-drop", 100,
+                                "--policy", "max-softmax", "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc == json.loads((tmp_path / "sweep.json").read_text())
+    assert isinstance(doc["backbone"]["accuracy"], float)
+    assert {p["policy"] for p in doc["points"]} == {"max-softmax"}
+    for p in doc["points"]:
+        assert POINT_KEYS <= set(p) and len(p["exit_fractions"]) == doc["exits"] + 1
+        assert sum(p["exit_fractions"]) == pytest.approx(1.0)
+    # max-drop 100: anything qualifies, so the cheapest point is chosen.
+    assert doc["chosen"]["cost"] == min(p["cost"] for p in doc["points"])
+
+
+def test_write_sets_thresholds_and_keeps_the_curve(trained: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "model.safetensors"
+    shutil.copy(trained, ckpt)
+    code, stdout, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID, "--budget", 0.75,
+                                "--per-exit", "--write", ckpt, "--json")  # in place
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    chosen = doc["chosen"]
+    model = pteenet.load(str(ckpt))
+    want = chosen["threshold"] if chosen["kind"] == "per-exit" else [chosen["threshold"]] * 3
+    assert model.policy == chosen["policy"] and model.thresholds == pytest.approx(want)
+    meta = read_metadata(ckpt)
+    assert meta["training"] and meta["data"]["val_split"] == 0.2  # earlier sections survive
+    sweep = meta["sweep"]
+    assert sweep["chosen"] == chosen and sweep["backbone"] == doc["backbone"]
+    assert sweep["points"] and {p["policy"] for p in sweep["points"]} == {chosen["policy"]}
+    assert all(POINT_KEYS <= set(p) for p in sweep["points"])
+    assert len(sweep["points"]) < len(doc["points"]) and "pareto" not in sweep
+
+
+def test_per_exit_never_worse_than_global_at_the_budget(trained: Path, tmp_path: Path) -> None:
+    code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--budget", 0.85,
+                                "--per-exit", "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    for policy, budgets in doc["per_exit_budgets"].items():
+        assert 0.85 in budgets
+    glob = max(p["accuracy"] for p in doc["points"] if p["kind"] == "global" and p["cost"] <= 0.85 + 1e-9)
+    assert doc["chosen"]["accuracy"] >= glob
+    assert any(p["kind"] == "per-exit" for p in doc["points"])
+    for p in doc["points"]:
+        if p["kind"] == "per-exit":
+            assert len(p["threshold"]) == doc["exits"] and len(set(p["threshold"])) > 1
+
+
+def test_build_cache_equals_a_direct_forward_all_loop(trained: Path) -> None:
+    model = pteenet.load(str(trained))
+    splits = load_splits(DataConfig("synthetic", val_split=0.2, seed=1), model.info.preprocess, 10)
+    cache = build_cache(model, splits.val, batch_size=32, progress=False)
+    builder = ExitCacheBuilder()
+    with torch.no_grad():
+        for x, y in make_loader(splits.val, 32, shuffle=False):
+            out = model.forward_all(x)
+            builder.add(out.exit_logits, out.exit_conf, out.final_logits, y)
+    want = builder.build(model.cost.costs(), model.cost.costs_paper())
+    assert np.array_equal(cache.preds, want.preds) and np.array_equal(cache.labels, want.labels)
+    assert all(np.array_equal(cache.scores[p], want.scores[p]) for p in want.scores)
+    assert np.array_equal(cache.costs, want.costs) and cache.num_samples == 100
+    # And the cache agrees with the model's own early-exit runtime at a threshold.
+    xs = torch.stack([splits.val[i][0] for i in range(len(splits.val))])
+    pred = model.predict(xs, 0.5, "max-softmax")
+    counts = np.bincount(pred.exit_index.numpy(), minlength=4) / 100
+    assert evaluate(cache, "max-softmax", 0.5).exit_fractions == pytest.approx(counts.tolist())
+
+
+def test_library_call_returns_the_document(trained: Path, tmp_path: Path) -> None:
+    doc = sweep_threshold(trained, DataRequest(), SweepConfig(thresholds=GRID, policy="entropy", split="test",
+                                                              device="cpu"), progress=False)
+    assert doc["split"] == "test" and doc["chosen"] is None and doc["selection_split"] is None
+    assert doc["samples"] == 100 and not list(tmp_path.iterdir())  # no outdir: nothing written
+
+
+def test_budget_below_the_cheapest_reachable(trained: Path, tmp_path: Path) -> None:
+    first = pteenet.load(str(trained)).cost.costs()[0]
+    code, _, stderr = _run(trained, "-o", tmp_path / "o", "--budget", 0.01)
+    assert code == 1
+    line = _error_line(stderr)
+    assert "cheapest reachable cost" in line and f"{first:.4f}" in line
+    assert not (tmp_path / "o").exists()  # refused before any data was read
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--thresholds", "1:0:0.1"], "empty"),
+    (["--thresholds", "0:2:0.5"], "[0, 1]"),
+    (["--thresholds", "abc"], "bad threshold range"),
+    (["--budget", "0.8", "--max-drop", "1"], "not both"),
+    (["--write", "x.safetensors"], "--budget"),
+    (["--max-drop", "-1"], "max-drop"),
+    (["--data", "cifar10"], "not the data the branches were trained on"),
+])
+def test_bad_inputs_are_one_line_errors(trained: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    code, stdout, stderr = _run(trained, "-o", tmp_path / "o", *args)
+    assert code == 1 and stdout == ""
+    assert needle in _error_line(stderr)
+    assert "Traceback" not in stderr
+
+
+def test_missing_checkpoint_and_bad_choice(tmp_path: Path, trained: Path) -> None:
+    code, _, stderr = _run(tmp_path / "nope.safetensors", "-o", tmp_path / "o")
+    assert code == 1 and "not found" in _error_line(stderr)
+    code, _, _ = _run(trained, "-o", tmp_path / "o", "--policy", "nonsense")
+    assert code == 2  # a usage error
+    code, _, _ = _run(trained, "--policy", "entropy")  # -o is required
+    assert code == 2
+
+
+def test_untrained_checkpoint_warns_but_continues(tmp_path: Path) -> None:
+    ckpt = tmp_path / "untrained.safetensors"
+    pteenet.save_checkpoint(ckpt, _tiny())
+    code, _, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID)
+    assert code == 1 and "pass --data" in _error_line(stderr)  # no recorded data and no --data
+    code, stdout, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID, "--data", "synthetic",
+                                "--limit", 40, "--json")
+    assert code == 0, stderr
+    warning = [line for line in stderr.splitlines() if "never trained" in line]
+    assert len(warning) == 1 and warning[0].startswith("Warning:")
+    doc = json.loads(stdout)
+    assert any("never trained" in w for w in doc["warnings"])
+    assert any("no data split" in n for n in doc["notes"]) and doc["data"]["val_split"] == 0.1
+    assert doc["samples"] == 40 and doc["chosen"] is None
+
+
+def test_choosing_on_test_is_labelled(trained: Path, tmp_path: Path) -> None:
+    code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--split", "test",
+                                "--max-drop", 5, "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc["split"] == doc["selection_split"] == "test" and "test" not in doc["chosen"]
+    assert any("chosen on the test split" in w for w in doc["warnings"])
+    assert "chosen on the test split" in stderr
+
+
+def test_resolve_data_keeps_the_recorded_split() -> None:
+    rec = {"spec": "synthetic", "val_split": 0.3, "seed": 7, "limit": 50}
+    cfg, notes = resolve_data(DataRequest(data_dir="/d"), rec)
+    assert (cfg.spec, cfg.val_split, cfg.seed, cfg.limit, cfg.data_dir) == ("synthetic", 0.3, 7, 50, "/d")
+    assert notes == []
+    cfg, notes = resolve_data(DataRequest("synthetic", limit=20), rec)
+    assert cfg.limit == 20 and cfg.val_split == 0.3 and "--limit 20" in notes[0]
+    cfg, notes = resolve_data(DataRequest("imagefolder:/new"), {**rec, "spec": "imagefolder:/old"})
+    assert cfg.spec == "imagefolder:/new" and "imagefolder:/old" in notes[0]

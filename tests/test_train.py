@@ -1,0 +1,195 @@
+"""pteenet.train and `pteenet train-branches`: tiny model, synthetic data, CPU, a few seconds in all."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import pteenet.train as train_mod
+from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
+from pteenet.checkpoint import META_KEY, read_metadata
+from pteenet.cli import app
+from pteenet.data import DataConfig
+from pteenet.errors import PteenetError
+from pteenet.loss import LossConfig, LossOutput
+from pteenet.train import Interrupted, Reporter, TrainConfig, train_branches
+from pteenet.weights import module_sha256
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = attach(AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=2))
+    path = tmp_path_factory.mktemp("train") / "attached.safetensors"
+    save_checkpoint(path, model)
+    return path
+
+
+def data(**kw: Any) -> DataConfig:
+    return DataConfig("synthetic", **{"limit": 96, **kw})
+
+
+def cfg(**kw: Any) -> TrainConfig:
+    return TrainConfig(**{"epochs": 2, "batch_size": 32, "lr": 1e-2, "device": "cpu", **kw})
+
+
+def branch_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith("branches.")}
+
+
+class StopAfter(Reporter):
+    """Presses Ctrl-C right after epoch ``n`` was saved."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def epoch_end(self, record: dict[str, Any], epochs: int) -> None:
+        if record["epoch"] == self.n:
+            raise KeyboardInterrupt
+
+
+def test_trains_end_to_end_and_leaves_the_backbone_alone(ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    doc = train_branches(ckpt, out, data(augment=False), cfg(epochs=4))
+    losses = [r["train"]["loss"] for r in doc["epochs"]]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    val = doc["epochs"][-1]["val"]
+    assert len(val["accuracy"]) == len(val["agreement"]) == len(val["mean_confidence"]) == 2
+    assert {"accuracy", "agreement", "cost", "exit_fractions"} <= set(val["early_exit"])
+    # Bit-identical backbone (BatchNorm running statistics included) and the recorded hash.
+    src, trained = load_checkpoint(ckpt).model, load_checkpoint(out)
+    assert module_sha256(trained.model.backbone) == module_sha256(src.backbone) == doc["final"]["backbone_sha256"]
+    for k, v in src.backbone.state_dict().items():
+        assert torch.equal(v, trained.model.backbone.state_dict()[k]), k
+    assert not all(torch.equal(a, b) for a, b in zip(src.branches.parameters(), trained.model.branches.parameters()))
+    meta = trained.model.meta
+    assert meta["history"] == json.loads(json.dumps(doc["epochs"]))
+    assert meta["training"]["complete"] and meta["training"]["lambda"] == 0.9 and meta["training"]["targets"] == "pseudo"
+    assert meta["data"]["spec"] == "synthetic" and meta["data"]["sizes"]["val"] == 50
+    assert trained.state == {}  # a finished run drops the resume state
+
+
+@pytest.mark.parametrize("cache_features", [False, True])
+def test_resume_ends_where_an_uninterrupted_run_ends(ckpt: Path, tmp_path: Path, cache_features: bool) -> None:
+    # Augmented (global RNG) unless cached (cache needs it off); shuffled by the data-order generator.
+    d, c = data(augment=not cache_features), cfg(cache_features=cache_features)
+    straight, split = tmp_path / "straight.safetensors", tmp_path / "split.safetensors"
+    train_branches(ckpt, straight, d, c)
+    with pytest.raises(Interrupted, match="holds epoch 1"):
+        train_branches(ckpt, split, d, c, StopAfter(1))
+    half = load_checkpoint(split)
+    assert half.model.meta["training"]["complete"] is False and int(half.state["epoch"]) == 1
+    assert {"step", "rng.cpu", "rng.order"} <= set(half.state)
+    with pytest.raises(PteenetError, match="unfinished run"):  # no silent restart over an unfinished run
+        train_branches(ckpt, split, d, c)
+    with pytest.raises(PteenetError, match="lr 0.5"):
+        train_branches(ckpt, split, d, cfg(cache_features=cache_features, lr=0.5, resume=True))
+    doc = train_branches(ckpt, split, d, cfg(cache_features=cache_features, resume=True))
+    assert [r["epoch"] for r in doc["epochs"]] == [1, 2]
+    a, b = branch_tensors(straight), branch_tensors(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    before = split.read_bytes()
+    done = train_branches(ckpt, split, d, cfg(cache_features=cache_features, resume=True))
+    assert done["final"]["already_complete"] and split.read_bytes() == before
+
+
+def test_cache_features_needs_augmentation_off(ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(PteenetError, match="no-augment"):
+        train_branches(ckpt, tmp_path / "o.safetensors", data(), cfg(cache_features=True))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_epoch(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out.safetensors"
+    real, calls = train_mod.early_exit_loss, {"n": 0}
+
+    def poisoned(*args: Any, **kw: Any) -> LossOutput:
+        res = real(*args, **kw)
+        calls["n"] += 1
+        return res if calls["n"] <= 2 else LossOutput(res.loss * float("nan"), res.nll, res.cost, res.per_exit_nll)
+
+    monkeypatch.setattr(train_mod, "early_exit_loss", poisoned)  # 2 batches per epoch: epoch 2 fails
+    with pytest.raises(PteenetError, match="loss became nan"):
+        train_branches(ckpt, out, data(limit=64), cfg(epochs=3))
+    kept = load_checkpoint(out)
+    assert kept.model.meta["training"]["epochs_done"] == 1 and int(kept.state["epoch"]) == 1
+
+
+# -- the command -----------------------------------------------------------------------------------
+def run(*args: object) -> Any:
+    return CliRunner().invoke(app, ["train-branches", *map(str, args)])
+
+
+def test_cli_json_document(ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    r = run(ckpt, "-o", out, "--data", "synthetic", "--limit", 64, "--epochs", 1, "--batch-size", 32,
+            "--device", "cpu", "--loss", "v1", "--lambda", 0.5, "--targets", "soft", "--temperature", 2, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"epochs", "final"} and len(doc["epochs"]) == 1
+    epoch = doc["epochs"][0]
+    assert {"epoch", "lr", "seconds", "train", "val"} <= set(epoch)
+    assert {"loss", "agreement", "ee_cost"} <= set(epoch["train"])
+    assert doc["final"]["complete"] and doc["final"]["output"] == str(out)
+    assert read_metadata(out)["training"]["loss"] == "v1"
+
+
+def test_cli_table_goes_to_stderr(ckpt: Path, tmp_path: Path) -> None:
+    r = run(ckpt, "-o", tmp_path / "o.safetensors", "--data", "synthetic", "--limit", 32, "--epochs", 1,
+            "--no-augment", "--cache-features", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "" and "cost@T" in r.stderr
+
+
+def _no_exits(ckpt: Path, path: Path) -> Path:
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+    meta.update(exits=[], cost=None)
+    tensors = {k: v for k, v in load_file(str(ckpt)).items() if not k.startswith("branches.")}
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
+    return path
+
+
+def _three_class_folder(root: Path) -> str:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("a", "b", "c"):
+            (root / split / c).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (40 * len(c), 0, 0)).save(root / split / c / "0.png")
+    return f"imagefolder:{root}"
+
+
+@pytest.mark.parametrize("case", ["negative-lambda", "missing-folder", "class-mismatch", "no-exits", "cache-augment",
+                                  "amp-on-cpu", "empty-dataset"])
+def test_cli_bad_input_is_one_line_and_overwrites_nothing(ckpt: Path, tmp_path: Path, case: str) -> None:
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"precious")
+    src, spec, extra = ckpt, "synthetic", []
+    if case == "negative-lambda":
+        extra = ["--lambda", "-0.1"]
+    elif case == "missing-folder":
+        out = tmp_path / "nope" / "out.safetensors"
+    elif case == "class-mismatch":
+        spec = _three_class_folder(tmp_path / "folder")
+    elif case == "no-exits":
+        src = _no_exits(ckpt, tmp_path / "no_exits.safetensors")
+    elif case == "cache-augment":
+        extra = ["--cache-features"]
+    elif case == "amp-on-cpu":
+        extra = ["--amp"]
+    else:
+        (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+        (tmp_path / "empty" / "test" / "a").mkdir(parents=True)
+        spec = f"imagefolder:{tmp_path / 'empty'}"
+    r = run(src, "-o", out, "--data", spec, "--epochs", 1, "--device", "cpu", *extra)
+    assert r.exit_code == 1, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert r.stdout == ""
+    if out.parent.exists():
+        assert out.read_bytes() == b"precious"
