@@ -140,10 +140,15 @@ class EarlyExitModel(nn.Module):
                 policy: str | None = None) -> Prediction:
         """Early-exit inference: each sample leaves at the first exit whose score passes."""
         thresholds, policy = self.resolve_thresholds(self.thresholds if threshold is None else threshold, policy)
-        with torch.no_grad():
-            if x.shape[0] == 1:
-                return self._predict_one(x, thresholds, policy)
-            return self._predict_batch(x, thresholds, policy)
+        was_training = self.training
+        self.train(False)  # inference: branch BatchNorm uses its running statistics, and never updates them
+        try:
+            with torch.no_grad():
+                if x.shape[0] == 1:
+                    return self._predict_one(x, thresholds, policy)
+                return self._predict_batch(x, thresholds, policy)
+        finally:
+            self.train(was_training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x).logits

@@ -34,7 +34,8 @@ def score(policy: str, logits: torch.Tensor, conf_logit: torch.Tensor) -> torch.
     if policy == "confidence":
         return torch.sigmoid(conf_logit.float().reshape(-1))
     if policy == "max-softmax":
-        return torch.softmax(logits.float(), dim=1).max(1).values
+        # Same formula as ``scores`` so the runtime and the sweep's cache agree to the bit.
+        return torch.log_softmax(logits.float(), dim=1).max(1).values.exp()
     if policy == "entropy":
         return scores(logits, conf_logit)["entropy"]
     raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")

@@ -1,0 +1,189 @@
+"""Measured speed on this machine: the plain backbone against the early-exit runtime.
+
+MACs say what early exit could save; only a clock says what it does save, because every exit adds
+work that MACs do not count (a branch call, a score, a decision, and at batch > 1 the indexing that
+drops the rows that left). So both models run on the same preloaded images, interleaved repeat by
+repeat (A B, then B A: slow drifts such as CPU clocks hit both alike), after a warm-up, with a fixed
+thread count, and we report medians. The early-exit model's exits are the ones it really took, so
+its mean MACs per sample are measured too, not assumed.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import PteenetError
+from .model import EarlyExitModel
+
+# Time ratio above the MAC ratio by more than this (relative) counts as "overhead eats part of the
+# savings"; below it the two agree within what run-to-run noise on a busy machine allows.
+OVERHEAD_TOLERANCE = 0.10
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: Sequence[int] = (1, 256)
+    threshold: float | Sequence[float] | None = None  # None: the model's own thresholds
+    policy: str | None = None  # None: the model's own policy
+    threads: int | None = None  # torch.set_num_threads for the run (restored afterwards)
+    repeats: int = 5
+    warmup: int = 3  # untimed batches per model and batch size
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded as is (data spec, split, ...)
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on Windows
+        return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[torch.Tensor], Any], batches: list[torch.Tensor], device: torch.device) -> tuple[list[float], list[Any]]:
+    """Seconds per batch, and the outputs (kept, not inspected, so that inspecting costs no time)."""
+    times, outs = [], []
+    for b in batches:
+        t0 = time.perf_counter()
+        outs.append(fn(b))
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, outs
+
+
+def _percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def _side(totals: list[float], per_batch: list[float], n_images: int) -> dict[str, Any]:
+    t = statistics.median(totals)
+    return {"images_per_s": n_images / t, "time_s": t,
+            "latency_ms": {"p50": 1e3 * _percentile(per_batch, 0.5), "p95": 1e3 * _percentile(per_batch, 0.95)}}
+
+
+def verdict(batch_size: int, time_ratio: float, mac_ratio: float | None) -> str:
+    """One honest sentence on whether the measured time follows the MACs."""
+    promised = "" if mac_ratio is None else f"; MACs promise {1 / mac_ratio:.2f}x"
+    if time_ratio >= 1.0:
+        # Two causes MACs do not see: the exits' own overhead (branch calls, decisions, and at batch > 1
+        # the row indexing), and layers that take more time per MAC than the average (early,
+        # high-resolution, few-channel convolutions usually do).
+        return (f"batch {batch_size}: NO speed-up - early exit takes {time_ratio:.2f}x the backbone's time{promised}: "
+                "the exits' overhead and the uneven time per MAC of the layers eat the savings")
+    if mac_ratio is not None and time_ratio > mac_ratio * (1 + OVERHEAD_TOLERANCE):
+        return (f"batch {batch_size}: {1 / time_ratio:.2f}x faster{promised}: overhead eats part of the savings")
+    return f"batch {batch_size}: {1 / time_ratio:.2f}x faster{promised}: the measured time follows the MACs"
+
+
+def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig) -> dict[str, Any]:
+    """Time ``model.backbone`` against ``model.predict`` on ``images`` (already preprocessed, in
+    memory) at each batch size; returns the JSON-able results document (``meta["bench"]``)."""
+    if images.shape[0] < 1:
+        raise PteenetError("no images to measure on", "check the data split and --limit")
+    if cfg.repeats < 1 or any(b < 1 for b in cfg.batch_sizes) or not cfg.batch_sizes:
+        raise PteenetError("repeats and batch sizes must be at least 1", "e.g. --repeats 5 --batch-size 1 --batch-size 256")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise PteenetError(f"--threads must be at least 1, got {cfg.threads}")
+    thresholds, policy = model.resolve_thresholds(model.thresholds if cfg.threshold is None else cfg.threshold, cfg.policy)
+    model.eval()
+    device = next(model.parameters()).device
+    images = images.to(device)
+    n = images.shape[0]
+    load_before = _load_average()
+    previous_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        results = []
+        with torch.inference_mode():
+            for bs in cfg.batch_sizes:
+                batches = list(images.split(bs))
+                runs: dict[str, Callable[[torch.Tensor], Any]] = {
+                    "backbone": model.backbone, "early_exit": lambda x: model.predict(x, thresholds, policy)}
+                for fn in runs.values():
+                    for b in (batches * cfg.warmup)[:cfg.warmup]:
+                        fn(b)
+                    _sync(device)
+                totals: dict[str, list[float]] = {k: [] for k in runs}
+                per_batch: dict[str, list[float]] = {k: [] for k in runs}
+                exit_index = None
+                for r in range(cfg.repeats):
+                    for name in (("backbone", "early_exit") if r % 2 == 0 else ("early_exit", "backbone")):
+                        times, outs = _timed(runs[name], batches, device)
+                        totals[name].append(sum(times))
+                        per_batch[name].extend(times)
+                        if name == "early_exit" and exit_index is None:
+                            exit_index = torch.cat([o.exit_index for o in outs]).cpu()
+                assert exit_index is not None
+                results.append(_result(bs, len(batches), n, totals, per_batch, exit_index, model))
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous_threads)
+    first = results[0]
+    load = max(v for v in (load_before, _load_average(), 0.0) if v is not None)
+    cpus = os.cpu_count() or 1
+    warnings = [f"the machine was busy (load average {load:.1f} on {cpus} CPUs): other processes competed for the "
+                "CPU, so these timings are noisy; rerun on an idle machine"] if load > 0.75 * cpus else []
+    return {
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": threads,
+        "images": n, "input_size": list(images.shape[1:]), "repeats": cfg.repeats, "warmup_batches": cfg.warmup,
+        "policy": policy, "thresholds": thresholds,
+        "backbone_macs": model.cost.backbone_macs if model.cost else None,
+        "exit_fractions": first["exit_fractions"], "mean_macs": first["mean_macs"], "mac_ratio": first["mac_ratio"],
+        "results": results,
+        "overhead_eats_savings": any(r["time_ratio"] >= 1.0 for r in results),
+        "load_average": load, "cpu_count": cpus, "warnings": warnings,
+        **cfg.extra,
+    }
+
+
+def _result(bs: int, n_batches: int, n: int, totals: dict[str, list[float]], per_batch: dict[str, list[float]],
+            exit_index: torch.Tensor, model: EarlyExitModel) -> dict[str, Any]:
+    counts = torch.bincount(exit_index, minlength=model.num_exits + 1).tolist()
+    fractions = [c / n for c in counts]
+    # Cumulative convention: a sample that left at exit k paid the backbone up to k and every branch
+    # up to and including k; one that ran to the end paid the whole backbone and every branch.
+    cost = model.cost
+    mac_ratio = sum(f * c for f, c in zip(fractions, cost.costs())) if cost else None
+    mac_ratio_paper = sum(f * c for f, c in zip(fractions, cost.costs_paper())) if cost else None
+    bb, ee = _side(totals["backbone"], per_batch["backbone"], n), _side(totals["early_exit"], per_batch["early_exit"], n)
+    time_ratio = ee["time_s"] / bb["time_s"]
+    return {
+        "batch_size": bs, "images_per_batch": min(bs, n), "batches": n_batches, "backbone": bb, "early_exit": ee,
+        "time_ratio": time_ratio, "speedup": 1.0 / time_ratio, "mac_ratio": mac_ratio, "mac_ratio_paper": mac_ratio_paper,
+        "mean_macs": None if cost is None or mac_ratio is None else mac_ratio * cost.backbone_macs,
+        "exit_fractions": fractions, "verdict": verdict(bs, time_ratio, mac_ratio),
+    }
+
+
+SPLITS = ("train", "val", "test")
+
+
+def load_images(model: EarlyExitModel, spec: str | None = None, data_dir: str | None = None, split: str = "test",
+                limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """One split, preprocessed for the backbone and stacked in memory so that the timed loops never
+    wait for data; the split is rebuilt from the checkpoint's data record as the sweep does (``spec``
+    None: the recorded data). Returns the images and notes on what was assumed."""
+    from .data import load_splits, make_loader
+    from .sweep_run import DataRequest, resolve_data
+
+    if split not in SPLITS:
+        raise PteenetError(f"unknown split '{split}'", f"known splits: {', '.join(SPLITS)}")
+    cfg, notes = resolve_data(DataRequest(spec, data_dir, limit), model.meta.get("data"))
+    ds = getattr(load_splits(cfg, model.info.preprocess, model.info.num_classes), split)
+    if len(ds) == 0:
+        raise PteenetError(f"the {split} split of {cfg.spec} is empty", "use --split test")
+    return torch.cat([x for x, _ in make_loader(ds, 256, shuffle=False)]), notes

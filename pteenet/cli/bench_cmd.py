@@ -1,0 +1,79 @@
+"""``pteenet bench``: measured speed of the early-exit model against its own backbone, on this machine."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..bench import BenchConfig, bench, load_images
+from ..report import batch_label
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..export import check_thresholds
+from .common import console, emit_json, handle_errors
+
+DEFAULT_LIMIT = 1000  # batch-1 timing of a whole test set would take many minutes; medians need far fewer
+
+
+@handle_errors
+def bench_command(
+    checkpoint: Path = typer.Argument(..., help="a pteenet checkpoint"),
+    data: Optional[str] = typer.Option(None, "--data", help="dataset spec (default: the one the branches were trained on)"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where datasets live"),
+    split: str = typer.Option("test", help="train | val | test"),
+    limit: int = typer.Option(DEFAULT_LIMIT, help="images to measure on (preloaded into memory)"),
+    batch_size: Optional[list[int]] = typer.Option(None, "--batch-size", help="repeat for several (default: 1 and 256)"),
+    threshold: Optional[float] = typer.Option(None, help="global threshold (default: the checkpoint's thresholds)"),
+    policy: Optional[str] = typer.Option(None, help="confidence | max-softmax | entropy (default: the checkpoint's)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's own choice, recorded)"),
+    repeats: int = typer.Option(5, help="timed passes per model; medians are reported"),
+    record: bool = typer.Option(False, "--record", help="store the results in the checkpoint (meta['bench'])"),
+    json_: bool = typer.Option(False, "--json", help="print the results document on stdout"),
+) -> None:
+    """Time the plain backbone against the early-exit model (throughput, latency, exits, MACs)."""
+    if threshold is not None:
+        check_thresholds([threshold])
+    ck = load_checkpoint(checkpoint)
+    model = ck.model
+    with console.status(f"loading up to {limit} {split} images"):
+        images, notes = load_images(model, data, data_dir, split, limit)
+    # The notes are about which images form the calibration split; other splits do not depend on it.
+    for note in notes if split == "val" else []:
+        console.print(f"Note: {note}", style="cyan", soft_wrap=True, markup=False)
+    spec = data or (model.meta.get("data") or {}).get("spec")
+    cfg = BenchConfig(batch_sizes=tuple(batch_size or (1, 256)), threshold=threshold, policy=policy, threads=threads,
+                      repeats=repeats, extra={"data": spec, "split": split})
+    with console.status(f"timing {images.shape[0]} images, {repeats} interleaved repeats per batch size"):
+        doc = bench(model, images, cfg)
+    if record:
+        model.meta["bench"] = doc
+        save_checkpoint(checkpoint, model, ck.state)  # atomic: a reader sees the old file or the new one
+    if json_:
+        emit_json(doc)
+        return
+    print_bench(doc)
+    if record:
+        console.print(f"recorded in {checkpoint} (meta['bench'])")
+
+
+def print_bench(doc: dict) -> None:
+    threads = f"{doc['threads']} thread{'s' if doc['threads'] != 1 else ''}"
+    table = Table(title=f"{doc['images']} images on {doc['device']} ({doc['cpu']}), {threads}, "
+                        f"{doc['policy']} T={','.join(f'{t:g}' for t in doc['thresholds'])}")
+    for col in ("batch", "backbone img/s", "early-exit img/s", "time ratio", "MAC ratio",
+                "backbone p50/p95 ms", "early-exit p50/p95 ms"):
+        table.add_column(col, justify="right")
+    for r in doc["results"]:
+        lat = {k: f"{r[k]['latency_ms']['p50']:.2f} / {r[k]['latency_ms']['p95']:.2f}" for k in ("backbone", "early_exit")}
+        mac = "-" if r["mac_ratio"] is None else f"{r['mac_ratio']:.3f}"
+        table.add_row(batch_label(r), f"{r['backbone']['images_per_s']:.1f}", f"{r['early_exit']['images_per_s']:.1f}",
+                      f"{r['time_ratio']:.3f}", mac, lat["backbone"], lat["early_exit"])
+    console.print(table)
+    fr = doc["exit_fractions"]
+    console.print("exits taken: " + ", ".join(f"{k + 1}: {100 * f:.1f}%" for k, f in enumerate(fr[:-1]))
+                  + f", end: {100 * fr[-1]:.1f}%")
+    for r in doc["results"]:
+        console.print(r["verdict"], style="bold red" if r["time_ratio"] >= 1 else None, markup=False)
+    for w in doc.get("warnings", []):
+        console.print(f"Warning: {w}", style="bold yellow", soft_wrap=True, markup=False)

@@ -1,0 +1,44 @@
+"""``pteenet export``: a deployable output folder with a report, from a checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..export import FORMATS, ExportConfig, export
+from .common import console, emit_json, handle_errors
+
+
+@handle_errors
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="a pteenet checkpoint"),
+    output: Path = typer.Option(..., "-o", "--output", help="output folder (created; must not exist or be empty)"),
+    threshold: Optional[float] = typer.Option(None, help="global threshold in [0, 1]"),
+    budget: Optional[float] = typer.Option(None, help="pick from the stored sweep: most accurate within this mean cost"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="pick from the stored sweep: cheapest within P accuracy points"),
+    policy: Optional[str] = typer.Option(None, help="confidence | max-softmax | entropy"),
+    format_: Optional[list[str]] = typer.Option(None, "--format", help=f"repeat for several: {' | '.join(FORMATS)}"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
+    json_: bool = typer.Option(False, "--json", help="print a summary document on stdout"),
+) -> None:
+    """Export the model (model.safetensors + optional torch.export/ONNX programs) with report.md."""
+    cfg = ExportConfig(output, threshold, budget, max_drop, policy, tuple(format_ or ("safetensors",)), force)
+    with console.status("exporting") as status:
+        doc = export(checkpoint, cfg, progress=lambda msg: status.update(msg))
+    if json_:
+        emit_json(doc)
+        return
+    op = doc["operating_point"]
+    val = op.get("val")
+    table = Table(title=f"exported to {doc['output']}", show_header=False)
+    table.add_column("key")
+    table.add_column("value")
+    table.add_row("operating point", f"{op['policy']} T={', '.join(f'{t:g}' for t in op['thresholds'])} ({op['how']})")
+    if val:
+        acc = "-" if val.get("accuracy") is None else f"{100 * val['accuracy']:.2f}%"
+        table.add_row("val", f"accuracy {acc}, agreement {100 * val['agreement']:.2f}%, mean cost {val['cost']:.3f}")
+    for name, what in doc["files"].items():
+        table.add_row(name, what)
+    console.print(table)

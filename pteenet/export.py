@@ -1,0 +1,330 @@
+"""``pteenet export``: a self-contained output folder for deployment, written all or nothing.
+
+``model.safetensors`` is always written: it is a checkpoint (backbone, branches, metadata) without
+the training state, so ``pteenet.load`` reads it and the threshold stays tunable. Optional formats
+for runtimes without pteenet:
+
+- ``torch-export`` (``model.pt2``) and ``onnx`` (``model.onnx``): the early exit itself, as nested
+  ``torch.cond`` (ONNX ``If``): after each exit, if its score passes, return its logits, else run
+  the rest. Inputs ``x`` [1, C, H, W] and ``thresholds`` [E]; outputs ``logits`` [1, K] and
+  ``exit_index`` [1]. A cond needs one yes/no answer, so these are batch-1 (latency) programs;
+  the policy is built in, the thresholds are an input.
+- ``static-torch-export`` (``model_static.pt2``) and ``static-onnx`` (``model_static.onnx``): no
+  control flow, any batch size: every exit's logits and confidence h plus the final logits; the
+  caller applies the rule (and pays for every exit: these save no compute).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib
+import io
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import policies
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import PteenetError, unknown_name
+from .model import EarlyExitModel
+from .sweep import Point, select
+
+
+@dataclass(frozen=True)
+class Format:
+    file: str
+    extra: str | None  # the optional dependency group (pip install 'pteenet[extra]') it needs
+    modules: tuple[str, ...]  # what that group provides, checked before anything is written
+    what: str
+
+
+FORMATS = {
+    "safetensors": Format("model.safetensors", None, (), "checkpoint: pteenet.load(path); thresholds tunable"),
+    "torch-export": Format("model.pt2", None, (), "torch.export program with real early exit (torch.cond), batch size 1"),
+    "static-torch-export": Format("model_static.pt2", None, (), "torch.export program returning every exit's outputs, any batch size"),
+    "onnx": Format("model.onnx", "onnx", ("onnx", "onnxscript"), "ONNX with real early exit (If), batch size 1"),
+    "static-onnx": Format("model_static.onnx", "onnx", ("onnx", "onnxscript"), "ONNX returning every exit's outputs, any batch size"),
+}
+
+
+@dataclass
+class ExportConfig:
+    output: Path
+    threshold: float | Sequence[float] | None = None  # set directly ...
+    budget: float | None = None  # ... or picked from the stored sweep: best within this mean cost
+    max_drop: float | None = None  # ... or the cheapest within this many accuracy points of the backbone
+    policy: str | None = None
+    formats: Sequence[str] = ("safetensors",)
+    force: bool = False
+
+
+def check_thresholds(values: Sequence[float]) -> None:
+    """Every policy's score (h, max-softmax, normalised entropy) lies in [0, 1]; so do thresholds."""
+    bad = [t for t in values if not (math.isfinite(t) and 0.0 <= t <= 1.0)]
+    if bad:
+        raise PteenetError(f"threshold {bad[0]:g} is outside [0, 1]", "every policy's score lies in [0, 1]")
+
+
+# -- programs --------------------------------------------------------------------------------------
+class CondProgram(nn.Module):
+    """Batch-1 early exit as nested ``torch.cond``: exit k's score decides between returning its
+    logits and running stage k+1 onwards. Non-tensor carried values are constants at batch 1."""
+
+    def __init__(self, model: EarlyExitModel, policy: str) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(model.stages.modules)
+        self.branches = model.branches
+        self.policy = policy
+
+    def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._from(0, thresholds, (x,))
+
+    def _from(self, k: int, thresholds: torch.Tensor, state: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        if k == len(self.branches):
+            logits = self.stages[k](*state)
+            return logits, torch.full((1,), k, dtype=torch.long, device=logits.device)
+        out = self.stages[k](*state)
+        state = tuple(out[:-1])
+        logits, conf = self.branches[k](out[-1])
+        leave = policies.passes(self.policy, policies.score(self.policy, logits, conf), thresholds[k]).reshape(())
+        is_tensor = [isinstance(v, torch.Tensor) for v in state]
+
+        def exit_here(logits: torch.Tensor, thresholds: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # clone: a cond branch may not return one of its inputs as is.
+            return logits.clone(), torch.full((1,), k, dtype=torch.long, device=logits.device)
+
+        def go_on(logits: torch.Tensor, thresholds: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            it = iter(tensors)
+            return self._from(k + 1, thresholds, tuple(next(it) if t else v for v, t in zip(state, is_tensor)))
+
+        operands = (logits, thresholds, *(v for v, t in zip(state, is_tensor) if t))
+        return torch.cond(leave, exit_here, go_on, operands)
+
+
+class StaticProgram(nn.Module):
+    """Every exit's logits and confidence h (sigmoid of the head), then the backbone's logits."""
+
+    def __init__(self, model: EarlyExitModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = self.model.forward_all(x)
+        outs: list[torch.Tensor] = []
+        for logits, conf in zip(a.exit_logits, a.exit_conf):
+            outs += [logits, torch.sigmoid(conf)]
+        return (*outs, a.final_logits)
+
+
+def output_names(model: EarlyExitModel, static: bool) -> list[str]:
+    if not static:
+        return ["logits", "exit_index"]
+    return [f"exit{k}_{w}" for k in range(model.num_exits) for w in ("logits", "confidence")] + ["final_logits"]
+
+
+def exported_program(model: EarlyExitModel, static: bool) -> torch.export.ExportedProgram:
+    c, h, w = model.info.preprocess.input_size
+    device = next(model.parameters()).device
+    try:
+        if static:
+            x = torch.zeros(2, c, h, w, device=device)
+            return torch.export.export(StaticProgram(model).eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        thresholds = torch.tensor(model.thresholds, dtype=torch.float32, device=device)
+        return torch.export.export(CondProgram(model, model.policy).eval(), (torch.zeros(1, c, h, w, device=device), thresholds))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise PteenetError(f"torch.export cannot export this model {'statically' if static else 'with torch.cond'}: "
+                           f"{type(e).__name__}: {first}",
+                           "export --format safetensors (always works) and run it with pteenet.load") from e
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def _write_program(model: EarlyExitModel, fmt: str, path: Path, cache: dict[bool, Any]) -> None:
+    static = fmt.startswith("static")
+    if static not in cache:  # torch-export and onnx of one kind share one (slow) torch.export
+        cache[static] = exported_program(model, static)
+    ep = cache[static]
+    if not fmt.endswith("onnx"):
+        torch.export.save(ep, str(path))
+        return
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        # torch.onnx prints progress on stdout, which belongs to --json, and its optimiser logs
+        # notes about its own initialisers that mean nothing to a user.
+        with contextlib.redirect_stdout(io.StringIO()), _quiet("onnx_ir", "onnxscript"):
+            torch.onnx.export(ep, f=str(path), dynamo=True, verbose=False, external_data=n_bytes > 1_800_000_000,
+                              input_names=["x"] if static else ["x", "thresholds"],
+                              output_names=output_names(model, static))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise PteenetError(f"torch.onnx cannot convert this model ({fmt}): {type(e).__name__}: {first}",
+                           "export --format safetensors or torch-export instead") from e
+
+
+# -- the operating point ---------------------------------------------------------------------------
+def _thresholds(t: Any, n_exits: int) -> list[float] | None:
+    """A sweep document's ``threshold``: one global value, a per-exit list, or None."""
+    return None if t is None else [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * n_exits
+
+
+def _point(d: dict[str, Any], n_exits: int) -> Point:
+    return Point(_thresholds(d.get("threshold"), n_exits), d.get("accuracy"), d["agreement"], d["cost"], d["cost_paper"],
+                 list(d["exit_fractions"]), d.get("policy"), d.get("kind", "global"))
+
+
+def _same(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(abs(x - y) <= 1e-9 for x, y in zip(a, b))
+
+
+def _sweep_numbers(sweep: dict[str, Any], n_exits: int, policy: str, thresholds: list[float]) -> dict[str, Any]:
+    """What the stored sweep measured at exactly this setting: val numbers, and test numbers when the
+    sweep re-evaluated this setting on the test split."""
+    out: dict[str, Any] = {"val": None, "test": None}
+    for d in sweep.get("points") or []:
+        if d.get("policy") == policy and _same(_thresholds(d.get("threshold"), n_exits), thresholds):
+            out["val"] = {k: v for k, v in d.items() if k not in ("threshold", "policy", "kind")}
+            break
+    for cand in (sweep.get("chosen"), sweep.get("test")):  # the test numbers sit in either place
+        test = cand.get("test", cand) if isinstance(cand, dict) else None
+        if isinstance(test, dict) and test.get("policy") == policy and _same(_thresholds(test.get("threshold"), n_exits), thresholds):
+            out["test"] = test
+    return out
+
+
+def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
+    """Set the model's thresholds from ``cfg`` and describe the operating point they make."""
+    sweep = model.meta.get("sweep") if isinstance(model.meta.get("sweep"), dict) else None
+    if cfg.threshold is not None:
+        model.set_thresholds(cfg.threshold, cfg.policy)
+        how = f"threshold set directly ({cfg.threshold})"
+    elif cfg.budget is not None or cfg.max_drop is not None:
+        if not sweep or not sweep.get("points"):
+            raise PteenetError("the checkpoint holds no threshold sweep to pick an operating point from",
+                               "run pteenet sweep-threshold --write first, or give --threshold")
+        points = [_point(d, model.num_exits) for d in sweep["points"]]
+        points = [p for p in points if p.thresholds and (cfg.policy is None or p.policy == cfg.policy)]
+        if not points:
+            raise PteenetError(f"the stored sweep has no points for policy '{cfg.policy}'", "drop --policy or sweep that policy")
+        bb = sweep.get("backbone") or {}
+        backbone = Point(None, bb.get("accuracy"), bb.get("agreement", 1.0), 1.0, 1.0,
+                         [0.0] * model.num_exits + [1.0], None, "backbone")
+        best = select(points, backbone, cfg.budget, cfg.max_drop)
+        if best is None:
+            raise PteenetError(f"no swept operating point is within {cfg.max_drop} points of the backbone",
+                               "allow a larger --max-drop, or use --budget")
+        assert best.thresholds is not None and best.policy is not None
+        model.set_thresholds(best.thresholds, best.policy)
+        how = (f"the most accurate swept point within a mean cost of {cfg.budget}" if cfg.budget is not None else
+               f"the cheapest swept point within {cfg.max_drop} accuracy points of the backbone")
+    else:
+        if cfg.policy is not None and cfg.policy != model.policy:
+            raise PteenetError(f"--policy {cfg.policy} differs from the checkpoint's ({model.policy}) and no threshold is given",
+                               "give --threshold, --budget or --max-drop with it")
+        how = "the checkpoint's own thresholds"
+    point = {"policy": model.policy, "thresholds": list(model.thresholds), "how": how,
+             "criterion": {"threshold": cfg.threshold, "budget": cfg.budget, "max_drop": cfg.max_drop}}
+    if sweep:
+        point.update(_sweep_numbers(sweep, model.num_exits, model.policy, model.thresholds))
+        point["metric"] = sweep.get("metric")
+    return point
+
+
+# -- the whole export ------------------------------------------------------------------------------
+def _check_request(checkpoint: str | Path, cfg: ExportConfig) -> list[str]:
+    formats = list(dict.fromkeys(["safetensors", *cfg.formats]))
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise unknown_name("format", fmt, list(FORMATS))
+        spec = FORMATS[fmt]
+        for mod in spec.modules:
+            try:
+                importlib.import_module(mod)
+            except ImportError:
+                raise PteenetError(f"format {fmt} needs {mod}, which is not installed",
+                                   f"pip install 'pteenet[{spec.extra}]'") from None
+    if sum(v is not None for v in (cfg.threshold, cfg.budget, cfg.max_drop)) > 1:
+        raise PteenetError("give one of --threshold, --budget and --max-drop", "each picks the operating point its own way")
+    if cfg.threshold is not None:
+        check_thresholds([cfg.threshold] if isinstance(cfg.threshold, (int, float)) else list(cfg.threshold))
+    if cfg.policy is not None and cfg.policy not in policies.POLICIES:
+        raise unknown_name("policy", cfg.policy, policies.POLICIES)
+    out = Path(cfg.output).resolve()
+    # --force replaces the folder: never one the user stands in or the checkpoint lives in.
+    if out == Path.cwd() or out in Path.cwd().parents or out in Path(checkpoint).resolve().parents:
+        raise PteenetError(f"refusing to write into {out}: it holds the current folder or the checkpoint",
+                           "export into a new folder, e.g. -o export/")
+    if out.exists() and not out.is_dir():
+        raise PteenetError(f"{out} exists and is not a folder", "choose another -o")
+    if out.is_dir() and any(out.iterdir()) and not cfg.force:
+        raise PteenetError(f"output folder {out} exists and is not empty", "choose another -o, or pass --force to replace it")
+    return formats
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old folder is only deleted once the new one is there."""
+    if out.is_dir() and any(out.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old)  # onto the empty folder mkdtemp made
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)  # also onto an existing empty folder
+
+
+def export(checkpoint: str | Path, cfg: ExportConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write ``cfg.output`` (model.safetensors, report.md/json, curve.png, the asked formats) from a
+    checkpoint. Everything is written into a temp folder beside it and renamed at the end, so a
+    failure leaves no half-written folder. Returns a summary document."""
+    from .report import build_report, write_report
+
+    formats = _check_request(checkpoint, cfg)
+    ck = load_checkpoint(checkpoint)
+    model = ck.model.eval()
+    point = choose_point(model, cfg)
+    data = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}
+    if model.info.class_names is None and data.get("class_names"):
+        model.info.class_names = list(data["class_names"])  # so the exported file names its classes
+    files = {FORMATS[f].file: FORMATS[f].what for f in formats}
+    model.meta["export"] = {"exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                            "source": Path(checkpoint).name, "operating_point": point, "formats": formats}
+    out = Path(cfg.output).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_checkpoint(tmp / "model.safetensors", model)  # no state: training tensors stay behind
+        programs: dict[bool, Any] = {}
+        for fmt in formats[1:]:
+            if progress:
+                progress(f"exporting {fmt}")
+            _write_program(model, fmt, tmp / FORMATS[fmt].file, programs)
+        report = build_report(model, point, files, Path(checkpoint).name)
+        files.update(write_report(tmp, report, model.meta.get("sweep")))
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the folder is meant to be shared
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"output": str(cfg.output), "files": files, "operating_point": point, "formats": formats}

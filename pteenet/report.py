@@ -1,0 +1,245 @@
+"""The export's report: report.json (everything, machine-readable), report.md (the same for a person
+who never saw the command line) and curve.png (the sweep's accuracy/cost curve, when there is one)."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .files import atomic_write_bytes, atomic_write_text
+from .model import EarlyExitModel
+
+RULES = {"confidence": "confidence h > T", "max-softmax": "top softmax probability >= T",
+         "entropy": "normalised softmax entropy <= T"}
+
+
+def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, str], source: str) -> dict[str, Any]:
+    cost = model.cost
+    history = model.meta.get("history") or []
+    sweep = model.meta.get("sweep") or None
+    val = point.get("val")
+    return {
+        "pteenet_version": __version__,
+        "exported_at": model.meta.get("export", {}).get("exported_at"),
+        "source_checkpoint": source,
+        "backbone": {**model.info.to_dict(), "sha256": model.backbone_sha256,
+                     "macs": cost.backbone_macs if cost else None},
+        "branch": model.branch_config.name,
+        "exits": [{"index": k, "name": p.name, "node": p.node, **({} if cost is None else {
+            "prefix_macs": cost.exits[k].prefix_macs, "branch_macs": cost.exits[k].branch_macs,
+            "cost": cost.exits[k].cost, "cost_paper": cost.exits[k].cost_paper})} for k, p in enumerate(model.exit_points)],
+        "final_cost": cost.final_cost if cost else None,
+        "training": {"config": model.meta.get("training"), "epochs": len(history),
+                     "final_epoch": history[-1] if history else None} if model.meta.get("training") or history else None,
+        "data": model.meta.get("data"),
+        "sweep": None if not sweep else {k: sweep.get(k) for k in ("metric", "samples", "backbone", "oracle", "criterion", "points")},
+        "operating_point": {**point, "rule": RULES.get(point["policy"]),
+                            "reduction": None if not val else 1.0 - val["cost"],
+                            "reduction_paper": None if not val else 1.0 - val["cost_paper"]},
+        "bench": model.meta.get("bench"),
+        "files": files,
+    }
+
+
+def write_report(outdir: Path, report: dict[str, Any], sweep: dict[str, Any] | None) -> dict[str, str]:
+    """Write the report files into ``outdir``; returns {file: what it is} for those written."""
+    written = {"report.json": "this report, machine-readable", "report.md": "this report"}
+    if sweep and sweep.get("points") and _write_curve(outdir / "curve.png", sweep, report["operating_point"]):
+        written["curve.png"] = "the sweep's accuracy/cost curve with the chosen point"
+    report = {**report, "files": {**report["files"], **written}}
+    atomic_write_text(outdir / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(outdir / "report.md", markdown(report))
+    return written
+
+
+def _write_curve(path: Path, sweep: dict[str, Any], point: dict[str, Any]) -> bool:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    from .sweep_report import _curve_figure  # the sweep command's own chart, with our point marked
+
+    val = point.get("val")
+    chosen = None if not val else {**val, "policy": point["policy"], "threshold": _t(point["thresholds"])}
+    fig = _curve_figure(Figure(figsize=(7, 4.5)), {**sweep, "chosen": chosen})
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def _t(ts: list[float]) -> float | list[float]:
+    return ts[0] if len(set(ts)) == 1 else ts
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _macs(m: float | None) -> str:
+    return "-" if m is None else f"{m / 1e6:.2f} M" if m < 1e9 else f"{m / 1e9:.2f} G"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def _scalars(d: dict[str, Any] | None, prefix: str = "") -> list[list[Any]]:
+    """Rows of (dotted key, value) for a nested record such as one epoch of the training history."""
+    rows: list[list[Any]] = []
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            rows += _scalars(v, f"{prefix}{k}.")
+        elif v is None or isinstance(v, (int, float, str, bool)) or (
+                isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v)):
+            rows.append([f"{prefix}{k}", _fmt(v)])
+    return rows
+
+
+def markdown(r: dict[str, Any]) -> str:
+    bb, op = r["backbone"], r["operating_point"]
+    n_exits = len(r["exits"])
+    ts = ", ".join(f"{t:g}" for t in op["thresholds"])
+    size = "x".join(map(str, bb["preprocess"]["input_size"]))
+    out = [f"# Early-exit model: {bb['spec']} with {n_exits} exits", "",
+           f"Exported by pteenet {r['pteenet_version']} on {r['exported_at']} from `{r['source_checkpoint']}`.", "",
+           f"A frozen pretrained backbone (`{bb['spec']}`, {bb['num_classes']} classes) with {n_exits} early-exit branches "
+           f"({r['branch']}: 3x3 conv blocks, global pooling, a classifier and a confidence head) attached at the points below. "
+           f"At run time a sample leaves at the first exit where **{op['rule']}** (policy `{op['policy']}`, thresholds {ts}); "
+           "otherwise it runs the whole backbone and gets the backbone's own answer. The backbone's weights are unchanged.", "",
+           "## Files", ""]
+    out += _table(["file", "what"], [[f"`{k}`", v] for k, v in r["files"].items()])
+    out += ["", f"Inputs: float32 images {size}, pixels in [0, 1] then (x - mean) / std with mean {bb['preprocess']['mean']} "
+            f"and std {bb['preprocess']['std']}. Backbone sha256 `{bb['sha256'][:16]}...`"
+            + (f", weights `{bb['weights']}`." if bb.get("weights") else "."), ""]
+    out += _usage_md(r["files"], n_exits)
+    if bb.get("class_names"):
+        names = bb["class_names"]
+        out += ["Classes: " + ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "") + ".", ""]
+    out += ["## Backbone and exits", "",
+            f"The plain backbone costs {_macs(bb['macs'])} MACs per image. Costs are fractions of that: **cumulative** counts "
+            "the backbone up to the exit plus every branch evaluated on the way (what a sample leaving there really paid); "
+            "**paper** counts the backbone up to the exit plus that exit's own branch (the PTEENet paper's convention).", ""]
+    rows = [[k["index"] + 1, f"`{k['name']}`", _macs(k.get("prefix_macs")), _macs(k.get("branch_macs")),
+             f"{k['cost']:.3f}" if "cost" in k else "-", f"{k['cost_paper']:.3f}" if "cost_paper" in k else "-"] for k in r["exits"]]
+    rows.append(["end", "backbone output", _macs(bb["macs"]), "", f"{r['final_cost']:.3f}" if r["final_cost"] else "-", "1.000"])
+    out += _table(["exit", "attached at", "backbone MACs so far", "branch MACs", "cost (cumulative)", "cost (paper)"], rows)
+    out += ["", "## Training", ""]
+    tr = r["training"]
+    if tr:
+        out += [f"The branches were trained for {tr['epochs']} epochs with the backbone frozen."]
+        if r.get("data"):
+            out += ["", "Data:", ""] + _table(["setting", "value"], _scalars(r["data"]))
+        if tr.get("config"):
+            out += ["", "Settings:", ""] + _table(["setting", "value"], _scalars(tr["config"]))
+        if tr.get("final_epoch"):
+            out += ["", "Final epoch:", ""] + _table(["metric", "value"], _scalars(tr["final_epoch"]))
+    else:
+        out += ["No training is recorded in this checkpoint: the branches may be untrained."]
+    out += ["", "## Threshold sweep", ""] + _sweep_md(r["sweep"])
+    out += ["", "## Operating point", ""] + _point_md(op, n_exits)
+    out += ["", "## Measured speed", ""] + _bench_md(r["bench"], op)
+    return "\n".join(out) + "\n"
+
+
+def _usage_md(files: dict[str, str], n_exits: int) -> list[str]:
+    out = ["How to run it:", "", "```python", "import pteenet, torch",
+           "model = pteenet.load('model.safetensors')  # an nn.Module; model(x) exits early per sample",
+           "pred = model.predict(x)  # .logits, .pred, .exit_index; model.set_thresholds(T) retunes it"]
+    if "model.pt2" in files:
+        out += ["ep = torch.export.load('model.pt2')  # batch size 1; the thresholds are an input",
+                "with torch.inference_mode():  # with autograd on, every torch.cond call is re-traced (slow)",
+                f"    logits, exit_index = ep.module()(x1, torch.tensor([T] * {n_exits}))"]
+    if "model_static.pt2" in files:
+        out += ["outs = torch.export.load('model_static.pt2').module()(x)  # every exit's logits and h, then the final logits"]
+    out += ["```", ""]
+    if "model.onnx" in files:
+        out += [f"`model.onnx` (batch size 1): inputs `x` [1, C, H, W] and `thresholds` [{n_exits}] (float32); outputs "
+                "`logits` [1, K] and `exit_index` [1] (int64; "
+                f"{n_exits} means the backbone's end). Only the exits up to the one taken are computed.", ""]
+    if "model_static.onnx" in files:
+        out += ["`model_static.onnx` (any batch size): input `x`; outputs `exitK_logits`, `exitK_confidence` (h) for each "
+                "exit K and `final_logits`. Every exit is computed: apply the rule above to the outputs to get the same "
+                "answers; it saves no compute.", ""]
+    return out
+
+
+def _sweep_md(sw: dict[str, Any] | None) -> list[str]:
+    if not sw:
+        return ["No sweep is recorded: the operating point's accuracy and cost were not measured "
+                "(`pteenet sweep-threshold --write` measures them)."]
+    from .export import _point
+    from .sweep import pareto
+
+    metric = sw.get("metric") or "accuracy"
+    points = [p for p in sw.get("points") or [] if p.get("threshold") is not None]
+    n_exits = len(points[0]["exit_fractions"]) - 1 if points else 0
+    front = pareto([_point(p, n_exits) for p in points])
+    out = [f"Every policy and threshold was evaluated on {sw.get('samples')} held-out calibration (val) images; "
+           f"{metric} is against the {'labels' if metric == 'accuracy' else 'backbone'}. Backbone alone: "
+           f"{metric} {_pct((sw.get('backbone') or {}).get(metric))} at cost 1. Oracle (each image leaves at the first right exit): "
+           f"{_pct((sw.get('oracle') or {}).get(metric))} at cost {(sw.get('oracle') or {}).get('cost', float('nan')):.3f}. "
+           f"{len(points)} points were swept; the best trade-offs (Pareto front) are:", ""]
+    rows = [[p.policy, p.kind, ", ".join(f"{t:g}" for t in sorted(set(p.thresholds or [])))[:40], _pct(p.metric),
+             f"{p.cost:.3f}", f"{p.cost_paper:.3f}"] for p in front]
+    out += _table(["policy", "kind", "threshold", metric, "cost", "cost (paper)"], rows)
+    return out + ["", "The whole curve is in `report.json` (`sweep.points`) and, when plotted, `curve.png`."]
+
+
+def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
+    out = [f"Chosen as {op['how']}: policy `{op['policy']}`, thresholds {', '.join(f'{t:g}' for t in op['thresholds'])}."]
+    val = op.get("val")
+    if not val:
+        why = "The sweep did not evaluate this exact setting" if "val" in op else "No sweep was run"
+        return out + ["", f"{why}, so its accuracy and cost are not known here."]
+    change = 1 - val["cost"]
+    saving = f"{100 * change:.1f}% fewer MACs" if change >= 0 else f"{-100 * change:.1f}% MORE MACs than the backbone"
+    out += ["", f"On the calibration (val) split: accuracy {_pct(val.get('accuracy'))}, agreement with the backbone "
+            f"{_pct(val.get('agreement'))}, mean cost {val['cost']:.3f} of the backbone ({saving}; "
+            f"paper convention {val['cost_paper']:.3f})."]
+    test = op.get("test")
+    if test:
+        tb = test.get("backbone") or {}
+        out += ["", f"On the test split (not used to choose it): accuracy {_pct(test.get('accuracy'))} "
+                f"(backbone {_pct(tb.get('accuracy'))}), agreement {_pct(test.get('agreement'))}, mean cost {test['cost']:.3f}."]
+    labels = [str(k + 1) for k in range(n_exits)] + ["end"]
+    out += ["", "Where the val images left:", ""]
+    out += _table(labels, [[_pct(f) for f in val["exit_fractions"]]])
+    return out
+
+
+def _bench_md(b: dict[str, Any] | None, op: dict[str, Any]) -> list[str]:
+    if not b:
+        return ["Not measured: `pteenet bench CKPT --data SPEC --record` times the early-exit model against the backbone "
+                "and stores the result in the checkpoint for this report."]
+    out = [f"Measured {b.get('measured_at')} on {b.get('device')} ({b.get('cpu')}, torch {b.get('torch')}, "
+           f"{b.get('threads')} thread{'s' if b.get('threads') != 1 else ''}), {b.get('images')} {b.get('split', '')} images of {b.get('data', '?')}, "
+           f"median of {b.get('repeats')} interleaved repeats, policy `{b.get('policy')}` thresholds "
+           f"{', '.join(f'{t:g}' for t in b.get('thresholds') or [])}."]
+    if b.get("policy") != op["policy"] or any(abs(x - y) > 1e-9 for x, y in zip(b.get("thresholds") or [], op["thresholds"])):
+        out += ["", "**Note:** these timings were taken at a different operating point than the one exported."]
+    rows = [[batch_label(x), f"{x['backbone']['images_per_s']:.1f}", f"{x['early_exit']['images_per_s']:.1f}",
+             f"{x['time_ratio']:.3f}", "-" if x.get("mac_ratio") is None else f"{x['mac_ratio']:.3f}",
+             f"{x['backbone']['latency_ms']['p50']:.2f} / {x['backbone']['latency_ms']['p95']:.2f}",
+             f"{x['early_exit']['latency_ms']['p50']:.2f} / {x['early_exit']['latency_ms']['p95']:.2f}"] for x in b["results"]]
+    out += [""] + _table(["batch", "backbone img/s", "early-exit img/s", "time ratio", "MAC ratio",
+                          "backbone ms p50 / p95", "early-exit ms p50 / p95"], rows)
+    return out + [""] + [f"- {x['verdict']}" for x in b["results"]] + [f"- Warning: {w}" for w in b.get("warnings", [])]
+
+
+def batch_label(x: dict[str, Any]) -> str:
+    """The batch size asked for, and the one used when there were fewer images than that."""
+    used = x.get("images_per_batch", x["batch_size"])
+    return str(x["batch_size"]) if used == x["batch_size"] else f"{x['batch_size']} ({used} used)"

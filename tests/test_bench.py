@@ -1,0 +1,89 @@
+"""``pteenet bench``: the results document's shape and its bookkeeping; never its timings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import pteenet
+from pteenet.bench import BenchConfig, bench, verdict
+from pteenet.checkpoint import read_metadata
+from pteenet.cli import app
+from test_runtime import make_images, make_model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "m.safetensors"
+    pteenet.save_checkpoint(path, make_model(seed=3))
+    return path
+
+
+def _check_document(doc: dict, model_exits: int, batch_sizes: list[int]) -> None:
+    assert {"device", "threads", "images", "policy", "thresholds", "exit_fractions", "mean_macs", "mac_ratio",
+            "results", "overhead_eats_savings", "measured_at"} <= set(doc)
+    assert [r["batch_size"] for r in doc["results"]] == batch_sizes
+    for r in doc["results"]:
+        assert {"backbone", "early_exit", "time_ratio", "mac_ratio", "mac_ratio_paper", "verdict"} <= set(r)
+        for side in ("backbone", "early_exit"):
+            assert {"images_per_s", "time_s", "latency_ms"} <= set(r[side])
+            assert set(r[side]["latency_ms"]) == {"p50", "p95"}
+        assert len(r["exit_fractions"]) == model_exits + 1
+        assert sum(r["exit_fractions"]) == pytest.approx(1.0)
+
+
+def test_bench_document() -> None:
+    model = make_model(seed=3)
+    before = torch.get_num_threads()
+    doc = bench(model, make_images(12), BenchConfig(batch_sizes=(1, 5), threshold=0.5, policy="max-softmax",
+                                                    threads=1, repeats=1, warmup=1))
+    _check_document(doc, model.num_exits, [1, 5])
+    assert torch.get_num_threads() == before and doc["threads"] == 1
+    assert doc["results"][1]["batches"] == 3  # 5 + 5 + 2
+    # Mean MACs come from the exits really taken and the cumulative cost table.
+    want = model.predict(make_images(12), 0.5, "max-softmax").exit_index
+    fr = torch.bincount(want, minlength=model.num_exits + 1).double() / 12
+    assert doc["exit_fractions"] == pytest.approx(fr.tolist())
+    assert doc["mac_ratio"] == pytest.approx(float(fr @ torch.tensor(model.cost.costs(), dtype=torch.float64)))
+    assert doc["mean_macs"] == pytest.approx(doc["mac_ratio"] * model.cost.backbone_macs)
+    json.dumps(doc)  # JSON-able as is (it is stored in checkpoints)
+
+
+def test_verdict_is_honest() -> None:
+    assert "NO speed-up" in verdict(1, 1.2, 0.5)
+    assert "overhead eats part" in verdict(256, 0.8, 0.5)
+    assert "follows the MACs" in verdict(1, 0.52, 0.5)
+
+
+def _run(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["bench", *map(str, args)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_cli_json_and_record(ckpt: Path) -> None:
+    common = ["--data", "synthetic", "--limit", 6, "--repeats", 1, "--batch-size", 1, "--batch-size", 4, "--threads", 1]
+    code, stdout, stderr = _run(ckpt, *common, "--json")
+    assert code == 0, stderr
+    _check_document(json.loads(stdout), 3, [1, 4])
+    assert "bench" not in read_metadata(ckpt)
+    code, stdout, stderr = _run(ckpt, *common, "--record")
+    assert code == 0, stderr
+    assert stdout == "" and "exits taken:" in stderr and "recorded in" in stderr
+    recorded = read_metadata(ckpt)["bench"]
+    _check_document(recorded, 3, [1, 4])
+    assert recorded["data"] == "synthetic" and recorded["split"] == "test"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "2"], "outside [0, 1]"),
+    (["--split", "holdout"], "unknown split 'holdout'"),
+    (["--policy", "margin"], "unknown policy 'margin'"),
+])
+def test_cli_bad_input(ckpt: Path, args: list[str], message: str) -> None:
+    code, stdout, stderr = _run(ckpt, "--data", "synthetic", "--limit", 4, "--repeats", 1, *args)
+    lines = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert code == 1 and len(lines) == 1 and message in lines[0], stderr
+    assert stdout == ""
