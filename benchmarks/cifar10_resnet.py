@@ -1,0 +1,237 @@
+"""CIFAR-10 benchmark: PTEENet exits on the fine-tuned CIFAR ResNets vs. the plain smaller ResNets.
+
+Inputs (see ../shared/data/README.md): the unpacked CIFAR-10 JPEG set (``DATA/train``, ``DATA/test``)
+and the folder of fine-tuned backbones (``resnet{20,32,44,56}_cifar10jpeg.safetensors``).
+
+For each configuration of the grid: attach conv2 branches, train them on the backbone's own argmax
+(v2 loss, cached features, no augmentation), build the exit caches of the calibration split (10% of
+train, never trained on) and of the test split, sweep every policy with global and per-exit
+thresholds, pick the operating points on the calibration split, and report them on test:
+- the cheapest point whose calibration accuracy is at most 1 point below the backbone's;
+- the cheapest point whose calibration agreement with the backbone is >= 97.15% (the paper's point).
+Cost is the mean cumulative cost: backbone prefix + every branch a sample passed through, as a share
+of the backbone. The best configuration's operating point is then timed with ``pteenet.bench``.
+
+    python benchmarks/cifar10_resnet.py --data DIR --backbones DIR [--grid quick|full] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
+from pteenet.bench import BenchConfig, bench
+from pteenet.data import DataConfig, load_splits
+from pteenet.exit_cache import ExitCache
+from pteenet.loss import LossConfig
+from pteenet.sweep import Point, backbone_point, evaluate, oracle_point, pareto, search_per_exit, sweep_global
+from pteenet.sweep_run import build_cache
+from pteenet.train import TrainConfig, train_branches
+
+POLICIES = ("confidence", "max-softmax", "entropy")
+PAPER_AGREEMENT = 0.9715
+# name, backbone, exit placement (AttachConfig fields), lambda
+GRIDS: dict[str, list[tuple[str, str, dict[str, Any], float]]] = {
+    "quick": [
+        ("r56-paper-fine4", "resnet56", {"exits": 4, "placement": "fine"}, 0.9),
+        ("r56-l2l3", "resnet56", {"at": ["layer2.0", "layer2.4", "layer2.8", "layer3.2", "layer3.5"]}, 0.9),
+        ("r20-paper-fine4", "resnet20", {"exits": 4, "placement": "fine"}, 0.9),
+    ],
+}
+GRIDS["full"] = GRIDS["quick"] + [
+    ("r56-paper-fine8", "resnet56", {"exits": 8, "placement": "fine"}, 0.9),
+    ("r56-l2l3-lam0.3", "resnet56", {"at": ["layer2.0", "layer2.4", "layer2.8", "layer3.2", "layer3.5"]}, 0.3),
+    ("r56-linear4", "resnet56", {"exits": 4, "placement": "linear"}, 0.9),
+]
+
+
+def eval_data(args: argparse.Namespace) -> DataConfig:
+    """The calibration and test splits, exactly as training held them out (same seed and fraction)."""
+    return DataConfig(f"imagefolder:{args.data}", limit=args.eval_limit, augment=False, val_split=0.1, seed=0)
+
+
+def backbone_file(folder: Path, name: str) -> Path:
+    return folder / f"{name}_cifar10jpeg.safetensors"
+
+
+def curve(cache: ExitCache, grid: Any) -> dict[str, list[dict[str, Any]]]:
+    """Global-threshold Pareto front per policy, plus per-exit thresholds along it."""
+    out = {}
+    for policy in POLICIES:
+        glob = sweep_global(cache, policy, grid)
+        per_exit = search_per_exit(cache, policy, budgets(glob, 8), grid)
+        out[policy] = [p.to_dict() for p in pareto(glob)] + [dict(p.to_dict(), kind="per-exit") for p in per_exit]
+    return out
+
+
+def budgets(points: list[Point], n: int = 12) -> list[float]:
+    """Costs spread along the Pareto front: where the per-exit search looks for better settings."""
+    front = pareto(points)
+    return sorted({p.cost for p in front[:: max(1, len(front) // n)]})
+
+
+def choose(val_points: list[Point], backbone: Point, criterion: str) -> Point | None:
+    """Cheapest calibration point that meets the criterion (1-point accuracy drop, or agreement)."""
+    if criterion == "drop1":
+        ok = [p for p in val_points if p.accuracy is not None and p.accuracy >= backbone.accuracy - 0.01]
+    else:
+        ok = [p for p in val_points if p.agreement >= PAPER_AGREEMENT]
+    return min(ok, key=lambda p: p.cost) if ok else None
+
+
+def run_config(name: str, bb: str, exits: dict[str, Any], lam: float, args: argparse.Namespace, work: Path,
+               grid: Any) -> dict[str, Any]:
+    t0 = time.time()
+    attached, trained = work / f"{name}-attached.safetensors", work / f"{name}.safetensors"
+    model = attach(AttachConfig(f"cifar-{bb}", weights=str(backbone_file(args.backbones, bb)), branch="conv2", **exits))
+    save_checkpoint(attached, model)
+    data_cfg = DataConfig(f"imagefolder:{args.data}", limit=args.train_limit, augment=False, val_split=0.1, seed=0)
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, cache_features=True,
+                       loss=LossConfig(version="v2", lam=lam, targets="pseudo"))
+    history = train_branches(attached, trained, data_cfg, tcfg)
+    model = load_checkpoint(trained).model
+    splits = load_splits(eval_data(args),
+                         model.info.preprocess, model.info.num_classes)
+    val = build_cache(model, splits.val, batch_size=256)
+    test = build_cache(model, splits.test, batch_size=256)
+    val.save(work / f"{name}-val.npz")
+    test.save(work / f"{name}-test.npz")
+    bb_val, bb_test = backbone_point(val), backbone_point(test)
+    val_points = [p for pol in POLICIES for p in sweep_global(val, pol, grid)]
+    val_points += [p for pol in POLICIES for p in search_per_exit(val, pol, budgets(val_points), grid)]
+    chosen = {}
+    for criterion in ("drop1", "agreement9715"):
+        p = choose(val_points, bb_val, criterion)
+        if p is None:
+            chosen[criterion] = None
+            continue
+        on_test = evaluate(test, p.policy, p.thresholds)
+        chosen[criterion] = {"val": p.to_dict(), "test": on_test.to_dict(),
+                             "test_drop_points": 100 * (bb_test.accuracy - on_test.accuracy),
+                             "test_cost_reduction": 1 - on_test.cost}
+    return {
+        "name": name, "backbone": bb, "exits": [e.name for e in model.exit_points], "lambda": lam,
+        "cost_table": model.cost.to_dict(), "train_final": history.get("final"),
+        "backbone_test": bb_test.to_dict(), "oracle_test": oracle_point(test).to_dict(),
+        "oracle_val": oracle_point(val).to_dict(), "test_curves": curve(test, grid), "chosen": chosen,
+        "seconds": time.time() - t0,
+    }
+
+
+def plain_points(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Accuracy and MACs of the plain fine-tuned ResNets on the same test images."""
+    from pteenet.backbones import load_backbone
+    from pteenet.cost import cumulative_macs, node_macs
+    from pteenet.graph import trace
+
+    out = []
+    for bb in ("resnet20", "resnet32", "resnet44", "resnet56"):
+        module, info = load_backbone(f"cifar-{bb}", str(backbone_file(args.backbones, bb)))
+        splits = load_splits(eval_data(args),
+                             info.preprocess, info.num_classes)
+        tb = trace(module, info.preprocess.input_size)
+        macs = cumulative_macs(tb, node_macs(tb, info.preprocess.input_size))[-1]
+        loader = torch.utils.data.DataLoader(splits.test, batch_size=500)
+        correct = 0
+        with torch.no_grad():
+            for x, y in loader:
+                correct += int((module(x).argmax(1) == y).sum())
+        out.append({"model": bb, "macs": macs, "accuracy": correct / len(splits.test)})
+    base = out[-1]["macs"]
+    for r in out:
+        r["cost"] = r["macs"] / base
+    return out
+
+
+def timing(result: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Wall clock of the chosen operating points: throughput at batch 256, p50 latency at batch 1."""
+    model = load_checkpoint(work / f"{result['name']}.safetensors").model
+    splits = load_splits(eval_data(args),
+                         model.info.preprocess, model.info.num_classes)
+    images = torch.stack([splits.test[i][0] for i in range(args.bench_images)])
+    out = {}
+    for criterion, c in result["chosen"].items():
+        if c is None:
+            continue
+        cfg = BenchConfig(batch_sizes=(1, 256), threshold=c["val"]["threshold"], policy=c["val"]["policy"],
+                          threads=args.threads, repeats=args.repeats)
+        out[criterion] = bench(model, images, cfg)
+    return out
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in doc["configs"]:
+        pts = sorted(r["test_curves"]["max-softmax"] + r["test_curves"]["confidence"], key=lambda p: p["cost"])
+        front = [p for p in pareto_dicts(pts)]
+        ax.plot([p["cost"] for p in front], [100 * p["accuracy"] for p in front], "-", label=f"{r['name']} (best policy front)")
+        ax.plot([r["oracle_test"]["cost"]], [100 * r["oracle_test"]["accuracy"]], "*", ms=10, label=f"{r['name']} oracle")
+    ax.plot([p["cost"] for p in doc["plain"]], [100 * p["accuracy"] for p in doc["plain"]], "ks--", label="plain ResNet-20/32/44/56")
+    ax.set_xlabel("mean cumulative cost (share of ResNet-56 MACs, branches included)")
+    ax.set_ylabel("top-1 accuracy on CIFAR-10 JPEG test (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def pareto_dicts(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    best, out = -1.0, []
+    for p in sorted(points, key=lambda p: (p["cost"], -p["accuracy"])):
+        if p["accuracy"] > best:
+            out.append(p)
+            best = p["accuracy"]
+    return out
+
+
+def main() -> None:
+    import numpy as np
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help="unpacked cifar10-jpeg-q75 folder (train/, test/)")
+    ap.add_argument("--backbones", type=Path, required=True, help="folder with resnet*_cifar10jpeg.safetensors")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="quick")
+    ap.add_argument("--only", nargs="*", help="run only these configuration names")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--train-limit", type=int, default=20000, help="training images for the branches (of 45,000)")
+    ap.add_argument("--eval-limit", type=int, default=None, help="cap on calibration/test images (smoke runs only)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bench-images", type=int, default=2048)
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache/pteenet/bench-cifar10")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    grid = np.round(np.linspace(0, 1, 201), 4)
+    configs = [c for c in GRIDS[args.grid] if not args.only or c[0] in args.only]
+    doc: dict[str, Any] = {"setup": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
+                           "plain": plain_points(args), "configs": []}
+    for name, bb, exits, lam in configs:
+        doc["configs"].append(run_config(name, bb, exits, lam, args, args.work, grid))
+        (args.out / "cifar10_resnet.json").write_text(json.dumps(doc, indent=1))
+    r56 = [r for r in doc["configs"] if r["backbone"] == "resnet56" and r["chosen"].get("drop1")]
+    if r56:
+        best = max(r56, key=lambda r: r["chosen"]["drop1"]["test_cost_reduction"])
+        doc["best_resnet56"] = {"name": best["name"], "timing": timing(best, args, args.work)}
+    (args.out / "cifar10_resnet.json").write_text(json.dumps(doc, indent=1))
+    plot(doc, args.out / "cifar10_resnet.png")
+    print(json.dumps({r["name"]: {k: (v and {"test_cost_reduction": v["test_cost_reduction"],
+                                              "test_drop_points": v["test_drop_points"]}) for k, v in r["chosen"].items()}
+                      for r in doc["configs"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Which torchvision classification models attach, split into stages and reproduce their logits.
+
+For every name in ``torchvision.models.list_models(module=torchvision.models)``, random weights,
+batch 3: attach 2 exits by cost (``linear``), run the staged model with no exit taken and compare its
+logits with the backbone's (allclose, atol 1e-5 relative to the logits' scale), then force every
+sample out at the first exit and check the batch-shrinking path runs. Small inputs (64x64) first;
+models that need more (fixed-size transformers, Inception) are retried at 224x224.
+
+    python benchmarks/torchvision_coverage.py [--out benchmarks/results] [--only resnet18 vit_b_16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.models as tvm
+
+from pteenet import AttachConfig, PteenetError, attach
+from pteenet.policies import never_exit_threshold
+
+
+def check(name: str, size: int) -> dict[str, Any]:
+    t0 = time.time()
+    model = attach(AttachConfig(f"torchvision:{name}", input_size=(3, size, size), exits=2, placement="linear"))
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        ref = model.backbone(x)
+        model.set_thresholds(never_exit_threshold("confidence"), "confidence")
+        staged = model.predict(x).logits
+        diff = float((staged - ref).abs().max())
+        scale = float(ref.abs().max()) or 1.0
+        model.set_thresholds(0.0, "max-softmax")
+        first = model.predict(x)
+    return {
+        "model": name, "input": size, "ok": diff <= 1e-5 * max(1.0, scale), "max_abs_diff": diff,
+        "exits": [p.name for p in model.exit_points], "shrinkable": model.stages.shrinkable,
+        "all_left_at_exit0": bool((first.exit_index == 0).all()), "seconds": round(time.time() - t0, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--only", nargs="*")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.only or tvm.list_models(module=tvm):
+        row: dict[str, Any] = {"model": name, "ok": False}
+        for size in (64, 224):
+            try:
+                row = check(name, size)
+                break
+            except PteenetError as e:
+                row = {"model": name, "ok": False, "input": size, "error": str(e)[:300]}
+            except Exception as e:  # noqa: BLE001 - we are surveying failures
+                row = {"model": name, "ok": False, "input": size, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"torch": torch.__version__, "torchvision": tvm.__name__ and __import__("torchvision").__version__,
+           "models": rows, "ok": sum(r["ok"] for r in rows), "total": len(rows)}
+    (args.out / "torchvision_coverage.json").write_text(json.dumps(doc, indent=1))
+    print(f"{doc['ok']}/{doc['total']} models attach and reproduce their logits")
+
+
+if __name__ == "__main__":
+    main()

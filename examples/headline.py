@@ -1,0 +1,32 @@
+"""Print the demo's headline from the sweep document: the chosen point on test vs the backbone."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--seconds", type=int, default=None)
+    args = ap.parse_args()
+    doc = json.loads((args.out / "sweep.json").read_text())
+    chosen = doc["chosen"]
+    test = chosen.get("test") or chosen
+    bb = test.get("backbone") or doc["backbone"]
+    pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
+    print("pteenet demo: Fashion-MNIST, cifar-resnet20 backbone, 4 conv2 exits")
+    print(f"  backbone      accuracy {pct(bb['accuracy'])}  cost 1.000")
+    print(f"  early exit    accuracy {pct(test['accuracy'])}  agreement {pct(test['agreement'])}  "
+          f"mean cost {test['cost']:.3f} ({pct(1 - test['cost'])} fewer MACs)  [test split; "
+          f"{chosen['policy']} threshold chosen on the calibration split]")
+    print(f"  report        {args.out / 'export' / 'report.md'}")
+    print(f"  plots         {args.out / 'sweep' / 'curve.png'}, {args.out / 'sweep' / 'exits.png'}")
+    print(f"  model         {args.out / 'export' / 'model.safetensors'}  (pteenet.load(path))")
+    if args.seconds is not None:
+        print(f"  took {args.seconds} s")
+
+
+if __name__ == "__main__":
+    main()
