@@ -35,18 +35,22 @@ from pteenet.train import TrainConfig, train_branches
 
 POLICIES = ("confidence", "max-softmax", "entropy")
 PAPER_AGREEMENT = 0.9715
-# name, backbone, exit placement (AttachConfig fields), lambda
-GRIDS: dict[str, list[tuple[str, str, dict[str, Any], float]]] = {
+L2L3 = {"at": ["layer2.0", "layer2.4", "layer2.8", "layer3.2", "layer3.5"]}  # the README floor's second set
+MIXED = {"at": ["layer1.6", "layer2.1", "layer2.5", "layer3.0", "layer3.4"]}
+# name, backbone, exit placement (AttachConfig fields), lambda, exit_ce (0 = the paper's loss exactly)
+GRIDS: dict[str, list[tuple[str, str, dict[str, Any], float, float]]] = {
     "quick": [
-        ("r56-paper-fine4", "resnet56", {"exits": 4, "placement": "fine"}, 0.9),
-        ("r56-l2l3", "resnet56", {"at": ["layer2.0", "layer2.4", "layer2.8", "layer3.2", "layer3.5"]}, 0.9),
-        ("r20-paper-fine4", "resnet20", {"exits": 4, "placement": "fine"}, 0.9),
+        ("r56-paper-fine4", "resnet56", {"exits": 4, "placement": "fine"}, 0.9, 0.0),
+        ("r56-fine4-ce", "resnet56", {"exits": 4, "placement": "fine"}, 0.9, 1.0),
+        ("r56-l2l3-ce", "resnet56", L2L3, 0.9, 1.0),
+        ("r56-mixed-ce", "resnet56", MIXED, 0.9, 1.0),
+        ("r20-fine4-ce", "resnet20", {"exits": 4, "placement": "fine"}, 0.9, 1.0),
     ],
 }
 GRIDS["full"] = GRIDS["quick"] + [
-    ("r56-paper-fine8", "resnet56", {"exits": 8, "placement": "fine"}, 0.9),
-    ("r56-l2l3-lam0.3", "resnet56", {"at": ["layer2.0", "layer2.4", "layer2.8", "layer3.2", "layer3.5"]}, 0.3),
-    ("r56-linear4", "resnet56", {"exits": 4, "placement": "linear"}, 0.9),
+    ("r56-paper-fine8", "resnet56", {"exits": 8, "placement": "fine"}, 0.9, 0.0),
+    ("r56-l2l3-lam0.3", "resnet56", L2L3, 0.3, 1.0),
+    ("r56-linear4-ce", "resnet56", {"exits": 4, "placement": "linear"}, 0.9, 1.0),
 ]
 
 
@@ -84,23 +88,25 @@ def choose(val_points: list[Point], backbone: Point, criterion: str) -> Point | 
     return min(ok, key=lambda p: p.cost) if ok else None
 
 
-def run_config(name: str, bb: str, exits: dict[str, Any], lam: float, args: argparse.Namespace, work: Path,
-               grid: Any) -> dict[str, Any]:
+def run_config(name: str, bb: str, exits: dict[str, Any], lam: float, exit_ce: float, args: argparse.Namespace,
+               work: Path, grid: Any) -> dict[str, Any]:
     t0 = time.time()
     attached, trained = work / f"{name}-attached.safetensors", work / f"{name}.safetensors"
-    model = attach(AttachConfig(f"cifar-{bb}", weights=str(backbone_file(args.backbones, bb)), branch="conv2", **exits))
-    save_checkpoint(attached, model)
-    data_cfg = DataConfig(f"imagefolder:{args.data}", limit=args.train_limit, augment=False, val_split=0.1, seed=0)
-    tcfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, cache_features=True,
-                       loss=LossConfig(version="v2", lam=lam, targets="pseudo"))
-    history = train_branches(attached, trained, data_cfg, tcfg)
+    val_npz, test_npz = work / f"{name}-val.npz", work / f"{name}-test.npz"
+    if not (args.reuse and trained.exists() and val_npz.exists() and test_npz.exists()):
+        model = attach(AttachConfig(f"cifar-{bb}", weights=str(backbone_file(args.backbones, bb)), branch="conv2", **exits))
+        save_checkpoint(attached, model)
+        data_cfg = DataConfig(f"imagefolder:{args.data}", limit=args.train_limit, augment=False, val_split=0.1, seed=0)
+        tcfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, cache_features=True,
+                           loss=LossConfig(version="v2", lam=lam, targets="pseudo", exit_ce=exit_ce))
+        trained.unlink(missing_ok=True)
+        train_branches(attached, trained, data_cfg, tcfg)
+        model = load_checkpoint(trained).model
+        splits = load_splits(eval_data(args), model.info.preprocess, model.info.num_classes)
+        build_cache(model, splits.val, batch_size=256).save(val_npz)
+        build_cache(model, splits.test, batch_size=256).save(test_npz)
     model = load_checkpoint(trained).model
-    splits = load_splits(eval_data(args),
-                         model.info.preprocess, model.info.num_classes)
-    val = build_cache(model, splits.val, batch_size=256)
-    test = build_cache(model, splits.test, batch_size=256)
-    val.save(work / f"{name}-val.npz")
-    test.save(work / f"{name}-test.npz")
+    val, test = ExitCache.load(val_npz), ExitCache.load(test_npz)
     bb_val, bb_test = backbone_point(val), backbone_point(test)
     val_points = [p for pol in POLICIES for p in sweep_global(val, pol, grid)]
     val_points += [p for pol in POLICIES for p in search_per_exit(val, pol, budgets(val_points), grid)]
@@ -115,8 +121,8 @@ def run_config(name: str, bb: str, exits: dict[str, Any], lam: float, args: argp
                              "test_drop_points": 100 * (bb_test.accuracy - on_test.accuracy),
                              "test_cost_reduction": 1 - on_test.cost}
     return {
-        "name": name, "backbone": bb, "exits": [e.name for e in model.exit_points], "lambda": lam,
-        "cost_table": model.cost.to_dict(), "train_final": history.get("final"),
+        "name": name, "backbone": bb, "exits": [e.name for e in model.exit_points], "lambda": lam, "exit_ce": exit_ce,
+        "cost_table": model.cost.to_dict(), "train_last_epoch": (model.meta.get("history") or [None])[-1],
         "backbone_test": bb_test.to_dict(), "oracle_test": oracle_point(test).to_dict(),
         "oracle_val": oracle_point(val).to_dict(), "test_curves": curve(test, grid), "chosen": chosen,
         "seconds": time.time() - t0,
@@ -206,6 +212,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--train-limit", type=int, default=20000, help="training images for the branches (of 45,000)")
     ap.add_argument("--eval-limit", type=int, default=None, help="cap on calibration/test images (smoke runs only)")
+    ap.add_argument("--reuse", action="store_true", help="reuse trained checkpoints and caches found in --work")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bench-images", type=int, default=2048)
@@ -219,8 +226,8 @@ def main() -> None:
     configs = [c for c in GRIDS[args.grid] if not args.only or c[0] in args.only]
     doc: dict[str, Any] = {"setup": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
                            "plain": plain_points(args), "configs": []}
-    for name, bb, exits, lam in configs:
-        doc["configs"].append(run_config(name, bb, exits, lam, args, args.work, grid))
+    for name, bb, exits, lam, exit_ce in configs:
+        doc["configs"].append(run_config(name, bb, exits, lam, exit_ce, args, args.work, grid))
         (args.out / "cifar10_resnet.json").write_text(json.dumps(doc, indent=1))
     r56 = [r for r in doc["configs"] if r["backbone"] == "resnet56" and r["chosen"].get("drop1")]
     if r56:

@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${PTEENET_DEMO_OUT:-runs/demo}
 EPOCHS=${PTEENET_DEMO_EPOCHS:-4}
+LIMIT=${PTEENET_DEMO_LIMIT:-20000}
 mkdir -p "$OUT"
 
 # Fashion-MNIST: Debian's package where apt is available (works offline), else torchvision downloads it.
@@ -23,7 +24,7 @@ pteenet attach cifar-resnet20 --weights examples/assets/fashion_resnet20.safeten
 # Branches learn from the backbone's own argmax; features are cached once (no augmentation), and
 # 20,000 of the 54,000 training images keep the demo within minutes on 2 CPU cores.
 pteenet train-branches "$OUT/attached.safetensors" -o "$OUT/trained.safetensors" --data fashion-mnist \
-  --no-augment --cache-features --limit 20000 --epochs "$EPOCHS" --lr 2e-3 --json > "$OUT/train.json"
+  --no-augment --cache-features --limit "$LIMIT" --epochs "$EPOCHS" --lr 2e-3 --json > "$OUT/train.json"
 # Thresholds are chosen on the held-out calibration split (at most 1 point below the backbone)
 # and the chosen setting is re-measured on the test split.
 pteenet sweep-threshold "$OUT/trained.safetensors" -o "$OUT/sweep" --per-exit --max-drop 1.0 \

@@ -32,6 +32,11 @@ class LossConfig:
     version: str = "v2"  # v1 | v2
     lam: float = 0.9  # lambda, the paper's CIFAR-10 setting
     targets: str = "pseudo"  # pseudo | soft | labels
+    # Weight of a direct cross-entropy term on every branch's own softmax, added to v1/v2. 0 is the
+    # paper's loss exactly. The paper's terms reach branch i's classifier only through h_i, and when
+    # the cost term drives h_i towards 0 the classifiers starve (measured on CIFAR-10 ResNet-56 with
+    # lambda 0.9: layer-1 exits agreed with the backbone on 24% of images; see the README).
+    exit_ce: float = 1.0
     temperature: float = 1.0  # softens the backbone's distribution for soft targets
 
     def validate(self) -> None:
@@ -43,6 +48,9 @@ class LossConfig:
             raise PteenetError(f"lambda must be a finite number >= 0, got {self.lam}", "e.g. --lambda 0.9")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise PteenetError(f"temperature must be a finite number > 0, got {self.temperature}", "e.g. 1.0")
+        if not (math.isfinite(self.exit_ce) and self.exit_ce >= 0):
+            raise PteenetError(f"exit-ce weight must be a finite number >= 0, got {self.exit_ce}",
+                               "0 gives the paper's loss, 1 the default")
 
 
 @dataclass
@@ -123,6 +131,7 @@ def early_exit_loss(
     nlls: list[torch.Tensor] = []
     costs_mean: list[torch.Tensor] = []
     per_exit: list[float] = []
+    own_nlls: list[torch.Tensor] = []
     for i in reversed(range(e)):
         z = exit_logits[i].to(dtype)
         conf = exit_conf[i].to(dtype).reshape(-1)
@@ -136,8 +145,9 @@ def early_exit_loss(
         cost = h * float(costs[i]) + torch.sigmoid(-conf) * cost
         nlls.append(_nll(log_y, targets))
         costs_mean.append(cost.mean())
-        with torch.no_grad():
-            per_exit.append(float(_nll(own, targets)))
+        own_nll = _nll(own, targets)
+        own_nlls.append(own_nll)
+        per_exit.append(float(own_nll.detach()))
     per_exit.reverse()  # built backwards; report in backbone order
 
     # nlls[-1] / costs_mean[-1] belong to exit 0 (the loop ran backwards).
@@ -147,4 +157,6 @@ def early_exit_loss(
     else:
         nll = torch.stack(nlls).mean()
         loss = nll + cfg.lam * torch.stack(costs_mean).mean()
+    if cfg.exit_ce:
+        loss = loss + cfg.exit_ce * torch.stack(own_nlls).mean()
     return LossOutput(loss=loss, nll=float(nll.detach()), cost=float(costs_mean[-1].detach()), per_exit_nll=per_exit)

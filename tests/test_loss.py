@@ -54,7 +54,7 @@ def _one_hot(idx: list[int], k: int = 3) -> list[list[float]]:
 def test_matches_hand_computation(version: str, b: int, e: int, targets: str) -> None:
     zs, confs, final, costs = _batch(b, e, seed=b * 10 + e)
     labels = torch.tensor([(j + 1) % 3 for j in range(b)])
-    cfg = LossConfig(version=version, lam=0.7, targets=targets, temperature=2.0)
+    cfg = LossConfig(version=version, lam=0.7, targets=targets, temperature=2.0, exit_ce=0.0)
     out = early_exit_loss(zs, confs, final, costs, cfg, labels=labels)
     fl = final.tolist()
     rows = {
@@ -121,17 +121,17 @@ def test_half_precision_inputs_are_finite() -> None:
 def test_lambda_zero_removes_cost_term() -> None:
     zs, confs, final, costs = _batch(3, 2)
     for version in ("v1", "v2"):
-        out = early_exit_loss(zs, confs, final, costs, LossConfig(version=version, lam=0.0))
+        out = early_exit_loss(zs, confs, final, costs, LossConfig(version=version, lam=0.0, exit_ce=0.0))
         assert out.loss.item() == pytest.approx(out.nll, rel=1e-12)
         assert out.cost > 0
-    v1 = early_exit_loss(zs, confs, final, costs, LossConfig(version="v1", lam=0.5))
+    v1 = early_exit_loss(zs, confs, final, costs, LossConfig(version="v1", lam=0.5, exit_ce=0.0))
     assert v1.loss.item() == pytest.approx(v1.nll + 0.5 * v1.cost, rel=1e-12)
 
 
 def test_limits_of_the_confidence_heads() -> None:
     zs, _, final, costs = _batch(3, 3)
     lam = 0.9
-    cfg = LossConfig(version="v1", lam=lam, targets="labels")
+    cfg = LossConfig(version="v1", lam=lam, targets="labels", exit_ce=0.0)
     labels = torch.tensor([0, 1, 2])
 
     def nll(logits: torch.Tensor) -> float:
@@ -171,3 +171,22 @@ def test_invalid_inputs_raise(kwargs: dict, match: str) -> None:
     with pytest.raises(PteenetError) as err:
         early_exit_loss(**args)
     assert re.search(match, str(err.value))  # str() carries the hint, where valid names are listed
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_exit_ce_adds_the_mean_per_exit_cross_entropy(version: str) -> None:
+    torch.manual_seed(3)
+    zs = [torch.randn(4, 3) for _ in range(2)]
+    confs = [torch.randn(4) for _ in range(2)]
+    final = torch.randn(4, 3)
+    costs = [0.3, 0.6, 1.2]
+    paper = early_exit_loss(zs, confs, final, costs, LossConfig(version=version, exit_ce=0.0))
+    both = early_exit_loss(zs, confs, final, costs, LossConfig(version=version, exit_ce=0.5))
+    targets = final.argmax(1)
+    ce = sum(float(torch.nn.functional.cross_entropy(z, targets)) for z in zs) / 2
+    assert float(both.loss) == pytest.approx(float(paper.loss) + 0.5 * ce, rel=1e-6)
+    # the classifiers get a gradient even when every confidence head says "never exit"
+    z = torch.randn(4, 3, requires_grad=True)
+    out = early_exit_loss([z], [torch.full((4,), -30.0)], final, [0.3, 1.2], LossConfig(version=version))
+    out.loss.backward()
+    assert z.grad is not None and float(z.grad.abs().sum()) > 1e-3

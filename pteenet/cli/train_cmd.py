@@ -99,6 +99,7 @@ def train_command(
     temperature: float = typer.Option(1.0, "--temperature", help="softens the backbone's distribution for soft targets"),
     loss: str = typer.Option("v2", "--loss", help="v2 (every exit) | v1 (first exit's mixture only)"),
     lam: float = typer.Option(0.9, "--lambda", help="weight of the cost term"),
+    exit_ce: float = typer.Option(LossConfig.exit_ce, "--exit-ce", help="weight of a direct per-exit cross-entropy term (0: the paper's loss exactly)"),
     epochs: int = typer.Option(20, "--epochs"),
     batch_size: int = typer.Option(128, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate, cosine-annealed to 0 over all steps"),
@@ -114,7 +115,7 @@ def train_command(
     """Train the exit branches (only them) on the frozen backbone, saving OUTPUT after every epoch."""
     data_cfg = DataConfig(data, data_dir, limit, augment=not no_augment, val_split=val_split, seed=seed)
     cfg = TrainConfig(epochs, batch_size, lr, weight_decay, seed, device, workers, amp, resume, cache_features,
-                      LossConfig(loss, lam, targets, temperature))
+                      LossConfig(loss, lam, targets, temperature, exit_ce))
     try:
         with RichReporter(console) as reporter:
             doc = train_branches(checkpoint, output, data_cfg, cfg, reporter)
