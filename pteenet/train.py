@@ -15,22 +15,20 @@ other mode, then costs one pass instead of one per epoch.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from . import sweep
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from .data import DataConfig, load_splits, make_loader
+from .batches import Autocast, FeatureCache, ImageSource, Reporter, build_feature_cache
+from .data import DataConfig, load_splits
 from .devices import DEVICES, resolve_device
 from .errors import PteenetError
 from .loss import LossConfig, early_exit_loss
@@ -77,126 +75,9 @@ class Interrupted(PteenetError):
     """Ctrl-C: the output holds the last complete epoch (or nothing new)."""
 
 
-class Reporter:
-    """Where training reports progress. This one reports nothing; the CLI's draws Rich bars."""
-
-    def begin(self, epochs: int, done: int) -> None:
-        """The epoch loop starts, ``done`` of ``epochs`` epochs already behind it (on resume)."""
-
-    def task(self, description: str, total: int) -> None:
-        """A new phase of ``total`` batches (caching features, an epoch, evaluating)."""
-
-    def advance(self, stats: dict[str, Any] | None = None) -> None:
-        """One batch of the current phase done; ``stats`` are running training figures."""
-
-    def epoch_end(self, record: dict[str, Any], epochs: int) -> None:
-        """An epoch's history record, after its checkpoint was written."""
-
-    def warn(self, message: str) -> None:
-        """Something the user should know that does not stop training."""
-
-
 def cosine_lr(base: float, step: int, total: int) -> float:
     """The learning rate of update ``step`` (0-based) out of ``total``: base -> 0 along half a cosine."""
     return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
-
-
-# -- batch sources: images through the backbone, or the cached taps --------------------------------
-def _drop_last(n: int, batch_size: int, shuffle: bool) -> bool:
-    # In training, a last batch of a few samples would give the branches' BatchNorm noisy statistics.
-    return shuffle and n > batch_size
-
-
-def _num_batches(n: int, batch_size: int, shuffle: bool) -> int:
-    return n // batch_size if _drop_last(n, batch_size, shuffle) else -(-n // batch_size)
-
-
-class ImageSource:
-    """Batches of images; every batch runs the backbone (on the augmented input, if any)."""
-
-    def __init__(self, ds: Dataset, batch_size: int, workers: int, seed: int, shuffle: bool) -> None:
-        self.ds, self.batch_size, self.workers, self.seed, self.shuffle = ds, batch_size, workers, seed, shuffle
-        self.size = len(ds)  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return _num_batches(self.size, self.batch_size, self.shuffle)
-
-    def batches(self, model: EarlyExitModel, device: torch.device, order: torch.Generator,
-                autocast: Autocast) -> Iterator[tuple[AllExits, torch.Tensor]]:
-        # A fresh loader per epoch whose generator continues ``order``: the shuffle and the worker
-        # seeds then depend on nothing but the saved generator state, so resume is exact.
-        loader = make_loader(self.ds, self.batch_size, self.shuffle, self.workers, self.seed,
-                             _drop_last(self.size, self.batch_size, self.shuffle))
-        loader.generator.set_state(order.get_state())
-        for x, y in loader:
-            with autocast():
-                out = model.forward_all(x.to(device, non_blocking=True))
-            yield out, y
-        order.set_state(loader.generator.get_state())
-
-
-@dataclass
-class FeatureCache:
-    """One backbone pass over a split: exit taps (float16 halves the memory), logits, labels, on the CPU."""
-
-    taps: list[torch.Tensor]  # E x [N, ...] float16
-    final: torch.Tensor  # [N, K] float32
-    labels: torch.Tensor  # [N] int64
-    batch_size: int
-    shuffle: bool
-
-    def __len__(self) -> int:
-        return _num_batches(len(self.labels), self.batch_size, self.shuffle)
-
-    def batches(self, model: EarlyExitModel, device: torch.device, order: torch.Generator,
-                autocast: Autocast) -> Iterator[tuple[AllExits, torch.Tensor]]:
-        n = len(self.labels)
-        idx = torch.randperm(n, generator=order) if self.shuffle else torch.arange(n)
-        for i in range(len(self)):
-            rows = idx[i * self.batch_size:(i + 1) * self.batch_size]
-            taps = [t.index_select(0, rows).to(device, non_blocking=True).float() for t in self.taps]
-            with autocast():
-                out = model.branch_outputs(taps, self.final.index_select(0, rows).to(device))
-            yield out, self.labels[rows]
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def build_feature_cache(model: EarlyExitModel, ds: Dataset, cfg: TrainConfig, device: torch.device,
-                        autocast: Autocast, reporter: Reporter, shuffle: bool, name: str) -> FeatureCache:
-    n = len(ds)  # type: ignore[arg-type]
-    shapes = model.tap_shapes
-    need = n * sum(2 * math.prod(s) for s in shapes)
-    free = _available_memory()
-    if free is not None and need > 0.8 * free:
-        raise PteenetError(f"the {name} feature cache needs {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free",
-                           "use fewer or later exits, --limit, or train without --cache-features")
-    # Preallocated: concatenating per-batch pieces would need twice the memory at the end.
-    taps = [torch.empty(n, *s, dtype=torch.float16) for s in shapes]
-    final = torch.empty(n, model.info.num_classes, dtype=torch.float32)
-    labels = torch.empty(n, dtype=torch.int64)
-    loader = make_loader(ds, cfg.batch_size, False, cfg.workers, cfg.seed)
-    reporter.task(f"caching {name} features", len(loader))
-    i = 0
-    for x, y in loader:
-        with autocast():
-            tb, fb = model.backbone_taps(x.to(device, non_blocking=True))
-        for k, (dst, t) in enumerate(zip(taps, tb)):
-            dst[i:i + len(y)] = t.to("cpu", torch.float16)
-            if not bool(torch.isfinite(dst[i:i + len(y)]).all()):
-                raise PteenetError(f"exit {k}'s features overflow float16 (|x| > 65504) in the feature cache",
-                                   "train without --cache-features")
-        final[i:i + len(y)], labels[i:i + len(y)] = fb.float().cpu(), y
-        i += len(y)
-        reporter.advance()
-    return FeatureCache(taps, final, labels, cfg.batch_size, shuffle)
 
 
 # -- metrics, all through the sweep engine ---------------------------------------------------------
@@ -235,21 +116,6 @@ class _Meter:
 
     def means(self) -> dict[str, Any]:
         return {k: (v / max(self.n, 1)).tolist() for k, v in self.sums.items()}
-
-
-class Autocast:
-    """``with Autocast(device, amp)():`` -- mixed precision on CUDA when asked, else a no-op."""
-
-    def __init__(self, device: torch.device, amp: bool) -> None:
-        self.device = device
-        self.dtype: torch.dtype | None = None
-        if amp:
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-    def __call__(self) -> Any:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
 
 # -- the optimisation step -------------------------------------------------------------------------
@@ -441,8 +307,10 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
     val_src: ImageSource | FeatureCache
     if cfg.cache_features:
         autocast = Autocast(device, cfg.amp)
-        train_src = build_feature_cache(model, splits.train, cfg, device, autocast, reporter, True, "train")
-        val_src = build_feature_cache(model, splits.val, cfg, device, autocast, reporter, False, "val")
+        train_src = build_feature_cache(model, splits.train, cfg.batch_size, cfg.workers, cfg.seed, device, autocast, reporter,
+                                        True, "train")
+        val_src = build_feature_cache(model, splits.val, cfg.batch_size, cfg.workers, cfg.seed, device, autocast, reporter,
+                                      False, "val")
     else:
         train_src = ImageSource(splits.train, cfg.batch_size, cfg.workers, cfg.seed, shuffle=True)
         val_src = ImageSource(splits.val, cfg.batch_size, cfg.workers, cfg.seed, shuffle=False)
