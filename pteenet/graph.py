@@ -95,8 +95,16 @@ def _candidate_modules(root: nn.Module) -> list[str]:
                 elif not composite and isinstance(child, LEAF_BOUNDARIES):
                     found.append(p)
         else:
+            # Blocks held as plain attributes (Inception's Mixed_5b, GoogLeNet's inception3a): two or
+            # more composite children that are not containers are a sequence of blocks. One alone
+            # is a wrapper (a user's ``self.backbone``), so look inside it instead.
+            blocks = [(n, c) for n, c in children if list(c.children()) and not isinstance(c, CONTAINERS)]
             for name, child in children:
-                visit(child, f"{path}.{name}" if path else name)
+                p = f"{path}.{name}" if path else name
+                if len(blocks) >= 2 and (name, child) in blocks:
+                    found.append(p)
+                else:
+                    visit(child, p)
 
     visit(root, "")
     return found

@@ -100,3 +100,53 @@ def test_untraceable_model_is_refused_clearly() -> None:
     with pytest.raises(PteenetError) as e:
         attach(AttachConfig(f"{__file__}:untraceable_factory", input_size=(3, 8, 8), exits=1))
     assert "cannot trace" in e.value.message
+
+
+class Block(torch.nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x)) + x
+
+
+class RootBlocks(torch.nn.Module):
+    """Blocks as plain attributes of the root, like torchvision's Inception v3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.block_a, self.block_b, self.block_c = Block(8), Block(8), Block(8)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block_c(self.block_b(self.block_a(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class Wrapper(torch.nn.Module):
+    """A user's wrapper: one composite child is looked into, not taken as the only block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = RootBlocks()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def root_blocks_factory() -> torch.nn.Module:
+    return RootBlocks()
+
+
+def wrapper_factory() -> torch.nn.Module:
+    return Wrapper()
+
+
+@pytest.mark.parametrize("factory,prefix", [("root_blocks_factory", ""), ("wrapper_factory", "net.")])
+def test_blocks_held_as_attributes_are_candidates(factory: str, prefix: str) -> None:
+    backbone, info = load_backbone(f"{__file__}:{factory}", input_size=(3, 8, 8))
+    tb = trace(backbone, info.preprocess.input_size)
+    assert [c.name for c in candidates(tb)] == [f"{prefix}block_a", f"{prefix}block_b", f"{prefix}block_c"]
