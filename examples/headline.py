@@ -16,10 +16,13 @@ def main() -> None:
     test = chosen.get("test") or chosen
     bb = test.get("backbone") or doc["backbone"]
     pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
-    print("pteenet demo: Fashion-MNIST, cifar-resnet20 backbone, 4 conv2 exits")
+    report = json.loads((args.out / "export" / "report.json").read_text())
+    exits = ", ".join(e["name"] for e in report["exits"])
+    print(f"pteenet demo: {doc['data']['spec']}, {report['backbone']['spec']} backbone, "
+          f"{report['branch']['type'] if isinstance(report['branch'], dict) else report['branch']} exits at {exits}")
     print(f"  backbone      accuracy {pct(bb['accuracy'])}  cost 1.000")
     print(f"  early exit    accuracy {pct(test['accuracy'])}  agreement {pct(test['agreement'])}  "
-          f"mean cost {test['cost']:.3f} ({pct(1 - test['cost'])} fewer MACs)  [test split; "
+          f"mean cost {test['cost']:.3f} ({pct(abs(1 - test['cost']))} {'fewer' if test['cost'] <= 1 else 'MORE'} MACs)  [test split; "
           f"{chosen['policy']} threshold chosen on the calibration split]")
     print(f"  report        {args.out / 'export' / 'report.md'}")
     print(f"  plots         {args.out / 'sweep' / 'curve.png'}, {args.out / 'sweep' / 'exits.png'}")

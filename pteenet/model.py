@@ -140,15 +140,18 @@ class EarlyExitModel(nn.Module):
                 policy: str | None = None) -> Prediction:
         """Early-exit inference: each sample leaves at the first exit whose score passes."""
         thresholds, policy = self.resolve_thresholds(self.thresholds if threshold is None else threshold, policy)
-        was_training = self.training
-        self.train(False)  # inference: branch BatchNorm uses its running statistics, and never updates them
-        try:
-            with torch.no_grad():
-                if x.shape[0] == 1:
-                    return self._predict_one(x, thresholds, policy)
-                return self._predict_batch(x, thresholds, policy)
-        finally:
-            self.train(was_training)
+        if self.training:
+            # Inference on a model left in training mode: branch BatchNorm must use (and keep) its
+            # running statistics. Switching walks every module, so the usual eval-mode call skips it.
+            self.train(False)
+            try:
+                return self.predict(x, thresholds, policy)
+            finally:
+                self.train(True)
+        with torch.no_grad():
+            if x.shape[0] == 1:
+                return self._predict_one(x, thresholds, policy)
+            return self._predict_batch(x, thresholds, policy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x).logits

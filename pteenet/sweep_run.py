@@ -259,6 +259,10 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
     chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
     test_cache = run(splits.test, "test") if chosen is not None and cfg.split == "val" else None
+    if chosen is not None and chosen.cost >= 1.0:
+        # Branches are work too: a setting that rarely exits costs more than the plain backbone.
+        warn(f"the chosen setting costs {chosen.cost:.3f} x the plain backbone: at this accuracy, early exit "
+             "does not pay with these exits; use the backbone as is, or try fewer, later or cheaper exits")
 
     doc = build_document(cache, points, chosen, test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
     doc.update({

@@ -37,7 +37,7 @@ from .weights import module_sha256
 
 # Settings that change what a run computes: a --resume must repeat them exactly.
 RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "cache_features", "loss", "lambda",
-               "targets", "temperature", "data", "limit", "augment", "val_split", "data_seed")
+               "targets", "temperature", "exit_ce", "data", "limit", "augment", "val_split", "data_seed")
 
 
 @dataclass
@@ -183,7 +183,8 @@ def run_settings(cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
     """What ``model.meta["training"]`` records of the configuration (RESUME_KEYS must match on resume)."""
     return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
             "seed": cfg.seed, "cache_features": cfg.cache_features, "loss": cfg.loss.version, "lambda": cfg.loss.lam,
-            "targets": cfg.loss.targets, "temperature": cfg.loss.temperature, "data": data_cfg.spec,
+            "targets": cfg.loss.targets, "temperature": cfg.loss.temperature, "exit_ce": cfg.loss.exit_ce,
+            "data": data_cfg.spec,
             "limit": data_cfg.limit, "augment": data_cfg.augment, "val_split": data_cfg.val_split,
             "data_seed": data_cfg.seed, "threshold": cfg.threshold}
 

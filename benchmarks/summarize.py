@@ -1,0 +1,64 @@
+"""Print the README's results tables (Markdown) from the files the benchmarks wrote.
+
+    python benchmarks/summarize.py [benchmarks/results/cifar10_resnet.json ...]
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+PROTOCOLS = {"chosen": "A: calibrate on held-out train", "chosen_test_halves": "B: calibrate on test half 1, report half 2"}
+
+
+def _fmt(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "none qualifies"
+    t = c["test"]
+    return (f"**{100 * c['test_cost_reduction']:.1f}%** at {c['test_drop_points']:+.2f} pt "
+            f"(agreement {100 * t['agreement']:.2f}%, {c['val']['policy']}, {c['val'].get('kind', 'global')})")
+
+
+def cifar(doc: dict[str, Any], name: str) -> None:
+    print(f"#### {name}: {doc['setup'].get('epochs')} epochs, {doc['setup'].get('train_limit')} training images\n")
+    print("| configuration | exits | loss | test acc. of backbone | oracle reduction | protocol | ≤ 1 pt drop | agreement ≥ 97.15% |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in doc["configs"]:
+        loss = f"v2, λ={r['lambda']}, exit-ce={r.get('exit_ce', 0)}"
+        for i, (key, label) in enumerate(PROTOCOLS.items()):
+            if key not in r:
+                continue
+            head = (f"{r['name']} | {', '.join(r['exits'])} | {loss} | {100 * r['backbone_test']['accuracy']:.2f}% | "
+                    f"{100 * (1 - r['oracle_test']['cost']):.1f}%") if i == 0 else " | | | |"
+            print(f"| {head} | {label} | {_fmt(r[key].get('drop1'))} | {_fmt(r[key].get('agreement9715'))} |")
+    print("\nPlain fine-tuned ResNets on the same test images:\n")
+    print("| model | MACs | cost vs ResNet-56 | test accuracy |")
+    print("|---|---|---|---|")
+    for p in doc["plain"]:
+        print(f"| {p['model']} | {p['macs'] / 1e6:.1f}M | {p['cost']:.3f} | {100 * p['accuracy']:.2f}% |")
+    best = doc.get("best_resnet56")
+    if best:
+        print(f"\nMeasured speed of {best['name']} (pteenet bench, {doc['setup'].get('threads')} threads, "
+              f"{doc['setup'].get('bench_images')} test images):\n")
+        print("| operating point | exit fractions | MAC ratio | time ratio, batch 256 | p50 latency ratio, batch 1 |")
+        print("|---|---|---|---|---|")
+        for point, res in best["timing"].items():
+            by_bs = {r["batch_size"]: r for r in res["results"]}
+            b256, b1 = by_bs[256], by_bs[1]
+            p50 = b1["early_exit"]["latency_ms"]["p50"] / b1["backbone"]["latency_ms"]["p50"]
+            fr = ", ".join(f"{f:.2f}" for f in b256["exit_fractions"])
+            print(f"| {point} | {fr} | {b256['mac_ratio']:.3f} | {b256['time_ratio']:.3f} | {p50:.3f} |")
+        print("\n(ratios are early-exit / backbone: below 1 is faster; time ratio is the inverse of the throughput ratio)")
+
+
+def main() -> None:
+    paths = [Path(p) for p in sys.argv[1:]] or sorted(RESULTS.glob("cifar10_resnet*.json"))
+    for path in paths:
+        cifar(json.loads(path.read_text()), path.name)
+        print()
+
+
+if __name__ == "__main__":
+    main()
