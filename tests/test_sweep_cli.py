@@ -233,3 +233,16 @@ def test_resolve_data_keeps_the_recorded_split() -> None:
     assert cfg.limit == 20 and cfg.val_split == 0.3 and "--limit 20" in notes[0]
     cfg, notes = resolve_data(DataRequest("imagefolder:/new"), {**rec, "spec": "imagefolder:/old"})
     assert cfg.spec == "imagefolder:/new" and "imagefolder:/old" in notes[0]
+
+
+def test_a_setting_dearer_than_the_backbone_is_flagged(tmp_path: Path) -> None:
+    # Random branches that never agree well: within a 0-point drop only "almost never exit" qualifies,
+    # and that costs the backbone plus every branch.
+    ckpt = tmp_path / "untrained.safetensors"
+    pteenet.save_checkpoint(ckpt, _tiny())
+    code, stdout, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID, "--data", "synthetic",
+                                "--limit", 40, "--max-drop", 0, "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc["chosen"]["cost"] >= 1.0
+    assert any("costs more" in w or "does not pay" in w for w in doc["warnings"])
