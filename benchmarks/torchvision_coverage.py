@@ -46,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--update", action="store_true", help="merge these models' rows into the existing results file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -62,9 +63,13 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "torchvision_coverage.json"
+    if args.update and path.exists():
+        fresh = {r["model"]: r for r in rows}
+        rows = [fresh.pop(r["model"], r) for r in json.loads(path.read_text())["models"]] + list(fresh.values())
     doc = {"torch": torch.__version__, "torchvision": tvm.__name__ and __import__("torchvision").__version__,
            "models": rows, "ok": sum(r["ok"] for r in rows), "total": len(rows)}
-    (args.out / "torchvision_coverage.json").write_text(json.dumps(doc, indent=1))
+    path.write_text(json.dumps(doc, indent=1))
     print(f"{doc['ok']}/{doc['total']} models attach and reproduce their logits")
 
 
