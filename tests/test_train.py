@@ -17,7 +17,7 @@ from pteenet.checkpoint import META_KEY, read_metadata
 from pteenet.cli import app
 from pteenet.data import DataConfig
 from pteenet.errors import PteenetError
-from pteenet.loss import LossConfig, LossOutput
+from pteenet.loss import LossOutput
 from pteenet.train import Interrupted, Reporter, TrainConfig, train_branches
 from pteenet.weights import module_sha256
 
