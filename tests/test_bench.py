@@ -24,7 +24,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _check_document(doc: dict, model_exits: int, batch_sizes: list[int]) -> None:
     assert {"device", "threads", "images", "policy", "thresholds", "exit_fractions", "mean_macs", "mac_ratio",
-            "results", "overhead_eats_savings", "measured_at"} <= set(doc)
+            "results", "overhead_eats_savings", "measured_at", "allocator"} <= set(doc)
     assert [r["batch_size"] for r in doc["results"]] == batch_sizes
     for r in doc["results"]:
         assert {"backbone", "early_exit", "time_ratio", "mac_ratio", "mac_ratio_paper", "verdict"} <= set(r)
@@ -87,3 +87,15 @@ def test_cli_bad_input(ckpt: Path, args: list[str], message: str) -> None:
     lines = [line for line in stderr.splitlines() if line.startswith("Error:")]
     assert code == 1 and len(lines) == 1 and message in lines[0], stderr
     assert stdout == ""
+
+
+def test_allocator_tuning_is_reported_where_glibc_exists() -> None:
+    import ctypes.util
+
+    from pteenet.bench import tune_allocator
+
+    note = tune_allocator()
+    if ctypes.util.find_library("c") and "glibc" in __import__("platform").libc_ver()[0]:
+        assert note is not None and "mmap threshold" in note
+    else:
+        assert note is None or isinstance(note, str)

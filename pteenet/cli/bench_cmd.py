@@ -28,6 +28,8 @@ def bench_command(
     policy: Optional[str] = typer.Option(None, help="confidence | max-softmax | entropy (default: the checkpoint's)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's own choice, recorded)"),
     repeats: int = typer.Option(5, help="timed passes per model; medians are reported"),
+    tune_allocator: bool = typer.Option(True, "--tune-allocator/--no-tune-allocator",
+                                        help="keep freed activation memory in-process (glibc), for both models alike"),
     record: bool = typer.Option(False, "--record", help="store the results in the checkpoint (meta['bench'])"),
     json_: bool = typer.Option(False, "--json", help="print the results document on stdout"),
 ) -> None:
@@ -43,7 +45,7 @@ def bench_command(
         console.print(f"Note: {note}", style="cyan", soft_wrap=True, markup=False)
     spec = data or (model.meta.get("data") or {}).get("spec")
     cfg = BenchConfig(batch_sizes=tuple(batch_size or (1, 256)), threshold=threshold, policy=policy, threads=threads,
-                      repeats=repeats, extra={"data": spec, "split": split})
+                      repeats=repeats, extra={"data": spec, "split": split}, tune_allocator=tune_allocator)
     with console.status(f"timing {images.shape[0]} images, {repeats} interleaved repeats per batch size"):
         doc = bench(model, images, cfg)
     if record:
