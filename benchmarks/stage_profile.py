@@ -1,5 +1,5 @@
-"""Why the wall clock does not follow the MACs: time vs. MAC share per stage and per branch, the
-traced graph against eager, and the per-exit overhead at batch 1.
+"""Why the wall clock does not follow the MACs: the allocator, time vs. MAC share per stage and per
+branch, the traced graph against eager, and the per-exit overhead at batch 1.
 
     python benchmarks/stage_profile.py CHECKPOINT [--batch 256] [--threads 2] [--repeats 8]
 
@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from pteenet import load_checkpoint
+from pteenet.bench import tune_allocator
 from pteenet.graph import trace
 from pteenet.policies import never_exit_threshold
 
@@ -50,9 +51,12 @@ def main() -> None:
     size = model.info.preprocess.input_size
     gm = trace(model.backbone, size).gm
     x = torch.randn(args.batch, *size)
+    whole_fns = {"eager": lambda: model.backbone(x), "traced": lambda: gm(x), "staged": lambda: model.backbone_taps(x)}
     with torch.inference_mode():
-        whole = interleaved({"eager": lambda: model.backbone(x), "traced": lambda: gm(x),
-                             "staged": lambda: model.backbone_taps(x)}, args.repeats)
+        # First with glibc's default allocator, then with the setting `pteenet bench` applies.
+        whole_default = interleaved(whole_fns, args.repeats)
+        allocator = tune_allocator()
+        whole = interleaved(whole_fns, args.repeats)
         stage_fns, state = {}, (x,)
         for k, stage in enumerate(model.stages.modules):
             stage_fns[f"stage{k}"] = lambda s=stage, st=state: s(*st)
@@ -70,7 +74,9 @@ def main() -> None:
     total_stage_ms = sum(parts[f"stage{k}"] for k in range(len(stage_macs)))
     doc = {
         "checkpoint": args.checkpoint, "batch": args.batch, "threads": args.threads, "torch": torch.__version__,
-        "whole_backbone_ms": whole, "traced_over_eager": whole["traced"] / whole["eager"],
+        "whole_backbone_ms_default_allocator": whole_default,
+        "traced_over_eager_default_allocator": whole_default["traced"] / whole_default["eager"],
+        "allocator": allocator, "whole_backbone_ms": whole, "traced_over_eager": whole["traced"] / whole["eager"],
         "stages": [{"stage": k, "mac_share": m / cost.backbone_macs, "time_share": parts[f"stage{k}"] / total_stage_ms}
                    for k, m in enumerate(stage_macs)],
         "branches": [{"exit": e.name, "mac_share": e.branch_macs / cost.backbone_macs,
