@@ -27,7 +27,7 @@ def main() -> None:
 
     model = pteenet.attach(pteenet.AttachConfig(
         "cifar-resnet20", weights=str(ASSETS / "fashion_resnet20.safetensors"), input_size=(1, 28, 28),
-        mean=(0.2860,), std=(0.3530,), exits=4, placement="linear"))
+        mean=(0.2860,), std=(0.3530,), at=["layer1.2", "layer2.2"], branch="conv1"))  # as in demo.sh
     pteenet.save_checkpoint(args.out / "attached.safetensors", model)
 
     data = DataConfig("fashion-mnist", limit=args.limit, augment=False)
