@@ -111,4 +111,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     known = set(describe(model))
     model.meta = {k: v for k, v in meta.items() if k not in known}
     state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
-    return Checkpoint(model.to(device), state)
+    # Tensors load on the CPU; moving re-traces the stages, so skip the no-op move.
+    return Checkpoint(model if torch.device(device).type == "cpu" else model.to(device), state)
