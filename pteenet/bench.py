@@ -43,9 +43,9 @@ def tune_allocator() -> str | None:
     """Keep freed activation memory in the process instead of returning it to the OS.
 
     glibc serves large blocks (a 256-image activation of 16 MB) with mmap and frees them with munmap,
-    so every new activation pays page faults. Measured on CIFAR ResNet-56 at batch 256 on this project's
-    CPU machine, that made eager inference 1.9x slower, and a traced graph, whose frees come in a
-    slightly different order, slower still. Raising glibc's mmap and trim thresholds removes both
+    so every new activation pays page faults. On CIFAR ResNet-56 at batch 256 on this project's CPU
+    machine that slowed eager inference (394 ms against 329 ms tuned), and a traced graph, whose frees
+    come in a slightly different order, more (1.38x eager); ``benchmarks/stage_profile.py`` records both. Raising glibc's mmap and trim thresholds removes both
     effects. It changes this process only; returns a description, or None where glibc is absent.
     """
     import ctypes
