@@ -1,9 +1,25 @@
-"""The paper's ConvX exit branch: X x [3x3 conv (same channels, no bias), BN, ReLU], global average
-pool, then a softmax classifier and a sigmoid confidence head on the pooled vector."""
+"""Exit branches: what reads a backbone tap and answers (class logits, confidence logit).
+
+Every branch is ``stem`` -> ``body`` -> two linear heads (a classifier and the sigmoid confidence
+head h of the paper). The stem has no parameters, so a feature cache can hold its output instead of
+the tap (pooled features are 10-100x smaller than the tap itself).
+
+- ``conv0..conv3``: the paper's ConvX: X x [3x3 conv (same channels, no bias), BN, ReLU], global
+  average pool. The stem is the identity (the convs are trained), so caches hold the whole tap.
+- ``pool``: average- and max-pool to a G x G grid, concatenated and flattened (SDN's feature
+  reduction, Kaya et al. 2019); the heads are linear on that vector. The stem is the pooling.
+- ``pool-mlp``: the same pooled vector through one hidden layer (width ``hidden``) before the heads.
+- ``conv-lite``: one strided 3x3 conv halving the channels (+BN, ReLU), then the G x G pooling and
+  linear heads: for backbones whose pooled features are too weak on their own.
+
+With ``cascade`` every head also reads the previous exit's logits (detached in training, Zero Time
+Waste, Wolczyk et al. 2021); exit 0 reads zeros, so every head has the same input layout.
+"""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,50 +27,129 @@ from torch import nn
 from .errors import PteenetError
 
 MAX_CONVS = 3
+KINDS = ("conv", "pool", "pool-mlp", "conv-lite")
+NAMES = "conv0, conv1, conv2, conv3, pool, pool-mlp, conv-lite"
 
 
 @dataclass(frozen=True)
 class BranchConfig:
-    convs: int = 2  # X in ConvX; 0 is the pool-only branch
+    kind: str = "conv"  # conv | pool | pool-mlp | conv-lite
+    convs: int = 2  # X in ConvX (kind conv only); 0 is the pool-only branch
+    grid: int = 4  # G of the G x G pooling (pool, pool-mlp, conv-lite)
+    hidden: int = 128  # hidden width (pool-mlp)
+    cascade: bool = False  # each head also reads the previous exit's logits
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise PteenetError(f"unknown branch type '{self.kind}'", f"known branch types: {NAMES}")
+        if not 0 <= self.convs <= MAX_CONVS:
+            raise PteenetError(f"conv branches take 0..{MAX_CONVS} convs, got {self.convs}", f"known branch types: {NAMES}")
+        if self.grid < 1 or self.hidden < 1:
+            raise PteenetError(f"branch grid and hidden width must be >= 1, got {self.grid} and {self.hidden}",
+                               "e.g. --grid 4 --hidden 128")
 
     @property
     def name(self) -> str:
-        return f"conv{self.convs}"
+        return f"conv{self.convs}" if self.kind == "conv" else self.kind
+
+    @property
+    def cacheable_stem(self) -> bool:
+        """True when the stem does real (parameter-free) work, so caching its output pays."""
+        return self.kind in ("pool", "pool-mlp")
 
     @classmethod
-    def parse(cls, text: str) -> "BranchConfig":
-        m = re.fullmatch(r"conv([0-9]+)", text.strip().lower())
-        if not m or int(m.group(1)) > MAX_CONVS:
-            raise PteenetError(f"unknown branch type '{text}'", "known branch types: conv0, conv1, conv2, conv3")
-        return cls(int(m.group(1)))
+    def parse(cls, text: str, **options: Any) -> "BranchConfig":
+        """``conv2``, ``pool``, ``pool-mlp`` or ``conv-lite``, plus keyword options (grid, hidden, cascade)."""
+        t = text.strip().lower()
+        m = re.fullmatch(r"conv([0-9]+)", t)
+        if m and int(m.group(1)) <= MAX_CONVS:
+            return cls("conv", int(m.group(1)), **options)
+        if t in KINDS and t != "conv":
+            return cls(t, **options)
+        raise PteenetError(f"unknown branch type '{text}'", f"known branch types: {NAMES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.name, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BranchConfig":
+        """Checkpoints before the new heads wrote only ``{"type": "convX", "convs": X}``."""
+        kind = d.get("kind") or ("conv" if str(d.get("type", "")).startswith("conv") and d.get("type") != "conv-lite" else d.get("type"))
+        return cls(kind=str(kind), convs=int(d.get("convs", 2)), grid=int(d.get("grid", 4)),
+                   hidden=int(d.get("hidden", 128)), cascade=bool(d.get("cascade", False)))
+
+
+class GridPool(nn.Module):
+    """Average- and max-pool to at most G x G, concatenated and flattened: (B, C, H, W) -> (B, 2*C*g*g)."""
+
+    def __init__(self, grid: int, hw: tuple[int, int]) -> None:
+        super().__init__()
+        # A grid finer than the map would only repeat values: cap it at the map's size.
+        size = (min(grid, hw[0]), min(grid, hw[1]))
+        self.avg, self.max = nn.AdaptiveAvgPool2d(size), nn.AdaptiveMaxPool2d(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.avg(x).flatten(1), self.max(x).flatten(1)], 1)
+
+
+def _body_and_width(in_shape: tuple[int, ...], cfg: BranchConfig) -> tuple[nn.Module, nn.Module, int]:
+    """(stem, body, width of the vector the heads read, before any cascade input)."""
+    if len(in_shape) == 1:
+        # A flattened activation has no spatial extent: the heads (or the MLP) read it directly.
+        c = in_shape[0]
+        if cfg.kind == "pool-mlp":
+            return nn.Identity(), nn.Sequential(nn.Linear(c, cfg.hidden), nn.ReLU(inplace=True)), cfg.hidden
+        return nn.Identity(), nn.Identity(), c
+    if len(in_shape) != 3:
+        raise PteenetError(f"cannot build a branch on a tensor of shape (B, {', '.join(map(str, in_shape))})",
+                           "exits need a (B, C, H, W) feature map or a (B, C) vector")
+    c, h, w = in_shape
+    if cfg.kind == "conv":
+        layers: list[nn.Module] = []
+        for _ in range(cfg.convs):
+            layers += [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        return nn.Identity(), nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c
+    if cfg.kind == "conv-lite":
+        half = max(c // 2, 1)
+        oh, ow = (h + 1) // 2, (w + 1) // 2
+        pool = GridPool(cfg.grid, (oh, ow))
+        width = 2 * half * min(cfg.grid, oh) * min(cfg.grid, ow)
+        body = nn.Sequential(nn.Conv2d(c, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half),
+                             nn.ReLU(inplace=True), pool, nn.BatchNorm1d(width))
+        return nn.Identity(), body, width
+    stem = GridPool(cfg.grid, (h, w))
+    width = 2 * c * min(cfg.grid, h) * min(cfg.grid, w)
+    # BatchNorm on the pooled vector: backbone activations differ in scale from block to block (and
+    # a random backbone's are huge), so without it one learning rate cannot suit every head. At
+    # inference it is an affine map, nearly free.
+    if cfg.kind == "pool-mlp":
+        return stem, nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, cfg.hidden), nn.ReLU(inplace=True)), cfg.hidden
+    return stem, nn.BatchNorm1d(width), width
 
 
 class Branch(nn.Module):
-    """One exit. ``forward`` returns (class logits [B, K], confidence logit [B]); h = sigmoid of the
-    latter. Returning the logit rather than h lets the loss work in log space without clamping."""
+    """One exit. ``forward(tap, prev)`` returns (class logits [B, K], confidence logit [B]); h is the
+    sigmoid of the latter (logits, not h, so that the loss works in log space without clamping).
+    ``prev`` is the previous exit's logits, read only with ``cascade``."""
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, cfg: BranchConfig) -> None:
         super().__init__()
-        if len(in_shape) == 3:
-            c = in_shape[0]
-            layers: list[nn.Module] = []
-            for _ in range(cfg.convs):
-                layers += [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
-            self.body = nn.Sequential(*layers)
-            self.pool: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        elif len(in_shape) == 1:
-            # A flattened activation has no spatial extent to convolve: the heads read it directly.
-            c = in_shape[0]
-            self.body = nn.Sequential()
-            self.pool = nn.Sequential()
-        else:
-            raise PteenetError(
-                f"cannot build a branch on a tensor of shape (B, {', '.join(map(str, in_shape))})",
-                "exits need a (B, C, H, W) feature map or a (B, C) vector",
-            )
-        self.classifier = nn.Linear(c, num_classes)
-        self.confidence = nn.Linear(c, 1)
+        self.stem, self.body, width = _body_and_width(in_shape, cfg)
+        self.cascade = cfg.cascade
+        head_in = width + (num_classes if cfg.cascade else 0)
+        self.classifier = nn.Linear(head_in, num_classes)
+        self.confidence = nn.Linear(head_in, 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.pool(self.body(x))
+    def head(self, features: torch.Tensor, prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the stem's output (what a feature cache holds) to (logits, confidence logit)."""
+        z = self.body(features)
+        if self.cascade:
+            if prev is None:
+                prev = z.new_zeros(z.shape[0], self.classifier.out_features)
+            # Detached: a head learns to use its predecessor's answer, never to change it. As
+            # log-probabilities: logits' free offset and scale would make the input drift.
+            z = torch.cat([z, torch.log_softmax(prev.detach().float(), 1).to(z.dtype)], 1)
         return self.classifier(z), self.confidence(z).squeeze(1)
+
+    def forward(self, x: torch.Tensor, prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.stem(x), prev)

@@ -1,8 +1,12 @@
 """The one-file checkpoint: backbone and branch tensors plus a JSON metadata string, in safetensors.
 
-Tensors: ``backbone.*``, ``branches.*``, and optional ``state.*`` (training state for --resume).
-Metadata: one JSON document under the header key ``pteenet`` (safetensors refuses non-string values).
-Loading rebuilds only known structures (a backbone spec, ConvX branches): no pickle anywhere.
+Tensors: ``backbone.*``, ``branches.*``, optional ``ensemble.*`` (the fitted exit ensemble) and
+optional ``state.*`` (training state for --resume). Metadata: one JSON document under the header key
+``pteenet`` (safetensors refuses non-string values). Loading rebuilds only known structures (a
+backbone spec, the branch types of ``branches.py``): no pickle anywhere.
+
+Schema 2 added the branch kinds (pool, pool-mlp, conv-lite, cascade), the ensemble and the active
+exits; schema 1 files (ConvX branches) load unchanged.
 """
 from __future__ import annotations
 
@@ -18,11 +22,12 @@ from .backbones import BackboneInfo, load_backbone
 from .branches import BranchConfig
 from .cost import CostTable
 from .errors import PteenetError
+from .exits import Ensemble
 from .files import atomic_write
 from .model import EarlyExitModel
 from .weights import module_sha256, tensors_sha256
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 META_KEY = "pteenet"
 
 
@@ -40,7 +45,9 @@ def describe(model: EarlyExitModel) -> dict[str, Any]:
         "backbone": model.info.to_dict(),
         "backbone_sha256": model.backbone_sha256,
         "exits": [{"name": p.name, "node": p.node} for p in model.exit_points],
-        "branch": {"type": model.branch_config.name, "convs": model.branch_config.convs},
+        "branch": model.branch_config.to_dict(),
+        "ensemble": model.ensemble is not None,
+        "active_exits": model.active,
         "cost": model.cost.to_dict() if model.cost else None,
         "policy": model.policy,
         "thresholds": model.thresholds,
@@ -55,8 +62,9 @@ def save_checkpoint(path: str | Path, model: EarlyExitModel, state: dict[str, to
         raise PteenetError("the backbone's weights or buffers changed since they were attached; refusing to save",
                            "this is a bug in pteenet: please report it")
     tensors: dict[str, torch.Tensor] = {}
+    ens = model.ensemble.state_dict() if model.ensemble is not None else {}
     for prefix, sd in (("backbone.", model.backbone.state_dict()), ("branches.", model.branches.state_dict()),
-                       ("state.", state or {})):
+                       ("ensemble.", ens), ("state.", state or {})):
         for k, v in sd.items():
             # clone(): safetensors refuses tensors that share storage (tied weights, views).
             tensors[prefix + k] = v.detach().to("cpu").contiguous().clone()
@@ -102,11 +110,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     if tensors_sha256(bb_sd) != meta["backbone_sha256"]:
         raise PteenetError(f"the backbone tensors in {path} do not match their recorded hash", "the file is corrupt")
     backbone.load_state_dict(bb_sd, strict=True)
-    if meta["branch"]["type"] != f"conv{meta['branch']['convs']}":
-        raise PteenetError(f"unknown branch type {meta['branch']['type']!r} in {path}", "upgrade pteenet")
+    try:
+        branch = BranchConfig.from_dict(meta["branch"])
+    except PteenetError as e:
+        raise PteenetError(f"unknown branch type {meta['branch'].get('type')!r} in {path}", "upgrade pteenet") from e
     cost = CostTable.from_dict(meta["cost"]) if meta.get("cost") else None
-    model = EarlyExitModel(backbone, info, [e["name"] for e in meta["exits"]], BranchConfig(meta["branch"]["convs"]), cost)
+    model = EarlyExitModel(backbone, info, [e["name"] for e in meta["exits"]], branch, cost)
     model.branches.load_state_dict({k[len("branches."):]: v for k, v in tensors.items() if k.startswith("branches.")})
+    if meta.get("ensemble"):
+        ens = Ensemble(model.num_exits, info.num_classes)
+        ens.load_state_dict({k[len("ensemble."):]: v for k, v in tensors.items() if k.startswith("ensemble.")})
+        model.set_ensemble(ens)
+    model.set_active(meta.get("active_exits"))
     model.set_thresholds(meta["thresholds"], meta["policy"])
     known = set(describe(model))
     model.meta = {k: v for k, v in meta.items() if k not in known}

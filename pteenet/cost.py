@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -139,8 +139,16 @@ class CostTable:
         """Cost of a sample that passes every exit and runs to the end: 1 + all branches."""
         return 1.0 + sum(e.branch_macs for e in self.exits) / self.backbone_macs
 
-    def costs(self) -> list[float]:
-        return [e.cost for e in self.exits] + [self.final_cost]
+    def costs(self, computed: Sequence[bool] | None = None) -> list[float]:
+        """Per exit, then the end: the cumulative cost of a sample that leaves there. ``computed``
+        says which heads the runtime evaluates (exit selection); by default every one is."""
+        if computed is None:
+            return [e.cost for e in self.exits] + [self.final_cost]
+        out, passed = [], 0
+        for e, c in zip(self.exits, computed):
+            passed += e.branch_macs if c else 0
+            out.append((e.prefix_macs + passed) / self.backbone_macs)
+        return out + [1.0 + passed / self.backbone_macs]
 
     def costs_paper(self) -> list[float]:
         return [e.cost_paper for e in self.exits] + [1.0]

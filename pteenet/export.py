@@ -34,6 +34,7 @@ from torch import nn
 from . import policies
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import PteenetError, unknown_name
+from .exits import Carry, exit_step
 from .model import EarlyExitModel
 from .sweep import Point, select
 
@@ -76,26 +77,36 @@ def check_thresholds(values: Sequence[float]) -> None:
 # -- programs --------------------------------------------------------------------------------------
 class CondProgram(nn.Module):
     """Batch-1 early exit as nested ``torch.cond``: exit k's score decides between returning its
-    logits and running stage k+1 onwards. Non-tensor carried values are constants at batch 1."""
+    logits and running stage k+1 onwards. Non-tensor carried values are constants at batch 1. Exits
+    the model does not use (``active``) take no decision, and heads no used exit needs are left out."""
 
     def __init__(self, model: EarlyExitModel, policy: str) -> None:
         super().__init__()
         self.stages = nn.ModuleList(model.stages.modules)
         self.branches = model.branches
+        self.ensemble = model.ensemble
         self.policy = policy
+        self.active = list(model.active)
+        self.computed = model.computed_heads()
 
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._from(0, thresholds, (x,))
+        return self._from(0, thresholds, (x,), Carry())
 
-    def _from(self, k: int, thresholds: torch.Tensor, state: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _from(self, k: int, thresholds: torch.Tensor, state: tuple[Any, ...], carry: Carry) -> tuple[torch.Tensor, torch.Tensor]:
         if k == len(self.branches):
             logits = self.stages[k](*state)
             return logits, torch.full((1,), k, dtype=torch.long, device=logits.device)
         out = self.stages[k](*state)
         state = tuple(out[:-1])
-        logits, conf = self.branches[k](out[-1])
+        if not self.computed[k]:
+            return self._from(k + 1, thresholds, state, carry)
+        _, logits, conf, carry = exit_step(self.branches[k], self.ensemble, k, out[-1], carry)
+        if not self.active[k]:
+            return self._from(k + 1, thresholds, state, carry)
         leave = policies.passes(self.policy, policies.score(self.policy, logits, conf), thresholds[k]).reshape(())
         is_tensor = [isinstance(v, torch.Tensor) for v in state]
+        has_prev = carry.prev is not None
+        carried = ([carry.prev] if has_prev else []) + list(carry.logps)
 
         def exit_here(logits: torch.Tensor, thresholds: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # clone: a cond branch may not return one of its inputs as is.
@@ -103,9 +114,11 @@ class CondProgram(nn.Module):
 
         def go_on(logits: torch.Tensor, thresholds: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             it = iter(tensors)
-            return self._from(k + 1, thresholds, tuple(next(it) if t else v for v, t in zip(state, is_tensor)))
+            st = tuple(next(it) if t else v for v, t in zip(state, is_tensor))
+            prev = next(it) if has_prev else None
+            return self._from(k + 1, thresholds, st, Carry(prev, list(it)))
 
-        operands = (logits, thresholds, *(v for v, t in zip(state, is_tensor) if t))
+        operands = (logits, thresholds, *(v for v, t in zip(state, is_tensor) if t), *carried)
         return torch.cond(leave, exit_here, go_on, operands)
 
 

@@ -19,15 +19,21 @@ from .backbones import BackboneInfo
 from .branches import Branch, BranchConfig
 from .cost import CostTable
 from .errors import PteenetError
+from .exits import Carry, Ensemble, exit_step
 from .graph import ExitPoint, Stages, resolve, split, trace
 from .weights import module_sha256
 
 
 @dataclass
 class AllExits:
-    exit_logits: list[torch.Tensor]  # E x [B, K]
+    exit_logits: list[torch.Tensor]  # E x [B, K]: what each exit decides and answers with
     exit_conf: list[torch.Tensor]  # E x [B]: confidence-head logits (h = sigmoid)
     final_logits: torch.Tensor  # [B, K]: the backbone's own output
+    head_logits: list[torch.Tensor] | None = None  # E x [B, K]: each head alone (differs with an ensemble)
+
+    @property
+    def heads(self) -> list[torch.Tensor]:
+        return self.exit_logits if self.head_logits is None else self.head_logits
 
 
 @dataclass
@@ -38,8 +44,13 @@ class Prediction:
 
 
 class EarlyExitModel(nn.Module):
-    """``backbone`` and ``branches`` are the only registered children, so ``state_dict`` holds each
-    tensor once; the stages are fx GraphModules that read their parameters from ``backbone``."""
+    """``backbone``, ``branches`` and the optional ``ensemble`` are the only registered children, so
+    ``state_dict`` holds each tensor once; the stages are fx GraphModules that read their parameters
+    from ``backbone``.
+
+    ``active[k]`` says whether exit k takes decisions (exit selection). An inactive exit's head is
+    still computed when a later active exit needs it (cascade or ensemble: ``chained``), else never;
+    nothing after the last active exit is computed. ``cost_for_active`` prices exactly that."""
 
     def __init__(self, backbone: nn.Module, info: BackboneInfo, exits: Sequence[str], branch: BranchConfig,
                  cost: CostTable | None = None) -> None:
@@ -52,8 +63,10 @@ class EarlyExitModel(nn.Module):
         self.branches = nn.ModuleList(
             Branch(self._tap_shapes[k], info.num_classes, branch) for k in range(len(self.exits))
         )
+        self.ensemble: Ensemble | None = None
         self.policy = "confidence"
         self.thresholds = [0.5] * len(self.exits)
+        self.active = [True] * len(self.exits)
         self.meta: dict[str, Any] = {}  # free-form sections (training, history, data, sweep, bench)
         # The hash the backbone had when it was attached; every save checks it still holds.
         self.backbone_sha256 = module_sha256(backbone)
@@ -98,6 +111,30 @@ class EarlyExitModel(nn.Module):
         self.backbone.eval()
         return self
 
+    @property
+    def chained(self) -> bool:
+        """Whether an exit's answer depends on earlier heads (cascade or ensemble)."""
+        return self.branch_config.cascade or self.ensemble is not None
+
+    def set_ensemble(self, ensemble: Ensemble | None) -> None:
+        if ensemble is not None and ensemble.num_exits != self.num_exits:
+            raise PteenetError(f"an ensemble of {ensemble.num_exits} exits does not fit {self.num_exits} exits")
+        dev = next(self.branches.parameters()).device if self.num_exits else torch.device("cpu")
+        self.ensemble = None if ensemble is None else ensemble.to(dev).requires_grad_(False)
+
+    def set_active(self, active: Sequence[bool] | None) -> None:
+        """Which exits take decisions (None: all of them)."""
+        mask = [True] * self.num_exits if active is None else [bool(a) for a in active]
+        if len(mask) != self.num_exits:
+            raise PteenetError(f"{len(mask)} active flags given for {self.num_exits} exits", "give one per exit")
+        self.active = mask
+
+    def computed_heads(self, active: Sequence[bool] | None = None) -> list[bool]:
+        """Per exit, whether the runtime computes its head under ``active`` (default: the model's)."""
+        active = list(self.active if active is None else active)
+        last = max((k for k, a in enumerate(active) if a), default=-1)
+        return [k <= last and (bool(a) or self.chained) for k, a in enumerate(active)]
+
     # -- thresholds ------------------------------------------------------------------------------
     def set_thresholds(self, thresholds: float | Sequence[float], policy: str | None = None) -> None:
         self.thresholds, self.policy = self.resolve_thresholds(thresholds, policy)
@@ -127,10 +164,17 @@ class EarlyExitModel(nn.Module):
             final = self.stages.modules[-1](*state)
         return taps, final
 
-    def branch_outputs(self, taps: Sequence[torch.Tensor], final: torch.Tensor) -> AllExits:
-        """Every branch on its tap (with gradients when training); feature caches feed this directly."""
-        logits, conf = zip(*(b(t) for b, t in zip(self.branches, taps))) if taps else ((), ())
-        return AllExits(list(logits), list(conf), final)
+    def branch_outputs(self, taps: Sequence[torch.Tensor], final: torch.Tensor, features: bool = False) -> AllExits:
+        """Every exit on its tap (with gradients when training). With ``features``, ``taps`` are the
+        branches' stem outputs, as a feature cache holds them."""
+        heads, logits, conf = [], [], []
+        carry = Carry()
+        for k, t in enumerate(taps):
+            h, z, c, carry = exit_step(self.branches[k], self.ensemble, k, t, carry, features)
+            heads.append(h)
+            logits.append(z)
+            conf.append(c)
+        return AllExits(logits, conf, final, heads)
 
     def forward_all(self, x: torch.Tensor) -> AllExits:
         """Every exit's outputs and the backbone's logits (what training and the sweep use)."""
@@ -159,11 +203,15 @@ class EarlyExitModel(nn.Module):
     def _predict_one(self, x: torch.Tensor, thresholds: list[float], policy: str) -> Prediction:
         """Batch size 1, the latency case: no index bookkeeping at all."""
         state: tuple[Any, ...] = (x,)
+        carry = Carry()
+        computed = self.computed_heads()
         for k, stage in enumerate(self.stages.modules[:-1]):
             out = stage(*state)
             state = out[:-1]
-            logits, conf = self.branches[k](out[-1])
-            if bool(policies.passes(policy, policies.score(policy, logits, conf), thresholds[k])):
+            if not computed[k]:
+                continue
+            _, logits, conf, carry = exit_step(self.branches[k], self.ensemble, k, out[-1], carry)
+            if self.active[k] and bool(policies.passes(policy, policies.score(policy, logits, conf), thresholds[k])):
                 return Prediction(logits, logits.argmax(1), torch.tensor([k], device=x.device))
         logits = self.stages.modules[-1](*state)
         return Prediction(logits, logits.argmax(1), torch.tensor([self.num_exits], device=x.device))
@@ -175,10 +223,16 @@ class EarlyExitModel(nn.Module):
         rows = torch.arange(n, device=x.device)  # original position of each row of the running batch
         pending = torch.ones(n, dtype=torch.bool, device=x.device)  # rows still waiting for an answer
         state: tuple[Any, ...] = (x,)
+        carry = Carry()
+        computed = self.computed_heads()
         for k, stage in enumerate(self.stages.modules[:-1]):
             out = stage(*state)
             state = out[:-1]
-            logits, conf = self.branches[k](out[-1])
+            if not computed[k]:
+                continue
+            _, logits, conf, carry = exit_step(self.branches[k], self.ensemble, k, out[-1], carry)
+            if not self.active[k]:
+                continue
             leave = policies.passes(policy, policies.score(policy, logits, conf), thresholds[k]) & pending
             if not bool(leave.any()):
                 continue
@@ -192,6 +246,7 @@ class EarlyExitModel(nn.Module):
             if self.stages.shrinkable:
                 flags = self.stages.batched[k + 1]
                 state = tuple(v[pending] if b else v for v, b in zip(state, flags))
+                carry = carry.select(pending)
                 rows, pending = rows[pending], pending[pending]
         final = self.stages.modules[-1](*state)
         out_logits[rows[pending]] = final[pending].to(out_logits.dtype)

@@ -9,9 +9,13 @@ confidence threshold T = 0.5 and the output checkpoint is rewritten atomically, 
 to a run that was never interrupted. When training completes the final checkpoint drops ``state.*``
 (a finished cosine schedule has nothing left to resume) and records ``training.complete = true``.
 
-``--cache-features`` runs the backbone once over the (un-augmented) train and val splits, keeps the
-exit taps in memory as float16 and trains every epoch from them: the backbone, the floor of every
-other mode, then costs one pass instead of one per epoch.
+``--cache-features`` runs the backbone once over the train and val splits (``views`` passes over
+train when it is augmented), keeps what the branches read in memory as float16 and trains every
+epoch from it: the backbone, the floor of every other mode, then costs one pass per view instead of
+one per epoch.
+
+With ``ensemble`` (the default), once the heads are trained an ``Ensemble`` is fitted on the
+calibration split, which the heads never trained on, and saved with the final checkpoint.
 """
 from __future__ import annotations
 
@@ -31,13 +35,14 @@ from .batches import Autocast, FeatureCache, ImageSource, Reporter, build_featur
 from .data import DataConfig, load_splits
 from .devices import DEVICES, resolve_device
 from .errors import PteenetError
+from .exits import Ensemble, fit_ensemble
 from .loss import LossConfig, early_exit_loss
 from .model import AllExits, EarlyExitModel
 from .weights import module_sha256
 
 # Settings that change what a run computes: a --resume must repeat them exactly.
-RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "cache_features", "loss", "lambda",
-               "targets", "temperature", "exit_ce", "data", "limit", "augment", "val_split", "data_seed")
+RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "cache_features", "views", "ensemble", "loss",
+               "lambda", "targets", "temperature", "exit_ce", "data", "limit", "augment", "val_split", "data_seed")
 
 
 @dataclass
@@ -51,7 +56,9 @@ class TrainConfig:
     workers: int = 0
     amp: bool = False  # CUDA only: bfloat16 autocast where supported, else float16 with loss scaling
     resume: bool = False
-    cache_features: bool = False  # needs augmentation off
+    cache_features: bool = False
+    views: int = 1  # augmented views of each training image in the feature cache (with augmentation)
+    ensemble: bool = True  # fit an exit ensemble on the calibration split after training
     loss: LossConfig = field(default_factory=LossConfig)
     threshold: float = 0.5  # the confidence threshold of the per-epoch early-exit metrics
 
@@ -65,6 +72,8 @@ class TrainConfig:
             raise PteenetError(f"learning rate must be a finite number > 0, got {self.lr}", "e.g. --lr 1e-3")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise PteenetError(f"weight decay must be a finite number >= 0, got {self.weight_decay}", "e.g. 0 or 5e-4")
+        if self.views < 1:
+            raise PteenetError(f"views must be at least 1, got {self.views}", "e.g. --views 4")
         if self.workers < 0:
             raise PteenetError(f"workers must be >= 0, got {self.workers}", "0 loads data in the main process")
         if self.device not in DEVICES:
@@ -135,7 +144,7 @@ class BranchTrainer:
 
     def step(self, out: AllExits, labels: torch.Tensor) -> dict[str, Any]:
         """One update from a batch's exit outputs; returns the batch's figures (loss, T = 0.5 metrics)."""
-        res = early_exit_loss(out.exit_logits, out.exit_conf, out.final_logits, self.costs, self.cfg.loss,
+        res = early_exit_loss(out.heads, out.exit_conf, out.final_logits, self.costs, self.cfg.loss,
                               labels.to(out.final_logits.device))
         loss = float(res.loss.detach())
         if not math.isfinite(loss):
@@ -182,7 +191,8 @@ class BranchTrainer:
 def run_settings(cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
     """What ``model.meta["training"]`` records of the configuration (RESUME_KEYS must match on resume)."""
     return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-            "seed": cfg.seed, "cache_features": cfg.cache_features, "loss": cfg.loss.version, "lambda": cfg.loss.lam,
+            "seed": cfg.seed, "cache_features": cfg.cache_features, "views": cfg.views, "ensemble": cfg.ensemble,
+            "loss": cfg.loss.version, "lambda": cfg.loss.lam,
             "targets": cfg.loss.targets, "temperature": cfg.loss.temperature, "exit_ce": cfg.loss.exit_ce,
             "data": data_cfg.spec,
             "limit": data_cfg.limit, "augment": data_cfg.augment, "val_split": data_cfg.val_split,
@@ -250,6 +260,26 @@ def evaluate_split(model: EarlyExitModel, source: ImageSource | FeatureCache, de
     return cache_metrics(builder.build(model.cost.costs(), model.cost.costs_paper()), threshold)
 
 
+def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,
+                    autocast: Autocast, loss: LossConfig, reporter: Reporter) -> Ensemble:
+    """Every head's logits on ``source`` (data the heads did not train on), then ``fit_ensemble``
+    against the training targets' classes: the backbone's argmax, or the labels."""
+    model.eval()
+    heads: list[list[torch.Tensor]] = [[] for _ in range(model.num_exits)]
+    finals, labels = [], []
+    reporter.task("fitting the exit ensemble", len(source))
+    with torch.no_grad():
+        for out, y in source.batches(model, device, torch.Generator(), autocast):
+            for k, h in enumerate(out.heads):
+                heads[k].append(h.float().cpu())
+            finals.append(out.final_logits.float().cpu())
+            labels.append(y)
+            reporter.advance()
+    final = torch.cat(finals)
+    targets = torch.cat(labels).long() if loss.targets == "labels" else final.argmax(1)
+    return fit_ensemble([torch.cat(h) for h in heads], targets)
+
+
 def _summary(history: list[dict[str, Any]], out_path: Path, training: dict[str, Any], sha: str,
              already_complete: bool) -> dict[str, Any]:
     last = history[-1] if history else {}
@@ -269,9 +299,9 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
     reporter = reporter or Reporter()
     out_path = Path(out_path)
     cfg.validate()
-    if cfg.cache_features and data_cfg.augment:
-        raise PteenetError("--cache-features needs augmentation off",
-                           "add --no-augment: the cache holds one backbone pass per image, reused every epoch")
+    if cfg.views > 1 and not (cfg.cache_features and data_cfg.augment):
+        raise PteenetError(f"--views {cfg.views} needs --cache-features with augmentation on",
+                           "views are augmented copies of each training image held in the feature cache")
     if not out_path.parent.is_dir():
         raise PteenetError(f"output folder does not exist: {out_path.parent}", "create it first")
     device = resolve_device(cfg.device)
@@ -295,6 +325,10 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
 
     ck = load_checkpoint(out_path if cfg.resume else ckpt_path, "cpu")
     model = ck.model
+    if not cfg.resume:
+        # Retraining a trained checkpoint: its ensemble and exit selection belong to the old heads.
+        model.set_ensemble(None)
+        model.set_active(None)
     if cfg.resume and "epoch" not in ck.state:
         raise PteenetError(f"{out_path} has no resume state", "drop --resume to start over")
     splits = load_splits(data_cfg, model.info.preprocess, model.info.num_classes)
@@ -308,8 +342,11 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
     val_src: ImageSource | FeatureCache
     if cfg.cache_features:
         autocast = Autocast(device, cfg.amp)
-        train_src = build_feature_cache(model, splits.train, cfg.batch_size, cfg.workers, cfg.seed, device, autocast, reporter,
-                                        True, "train")
+        # Seeded: the augmented views (torch's global RNG) must be the same again on --resume.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            train_src = build_feature_cache(model, splits.train, cfg.batch_size, cfg.workers, cfg.seed, device, autocast,
+                                            reporter, True, "train", cfg.views)
         val_src = build_feature_cache(model, splits.val, cfg.batch_size, cfg.workers, cfg.seed, device, autocast, reporter,
                                       False, "val")
     else:
@@ -320,6 +357,14 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
     last_saved = start_epoch if cfg.resume else None
     epoch = start_epoch
     training: dict[str, Any] = {}
+    fit_after = cfg.ensemble and len(val_src) > 0
+    if cfg.ensemble and not fit_after:
+        reporter.warn("no calibration split to fit the exit ensemble on: each exit answers with its own head")
+
+    def record(epochs_done: int, complete: bool) -> dict[str, Any]:
+        return {**settings, "device": str(device), "amp": cfg.amp, "workers": cfg.workers,
+                "epochs_done": epochs_done, "complete": complete, "source": str(ckpt_path),
+                "seconds": seconds_before + time.perf_counter() - started}
     # fork_rng: seeding for reproducibility must not leak into the caller's global RNG.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
@@ -339,10 +384,9 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
                 val = evaluate_split(model, val_src, device, trainer.autocast, cfg.threshold, reporter)
                 history.append({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"],
                                 "seconds": time.perf_counter() - t0, "train": meter.means(), "val": val})
-                complete = epoch + 1 == cfg.epochs
-                training = {**settings, "device": str(device), "amp": cfg.amp, "workers": cfg.workers,
-                            "epochs_done": epoch + 1, "complete": complete, "source": str(ckpt_path),
-                            "seconds": seconds_before + time.perf_counter() - started}
+                # With an ensemble still to fit, the last epoch is saved resumable; the fit completes it.
+                complete = epoch + 1 == cfg.epochs and not fit_after
+                training = record(epoch + 1, complete)
                 model.meta.update(training=training, history=history, data=splits.split_info)
                 # Taken where an uninterrupted run goes on from, so a resume continues identically.
                 state = None if complete else {**trainer.state(), **_rng_state(device, order),
@@ -350,6 +394,11 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
                 save_checkpoint(out_path, model, state)
                 last_saved = epoch + 1
                 reporter.epoch_end(history[-1], cfg.epochs)
+            if fit_after:
+                model.set_ensemble(fit_ensemble_on(model, val_src, device, trainer.autocast, cfg.loss, reporter))
+                training = record(cfg.epochs, True)
+                model.meta.update(training=training, history=history, data=splits.split_info)
+                save_checkpoint(out_path, model, None)
         except KeyboardInterrupt:
             held = f"{out_path} holds epoch {last_saved}" if last_saved else f"{out_path} was not written"
             raise Interrupted(f"interrupted in epoch {epoch + 1}; {held}",

@@ -60,7 +60,7 @@ def test_too_many_exits_is_an_error() -> None:
 
 
 def test_cost_table_conventions() -> None:
-    model = attach(AttachConfig("cifar-resnet20", exits=3, placement="linear"))
+    model = attach(AttachConfig("cifar-resnet20", exits=3, placement="linear", branch="conv2", cascade=False))
     table = model.cost
     assert table is not None
     passed = 0

@@ -74,8 +74,8 @@ def test_unknown_exit_point_lists_candidates() -> None:
 
 def test_flat_exit_gets_linear_heads() -> None:
     # The flattened pooled vector of resnet20 is a legal (if late) exit: heads only, no convs.
-    model = attach(AttachConfig("cifar-resnet20", input_size=(3, 16, 16), at=["flatten"]))
-    assert len(list(model.branches[0].body)) == 0
+    model = attach(AttachConfig("cifar-resnet20", input_size=(3, 16, 16), at=["flatten"], branch="pool"))
+    assert isinstance(model.branches[0].stem, torch.nn.Identity) and isinstance(model.branches[0].body, torch.nn.Identity)
     out = model.forward_all(torch.randn(2, 3, 16, 16))
     assert out.exit_logits[0].shape == (2, 10)
 

@@ -72,7 +72,7 @@ def test_matches_hand_computation(version: str, b: int, e: int, targets: str) ->
 
 def test_targets_from_backbone() -> None:
     final = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
-    assert targets_from_backbone(final, LossConfig()).tolist() == [1, 0]
+    assert targets_from_backbone(final, LossConfig(targets="pseudo")).tolist() == [1, 0]
     soft = targets_from_backbone(final, LossConfig(targets="soft", temperature=4.0))
     assert soft.shape == (2, 3) and torch.allclose(soft.sum(1), torch.ones(2))
     assert torch.allclose(soft, torch.softmax(final / 4.0, 1))
@@ -180,8 +180,8 @@ def test_exit_ce_adds_the_mean_per_exit_cross_entropy(version: str) -> None:
     confs = [torch.randn(4) for _ in range(2)]
     final = torch.randn(4, 3)
     costs = [0.3, 0.6, 1.2]
-    paper = early_exit_loss(zs, confs, final, costs, LossConfig(version=version, exit_ce=0.0))
-    both = early_exit_loss(zs, confs, final, costs, LossConfig(version=version, exit_ce=0.5))
+    paper = early_exit_loss(zs, confs, final, costs, LossConfig(version=version, targets="pseudo", exit_ce=0.0))
+    both = early_exit_loss(zs, confs, final, costs, LossConfig(version=version, targets="pseudo", exit_ce=0.5))
     targets = final.argmax(1)
     ce = sum(float(torch.nn.functional.cross_entropy(z, targets)) for z in zs) / 2
     assert float(both.loss) == pytest.approx(float(paper.loss) + 0.5 * ce, rel=1e-6)

@@ -19,10 +19,11 @@ from pteenet.sweep import evaluate
 TIE_GAP = 1e-4  # thresholds stay this far from every score: batch shape may move a score by an ulp
 
 
-def assert_logits_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
-    """Equal up to float32 noise: 1e-5 relative to the largest logit. The random backbone's logits
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-4) -> None:
+    """Equal up to float32 noise: 1e-4 relative to the largest logit. The random backbone's logits
     reach ~30, and a different batch shape may sum them in a different order (oneDNN picks kernels
-    by shape), which moves small logits by more than 1e-5 in absolute terms."""
+    by shape), which moves small logits by more than 1e-5 in absolute terms; the heads' BatchNorm
+    over pooled features of a random backbone (some nearly constant) amplifies that noise further."""
     torch.testing.assert_close(got, want, atol=rel * max(1.0, float(want.abs().max())), rtol=0)
 
 
@@ -39,12 +40,13 @@ def perturb(model: pteenet.EarlyExitModel, seed: int) -> None:
     scaled to its features, so every policy's scores spread over (0, 1) and differ per exit."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(64, *model.info.preprocess.input_size, generator=gen)
-    bns = [m for m in model.branches.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    bns = [m for m in model.branches.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average: one pass gives the batch's statistics
     pooled: dict[int, torch.Tensor] = {}
-    hooks = [b.pool.register_forward_hook(lambda mod, i, o, k=k: pooled.__setitem__(k, o))
+    # What the heads read, whatever the branch type: the classifier's input.
+    hooks = [b.classifier.register_forward_pre_hook(lambda mod, args, k=k: pooled.__setitem__(k, args[0]))
              for k, b in enumerate(model.branches)]
     model.train()
     with torch.no_grad():

@@ -69,7 +69,9 @@ def test_trains_end_to_end_and_leaves_the_backbone_alone(ckpt: Path, tmp_path: P
     assert not all(torch.equal(a, b) for a, b in zip(src.branches.parameters(), trained.model.branches.parameters()))
     meta = trained.model.meta
     assert meta["history"] == json.loads(json.dumps(doc["epochs"]))
-    assert meta["training"]["complete"] and meta["training"]["lambda"] == 0.9 and meta["training"]["targets"] == "pseudo"
+    assert meta["training"]["complete"] and meta["training"]["lambda"] == 0.9 and meta["training"]["targets"] == "soft"
+    # the default ensemble was fitted on the calibration split and saved
+    assert trained.model.ensemble is not None and meta["training"]["ensemble"]
     assert meta["data"]["spec"] == "synthetic" and meta["data"]["sizes"]["val"] == 50
     assert trained.state == {}  # a finished run drops the resume state
 
@@ -98,9 +100,24 @@ def test_resume_ends_where_an_uninterrupted_run_ends(ckpt: Path, tmp_path: Path,
     assert done["final"]["already_complete"] and split.read_bytes() == before
 
 
-def test_cache_features_needs_augmentation_off(ckpt: Path, tmp_path: Path) -> None:
-    with pytest.raises(PteenetError, match="no-augment"):
-        train_branches(ckpt, tmp_path / "o.safetensors", data(), cfg(cache_features=True))
+def test_views_need_an_augmented_feature_cache(ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(PteenetError, match="--cache-features"):
+        train_branches(ckpt, tmp_path / "o.safetensors", data(augment=False), cfg(cache_features=True, views=2))
+    with pytest.raises(PteenetError, match="--cache-features"):
+        train_branches(ckpt, tmp_path / "o.safetensors", data(), cfg(views=2))
+
+
+def test_augmented_views_are_cached_and_reproducible(ckpt: Path, tmp_path: Path) -> None:
+    # Two augmented views of each image in the cache: twice the steps of one view, same result twice.
+    one = train_branches(ckpt, tmp_path / "a.safetensors", data(), cfg(cache_features=True, epochs=1, ensemble=False))
+    two = train_branches(ckpt, tmp_path / "b.safetensors", data(), cfg(cache_features=True, views=2, epochs=1, ensemble=False))
+    again = train_branches(ckpt, tmp_path / "c.safetensors", data(), cfg(cache_features=True, views=2, epochs=1, ensemble=False))
+    assert one["final"]["complete"] and two["final"]["complete"]
+    assert branch_tensors(tmp_path / "b.safetensors").keys() == branch_tensors(tmp_path / "c.safetensors").keys()
+    b, c = branch_tensors(tmp_path / "b.safetensors"), branch_tensors(tmp_path / "c.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    a = branch_tensors(tmp_path / "a.safetensors")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_epoch(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,7 +181,7 @@ def _three_class_folder(root: Path) -> str:
     return f"imagefolder:{root}"
 
 
-@pytest.mark.parametrize("case", ["negative-lambda", "missing-folder", "class-mismatch", "no-exits", "cache-augment",
+@pytest.mark.parametrize("case", ["negative-lambda", "missing-folder", "class-mismatch", "no-exits", "views-no-cache",
                                   "amp-on-cpu", "empty-dataset"])
 def test_cli_bad_input_is_one_line_and_overwrites_nothing(ckpt: Path, tmp_path: Path, case: str) -> None:
     out = tmp_path / "out.safetensors"
@@ -178,8 +195,8 @@ def test_cli_bad_input_is_one_line_and_overwrites_nothing(ckpt: Path, tmp_path: 
         spec = _three_class_folder(tmp_path / "folder")
     elif case == "no-exits":
         src = _no_exits(ckpt, tmp_path / "no_exits.safetensors")
-    elif case == "cache-augment":
-        extra = ["--cache-features"]
+    elif case == "views-no-cache":
+        extra = ["--views", "2"]
     elif case == "amp-on-cpu":
         extra = ["--amp"]
     else:

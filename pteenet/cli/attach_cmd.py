@@ -26,15 +26,19 @@ def attach_command(
     mean: Optional[str] = typer.Option(None, help="per-channel mean, comma-separated"),
     std: Optional[str] = typer.Option(None, help="per-channel std, comma-separated"),
     at: Optional[list[str]] = typer.Option(None, "--at", help="exit point (module path or node name); repeat or comma-separate"),
-    exits: Optional[int] = typer.Option(None, help="number of exits placed by cost (default 4)"),
-    placement: str = typer.Option("linear", help="fine | pareto | linear | golden"),
-    branch: str = typer.Option("conv2", help="branch type: conv0 | conv1 | conv2 | conv3"),
+    exits: Optional[str] = typer.Option(None, help="number of exits placed by cost, or 'all' candidates (default all)"),
+    placement: str = typer.Option(AttachConfig.placement, help="fine | pareto | linear | golden"),
+    branch: str = typer.Option(AttachConfig.branch, help="branch type: pool-mlp | pool | conv-lite | conv0..conv3 (the paper's)"),
+    cascade: bool = typer.Option(AttachConfig.cascade, "--cascade/--no-cascade", help="each head also reads the previous exit's logits"),
+    grid: int = typer.Option(AttachConfig.grid, help="G of the G x G average+max pooling (pool, pool-mlp, conv-lite)"),
+    hidden: int = typer.Option(AttachConfig.hidden, help="hidden width of pool-mlp heads"),
     list_: bool = typer.Option(False, "--list", help="list candidate exit points and their cumulative MAC share"),
     json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout"),
 ) -> None:
     """Attach early-exit branches to a frozen backbone and write a checkpoint."""
+    n_exits: int | str | None = int(exits) if exits is not None and exits.strip().isdigit() else exits
     cfg = AttachConfig(backbone, weights, num_classes, parse_size(input_size), parse_floats(mean, "--mean"),
-                       parse_floats(std, "--std"), split_names(at), exits, placement, branch)
+                       parse_floats(std, "--std"), split_names(at), n_exits, placement, branch, cascade, grid, hidden)
     if list_:
         doc = list_candidates(cfg)
         if json_:

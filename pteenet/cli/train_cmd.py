@@ -95,10 +95,10 @@ def train_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="use at most N images per split"),
     no_augment: bool = typer.Option(False, "--no-augment", help="no random crops/flips on the train split"),
     val_split: float = typer.Option(0.1, "--val-split", help="fraction of train held out for calibration"),
-    targets: str = typer.Option("pseudo", "--targets", help="pseudo (backbone argmax) | soft (backbone softmax) | labels"),
-    temperature: float = typer.Option(1.0, "--temperature", help="softens the backbone's distribution for soft targets"),
-    loss: str = typer.Option("v2", "--loss", help="v2 (every exit) | v1 (first exit's mixture only)"),
-    lam: float = typer.Option(0.9, "--lambda", help="weight of the cost term"),
+    targets: str = typer.Option(LossConfig.targets, "--targets", help="pseudo (backbone argmax) | soft (backbone softmax) | labels"),
+    temperature: float = typer.Option(LossConfig.temperature, "--temperature", help="softens the backbone's distribution for soft targets"),
+    loss: str = typer.Option(LossConfig.version, "--loss", help="ce (each head on its own; confidence learns agreement) | v2 | v1 (the paper's joint losses)"),
+    lam: float = typer.Option(LossConfig.lam, "--lambda", help="weight of the cost term (v1, v2)"),
     exit_ce: float = typer.Option(LossConfig.exit_ce, "--exit-ce", help="weight of a direct per-exit cross-entropy term (0: the paper's loss exactly)"),
     epochs: int = typer.Option(20, "--epochs"),
     batch_size: int = typer.Option(128, "--batch-size"),
@@ -109,13 +109,17 @@ def train_command(
     workers: int = typer.Option(0, "--workers", help="data-loading processes (0: in the main process)"),
     amp: bool = typer.Option(False, "--amp", help="mixed precision (CUDA only)"),
     resume: bool = typer.Option(False, "--resume", help="continue the unfinished run in OUTPUT"),
-    cache_features: bool = typer.Option(False, "--cache-features", help="run the backbone once and train from cached exit features (needs --no-augment)"),
+    cache_features: bool = typer.Option(False, "--cache-features", help="run the backbone once (per view) and train from cached exit features"),
+    views: int = typer.Option(TrainConfig.views, "--views", help="augmented views of each training image in the feature cache (needs --cache-features, augmentation on)"),
+    ensemble: bool = typer.Option(TrainConfig.ensemble, "--ensemble/--no-ensemble", help="after training, fit an ensemble of the heads on the calibration split"),
     json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout"),
 ) -> None:
     """Train the exit branches (only them) on the frozen backbone, saving OUTPUT after every epoch."""
     data_cfg = DataConfig(data, data_dir, limit, augment=not no_augment, val_split=val_split, seed=seed)
-    cfg = TrainConfig(epochs, batch_size, lr, weight_decay, seed, device, workers, amp, resume, cache_features,
-                      LossConfig(loss, lam, targets, temperature, exit_ce))
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
+                      workers=workers, amp=amp, resume=resume, cache_features=cache_features, views=views,
+                      ensemble=ensemble, loss=LossConfig(version=loss, lam=lam, targets=targets, temperature=temperature,
+                                                          exit_ce=exit_ce))
     try:
         with RichReporter(console) as reporter:
             doc = train_branches(checkpoint, output, data_cfg, cfg, reporter)

@@ -1,0 +1,91 @@
+"""From a tap to an exit's answer, in one place for training, the sweep, the runtime and export.
+
+An exit's head (``Branch``) may read the previous head's logits (cascade), and the exit may answer
+with an ensemble of every head so far instead of its own head (``Ensemble``). Both need what earlier
+exits produced, which ``Carry`` holds for the samples still in flight. ``exit_step`` is the only code
+that turns (tap, carry) into (head logits, decision logits, confidence logit, next carry), so the
+runtime's decisions equal the sweep's simulation by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .branches import Branch
+from .errors import PteenetError
+
+
+class Ensemble(nn.Module):
+    """Exit k answers with a weighted sum of the log-probabilities of heads 0..k plus a per-class
+    bias (a geometric ensemble, as in Zero Time Waste). Weights are softplus of a free parameter,
+    so they are non-negative; their sum also acts as a learned temperature."""
+
+    def __init__(self, num_exits: int, num_classes: int) -> None:
+        super().__init__()
+        raw = torch.full((num_exits, num_exits), -4.0)  # softplus(-4) ~ 0.02: earlier heads start small
+        raw.diagonal().fill_(0.5413)  # softplus(0.5413) = 1: each exit starts as its own head
+        self.raw = nn.Parameter(raw)
+        self.bias = nn.Parameter(torch.zeros(num_exits, num_classes))
+
+    @property
+    def num_exits(self) -> int:
+        return self.raw.shape[0]
+
+    def weights(self) -> torch.Tensor:
+        """[E, E], row k: the weights of heads 0..k for exit k (zero above the diagonal)."""
+        return F.softplus(self.raw).tril()
+
+    def exit_logits(self, k: int, logps: list[torch.Tensor]) -> torch.Tensor:
+        w = F.softplus(self.raw[k, : k + 1])
+        return torch.einsum("jbc,j->bc", torch.stack(logps[: k + 1]), w.to(logps[0].dtype)) + self.bias[k].to(logps[0].dtype)
+
+
+@dataclass
+class Carry:
+    """What later exits need from earlier ones, one row per sample in flight."""
+
+    prev: torch.Tensor | None = None  # the last head's logits (cascade)
+    logps: list[torch.Tensor] = field(default_factory=list)  # every head's log-softmax so far (ensemble)
+
+    def select(self, rows: torch.Tensor) -> "Carry":
+        return Carry(None if self.prev is None else self.prev[rows], [lp[rows] for lp in self.logps])
+
+
+def exit_step(branch: Branch, ensemble: Ensemble | None, k: int, x: torch.Tensor, carry: Carry,
+              features: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Carry]:
+    """Exit k on its tap (or, with ``features``, on its stem's cached output).
+
+    Returns (head logits, the logits the exit decides and answers with, confidence logit, carry).
+    """
+    head, conf = (branch.head(x, carry.prev) if features else branch(x, carry.prev))
+    logps = carry.logps
+    logits = head
+    if ensemble is not None:
+        logps = [*logps, torch.log_softmax(head.float(), 1)]
+        logits = ensemble.exit_logits(k, logps).to(head.dtype)
+    return head, logits, conf, Carry(head if branch.cascade else None, logps)
+
+
+def fit_ensemble(head_logits: list[torch.Tensor], targets: torch.Tensor, steps: int = 300,
+                 lr: float = 0.05) -> Ensemble:
+    """Fit an ensemble on every head's logits over a set of samples the heads did NOT train on
+    (fitting on their own training rows makes it overconfident). ``targets``: [N] class indices
+    (the backbone's argmax) or [N, K] probabilities. Full batch Adam: E*E + E*K parameters only."""
+    e = len(head_logits)
+    if e == 0 or head_logits[0].shape[0] == 0:
+        raise PteenetError("no samples to fit the exit ensemble on", "train with a calibration split (--val-split > 0)")
+    k = head_logits[0].shape[1]
+    ens = Ensemble(e, k)
+    stacked = torch.stack([torch.log_softmax(h.detach().float(), 1) for h in head_logits])  # [E, N, K]
+    opt = torch.optim.Adam(ens.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        # Every exit at once: the same sums as ``exit_logits``, in one einsum (only the fit is vectorised).
+        lp = torch.log_softmax(torch.einsum("jnc,kj->knc", stacked, ens.weights()) + ens.bias[:, None], -1)
+        per_exit = -(targets[None] * lp).sum(-1) if targets.dim() == 2 else -lp.gather(-1, targets[None, :, None].expand(e, -1, 1)).squeeze(-1)
+        per_exit.mean().backward()
+        opt.step()
+    return ens.requires_grad_(False)
