@@ -38,21 +38,40 @@ POLICIES = ("confidence", "max-softmax", "entropy")
 PAPER_AGREEMENT = 0.9715
 L2L3 = {"at": ["layer2.0", "layer2.4", "layer2.8", "layer3.2", "layer3.5"]}  # the README floor's second set
 MIXED = {"at": ["layer1.6", "layer2.1", "layer2.5", "layer3.0", "layer3.4"]}
-# name, backbone, exit placement (AttachConfig fields), lambda, exit_ce (0 = the paper's loss exactly)
-GRIDS: dict[str, list[tuple[str, str, dict[str, Any], float, float]]] = {
-    "quick": [
-        ("r56-paper-fine4", "resnet56", {"exits": 4, "placement": "fine"}, 0.9, 0.0),
-        ("r56-fine4-ce", "resnet56", {"exits": 4, "placement": "fine"}, 0.9, 1.0),
-        ("r56-l2l3-ce", "resnet56", L2L3, 0.9, 1.0),
-        ("r56-mixed-ce", "resnet56", MIXED, 0.9, 1.0),
-        ("r20-fine4-ce", "resnet20", {"exits": 4, "placement": "fine"}, 0.9, 1.0),
+# The paper's ConvX setting: conv2 branches, v2 loss with lambda 0.9 on the backbone's argmax.
+PAPER = {"branch": "conv2", "cascade": False, "loss": {"version": "v2", "targets": "pseudo", "temperature": 1.0},
+         "ensemble": False}
+
+
+def cfg(name: str, backbone: str = "resnet56", loss: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    """One configuration: AttachConfig fields, TrainConfig fields (ensemble, views, augment, epochs)
+    and LossConfig fields under ``loss``. Anything not given is the tool's default."""
+    return {"name": name, "backbone": backbone, "loss": loss or {}, **kw}
+
+
+# Each lever against the default (pool-mlp heads after all 27 blocks, cascade, ensemble fitted on
+# the calibration split, distillation at temperature 2): one change per row.
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "heads": [
+        cfg("r56-default"),
+        cfg("r56-pool-linear", branch="pool", cascade=False, ensemble=False),
+        cfg("r56-no-cascade", cascade=False),
+        cfg("r56-no-ensemble", ensemble=False),
+        cfg("r56-pseudo", loss={"targets": "pseudo", "temperature": 1.0}),
+        cfg("r56-mixed5", **MIXED),
+        cfg("r56-conv-lite", branch="conv-lite"),
+        cfg("r56-aug3", views=3, augment=True),
+        cfg("r20-default", backbone="resnet20"),
+    ],
+    # The earlier study's ConvX grid (its numbers are in cifar10_resnet.json of that commit).
+    "paper": [
+        cfg("r56-paper-fine4", exits=4, placement="fine", **{**PAPER, "loss": {**PAPER["loss"], "exit_ce": 0.0}}),
+        cfg("r56-mixed-ce", **MIXED, **PAPER),
+        cfg("r56-l2l3-ce", **L2L3, **PAPER),
+        cfg("r20-fine4-ce", backbone="resnet20", exits=4, placement="fine", **PAPER),
     ],
 }
-GRIDS["full"] = GRIDS["quick"] + [
-    ("r56-paper-fine8", "resnet56", {"exits": 8, "placement": "fine"}, 0.9, 0.0),
-    ("r56-l2l3-lam0.3", "resnet56", L2L3, 0.3, 1.0),
-    ("r56-linear4-ce", "resnet56", {"exits": 4, "placement": "linear"}, 0.9, 1.0),
-]
+ATTACH_KEYS = ("at", "exits", "placement", "branch", "cascade", "grid", "hidden")
 
 
 def eval_data(args: argparse.Namespace) -> DataConfig:
@@ -113,17 +132,20 @@ def choose(val_points: list[Point], backbone: Point, criterion: str) -> Point | 
     return min(ok, key=lambda p: p.cost) if ok else None
 
 
-def run_config(name: str, bb: str, exits: dict[str, Any], lam: float, exit_ce: float, args: argparse.Namespace,
-               work: Path, grid: Any) -> dict[str, Any]:
+def run_config(c: dict[str, Any], args: argparse.Namespace, work: Path, grid: Any) -> dict[str, Any]:
     t0 = time.time()
+    name, bb = c["name"], c["backbone"]
     attached, trained = work / f"{name}-attached.safetensors", work / f"{name}.safetensors"
     val_npz, test_npz = work / f"{name}-val.npz", work / f"{name}-test.npz"
     if not (args.reuse and trained.exists() and val_npz.exists() and test_npz.exists()):
-        model = attach(AttachConfig(f"cifar-{bb}", weights=str(backbone_file(args.backbones, bb)), branch="conv2", **exits))
+        model = attach(AttachConfig(f"cifar-{bb}", weights=str(backbone_file(args.backbones, bb)),
+                                    **{k: c[k] for k in ATTACH_KEYS if k in c}))
         save_checkpoint(attached, model)
-        data_cfg = DataConfig(f"imagefolder:{args.data}", limit=args.train_limit, augment=False, val_split=0.1, seed=0)
-        tcfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, cache_features=True,
-                           loss=LossConfig(version="v2", lam=lam, targets="pseudo", exit_ce=exit_ce))
+        data_cfg = DataConfig(f"imagefolder:{args.data}", limit=args.train_limit, augment=c.get("augment", False),
+                              val_split=0.1, seed=0)
+        tcfg = TrainConfig(epochs=c.get("epochs", args.epochs), batch_size=128, lr=args.lr, cache_features=True,
+                           views=c.get("views", 1), ensemble=c.get("ensemble", TrainConfig.ensemble),
+                           loss=LossConfig(**c["loss"]))
         trained.unlink(missing_ok=True)
         train_branches(attached, trained, data_cfg, tcfg)
         model = load_checkpoint(trained).model
@@ -142,7 +164,8 @@ def run_config(name: str, bb: str, exits: dict[str, Any], lam: float, exit_ce: f
     half = test.num_samples // 2
     chosen_test_halves = pick(subset(test, perm[:half]), subset(test, perm[half:]), grid)
     return {
-        "name": name, "backbone": bb, "exits": [e.name for e in model.exit_points], "lambda": lam, "exit_ce": exit_ce,
+        "name": name, "backbone": bb, "config": c, "exits": [e.name for e in model.exit_points],
+        "branch": model.branch_config.to_dict(), "training": model.meta.get("training"),
         "cost_table": model.cost.to_dict(), "train_last_epoch": (model.meta.get("history") or [None])[-1],
         "backbone_test": bb_test.to_dict(), "oracle_test": oracle_point(test).to_dict(),
         "oracle_val": oracle_point(val).to_dict(), "test_curves": curve(test, grid), "chosen": chosen,
@@ -232,11 +255,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="unpacked cifar10-jpeg-q75 folder (train/, test/)")
     ap.add_argument("--backbones", type=Path, required=True, help="folder with resnet*_cifar10jpeg.safetensors")
-    ap.add_argument("--grid", choices=sorted(GRIDS), default="quick")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="heads")
     ap.add_argument("--only", nargs="*", help="run only these configuration names")
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--train-limit", type=int, default=20000, help="training images for the branches (of 45,000)")
+    ap.add_argument("--train-limit", type=int, default=None, help="training images for the branches (of 45,000; default all)")
     ap.add_argument("--eval-limit", type=int, default=None, help="cap on calibration/test images (smoke runs only)")
     ap.add_argument("--tag", default="", help="suffix of the results files (cifar10_resnet{TAG}.json/.png)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the results JSON and stop")
@@ -255,11 +278,11 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     grid = np.round(np.linspace(0, 1, 201), 4)
-    configs = [c for c in GRIDS[args.grid] if not args.only or c[0] in args.only]
+    configs = [c for c in GRIDS[args.grid] if not args.only or c["name"] in args.only]
     doc: dict[str, Any] = {"setup": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
                            "plain": plain_points(args), "configs": []}
-    for name, bb, exits, lam, exit_ce in configs:
-        doc["configs"].append(run_config(name, bb, exits, lam, exit_ce, args, args.work, grid))
+    for c in configs:
+        doc["configs"].append(run_config(c, args, args.work, grid))
         (args.out / f"cifar10_resnet{args.tag}.json").write_text(json.dumps(doc, indent=1))
     r56 = [r for r in doc["configs"] if r["backbone"] == "resnet56" and r["chosen_test_halves"].get("drop1")]
     if r56:

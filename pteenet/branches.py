@@ -79,16 +79,26 @@ class BranchConfig:
                    hidden=int(d.get("hidden", 128)), cascade=bool(d.get("cascade", False)))
 
 
+def grid_width(c: int, hw: tuple[int, int], grid: int) -> int:
+    """Length of ``GridPool``'s output vector."""
+    h, w = min(grid, hw[0]), min(grid, hw[1])
+    return c * h * w if (h, w) == tuple(hw) else 2 * c * h * w
+
+
 class GridPool(nn.Module):
-    """Average- and max-pool to at most G x G, concatenated and flattened: (B, C, H, W) -> (B, 2*C*g*g)."""
+    """Average- and max-pool to at most G x G, concatenated and flattened: (B, C, H, W) -> (B, 2*C*g*g).
+    A map no larger than the grid is passed through flattened: both pools would be the identity."""
 
     def __init__(self, grid: int, hw: tuple[int, int]) -> None:
         super().__init__()
         # A grid finer than the map would only repeat values: cap it at the map's size.
         size = (min(grid, hw[0]), min(grid, hw[1]))
+        self.whole = size == tuple(hw)
         self.avg, self.max = nn.AdaptiveAvgPool2d(size), nn.AdaptiveMaxPool2d(size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.whole:
+            return x.flatten(1)
         return torch.cat([self.avg(x).flatten(1), self.max(x).flatten(1)], 1)
 
 
@@ -113,12 +123,12 @@ def _body_and_width(in_shape: tuple[int, ...], cfg: BranchConfig) -> tuple[nn.Mo
         half = max(c // 2, 1)
         oh, ow = (h + 1) // 2, (w + 1) // 2
         pool = GridPool(cfg.grid, (oh, ow))
-        width = 2 * half * min(cfg.grid, oh) * min(cfg.grid, ow)
+        width = grid_width(half, (oh, ow), cfg.grid)
         body = nn.Sequential(nn.Conv2d(c, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half),
                              nn.ReLU(inplace=True), pool, nn.BatchNorm1d(width))
         return nn.Identity(), body, width
     stem = GridPool(cfg.grid, (h, w))
-    width = 2 * c * min(cfg.grid, h) * min(cfg.grid, w)
+    width = grid_width(c, (h, w), cfg.grid)
     # BatchNorm on the pooled vector: backbone activations differ in scale from block to block (and
     # a random backbone's are huge), so without it one learning rate cannot suit every head. At
     # inference it is an affine map, nearly free.

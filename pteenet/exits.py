@@ -8,6 +8,7 @@ runtime's decisions equal the sweep's simulation by construction.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,14 @@ class Ensemble(nn.Module):
     def exit_logits(self, k: int, logps: list[torch.Tensor]) -> torch.Tensor:
         w = F.softplus(self.raw[k, : k + 1])
         return torch.einsum("jbc,j->bc", torch.stack(logps[: k + 1]), w.to(logps[0].dtype)) + self.bias[k].to(logps[0].dtype)
+
+
+def computed_heads(active: Sequence[bool], chained: bool) -> list[bool]:
+    """Per exit, whether the runtime computes its head when only ``active`` exits decide: an active
+    exit's head, and with a cascade or an ensemble (``chained``) every head before the last active
+    exit too, since later exits read them; nothing after the last active exit."""
+    last = max((k for k, a in enumerate(active) if a), default=-1)
+    return [k <= last and (bool(a) or chained) for k, a in enumerate(active)]
 
 
 @dataclass

@@ -19,7 +19,7 @@ from .backbones import BackboneInfo
 from .branches import Branch, BranchConfig
 from .cost import CostTable
 from .errors import PteenetError
-from .exits import Carry, Ensemble, exit_step
+from .exits import Carry, Ensemble, computed_heads, exit_step
 from .graph import ExitPoint, Stages, resolve, split, trace
 from .weights import module_sha256
 
@@ -131,9 +131,7 @@ class EarlyExitModel(nn.Module):
 
     def computed_heads(self, active: Sequence[bool] | None = None) -> list[bool]:
         """Per exit, whether the runtime computes its head under ``active`` (default: the model's)."""
-        active = list(self.active if active is None else active)
-        last = max((k for k, a in enumerate(active) if a), default=-1)
-        return [k <= last and (bool(a) or self.chained) for k, a in enumerate(active)]
+        return computed_heads(self.active if active is None else active, self.chained)
 
     # -- thresholds ------------------------------------------------------------------------------
     def set_thresholds(self, thresholds: float | Sequence[float], policy: str | None = None) -> None:

@@ -1,0 +1,86 @@
+"""Exit selection: which exits should take decisions at all.
+
+With a cheap head after every block, most exits are rarely the first to pass; each still costs its
+head (and, at batch size 1, a decision). Switching an exit off removes its decision, and its head
+too unless a later exit still needs it (cascade or ensemble). What that saves and loses is measured
+on an exit cache: the switched-off exits' scores never pass, and the costs are re-priced for the
+heads that are still computed (``CostTable.costs(computed)``), exactly as the runtime will run.
+
+The search is a greedy backward elimination on the chosen criterion (the cheapest global threshold
+within ``max_drop`` points of the backbone, or the most accurate one within ``budget``): each round
+drops the exit whose removal helps most, and removals that change nothing are taken too (fewer
+exits is less work at run time), until every remaining removal hurts.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cost import CostTable
+from .errors import PteenetError
+from .exit_cache import ExitCache
+from .exits import computed_heads
+from .sweep import Point, backbone_point, select, sweep_global
+
+
+def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable, chained: bool) -> ExitCache:
+    """The cache as the runtime sees it with only ``active`` exits deciding."""
+    mask = np.asarray(active, dtype=bool)
+    if mask.shape != (cache.num_exits,):
+        raise PteenetError(f"{mask.size} active flags for {cache.num_exits} exits", "give one per exit")
+    scores = {p: np.where(mask[:, None], s, np.nan).astype(np.float32) for p, s in cache.scores.items()}
+    return ExitCache(cache.preds, scores, cache.labels, np.asarray(cost.costs(computed_heads(mask, chained))),
+                     cache.costs_paper)
+
+
+@dataclass
+class Selection:
+    active: list[bool]
+    point: Point  # the chosen setting on the restricted cache
+    rounds: int
+
+
+def _objective(p: Point | None, by_budget: bool) -> tuple[float, float]:
+    """Smaller is better: cost for max_drop; for a budget, missing accuracy, then cost."""
+    if p is None:
+        return (float("inf"), float("inf"))
+    return (-p.metric, p.cost) if by_budget else (p.cost, -p.metric)
+
+
+def select_exits(cache: ExitCache, cost: CostTable, chained: bool, policy: str, grid: np.ndarray,
+                 max_drop: float | None = None, budget: float | None = None) -> Selection:
+    """Greedy backward elimination of exits for one policy with a global threshold."""
+    if (max_drop is None) == (budget is None):
+        raise PteenetError("exit selection needs a criterion", "pass either --max-drop or --budget")
+    backbone = backbone_point(cache)
+    by_budget = budget is not None
+
+    def best(active: list[bool]) -> Point | None:
+        if not any(active):
+            return None
+        points = sweep_global(restrict(cache, active, cost, chained), policy, grid)
+        try:
+            return select(points, backbone, budget, max_drop)
+        except PteenetError:  # the budget is below what this set of exits can reach
+            return None
+
+    active = [True] * cache.num_exits
+    current = best(active)
+    rounds = 0
+    while sum(active) > 1:
+        rounds += 1
+        trials = []
+        for k in (k for k, a in enumerate(active) if a):
+            trial = [a and j != k for j, a in enumerate(active)]
+            trials.append((_objective(best(trial), by_budget), k))
+        score, k = min(trials)
+        if score > _objective(current, by_budget):
+            break
+        active[k] = False
+        current = best(active)
+    if current is None:
+        raise PteenetError("no setting meets the criterion with any set of exits",
+                           "raise --max-drop or --budget")
+    return Selection(active, current, rounds)

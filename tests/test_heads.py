@@ -1,0 +1,188 @@
+"""The exit heads beyond ConvX (pool, pool-mlp, conv-lite), cascade, the fitted ensemble and exit
+selection: every one runs the same in the runtime as in the sweep's simulation, batched as one by one,
+through a feature cache as from images, after a checkpoint round trip, and in torch.export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pteenet
+from pteenet.batches import _stem_shapes
+from pteenet.exit_selection import restrict, select_exits
+from pteenet.exits import computed_heads, fit_ensemble
+from pteenet.export import CondProgram
+from pteenet.sweep import evaluate
+from test_runtime import assert_logits_close, cache_of, make_images, perturb, random_thresholds, simulated_exits
+
+VARIANTS = [  # (branch, cascade, ensemble)
+    ("pool", False, False), ("pool-mlp", True, True), ("pool-mlp", False, True), ("conv-lite", True, False),
+    ("conv1", False, True),
+]
+
+
+def build(branch: str, cascade: bool, ensemble: bool, exits: int | str = 3, seed: int = 0) -> pteenet.EarlyExitModel:
+    model = pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=exits, branch=branch,
+                                                cascade=cascade))
+    perturb(model, seed)
+    if ensemble:
+        x = make_images(64, seed=5)
+        with torch.no_grad():
+            out = model.forward_all(x)
+        model.set_ensemble(fit_ensemble(out.heads, out.final_logits.argmax(1), steps=30))
+    return model
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return make_images(40, seed=3)
+
+
+@pytest.mark.parametrize("branch,cascade,ensemble", VARIANTS)
+def test_runtime_equals_simulation_for_every_head(branch: str, cascade: bool, ensemble: bool, images: torch.Tensor) -> None:
+    model = build(branch, cascade, ensemble)
+    cache = cache_of(model, images)
+    with torch.no_grad():
+        a = model.forward_all(images)
+    per_exit = torch.stack(a.exit_logits + [a.final_logits])
+    rng = np.random.default_rng(7)
+    seen: set[int] = set()
+    for _ in range(3):
+        ts = random_thresholds(cache, "max-softmax", rng)
+        want = simulated_exits(cache, "max-softmax", ts)
+        seen.update(want.tolist())
+        for bs in (1, 7, len(images)):
+            got = [model.predict(images[i:i + bs], ts, "max-softmax") for i in range(0, len(images), bs)]
+            np.testing.assert_array_equal(torch.cat([g.exit_index for g in got]).numpy(), want, err_msg=f"batch {bs}")
+            assert_logits_close(torch.cat([g.logits for g in got]), per_exit[want, np.arange(len(want))])
+    assert len(seen) >= 3
+
+
+@pytest.mark.parametrize("branch,cascade,ensemble", VARIANTS[:2])
+def test_feature_cache_rows_give_the_same_outputs(branch: str, cascade: bool, ensemble: bool, images: torch.Tensor) -> None:
+    """Training from cached stem outputs computes what training from images computes."""
+    model = build(branch, cascade, ensemble)
+    with torch.no_grad():
+        taps, final = model.backbone_taps(images)
+        direct = model.branch_outputs(taps, final)
+        stems = [b.stem(t) for b, t in zip(model.branches, taps)]
+        cached = model.branch_outputs(stems, final, features=True)
+    assert [tuple(s.shape[1:]) for s in stems] == _stem_shapes(model)
+    if model.branch_config.cacheable_stem:
+        # pooled vectors: never larger than the taps they replace, smaller where the map is large
+        assert all(s[0].numel() <= t[0].numel() for s, t in zip(stems, taps))
+        assert stems[0][0].numel() < taps[0][0].numel()
+    for x, y in zip(direct.exit_logits + direct.exit_conf, cached.exit_logits + cached.exit_conf):
+        torch.testing.assert_close(x, y)
+
+
+def test_ensemble_is_fitted_non_negative_and_helps(images: torch.Tensor) -> None:
+    model = build("pool-mlp", True, False)
+    x = make_images(128, seed=9)
+    with torch.no_grad():
+        out = model.forward_all(x)
+    targets = out.final_logits.argmax(1)
+    ens = fit_ensemble(out.heads, targets, steps=200)
+    w = ens.weights()
+    assert (w >= 0).all() and torch.equal(w, w.tril())
+    model.set_ensemble(ens)
+    with torch.no_grad():
+        fitted = model.forward_all(x)
+    nll = lambda zs: float(sum(torch.nn.functional.cross_entropy(z, targets) for z in zs))  # noqa: E731
+    assert nll(fitted.exit_logits) < nll(out.heads)  # fitted on these rows: it must not be worse there
+    # exit 0's ensemble reads head 0 only
+    assert_logits_close(fitted.exit_logits[0], torch.log_softmax(out.heads[0], 1) * w[0, 0] + ens.bias[0])
+
+
+def test_checkpoint_round_trip_keeps_heads_ensemble_and_active(tmp_path: Path, images: torch.Tensor) -> None:
+    model = build("pool-mlp", True, True)
+    model.set_active([True, False, True])
+    path = tmp_path / "m.safetensors"
+    pteenet.save_checkpoint(path, model)
+    back = pteenet.load(str(path))
+    assert back.branch_config == model.branch_config and back.active == [True, False, True]
+    assert back.ensemble is not None
+    with torch.no_grad():
+        for a, b in zip(model.forward_all(images).exit_logits, back.forward_all(images).exit_logits):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_inactive_exits_never_decide_and_their_heads_are_skipped(chained: bool, images: torch.Tensor) -> None:
+    model = build("pool-mlp", chained, False, exits="all")
+    e = model.num_exits
+    active = [k in (1, 4) for k in range(e)]
+    model.set_active(active)
+    calls = [0] * e
+    hooks = [b.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1)) for k, b in enumerate(model.branches)]
+    try:
+        cache = cache_of(model, images)
+        assert model.cost is not None
+        sim = restrict(cache, active, model.cost, model.chained)
+        calls[:] = [0] * e
+        ts = [0.0] * e  # every active exit would take every sample: only exit 1 can
+        pred = model.predict(images, ts, "max-softmax")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(pred.exit_index.tolist()) == {1}
+    point = evaluate(sim, "max-softmax", ts)
+    assert point.exit_fractions[1] == 1.0
+    # heads run: exit 0 only when a later head reads it (cascade); nothing after the last active exit
+    assert calls[0] == (1 if chained else 0) and calls[1] == 1 and all(c == 0 for c in calls[2:])
+    assert computed_heads(active, chained)[0] == chained
+    costs = model.cost.costs(computed_heads(active, chained))
+    assert sim.costs[1] == costs[1] < model.cost.costs()[1] + 1e-12
+    assert costs[-1] < model.cost.final_cost  # the heads after exit 4 are not paid for
+
+
+def test_exit_selection_drops_exits_without_losing_the_point(images: torch.Tensor) -> None:
+    model = build("pool-mlp", True, True, exits="all")
+    x = make_images(200, seed=13)
+    cache = cache_of(model, x)
+    cache.labels = cache.preds[-1].astype(np.int64)  # agreement as accuracy: the criterion has work to do
+    grid = np.linspace(0, 1, 51)
+    assert model.cost is not None
+    sel = select_exits(cache, model.cost, model.chained, "max-softmax", grid, max_drop=5.0)
+    full = select_exits(cache, model.cost, model.chained, "max-softmax", grid, max_drop=5.0)
+    assert sel.active == full.active  # deterministic
+    assert sum(sel.active) < model.num_exits
+    restricted = restrict(cache, sel.active, model.cost, model.chained)
+    again = evaluate(restricted, "max-softmax", sel.point.thresholds or [])
+    assert again.cost == pytest.approx(sel.point.cost) and again.accuracy == pytest.approx(sel.point.accuracy)
+    assert sel.point.accuracy >= 0.95 - 1e-9
+    # what the runtime then does with that selection is what the restricted cache says
+    model.set_active(sel.active)
+    pred = model.predict(x, sel.point.thresholds or [], "max-softmax")
+    frac = np.bincount(pred.exit_index.numpy(), minlength=model.num_exits + 1) / len(x)
+    np.testing.assert_allclose(frac, sel.point.exit_fractions)
+
+
+def test_cond_program_with_ensemble_and_inactive_exits_equals_eager(images: torch.Tensor) -> None:
+    model = build("pool-mlp", True, True)
+    model.set_active([True, False, True])
+    cache = cache_of(model, images)
+    ts = random_thresholds(cache, "max-softmax", np.random.default_rng(1))
+    model.set_thresholds(ts, "max-softmax")
+    ep = torch.export.export(CondProgram(model, "max-softmax").eval(), (images[:1], torch.tensor(ts)))
+    for i in range(6):
+        logits, exit_index = ep.module()(images[i:i + 1], torch.tensor(ts))
+        want = model.predict(images[i:i + 1])
+        assert int(exit_index) == int(want.exit_index)
+        assert_logits_close(logits, want.logits)
+
+
+def test_attach_exits_all_and_head_costs() -> None:
+    model = pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits="all", branch="pool",
+                                                cascade=False))
+    assert model.num_exits == 9  # every block of the three stages
+    assert model.cost is not None
+    for k, e in enumerate(model.cost.exits):
+        c, h, w = model.tap_shapes[k]
+        width = c * h * w if h <= 4 and w <= 4 else 2 * c * min(4, h) * min(4, w)
+        # the two linear heads at least; pooling and BatchNorm add a little, never a conv's worth
+        assert width * 11 <= e.branch_macs < width * 11 + 8 * c * h * w
+    with pytest.raises(pteenet.PteenetError, match="'all'"):
+        pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits="most"))
