@@ -7,12 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, policies
 from .files import atomic_write_bytes, atomic_write_text
 from .model import EarlyExitModel
-
-RULES = {"confidence": "confidence h > T", "max-softmax": "top softmax probability >= T",
-         "entropy": "normalised softmax entropy <= T"}
 
 
 def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, str], source: str) -> dict[str, Any]:
@@ -35,12 +32,18 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
                      "final_epoch": history[-1] if history else None} if model.meta.get("training") or history else None,
         "data": model.meta.get("data"),
         "sweep": None if not sweep else {k: sweep.get(k) for k in ("metric", "samples", "backbone", "oracle", "criterion", "points")},
-        "operating_point": {**point, "rule": RULES.get(point["policy"]),
+        "operating_point": {**point, "rule": _rule(point["policy"]),
                             "reduction": None if not val else 1.0 - val["cost"],
                             "reduction_paper": None if not val else 1.0 - val["cost_paper"]},
         "bench": model.meta.get("bench"),
         "files": files,
     }
+
+
+def _rule(policy: str | None) -> str | None:
+    """The registry's sentence for the policy: when a sample leaves."""
+    p = policies.POLICIES.get(policy)  # type: ignore[arg-type]
+    return None if p is None else p.rule
 
 
 def write_report(outdir: Path, report: dict[str, Any], sweep: dict[str, Any] | None) -> dict[str, str]:

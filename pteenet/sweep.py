@@ -130,12 +130,11 @@ def oracle_point(cache: ExitCache) -> Point:
 
 
 def _direction(policy: str) -> tuple[bool, str]:
-    """(leaves when the score is high?, searchsorted side), derived from ``passes`` itself."""
-    high = bool(pol.passes(policy, 1.0, 0.5))
-    eq = bool(pol.passes(policy, 0.5, 0.5))
+    """(leaves when the score is high?, searchsorted side), from the policy's comparison."""
+    p = pol.get(policy)
     # High: the passing set is a sorted suffix starting at the first v >= T (eq passes: 'left')
     # or v > T ('right'). Low: a prefix ending after v <= T ('right') or before v == T ('left').
-    return high, "left" if eq == high else "right"
+    return p.high_leaves, "left" if p.inclusive == p.high_leaves else "right"
 
 
 def _pass_sums(policy: str, values: np.ndarray, weights: np.ndarray, ts: np.ndarray) -> np.ndarray:
