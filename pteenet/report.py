@@ -63,11 +63,11 @@ def _write_curve(path: Path, sweep: dict[str, Any], point: dict[str, Any]) -> bo
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    from .sweep_report import _curve_figure  # the sweep command's own chart, with our point marked
+    from .sweep import curve_figure  # the sweep command's own chart, with our point marked
 
     val = point.get("val")
     chosen = None if not val else {**val, "policy": point["policy"], "threshold": _t(point["thresholds"])}
-    fig = _curve_figure(Figure(figsize=(7, 4.5)), {**sweep, "chosen": chosen})
+    fig = curve_figure(Figure(figsize=(7, 4.5)), {**sweep, "chosen": chosen})
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
