@@ -10,6 +10,7 @@ from typing import Any
 from . import __version__, policies
 from .files import atomic_write_bytes, atomic_write_text
 from .model import EarlyExitModel
+from .sweep import Point, curve_figure, pareto
 
 
 def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, str], source: str) -> dict[str, Any]:
@@ -63,10 +64,9 @@ def _write_curve(path: Path, sweep: dict[str, Any], point: dict[str, Any]) -> bo
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    from .sweep import curve_figure  # the sweep command's own chart, with our point marked
-
     val = point.get("val")
     chosen = None if not val else {**val, "policy": point["policy"], "threshold": _t(point["thresholds"])}
+    # The sweep command's own chart, with our point marked.
     fig = curve_figure(Figure(figsize=(7, 4.5)), {**sweep, "chosen": chosen})
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -183,13 +183,10 @@ def _sweep_md(sw: dict[str, Any] | None) -> list[str]:
     if not sw:
         return ["No sweep is recorded: the operating point's accuracy and cost were not measured "
                 "(`pteenet sweep-threshold --write` measures them)."]
-    from .export import _point
-    from .sweep import pareto
-
     metric = sw.get("metric") or "accuracy"
     points = [p for p in sw.get("points") or [] if p.get("threshold") is not None]
     n_exits = len(points[0]["exit_fractions"]) - 1 if points else 0
-    front = pareto([_point(p, n_exits) for p in points])
+    front = pareto([Point.from_dict(p, n_exits) for p in points])
     out = [f"Every policy and threshold was evaluated on {sw.get('samples')} held-out calibration (val) images; "
            f"{metric} is against the {'labels' if metric == 'accuracy' else 'backbone'}. Backbone alone: "
            f"{metric} {_pct((sw.get('backbone') or {}).get(metric))} at cost 1. Oracle (each image leaves at the first right exit): "

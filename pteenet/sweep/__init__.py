@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from .cache import ExitCache, ExitCacheBuilder
 from .engine import (Point, backbone_point, below_cheapest, evaluate, oracle_point, pareto, parse_range,
-                     search_per_exit, select, sweep_global)
+                     search_per_exit, select, sweep_global, threshold_list)
 from .outputs import PLOTS_WARNING, build_document, curve_figure, print_points, write_sweep_outputs
 from .run import SweepConfig, build_cache, sweep_meta, sweep_points, sweep_threshold
 
 __all__ = ["PLOTS_WARNING", "ExitCache", "ExitCacheBuilder", "Point", "SweepConfig", "backbone_point",
            "below_cheapest", "build_cache", "build_document", "curve_figure", "evaluate", "oracle_point",
            "pareto", "parse_range", "print_points", "search_per_exit", "select", "sweep_global", "sweep_meta",
-           "sweep_points", "sweep_threshold", "write_sweep_outputs"]
+           "sweep_points", "sweep_threshold", "threshold_list", "write_sweep_outputs"]

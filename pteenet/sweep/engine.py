@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +47,17 @@ class Point:
                 "accuracy": self.accuracy, "agreement": self.agreement, "cost": self.cost,
                 "cost_paper": self.cost_paper, "exit_fractions": self.exit_fractions,
                 "policy": self.policy, "kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], n_exits: int) -> Point:
+        """The inverse of ``to_dict`` (a point of a stored sweep document)."""
+        return cls(threshold_list(d.get("threshold"), n_exits), d.get("accuracy"), d["agreement"], d["cost"],
+                   d["cost_paper"], list(d["exit_fractions"]), d.get("policy"), d.get("kind", "global"))
+
+
+def threshold_list(t: Any, n_exits: int) -> list[float] | None:
+    """A sweep document's ``threshold`` (one global value, a per-exit list, or None) as per-exit values."""
+    return None if t is None else [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * n_exits
 
 
 def _policy_scores(cache: ExitCache, policy: str) -> np.ndarray:
