@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import __version__, policies
+from . import policies
 from .files import atomic_write_bytes, atomic_write_text
 from .model import EarlyExitModel
 from .sweep import Point, curve_figure, pareto
+from .version import __version__
 
 
 def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, str], source: str) -> dict[str, Any]:
