@@ -14,7 +14,7 @@ def test_build_from_model_outputs(tiny_model) -> None:
     x, y = torch.randn(10, 3, 16, 16), torch.arange(10) % 10
     builder = ExitCacheBuilder()
     with torch.no_grad():
-        for rows in (slice(0, 4), slice(4, 10)):
+        for rows in (slice(0, 4), slice(4, 8), slice(8, 10)):  # build_cache's batches below
             builder.add_outputs(tiny_model.forward_all(x[rows]), y[rows])
     cache = builder.build_for(tiny_model)
     assert (cache.num_exits, cache.num_samples) == (tiny_model.num_exits, 10)
