@@ -28,10 +28,9 @@ import torch
 from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
 from pteenet.bench import BenchConfig, bench
 from pteenet.data import DataConfig, load_splits
-from pteenet.exit_cache import ExitCache
 from pteenet.loss import LossConfig
-from pteenet.sweep import Point, backbone_point, evaluate, oracle_point, pareto, search_per_exit, sweep_global
-from pteenet.sweep_run import build_cache
+from pteenet.sweep import (ExitCache, Point, backbone_point, build_cache, evaluate, oracle_point, pareto,
+                           search_per_exit, sweep_global)
 from pteenet.train import TrainConfig, train_branches
 
 POLICIES = ("confidence", "max-softmax", "entropy")

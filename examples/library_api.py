@@ -8,10 +8,10 @@ import argparse
 from pathlib import Path
 
 import pteenet
-from pteenet.data import DataConfig
+from pteenet.data import DataConfig, DataRequest
 from pteenet.export import ExportConfig, export
 from pteenet.loss import LossConfig
-from pteenet.sweep_run import DataRequest, SweepConfig, sweep_threshold
+from pteenet.sweep import SweepConfig, sweep_threshold
 from pteenet.train import TrainConfig, train_branches
 
 ASSETS = Path(__file__).parent / "assets"

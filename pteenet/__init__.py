@@ -5,8 +5,7 @@ checkpoint back as an ``nn.Module`` whose ``model(x)`` really stops computing fo
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from .attach import AttachConfig, attach, list_candidates  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .errors import PteenetError  # noqa: E402

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .data import DataRequest, load_splits, make_loader, resolve_data
 from .errors import PteenetError
 from .model import EarlyExitModel
 
@@ -201,9 +202,6 @@ def load_images(model: EarlyExitModel, spec: str | None = None, data_dir: str | 
     """One split, preprocessed for the backbone and stacked in memory so that the timed loops never
     wait for data; the split is rebuilt from the checkpoint's data record as the sweep does (``spec``
     None: the recorded data). Returns the images and notes on what was assumed."""
-    from .data import load_splits, make_loader
-    from .sweep_run import DataRequest, resolve_data
-
     if split not in SPLITS:
         raise PteenetError(f"unknown split '{split}'", f"known splits: {', '.join(SPLITS)}")
     cfg, notes = resolve_data(DataRequest(spec, data_dir, limit), model.meta.get("data"))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .backbones import BackboneInfo, load_backbone
 from .branches import BranchConfig
 from .cost import CostTable

@@ -283,3 +283,55 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int = 0, s
     """A DataLoader whose shuffling (and worker seeds) come from a generator seeded with ``seed``."""
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
                       generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
+
+
+# -- the data a checkpoint was trained on ----------------------------------------------------------
+DEFAULT_VAL_SPLIT = 0.1  # only for checkpoints that record no split (training's default)
+
+
+@dataclass
+class DataRequest:
+    """The data the user named. The split itself comes from the checkpoint's record when it has
+    one; ``spec`` None means "the recorded data"; ``limit`` None means "the recorded limit"."""
+
+    spec: str | None = None
+    data_dir: str | None = None
+    limit: int | None = None
+    download: bool = True
+
+
+def _same_spec(asked: str, recorded: str) -> bool:
+    if asked.startswith("imagefolder:") and recorded.startswith("imagefolder:"):
+        return True  # the folder may have moved or be named relative to another cwd: trust the user
+    return asked == recorded
+
+
+def resolve_data(request: DataRequest, recorded: dict[str, Any] | None) -> tuple[DataConfig, list[str]]:
+    """The DataConfig that rebuilds training's calibration split, and notes on what was assumed."""
+    notes: list[str] = []
+    if recorded:
+        rec = str(recorded.get("spec"))
+        if request.spec is not None and not _same_spec(request.spec, rec):
+            raise PteenetError(f"--data {request.spec} is not the data the branches were trained on ({rec})",
+                               "omit --data to sweep on the recorded calibration split")
+        try:
+            cfg = DataConfig.from_split_info(recorded, request.data_dir, request.download)
+        except (KeyError, TypeError):
+            raise PteenetError("the checkpoint's data record is incomplete (needs spec, val_split, seed, limit)",
+                               "retrain the branches with `pteenet train-branches`") from None
+        if request.spec is not None and request.spec != rec:
+            cfg.spec = request.spec
+            notes.append(f"data read from {request.spec}, assumed to hold the same images as the recorded {rec}")
+        if request.limit is not None and request.limit != cfg.limit:
+            # Val is carved before the cap, so any limit keeps it inside the held-out images.
+            notes.append(f"--limit {request.limit} replaces the recorded limit {cfg.limit}")
+            cfg.limit = request.limit
+    else:
+        if request.spec is None:
+            raise PteenetError("the checkpoint records no training data", "pass --data SPEC")
+        cfg = DataConfig(request.spec, request.data_dir, request.limit, val_split=DEFAULT_VAL_SPLIT,
+                         download=request.download)
+        notes.append(f"the checkpoint records no data split: calibrated on a fresh val_split "
+                     f"{DEFAULT_VAL_SPLIT} (seed 0), which may overlap the images the branches were trained on")
+    cfg.augment = False  # only val and test are used, and they are never augmented; this is for clarity
+    return cfg, notes

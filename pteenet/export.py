@@ -36,7 +36,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import PteenetError, unknown_name
 from .exits import Carry, exit_step
 from .model import EarlyExitModel
-from .sweep import Point, select
+from .report import build_report, write_report
+from .sweep import Point, select, threshold_list
 
 
 @dataclass(frozen=True)
@@ -194,16 +195,6 @@ def _write_program(model: EarlyExitModel, fmt: str, path: Path, cache: dict[bool
 
 
 # -- the operating point ---------------------------------------------------------------------------
-def _thresholds(t: Any, n_exits: int) -> list[float] | None:
-    """A sweep document's ``threshold``: one global value, a per-exit list, or None."""
-    return None if t is None else [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * n_exits
-
-
-def _point(d: dict[str, Any], n_exits: int) -> Point:
-    return Point(_thresholds(d.get("threshold"), n_exits), d.get("accuracy"), d["agreement"], d["cost"], d["cost_paper"],
-                 list(d["exit_fractions"]), d.get("policy"), d.get("kind", "global"))
-
-
 def _same(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(abs(x - y) <= 1e-9 for x, y in zip(a, b))
 
@@ -213,12 +204,12 @@ def _sweep_numbers(sweep: dict[str, Any], n_exits: int, policy: str, thresholds:
     sweep re-evaluated this setting on the test split."""
     out: dict[str, Any] = {"val": None, "test": None}
     for d in sweep.get("points") or []:
-        if d.get("policy") == policy and _same(_thresholds(d.get("threshold"), n_exits), thresholds):
+        if d.get("policy") == policy and _same(threshold_list(d.get("threshold"), n_exits), thresholds):
             out["val"] = {k: v for k, v in d.items() if k not in ("threshold", "policy", "kind")}
             break
     for cand in (sweep.get("chosen"), sweep.get("test")):  # the test numbers sit in either place
         test = cand.get("test", cand) if isinstance(cand, dict) else None
-        if isinstance(test, dict) and test.get("policy") == policy and _same(_thresholds(test.get("threshold"), n_exits), thresholds):
+        if isinstance(test, dict) and test.get("policy") == policy and _same(threshold_list(test.get("threshold"), n_exits), thresholds):
             out["test"] = test
     return out
 
@@ -233,7 +224,7 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
         if not sweep or not sweep.get("points"):
             raise PteenetError("the checkpoint holds no threshold sweep to pick an operating point from",
                                "run pteenet sweep-threshold --write first, or give --threshold")
-        points = [_point(d, model.num_exits) for d in sweep["points"]]
+        points = [Point.from_dict(d, model.num_exits) for d in sweep["points"]]
         points = [p for p in points if p.thresholds and (cfg.policy is None or p.policy == cfg.policy)]
         if not points:
             raise PteenetError(f"the stored sweep has no points for policy '{cfg.policy}'", "drop --policy or sweep that policy")
@@ -311,8 +302,6 @@ def export(checkpoint: str | Path, cfg: ExportConfig, progress: Callable[[str], 
     """Write ``cfg.output`` (model.safetensors, report.md/json, curve.png, the asked formats) from a
     checkpoint. Everything is written into a temp folder beside it and renamed at the end, so a
     failure leaves no half-written folder. Returns a summary document."""
-    from .report import build_report, write_report
-
     formats = _check_request(checkpoint, cfg)
     ck = load_checkpoint(checkpoint)
     model = ck.model.eval()

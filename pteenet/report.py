@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import policies
 from .files import atomic_write_bytes, atomic_write_text
 from .model import EarlyExitModel
-
-RULES = {"confidence": "confidence h > T", "max-softmax": "top softmax probability >= T",
-         "entropy": "normalised softmax entropy <= T"}
+from .sweep import Point, curve_figure, pareto
+from .version import __version__
 
 
 def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, str], source: str) -> dict[str, Any]:
@@ -35,12 +34,18 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
                      "final_epoch": history[-1] if history else None} if model.meta.get("training") or history else None,
         "data": model.meta.get("data"),
         "sweep": None if not sweep else {k: sweep.get(k) for k in ("metric", "samples", "backbone", "oracle", "criterion", "points")},
-        "operating_point": {**point, "rule": RULES.get(point["policy"]),
+        "operating_point": {**point, "rule": _rule(point["policy"]),
                             "reduction": None if not val else 1.0 - val["cost"],
                             "reduction_paper": None if not val else 1.0 - val["cost_paper"]},
         "bench": model.meta.get("bench"),
         "files": files,
     }
+
+
+def _rule(policy: str | None) -> str | None:
+    """The registry's sentence for the policy: when a sample leaves."""
+    p = policies.POLICIES.get(policy)  # type: ignore[arg-type]
+    return None if p is None else p.rule
 
 
 def write_report(outdir: Path, report: dict[str, Any], sweep: dict[str, Any] | None) -> dict[str, str]:
@@ -60,11 +65,10 @@ def _write_curve(path: Path, sweep: dict[str, Any], point: dict[str, Any]) -> bo
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    from .sweep_report import _curve_figure  # the sweep command's own chart, with our point marked
-
     val = point.get("val")
     chosen = None if not val else {**val, "policy": point["policy"], "threshold": _t(point["thresholds"])}
-    fig = _curve_figure(Figure(figsize=(7, 4.5)), {**sweep, "chosen": chosen})
+    # The sweep command's own chart, with our point marked.
+    fig = curve_figure(Figure(figsize=(7, 4.5)), {**sweep, "chosen": chosen})
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
@@ -180,13 +184,10 @@ def _sweep_md(sw: dict[str, Any] | None) -> list[str]:
     if not sw:
         return ["No sweep is recorded: the operating point's accuracy and cost were not measured "
                 "(`pteenet sweep-threshold --write` measures them)."]
-    from .export import _point
-    from .sweep import pareto
-
     metric = sw.get("metric") or "accuracy"
     points = [p for p in sw.get("points") or [] if p.get("threshold") is not None]
     n_exits = len(points[0]["exit_fractions"]) - 1 if points else 0
-    front = pareto([_point(p, n_exits) for p in points])
+    front = pareto([Point.from_dict(p, n_exits) for p in points])
     out = [f"Every policy and threshold was evaluated on {sw.get('samples')} held-out calibration (val) images; "
            f"{metric} is against the {'labels' if metric == 'accuracy' else 'backbone'}. Backbone alone: "
            f"{metric} {_pct((sw.get('backbone') or {}).get(metric))} at cost 1. Oracle (each image leaves at the first right exit): "

@@ -106,9 +106,8 @@ def cache_metrics(cache: sweep.ExitCache, threshold: float) -> dict[str, Any]:
 
 def _exit_cache(out: AllExits, labels: torch.Tensor, model: EarlyExitModel) -> sweep.ExitCache:
     b = sweep.ExitCacheBuilder()
-    b.add(out.exit_logits, out.exit_conf, out.final_logits, labels)
-    assert model.cost is not None
-    return b.build(model.cost.costs(), model.cost.costs_paper())
+    b.add_outputs(out, labels)
+    return b.build_for(model)
 
 
 class _Meter:
@@ -249,15 +248,14 @@ def evaluate_split(model: EarlyExitModel, source: ImageSource | FeatureCache, de
     """Per-exit and early-exit metrics on a split (None when it is empty), branches in eval mode."""
     if len(source) == 0:
         return None
-    assert model.cost is not None
     model.eval()
     builder = sweep.ExitCacheBuilder()
     reporter.task("calibration split", len(source))
     with torch.no_grad():
         for out, y in source.batches(model, device, torch.Generator(), autocast):
-            builder.add(out.exit_logits, out.exit_conf, out.final_logits, y)
+            builder.add_outputs(out, y)
             reporter.advance()
-    return cache_metrics(builder.build(model.cost.costs(), model.cost.costs_paper()), threshold)
+    return cache_metrics(builder.build_for(model), threshold)
 
 
 def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,

@@ -21,9 +21,7 @@ from pteenet.bench import BenchConfig, bench
 from pteenet.checkpoint import read_metadata
 from pteenet.cli import app
 from pteenet.export import FORMATS, ExportConfig, export
-from pteenet.sweep import backbone_point, select, sweep_global
-from pteenet.sweep_report import build_document
-from pteenet.sweep_run import sweep_meta
+from pteenet.sweep import backbone_point, build_document, select, sweep_global, sweep_meta
 from test_runtime import assert_logits_close, cache_of, make_images, make_model, random_thresholds
 
 ALL_FORMATS = ("torch-export", "static-torch-export", "onnx", "static-onnx")

@@ -13,8 +13,7 @@ import torch
 
 import pteenet
 from pteenet import policies as pol
-from pteenet.exit_cache import ExitCache, ExitCacheBuilder
-from pteenet.sweep import evaluate
+from pteenet.sweep import ExitCache, ExitCacheBuilder, evaluate
 
 TIE_GAP = 1e-4  # thresholds stay this far from every score: batch shape may move a score by an ulp
 

@@ -15,10 +15,8 @@ from typer.testing import CliRunner
 import pteenet
 from pteenet.checkpoint import read_metadata
 from pteenet.cli import app
-from pteenet.data import DataConfig, load_splits, make_loader
-from pteenet.exit_cache import ExitCacheBuilder
-from pteenet.sweep import evaluate
-from pteenet.sweep_run import DataRequest, SweepConfig, build_cache, resolve_data, sweep_threshold
+from pteenet.data import DataConfig, DataRequest, load_splits, make_loader, resolve_data
+from pteenet.sweep import ExitCacheBuilder, SweepConfig, build_cache, evaluate, sweep_threshold
 
 GRID = "0:1:0.05"  # a coarse grid keeps every run fast
 POINT_KEYS = {"threshold", "accuracy", "agreement", "cost", "cost_paper", "exit_fractions", "policy", "kind"}

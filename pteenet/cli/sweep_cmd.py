@@ -8,8 +8,8 @@ from typing import Any, Optional
 import numpy as np
 import typer
 
-from ..sweep_report import print_points
-from ..sweep_run import DataRequest, SweepConfig, sweep_threshold
+from ..data import DataRequest
+from ..sweep import SweepConfig, print_points, sweep_threshold
 from .common import console, emit_json, handle_errors
 
 TABLE_ROWS_PER_POLICY = 12  # a front can hold dozens of points; the table shows a spread of them

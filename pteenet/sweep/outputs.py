@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .exit_cache import ExitCache
-from .files import atomic_write_bytes
-from .sweep import Point, backbone_point, evaluate, oracle_point
+from ..files import atomic_write_bytes
+from .cache import ExitCache
+from .engine import Point, backbone_point, evaluate, oracle_point
 
 PLOTS_WARNING = "matplotlib is not installed: skipped curve.png and exits.png " \
                 "(pip install 'pteenet[plots]')"
@@ -103,7 +103,7 @@ def write_sweep_outputs(outdir: str | os.PathLike, document: dict[str, Any],
         fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
         atomic_write_bytes(out / name, buf.getvalue())
 
-    save(_curve_figure(Figure(figsize=(7, 4.5)), document), "curve.png")
+    save(curve_figure(Figure(figsize=(7, 4.5)), document), "curve.png")
     chosen = document.get("chosen")
     if chosen:
         save(_exits_figure(Figure(figsize=(7, 3.5)), chosen), "exits.png")
@@ -112,7 +112,9 @@ def write_sweep_outputs(outdir: str | os.PathLike, document: dict[str, Any],
     return None
 
 
-def _curve_figure(fig: Any, doc: dict[str, Any]) -> Any:
+def curve_figure(fig: Any, doc: dict[str, Any]) -> Any:
+    """Accuracy (or agreement) against cost for every policy and kind in a sweep document, with the
+    backbone, the oracle and the chosen point marked; drawn on ``fig`` (a matplotlib Figure)."""
     metric = doc.get("metric") or ("accuracy" if doc["backbone"]["accuracy"] is not None
                                    else "agreement")
     ax = fig.add_subplot(1, 1, 1)

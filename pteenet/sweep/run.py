@@ -2,9 +2,10 @@
 the outputs.
 
 The model runs once per split (``build_cache``); every threshold, policy and per-exit search after
-that is numpy over the cache (``pteenet.sweep``). Thresholds are tuned on the calibration split that
+that is numpy over the cache (``engine.py``). Thresholds are tuned on the calibration split that
 training held out, rebuilt from the checkpoint's own record (``model.meta["data"]``), so tuning
-never sees an image the branches were trained on and the reported test numbers are not tuned on.
+never sees an image the branches were trained on and the reported test numbers are not tuned on
+(``pteenet.data.resolve_data``).
 """
 from __future__ import annotations
 
@@ -18,31 +19,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import Dataset
 
-from . import policies as pol
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import DataConfig, load_splits, make_loader
-from .errors import PteenetError, unknown_name
-from .exit_cache import ExitCache, ExitCacheBuilder
-from .model import EarlyExitModel
-from .sweep import (Point, _below_cheapest, backbone_point, pareto, parse_range, search_per_exit,
-                    select, sweep_global)
-from .sweep_report import build_document, write_sweep_outputs
-from .devices import DEVICES, resolve_device
+from .. import policies as pol
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data import DataRequest, load_splits, make_loader, resolve_data
+from ..errors import PteenetError, unknown_name
+from ..model import EarlyExitModel
+from ..devices import DEVICES, resolve_device
+from .cache import ExitCache, ExitCacheBuilder
+from .engine import (Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit,
+                     select, sweep_global)
+from .outputs import build_document, write_sweep_outputs
 
 SPLITS = ("val", "test")
 PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along the global front
-DEFAULT_VAL_SPLIT = 0.1  # only for checkpoints that record no split (training's default)
-
-
-@dataclass
-class DataRequest:
-    """The data the user named. The split itself comes from the checkpoint's record when it has
-    one; ``spec`` None means "the recorded data"; ``limit`` None means "the recorded limit"."""
-
-    spec: str | None = None
-    data_dir: str | None = None
-    limit: int | None = None
-    download: bool = True
 
 
 @dataclass
@@ -91,47 +80,9 @@ def build_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256,
         for batch in loader:
             x, y = _unpack(batch)
             out = model.forward_all(x.to(device, non_blocking=True))
-            builder.add(out.exit_logits, out.exit_conf, out.final_logits,
-                        None if y is None else torch.as_tensor(y))
+            builder.add_outputs(out, None if y is None else torch.as_tensor(y))
             bar.advance(task)
-    return builder.build(model.cost.costs(), model.cost.costs_paper())
-
-
-def _same_spec(asked: str, recorded: str) -> bool:
-    if asked.startswith("imagefolder:") and recorded.startswith("imagefolder:"):
-        return True  # the folder may have moved or be named relative to another cwd: trust the user
-    return asked == recorded
-
-
-def resolve_data(request: DataRequest, recorded: dict[str, Any] | None) -> tuple[DataConfig, list[str]]:
-    """The DataConfig that rebuilds training's calibration split, and notes on what was assumed."""
-    notes: list[str] = []
-    if recorded:
-        rec = str(recorded.get("spec"))
-        if request.spec is not None and not _same_spec(request.spec, rec):
-            raise PteenetError(f"--data {request.spec} is not the data the branches were trained on ({rec})",
-                               "omit --data to sweep on the recorded calibration split")
-        try:
-            cfg = DataConfig.from_split_info(recorded, request.data_dir, request.download)
-        except (KeyError, TypeError):
-            raise PteenetError("the checkpoint's data record is incomplete (needs spec, val_split, seed, limit)",
-                               "retrain the branches with `pteenet train-branches`") from None
-        if request.spec is not None and request.spec != rec:
-            cfg.spec = request.spec
-            notes.append(f"data read from {request.spec}, assumed to hold the same images as the recorded {rec}")
-        if request.limit is not None and request.limit != cfg.limit:
-            # Val is carved before the cap, so any limit keeps it inside the held-out images.
-            notes.append(f"--limit {request.limit} replaces the recorded limit {cfg.limit}")
-            cfg.limit = request.limit
-    else:
-        if request.spec is None:
-            raise PteenetError("the checkpoint records no training data", "pass --data SPEC")
-        cfg = DataConfig(request.spec, request.data_dir, request.limit, val_split=DEFAULT_VAL_SPLIT,
-                         download=request.download)
-        notes.append(f"the checkpoint records no data split: calibrated on a fresh val_split "
-                     f"{DEFAULT_VAL_SPLIT} (seed 0), which may overlap the images the branches were trained on")
-    cfg.augment = False  # only val and test are used, and they are never augmented; this is for clarity
-    return cfg, notes
+    return builder.build_for(model)
 
 
 def _check(cfg: SweepConfig) -> tuple[list[str], np.ndarray]:
@@ -225,7 +176,7 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
         raise PteenetError(f"{ckpt_path} has no cost table", "attach the branches with `pteenet attach`")
     # No setting costs less than sending every sample out at the first exit: fail before any data.
     if cfg.budget is not None and cfg.budget < model.cost.costs()[0] - 1e-9:
-        raise _below_cheapest(cfg.budget, model.cost.costs()[0])
+        raise below_cheapest(cfg.budget, model.cost.costs()[0])
     training = model.meta.get("training")
     if not training:
         warn(f"the branches in {ckpt_path} were never trained: the sweep measures random branches "

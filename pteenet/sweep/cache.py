@@ -1,7 +1,8 @@
 """The exit cache: every exit's prediction and every policy's score for one split, from one pass.
 
-Built batch by batch from ``EarlyExitModel.forward_all`` outputs (``ExitCacheBuilder``); the sweep
-(``pteenet.sweep``) then tries any number of thresholds on it without running the model again.
+Built batch by batch from ``EarlyExitModel.forward_all`` outputs (``ExitCacheBuilder``: training's
+metrics, the sweep and the benchmarks all build it this one way); the sweep engine then tries any
+number of thresholds on it without running the model again.
 Saved as .npz without pickles.
 """
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import policies as pol
-from .errors import PteenetError
-from .files import atomic_write_bytes
+from .. import policies as pol
+from ..errors import PteenetError
+from ..files import atomic_write_bytes
+from ..model import AllExits, EarlyExitModel
 
 _FORMAT = 1  # bump when the .npz layout changes
 
@@ -108,6 +110,16 @@ class ExitCacheBuilder:
             self._scores[p].append(s.astype(np.float32))
         if labels is not None:
             self._labels.append(labels.detach().reshape(-1).to(torch.int64).cpu().numpy())
+
+    def add_outputs(self, out: AllExits, labels: torch.Tensor | None = None) -> None:
+        """One batch of ``EarlyExitModel.forward_all`` (or ``branch_outputs``) outputs."""
+        self.add(out.exit_logits, out.exit_conf, out.final_logits, labels)
+
+    def build_for(self, model: EarlyExitModel) -> ExitCache:
+        """The cache, with the costs of ``model``'s exits."""
+        if model.cost is None:
+            raise PteenetError("the checkpoint has no cost table", "attach the branches with `pteenet attach`")
+        return self.build(model.cost.costs(), model.cost.costs_paper())
 
     def build(self, costs: Sequence[float], costs_paper: Sequence[float]) -> ExitCache:
         if not self._preds:

@@ -1,7 +1,7 @@
 """Sweep engine: evaluate exit policies and thresholds from a cache of per-exit outputs.
 
 One pass over a split stores every exit's prediction and every policy's score (``ExitCache``, in
-``exit_cache.py``); everything below is pure numpy over that cache, so trying a thousand thresholds
+``cache.py``); everything below is pure numpy over that cache, so trying a thousand thresholds
 costs no model time.
 A sample leaves at the FIRST exit whose score passes its threshold (``policies.passes``), else it
 runs to the backbone's end (index E). Costs are fractions of the plain backbone: ``costs[k]`` is
@@ -12,16 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from . import policies as pol
-from .errors import PteenetError, unknown_name
-# Re-exported: callers that import the cache from the sweep keep working.
-from .exit_cache import ExitCache, ExitCacheBuilder
-
-__all__ = ["ExitCache", "ExitCacheBuilder", "Point", "backbone_point", "evaluate", "oracle_point",
-           "pareto", "parse_range", "search_per_exit", "select", "sweep_global"]
+from .. import policies as pol
+from ..errors import PteenetError, unknown_name
+from .cache import ExitCache
 
 _EPS = 1e-9  # slack when comparing float costs with a budget (sums in a different order)
 
@@ -50,6 +47,17 @@ class Point:
                 "accuracy": self.accuracy, "agreement": self.agreement, "cost": self.cost,
                 "cost_paper": self.cost_paper, "exit_fractions": self.exit_fractions,
                 "policy": self.policy, "kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], n_exits: int) -> Point:
+        """The inverse of ``to_dict`` (a point of a stored sweep document)."""
+        return cls(threshold_list(d.get("threshold"), n_exits), d.get("accuracy"), d["agreement"], d["cost"],
+                   d["cost_paper"], list(d["exit_fractions"]), d.get("policy"), d.get("kind", "global"))
+
+
+def threshold_list(t: Any, n_exits: int) -> list[float] | None:
+    """A sweep document's ``threshold`` (one global value, a per-exit list, or None) as per-exit values."""
+    return None if t is None else [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * n_exits
 
 
 def _policy_scores(cache: ExitCache, policy: str) -> np.ndarray:
@@ -130,12 +138,11 @@ def oracle_point(cache: ExitCache) -> Point:
 
 
 def _direction(policy: str) -> tuple[bool, str]:
-    """(leaves when the score is high?, searchsorted side), derived from ``passes`` itself."""
-    high = bool(pol.passes(policy, 1.0, 0.5))
-    eq = bool(pol.passes(policy, 0.5, 0.5))
+    """(leaves when the score is high?, searchsorted side), from the policy's comparison."""
+    p = pol.get(policy)
     # High: the passing set is a sorted suffix starting at the first v >= T (eq passes: 'left')
     # or v > T ('right'). Low: a prefix ending after v <= T ('right') or before v == T ('left').
-    return high, "left" if eq == high else "right"
+    return p.high_leaves, "left" if p.inclusive == p.high_leaves else "right"
 
 
 def _pass_sums(policy: str, values: np.ndarray, weights: np.ndarray, ts: np.ndarray) -> np.ndarray:
@@ -180,7 +187,8 @@ def sweep_global(cache: ExitCache, policy: str, thresholds: np.ndarray) -> list[
                         "global") for i, t in enumerate(ts)]
 
 
-def _below_cheapest(budget: float, cheapest: float) -> PteenetError:
+def below_cheapest(budget: float, cheapest: float) -> PteenetError:
+    """The error for a budget that no setting meets, naming the smallest one that works."""
     up = math.ceil(cheapest * 1e4) / 1e4
     return PteenetError(f"budget {budget:g} is below the cheapest reachable cost {cheapest:.4f}",
                         f"use a budget of at least {up:g} (a fraction of the backbone's cost)")
@@ -200,7 +208,7 @@ def search_per_exit(cache: ExitCache, policy: str, budgets: Sequence[float],
     for budget in budgets:
         feasible = [p for p in glob if p.cost <= budget + _EPS]
         if not feasible:
-            raise _below_cheapest(budget, min(p.cost for p in glob))
+            raise below_cheapest(budget, min(p.cost for p in glob))
         # Coordinate ascent. Start from the best global threshold within the budget, then, exit
         # by exit, try every grid value for that exit with the others fixed and keep the best
         # feasible one; repeat until a whole round changes nothing. Only strict improvements
@@ -256,7 +264,7 @@ def select(points: Sequence[Point], backbone: Point, budget: float | None = None
     if budget is not None:
         cheapest = min(p.cost for p in points)
         if not budget >= cheapest - _EPS:
-            raise _below_cheapest(budget, cheapest)
+            raise below_cheapest(budget, cheapest)
         return max((p for p in points if p.cost <= budget + _EPS), key=lambda p: (p.metric, -p.cost))
     if not (max_drop is not None and math.isfinite(max_drop) and max_drop >= 0):
         raise PteenetError(f"maximum drop must be a number of percentage points >= 0, got {max_drop}")

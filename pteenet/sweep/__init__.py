@@ -1,0 +1,24 @@
+"""The threshold sweep: one pass over a split into an exit cache, then every policy and threshold
+evaluated from it, the choice, and the outputs.
+
+- ``cache``: ``ExitCache`` and ``ExitCacheBuilder``, the one way model outputs become a cache
+  (training's metrics, the sweep and the benchmarks all use it).
+- ``engine``: pure numpy over a cache: ``evaluate``, ``sweep_global``, ``search_per_exit``,
+  ``pareto``, ``select``.
+- ``run``: ``pteenet sweep-threshold`` as a library (``sweep_threshold``, ``build_cache``).
+- ``outputs``: the JSON document, sweep.csv, the plots and the table.
+
+The policies themselves live in ``pteenet.policies``.
+"""
+from __future__ import annotations
+
+from .cache import ExitCache, ExitCacheBuilder
+from .engine import (Point, backbone_point, below_cheapest, evaluate, oracle_point, pareto, parse_range,
+                     search_per_exit, select, sweep_global, threshold_list)
+from .outputs import PLOTS_WARNING, build_document, curve_figure, print_points, write_sweep_outputs
+from .run import SweepConfig, build_cache, sweep_meta, sweep_points, sweep_threshold
+
+__all__ = ["PLOTS_WARNING", "ExitCache", "ExitCacheBuilder", "Point", "SweepConfig", "backbone_point",
+           "below_cheapest", "build_cache", "build_document", "curve_figure", "evaluate", "oracle_point",
+           "pareto", "parse_range", "print_points", "search_per_exit", "select", "sweep_global", "sweep_meta",
+           "sweep_points", "sweep_threshold", "threshold_list", "write_sweep_outputs"]

@@ -1,0 +1,134 @@
+"""The package's shape: no import cycle inside pteenet/, no private name used across modules.
+
+Every module is parsed with ``ast`` (nothing is imported), and every import statement counts, at
+module level or inside a function: a lazy import that dodges a cycle is still a cycle.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import NamedTuple
+
+import pteenet
+
+ROOT = Path(pteenet.__file__).parent
+PACKAGE = "pteenet"
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted name -> file, for every module and package of pteenet."""
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = [PACKAGE, *path.relative_to(ROOT).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _base(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The module a ``from X import ...`` reads from, as a dotted name."""
+    if node.level == 0:
+        return node.module or ""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{node.module}" if node.module else package
+
+
+class Import(NamedTuple):
+    target: str  # the intra-package module imported
+    names: list[str]  # names taken from it (``from target import a, b``); empty for the module itself
+    bound: str | None  # the local name the module itself is bound to, if it is
+    line: int
+
+
+def _imports(module: str) -> list[Import]:
+    """Every import of an intra-package module, wherever the statement is."""
+    path = MODULES[module]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [Import(a.name, [], a.asname or a.name.split(".")[0], node.lineno)
+                      for a in node.names if a.name in MODULES]
+        elif isinstance(node, ast.ImportFrom):
+            base = _base(module, path, node)
+            if base not in MODULES:
+                continue
+            names = []
+            for a in node.names:
+                if f"{base}.{a.name}" in MODULES:  # ``from . import policies``: the submodule itself
+                    found.append(Import(f"{base}.{a.name}", [], a.asname or a.name, node.lineno))
+                else:
+                    names.append(a.name)
+            if names:
+                found.append(Import(base, names, None, node.lineno))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: {i.target for i in _imports(m) if i.target != m} for m in MODULES}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path (first node repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_the_parser_sees_the_package() -> None:
+    graph = _graph()
+    assert {"pteenet", "pteenet.policies", "pteenet.sweep", "pteenet.sweep.engine", "pteenet.cli"} <= set(graph)
+    assert "pteenet.sweep.cache" in graph["pteenet.sweep.engine"]  # relative imports resolve
+    assert "pteenet.policies" in graph["pteenet.model"]  # ``from . import policies``
+
+
+def test_no_import_cycle() -> None:
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_cycle_finder_finds_one() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_private_name_across_modules() -> None:
+    bad = []
+    for module in MODULES:
+        aliases = {}  # local name -> intra-package module, for ``pol._name`` look-ups
+        for imp in _imports(module):
+            if imp.target == module:
+                continue
+            bad += [f"{module}:{imp.line} imports {imp.target}.{n}" for n in imp.names if _private(n)]
+            if imp.bound:
+                aliases[imp.bound] = imp.target
+        for node in ast.walk(ast.parse(MODULES[module].read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in aliases and _private(node.attr)):
+                bad.append(f"{module}:{node.lineno} reads {aliases[node.value.id]}.{node.attr}")
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
