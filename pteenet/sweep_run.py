@@ -3,8 +3,10 @@ the outputs.
 
 The model runs once per split (``build_cache``); every threshold, policy and per-exit search after
 that is numpy over the cache (``pteenet.sweep``). Thresholds are tuned on the calibration split that
-training held out, rebuilt from the checkpoint's own record (``model.meta["data"]``), so tuning
-never sees an image the branches were trained on and the reported test numbers are not tuned on.
+training used, rebuilt from the checkpoint's own record (``model.meta["data"]``): the part of the
+training data it held out, or other data (``DataRequest.calibration`` overrides either). So tuning
+never sees an image the branches were trained on and the reported test numbers are not tuned on;
+where a calibration spec breaks that (it is the test split, or the training images), we warn.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class DataRequest:
     data_dir: str | None = None
     limit: int | None = None
     download: bool = True
+    calibration: str | None = None  # a DataConfig.calibration spec; None: the recorded calibration data
 
 
 @dataclass
@@ -123,13 +126,19 @@ def resolve_data(request: DataRequest, recorded: dict[str, Any] | None) -> tuple
             # Val is carved before the cap, so any limit keeps it inside the held-out images.
             notes.append(f"--limit {request.limit} replaces the recorded limit {cfg.limit}")
             cfg.limit = request.limit
+        if request.calibration is not None and request.calibration != cfg.calibration:
+            was = f"the recorded {cfg.calibration}" if cfg.calibration else \
+                "the part of the training data held out from branch training"
+            notes.append(f"calibrating on {request.calibration} instead of {was}")
+            cfg.calibration = request.calibration
     else:
         if request.spec is None:
             raise PteenetError("the checkpoint records no training data", "pass --data SPEC")
         cfg = DataConfig(request.spec, request.data_dir, request.limit, val_split=DEFAULT_VAL_SPLIT,
-                         download=request.download)
-        notes.append(f"the checkpoint records no data split: calibrated on a fresh val_split "
-                     f"{DEFAULT_VAL_SPLIT} (seed 0), which may overlap the images the branches were trained on")
+                         download=request.download, calibration=request.calibration)
+        if request.calibration is None:
+            notes.append(f"the checkpoint records no data split: calibrated on a fresh val_split "
+                         f"{DEFAULT_VAL_SPLIT} (seed 0), which may overlap the images the branches were trained on")
     cfg.augment = False  # only val and test are used, and they are never augmented; this is for clarity
     return cfg, notes
 
@@ -250,6 +259,14 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
     if choosing and cfg.split == "test":
         warn("the setting is chosen on the test split, so its test numbers are optimistic "
              "(--split val chooses on the calibration split and reports test separately)")
+    calibration, overlap = splits.split_info.get("calibration"), splits.split_info.get("calibration_overlap")
+    if choosing and cfg.split == "val" and overlap == "test":
+        warn(f"the calibration data {calibration} is the test split: the setting is chosen on the images it is "
+             f"reported on, so its test numbers are optimistic (--calibration {calibration}#half=0 "
+             "calibrates on one half and reports on the other)")
+    if cfg.split == "val" and overlap == "train":
+        warn(f"the calibration data {calibration} is the training split: the branches were trained on it, and a "
+             "backbone fine-tuned on it has memorised it (calibrate on images neither has seen)")
     device = next(model.parameters()).device
 
     def run(dataset: Dataset, name: str) -> ExitCache:
