@@ -327,6 +327,38 @@ def _check_classes(what: str, count: int, expected: int | None, against: str = "
                            "pick the dataset the backbone was trained on, or a backbone with that many classes")
 
 
+def _calibration_split(cfg: DataConfig, cal_base: str, half: int | None, test: Dataset, class_names: list[str],
+                       pre: Preprocess, num_classes: int | None, plain_tf: ImageTransform,
+                       gen: torch.Generator) -> tuple[Subset, list[int], int, dict[str, Any]]:
+    """Val from the calibration data; the test indices (the other half where val is a half of test);
+    the calibration data's size; and what ``split_info`` records of it."""
+    spec = cfg.spec
+    train_id, test_id = _split_ids(spec)
+    cal_id = _folder_id(_calibration_folder(cal_base)) if cal_base.startswith("imagefolder:") else cal_base
+    same_as_test = cal_id == test_id
+    cal_ds, cal_names = (test, class_names) if same_as_test else \
+        _calibration_source(cal_base, cfg, pre, num_classes, plain_tf)
+    _check_classes(f"calibration data {cal_base}", len(cal_names), num_classes)
+    _check_classes(f"calibration data {cal_base}", len(cal_names), len(class_names), f"dataset {spec} has")
+    if spec.startswith("imagefolder:") and cal_base.startswith("imagefolder:") and cal_names != class_names:
+        # Labels are indices of sorted folder names: other names would silently mean other labels.
+        raise PteenetError(f"calibration folder has classes {cal_names[:5]}... but {spec} has {class_names[:5]}...",
+                           "the calibration folder must have the same class folders as the training data")
+    n_cal = len(cal_ds)  # type: ignore[arg-type]
+    # A generator of its own, so a half depends on the seed and the data only.
+    order = torch.randperm(n_cal, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    halves = (order[:n_cal // 2], order[n_cal // 2:])
+    cal_idx = order if half is None else halves[half]
+    if not cal_idx:
+        raise PteenetError(f"calibration data {cfg.calibration} is empty", "check the calibration folder")
+    test_half = None if not same_as_test or half is None else 1 - half
+    # A half of the test split calibrates and the other half is the test split: nothing reported was tuned on.
+    test_idx = _cap(len(test), cfg.limit, gen) if test_half is None else halves[test_half][:cfg.limit]  # type: ignore[arg-type]
+    overlap = "test" if same_as_test and half is None else "train" if cal_id == train_id else None
+    return Subset(cal_ds, cal_idx[:cfg.limit]), test_idx, n_cal, {
+        "calibration": cfg.calibration, "test_half": test_half, "calibration_overlap": overlap}
+
+
 def load_splits(cfg: DataConfig, preprocess: Preprocess, num_classes: int | None = None) -> Splits:
     """Load ``cfg.spec`` preprocessed for the backbone and split it into train, calibration (val) and
     test: val carved from train, or taken from ``cfg.calibration`` (module docstring)."""
@@ -348,36 +380,16 @@ def load_splits(cfg: DataConfig, preprocess: Preprocess, num_classes: int | None
     # Val is carved from the full train set before the cap, so the calibration images do not depend on limit.
     perm = torch.randperm(n_train, generator=gen).tolist()
     source_sizes = {"train": n_train, "test": n_test}
-    extra: dict[str, Any] = {"calibration": cfg.calibration}
+    extra: dict[str, Any] = {"calibration": None}
     if cal_base is None:
         n_val = min(n_train - 1, max(1, round(cfg.val_split * n_train))) if cfg.val_split > 0 and n_train > 1 else 0
         val, train_idx = Subset(train_plain, perm[:n_val][:cfg.limit]), perm[n_val:][:cfg.limit]
         test_idx = _cap(n_test, cfg.limit, gen)
     else:
         train_idx = perm[:cfg.limit]
-        train_id, test_id = _split_ids(spec)
-        cal_id = _folder_id(_calibration_folder(cal_base)) if cal_base.startswith("imagefolder:") else cal_base
-        cal_ds, cal_names = (test, class_names) if cal_id == test_id else \
-            _calibration_source(cal_base, cfg, preprocess, num_classes, plain_tf)
-        _check_classes(f"calibration data {cal_base}", len(cal_names), num_classes)
-        _check_classes(f"calibration data {cal_base}", len(cal_names), len(class_names), f"dataset {spec} has")
-        if spec.startswith("imagefolder:") and cal_base.startswith("imagefolder:") and cal_names != class_names:
-            # Labels are indices of sorted folder names: other names would silently mean other labels.
-            raise PteenetError(f"calibration folder has classes {cal_names[:5]}... but {spec} has {class_names[:5]}...",
-                               "the calibration folder must have the same class folders as the training data")
-        n_cal = source_sizes["calibration"] = len(cal_ds)  # type: ignore[arg-type]
-        # A generator of its own, so a half depends on the seed and the data only.
-        order = torch.randperm(n_cal, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        halves = (order[:n_cal // 2], order[n_cal // 2:])
-        cal_idx = order if half is None else halves[half]
-        if not cal_idx:
-            raise PteenetError(f"calibration data {cfg.calibration} is empty", "check the calibration folder")
-        val = Subset(cal_ds, cal_idx[:cfg.limit])
-        same_as_test = cal_id == test_id
-        # A half of the test split calibrates; the other half is the test split, so nothing reported was tuned on.
-        test_idx = halves[1 - half][:cfg.limit] if same_as_test and half is not None else _cap(n_test, cfg.limit, gen)
-        extra.update(test_half=1 - half if same_as_test and half is not None else None,
-                     calibration_overlap="test" if same_as_test and half is None else "train" if cal_id == train_id else None)
+        val, test_idx, n_cal, extra = _calibration_split(cfg, cal_base, half, test, class_names, preprocess,
+                                                         num_classes, plain_tf, gen)
+        source_sizes["calibration"] = n_cal
     if not train_idx or not test_idx:
         raise PteenetError(f"dataset {spec} is empty (train {len(train_idx)}, test {len(test_idx)} images)",
                            "check the data folder")
