@@ -3,12 +3,27 @@
 Specs: ``cifar10``, ``cifar100``, ``svhn``, ``mnist``, ``fashion-mnist`` (torchvision), ``imagefolder:PATH``
 (``PATH/train`` plus ``PATH/test`` or ``PATH/val``) and ``synthetic`` (generated, for tests and quick tries).
 Every item is ``(float tensor C x H x W normalised as the backbone expects, int label)``.
+
+Calibration (``DataConfig.calibration``): by default val is carved out of train. A calibration spec
+takes val from other data instead, and then all of train is train:
+
+- ``SPEC``, any dataset spec above: that dataset's test split (``imagefolder:PATH`` with ``PATH/train``:
+  ``PATH/test``, else ``PATH/val``);
+- ``imagefolder:PATH`` where PATH is itself a folder of class folders: every image in it;
+- either, followed by ``#half=0`` or ``#half=1``: a seeded random half of it (seed ``DataConfig.seed``),
+  the two halves disjoint and together the whole. Only a final ``#half=0|1`` is read as this suffix,
+  so a ``#`` elsewhere in a path is just part of the path.
+
+When the calibration data is the test split of ``spec``, a half calibrates and test becomes the
+other half (``split_info["test_half"]``); the whole test split calibrates only with the overlap
+recorded (``split_info["calibration_overlap"] == "test"``), which the sweep warns about.
 """
 from __future__ import annotations
 
 import functools
 import gzip
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +52,7 @@ _TORCHVISION = {
 # Left/right mirroring changes what a digit means; clothes and objects survive it.
 _NO_FLIP = {"mnist", "svhn"}
 KNOWN_SPECS = [*_TORCHVISION, "imagefolder:PATH", "synthetic"]
+_HALF_SUFFIX = re.compile(r"#half=(\w*)$")
 
 
 @dataclass
@@ -51,17 +67,20 @@ class DataConfig:
     seed: int = 0
     download: bool = True
     crop_padding: int | None = None  # random-crop padding; None: 4 px at 32 px, scaled with the image size
+    calibration: str | None = None  # val from this spec (module docstring) instead of carved from train
 
     @classmethod
     def from_split_info(cls, info: dict[str, Any], data_dir: str | None = None, download: bool = True) -> "DataConfig":
-        """The config that rebuilds the split recorded in a checkpoint (``Splits.split_info``)."""
+        """The config that rebuilds the split recorded in a checkpoint (``Splits.split_info``); records
+        older than ``calibration`` have no such key and carved val from train."""
         return cls(spec=info["spec"], data_dir=data_dir, limit=info["limit"], val_split=info["val_split"],
-                   seed=info["seed"], download=download)
+                   seed=info["seed"], download=download, calibration=info.get("calibration"))
 
 
 @dataclass
 class Splits:
-    """``train`` is augmented (if asked); ``val`` (calibration, carved from train) and ``test`` are not.
+    """``train`` is augmented (if asked); ``val`` (calibration: carved from train, or ``calibration``)
+    and ``test`` are not.
 
     ``split_info`` is JSON-able and, with the same data, rebuilds the same split (``DataConfig.from_split_info``).
     """
@@ -190,20 +209,29 @@ def _read_image(path: str, mode: str) -> torch.Tensor:
         return pil_to_tensor(im.convert(mode))
 
 
-def _load_imagefolder(path: str, pre: Preprocess, transforms: tuple[Callable, Callable]) -> tuple[Any, Any, Any, list[str]]:
+def _test_dir(base: Path) -> Path | None:
+    return next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
+
+
+def _image_folder(folder: Path, transform: Callable, pre: Preprocess) -> Any:
+    """torchvision's ImageFolder over ``folder``/CLASS/*, decoded to the backbone's channel count."""
     from torchvision.datasets import ImageFolder
 
+    loader = functools.partial(_read_image, mode="L" if pre.input_size[0] == 1 else "RGB")
+    try:
+        return ImageFolder(str(folder), transform=transform, loader=loader)
+    except (FileNotFoundError, OSError) as e:
+        raise PteenetError(f"cannot read the image folder {folder}: {e}", f"{folder}/CLASS/ must hold images") from None
+
+
+def _load_imagefolder(path: str, pre: Preprocess, transforms: tuple[Callable, Callable]) -> tuple[Any, Any, Any, list[str]]:
     base = Path(path).expanduser()
-    test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
+    test_dir = _test_dir(base)
     if not (base / "train").is_dir() or test_dir is None:
         raise PteenetError(f"imagefolder needs {base / 'train'} and {base / 'test'} (or {base / 'val'})",
                            "lay it out as PATH/train/CLASS/*.png and PATH/test/CLASS/*.png")
-    loader = functools.partial(_read_image, mode="L" if pre.input_size[0] == 1 else "RGB")
-    try:
-        train_aug, train_plain, test = (ImageFolder(str(d), transform=t, loader=loader) for d, t in
-                                        ((base / "train", transforms[0]), (base / "train", transforms[1]), (test_dir, transforms[1])))
-    except (FileNotFoundError, OSError) as e:
-        raise PteenetError(f"cannot read the image folders under {base}: {e}", "PATH/train/CLASS/ must hold images") from None
+    train_aug, train_plain, test = (_image_folder(d, t, pre) for d, t in
+                                    ((base / "train", transforms[0]), (base / "train", transforms[1]), (test_dir, transforms[1])))
     if test.classes != train_aug.classes:
         raise PteenetError(f"{test_dir} has classes {test.classes[:5]}... but {base / 'train'} has {train_aug.classes[:5]}...",
                            "the test folder must have the same class folders as train")
@@ -230,51 +258,148 @@ def _cap(n: int, limit: int | None, gen: torch.Generator) -> list[int]:
     return torch.randperm(n, generator=gen)[:limit].tolist()
 
 
+def parse_calibration(text: str) -> tuple[str, int | None]:
+    """``SPEC`` or ``SPEC#half=0|1`` -> (SPEC, None or the half)."""
+    m = _HALF_SUFFIX.search(text)
+    if m is None:
+        return text, None
+    if m.group(1) not in ("0", "1") or not text[:m.start()]:
+        raise PteenetError(f"bad calibration spec '{text}'", "use SPEC, SPEC#half=0 or SPEC#half=1")
+    return text[:m.start()], int(m.group(1))
+
+
+def _load_source(spec: str, cfg: DataConfig, pre: Preprocess, num_classes: int | None, gen: torch.Generator,
+                 aug_tf: ImageTransform, plain_tf: ImageTransform) -> tuple[Dataset, Dataset, Dataset, list[str]]:
+    """Train (augmented), train (plain), test and the class names of one dataset spec."""
+    if spec in _TORCHVISION:
+        (tr_x, tr_y, _), (te_x, te_y, _), class_names = _load_torchvision(spec, cfg)
+        return TensorImages(tr_x, tr_y, aug_tf), TensorImages(tr_x, tr_y, plain_tf), TensorImages(te_x, te_y, plain_tf), class_names
+    if spec.startswith("imagefolder:"):
+        return _load_imagefolder(spec.split(":", 1)[1], pre, (aug_tf, plain_tf))
+    if spec == "synthetic":
+        k = num_classes or 10
+        templates = torch.rand(k, pre.input_size[0], 4, 4, generator=gen)
+        tr_x, tr_y = _synthetic(pre, SYNTHETIC_SIZES["train"], gen, templates)
+        te_x, te_y = _synthetic(pre, SYNTHETIC_SIZES["test"], gen, templates)
+        return (TensorImages(tr_x, tr_y, aug_tf), TensorImages(tr_x, tr_y, plain_tf), TensorImages(te_x, te_y, plain_tf),
+                [f"class{i}" for i in range(k)])
+    raise unknown_name("dataset", spec, KNOWN_SPECS)
+
+
+def _folder_id(path: Path) -> str:
+    return str(path.expanduser().resolve())
+
+
+def _split_ids(spec: str) -> tuple[str | None, str]:
+    """What identifies the images of ``spec``'s train and test splits: a resolved folder for an
+    imagefolder (so two spellings of one path compare equal), else the spec (train None: a
+    calibration spec never names a torchvision train split)."""
+    if not spec.startswith("imagefolder:"):
+        return None, spec
+    base = Path(spec.split(":", 1)[1]).expanduser()
+    return _folder_id(base / "train"), _folder_id(_test_dir(base) or base / "test")
+
+
+def _calibration_folder(base: str) -> Path:
+    """``imagefolder:PATH``: PATH's test (or val) folder when PATH has train/, else PATH itself."""
+    path = Path(base.split(":", 1)[1]).expanduser()
+    test_dir = _test_dir(path)
+    return test_dir if (path / "train").is_dir() and test_dir is not None else path
+
+
+def _calibration_source(base: str, cfg: DataConfig, pre: Preprocess, num_classes: int | None,
+                        plain_tf: ImageTransform) -> tuple[Dataset, list[str]]:
+    if base.startswith("imagefolder:"):
+        folder = _calibration_folder(base)
+        if not folder.is_dir():
+            raise PteenetError(f"calibration folder {folder} does not exist",
+                               "pass imagefolder:PATH with PATH/CLASS/*.png, or PATH/train and PATH/test")
+        ds = _image_folder(folder, plain_tf, pre)
+        return ds, list(ds.classes)
+    # Its own generator seeded like the main one: `synthetic` then yields the very images it would as --data.
+    _, _, test, names = _load_source(base, cfg, pre, num_classes, torch.Generator().manual_seed(cfg.seed), plain_tf, plain_tf)
+    return test, names
+
+
+def _check_classes(what: str, count: int, expected: int | None, against: str = "the backbone outputs") -> None:
+    if expected is not None and count != expected:
+        raise PteenetError(f"{what} has {count} classes but {against} {expected}",
+                           "pick the dataset the backbone was trained on, or a backbone with that many classes")
+
+
+def _calibration_split(cfg: DataConfig, cal_base: str, half: int | None, test: Dataset, class_names: list[str],
+                       pre: Preprocess, num_classes: int | None, plain_tf: ImageTransform,
+                       gen: torch.Generator) -> tuple[Subset, list[int], int, dict[str, Any]]:
+    """Val from the calibration data; the test indices (the other half where val is a half of test);
+    the calibration data's size; and what ``split_info`` records of it."""
+    spec = cfg.spec
+    train_id, test_id = _split_ids(spec)
+    cal_id = _folder_id(_calibration_folder(cal_base)) if cal_base.startswith("imagefolder:") else cal_base
+    same_as_test = cal_id == test_id
+    cal_ds, cal_names = (test, class_names) if same_as_test else \
+        _calibration_source(cal_base, cfg, pre, num_classes, plain_tf)
+    _check_classes(f"calibration data {cal_base}", len(cal_names), num_classes)
+    _check_classes(f"calibration data {cal_base}", len(cal_names), len(class_names), f"dataset {spec} has")
+    if spec.startswith("imagefolder:") and cal_base.startswith("imagefolder:") and cal_names != class_names:
+        # Labels are indices of sorted folder names: other names would silently mean other labels.
+        raise PteenetError(f"calibration folder has classes {cal_names[:5]}... but {spec} has {class_names[:5]}...",
+                           "the calibration folder must have the same class folders as the training data")
+    n_cal = len(cal_ds)  # type: ignore[arg-type]
+    # A generator of its own, so a half depends on the seed and the data only.
+    order = torch.randperm(n_cal, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    halves = (order[:n_cal // 2], order[n_cal // 2:])
+    cal_idx = order if half is None else halves[half]
+    if not cal_idx:
+        raise PteenetError(f"calibration data {cfg.calibration} is empty", "check the calibration folder")
+    test_half = None if not same_as_test or half is None else 1 - half
+    # A half of the test split calibrates and the other half is the test split: nothing reported was tuned on.
+    test_idx = _cap(len(test), cfg.limit, gen) if test_half is None else halves[test_half][:cfg.limit]  # type: ignore[arg-type]
+    overlap = "test" if same_as_test and half is None else "train" if cal_id == train_id else None
+    return Subset(cal_ds, cal_idx[:cfg.limit]), test_idx, n_cal, {
+        "calibration": cfg.calibration, "test_half": test_half, "calibration_overlap": overlap}
+
+
 def load_splits(cfg: DataConfig, preprocess: Preprocess, num_classes: int | None = None) -> Splits:
-    """Load ``cfg.spec`` preprocessed for the backbone and split train into train + calibration (val)."""
+    """Load ``cfg.spec`` preprocessed for the backbone and split it into train, calibration (val) and
+    test: val carved from train, or taken from ``cfg.calibration`` (module docstring)."""
     spec = cfg.spec
     if not 0 <= cfg.val_split < 1:
         raise PteenetError(f"val split must be in [0, 1), got {cfg.val_split}", "e.g. --val-split 0.1")
     if cfg.limit is not None and cfg.limit < 1:
         raise PteenetError(f"limit must be at least 1, got {cfg.limit}", "leave it out to use all the data")
+    cal_base, half = parse_calibration(cfg.calibration) if cfg.calibration is not None else (None, None)
+    if cal_base is not None and cal_base not in _TORCHVISION and cal_base != "synthetic" \
+            and not cal_base.startswith("imagefolder:"):  # before loading the training data, which can take a while
+        raise unknown_name("calibration dataset", cal_base, KNOWN_SPECS)
     aug_tf = ImageTransform(preprocess, cfg.augment, spec not in _NO_FLIP, cfg.crop_padding)
     plain_tf = ImageTransform(preprocess)
     gen = torch.Generator().manual_seed(cfg.seed)
-    if spec in _TORCHVISION:
-        (tr_x, tr_y, _), (te_x, te_y, _), class_names = _load_torchvision(spec, cfg)
-        train_aug, train_plain = TensorImages(tr_x, tr_y, aug_tf), TensorImages(tr_x, tr_y, plain_tf)
-        test: Dataset = TensorImages(te_x, te_y, plain_tf)
-    elif spec.startswith("imagefolder:"):
-        train_aug, train_plain, test, class_names = _load_imagefolder(spec.split(":", 1)[1], preprocess, (aug_tf, plain_tf))
-    elif spec == "synthetic":
-        k = num_classes or 10
-        templates = torch.rand(k, preprocess.input_size[0], 4, 4, generator=gen)
-        tr_x, tr_y = _synthetic(preprocess, SYNTHETIC_SIZES["train"], gen, templates)
-        te_x, te_y = _synthetic(preprocess, SYNTHETIC_SIZES["test"], gen, templates)
-        train_aug, train_plain = TensorImages(tr_x, tr_y, aug_tf), TensorImages(tr_x, tr_y, plain_tf)
-        test = TensorImages(te_x, te_y, plain_tf)
-        class_names = [f"class{i}" for i in range(k)]
-    else:
-        raise unknown_name("dataset", spec, KNOWN_SPECS)
-
-    if num_classes is not None and len(class_names) != num_classes:
-        raise PteenetError(f"dataset {spec} has {len(class_names)} classes but the backbone outputs {num_classes}",
-                           "pick the dataset the backbone was trained on, or a backbone with that many classes")
+    train_aug, train_plain, test, class_names = _load_source(spec, cfg, preprocess, num_classes, gen, aug_tf, plain_tf)
+    _check_classes(f"dataset {spec}", len(class_names), num_classes)
     n_train, n_test = len(train_aug), len(test)  # type: ignore[arg-type]
     # Val is carved from the full train set before the cap, so the calibration images do not depend on limit.
     perm = torch.randperm(n_train, generator=gen).tolist()
-    n_val = min(n_train - 1, max(1, round(cfg.val_split * n_train))) if cfg.val_split > 0 and n_train > 1 else 0
-    val_idx, train_idx = perm[:n_val][:cfg.limit], perm[n_val:][:cfg.limit]
-    test_idx = _cap(n_test, cfg.limit, gen)
+    source_sizes = {"train": n_train, "test": n_test}
+    extra: dict[str, Any] = {"calibration": None}
+    if cal_base is None:
+        n_val = min(n_train - 1, max(1, round(cfg.val_split * n_train))) if cfg.val_split > 0 and n_train > 1 else 0
+        val, train_idx = Subset(train_plain, perm[:n_val][:cfg.limit]), perm[n_val:][:cfg.limit]
+        test_idx = _cap(n_test, cfg.limit, gen)
+    else:
+        train_idx = perm[:cfg.limit]
+        val, test_idx, n_cal, extra = _calibration_split(cfg, cal_base, half, test, class_names, preprocess,
+                                                         num_classes, plain_tf, gen)
+        source_sizes["calibration"] = n_cal
     if not train_idx or not test_idx:
         raise PteenetError(f"dataset {spec} is empty (train {len(train_idx)}, test {len(test_idx)} images)",
                            "check the data folder")
     info = {
         "spec": spec, "val_split": cfg.val_split, "seed": cfg.seed, "limit": cfg.limit, "num_classes": len(class_names),
-        "source_sizes": {"train": n_train, "test": n_test},
-        "sizes": {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)},
+        "source_sizes": source_sizes,
+        "sizes": {"train": len(train_idx), "val": len(val), "test": len(test_idx)},  # type: ignore[arg-type]
+        **extra,
     }
-    return Splits(train=Subset(train_aug, train_idx), val=Subset(train_plain, val_idx), test=Subset(test, test_idx),
+    return Splits(train=Subset(train_aug, train_idx), val=val, test=Subset(test, test_idx),
                   class_names=class_names, split_info=info)
 
 
@@ -298,6 +423,7 @@ class DataRequest:
     data_dir: str | None = None
     limit: int | None = None
     download: bool = True
+    calibration: str | None = None  # a DataConfig.calibration spec; None: the recorded calibration data
 
 
 def _same_spec(asked: str, recorded: str) -> bool:
@@ -326,12 +452,18 @@ def resolve_data(request: DataRequest, recorded: dict[str, Any] | None) -> tuple
             # Val is carved before the cap, so any limit keeps it inside the held-out images.
             notes.append(f"--limit {request.limit} replaces the recorded limit {cfg.limit}")
             cfg.limit = request.limit
+        if request.calibration is not None and request.calibration != cfg.calibration:
+            was = f"the recorded {cfg.calibration}" if cfg.calibration else \
+                "the part of the training data held out from branch training"
+            notes.append(f"calibrating on {request.calibration} instead of {was}")
+            cfg.calibration = request.calibration
     else:
         if request.spec is None:
             raise PteenetError("the checkpoint records no training data", "pass --data SPEC")
         cfg = DataConfig(request.spec, request.data_dir, request.limit, val_split=DEFAULT_VAL_SPLIT,
-                         download=request.download)
-        notes.append(f"the checkpoint records no data split: calibrated on a fresh val_split "
-                     f"{DEFAULT_VAL_SPLIT} (seed 0), which may overlap the images the branches were trained on")
+                         download=request.download, calibration=request.calibration)
+        if request.calibration is None:
+            notes.append(f"the checkpoint records no data split: calibrated on a fresh val_split "
+                         f"{DEFAULT_VAL_SPLIT} (seed 0), which may overlap the images the branches were trained on")
     cfg.augment = False  # only val and test are used, and they are never augmented; this is for clarity
     return cfg, notes

@@ -42,7 +42,8 @@ from .weights import module_sha256
 
 # Settings that change what a run computes: a --resume must repeat them exactly.
 RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "cache_features", "views", "ensemble", "loss",
-               "lambda", "targets", "temperature", "exit_ce", "data", "limit", "augment", "val_split", "data_seed")
+               "lambda", "targets", "temperature", "exit_ce", "data", "limit", "augment", "val_split", "data_seed",
+               "calibration")
 
 
 @dataclass
@@ -195,7 +196,7 @@ def run_settings(cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
             "targets": cfg.loss.targets, "temperature": cfg.loss.temperature, "exit_ce": cfg.loss.exit_ce,
             "data": data_cfg.spec,
             "limit": data_cfg.limit, "augment": data_cfg.augment, "val_split": data_cfg.val_split,
-            "data_seed": data_cfg.seed, "threshold": cfg.threshold}
+            "data_seed": data_cfg.seed, "calibration": data_cfg.calibration, "threshold": cfg.threshold}
 
 
 def _check_resume(out_path: Path, src_meta: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from pteenet.backbones import Preprocess
-from pteenet.data import DEBIAN_FASHION_DIR, DataConfig, ImageTransform, load_splits, make_loader
+from pteenet.data import DEBIAN_FASHION_DIR, DataConfig, ImageTransform, load_splits, make_loader, parse_calibration
 from pteenet.errors import PteenetError
 
 RGB32 = Preprocess((3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -142,3 +142,101 @@ def test_fashion_mnist_from_debian_package(tmp_path: Path) -> None:
     assert (tmp_path / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
     assert s.split_info["source_sizes"] == {"train": 60000, "test": 10000}
     assert s.class_names[0] == "T-shirt/top" and s.train[0][0].shape == (3, 32, 32)
+
+
+# -- calibration on other data (DataConfig.calibration) ------------------------------------------------
+def test_calibration_from_another_folder_takes_val_from_it_and_carves_nothing(tmp_path: Path) -> None:
+    _write_imagefolder(tmp_path / "data", "train", ["cat", "dog"], 5, (8, 8))
+    _write_imagefolder(tmp_path / "data", "test", ["cat", "dog"], 2, (8, 8))
+    _write_imagefolder(tmp_path, "labelled", ["cat", "dog"], 3, (8, 8))  # class folders, no train/test level
+    cfg = DataConfig(f"imagefolder:{tmp_path / 'data'}", calibration=f"imagefolder:{tmp_path / 'labelled'}")
+    s = load_splits(cfg, RGB32, num_classes=2)
+    assert s.split_info["sizes"] == {"train": 10, "val": 6, "test": 4}  # all of train is train
+    assert Path(s.val.dataset.root) == tmp_path / "labelled"
+    assert sorted(s.val.indices) == list(range(6)) and s.val[0][0].shape == (3, 32, 32)
+    info = s.split_info
+    assert info["calibration"] == cfg.calibration and info["source_sizes"]["calibration"] == 6
+    assert info["calibration_overlap"] is None and info["test_half"] is None
+    # The training data's own train folder as calibration data is flagged, not refused.
+    on_train = load_splits(DataConfig(cfg.spec, calibration=f"imagefolder:{tmp_path / 'data' / 'train'}"), RGB32)
+    assert on_train.split_info["calibration_overlap"] == "train"
+
+
+def test_calibration_spec_means_its_test_split(tmp_path: Path) -> None:
+    _write_imagefolder(tmp_path / "other", "train", ["a", "b"], 4, (8, 8))
+    _write_imagefolder(tmp_path / "other", "val", ["a", "b"], 3, (8, 8))
+    s = load_splits(DataConfig("synthetic", calibration=f"imagefolder:{tmp_path / 'other'}"), RGB32, num_classes=2)
+    assert Path(s.val.dataset.root) == tmp_path / "other" / "val" and len(s.val) == 6
+    # `synthetic` as calibration for `synthetic` data: exactly its test images, flagged as such.
+    same = load_splits(DataConfig("synthetic", calibration="synthetic"), RGB32, num_classes=10)
+    assert same.val.dataset is same.test.dataset and sorted(same.val.indices) == sorted(same.test.indices)
+    assert same.split_info["calibration_overlap"] == "test"
+    # ... and for other data, the same images `synthetic` gives as --data (same seed).
+    _write_imagefolder(tmp_path / "two", "train", ["a", "b"], 2, (8, 8))
+    _write_imagefolder(tmp_path / "two", "test", ["a", "b"], 1, (8, 8))
+    other = load_splits(DataConfig(f"imagefolder:{tmp_path / 'two'}", seed=4, calibration="synthetic"), RGB32, 2)
+    plain = load_splits(DataConfig("synthetic", seed=4), RGB32, 2)
+    assert len(other.val) == 100 and torch.equal(other.val.dataset.images, plain.test.dataset.images)
+
+
+def test_halves_are_deterministic_disjoint_and_cover_the_set() -> None:
+    def halves(seed: int) -> tuple[list[int], list[int], list[int]]:
+        h0 = load_splits(DataConfig("synthetic", seed=seed, calibration="synthetic#half=0"), RGB32)
+        h1 = load_splits(DataConfig("synthetic", seed=seed, calibration="synthetic#half=1"), RGB32)
+        return h0.val.indices, h0.test.indices, h1.val.indices
+
+    val0, test0, val1 = halves(5)
+    assert halves(5) == (val0, test0, val1)
+    assert len(val0) == len(val1) == 50 and not set(val0) & set(val1) and set(val0) | set(val1) == set(range(100))
+    # Calibrating on a half of the test data reports on the other half.
+    assert sorted(test0) == sorted(val1)
+    assert halves(6)[0] != val0  # the seed picks the halves
+    s = load_splits(DataConfig("synthetic", seed=5, calibration="synthetic#half=0"), RGB32)
+    assert s.split_info["test_half"] == 1 and s.split_info["calibration_overlap"] is None
+    assert s.split_info["sizes"] == {"train": 500, "val": 50, "test": 50}
+
+
+def test_calibration_round_trips_through_split_info() -> None:
+    cfg = DataConfig("synthetic", seed=2, limit=30, calibration="synthetic#half=1")
+    s = load_splits(cfg, RGB32)
+    again = DataConfig.from_split_info(s.split_info)
+    assert again.calibration == "synthetic#half=1" and (again.seed, again.limit) == (2, 30)
+    t = load_splits(again, RGB32)
+    assert (t.val.indices, t.test.indices, t.train.indices) == (s.val.indices, s.test.indices, s.train.indices)
+    old = {k: v for k, v in s.split_info.items() if k not in ("calibration", "test_half", "calibration_overlap")}
+    assert DataConfig.from_split_info(old).calibration is None  # records from before calibration load
+
+
+@pytest.mark.parametrize("text, base, half", [
+    ("cifar10", "cifar10", None), ("cifar10#half=1", "cifar10", 1),
+    ("imagefolder:/a#b/c", "imagefolder:/a#b/c", None), ("imagefolder:/a#b/c#half=0", "imagefolder:/a#b/c", 0),
+])
+def test_parse_calibration(text: str, base: str, half: int | None) -> None:
+    assert parse_calibration(text) == (base, half)
+
+
+@pytest.mark.parametrize("text", ["synthetic#half=2", "synthetic#half=", "#half=0"])
+def test_bad_half_suffix(text: str) -> None:
+    with pytest.raises(PteenetError, match="bad calibration spec"):
+        parse_calibration(text)
+
+
+def test_calibration_class_count_and_names_must_match(tmp_path: Path) -> None:
+    _write_imagefolder(tmp_path, "three", ["a", "b", "c"], 1, (8, 8))
+    with pytest.raises(PteenetError, match="calibration data imagefolder:.* has 3 classes but the backbone outputs 10"):
+        load_splits(DataConfig("synthetic", calibration=f"imagefolder:{tmp_path / 'three'}"), RGB32, num_classes=10)
+    _write_imagefolder(tmp_path / "data", "train", ["a", "b"], 2, (8, 8))
+    _write_imagefolder(tmp_path / "data", "test", ["a", "b"], 1, (8, 8))
+    with pytest.raises(PteenetError, match="has 3 classes but dataset imagefolder:.* has 2"):
+        load_splits(DataConfig(f"imagefolder:{tmp_path / 'data'}", calibration=f"imagefolder:{tmp_path / 'three'}"), RGB32)
+    _write_imagefolder(tmp_path, "renamed", ["x", "y"], 1, (8, 8))
+    with pytest.raises(PteenetError, match="same class folders"):
+        load_splits(DataConfig(f"imagefolder:{tmp_path / 'data'}", calibration=f"imagefolder:{tmp_path / 'renamed'}"), RGB32)
+
+
+def test_unknown_or_missing_calibration_data(tmp_path: Path) -> None:
+    with pytest.raises(PteenetError) as e:
+        load_splits(DataConfig("synthetic", calibration="cifar11"), RGB32)
+    assert "unknown calibration dataset 'cifar11'" in str(e.value) and "cifar10" in str(e.value)
+    with pytest.raises(PteenetError, match="does not exist"):
+        load_splits(DataConfig("synthetic", calibration=f"imagefolder:{tmp_path / 'nope'}"), RGB32)

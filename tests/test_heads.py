@@ -11,10 +11,9 @@ import torch
 
 import pteenet
 from pteenet.batches import _stem_shapes
-from pteenet.exit_selection import restrict, select_exits
 from pteenet.exits import computed_heads, fit_ensemble
 from pteenet.export import CondProgram
-from pteenet.sweep import evaluate
+from pteenet.sweep import evaluate, restrict, select_exits
 from test_runtime import assert_logits_close, cache_of, make_images, perturb, random_thresholds, simulated_exits
 
 VARIANTS = [  # (branch, cascade, ensemble)

@@ -246,3 +246,65 @@ def test_a_setting_dearer_than_the_backbone_is_flagged(tmp_path: Path) -> None:
     doc = json.loads(stdout)
     assert doc["chosen"]["cost"] >= 1.0
     assert any("costs more" in w or "does not pay" in w for w in doc["warnings"])
+
+
+# -- --calibration: tune on other data than training's held-out split ---------------------------------
+def test_calibration_on_a_test_half_reports_on_the_other_half(trained: Path, tmp_path: Path) -> None:
+    code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--max-drop", 100,
+                                "--policy", "max-softmax", "--calibration", "synthetic#half=0", "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    info = doc["data"]
+    assert info["calibration"] == "synthetic#half=0" and info["test_half"] == 1 and info["seed"] == 1
+    assert info["sizes"] == {"train": 500, "val": 50, "test": 50} and doc["samples"] == 50
+    assert doc["warnings"] == [] and any("instead of the part of the training data" in n for n in doc["notes"])
+    # The chosen setting's test numbers come from the other half of the test split.
+    model = pteenet.load(str(trained))
+    other = load_splits(DataConfig("synthetic", seed=1, calibration="synthetic#half=1"), model.info.preprocess, 10)
+    xs, ys = map(torch.cat, zip(*make_loader(other.val, 64, shuffle=False)))
+    with torch.no_grad():
+        backbone_acc = (model.forward_all(xs).final_logits.argmax(1) == ys).float().mean().item()
+    assert doc["chosen"]["test"]["backbone"]["accuracy"] == pytest.approx(backbone_acc)
+
+
+def test_calibration_on_the_whole_test_split_warns(trained: Path, tmp_path: Path) -> None:
+    code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--max-drop", 100,
+                                "--policy", "entropy", "--calibration", "synthetic", "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc["data"]["calibration_overlap"] == "test"
+    assert len(doc["warnings"]) == 1 and "is the test split" in doc["warnings"][0] and "#half=0" in doc["warnings"][0]
+    assert "Warning: the calibration data synthetic is the test split" in stderr
+
+
+@pytest.mark.parametrize("calibration, needle", [
+    ("three-classes", "has 3 classes but the backbone outputs 10"),
+    ("synthetic#half=3", "bad calibration spec"),
+    ("cifar11", "unknown calibration dataset"),
+])
+def test_bad_calibration_is_one_line_error(trained: Path, tmp_path: Path, calibration: str, needle: str) -> None:
+    if calibration == "three-classes":
+        from PIL import Image
+
+        for c in ("a", "b", "c"):
+            (tmp_path / "val" / c).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (80, 0, 0)).save(tmp_path / "val" / c / "0.png")
+        calibration = f"imagefolder:{tmp_path / 'val'}"
+    code, stdout, stderr = _run(trained, "-o", tmp_path / "o", "--calibration", calibration)
+    assert code == 1 and stdout == "" and "Traceback" not in stderr
+    assert needle in _error_line(stderr)
+
+
+def test_resolve_data_calibration_overrides_the_record() -> None:
+    rec = {"spec": "synthetic", "val_split": 0.3, "seed": 7, "limit": 50}
+    cfg, notes = resolve_data(DataRequest(calibration="imagefolder:/val"), rec)
+    assert cfg.calibration == "imagefolder:/val" and cfg.seed == 7
+    assert len(notes) == 1 and "instead of the part of the training data held out" in notes[0]
+    cfg, notes = resolve_data(DataRequest(calibration="synthetic"), {**rec, "calibration": "synthetic#half=0"})
+    assert cfg.calibration == "synthetic" and "instead of the recorded synthetic#half=0" in notes[0]
+    cfg, notes = resolve_data(DataRequest(calibration="synthetic#half=0"), {**rec, "calibration": "synthetic#half=0"})
+    assert cfg.calibration == "synthetic#half=0" and notes == []  # the recorded one: nothing to note
+    cfg, notes = resolve_data(DataRequest(), {**rec, "calibration": "synthetic#half=1"})
+    assert cfg.calibration == "synthetic#half=1"  # the record's calibration is rebuilt by default
+    cfg, notes = resolve_data(DataRequest("synthetic", calibration="synthetic#half=0"), None)
+    assert cfg.calibration == "synthetic#half=0" and notes == []  # no carve, so no overlap to warn about

@@ -210,3 +210,20 @@ def test_cli_bad_input_is_one_line_and_overwrites_nothing(ckpt: Path, tmp_path: 
     assert r.stdout == ""
     if out.parent.exists():
         assert out.read_bytes() == b"precious"
+
+
+def test_cli_calibration_replaces_the_carved_val_split(ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    r = run(ckpt, "-o", out, "--data", "synthetic", "--limit", 40, "--epochs", 1, "--batch-size", 32,
+            "--device", "cpu", "--no-augment", "--calibration", "synthetic#half=0", "--json")
+    assert r.exit_code == 0, r.output
+    meta = read_metadata(out)
+    assert meta["data"]["calibration"] == "synthetic#half=0" and meta["training"]["calibration"] == "synthetic#half=0"
+    assert meta["data"]["sizes"] == {"train": 40, "val": 40, "test": 40} and meta["data"]["test_half"] == 1
+    assert json.loads(r.stdout)["epochs"][0]["val"]  # the per-epoch report ran on the calibration data
+    # The calibration data is part of what a --resume must repeat.
+    split = tmp_path / "split.safetensors"
+    with pytest.raises(Interrupted):
+        train_branches(ckpt, split, data(calibration="synthetic#half=0"), cfg(), StopAfter(1))
+    with pytest.raises(PteenetError, match="calibration 'synthetic#half=1'"):
+        train_branches(ckpt, split, data(calibration="synthetic#half=1"), cfg(resume=True))

@@ -76,6 +76,12 @@ def sweep_command(
     data: Optional[str] = typer.Option(None, help="dataset spec; default: the one the branches were trained on"),
     data_dir: Optional[str] = typer.Option(None, help="where the dataset files are"),
     limit: Optional[int] = typer.Option(None, help="cap every split at N images (default: the recorded limit)"),
+    calibration: Optional[str] = typer.Option(
+        None, metavar="SPEC",
+        help="tune on other data than the recorded calibration split: a dataset spec (its test split), "
+             "imagefolder:PATH of class folders, either + #half=0|1 for a seeded half (a half of test: report "
+             "on the other half). Use it when the backbone was fine-tuned on the training images, which it "
+             "has memorised; held-out training images are fine otherwise"),
     split: SplitChoice = typer.Option(SplitChoice.val, help="val: tune on training's calibration split, report the choice on test; test: sweep test only"),
     policy: PolicyChoice = typer.Option(PolicyChoice.all, help="exit policy to sweep, or all three"),
     thresholds: str = typer.Option("0:1:0.01", help="threshold grid START:STOP:STEP (or one value)"),
@@ -93,7 +99,7 @@ def sweep_command(
                       per_exit=per_exit, budget=budget, max_drop=max_drop,
                       write=None if write is None else str(write), batch_size=batch_size,
                       device=device.value, workers=workers)
-    doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit), cfg, console=console)
+    doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit, calibration=calibration), cfg, console=console)
     print_points(_table_rows(doc), title=f"Pareto front per policy on {doc['split']} ({doc['samples']} images)",
                  console=console)
     console.print(_summary(doc), soft_wrap=True, markup=False)

@@ -95,6 +95,11 @@ def train_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="use at most N images per split"),
     no_augment: bool = typer.Option(False, "--no-augment", help="no random crops/flips on the train split"),
     val_split: float = typer.Option(0.1, "--val-split", help="fraction of train held out for calibration"),
+    calibration: Optional[str] = typer.Option(
+        None, "--calibration", metavar="SPEC",
+        help="calibrate (the per-epoch report, --ensemble) on this data instead of a --val-split of train, which "
+             "then all trains: a dataset spec (its test split), imagefolder:PATH of class folders, either + "
+             "#half=0|1 for a seeded half. Use it when the backbone was fine-tuned on these training images"),
     targets: str = typer.Option(LossConfig.targets, "--targets", help="pseudo (backbone argmax) | soft (backbone softmax) | labels"),
     temperature: float = typer.Option(LossConfig.temperature, "--temperature", help="softens the backbone's distribution for soft targets"),
     loss: str = typer.Option(LossConfig.version, "--loss", help="ce (each head on its own; confidence learns agreement) | v2 | v1 (the paper's joint losses)"),
@@ -115,7 +120,8 @@ def train_command(
     json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout"),
 ) -> None:
     """Train the exit branches (only them) on the frozen backbone, saving OUTPUT after every epoch."""
-    data_cfg = DataConfig(data, data_dir, limit, augment=not no_augment, val_split=val_split, seed=seed)
+    data_cfg = DataConfig(data, data_dir, limit, augment=not no_augment, val_split=val_split, seed=seed,
+                          calibration=calibration)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
                       workers=workers, amp=amp, resume=resume, cache_features=cache_features, views=views,
                       ensemble=ensemble, loss=LossConfig(version=loss, lam=lam, targets=targets, temperature=temperature,

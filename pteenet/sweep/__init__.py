@@ -6,6 +6,7 @@ evaluated from it, the choice, and the outputs.
 - ``engine``: pure numpy over a cache: ``evaluate``, ``sweep_global``, ``search_per_exit``,
   ``pareto``, ``select``.
 - ``run``: ``pteenet sweep-threshold`` as a library (``sweep_threshold``, ``build_cache``).
+- ``selection``: exit selection (which exits decide at all), priced as the runtime runs it.
 - ``outputs``: the JSON document, sweep.csv, the plots and the table.
 
 The policies themselves live in ``pteenet.policies``.
@@ -17,8 +18,10 @@ from .engine import (Point, backbone_point, below_cheapest, evaluate, oracle_poi
                      search_per_exit, select, sweep_global, threshold_list)
 from .outputs import PLOTS_WARNING, build_document, curve_figure, print_points, write_sweep_outputs
 from .run import SweepConfig, build_cache, sweep_meta, sweep_points, sweep_threshold
+from .selection import Selection, restrict, select_exits
 
 __all__ = ["PLOTS_WARNING", "ExitCache", "ExitCacheBuilder", "Point", "SweepConfig", "backbone_point",
            "below_cheapest", "build_cache", "build_document", "curve_figure", "evaluate", "oracle_point",
-           "pareto", "parse_range", "print_points", "search_per_exit", "select", "sweep_global", "sweep_meta",
-           "sweep_points", "sweep_threshold", "threshold_list", "write_sweep_outputs"]
+           "pareto", "parse_range", "print_points", "restrict", "search_per_exit", "select", "select_exits",
+           "Selection", "sweep_global", "sweep_meta", "sweep_points", "sweep_threshold", "threshold_list",
+           "write_sweep_outputs"]

@@ -3,9 +3,11 @@ the outputs.
 
 The model runs once per split (``build_cache``); every threshold, policy and per-exit search after
 that is numpy over the cache (``engine.py``). Thresholds are tuned on the calibration split that
-training held out, rebuilt from the checkpoint's own record (``model.meta["data"]``), so tuning
-never sees an image the branches were trained on and the reported test numbers are not tuned on
-(``pteenet.data.resolve_data``).
+training used, rebuilt from the checkpoint's own record (``model.meta["data"]``): the part of the
+training data it held out, or other data (``DataRequest.calibration`` overrides either; see
+``pteenet.data.resolve_data``). So tuning never sees an image the branches were trained on and the
+reported test numbers are not tuned on; where a calibration spec breaks that (it is the test split,
+or the training images), we warn.
 """
 from __future__ import annotations
 
@@ -201,6 +203,14 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
     if choosing and cfg.split == "test":
         warn("the setting is chosen on the test split, so its test numbers are optimistic "
              "(--split val chooses on the calibration split and reports test separately)")
+    calibration, overlap = splits.split_info.get("calibration"), splits.split_info.get("calibration_overlap")
+    if choosing and cfg.split == "val" and overlap == "test":
+        warn(f"the calibration data {calibration} is the test split: the setting is chosen on the images it is "
+             f"reported on, so its test numbers are optimistic (--calibration {calibration}#half=0 "
+             "calibrates on one half and reports on the other)")
+    if cfg.split == "val" and overlap == "train":
+        warn(f"the calibration data {calibration} is the training split: the branches were trained on it, and a "
+             "backbone fine-tuned on it has memorised it (calibrate on images neither has seen)")
     device = next(model.parameters()).device
 
     def run(dataset: Dataset, name: str) -> ExitCache:

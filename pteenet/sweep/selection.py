@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cost import CostTable
-from .errors import PteenetError
-from .exit_cache import ExitCache
-from .exits import computed_heads
-from .sweep import Point, backbone_point, select, sweep_global
+from ..cost import CostTable
+from ..errors import PteenetError
+from ..exits import computed_heads
+from .cache import ExitCache
+from .engine import Point, backbone_point, select, sweep_global
 
 
 def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable, chained: bool) -> ExitCache:
