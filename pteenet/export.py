@@ -237,6 +237,9 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
                                "allow a larger --max-drop, or use --budget")
         assert best.thresholds is not None and best.policy is not None
         model.set_thresholds(best.thresholds, best.policy)
+        # The swept curve was measured with every exit deciding: an exit selection made for another
+        # point does not hold for this one.
+        model.set_active(None)
         how = (f"the most accurate swept point within a mean cost of {cfg.budget}" if cfg.budget is not None else
                f"the cheapest swept point within {cfg.max_drop} accuracy points of the backbone")
     else:

@@ -185,3 +185,28 @@ def test_attach_exits_all_and_head_costs() -> None:
         assert width * 11 <= e.branch_macs < width * 11 + 8 * c * h * w
     with pytest.raises(pteenet.PteenetError, match="'all'"):
         pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits="most"))
+
+
+def test_sweep_cli_select_exits_writes_the_active_exits(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pteenet.cli import app
+
+    model = build("pool-mlp", True, True, exits="all")
+    model.meta.update(training={"complete": True, "epochs_done": 1},
+                      data={"spec": "synthetic", "val_split": 0.2, "seed": 1, "limit": 60})
+    ckpt, tuned = tmp_path / "m.safetensors", tmp_path / "tuned.safetensors"
+    pteenet.save_checkpoint(ckpt, model)
+    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw"), "--thresholds", "0:1:0.05", "--max-drop", "100",
+                                 "--select-exits", "--policy", "max-softmax", "--write", str(tuned), "--json"])
+    assert r.exit_code == 0, r.stderr
+    import json
+
+    chosen = json.loads(r.stdout)["chosen"]
+    active = chosen["active_exits"]
+    assert active is not None and sum(active) < model.num_exits
+    assert pteenet.load(str(tuned)).active == active
+    assert chosen["test"]["exit_fractions"][:-1] == pytest.approx(
+        [f if a else 0.0 for f, a in zip(chosen["test"]["exit_fractions"][:-1], active)])
+    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--select-exits"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: --select-exits needs")

@@ -86,6 +86,7 @@ def sweep_command(
     policy: PolicyChoice = typer.Option(PolicyChoice.all, help="exit policy to sweep, or all three"),
     thresholds: str = typer.Option("0:1:0.01", help="threshold grid START:STOP:STEP (or one value)"),
     per_exit: bool = typer.Option(False, "--per-exit", help="also search one threshold per exit at a set of budgets"),
+    select_exits: bool = typer.Option(False, "--select-exits", help="also choose which exits decide at all (greedy; needs --budget or --max-drop); unused heads are not computed"),
     budget: Optional[float] = typer.Option(None, help="choose the most accurate setting with mean cost <= F x backbone"),
     max_drop: Optional[float] = typer.Option(None, help="choose the cheapest setting at most P points below the backbone"),
     write: Optional[Path] = typer.Option(None, help="write the checkpoint with the chosen setting (may be CHECKPOINT)"),
@@ -96,7 +97,7 @@ def sweep_command(
 ) -> None:
     """Sweep exit thresholds on the calibration split and pick one by budget or accuracy drop."""
     cfg = SweepConfig(outdir=str(output), split=split.value, policy=policy.value, thresholds=thresholds,
-                      per_exit=per_exit, budget=budget, max_drop=max_drop,
+                      per_exit=per_exit, select_exits=select_exits, budget=budget, max_drop=max_drop,
                       write=None if write is None else str(write), batch_size=batch_size,
                       device=device.value, workers=workers)
     doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit, calibration=calibration), cfg, console=console)

@@ -30,6 +30,7 @@ from ..devices import DEVICES, resolve_device
 from .cache import ExitCache, ExitCacheBuilder
 from .engine import (Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit,
                      select, sweep_global)
+from .selection import Selection, restrict, select_exits
 from .outputs import build_document, write_sweep_outputs
 
 SPLITS = ("val", "test")
@@ -43,6 +44,7 @@ class SweepConfig:
     policy: str = "all"  # one of policies.POLICIES, or all three side by side
     thresholds: str = "0:1:0.01"  # START:STOP:STEP (parse_range)
     per_exit: bool = False
+    select_exits: bool = False  # also search which exits should decide at all (needs budget or max_drop)
     budget: float | None = None  # mean cumulative cost <= budget x backbone
     max_drop: float | None = None  # percentage points below the backbone
     write: str | None = None  # checkpoint to write with the chosen setting
@@ -101,6 +103,8 @@ def _check(cfg: SweepConfig) -> tuple[list[str], np.ndarray]:
         raise PteenetError(f"budget must be a positive fraction of the backbone's cost, got {cfg.budget}")
     if cfg.max_drop is not None and not (np.isfinite(cfg.max_drop) and cfg.max_drop >= 0):
         raise PteenetError(f"--max-drop must be a number of percentage points >= 0, got {cfg.max_drop}")
+    if cfg.select_exits and cfg.budget is None and cfg.max_drop is None:
+        raise PteenetError("--select-exits needs a criterion", "pass --budget F or --max-drop P")
     if cfg.write and cfg.budget is None and cfg.max_drop is None:
         raise PteenetError("--write needs a chosen setting", "pass --budget F or --max-drop P")
     if cfg.write and not Path(cfg.write).expanduser().parent.is_dir():
@@ -156,6 +160,30 @@ def sweep_meta(doc: dict[str, Any]) -> dict[str, Any]:
     meta = {k: v for k, v in doc.items() if k not in ("points", "pareto", "outdir")}
     meta["points"] = [p for p in doc["points"] if p.get("policy") == policy]
     return meta
+
+
+def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str], grid: np.ndarray,
+                    cfg: SweepConfig, chosen: Point | None) -> tuple[Point | None, list[bool] | None]:
+    """The chosen point again with exit selection, per policy (global thresholds); kept unless
+    ``chosen`` beats it (is cheaper within max_drop, or more accurate within budget)."""
+    assert model.cost is not None
+    best: Selection | None = None
+    for policy in policies:
+        try:
+            sel = select_exits(cache, model.cost, model.chained, policy, grid, cfg.max_drop, cfg.budget)
+        except PteenetError:
+            continue
+        if best is None or _better(sel.point, best.point, cfg.budget is not None):
+            best = sel
+    # At equal cost and accuracy the selection still wins: fewer exits are fewer decisions at run time.
+    if best is None or (chosen is not None and _better(chosen, best.point, cfg.budget is not None)):
+        return chosen, None
+    return best.point, best.active
+
+
+def _better(a: Point, b: Point, by_budget: bool) -> bool:
+    key = (lambda p: (-p.metric, p.cost)) if by_budget else (lambda p: (p.cost, -p.metric))
+    return key(a) < key(b)
 
 
 def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
@@ -219,13 +247,21 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
     cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
     chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
+    active = None
+    if cfg.select_exits:
+        chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen)
     test_cache = run(splits.test, "test") if chosen is not None and cfg.split == "val" else None
+    if test_cache is not None and active is not None:
+        assert model.cost is not None
+        test_cache = restrict(test_cache, active, model.cost, model.chained)
     if chosen is not None and chosen.cost >= 1.0:
         # Branches are work too: a setting that rarely exits costs more than the plain backbone.
         warn(f"the chosen setting costs {chosen.cost:.3f} x the plain backbone: at this accuracy, early exit "
              "does not pay with these exits; use the backbone as is, or try fewer, later or cheaper exits")
 
     doc = build_document(cache, points, chosen, test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
+    if doc["chosen"] is not None:
+        doc["chosen"]["active_exits"] = active
     doc.update({
         "checkpoint": str(ckpt_path), "split": cfg.split,
         "selection_split": cfg.split if choosing else None,
@@ -245,6 +281,7 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
                            "raise --max-drop, widen --thresholds or add --per-exit")
     if cfg.write and chosen is not None and chosen.policy:
         model.set_thresholds(chosen.thresholds or [], chosen.policy)
+        model.set_active(active)
         model.meta["sweep"] = sweep_meta(doc)
         save_checkpoint(cfg.write, model, ckpt.state)
     return doc
