@@ -32,7 +32,8 @@ import torch
 from . import sweep
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .batches import Autocast, FeatureCache, ImageSource, Reporter, build_feature_cache
-from .data import DataConfig, load_splits
+from . import feature_store
+from .data import DataConfig, Splits, load_splits
 from .devices import DEVICES, resolve_device
 from .errors import PteenetError
 from .exits import Ensemble, fit_ensemble
@@ -59,6 +60,7 @@ class TrainConfig:
     resume: bool = False
     cache_features: bool = False
     views: int = 1  # augmented views of each training image in the feature cache (with augmentation)
+    cache_dir: str | None = None  # keep feature caches here and reuse them across runs (``feature_store``)
     ensemble: bool = True  # fit an exit ensemble on the calibration split after training
     loss: LossConfig = field(default_factory=LossConfig)
     threshold: float = 0.5  # the confidence threshold of the per-epoch early-exit metrics
@@ -259,6 +261,26 @@ def evaluate_split(model: EarlyExitModel, source: ImageSource | FeatureCache, de
     return cache_metrics(builder.build_for(model), threshold)
 
 
+def _feature_cache(model: EarlyExitModel, splits: Splits, split: str, cfg: TrainConfig, augment: bool,
+                   device: torch.device, reporter: Reporter) -> FeatureCache:
+    """The split's feature cache: read from ``cfg.cache_dir`` when a run saved it, else built (and saved)."""
+    train = split == "train"
+    views = cfg.views if train else 1
+    key = feature_store.cache_key(model, splits.split_info, split, views, augment, cfg.seed)
+    if cfg.cache_dir:
+        found = feature_store.load(cfg.cache_dir, key, cfg.batch_size, train, model.branch_config.cacheable_stem)
+        if found is not None:
+            return found
+    # Seeded: the augmented views (torch's global RNG) must be the same again on --resume.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        cache = build_feature_cache(model, splits.train if train else splits.val, cfg.batch_size, cfg.workers,
+                                    cfg.seed, device, Autocast(device, cfg.amp), reporter, train, split, views)
+    if cfg.cache_dir:
+        feature_store.save(cfg.cache_dir, key, cache)
+    return cache
+
+
 def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,
                     autocast: Autocast, loss: LossConfig, reporter: Reporter) -> Ensemble:
     """Every head's logits on ``source`` (data the heads did not train on), then ``fit_ensemble``
@@ -340,14 +362,8 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
     train_src: ImageSource | FeatureCache
     val_src: ImageSource | FeatureCache
     if cfg.cache_features:
-        autocast = Autocast(device, cfg.amp)
-        # Seeded: the augmented views (torch's global RNG) must be the same again on --resume.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed)
-            train_src = build_feature_cache(model, splits.train, cfg.batch_size, cfg.workers, cfg.seed, device, autocast,
-                                            reporter, True, "train", cfg.views)
-        val_src = build_feature_cache(model, splits.val, cfg.batch_size, cfg.workers, cfg.seed, device, autocast, reporter,
-                                      False, "val")
+        train_src = _feature_cache(model, splits, "train", cfg, data_cfg.augment, device, reporter)
+        val_src = _feature_cache(model, splits, "val", cfg, data_cfg.augment, device, reporter)
     else:
         train_src = ImageSource(splits.train, cfg.batch_size, cfg.workers, cfg.seed, shuffle=True)
         val_src = ImageSource(splits.val, cfg.batch_size, cfg.workers, cfg.seed, shuffle=False)

@@ -227,3 +227,21 @@ def test_cli_calibration_replaces_the_carved_val_split(ckpt: Path, tmp_path: Pat
         train_branches(ckpt, split, data(calibration="synthetic#half=0"), cfg(), StopAfter(1))
     with pytest.raises(PteenetError, match="calibration 'synthetic#half=1'"):
         train_branches(ckpt, split, data(calibration="synthetic#half=1"), cfg(resume=True))
+
+
+def test_feature_cache_dir_reuses_the_backbone_pass(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "features"
+    first = tmp_path / "a.safetensors"
+    train_branches(ckpt, first, data(augment=False), cfg(cache_features=True, cache_dir=str(store)))
+    assert len(list(store.glob("features-*.safetensors"))) == 2  # train and val
+    calls = []
+    real = train_mod.build_feature_cache
+    monkeypatch.setattr(train_mod, "build_feature_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = tmp_path / "b.safetensors"
+    train_branches(ckpt, second, data(augment=False), cfg(cache_features=True, cache_dir=str(store)))
+    assert calls == []  # both splits read from the store
+    a, b = branch_tensors(first), branch_tensors(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # another seed (another split of the data) is another key: built, not read
+    train_branches(ckpt, tmp_path / "c.safetensors", data(augment=False, seed=3), cfg(cache_features=True, cache_dir=str(store)))
+    assert calls and len(list(store.glob("features-*.safetensors"))) == 4

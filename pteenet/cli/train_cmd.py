@@ -115,6 +115,7 @@ def train_command(
     amp: bool = typer.Option(False, "--amp", help="mixed precision (CUDA only)"),
     resume: bool = typer.Option(False, "--resume", help="continue the unfinished run in OUTPUT"),
     cache_features: bool = typer.Option(False, "--cache-features", help="run the backbone once (per view) and train from cached exit features"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="save feature caches here and reuse them in later runs on the same backbone, exits and data"),
     views: int = typer.Option(TrainConfig.views, "--views", help="augmented views of each training image in the feature cache (needs --cache-features, augmentation on)"),
     ensemble: bool = typer.Option(TrainConfig.ensemble, "--ensemble/--no-ensemble", help="after training, fit an ensemble of the heads on the calibration split"),
     json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout"),
@@ -123,7 +124,7 @@ def train_command(
     data_cfg = DataConfig(data, data_dir, limit, augment=not no_augment, val_split=val_split, seed=seed,
                           calibration=calibration)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
-                      workers=workers, amp=amp, resume=resume, cache_features=cache_features, views=views,
+                      workers=workers, amp=amp, resume=resume, cache_features=cache_features, views=views, cache_dir=cache_dir,
                       ensemble=ensemble, loss=LossConfig(version=loss, lam=lam, targets=targets, temperature=temperature,
                                                           exit_ce=exit_ce))
     try:
