@@ -54,16 +54,18 @@ def cfg(name: str, backbone: str = "resnet56", loss: dict[str, Any] | None = Non
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "heads": [
         cfg("r56-default"),
-        cfg("r56-pool-linear", branch="pool", cascade=False, ensemble=False),
-        cfg("r56-no-cascade", cascade=False),
         cfg("r56-no-ensemble", ensemble=False),
+        cfg("r56-no-cascade", cascade=False),
         cfg("r56-pseudo", loss={"targets": "pseudo", "temperature": 1.0}),
+        cfg("r56-pool-linear", branch="pool", cascade=False, ensemble=False),
+        cfg("r20-default", backbone="resnet20"),
+        # Three augmented views of every training image in the cache; 5 epochs over them are as
+        # many steps as 15 over one view.
+        cfg("r56-aug3", views=3, augment=True, epochs=5),
         cfg("r56-mixed5", **MIXED),
         # conv-lite has no parameter-free stem, so its cache holds whole taps: 27 of them would need
         # 58 GB for the training set; five exits fit.
         cfg("r56-conv-lite-mixed5", branch="conv-lite", **MIXED),
-        cfg("r56-aug3", views=3, augment=True),
-        cfg("r20-default", backbone="resnet20"),
     ],
     # The earlier study's ConvX grid (its numbers are in cifar10_resnet.json of that commit).
     "paper": [

@@ -53,6 +53,17 @@ class BranchConfig:
         return f"conv{self.convs}" if self.kind == "conv" else self.kind
 
     @property
+    def description(self) -> str:
+        """One sentence for reports: what the branch computes."""
+        g = f"{self.grid}x{self.grid}"
+        body = {"conv": f"{self.convs} x [3x3 conv, BN, ReLU] and global average pooling",
+                "pool": f"average and max pooling to {g} and BatchNorm",
+                "pool-mlp": f"average and max pooling to {g}, BatchNorm and one hidden layer of {self.hidden}",
+                "conv-lite": f"a strided 3x3 conv halving the channels, average and max pooling to {g}"}[self.kind]
+        return (f"{self.name}: {body}, then a classifier and a confidence head"
+                + (", each head also reading the previous exit's log-probabilities (cascade)" if self.cascade else ""))
+
+    @property
     def cacheable_stem(self) -> bool:
         """True when the stem does real (parameter-free) work, so caching its output pays."""
         return self.kind in ("pool", "pool-mlp")

@@ -26,6 +26,9 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
         "backbone": {**model.info.to_dict(), "sha256": model.backbone_sha256,
                      "macs": cost.backbone_macs if cost else None},
         "branch": model.branch_config.name,
+        "branch_description": model.branch_config.description,
+        "ensemble": model.ensemble is not None,
+        "active_exits": list(model.active),
         "exits": [{"index": k, "name": p.name, "node": p.node, **({} if cost is None else {
             "prefix_macs": cost.exits[k].prefix_macs, "branch_macs": cost.exits[k].branch_macs,
             "cost": cost.exits[k].cost, "cost_paper": cost.exits[k].cost_paper})} for k, p in enumerate(model.exit_points)],
@@ -120,7 +123,10 @@ def markdown(r: dict[str, Any]) -> str:
     out = [f"# Early-exit model: {bb['spec']} with {n_exits} exits", "",
            f"Exported by pteenet {r['pteenet_version']} on {r['exported_at']} from `{r['source_checkpoint']}`.", "",
            f"A frozen pretrained backbone (`{bb['spec']}`, {bb['num_classes']} classes) with {n_exits} early-exit branches "
-           f"({r['branch']}: 3x3 conv blocks, global pooling, a classifier and a confidence head) attached at the points below. "
+           f"({r.get('branch_description') or r['branch']}) attached at the points below"
+           + ("; each exit answers with a fitted ensemble of every head up to it" if r.get("ensemble") else "")
+           + (f"; {sum(r['active_exits'])} of the {n_exits} exits take decisions (exit selection)"
+              if r.get("active_exits") and not all(r["active_exits"]) else "") + ". "
            f"At run time a sample leaves at the first exit where **{op['rule']}** (policy `{op['policy']}`, thresholds {ts}); "
            "otherwise it runs the whole backbone and gets the backbone's own answer. The backbone's weights are unchanged.", "",
            "## Files", ""]

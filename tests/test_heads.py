@@ -55,7 +55,10 @@ def test_runtime_equals_simulation_for_every_head(branch: str, cascade: bool, en
         for bs in (1, 7, len(images)):
             got = [model.predict(images[i:i + bs], ts, "max-softmax") for i in range(0, len(images), bs)]
             np.testing.assert_array_equal(torch.cat([g.exit_index for g in got]).numpy(), want, err_msg=f"batch {bs}")
-            assert_logits_close(torch.cat([g.logits for g in got]), per_exit[want, np.arange(len(want))])
+            # An ensemble sums log-probabilities of magnitude ~100 into logits of ~20, so batch-shape
+            # noise is relative to those terms, not to the result: a wider relative tolerance.
+            assert_logits_close(torch.cat([g.logits for g in got]), per_exit[want, np.arange(len(want))],
+                                rel=1e-3 if ensemble else 1e-4)
     assert len(seen) >= 3
 
 

@@ -55,6 +55,9 @@ def perturb(model: pteenet.EarlyExitModel, seed: int) -> None:
         h.remove()
     for m in bns:
         m.momentum = 0.1
+        # A random backbone leaves some pooled features constant; BatchNorm would then divide by
+        # sqrt(eps) and blow float noise up 300-fold. Floor the variance as training data would.
+        m.running_var.clamp_(min=1e-2 * float(m.running_var.mean()))
     with torch.no_grad():
         for k, b in enumerate(model.branches):
             z = pooled[k]
