@@ -122,8 +122,11 @@ def pick(cal: ExitCache, report: ExitCache, grid: Any, model: Any) -> dict[str, 
     points = [p for pol in POLICIES for p in sweep_global(cal, pol, grid)]
     points += [p for pol in POLICIES for p in search_per_exit(cal, pol, budgets(points), grid)]
     chosen: dict[str, Any] = {}
-    for criterion in ("drop1", "agreement9715"):
-        p = choose(points, bb_cal, criterion)
+    # drop1: one global threshold (what the CLI does without --per-exit); drop1_per_exit adds the
+    # per-exit search, which has 27 thresholds to fit on the calibration data and can overfit it.
+    for criterion, pts in (("drop1", [p for p in points if p.kind == "global"]), ("drop1_per_exit", points),
+                           ("agreement9715", points)):
+        p = choose(pts, bb_cal, criterion)
         if p is None:
             chosen[criterion] = None
             continue
@@ -149,7 +152,7 @@ def pick(cal: ExitCache, report: ExitCache, grid: Any, model: Any) -> dict[str, 
 
 def choose(val_points: list[Point], backbone: Point, criterion: str) -> Point | None:
     """Cheapest calibration point that meets the criterion (1-point accuracy drop, or agreement)."""
-    if criterion == "drop1":
+    if criterion.startswith("drop1"):
         ok = [p for p in val_points if p.accuracy is not None and p.accuracy >= backbone.accuracy - 0.01]
     else:
         ok = [p for p in val_points if p.agreement >= PAPER_AGREEMENT]
@@ -203,7 +206,8 @@ def run_config(c: dict[str, Any], args: argparse.Namespace, work: Path, grid: An
 
 
 def best_b(r: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """Protocol B's cheapest point at <= 1 pt drop (chosen on one test half), with or without exit selection."""
+    """Protocol B's cheapest point at <= 1 pt drop (one global threshold chosen on one test half),
+    with or without exit selection."""
     cands = [(k, r["chosen_test_halves"][k]) for k in ("drop1", "drop1_select") if r["chosen_test_halves"].get(k)]
     return max(cands, key=lambda kc: kc[1]["test_cost_reduction"]) if cands else None
 
@@ -220,7 +224,10 @@ def summary(doc: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
                  "active_exits": c.get("active_exits")},
         "protocol_A": {k: best["chosen"].get(k) and {"reduction": best["chosen"][k]["test_cost_reduction"],
                                                      "drop_pt": best["chosen"][k]["test_drop_points"]}
-                       for k in ("drop1", "drop1_select")},
+                       for k in ("drop1", "drop1_select", "drop1_per_exit")},
+        "per_exit_B": best["chosen_test_halves"].get("drop1_per_exit") and {
+            "reduction": best["chosen_test_halves"]["drop1_per_exit"]["test_cost_reduction"],
+            "drop_pt": best["chosen_test_halves"]["drop1_per_exit"]["test_drop_points"]},
         "plain": {p["model"]: {"cost": p["cost"], "accuracy": p["accuracy_report_half"],
                                "accuracy_full_test": p["accuracy"]} for p in doc["plain"]},
         "backbone_report_half": {"accuracy": best["backbone_report_half"]["accuracy"]},

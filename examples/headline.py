@@ -17,9 +17,10 @@ def main() -> None:
     bb = test.get("backbone") or doc["backbone"]
     pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
     report = json.loads((args.out / "export" / "report.json").read_text())
-    exits = ", ".join(e["name"] for e in report["exits"])
+    active = report.get("active_exits") or [True] * len(report["exits"])
+    exits = ", ".join(e["name"] for e, a in zip(report["exits"], active) if a)
     print(f"pteenet demo: {doc['data']['spec']}, {report['backbone']['spec']} backbone, "
-          f"{report['branch']['type'] if isinstance(report['branch'], dict) else report['branch']} exits at {exits}")
+          f"{len(report['exits'])} {report['branch']} exits; {sum(active)} decide, at {exits}")
     print(f"  backbone      accuracy {pct(bb['accuracy'])}  cost 1.000")
     print(f"  early exit    accuracy {pct(test['accuracy'])}  agreement {pct(test['agreement'])}  "
           f"mean cost {test['cost']:.3f} ({pct(abs(1 - test['cost']))} {'fewer' if test['cost'] <= 1 else 'MORE'} MACs)  [test split; "
