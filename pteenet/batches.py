@@ -152,7 +152,8 @@ def build_feature_cache(model: EarlyExitModel, ds: Dataset, batch_size: int, wor
     final = torch.empty(n, model.info.num_classes, dtype=torch.float32)
     labels = torch.empty(n, dtype=torch.int64)
     loader = make_loader(ds, batch_size, False, workers, seed)
-    reporter.task(f"caching {name} features" + (f" ({views} views)" if views > 1 else ""), len(loader) * views)
+    reporter.task(f"caching {name} features, {need / 2**30:.2f} GiB" + (f" ({views} views)" if views > 1 else ""),
+                  len(loader) * views)
     i = 0
     for x, y in (batch for _ in range(views) for batch in loader):
         with autocast(), torch.no_grad():
