@@ -245,3 +245,18 @@ def test_feature_cache_dir_reuses_the_backbone_pass(ckpt: Path, tmp_path: Path, 
     # another seed (another split of the data) is another key: built, not read
     train_branches(ckpt, tmp_path / "c.safetensors", data(augment=False, seed=3), cfg(cache_features=True, cache_dir=str(store)))
     assert calls and len(list(store.glob("features-*.safetensors"))) == 4
+
+
+def test_interrupted_before_the_ensemble_fit_resumes_to_the_same_ensemble(ckpt: Path, tmp_path: Path) -> None:
+    d, c = data(augment=False), cfg(cache_features=True)
+    straight, split = tmp_path / "straight.safetensors", tmp_path / "split.safetensors"
+    train_branches(ckpt, straight, d, c)
+    with pytest.raises(Interrupted, match="holds epoch 2"):  # every epoch done, the ensemble not yet fitted
+        train_branches(ckpt, split, d, c, StopAfter(2))
+    half = load_checkpoint(split)
+    assert half.model.ensemble is None and half.model.meta["training"]["complete"] is False
+    doc = train_branches(ckpt, split, d, cfg(cache_features=True, resume=True))
+    assert doc["final"]["complete"] and [r["epoch"] for r in doc["epochs"]] == [1, 2]
+    a, b = load_file(str(straight)), load_file(str(split))
+    ens = [k for k in a if k.startswith("ensemble.")]
+    assert ens and all(torch.equal(a[k], b[k]) for k in ens)
