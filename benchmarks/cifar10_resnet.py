@@ -330,6 +330,8 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=None, help="cap on calibration/test images (smoke runs only)")
     ap.add_argument("--tag", default="", help="suffix of the results files (cifar10_resnet{TAG}.json/.png)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the results JSON and stop")
+    ap.add_argument("--finish-only", action="store_true",
+                    help="from the results JSON of a run stopped early: time the best configuration, write the summary and plot")
     ap.add_argument("--reuse", action="store_true", help="reuse trained checkpoints and caches found in --work")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -346,11 +348,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     grid = np.round(np.linspace(0, 1, 201), 4)
     configs = [c for c in GRIDS[args.grid] if not args.only or c["name"] in args.only]
-    doc: dict[str, Any] = {"setup": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
-                           "plain": plain_points(args), "configs": []}
-    for c in configs:
-        doc["configs"].append(run_config(c, args, args.work, grid))
-        (args.out / f"cifar10_resnet{args.tag}.json").write_text(json.dumps(doc, indent=1))
+    doc: dict[str, Any]
+    if args.finish_only:
+        doc = json.loads((args.out / f"cifar10_resnet{args.tag}.json").read_text())
+    else:
+        doc = {"setup": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
+               "plain": plain_points(args), "configs": []}
+        for c in configs:
+            doc["configs"].append(run_config(c, args, args.work, grid))
+            (args.out / f"cifar10_resnet{args.tag}.json").write_text(json.dumps(doc, indent=1))
     r56 = [r for r in doc["configs"] if r["backbone"] == "resnet56" and best_b(r)]
     if r56:
         best = max(r56, key=lambda r: best_b(r)[1]["test_cost_reduction"])
