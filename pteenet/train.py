@@ -30,10 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import sweep
-from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from . import feature_store, sweep
 from .batches import Autocast, FeatureCache, ImageSource, Reporter, build_feature_cache
-from . import feature_store
+from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .data import DataConfig, Splits, load_splits
 from .devices import DEVICES, resolve_device
 from .errors import PteenetError

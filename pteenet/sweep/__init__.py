@@ -15,8 +15,19 @@ The policies themselves live in ``pteenet.policies``.
 from __future__ import annotations
 
 from .cache import ExitCache, ExitCacheBuilder
-from .engine import (Point, backbone_point, below_cheapest, evaluate, oracle_point, pareto, parse_range,
-                     search_per_exit, select, sweep_global, threshold_list)
+from .engine import (
+    Point,
+    backbone_point,
+    below_cheapest,
+    evaluate,
+    oracle_point,
+    pareto,
+    parse_range,
+    search_per_exit,
+    select,
+    sweep_global,
+    threshold_list,
+)
 from .outputs import PLOTS_WARNING, build_document, curve_figure, print_points, write_sweep_outputs
 from .run import SweepConfig, build_cache, sweep_meta, sweep_model, sweep_points, sweep_threshold
 from .selection import Selection, restrict, select_exits

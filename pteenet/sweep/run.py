@@ -26,14 +26,13 @@ from torch.utils.data import Dataset
 from .. import policies as pol
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import DataConfig, DataRequest, load_splits, make_loader, resolve_data
+from ..devices import DEVICES, resolve_device
 from ..errors import PteenetError, unknown_name
 from ..model import EarlyExitModel
-from ..devices import DEVICES, resolve_device
 from .cache import ExitCache, ExitCacheBuilder
-from .engine import (Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit,
-                     select, sweep_global)
-from .selection import Selection, restrict, select_exits
+from .engine import Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit, select, sweep_global
 from .outputs import build_document, write_sweep_outputs
+from .selection import Selection, restrict, select_exits
 
 SPLITS = ("val", "test")
 PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along the global front
