@@ -355,7 +355,8 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
         if not out_path.parent.is_dir():
             raise PteenetError(f"output folder does not exist: {out_path.parent}", "create it first")
         if not resume and (tr := _unfinished_run(out_path)) is not None:
-            raise PteenetError(f"{out_path} holds an unfinished run (epoch {tr.get('epochs_done')} of {tr.get('epochs')})",
+            raise PteenetError(f"{out_path} holds an unfinished run "
+                               f"(epoch {tr.get('epochs_done')} of {tr.get('epochs')})",
                                "add --resume to continue it, or delete it / pick another -o to start over")
     if cfg.amp and device.type != "cuda":  # only with --device auto: _check refuses the rest
         reporter.warn("--amp needs CUDA, which is not available: training in float32")

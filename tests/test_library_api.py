@@ -48,7 +48,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(checkpoint_mod, "read_metadata", refuse_read)
-        mp.setattr(checkpoint_mod, "atomic_write", lambda path, write: written.append(Path(path)) or real_write(path, write))
+        mp.setattr(checkpoint_mod, "atomic_write",
+                   lambda path, write: written.append(Path(path)) or real_write(path, write))
         history = pteenet.train_exits(model, DATA, TRAIN)
         swept = pteenet.sweep_model(model, DATA, sweep_cfg(), progress=False)
         exported = pteenet.export_model(model, pteenet.ExportConfig(root / "memory"))
@@ -98,8 +99,8 @@ def test_export_writes_the_same_model(runs: dict[str, Any]) -> None:
 
 def test_sweep_model_warns_when_the_data_is_not_the_recorded_split(runs: dict[str, Any]) -> None:
     # No budget: nothing is chosen, so the model is left as it is.
-    doc = pteenet.sweep_model(runs["model"], pteenet.DataConfig("synthetic", limit=64), sweep_cfg(max_drop=None, select_exits=False),
-                              progress=False)
+    doc = pteenet.sweep_model(runs["model"], pteenet.DataConfig("synthetic", limit=64),
+                              sweep_cfg(max_drop=None, select_exits=False), progress=False)
     assert any("limit 64 (recorded 96)" in w for w in doc["warnings"])
 
 

@@ -35,5 +35,5 @@ from .selection import Selection, restrict, select_exits
 __all__ = ["PLOTS_WARNING", "ExitCache", "ExitCacheBuilder", "Point", "SweepConfig", "backbone_point",
            "below_cheapest", "build_cache", "build_document", "curve_figure", "evaluate", "oracle_point",
            "pareto", "parse_range", "print_points", "restrict", "search_per_exit", "select", "select_exits",
-           "Selection", "sweep_global", "sweep_meta", "sweep_model", "sweep_points", "sweep_threshold", "threshold_list",
-           "write_sweep_outputs"]
+           "Selection", "sweep_global", "sweep_meta", "sweep_model", "sweep_points", "sweep_threshold",
+           "threshold_list", "write_sweep_outputs"]
