@@ -1,4 +1,4 @@
-# Two entry points for a fresh clone: `make demo` (the main job) and `make test`.
+# Two entry points for a fresh clone: `make demo` (the main job) and `make test`; `make lint` for CI.
 # Each creates its own virtual environment in .venv on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -10,9 +10,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,plots]'
 	touch $@
 
-.PHONY: test demo
+.PHONY: test lint demo
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# ruff comes from the dev extra; the rules it checks are in pyproject.toml ([tool.ruff]).
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
 
 demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/demo.sh

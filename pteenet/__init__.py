@@ -1,15 +1,33 @@
 """pteenet: early exits for a frozen pretrained CNN (PTEENet).
 
-``pteenet.attach(AttachConfig(...))`` builds an early-exit model; ``pteenet.load(path)`` reads a
-checkpoint back as an ``nn.Module`` whose ``model(x)`` really stops computing for samples that leave.
+The whole pipeline on a model in memory::
+
+    model = pteenet.attach(pteenet.AttachConfig("cifar-resnet20", weights="w.th"))
+    data = pteenet.DataConfig("cifar10")
+    pteenet.train_exits(model, data, pteenet.TrainConfig(epochs=10))    # trains the branches in place
+    pteenet.sweep_model(model, None, pteenet.SweepConfig(max_drop=1.0))  # sets the chosen thresholds
+    pteenet.export_model(model, pteenet.ExportConfig("export/"))         # writes the deployable folder
+
+``pteenet.load(path)`` reads a checkpoint back as an ``nn.Module`` whose ``model(x)`` really stops
+computing for samples that leave. The commands work on files (``train_branches``,
+``sweep_threshold``, ``export`` in their modules): each loads, calls the function above, and writes.
 """
 from __future__ import annotations
 
+# ``pteenet.train``, ``pteenet.sweep`` and ``pteenet.export`` are a module, a package and a module: a
+# function of the same name here would shadow them as attributes of the package (then
+# ``import pteenet.train as m`` and ``mock.patch("pteenet.train.x")`` would find the function), so
+# the functions say what they act on instead: train_exits, sweep_model, export_model.
+from .attach import AttachConfig, attach, list_candidates
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import DataConfig, DataRequest
+from .errors import PteenetError
+from .export import ExportConfig, export_model
+from .loss import LossConfig
+from .model import EarlyExitModel
+from .sweep import SweepConfig, sweep_model
+from .train import TrainConfig, train_exits
 from .version import __version__
-from .attach import AttachConfig, attach, list_candidates  # noqa: E402
-from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from .errors import PteenetError  # noqa: E402
-from .model import EarlyExitModel  # noqa: E402
 
 
 def load(path: str, device: str = "cpu") -> EarlyExitModel:
@@ -17,5 +35,6 @@ def load(path: str, device: str = "cpu") -> EarlyExitModel:
     return load_checkpoint(path, device).model.eval()
 
 
-__all__ = ["AttachConfig", "EarlyExitModel", "PteenetError", "attach", "list_candidates", "load", "load_checkpoint",
-           "save_checkpoint"]
+__all__ = ["AttachConfig", "DataConfig", "DataRequest", "EarlyExitModel", "ExportConfig", "LossConfig", "PteenetError",
+           "SweepConfig", "TrainConfig", "__version__", "attach", "export_model", "list_candidates", "load",
+           "load_checkpoint", "save_checkpoint", "sweep_model", "train_exits"]

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from .version import __version__
 from .backbones import BackboneInfo, load_backbone
 from .branches import BranchConfig
 from .cost import CostTable
@@ -25,6 +24,7 @@ from .errors import PteenetError
 from .exits import Ensemble
 from .files import atomic_write
 from .model import EarlyExitModel
+from .version import __version__
 from .weights import module_sha256, tensors_sha256
 
 SCHEMA_VERSION = 2

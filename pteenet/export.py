@@ -1,4 +1,5 @@
-"""``pteenet export``: a self-contained output folder for deployment, written all or nothing.
+"""A self-contained output folder for deployment, written all or nothing: ``export_model`` from a
+model in memory, ``export`` from a checkpoint file (``pteenet export``).
 
 ``model.safetensors`` is always written: it is a checkpoint (backbone, branches, metadata) without
 the training state, so ``pteenet.load`` reads it and the threshold stays tunable. Optional formats
@@ -256,7 +257,7 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
 
 
 # -- the whole export ------------------------------------------------------------------------------
-def _check_request(checkpoint: str | Path, cfg: ExportConfig) -> list[str]:
+def _check_request(checkpoint: str | Path | None, cfg: ExportConfig) -> list[str]:
     formats = list(dict.fromkeys(["safetensors", *cfg.formats]))
     for fmt in formats:
         if fmt not in FORMATS:
@@ -276,7 +277,8 @@ def _check_request(checkpoint: str | Path, cfg: ExportConfig) -> list[str]:
         raise unknown_name("policy", cfg.policy, policies.POLICIES)
     out = Path(cfg.output).resolve()
     # --force replaces the folder: never one the user stands in or the checkpoint lives in.
-    if out == Path.cwd() or out in Path.cwd().parents or out in Path(checkpoint).resolve().parents:
+    if out == Path.cwd() or out in Path.cwd().parents or (
+            checkpoint is not None and out in Path(checkpoint).resolve().parents):
         raise PteenetError(f"refusing to write into {out}: it holds the current folder or the checkpoint",
                            "export into a new folder, e.g. -o export/")
     if out.exists() and not out.is_dir():
@@ -301,20 +303,23 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)  # also onto an existing empty folder
 
 
-def export(checkpoint: str | Path, cfg: ExportConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def export_model(model: EarlyExitModel, cfg: ExportConfig, progress: Callable[[str], None] | None = None, *,
+                 source: str | Path | None = None) -> dict[str, Any]:
     """Write ``cfg.output`` (model.safetensors, report.md/json, curve.png, the asked formats) from a
-    checkpoint. Everything is written into a temp folder beside it and renamed at the end, so a
-    failure leaves no half-written folder. Returns a summary document."""
-    formats = _check_request(checkpoint, cfg)
-    ck = load_checkpoint(checkpoint)
-    model = ck.model.eval()
+    model in memory, after setting on it the operating point ``cfg`` asks for (its own thresholds
+    when ``cfg`` names none). Everything is written into a temp folder beside it and renamed at the
+    end, so a failure leaves no half-written folder. Returns a summary document. ``source`` names the
+    checkpoint the model came from, for the report."""
+    formats = _check_request(source, cfg)
+    model.eval()
     point = choose_point(model, cfg)
     data = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}
     if model.info.class_names is None and data.get("class_names"):
         model.info.class_names = list(data["class_names"])  # so the exported file names its classes
     files = {FORMATS[f].file: FORMATS[f].what for f in formats}
+    source_name = None if source is None else Path(source).name
     model.meta["export"] = {"exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                            "source": Path(checkpoint).name, "operating_point": point, "formats": formats}
+                            "source": source_name, "operating_point": point, "formats": formats}
     out = Path(cfg.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -325,7 +330,7 @@ def export(checkpoint: str | Path, cfg: ExportConfig, progress: Callable[[str], 
             if progress:
                 progress(f"exporting {fmt}")
             _write_program(model, fmt, tmp / FORMATS[fmt].file, programs)
-        report = build_report(model, point, files, Path(checkpoint).name)
+        report = build_report(model, point, files, source_name)
         files.update(write_report(tmp, report, model.meta.get("sweep")))
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the folder is meant to be shared
         _move_into_place(tmp, out)
@@ -333,3 +338,9 @@ def export(checkpoint: str | Path, cfg: ExportConfig, progress: Callable[[str], 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"output": str(cfg.output), "files": files, "operating_point": point, "formats": formats}
+
+
+def export(checkpoint: str | Path, cfg: ExportConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``pteenet export``: ``export_model`` on the model of a checkpoint file."""
+    _check_request(checkpoint, cfg)  # before the checkpoint is read
+    return export_model(load_checkpoint(checkpoint).model, cfg, progress, source=checkpoint)

@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .batches import FeatureCache
 from .files import atomic_write
 from .model import EarlyExitModel

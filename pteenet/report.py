@@ -14,7 +14,8 @@ from .sweep import Point, curve_figure, pareto
 from .version import __version__
 
 
-def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, str], source: str) -> dict[str, Any]:
+def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, str],
+                 source: str | None) -> dict[str, Any]:
     cost = model.cost
     history = model.meta.get("history") or []
     sweep = model.meta.get("sweep") or None
@@ -121,7 +122,8 @@ def markdown(r: dict[str, Any]) -> str:
     ts = ", ".join(f"{t:g}" for t in op["thresholds"])
     size = "x".join(map(str, bb["preprocess"]["input_size"]))
     out = [f"# Early-exit model: {bb['spec']} with {n_exits} exits", "",
-           f"Exported by pteenet {r['pteenet_version']} on {r['exported_at']} from `{r['source_checkpoint']}`.", "",
+           f"Exported by pteenet {r['pteenet_version']} on {r['exported_at']} from "
+           + (f"`{r['source_checkpoint']}`." if r["source_checkpoint"] else "a model in memory."), "",
            f"A frozen pretrained backbone (`{bb['spec']}`, {bb['num_classes']} classes) with {n_exits} early-exit branches "
            f"({r.get('branch_description') or r['branch']}) attached at the points below"
            + ("; each exit answers with a fitted ensemble of every head up to it" if r.get("ensemble") else "")

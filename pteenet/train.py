@@ -1,4 +1,5 @@
-"""Training the exit branches, and only them, on a frozen backbone (``pteenet train-branches``).
+"""Training the exit branches, and only them, on a frozen backbone: ``train_exits`` on a model in
+memory, ``train_branches`` from one checkpoint file to another (``pteenet train-branches``).
 
 Each batch runs the backbone once under ``no_grad`` (in eval mode: BatchNorm statistics frozen) and
 the branches with gradients; Adam updates branch parameters only, on a cosine schedule over all
@@ -29,10 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import sweep
-from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from . import feature_store, sweep
 from .batches import Autocast, FeatureCache, ImageSource, Reporter, build_feature_cache
-from . import feature_store
+from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .data import DataConfig, Splits, load_splits
 from .devices import DEVICES, resolve_device
 from .errors import PteenetError
@@ -301,75 +301,89 @@ def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, d
     return fit_ensemble([torch.cat(h) for h in heads], targets)
 
 
-def _summary(history: list[dict[str, Any]], out_path: Path, training: dict[str, Any], sha: str,
+def _summary(history: list[dict[str, Any]], out_path: Path | None, training: dict[str, Any], sha: str,
              already_complete: bool) -> dict[str, Any]:
     last = history[-1] if history else {}
     return {"epochs": history, "final": {
-        "output": str(out_path), "epochs_done": training.get("epochs_done"), "complete": training.get("complete"),
-        "already_complete": already_complete, "seconds": training.get("seconds"), "backbone_sha256": sha,
-        "train": last.get("train"), "val": last.get("val")}}
+        "output": None if out_path is None else str(out_path), "epochs_done": training.get("epochs_done"),
+        "complete": training.get("complete"), "already_complete": already_complete, "seconds": training.get("seconds"),
+        "backbone_sha256": sha, "train": last.get("train"), "val": last.get("val")}}
 
 
-def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataConfig, cfg: TrainConfig,
-                   reporter: Reporter | None = None) -> dict[str, Any]:
-    """Train the branches of ``ckpt_path`` and write ``out_path`` after every epoch.
-
-    Returns ``{"epochs": [per-epoch records], "final": {...}}``; the records are also the output's
-    ``meta["history"]``. Raises ``Interrupted`` on Ctrl-C (the output keeps the last complete epoch).
-    """
-    reporter = reporter or Reporter()
-    out_path = Path(out_path)
+def _check(cfg: TrainConfig, data_cfg: DataConfig) -> torch.device:
+    """Every check that needs neither model nor data (cheap, and it warns nothing: safe to repeat);
+    returns the device."""
     cfg.validate()
     if cfg.views > 1 and not (cfg.cache_features and data_cfg.augment):
         raise PteenetError(f"--views {cfg.views} needs --cache-features with augmentation on",
                            "views are augmented copies of each training image held in the feature cache")
-    if not out_path.parent.is_dir():
-        raise PteenetError(f"output folder does not exist: {out_path.parent}", "create it first")
     device = resolve_device(cfg.device)
-    if cfg.amp and device.type != "cuda":
-        if cfg.device != "auto":
-            raise PteenetError(f"--amp needs a CUDA device, not {device.type}", "drop --amp, or use --device cuda")
+    if cfg.amp and device.type != "cuda" and cfg.device != "auto":
+        raise PteenetError(f"--amp needs a CUDA device, not {device.type}", "drop --amp, or use --device cuda")
+    return device
+
+
+def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, reporter: Reporter | None = None, *,
+                checkpoint_to: str | Path | None = None, resume_state: dict[str, torch.Tensor] | None = None,
+                source: str | None = None) -> dict[str, Any]:
+    """Train the branches of ``model`` in place (and only them), then fit the exit ensemble.
+
+    Returns ``{"epochs": [per-epoch records], "final": {...}}``; the records are also left in
+    ``model.meta["history"]``, next to ``meta["training"]`` and ``meta["data"]`` (the split, which
+    the sweep rebuilds to tune on the calibration images). The model is moved to ``config.device``.
+
+    ``checkpoint_to``: a file rewritten atomically after every epoch with what a resume needs; an
+    unfinished run already there is never overwritten. ``resume_state``: the ``state`` of such a
+    file (``load_checkpoint(path).state``, with ``model`` loaded from the same file) to continue
+    it exactly; ``config.resume`` is read by ``train_branches``, which checks the file's settings.
+    ``source`` is recorded as ``meta["training"]["source"]``. Raises ``Interrupted`` on Ctrl-C.
+    """
+    reporter = reporter or Reporter()
+    cfg = config
+    device = _check(cfg, data)
+    out_path = None if checkpoint_to is None else Path(checkpoint_to)
+    if cfg.resume and resume_state is None:
+        raise PteenetError("resume=True continues a run saved in a file, but no resume state was given",
+                           "call train_branches(..., resume=True), or pass resume_state=load_checkpoint(path).state")
+    resume = resume_state is not None
+    if resume and "epoch" not in resume_state:
+        raise PteenetError("the resume state holds no epoch counter", "pass the state of an unfinished run")
+    if model.cost is None or model.num_exits < 1:
+        raise PteenetError(f"{source or 'the model'} has no exits to train",
+                           "create it with `pteenet attach BACKBONE --exits N`")
+    if out_path is not None:
+        if not out_path.parent.is_dir():
+            raise PteenetError(f"output folder does not exist: {out_path.parent}", "create it first")
+        if not resume and (tr := _unfinished_run(out_path)) is not None:
+            raise PteenetError(f"{out_path} holds an unfinished run "
+                               f"(epoch {tr.get('epochs_done')} of {tr.get('epochs')})",
+                               "add --resume to continue it, or delete it / pick another -o to start over")
+    if cfg.amp and device.type != "cuda":  # only with --device auto: _check refuses the rest
         reporter.warn("--amp needs CUDA, which is not available: training in float32")
         cfg = dataclasses.replace(cfg, amp=False)
-    settings = run_settings(cfg, data_cfg)
-    src_meta = read_metadata(ckpt_path)
-    if not src_meta.get("exits") or not src_meta.get("cost"):
-        raise PteenetError(f"{ckpt_path} has no exits to train", "create it with `pteenet attach BACKBONE --exits N`")
-    if cfg.resume:
-        meta = _check_resume(out_path, src_meta, settings)
-        if meta["training"].get("complete"):
-            reporter.warn(f"{out_path} is already complete ({meta['training'].get('epochs_done')} epochs): nothing to do")
-            return _summary(meta.get("history", []), out_path, meta["training"], meta["backbone_sha256"], True)
-    elif (tr := _unfinished_run(out_path)) is not None:
-        raise PteenetError(f"{out_path} holds an unfinished run (epoch {tr.get('epochs_done')} of {tr.get('epochs')})",
-                           "add --resume to continue it, or delete it / pick another -o to start over")
-
-    ck = load_checkpoint(out_path if cfg.resume else ckpt_path, "cpu")
-    model = ck.model
-    if not cfg.resume:
+    settings = run_settings(cfg, data)
+    if not resume:
         # Retraining a trained checkpoint: its ensemble and exit selection belong to the old heads.
         model.set_ensemble(None)
         model.set_active(None)
-    if cfg.resume and "epoch" not in ck.state:
-        raise PteenetError(f"{out_path} has no resume state", "drop --resume to start over")
-    splits = load_splits(data_cfg, model.info.preprocess, model.info.num_classes)
+    splits = load_splits(data, model.info.preprocess, model.info.num_classes)
     model.to(device)
 
-    start_epoch = int(ck.state["epoch"]) if cfg.resume else 0
-    history: list[dict[str, Any]] = list(model.meta.get("history", [])) if cfg.resume else []
-    seconds_before = float(model.meta.get("training", {}).get("seconds", 0.0)) if cfg.resume else 0.0
+    start_epoch = int(resume_state["epoch"]) if resume_state is not None else 0
+    history: list[dict[str, Any]] = list(model.meta.get("history", [])) if resume else []
+    seconds_before = float(model.meta.get("training", {}).get("seconds", 0.0)) if resume else 0.0
     started = time.perf_counter()
     train_src: ImageSource | FeatureCache
     val_src: ImageSource | FeatureCache
     if cfg.cache_features:
-        train_src = _feature_cache(model, splits, "train", cfg, data_cfg.augment, device, reporter)
-        val_src = _feature_cache(model, splits, "val", cfg, data_cfg.augment, device, reporter)
+        train_src = _feature_cache(model, splits, "train", cfg, data.augment, device, reporter)
+        val_src = _feature_cache(model, splits, "val", cfg, data.augment, device, reporter)
     else:
         train_src = ImageSource(splits.train, cfg.batch_size, cfg.workers, cfg.seed, shuffle=True)
         val_src = ImageSource(splits.val, cfg.batch_size, cfg.workers, cfg.seed, shuffle=False)
     trainer = BranchTrainer(model, cfg, device, cfg.epochs * len(train_src))
     order = torch.Generator().manual_seed(cfg.seed)  # the data order, apart from torch's global RNG
-    last_saved = start_epoch if cfg.resume else None
+    last_saved = start_epoch if resume else None
     epoch = start_epoch
     training: dict[str, Any] = {}
     fit_after = cfg.ensemble and len(val_src) > 0
@@ -378,14 +392,14 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
 
     def record(epochs_done: int, complete: bool) -> dict[str, Any]:
         return {**settings, "device": str(device), "amp": cfg.amp, "workers": cfg.workers,
-                "epochs_done": epochs_done, "complete": complete, "source": str(ckpt_path),
+                "epochs_done": epochs_done, "complete": complete, "source": source,
                 "seconds": seconds_before + time.perf_counter() - started}
     # fork_rng: seeding for reproducibility must not leak into the caller's global RNG.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        if cfg.resume:
-            trainer.load_state(ck.state)
-            _set_rng_state(ck.state, device, order)
+        if resume_state is not None:
+            trainer.load_state(resume_state)
+            _set_rng_state(resume_state, device, order)
         reporter.begin(cfg.epochs, start_epoch)
         try:
             for epoch in range(start_epoch, cfg.epochs):
@@ -403,22 +417,57 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
                 complete = epoch + 1 == cfg.epochs and not fit_after
                 training = record(epoch + 1, complete)
                 model.meta.update(training=training, history=history, data=splits.split_info)
-                # Taken where an uninterrupted run goes on from, so a resume continues identically.
-                state = None if complete else {**trainer.state(), **_rng_state(device, order),
-                                               "epoch": torch.tensor(epoch + 1)}
-                save_checkpoint(out_path, model, state)
-                last_saved = epoch + 1
+                if out_path is not None:
+                    # Taken where an uninterrupted run goes on from, so a resume continues identically.
+                    state = None if complete else {**trainer.state(), **_rng_state(device, order),
+                                                   "epoch": torch.tensor(epoch + 1)}
+                    save_checkpoint(out_path, model, state)
+                    last_saved = epoch + 1
                 reporter.epoch_end(history[-1], cfg.epochs)
             if fit_after:
                 model.set_ensemble(fit_ensemble_on(model, val_src, device, trainer.autocast, cfg.loss, reporter))
                 training = record(cfg.epochs, True)
                 model.meta.update(training=training, history=history, data=splits.split_info)
-                save_checkpoint(out_path, model, None)
+                if out_path is not None:
+                    save_checkpoint(out_path, model, None)
         except KeyboardInterrupt:
+            if out_path is None:
+                raise Interrupted(f"interrupted in epoch {epoch + 1}; the model holds its branches as they were",
+                                  "pass checkpoint_to to keep every finished epoch") from None
             held = f"{out_path} holds epoch {last_saved}" if last_saved else f"{out_path} was not written"
             raise Interrupted(f"interrupted in epoch {epoch + 1}; {held}",
                               "continue with --resume" if last_saved else None) from None
     sha = module_sha256(model.backbone)
-    if sha != src_meta["backbone_sha256"]:  # save_checkpoint refuses this too; never let it pass silently
+    if sha != model.backbone_sha256:  # save_checkpoint refuses this too; never let it pass silently
         raise PteenetError("the backbone changed during training", "this is a bug in pteenet: please report it")
     return _summary(history, out_path, training, sha, False)
+
+
+def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataConfig, cfg: TrainConfig,
+                   reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train the branches of ``ckpt_path`` and write ``out_path`` after every epoch
+    (``pteenet train-branches``): ``train_exits`` on the loaded checkpoint, plus ``cfg.resume``,
+    which continues the unfinished run in ``out_path`` after checking that it ran from this
+    checkpoint with these settings.
+
+    Returns ``{"epochs": [per-epoch records], "final": {...}}``; the records are also the output's
+    ``meta["history"]``. Raises ``Interrupted`` on Ctrl-C (the output keeps the last complete epoch).
+    """
+    reporter = reporter or Reporter()
+    out_path = Path(out_path)
+    _check(cfg, data_cfg)  # before any file is read
+    if not out_path.parent.is_dir():
+        raise PteenetError(f"output folder does not exist: {out_path.parent}", "create it first")
+    src_meta = read_metadata(ckpt_path)
+    if not src_meta.get("exits") or not src_meta.get("cost"):
+        raise PteenetError(f"{ckpt_path} has no exits to train", "create it with `pteenet attach BACKBONE --exits N`")
+    if cfg.resume:
+        meta = _check_resume(out_path, src_meta, run_settings(cfg, data_cfg))
+        if meta["training"].get("complete"):
+            reporter.warn(f"{out_path} is already complete ({meta['training'].get('epochs_done')} epochs): nothing to do")
+            return _summary(meta.get("history", []), out_path, meta["training"], meta["backbone_sha256"], True)
+    ck = load_checkpoint(out_path if cfg.resume else ckpt_path, "cpu")
+    if cfg.resume and "epoch" not in ck.state:
+        raise PteenetError(f"{out_path} has no resume state", "drop --resume to start over")
+    return train_exits(ck.model, data_cfg, cfg, reporter, checkpoint_to=out_path,
+                       resume_state=ck.state if cfg.resume else None, source=str(ckpt_path))

@@ -13,9 +13,21 @@ import torch
 
 from pteenet import policies as pol
 from pteenet.errors import PteenetError
-from pteenet.sweep import (ExitCache, ExitCacheBuilder, backbone_point, build_document, evaluate,
-                           oracle_point, pareto, parse_range, print_points, search_per_exit, select,
-                           sweep_global, write_sweep_outputs)
+from pteenet.sweep import (
+    ExitCache,
+    ExitCacheBuilder,
+    backbone_point,
+    build_document,
+    evaluate,
+    oracle_point,
+    pareto,
+    parse_range,
+    print_points,
+    search_per_exit,
+    select,
+    sweep_global,
+    write_sweep_outputs,
+)
 
 
 def make_cache(e: int = 4, n: int = 400, k: int = 5, labels: bool = True, seed: int = 0,

@@ -112,7 +112,7 @@ def test_augmented_views_are_cached_and_reproducible(ckpt: Path, tmp_path: Path)
     one = train_branches(ckpt, tmp_path / "a.safetensors", data(), cfg(cache_features=True, epochs=1, ensemble=False))
     two = train_branches(ckpt, tmp_path / "b.safetensors", data(), cfg(cache_features=True, views=2, epochs=1, ensemble=False))
     again = train_branches(ckpt, tmp_path / "c.safetensors", data(), cfg(cache_features=True, views=2, epochs=1, ensemble=False))
-    assert one["final"]["complete"] and two["final"]["complete"]
+    assert one["final"]["complete"] and two["final"]["complete"] and again["final"]["complete"]
     assert branch_tensors(tmp_path / "b.safetensors").keys() == branch_tensors(tmp_path / "c.safetensors").keys()
     b, c = branch_tensors(tmp_path / "b.safetensors"), branch_tensors(tmp_path / "c.safetensors")
     assert all(torch.equal(b[k], c[k]) for k in b)

@@ -8,9 +8,9 @@ import typer
 from rich.table import Table
 
 from ..bench import BenchConfig, bench, load_images
-from ..report import batch_label
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..export import check_thresholds
+from ..report import batch_label
 from .common import console, emit_json, handle_errors
 
 DEFAULT_LIMIT = 1000  # batch-1 timing of a whole test set would take many minutes; medians need far fewer

@@ -5,7 +5,8 @@ evaluated from it, the choice, and the outputs.
   (training's metrics, the sweep and the benchmarks all use it).
 - ``engine``: pure numpy over a cache: ``evaluate``, ``sweep_global``, ``search_per_exit``,
   ``pareto``, ``select``.
-- ``run``: ``pteenet sweep-threshold`` as a library (``sweep_threshold``, ``build_cache``).
+- ``run``: the sweep of a model in memory (``sweep_model``), ``pteenet sweep-threshold`` on a
+  checkpoint file (``sweep_threshold``), and ``build_cache``.
 - ``selection``: exit selection (which exits decide at all), priced as the runtime runs it.
 - ``outputs``: the JSON document, sweep.csv, the plots and the table.
 
@@ -14,14 +15,25 @@ The policies themselves live in ``pteenet.policies``.
 from __future__ import annotations
 
 from .cache import ExitCache, ExitCacheBuilder
-from .engine import (Point, backbone_point, below_cheapest, evaluate, oracle_point, pareto, parse_range,
-                     search_per_exit, select, sweep_global, threshold_list)
+from .engine import (
+    Point,
+    backbone_point,
+    below_cheapest,
+    evaluate,
+    oracle_point,
+    pareto,
+    parse_range,
+    search_per_exit,
+    select,
+    sweep_global,
+    threshold_list,
+)
 from .outputs import PLOTS_WARNING, build_document, curve_figure, print_points, write_sweep_outputs
-from .run import SweepConfig, build_cache, sweep_meta, sweep_points, sweep_threshold
+from .run import SweepConfig, build_cache, sweep_meta, sweep_model, sweep_points, sweep_threshold
 from .selection import Selection, restrict, select_exits
 
 __all__ = ["PLOTS_WARNING", "ExitCache", "ExitCacheBuilder", "Point", "SweepConfig", "backbone_point",
            "below_cheapest", "build_cache", "build_document", "curve_figure", "evaluate", "oracle_point",
            "pareto", "parse_range", "print_points", "restrict", "search_per_exit", "select", "select_exits",
-           "Selection", "sweep_global", "sweep_meta", "sweep_points", "sweep_threshold", "threshold_list",
-           "write_sweep_outputs"]
+           "Selection", "sweep_global", "sweep_meta", "sweep_model", "sweep_points", "sweep_threshold",
+           "threshold_list", "write_sweep_outputs"]

@@ -1,5 +1,6 @@
-"""``pteenet sweep-threshold`` as a library: one pass over a split, then the sweep, the choice and
-the outputs.
+"""The sweep as a library: ``sweep_model`` on a model in memory, ``sweep_threshold`` on a checkpoint
+file (``pteenet sweep-threshold``: load, ``sweep_model``'s work, write ``--write``). One pass over a
+split, then the sweep, the choice and the outputs.
 
 The model runs once per split (``build_cache``); every threshold, policy and per-exit search after
 that is numpy over the cache (``engine.py``). Thresholds are tuned on the calibration split that
@@ -11,9 +12,10 @@ or the training images), we warn.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,15 +25,14 @@ from torch.utils.data import Dataset
 
 from .. import policies as pol
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..data import DataRequest, load_splits, make_loader, resolve_data
+from ..data import DataConfig, DataRequest, load_splits, make_loader, resolve_data
+from ..devices import DEVICES, resolve_device
 from ..errors import PteenetError, unknown_name
 from ..model import EarlyExitModel
-from ..devices import DEVICES, resolve_device
 from .cache import ExitCache, ExitCacheBuilder
-from .engine import (Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit,
-                     select, sweep_global)
-from .selection import Selection, restrict, select_exits
+from .engine import Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit, select, sweep_global
 from .outputs import build_document, write_sweep_outputs
+from .selection import Selection, restrict, select_exits
 
 SPLITS = ("val", "test")
 PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along the global front
@@ -186,13 +187,34 @@ def _better(a: Point, b: Point, by_budget: bool) -> bool:
     return key(a) < key(b)
 
 
-def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
-                    console: Console | None = None, progress: bool = True) -> dict[str, Any]:
-    """The whole command: load, check, run the split(s) once, sweep, choose, write; returns the
-    document (the same one as sweep.json). Warnings and notes go to ``console`` (stderr) as they
-    arise, and into the document."""
+def _data_config(data: DataRequest | DataConfig | None, recorded: dict[str, Any] | None,
+                 warn: Callable[[str], None]) -> tuple[DataConfig, list[str]]:
+    """The split to sweep: a ``DataRequest`` (or None) resolved against the model's record of its
+    training split, or a ``DataConfig`` taken as it is (with a warning where it is not the recorded
+    split: its calibration images may then be ones the branches trained on)."""
+    if not isinstance(data, DataConfig):
+        return resolve_data(data or DataRequest(), recorded)
+    if recorded:
+        try:
+            rec = DataConfig.from_split_info(recorded)
+        except (KeyError, TypeError):
+            rec = None
+        fields = ("spec", "limit", "val_split", "seed", "calibration")
+        diffs = [f"{k} {getattr(data, k)!r} (recorded {getattr(rec, k)!r})" for k in fields
+                 if rec is not None and getattr(data, k) != getattr(rec, k)]
+        if diffs:
+            warn("the data given is not the split the branches were trained with: " + ", ".join(diffs)
+                 + "; its calibration images may be ones they trained on (pass None to use the recorded split)")
+    return dataclasses.replace(data, augment=False), []
+
+
+def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: SweepConfig, console: Console | None,
+           progress: bool, source: str | None) -> dict[str, Any]:
+    """Everything but reading and writing the checkpoint: check, run the split(s) once, sweep,
+    choose, write the outputs, set the chosen point on the model."""
     console = console or Console(stderr=True)
     warnings: list[str] = []
+    name = source or "the model"
 
     def warn(text: str, record: bool = True) -> None:
         if record:
@@ -200,21 +222,19 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
         console.print(f"Warning: {text}", style="bold yellow", soft_wrap=True, markup=False)
 
     policies, grid = _check(cfg)
-    ckpt = load_checkpoint(ckpt_path, resolve_device(cfg.device))
-    model = ckpt.model
     if model.cost is None:
-        raise PteenetError(f"{ckpt_path} has no cost table", "attach the branches with `pteenet attach`")
+        raise PteenetError(f"{name} has no cost table", "attach the branches with `pteenet attach`")
     # No setting costs less than sending every sample out at the first exit: fail before any data.
     if cfg.budget is not None and cfg.budget < model.cost.costs()[0] - 1e-9:
         raise below_cheapest(cfg.budget, model.cost.costs()[0])
     training = model.meta.get("training")
     if not training:
-        warn(f"the branches in {ckpt_path} were never trained: the sweep measures random branches "
+        warn(f"the branches in {name} were never trained: the sweep measures random branches "
              "(run `pteenet train-branches` first)")
     elif training.get("complete") is False:
-        warn(f"training of {ckpt_path} stopped after {training.get('epochs_done')} epochs: "
+        warn(f"training of {name} stopped after {training.get('epochs_done')} epochs: "
              "the sweep measures unfinished branches")
-    data_cfg, notes = resolve_data(data, model.meta.get("data"))
+    data_cfg, notes = _data_config(data, model.meta.get("data"), warn)
     for note in notes:
         console.print(f"Note: {note}", style="cyan", soft_wrap=True, markup=False)
     try:
@@ -239,6 +259,9 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
     if cfg.split == "val" and overlap == "train":
         warn(f"the calibration data {calibration} is the training split: the branches were trained on it, and a "
              "backbone fine-tuned on it has memorised it (calibrate on images neither has seen)")
+    device = resolve_device(cfg.device)
+    if next(model.parameters()).device.type != device.type:
+        model.to(device)  # a checkpoint is loaded onto the device already: moving re-traces the stages
     device = next(model.parameters()).device
 
     def run(dataset: Dataset, name: str) -> ExitCache:
@@ -263,7 +286,7 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
     if doc["chosen"] is not None:
         doc["chosen"]["active_exits"] = active
     doc.update({
-        "checkpoint": str(ckpt_path), "split": cfg.split,
+        "checkpoint": source, "split": cfg.split,
         "selection_split": cfg.split if choosing else None,
         "data": splits.split_info,
         "policies": policies, "grid": {"range": cfg.thresholds, "count": int(grid.size)},
@@ -279,9 +302,39 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
         raise PteenetError(f"no swept setting is within {cfg.max_drop} points of the backbone"
                            + (f" (the curve is in {cfg.outdir})" if cfg.outdir else ""),
                            "raise --max-drop, widen --thresholds or add --per-exit")
-    if cfg.write and chosen is not None and chosen.policy:
+    if chosen is not None and chosen.policy:
         model.set_thresholds(chosen.thresholds or [], chosen.policy)
         model.set_active(active)
         model.meta["sweep"] = sweep_meta(doc)
-        save_checkpoint(cfg.write, model, ckpt.state)
+    return doc
+
+
+def sweep_model(model: EarlyExitModel, data: DataRequest | DataConfig | None = None, config: SweepConfig | None = None,
+                console: Console | None = None, progress: bool = True) -> dict[str, Any]:
+    """Sweep the exits of a model in memory and, with ``config.budget`` or ``config.max_drop``, set
+    the chosen point on it (thresholds, policy, active exits, ``meta["sweep"]`` for export to re-pick
+    from), as ``--write`` does to the checkpoint it writes. Returns the document (sweep.json's).
+
+    ``data``: None or a ``DataRequest`` rebuild the calibration split that training recorded in
+    ``model.meta["data"]``; a ``DataConfig`` is used as it is. ``config.outdir`` still writes the
+    sweep's files; ``config.write`` is ``sweep_threshold``'s (save with ``pteenet.save_checkpoint``).
+    The model is moved to ``config.device``. Warnings and notes go to ``console`` (stderr) and into
+    the document.
+    """
+    config = config or SweepConfig()
+    if config.write:
+        raise PteenetError("SweepConfig.write names a checkpoint for sweep_threshold to write",
+                           "the model holds the chosen setting: save it with pteenet.save_checkpoint(path, model)")
+    return _sweep(model, data, config, console, progress, None)
+
+
+def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
+                    console: Console | None = None, progress: bool = True) -> dict[str, Any]:
+    """The whole command: load, sweep (``sweep_model``'s work) and write ``cfg.write`` with the
+    chosen setting and the file's training state; returns the document (the same one as sweep.json)."""
+    _check(cfg)  # before the checkpoint is read
+    ckpt = load_checkpoint(ckpt_path, resolve_device(cfg.device))
+    doc = _sweep(ckpt.model, data, cfg, console, progress, str(ckpt_path))
+    if cfg.write and doc["chosen"] is not None and doc["chosen"].get("policy"):
+        save_checkpoint(cfg.write, ckpt.model, ckpt.state)
     return doc
