@@ -23,6 +23,7 @@ VARIANTS = [  # (branch, cascade, ensemble)
 
 
 def build(branch: str, cascade: bool, ensemble: bool, exits: int | str = 3, seed: int = 0) -> pteenet.EarlyExitModel:
+    torch.manual_seed(seed)
     model = pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=exits, branch=branch,
                                                 cascade=cascade))
     perturb(model, seed)
@@ -58,7 +59,7 @@ def test_runtime_equals_simulation_for_every_head(branch: str, cascade: bool, en
             # An ensemble sums log-probabilities of magnitude ~100 into logits of ~20, so batch-shape
             # noise is relative to those terms, not to the result: a wider relative tolerance.
             assert_logits_close(torch.cat([g.logits for g in got]), per_exit[want, np.arange(len(want))],
-                                rel=1e-3 if ensemble else 1e-4)
+                                rel=1e-3 if ensemble else 3e-4)
     assert len(seen) >= 3
 
 

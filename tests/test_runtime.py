@@ -5,6 +5,7 @@ Other test files import ``make_model`` / ``make_images`` from here (pytest puts 
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from pteenet.sweep import ExitCache, ExitCacheBuilder, evaluate
 TIE_GAP = 1e-4  # thresholds stay this far from every score: batch shape may move a score by an ulp
 
 
-def assert_logits_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-4) -> None:
-    """Equal up to float32 noise: 1e-4 relative to the largest logit. The random backbone's logits
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor, rel: float = 3e-4) -> None:
+    """Equal up to float32 noise: 3e-4 relative to the largest logit. The random backbone's logits
     reach ~30, and a different batch shape may sum them in a different order (oneDNN picks kernels
     by shape), which moves small logits by more than 1e-5 in absolute terms; the heads' BatchNorm
     over pooled features of a random backbone (some nearly constant) amplifies that noise further."""
@@ -29,6 +30,9 @@ def assert_logits_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-4
 def make_model(seed: int = 0) -> pteenet.EarlyExitModel:
     """The tiny test model: cifar-resnet20 at 16x16 with 3 exits whose branches are randomised so
     that the exits really differ (fresh branches all output about the same near-uniform logits)."""
+    # Seeded here: module-scoped fixtures run before conftest's per-test seed, so the global RNG
+    # (which initialises the heads) would otherwise depend on which tests ran first.
+    torch.manual_seed(seed)
     model = pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=3))
     perturb(model, seed)
     return model
@@ -116,7 +120,7 @@ def test_runtime_matches_sweep_simulation(model: pteenet.EarlyExitModel, images:
     with torch.no_grad():
         a = model.forward_all(images)
     per_exit = torch.stack(a.exit_logits + [a.final_logits])  # [E+1, N, K]
-    rng = np.random.default_rng(abs(hash(policy)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(policy.encode()))  # hash() varies between runs
     seen_exits: set[int] = set()
     for _ in range(4):
         ts = random_thresholds(cache, policy, rng)
