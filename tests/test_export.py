@@ -138,7 +138,7 @@ def test_cond_programs_equal_eager(out: tuple[Path, dict[str, Any]], images: tor
                 if session is not None:
                     o_logits, o_exit = session.run(None, {"x": x[i:i + 1].numpy(), "thresholds": t.numpy()})
                     assert int(o_exit[0]) == int(want.exit_index)
-                    assert_logits_close(torch.from_numpy(o_logits), want.logits, rel=1e-4)  # another runtime's kernels
+                    assert_logits_close(torch.from_numpy(o_logits), want.logits, rel=1e-3)  # another runtime's kernels
     assert len(seen) > 1
 
 
@@ -162,7 +162,7 @@ def test_static_programs_equal_eager(out: tuple[Path, dict[str, Any]], images: t
         onnx.checker.check_model(str(folder / "model_static.onnx"))
     for got in runs:
         for g, w in zip(got, want):
-            assert_logits_close(g, w.detach(), rel=1e-4)
+            assert_logits_close(g, w.detach(), rel=1e-3)  # onnxruntime's kernels sum in another order
         # The caller's rule on the static outputs gives the runtime's exits, at two settings.
         for ts in _two_settings(model, x):
             # h is output directly; the other policies read the logits only.
