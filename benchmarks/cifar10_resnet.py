@@ -67,7 +67,8 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         # 58 GB for the training set; five exits fit.
         cfg("r56-conv-lite-mixed5", branch="conv-lite", **MIXED),
     ],
-    # The earlier study's ConvX grid (its numbers are in cifar10_resnet.json of that commit).
+    # The earlier study's ConvX grid (results/cifar10_resnet-paper.json and -45k.json, written by an
+    # earlier version of this script: conv2 branches, 20,000 images and 5 epochs, or 45,000 and 10).
     "paper": [
         cfg("r56-paper-fine4", exits=4, placement="fine", **{**PAPER, "loss": {**PAPER["loss"], "exit_ce": 0.0}}),
         cfg("r56-mixed-ce", **MIXED, **PAPER),
