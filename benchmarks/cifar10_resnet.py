@@ -353,6 +353,7 @@ def main() -> None:
     doc: dict[str, Any]
     if args.finish_only:
         doc = json.loads((args.out / f"cifar10_resnet{args.tag}.json").read_text())
+        doc["setup"].update({k: str(getattr(args, k)) for k in ("bench_images", "threads", "repeats")})
     else:
         doc = {"setup": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
                "plain": plain_points(args), "configs": []}

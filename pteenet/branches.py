@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import PteenetError
@@ -106,10 +107,20 @@ class GridPool(nn.Module):
         size = (min(grid, hw[0]), min(grid, hw[1]))
         self.whole = size == tuple(hw)
         self.avg, self.max = nn.AdaptiveAvgPool2d(size), nn.AdaptiveMaxPool2d(size)
+        # Equal windows: the same pooling through faster kernels (see forward).
+        self.windows = (hw[0] // size[0], hw[1] // size[1]) if hw[0] % size[0] == 0 and hw[1] % size[1] == 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.whole:
             return x.flatten(1)
+        if self.windows is not None and x.shape[0] >= 16:
+            # Pooling is memory-bound and PyTorch's adaptive CPU kernels are slow on large batches
+            # (CIFAR ResNet-56, batch 256: 5.7 ms a head, a fifth of the heads' MACs' worth of a
+            # conv block). avg_pool2d and a max over the window's columns, then its rows, give the
+            # same values in about half the time; at small batches the adaptive kernels win.
+            (kh, kw), (b, c, h, w) = self.windows, x.shape
+            mx = x.reshape(b, c, h, w // kw, kw).amax(4).reshape(b, c, h // kh, kh, w // kw).amax(3)
+            return torch.cat([F.avg_pool2d(x, self.windows).flatten(1), mx.flatten(1)], 1)
         return torch.cat([self.avg(x).flatten(1), self.max(x).flatten(1)], 1)
 
 

@@ -214,3 +214,15 @@ def test_sweep_cli_select_exits_writes_the_active_exits(tmp_path: Path) -> None:
         [f if a else 0.0 for f, a in zip(chosen["test"]["exit_fractions"][:-1], active)])
     r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--select-exits"])
     assert r.exit_code == 1 and r.stderr.startswith("Error: --select-exits needs")
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (16, 12), (7, 7)])
+def test_grid_pool_fast_path_equals_adaptive_pooling(hw: tuple[int, int]) -> None:
+    from pteenet.branches import GridPool
+
+    pool = GridPool(4, hw)
+    x = torch.randn(32, 3, *hw)  # >= 16 rows: the fast path where the windows are equal
+    want = torch.cat([torch.nn.functional.adaptive_avg_pool2d(x, pool.avg.output_size).flatten(1),
+                      torch.nn.functional.adaptive_max_pool2d(x, pool.max.output_size).flatten(1)], 1)
+    torch.testing.assert_close(pool(x), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pool(x[:1]), want[:1], rtol=1e-6, atol=1e-6)
