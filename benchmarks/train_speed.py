@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="cifar-resnet56")
     ap.add_argument("--exits", type=int, default=8)
     ap.add_argument("--placement", default="fine")
+    ap.add_argument("--branch", default="conv2", help="branch type (the recorded results: conv2)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--batches", type=int, default=3, help="timed repeats of each measurement")
     ap.add_argument("--warmup", type=int, default=1)
@@ -57,7 +58,8 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    model = attach(AttachConfig(args.backbone, exits=args.exits, placement=args.placement)).to(device).train()
+    model = attach(AttachConfig(args.backbone, exits=args.exits, placement=args.placement, branch=args.branch,
+                                cascade=args.branch != "conv2")).to(device).train()
     cfg = TrainConfig(batch_size=args.batch_size, device=args.device)
     trainer = BranchTrainer(model, cfg, device, total_steps=10_000)
     pre, k = model.info.preprocess, model.info.num_classes
