@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from .data import make_loader
 from .errors import PteenetError
+from .exits import Ensemble, fit_ensemble
 from .model import AllExits, EarlyExitModel
 
 
@@ -169,3 +170,23 @@ def build_feature_cache(model: EarlyExitModel, ds: Dataset, batch_size: int, wor
         i += len(y)
         reporter.advance()
     return FeatureCache(taps, final, labels, batch_size, shuffle, stems)
+
+
+def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,
+                    autocast: Autocast, use_labels: bool, reporter: Reporter) -> Ensemble:
+    """Every head's logits on ``source`` (data the heads did not train on), then ``fit_ensemble``
+    against the backbone's argmax, or the labels with ``use_labels``."""
+    model.eval()
+    heads: list[list[torch.Tensor]] = [[] for _ in range(model.num_exits)]
+    finals, labels = [], []
+    reporter.task("fitting the exit ensemble", len(source))
+    with torch.no_grad():
+        for out, y in source.batches(model, device, torch.Generator(), autocast):
+            for k, h in enumerate(out.heads):
+                heads[k].append(h.float().cpu())
+            finals.append(out.final_logits.float().cpu())
+            labels.append(y)
+            reporter.advance()
+    final = torch.cat(finals)
+    targets = torch.cat(labels).long() if use_labels else final.argmax(1)
+    return fit_ensemble([torch.cat(h) for h in heads], targets)

@@ -14,7 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .batches import FeatureCache
+import torch
+from torch.utils.data import Dataset
+
+from .batches import Autocast, FeatureCache, Reporter, build_feature_cache
 from .files import atomic_write
 from .model import EarlyExitModel
 
@@ -58,3 +61,23 @@ def save(folder: str | Path, key: str, cache: FeatureCache) -> Path:
     tensors.update(final=cache.final.contiguous(), labels=cache.labels.contiguous())
     atomic_write(path, lambda tmp: save_file(tensors, tmp))
     return path
+
+
+def cached_split(model: EarlyExitModel, ds: Dataset, split_info: dict[str, Any], split: str, *, views: int,
+                 augment: bool, seed: int, batch_size: int, workers: int, amp: bool, cache_dir: str | None,
+                 device: torch.device, reporter: Reporter) -> FeatureCache:
+    """A split's feature cache: read from ``cache_dir`` when a run saved it, else built (and saved)."""
+    train = split == "train"
+    key = cache_key(model, split_info, split, views, augment, seed)
+    if cache_dir:
+        found = load(cache_dir, key, batch_size, train, model.branch_config.cacheable_stem)
+        if found is not None:
+            return found
+    # Seeded: the augmented views (torch's global RNG) must be the same again on --resume.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        cache = build_feature_cache(model, ds, batch_size, workers, seed, device, Autocast(device, amp), reporter,
+                                    train, split, views)
+    if cache_dir:
+        save(cache_dir, key, cache)
+    return cache

@@ -31,12 +31,11 @@ import numpy as np
 import torch
 
 from . import feature_store, sweep
-from .batches import Autocast, FeatureCache, ImageSource, Reporter, build_feature_cache
+from .batches import Autocast, FeatureCache, ImageSource, Reporter, fit_ensemble_on
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from .data import DataConfig, Splits, load_splits
+from .data import DataConfig, load_splits
 from .devices import DEVICES, resolve_device
 from .errors import PteenetError
-from .exits import Ensemble, fit_ensemble
 from .loss import LossConfig, early_exit_loss
 from .model import AllExits, EarlyExitModel
 from .weights import module_sha256
@@ -261,46 +260,6 @@ def evaluate_split(model: EarlyExitModel, source: ImageSource | FeatureCache, de
     return cache_metrics(builder.build_for(model), threshold)
 
 
-def _feature_cache(model: EarlyExitModel, splits: Splits, split: str, cfg: TrainConfig, augment: bool,
-                   device: torch.device, reporter: Reporter) -> FeatureCache:
-    """The split's feature cache: read from ``cfg.cache_dir`` when a run saved it, else built (and saved)."""
-    train = split == "train"
-    views = cfg.views if train else 1
-    key = feature_store.cache_key(model, splits.split_info, split, views, augment, cfg.seed)
-    if cfg.cache_dir:
-        found = feature_store.load(cfg.cache_dir, key, cfg.batch_size, train, model.branch_config.cacheable_stem)
-        if found is not None:
-            return found
-    # Seeded: the augmented views (torch's global RNG) must be the same again on --resume.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        cache = build_feature_cache(model, splits.train if train else splits.val, cfg.batch_size, cfg.workers,
-                                    cfg.seed, device, Autocast(device, cfg.amp), reporter, train, split, views)
-    if cfg.cache_dir:
-        feature_store.save(cfg.cache_dir, key, cache)
-    return cache
-
-
-def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,
-                    autocast: Autocast, loss: LossConfig, reporter: Reporter) -> Ensemble:
-    """Every head's logits on ``source`` (data the heads did not train on), then ``fit_ensemble``
-    against the training targets' classes: the backbone's argmax, or the labels."""
-    model.eval()
-    heads: list[list[torch.Tensor]] = [[] for _ in range(model.num_exits)]
-    finals, labels = [], []
-    reporter.task("fitting the exit ensemble", len(source))
-    with torch.no_grad():
-        for out, y in source.batches(model, device, torch.Generator(), autocast):
-            for k, h in enumerate(out.heads):
-                heads[k].append(h.float().cpu())
-            finals.append(out.final_logits.float().cpu())
-            labels.append(y)
-            reporter.advance()
-    final = torch.cat(finals)
-    targets = torch.cat(labels).long() if loss.targets == "labels" else final.argmax(1)
-    return fit_ensemble([torch.cat(h) for h in heads], targets)
-
-
 def _summary(history: list[dict[str, Any]], out_path: Path | None, training: dict[str, Any], sha: str,
              already_complete: bool) -> dict[str, Any]:
     last = history[-1] if history else {}
@@ -376,8 +335,12 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
     train_src: ImageSource | FeatureCache
     val_src: ImageSource | FeatureCache
     if cfg.cache_features:
-        train_src = _feature_cache(model, splits, "train", cfg, data.augment, device, reporter)
-        val_src = _feature_cache(model, splits, "val", cfg, data.augment, device, reporter)
+        caches = [feature_store.cached_split(model, splits.train if name == "train" else splits.val, splits.split_info,
+                                             name, views=cfg.views if name == "train" else 1, augment=data.augment,
+                                             seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers, amp=cfg.amp,
+                                             cache_dir=cfg.cache_dir, device=device, reporter=reporter)
+                  for name in ("train", "val")]
+        train_src, val_src = caches
     else:
         train_src = ImageSource(splits.train, cfg.batch_size, cfg.workers, cfg.seed, shuffle=True)
         val_src = ImageSource(splits.val, cfg.batch_size, cfg.workers, cfg.seed, shuffle=False)
@@ -425,7 +388,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
                     last_saved = epoch + 1
                 reporter.epoch_end(history[-1], cfg.epochs)
             if fit_after:
-                model.set_ensemble(fit_ensemble_on(model, val_src, device, trainer.autocast, cfg.loss, reporter))
+                model.set_ensemble(fit_ensemble_on(model, val_src, device, trainer.autocast, cfg.loss.targets == "labels", reporter))
                 training = record(cfg.epochs, True)
                 model.meta.update(training=training, history=history, data=splits.split_info)
                 if out_path is not None:

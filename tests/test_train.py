@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import pteenet.train as train_mod
-from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
+from pteenet import AttachConfig, attach, feature_store, load_checkpoint, save_checkpoint
 from pteenet.checkpoint import META_KEY, read_metadata
 from pteenet.cli import app
 from pteenet.data import DataConfig
@@ -235,8 +235,8 @@ def test_feature_cache_dir_reuses_the_backbone_pass(ckpt: Path, tmp_path: Path, 
     train_branches(ckpt, first, data(augment=False), cfg(cache_features=True, cache_dir=str(store)))
     assert len(list(store.glob("features-*.safetensors"))) == 2  # train and val
     calls = []
-    real = train_mod.build_feature_cache
-    monkeypatch.setattr(train_mod, "build_feature_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = feature_store.build_feature_cache
+    monkeypatch.setattr(feature_store, "build_feature_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
     second = tmp_path / "b.safetensors"
     train_branches(ckpt, second, data(augment=False), cfg(cache_features=True, cache_dir=str(store)))
     assert calls == []  # both splits read from the store
