@@ -113,7 +113,8 @@ class GridPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.whole:
             return x.flatten(1)
-        if self.windows is not None and x.shape[0] >= 16:
+        # Not while torch.export traces: a branch on the batch size would pin its dynamic dimension.
+        if self.windows is not None and not torch.compiler.is_compiling() and x.shape[0] >= 16:
             # Pooling is memory-bound and PyTorch's adaptive CPU kernels are slow on large batches
             # (CIFAR ResNet-56, batch 256: 5.7 ms a head, a fifth of the heads' MACs' worth of a
             # conv block). avg_pool2d and a max over the window's columns, then its rows, give the
