@@ -186,11 +186,12 @@ def _per_exit_loss(exit_logits: Sequence[torch.Tensor], exit_conf: Sequence[torc
         hit = (z.detach().argmax(1) == agree_with).to(dtype)
         bces.append(F.binary_cross_entropy_with_logits(conf, hit))
         h_mean.append(torch.sigmoid(conf.detach()))
-    nll = torch.stack(ces).mean()
-    loss = nll + torch.stack(bces).mean()
+    per_exit = torch.stack(ces)
+    loss = per_exit.mean() + torch.stack(bces).mean()
     # Monitoring: the expected cost if each sample left where its confidence heads say (as C_0).
     cost = torch.full_like(h_mean[0], float(costs[-1]))
     for i in reversed(range(len(h_mean))):
         cost = h_mean[i] * float(costs[i]) + (1 - h_mean[i]) * cost
-    return LossOutput(loss=loss, nll=float(nll.detach()), cost=float(cost.mean()),
-                      per_exit_nll=[float(c.detach()) for c in ces])
+    # One host transfer for the figures, not one per exit (each would wait for the device).
+    figures = torch.cat([per_exit.detach(), per_exit.detach().mean()[None], cost.mean()[None]]).tolist()
+    return LossOutput(loss=loss, nll=figures[-2], cost=figures[-1], per_exit_nll=figures[:-2])
