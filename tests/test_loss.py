@@ -190,3 +190,23 @@ def test_exit_ce_adds_the_mean_per_exit_cross_entropy(version: str) -> None:
     out = early_exit_loss([z], [torch.full((4,), -30.0)], final, [0.3, 1.2], LossConfig(version=version))
     out.loss.backward()
     assert z.grad is not None and float(z.grad.abs().sum()) > 1e-3
+
+
+def test_ce_loss_is_each_heads_cross_entropy_plus_agreement_bce() -> None:
+    torch.manual_seed(5)
+    zs = [torch.randn(6, 4) for _ in range(3)]
+    confs = [torch.randn(6) for _ in range(3)]
+    final = torch.randn(6, 4)
+    cfg = LossConfig(version="ce", targets="soft", temperature=2.0)
+    out = early_exit_loss(zs, confs, final, [0.2, 0.5, 0.8, 1.1], cfg)
+    soft = torch.softmax(final / 2.0, 1)
+    ces = [float(-(soft * torch.log_softmax(z, 1)).sum(1).mean()) for z in zs]
+    bces = [float(torch.nn.functional.binary_cross_entropy_with_logits(c, (z.argmax(1) == final.argmax(1)).float()))
+            for z, c in zip(zs, confs)]
+    assert float(out.loss) == pytest.approx(sum(ces) / 3 + sum(bces) / 3, rel=1e-6)
+    assert out.nll == pytest.approx(sum(ces) / 3, rel=1e-6) and out.per_exit_nll == pytest.approx(ces, rel=1e-6)
+    # both the classifier and the confidence head learn (the BCE target is the detached argmax)
+    z = torch.randn(6, 4, requires_grad=True)
+    c = torch.zeros(6, requires_grad=True)
+    early_exit_loss([z], [c], final, [0.3, 1.0], cfg).loss.backward()
+    assert z.grad is not None and c.grad is not None and float(c.grad.abs().sum()) > 0
