@@ -58,8 +58,9 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
+    # No cascade: the recorded figures (conv2 branches) predate it.
     model = attach(AttachConfig(args.backbone, exits=args.exits, placement=args.placement, branch=args.branch,
-                                cascade=args.branch != "conv2")).to(device).train()
+                                cascade=False)).to(device).train()
     cfg = TrainConfig(batch_size=args.batch_size, device=args.device)
     trainer = BranchTrainer(model, cfg, device, total_steps=10_000)
     pre, k = model.info.preprocess, model.info.num_classes
