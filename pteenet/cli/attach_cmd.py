@@ -85,11 +85,14 @@ def info_command(
     bb = meta["backbone"]
     table.add_row("backbone", f"{bb['spec']} ({bb['num_classes']} classes, input {'x'.join(map(str, bb['preprocess']['input_size']))})")
     table.add_row("weights", f"{bb.get('weights')} sha256 {str(bb.get('weights_sha256'))[:12]}")
-    table.add_row("branch", meta["branch"]["type"])
+    br = meta["branch"]
+    table.add_row("branch", br["type"] + (", cascade" if br.get("cascade") else "") + (", ensemble" if meta.get("ensemble") else ""))
     table.add_row("policy / thresholds", f"{meta['policy']} {', '.join(f'{t:.3f}' for t in meta['thresholds'])}")
+    active = meta.get("active_exits")
     for i, e in enumerate((meta.get("cost") or {}).get("exits", [])):
-        table.add_row(f"exit {i}", f"{e['name']}: cost {e['cost']:.3f} (paper {e['cost_paper']:.3f})")
+        idle = "" if not active or active[i] else "; takes no decision (exit selection)"
+        table.add_row(f"exit {i}", f"{e['name']}: cost {e['cost']:.3f} (paper {e['cost_paper']:.3f}){idle}")
     for key in meta:
-        if key not in ("backbone", "branch", "policy", "thresholds", "cost", "exits"):
+        if key not in ("backbone", "branch", "policy", "thresholds", "cost", "exits", "ensemble", "active_exits"):
             table.add_row(key, str(meta[key])[:100])
     console.print(table)
