@@ -5,7 +5,7 @@ runs the frozen backbone on every batch (augmentation possible); ``FeatureCache`
 image (or once per augmented view of each image), keeps what the branches read in float16, and then
 serves every epoch from memory. For branches whose stem is parameter-free pooling (pool, pool-mlp)
 the cache holds the pooled vectors, not the taps: for CIFAR-10 ResNet-56 with a head after each of
-its 27 blocks that is 63 KB an image instead of 1.3 MB, so several augmented views fit.
+its 27 blocks that is 63 KiB an image instead of 504 KiB (float16), so several augmented views fit.
 """
 from __future__ import annotations
 
