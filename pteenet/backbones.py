@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from torch import nn
 from .cifar_resnet import DEPTHS, cifar_resnet
 from .errors import PteenetError, unknown_name
 from .weights import file_sha256, load_into, read_state_dict
+
+# The auxiliary classifiers of torchvision's GoogLeNet and Inception v3: used only in training mode.
+AUX_HEADS = ("aux1", "aux2", "AuxLogits")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -130,9 +134,24 @@ def _torchvision(name: str, weights: str | None, num_classes: int | None) -> tup
             ) from e
         return model, info
     kwargs = {"num_classes": num_classes} if num_classes else {}
-    model = tvm.get_model(name, weights=None, **kwargs)
-    # Inception v3 and GoogLeNet build auxiliary heads by default; they are unused in eval mode.
-    return model, info
+    # Inception v3 and GoogLeNet build auxiliary heads here; drop_absent_aux_heads removes them for
+    # a file without them.
+    return tvm.get_model(name, weights=None, **kwargs), info
+
+
+def drop_absent_aux_heads(model: nn.Module, keys: Iterable[str]) -> None:
+    """Remove auxiliary heads that the state dict about to be loaded lacks.
+
+    Built without weights, GoogLeNet and Inception v3 have auxiliary heads; a state dict saved from a
+    pretrained one has none (torchvision drops them), and eval mode never runs them. Removing them the
+    way torchvision does lets such a file load strictly, with nothing unused left in the checkpoint.
+    """
+    names = {k.split(".", 1)[0] for k in keys}
+    absent = [a for a in AUX_HEADS if isinstance(getattr(model, a, None), nn.Module) and a not in names]
+    if absent and getattr(model, "aux_logits", False):
+        for a in absent:
+            setattr(model, a, None)
+        model.aux_logits = False
 
 
 def _build(spec: str, num_classes: int | None, in_channels: int, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
@@ -172,7 +191,9 @@ def load_backbone(
     model, defaults = _build(spec, num_classes, in_channels, weights)
     sha = None
     if weights is not None and (Path(weights).exists() or not spec.startswith("torchvision:")):
-        load_into(model, read_state_dict(weights), weights)
+        sd = read_state_dict(weights)
+        drop_absent_aux_heads(model, sd)
+        load_into(model, sd, weights)
         sha = file_sha256(weights)
     model.eval()
     for p in model.parameters():

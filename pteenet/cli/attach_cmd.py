@@ -8,8 +8,8 @@ import typer
 from rich.table import Table
 
 from ..attach import AttachConfig, attach, list_candidates
-from ..checkpoint import read_metadata, save_checkpoint
-from .common import console, emit_json, handle_errors, parse_floats, parse_size, split_names
+from ..checkpoint import backbone_hash, read_metadata, save_checkpoint
+from .common import console, emit_json, fail, handle_errors, parse_floats, parse_size, split_names
 
 
 def _fmt_macs(m: float) -> str:
@@ -74,10 +74,19 @@ def info_command(
     checkpoint: Path = typer.Argument(..., help="a pteenet checkpoint"),
     json_: bool = typer.Option(False, "--json", help="print the metadata document on stdout"),
 ) -> None:
-    """Show a checkpoint's metadata."""
+    """Show a checkpoint's metadata, after checking its backbone tensors against their recorded hash
+    (exit code 1 when they do not match)."""
     meta = read_metadata(checkpoint)
+    actual = backbone_hash(checkpoint)
+    intact = actual == meta.get("backbone_sha256")
+    mismatch = (f"the backbone tensors in {checkpoint} do not match their recorded hash "
+                f"(recorded {str(meta.get('backbone_sha256'))[:12]}, stored tensors {actual[:12]}): the file was changed "
+                "or is corrupt (hint: write it again from its source; never use it)")
     if json_:
-        emit_json(meta)
+        emit_json({**meta, "backbone_verified": intact})
+        if not intact:
+            fail(mismatch)
+            raise typer.Exit(1)
         return
     table = Table(title=str(checkpoint), show_header=False)
     table.add_column("key")
@@ -85,6 +94,8 @@ def info_command(
     bb = meta["backbone"]
     table.add_row("backbone", f"{bb['spec']} ({bb['num_classes']} classes, input {'x'.join(map(str, bb['preprocess']['input_size']))})")
     table.add_row("weights", f"{bb.get('weights')} sha256 {str(bb.get('weights_sha256'))[:12]}")
+    table.add_row("backbone tensors", f"sha256 {actual[:12]}, " + ("match the recorded hash" if intact else
+                                                                   "[bold red]DO NOT match the recorded hash[/]"))
     br = meta["branch"]
     table.add_row("branch", br["type"] + (", cascade" if br.get("cascade") else "") + (", ensemble" if meta.get("ensemble") else ""))
     table.add_row("policy / thresholds", f"{meta['policy']} {', '.join(f'{t:.3f}' for t in meta['thresholds'])}")
@@ -96,3 +107,6 @@ def info_command(
         if key not in ("backbone", "branch", "policy", "thresholds", "cost", "exits", "ensemble", "active_exits"):
             table.add_row(key, str(meta[key])[:100])
     console.print(table)
+    if not intact:
+        fail(mismatch)
+        raise typer.Exit(1)
