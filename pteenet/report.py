@@ -204,6 +204,8 @@ def _sweep_md(sw: dict[str, Any] | None) -> list[str]:
     rows = [[p.policy, p.kind, ", ".join(f"{t:g}" for t in sorted(set(p.thresholds or [])))[:40], _pct(p.metric),
              f"{p.cost:.3f}", f"{p.cost_paper:.3f}"] for p in front]
     out += _table(["policy", "kind", "threshold", metric, "cost", "cost (paper)"], rows)
+    if sw.get("no_accuracy"):
+        out += ["", f"No accuracy: {sw['no_accuracy']}."]
     return out + ["", "The whole curve is in `report.json` (`sweep.points`) and, when plotted, `curve.png`."]
 
 

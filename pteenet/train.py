@@ -33,7 +33,8 @@ import torch
 from . import feature_store, sweep
 from .batches import Autocast, FeatureCache, ImageSource, Reporter, fit_ensemble_on
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from .data import DataConfig, load_splits
+from .data import SKIPPED, DataConfig, load_splits
+from .data.splits import DEFAULT_TEST_SPLIT
 from .devices import DEVICES, resolve_device
 from .errors import PteenetError
 from .loss import LossConfig, early_exit_loss
@@ -43,7 +44,10 @@ from .weights import module_sha256
 # Settings that change what a run computes: a --resume must repeat them exactly.
 RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "cache_features", "views", "ensemble", "loss",
                "lambda", "targets", "temperature", "exit_ce", "data", "limit", "augment", "val_split", "data_seed",
-               "calibration")
+               "calibration", "test_split")
+# What runs recorded before a setting existed meant by it, so that they still resume.
+LEGACY_SETTINGS = {"test_split": DEFAULT_TEST_SPLIT}
+MAX_SKIPPED_LISTED = 100  # undecodable image files named in the checkpoint (all are counted)
 
 
 @dataclass
@@ -197,7 +201,8 @@ def run_settings(cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
             "targets": cfg.loss.targets, "temperature": cfg.loss.temperature, "exit_ce": cfg.loss.exit_ce,
             "data": data_cfg.spec,
             "limit": data_cfg.limit, "augment": data_cfg.augment, "val_split": data_cfg.val_split,
-            "data_seed": data_cfg.seed, "calibration": data_cfg.calibration, "threshold": cfg.threshold}
+            "data_seed": data_cfg.seed, "calibration": data_cfg.calibration, "test_split": data_cfg.test_split,
+            "threshold": cfg.threshold}
 
 
 def _check_resume(out_path: Path, src_meta: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -214,7 +219,8 @@ def _check_resume(out_path: Path, src_meta: dict[str, Any], settings: dict[str, 
                            "pass the checkpoint the run started from, or drop --resume")
     if tr.get("complete"):
         return meta
-    diffs = [f"{k} {settings[k]!r} (was {tr.get(k)!r})" for k in RESUME_KEYS if tr.get(k) != settings[k]]
+    was = {k: tr.get(k, LEGACY_SETTINGS.get(k)) for k in RESUME_KEYS}
+    diffs = [f"{k} {settings[k]!r} (was {was[k]!r})" for k in RESUME_KEYS if was[k] != settings[k]]
     if diffs:
         raise PteenetError("--resume with settings that differ from the run being resumed: " + ", ".join(diffs),
                            "repeat the original options, or drop --resume to start over")
@@ -266,7 +272,8 @@ def _summary(history: list[dict[str, Any]], out_path: Path | None, training: dic
     return {"epochs": history, "final": {
         "output": None if out_path is None else str(out_path), "epochs_done": training.get("epochs_done"),
         "complete": training.get("complete"), "already_complete": already_complete, "seconds": training.get("seconds"),
-        "backbone_sha256": sha, "train": last.get("train"), "val": last.get("val")}}
+        "backbone_sha256": sha, "train": last.get("train"), "val": last.get("val"),
+        "skipped_images": training.get("skipped_images")}}
 
 
 def _check(cfg: TrainConfig, data_cfg: DataConfig) -> torch.device:
@@ -326,6 +333,12 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
         model.set_ensemble(None)
         model.set_active(None)
     splits = load_splits(data, model.info.preprocess, model.info.num_classes)
+    unlabelled = [what for what, key in (("training", "labelled"), ("calibration", "calibration_labelled"))
+                  if not splits.split_info.get(key, True)]
+    if cfg.loss.targets == "labels" and unlabelled:
+        raise PteenetError(f"--targets labels needs labels, but the {' and '.join(unlabelled)} data has none",
+                           "use --targets soft or pseudo: they learn from the backbone's predictions, no labels needed")
+    skipped_before = len(SKIPPED.files)
     model.to(device)
 
     start_epoch = int(resume_state["epoch"]) if resume_state is not None else 0
@@ -354,9 +367,11 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
         reporter.warn("no calibration split to fit the exit ensemble on: each exit answers with its own head")
 
     def record(epochs_done: int, complete: bool) -> dict[str, Any]:
+        skipped = SKIPPED.since(skipped_before)
         return {**settings, "device": str(device), "amp": cfg.amp, "workers": cfg.workers,
                 "epochs_done": epochs_done, "complete": complete, "source": source,
-                "seconds": seconds_before + time.perf_counter() - started}
+                "seconds": seconds_before + time.perf_counter() - started,
+                "skipped_images": {"count": len(skipped), "files": skipped[:MAX_SKIPPED_LISTED]}}
     # fork_rng: seeding for reproducibility must not leak into the caller's global RNG.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)

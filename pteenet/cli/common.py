@@ -10,11 +10,13 @@ import functools
 import json
 import os
 import sys
+import warnings
 from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
 
+from ..data import SKIPPED, ImageSkipped
 from ..errors import PteenetError
 
 console = Console(stderr=True)
@@ -33,8 +35,12 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(os.environ.get("PTEENET_DEBUG"))
+        mark = len(SKIPPED.files)
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", ImageSkipped)  # SKIPPED already says each file once
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
         except PteenetError as e:
@@ -51,8 +57,26 @@ def handle_errors(fn: F) -> F:
             first = str(e).splitlines()[0][:200] if str(e) else ""
             fail(f"{type(e).__name__}: {first} (hint: rerun with PTEENET_DEBUG=1 for the traceback)")
             raise typer.Exit(1) from None
+        finally:
+            if skipped := SKIPPED.since(mark):  # the count at the end, however the command ended
+                warn(SKIPPED.summary(skipped))
 
     return wrapper  # type: ignore[return-value]
+
+
+def warn(message: str) -> None:
+    console.print(f"Warning: {message}", style="bold yellow", soft_wrap=True, markup=False, highlight=False)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Our own warnings as one line on stderr (not Python's file:line: form); others as usual."""
+    if issubclass(category, ImageSkipped):
+        warn(str(message))
+    else:
+        _default_showwarning(message, category, *args, **kwargs)
 
 
 def emit_json(doc: Any) -> None:

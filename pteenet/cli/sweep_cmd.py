@@ -79,7 +79,7 @@ def sweep_command(
     calibration: Optional[str] = typer.Option(
         None, metavar="SPEC",
         help="tune on other data than the recorded calibration split: a dataset spec (its test split), "
-             "imagefolder:PATH of class folders, either + #half=0|1 for a seeded half (a half of test: report "
+             "imagefolder:PATH of class folders, images:PATH (no labels: agreement only), any + #half=0|1 for a seeded half (a half of test: report "
              "on the other half). Use it when the backbone was fine-tuned on the training images, which it "
              "has memorised; held-out training images are fine otherwise"),
     split: SplitChoice = typer.Option(SplitChoice.val, help="val: tune on training's calibration split, report the choice on test; test: sweep test only"),
@@ -93,6 +93,7 @@ def sweep_command(
     batch_size: int = typer.Option(256, help="images per batch"),
     device: DeviceChoice = typer.Option(DeviceChoice.auto, help="where the model runs"),
     workers: int = typer.Option(0, help="data loader worker processes"),
+    strict_images: bool = typer.Option(False, "--strict-images", help="stop at an image file that cannot be decoded (default: skip it with a warning naming it)"),
     json_: bool = typer.Option(False, "--json", help="print sweep.json's document on stdout"),
 ) -> None:
     """Sweep exit thresholds on the calibration split and pick one by budget or accuracy drop."""
@@ -100,7 +101,7 @@ def sweep_command(
                       per_exit=per_exit, select_exits=select_exits, budget=budget, max_drop=max_drop,
                       write=None if write is None else str(write), batch_size=batch_size,
                       device=device.value, workers=workers)
-    doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit, calibration=calibration), cfg, console=console)
+    doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit, calibration=calibration, strict_images=strict_images), cfg, console=console)
     print_points(_table_rows(doc), title=f"Pareto front per policy on {doc['split']} ({doc['samples']} images)",
                  console=console)
     console.print(_summary(doc), soft_wrap=True, markup=False)

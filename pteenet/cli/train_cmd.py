@@ -98,15 +98,18 @@ def epoch_table(doc: dict[str, Any]) -> Table:
 def train_command(
     checkpoint: Path = typer.Argument(..., help="a checkpoint written by `pteenet attach`"),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write after every epoch (.safetensors)"),
-    data: str = typer.Option(..., "--data", help="cifar10 | cifar100 | svhn | mnist | fashion-mnist | imagefolder:PATH | synthetic"),
+    data: str = typer.Option(..., "--data", help="cifar10 | cifar100 | svhn | mnist | fashion-mnist | imagefolder:PATH "
+                             "(PATH/train + PATH/test, or PATH/CLASS) | images:PATH (no labels) | synthetic"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where datasets live (default ~/.cache/pteenet/data)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="use at most N images per split"),
     no_augment: bool = typer.Option(False, "--no-augment", help="no random crops/flips on the train split"),
     val_split: float = typer.Option(0.1, "--val-split", help="fraction of train held out for calibration"),
+    test_split: float = typer.Option(DataConfig.test_split, "--test-split", help="of a single folder (imagefolder:PATH of class folders, images:PATH), the seeded fraction held out as test"),
+    strict_images: bool = typer.Option(False, "--strict-images", help="stop at an image file that cannot be decoded (default: skip it with a warning naming it)"),
     calibration: Optional[str] = typer.Option(
         None, "--calibration", metavar="SPEC",
         help="calibrate (the per-epoch report, --ensemble) on this data instead of a --val-split of train, which "
-             "then all trains: a dataset spec (its test split), imagefolder:PATH of class folders, either + "
+             "then all trains: a dataset spec (its test split), imagefolder:PATH of class folders, images:PATH, any + "
              "#half=0|1 for a seeded half. Use it when the backbone was fine-tuned on these training images"),
     targets: str = typer.Option(LossConfig.targets, "--targets", help="pseudo (backbone argmax) | soft (backbone softmax) | labels"),
     temperature: float = typer.Option(LossConfig.temperature, "--temperature", help="softens the backbone's distribution for soft targets"),
@@ -130,7 +133,7 @@ def train_command(
 ) -> None:
     """Train the exit branches (only them) on the frozen backbone, saving OUTPUT after every epoch."""
     data_cfg = DataConfig(data, data_dir, limit, augment=not no_augment, val_split=val_split, seed=seed,
-                          calibration=calibration)
+                          calibration=calibration, test_split=test_split, strict_images=strict_images)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
                       workers=workers, amp=amp, resume=resume, cache_features=cache_features, views=views, cache_dir=cache_dir,
                       ensemble=ensemble, loss=LossConfig(version=loss, lam=lam, targets=targets, temperature=temperature,
