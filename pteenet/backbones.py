@@ -1,7 +1,8 @@
 """Turning a backbone spec string into a frozen ``nn.Module`` plus how to preprocess its inputs.
 
-Specs: ``torchvision:NAME``, ``cifar-resnet20|32|44|56|110``, ``path/to/file.py:factory`` or
-``package.module:factory``. Weights: a local file, or for torchvision ``DEFAULT``/an enum name.
+Specs: ``torchvision:NAME``, ``timm:NAME`` (``timm_backbone.py``), ``cifar-resnet20|32|44|56|110``,
+``path/to/file.py:factory`` or ``package.module:factory``. Weights: a local file, or for torchvision
+``DEFAULT``/an enum name, for timm ``pretrained``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from .cifar_resnet import DEPTHS, cifar_resnet
 from .errors import PteenetError, unknown_name
+from .timm_backbone import build_timm, timm_names
 from .weights import file_sha256, load_into, read_state_dict
 
 # The auxiliary classifiers of torchvision's GoogLeNet and Inception v3: used only in training mode.
@@ -74,7 +76,7 @@ def torchvision_names() -> list[str]:
 
 
 def known_specs() -> list[str]:
-    return list(DEPTHS) + [f"torchvision:{n}" for n in torchvision_names()]
+    return list(DEPTHS) + [f"torchvision:{n}" for n in torchvision_names()] + [f"timm:{n}" for n in timm_names()]
 
 
 def _load_factory(spec: str) -> Any:
@@ -118,6 +120,7 @@ def _torchvision(name: str, weights: str | None, num_classes: int | None) -> tup
         else:
             raise unknown_name(f"weights of {name}", weights, ["DEFAULT", *members])
     if enum_weights is not None:
+        info["named_weights"] = True  # loaded here, not a file for load_backbone to read
         tf = enum_weights.transforms()
         size = getattr(tf, "crop_size", [224])
         info["input_size"] = (3, size[0], size[0])
@@ -154,7 +157,9 @@ def drop_absent_aux_heads(model: nn.Module, keys: Iterable[str]) -> None:
         model.aux_logits = False
 
 
-def _build(spec: str, num_classes: int | None, in_channels: int, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
+def _build(spec: str, num_classes: int | None, input_size: tuple[int, int, int] | None,
+           weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    in_channels = input_size[0] if input_size else 3
     if spec in DEPTHS:
         return cifar_resnet(spec, num_classes=num_classes or 10, in_channels=in_channels), {
             "input_size": (in_channels, 32, 32),
@@ -163,6 +168,8 @@ def _build(spec: str, num_classes: int | None, in_channels: int, weights: str | 
         }
     if spec.startswith("torchvision:"):
         return _torchvision(spec.split(":", 1)[1], weights, num_classes)
+    if spec.startswith("timm:"):
+        return build_timm(spec.split(":", 1)[1], weights, num_classes, input_size)
     if ":" in spec:
         factory = _load_factory(spec)
         try:
@@ -187,10 +194,9 @@ def load_backbone(
 
     Options given explicitly win over the defaults of the weights or the built-in model.
     """
-    in_channels = input_size[0] if input_size else 3
-    model, defaults = _build(spec, num_classes, in_channels, weights)
+    model, defaults = _build(spec, num_classes, input_size, weights)
     sha = None
-    if weights is not None and (Path(weights).exists() or not spec.startswith("torchvision:")):
+    if weights is not None and not defaults.get("named_weights"):
         sd = read_state_dict(weights)
         drop_absent_aux_heads(model, sd)
         load_into(model, sd, weights)
@@ -211,7 +217,7 @@ def load_backbone(
         )
     n_out = _num_outputs(model, pre)
     info = BackboneInfo(spec=spec, num_classes=n_out, preprocess=pre, weights=weights, weights_sha256=sha,
-                        class_names=defaults.get("class_names"))
+                        class_names=defaults.get("class_names"), extra=defaults.get("extra", {}))
     return model, info
 
 

@@ -2,6 +2,7 @@
 mnasnet's format version, GoogLeNet and Inception v3 without their auxiliary heads."""
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 from pteenet import AttachConfig, attach
 from pteenet.backbones import load_backbone
 from pteenet.checkpoint import load_checkpoint, save_checkpoint
+from pteenet.errors import PteenetError
 
 
 def _logits(model: torch.nn.Module, size: int) -> torch.Tensor:
@@ -64,3 +66,9 @@ def test_weights_with_auxiliary_heads_still_load(tmp_path: Path) -> None:
     save_file(src.state_dict(), str(path))
     model, _ = load_backbone("torchvision:googlenet", str(path), 10, input_size=(3, 32, 32))
     assert model.aux1 is not None and torch.equal(_logits(model, 32), _logits(src, 32))
+
+
+def test_without_timm_the_error_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    with pytest.raises(PteenetError, match=r"need timm.*pip install 'pteenet\[timm\]'"):
+        load_backbone("timm:resnet18")
