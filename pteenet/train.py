@@ -126,7 +126,8 @@ class _Meter:
     def add(self, values: dict[str, Any], n: int) -> None:
         self.n += n
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0) + np.asarray(v, dtype=np.float64) * n
+            if v is not None:  # accuracy on images without labels
+                self.sums[k] = self.sums.get(k, 0) + np.asarray(v, dtype=np.float64) * n
 
     def means(self) -> dict[str, Any]:
         return {k: (v / max(self.n, 1)).tolist() for k, v in self.sums.items()}

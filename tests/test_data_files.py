@@ -173,7 +173,7 @@ def test_train_and_sweep_on_unlabelled_images_with_a_broken_file(tmp_path: Path)
     ckpt, trained = tmp_path / "a.safetensors", tmp_path / "t.safetensors"
     pteenet.save_checkpoint(ckpt, pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=2)))
     code, stdout, stderr = _cli("train-branches", ckpt, "-o", trained, "--data", f"images:{folder}", "--epochs", 1,
-                                "--batch-size", 8, "--val-split", 0.3, "--json")
+                                "--batch-size", 8, "--val-split", 0.3, "--cache-features", "--json")
     assert code == 0, stderr
     cut = str(folder / "day0" / "cut.jpg")
     assert f"skipped {cut}" in " ".join(stderr.split())
