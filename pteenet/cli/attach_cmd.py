@@ -18,9 +18,9 @@ def _fmt_macs(m: float) -> str:
 
 @handle_errors
 def attach_command(
-    backbone: str = typer.Argument(..., help="torchvision:NAME, cifar-resnet20|32|44|56|110, file.py:factory or package.module:factory"),
+    backbone: str = typer.Argument(..., help="torchvision:NAME, timm:NAME[.TAG], cifar-resnet20|32|44|56|110, file.py:factory or package.module:factory"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="checkpoint to write (.safetensors)"),
-    weights: Optional[str] = typer.Option(None, help="weights file (.safetensors/.pt/.pth/.th); torchvision: DEFAULT or an enum name"),
+    weights: Optional[str] = typer.Option(None, help="weights file (.safetensors/.pt/.pth/.th); torchvision: DEFAULT or an enum name; timm: pretrained (from the hub)"),
     num_classes: Optional[int] = typer.Option(None, help="number of classes, if not the model's default"),
     input_size: Optional[str] = typer.Option(None, help="C,H,W (default: from the weights or the model)"),
     mean: Optional[str] = typer.Option(None, help="per-channel mean, comma-separated"),
