@@ -34,7 +34,7 @@ from . import feature_store, sweep
 from .batches import Autocast, FeatureCache, ImageSource, Reporter, fit_ensemble_on
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .data import SKIPPED, DataConfig, load_splits
-from .data.splits import DEFAULT_TEST_SPLIT
+from .data.config import DEFAULT_TEST_SPLIT
 from .devices import DEVICES, resolve_device
 from .errors import PteenetError
 from .loss import LossConfig, early_exit_loss

@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,9 @@ from torch.utils.data import Dataset
 
 from ..backbones import Preprocess
 from ..errors import PteenetError, unknown_name
+from .config import DataConfig
 from .files import ImageFiles, labelled_samples, unlabelled_samples
 from .transform import ImageTransform, TensorImages
-
-if TYPE_CHECKING:
-    from .splits import DataConfig
 
 DEFAULT_DATA_DIR = Path("~/.cache/pteenet/data")
 # Debian's dataset-fashion-mnist package installs the four original idx .gz files here.
@@ -179,7 +177,7 @@ def _synthetic(pre: Preprocess, n: int, gen: torch.Generator, templates: torch.T
     return images, labels
 
 
-def load_source(spec: str, cfg: "DataConfig", pre: Preprocess, num_classes: int | None, gen: torch.Generator,
+def load_source(spec: str, cfg: DataConfig, pre: Preprocess, num_classes: int | None, gen: torch.Generator,
                 aug_tf: ImageTransform, plain_tf: ImageTransform) -> Source:
     """The images of one dataset spec (module docstring)."""
     if spec in _TORCHVISION:
