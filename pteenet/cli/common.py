@@ -1,8 +1,9 @@
-"""What every command shares: the stderr console, the JSON sink, option parsing and error handling.
+"""What every command shares: the stderr console and its progress sink, ``--json`` (``output``),
+the options several commands take, option parsing and error handling.
 
-Data goes to stdout (one JSON document with --json); tables, progress and errors go to stderr.
-A known error becomes one line ``Error: ... (hint: ...)`` and exit code 1; ``PTEENET_DEBUG=1`` adds
-the traceback.
+Data goes to stdout (with --json one JSON document and nothing else); tables, progress, notes,
+warnings and errors go to stderr. A known error becomes one line ``Error: ... (hint: ...)`` and exit
+code 1; ``PTEENET_DEBUG=1`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -10,15 +11,63 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Annotated, Any, Callable, Optional, Sequence, TypeVar
 
 import typer
 from rich.console import Console
 
+from ..data import DEFAULT_DATA_DIR, KNOWN_SPECS
+from ..devices import DEVICES
 from ..errors import PteenetError
+from ..policies import POLICIES
+from .sink import RichSink
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+ALL_POLICIES = "all"
+
+# -- options several commands take: one definition each, so names, choices and help agree ----------
+def _choice(what: str, known: Sequence[str]) -> Callable[[str], str]:
+    """A parser that admits the library's own names: anything else is a usage error (exit 2)."""
+    def parse(value: str) -> str:
+        if value not in known:
+            raise typer.BadParameter(f"unknown {what} '{value}'; choose from {', '.join(known)}")
+        return value
+    return parse
+
+
+DeviceOption = Annotated[str, typer.Option(
+    "--device", parser=_choice("device", DEVICES), metavar="DEVICE",
+    help=f"where the model runs: {' | '.join(DEVICES)} (auto: CUDA when present, else the CPU)")]
+DataOption = Annotated[Optional[str], typer.Option(
+    "--data", help=f"dataset: {' | '.join(KNOWN_SPECS)} (on a trained checkpoint the default is "
+                   "the data its branches were trained on)")]
+DataDirOption = Annotated[Optional[str], typer.Option(
+    "--data-dir", help=f"where datasets live (default {DEFAULT_DATA_DIR})")]
+LimitOption = Annotated[Optional[int], typer.Option(
+    "--limit", help="use at most N images per split")]
+PolicyOption = Annotated[Optional[str], typer.Option(
+    "--policy", parser=_choice("policy", [*POLICIES, ALL_POLICIES]), metavar="POLICY",
+    help=f"exit policy: {' | '.join(POLICIES)}; unset: the checkpoint's own ({ALL_POLICIES}: every policy "
+         "side by side, sweep-threshold only)")]
+JsonOption = Annotated[bool, typer.Option(
+    "--json", help="print the result as one JSON document on stdout, and nothing else there")]
+
+
+def emit(doc: Any, as_json: bool, show: Callable[[Any], None]) -> None:
+    """The one place ``--json`` is decided: with it, the document on stdout and nothing else; without
+    it, ``show`` draws the document for people on stderr (tables, summaries)."""
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+        sys.stdout.flush()
+    else:
+        show(doc)
+
+
+def progress_sink() -> RichSink:
+    """``with progress_sink() as sink:`` around a library call: its progress bars, notes and warnings
+    on stderr."""
+    return RichSink(console)
 
 
 def fail(message: str) -> None:
@@ -53,11 +102,6 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=_jsonable) + "\n")
-    sys.stdout.flush()
 
 
 def _jsonable(o: Any) -> Any:
