@@ -10,7 +10,8 @@ from rich.table import Table
 from ..attach import AttachConfig, attach, list_candidates
 from ..checkpoint import read_metadata, save_checkpoint
 from ..model import EarlyExitModel
-from .common import JsonOption, console, emit, handle_errors, parse_floats, parse_size, split_names
+from .common import console, emit, handle_errors, parse_floats, parse_size, split_names
+from .options import JsonOption
 
 
 def _fmt_macs(m: float) -> str:

@@ -11,17 +11,8 @@ from ..bench import BenchConfig, bench, load_images
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..export import check_thresholds
 from ..report import batch_label
-from .common import (
-    DataDirOption,
-    DataOption,
-    JsonOption,
-    LimitOption,
-    PolicyOption,
-    console,
-    emit,
-    handle_errors,
-    progress_sink,
-)
+from .common import console, emit, handle_errors, progress_sink
+from .options import DataDirOption, DataOption, JsonOption, LimitOption, PolicyOption
 
 DEFAULT_LIMIT = 1000  # batch-1 timing of a whole test set would take many minutes; medians need far fewer
 

@@ -1,5 +1,5 @@
-"""What every command shares: the stderr console and its progress sink, ``--json`` (``output``),
-the options several commands take, option parsing and error handling.
+"""What every command shares: the stderr console and its progress sink, ``--json`` (``emit``),
+option parsing and error handling. The options several commands take are in ``options.py``.
 
 Data goes to stdout (with --json one JSON document and nothing else); tables, progress, notes,
 warnings and errors go to stderr. A known error becomes one line ``Error: ... (hint: ...)`` and exit
@@ -11,48 +11,16 @@ import functools
 import json
 import os
 import sys
-from typing import Annotated, Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
 
-from ..data import DEFAULT_DATA_DIR, KNOWN_SPECS
-from ..devices import DEVICES
 from ..errors import PteenetError
-from ..policies import POLICIES
 from .sink import RichSink
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
-ALL_POLICIES = "all"
-
-# -- options several commands take: one definition each, so names, choices and help agree ----------
-def _choice(what: str, known: Sequence[str]) -> Callable[[str], str]:
-    """A parser that admits the library's own names: anything else is a usage error (exit 2)."""
-    def parse(value: str) -> str:
-        if value not in known:
-            raise typer.BadParameter(f"unknown {what} '{value}'; choose from {', '.join(known)}")
-        return value
-    return parse
-
-
-DeviceOption = Annotated[str, typer.Option(
-    "--device", parser=_choice("device", DEVICES), metavar="DEVICE",
-    help=f"where the model runs: {' | '.join(DEVICES)} (auto: CUDA when present, else the CPU)")]
-DataOption = Annotated[Optional[str], typer.Option(
-    "--data", help=f"dataset: {' | '.join(KNOWN_SPECS)} (on a trained checkpoint the default is "
-                   "the data its branches were trained on)")]
-DataDirOption = Annotated[Optional[str], typer.Option(
-    "--data-dir", help=f"where datasets live (default {DEFAULT_DATA_DIR})")]
-LimitOption = Annotated[Optional[int], typer.Option(
-    "--limit", help="use at most N images per split")]
-PolicyOption = Annotated[Optional[str], typer.Option(
-    "--policy", parser=_choice("policy", [*POLICIES, ALL_POLICIES]), metavar="POLICY",
-    help=f"exit policy: {' | '.join(POLICIES)}; unset: the checkpoint's own ({ALL_POLICIES}: every policy "
-         "side by side, sweep-threshold only)")]
-JsonOption = Annotated[bool, typer.Option(
-    "--json", help="print the result as one JSON document on stdout, and nothing else there")]
-
 
 def emit(doc: Any, as_json: bool, show: Callable[[Any], None]) -> None:
     """The one place ``--json`` is decided: with it, the document on stdout and nothing else; without

@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from ..export import FORMATS, ExportConfig, export
-from .common import JsonOption, PolicyOption, console, emit, handle_errors, progress_sink
+from .common import console, emit, handle_errors, progress_sink
+from .options import JsonOption, PolicyOption
 
 
 @handle_errors

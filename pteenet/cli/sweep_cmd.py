@@ -11,19 +11,8 @@ from rich.table import Table
 
 from ..data import DataRequest
 from ..sweep import Point, SweepConfig, short_thresholds, sweep_threshold
-from .common import (
-    ALL_POLICIES,
-    DataDirOption,
-    DataOption,
-    DeviceOption,
-    JsonOption,
-    LimitOption,
-    PolicyOption,
-    console,
-    emit,
-    handle_errors,
-    progress_sink,
-)
+from .common import console, emit, handle_errors, progress_sink
+from .options import ALL_POLICIES, DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, PolicyOption
 
 TABLE_ROWS_PER_POLICY = 12  # a front can hold dozens of points; the table shows a spread of them
 

@@ -10,18 +10,8 @@ from rich.table import Table
 from ..data import DataConfig
 from ..loss import LossConfig
 from ..train import Interrupted, TrainConfig, train_branches
-from .common import (
-    DataDirOption,
-    DataOption,
-    DeviceOption,
-    JsonOption,
-    LimitOption,
-    console,
-    emit,
-    fail,
-    handle_errors,
-    progress_sink,
-)
+from .common import console, emit, fail, handle_errors, progress_sink
+from .options import DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption
 
 
 def _pct(v: float | None) -> str:
