@@ -9,7 +9,6 @@ from rich.table import Table
 
 from ..bench import BenchConfig, bench, load_images
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..export import check_thresholds
 from ..report import batch_label
 from .common import console, emit_json, handle_errors
 
@@ -34,8 +33,9 @@ def bench_command(
     json_: bool = typer.Option(False, "--json", help="print the results document on stdout"),
 ) -> None:
     """Time the plain backbone against the early-exit model (throughput, latency, exits, MACs)."""
-    if threshold is not None:
-        check_thresholds([threshold])
+    # Built first: its checks (threshold, policy, sizes) run before any file is read.
+    cfg = BenchConfig(batch_sizes=tuple(batch_size or (1, 256)), threshold=threshold, policy=policy, threads=threads,
+                      repeats=repeats, tune_allocator=tune_allocator)
     ck = load_checkpoint(checkpoint)
     model = ck.model
     with console.status(f"loading up to {limit} {split} images"):
@@ -44,8 +44,7 @@ def bench_command(
     for note in notes if split == "val" else []:
         console.print(f"Note: {note}", style="cyan", soft_wrap=True, markup=False)
     spec = data or (model.meta.get("data") or {}).get("spec")
-    cfg = BenchConfig(batch_sizes=tuple(batch_size or (1, 256)), threshold=threshold, policy=policy, threads=threads,
-                      repeats=repeats, extra={"data": spec, "split": split}, tune_allocator=tune_allocator)
+    cfg.extra.update(data=spec, split=split)
     with console.status(f"timing {images.shape[0]} images, {repeats} interleaved repeats per batch size"):
         doc = bench(model, images, cfg)
     if record:

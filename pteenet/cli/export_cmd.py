@@ -24,7 +24,8 @@ def export_command(
     json_: bool = typer.Option(False, "--json", help="print a summary document on stdout"),
 ) -> None:
     """Export the model (model.safetensors + optional torch.export/ONNX programs) with report.md."""
-    cfg = ExportConfig(output, threshold, budget, max_drop, policy, tuple(format_ or ("safetensors",)), force)
+    cfg = ExportConfig(output=output, threshold=threshold, budget=budget, max_drop=max_drop, policy=policy,
+                       formats=tuple(format_ or ("safetensors",)), force=force)
     with console.status("exporting") as status:
         doc = export(checkpoint, cfg, progress=lambda msg: status.update(msg))
     if json_:

@@ -100,7 +100,7 @@ def sweep_command(
                       per_exit=per_exit, select_exits=select_exits, budget=budget, max_drop=max_drop,
                       write=None if write is None else str(write), batch_size=batch_size,
                       device=device.value, workers=workers)
-    doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit, calibration=calibration), cfg, console=console)
+    doc = sweep_threshold(checkpoint, DataRequest(spec=data, data_dir=data_dir, limit=limit, calibration=calibration), cfg, console=console)
     print_points(_table_rows(doc), title=f"Pareto front per policy on {doc['split']} ({doc['samples']} images)",
                  console=console)
     console.print(_summary(doc), soft_wrap=True, markup=False)
