@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from . import policies
 from .devices import DEVICES
-from .errors import PteenetError, unknown_name
+from .errors import PteenetError
 
 SCHEMA_VERSION = 1
 VERSION_KEY = "schema_version"
@@ -100,15 +101,20 @@ class Config:
 
 # -- validators: each raises one PteenetError that names the field ---------------------------------
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy ints too
 
 
-def check_int(name: str, value: Any, minimum: int = 1, hint: str | None = None, optional: bool = False) -> None:
-    """A whole number >= ``minimum`` (None allowed when ``optional``)."""
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(name: str, value: Any, minimum: int | None = 1, hint: str | None = None, optional: bool = False) -> None:
+    """A whole number >= ``minimum`` (any whole number with None; None itself allowed when ``optional``)."""
     if optional and value is None:
         return
-    if not _is_int(value) or value < minimum:
-        raise PteenetError(f"{name} must be a whole number >= {minimum}, got {value!r}", hint)
+    if not _is_int(value) or (minimum is not None and value < minimum):
+        at_least = "" if minimum is None else f" >= {minimum}"
+        raise PteenetError(f"{name} must be a whole number{at_least}, got {value!r}", hint)
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
@@ -117,7 +123,7 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
     """A finite number in [low, high] (either end open, or absent)."""
     if optional and value is None:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = _is_real(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -134,7 +140,7 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
     """One of ``choices``; the hint lists them all."""
     choices = list(choices)
     if value not in choices:
-        raise PteenetError(f"unknown {name} '{value}'", f"known {name}s: {', '.join(choices)}")
+        raise PteenetError(f"unknown {name} '{value}'", f"{name} is one of: {', '.join(choices)}")
 
 
 def check_device(value: Any) -> None:
@@ -143,18 +149,17 @@ def check_device(value: Any) -> None:
 
 def check_policy(value: Any, also: Sequence[str] = ()) -> None:
     """A policy of the registry (``pteenet.policies.POLICIES``), or one of ``also`` (such as "all")."""
-    if value not in policies.POLICIES and value not in also:
-        raise unknown_name("policy", str(value), [*policies.POLICIES, *also])
+    check_choice("policy", value, [*policies.POLICIES, *also])
 
 
 def check_thresholds(value: float | Sequence[float] | None) -> None:
     """Every policy's score (h, max-softmax, normalised entropy) lies in [0, 1]; so do thresholds."""
     if value is None:
         return
-    values = [value] if isinstance(value, (int, float)) else list(value)
-    bad = [t for t in values if not (isinstance(t, (int, float)) and math.isfinite(t) and 0.0 <= t <= 1.0)]
+    values = [value] if isinstance(value, numbers.Real) else list(value)
+    bad = [t for t in values if not (_is_real(t) and 0.0 <= t <= 1.0)]
     if bad:
-        shown = f"{bad[0]:g}" if isinstance(bad[0], (int, float)) else repr(bad[0])
+        shown = f"{bad[0]:g}" if isinstance(bad[0], numbers.Real) else repr(bad[0])
         raise PteenetError(f"threshold {shown} is outside [0, 1]", "every policy's score lies in [0, 1]")
     if not values:
         raise PteenetError("threshold is an empty list", "give one threshold, or one per exit")

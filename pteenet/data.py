@@ -80,7 +80,7 @@ class DataConfig(Config):
         check_int("limit", self.limit, 1, "leave it out to use all the data", optional=True)
         check_number("val_split", self.val_split, 0, 1, high_open=True,
                      hint="the val split is a fraction of train, e.g. --val-split 0.1")
-        check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, None)
         check_int("crop_padding", self.crop_padding, 0, optional=True)
         if self.calibration is not None:
             base, _ = parse_calibration(self.calibration)

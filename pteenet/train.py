@@ -81,7 +81,7 @@ class TrainConfig(Config):
         check_int("batch_size", self.batch_size, 1, "e.g. --batch-size 128")
         check_number("lr", self.lr, 0, low_open=True, hint="e.g. --lr 1e-3")
         check_number("weight_decay", self.weight_decay, 0, hint="e.g. 0 or 5e-4")
-        check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, None)
         check_device(self.device)
         check_int("workers", self.workers, 0, "0 loads data in the main process")
         check_int("views", self.views, 1, "e.g. --views 4")

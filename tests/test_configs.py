@@ -38,7 +38,7 @@ BAD: list[tuple[Callable[[], Any], str]] = [
     (lambda: TrainConfig(lr=0.0), "lr"),
     (lambda: TrainConfig(lr=math.nan), "lr"),
     (lambda: TrainConfig(weight_decay=-1e-4), "weight_decay"),
-    (lambda: TrainConfig(seed=-1), "seed"),
+    (lambda: TrainConfig(seed=0.5), "seed"),
     (lambda: TrainConfig(device="gpu"), "device"),
     (lambda: TrainConfig(workers=-1), "workers"),
     (lambda: TrainConfig(views=0), "views"),
@@ -55,7 +55,7 @@ BAD: list[tuple[Callable[[], Any], str]] = [
     (lambda: DataConfig(spec="cifar11"), "dataset 'cifar11'"),
     (lambda: DataConfig(spec="synthetic", limit=0), "limit"),
     (lambda: DataConfig(spec="synthetic", val_split=1.0), "val_split"),
-    (lambda: DataConfig(spec="synthetic", seed=-1), "seed"),
+    (lambda: DataConfig(spec="synthetic", seed="1"), "seed"),
     (lambda: DataConfig(spec="synthetic", crop_padding=-1), "crop_padding"),
     (lambda: DataConfig(spec="synthetic", calibration="cifar11"), "calibration"),
     (lambda: DataConfig(spec="synthetic", calibration="synthetic#half=2"), "calibration"),
@@ -142,6 +142,15 @@ def test_json_round_trip(cfg: Config) -> None:
     doc = json.loads(json.dumps(cfg.to_dict()))  # plain JSON: no tuples, paths or dataclasses left
     assert doc["schema_version"] == SCHEMA_VERSION
     assert type(cfg).from_dict(doc) == cfg
+
+
+def test_every_config_is_keyword_only_checked_and_round_tripped() -> None:
+    configs = set(Config.__subclasses__())
+    assert {c.__name__ for c in configs} == {"AttachConfig", "BenchConfig", "BranchConfig", "DataConfig", "ExportConfig",
+                                             "LossConfig", "SweepConfig", "TrainConfig"}
+    for c in configs:
+        assert all(f.kw_only for f in dataclasses.fields(c)) and "__post_init__" in vars(c), c.__name__
+    assert {type(c) for c in EVERY} == configs  # test_json_round_trip covers each
 
 
 def test_from_dict_fills_defaults_and_refuses_unknown_or_newer() -> None:
