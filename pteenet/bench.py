@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .configs import Config, check_choice, check_int, check_policy, check_thresholds
 from .data import DataRequest, load_splits, make_loader, resolve_data
 from .errors import PteenetError
 from .model import EarlyExitModel
@@ -29,8 +30,8 @@ from .progress import SILENT, Sink
 OVERHEAD_TOLERANCE = 0.10
 
 
-@dataclass
-class BenchConfig:
+@dataclass(kw_only=True)
+class BenchConfig(Config):
     batch_sizes: Sequence[int] = (1, 256)
     threshold: float | Sequence[float] | None = None  # None: the model's own thresholds
     policy: str | None = None  # None: the model's own policy
@@ -39,6 +40,21 @@ class BenchConfig:
     warmup: int = 3  # untimed batches per model and batch size
     extra: dict[str, Any] = field(default_factory=dict)  # recorded as is (data spec, split, ...)
     tune_allocator: bool = True  # see tune_allocator(); applies to both models alike
+
+    def __post_init__(self) -> None:
+        self.batch_sizes = tuple(self.batch_sizes)
+        if not self.batch_sizes:
+            raise PteenetError("batch_sizes is empty", "e.g. --batch-size 1 --batch-size 256")
+        for b in self.batch_sizes:
+            check_int("batch_sizes", b, 1, "e.g. --batch-size 1 --batch-size 256")
+        if self.threshold is not None and not isinstance(self.threshold, (int, float)):
+            self.threshold = tuple(self.threshold)
+        check_thresholds(self.threshold)
+        if self.policy is not None:
+            check_policy(self.policy)
+        check_int("threads", self.threads, 1, optional=True)
+        check_int("repeats", self.repeats, 1, "e.g. --repeats 5")
+        check_int("warmup", self.warmup, 0)
 
 
 def tune_allocator() -> str | None:
@@ -116,10 +132,6 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: S
     goes to ``sink`` between timed passes (never inside one), and so do the document's warnings."""
     if images.shape[0] < 1:
         raise PteenetError("no images to measure on", "check the data split and --limit")
-    if cfg.repeats < 1 or any(b < 1 for b in cfg.batch_sizes) or not cfg.batch_sizes:
-        raise PteenetError("repeats and batch sizes must be at least 1", "e.g. --repeats 5 --batch-size 1 --batch-size 256")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise PteenetError(f"--threads must be at least 1, got {cfg.threads}")
     thresholds, policy = model.resolve_thresholds(model.thresholds if cfg.threshold is None else cfg.threshold, cfg.policy)
     model.eval()
     device = next(model.parameters()).device
@@ -208,9 +220,8 @@ def load_images(model: EarlyExitModel, spec: str | None = None, data_dir: str | 
     """One split, preprocessed for the backbone and stacked in memory so that the timed loops never
     wait for data; the split is rebuilt from the checkpoint's data record as the sweep does (``spec``
     None: the recorded data). Returns the images and notes on what was assumed."""
-    if split not in SPLITS:
-        raise PteenetError(f"unknown split '{split}'", f"known splits: {', '.join(SPLITS)}")
-    cfg, notes = resolve_data(DataRequest(spec, data_dir, limit), model.meta.get("data"))
+    check_choice("split", split, SPLITS)
+    cfg, notes = resolve_data(DataRequest(spec=spec, data_dir=data_dir, limit=limit), model.meta.get("data"))
     ds = getattr(load_splits(cfg, model.info.preprocess, model.info.num_classes), split)
     if len(ds) == 0:
         raise PteenetError(f"the {split} split of {cfg.spec} is empty", "use --split test")
