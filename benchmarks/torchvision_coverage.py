@@ -26,7 +26,7 @@ from pteenet.policies import never_exit_threshold
 def check(name: str, size: int, prefix: str = "torchvision") -> dict[str, Any]:
     """One model (``prefix:name``) at ``size`` x ``size``; also used by timm_coverage.py."""
     t0 = time.time()
-    model = attach(AttachConfig(f"{prefix}:{name}", input_size=(3, size, size), exits=2, placement="linear"))
+    model = attach(AttachConfig(backbone=f"{prefix}:{name}", input_size=(3, size, size), exits=2, placement="linear"))
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         ref = model.backbone(x)

@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class BackboneInfo:
     weights: str | None = None
     weights_sha256: str | None = None
     class_names: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -65,6 +64,7 @@ class BackboneInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BackboneInfo":
         d = dict(d)
+        d.pop("extra", None)  # schema 1 and 2 files carry an always-empty "extra"
         d["preprocess"] = Preprocess.from_dict(d["preprocess"])
         return cls(**d)
 
@@ -217,7 +217,7 @@ def load_backbone(
         )
     n_out = _num_outputs(model, pre)
     info = BackboneInfo(spec=spec, num_classes=n_out, preprocess=pre, weights=weights, weights_sha256=sha,
-                        class_names=defaults.get("class_names"), extra=defaults.get("extra", {}))
+                        class_names=defaults.get("class_names"))
     return model, info
 
 

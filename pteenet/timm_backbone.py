@@ -7,8 +7,7 @@ read with ``weights_only=True``; loaded by ``backbones.load_backbone`` like any 
 reach it, or none (random weights). Preprocessing comes from timm's data config for the tag
 (``resolve_model_data_config``): input size, mean and std. pteenet resizes the whole image to the
 input size; timm's own eval transform resizes to size / crop_pct and crops the centre, so an image
-whose subject fills the frame is seen slightly larger here (the crop_pct is recorded in the
-backbone's ``extra``).
+whose subject fills the frame is seen slightly larger here.
 """
 from __future__ import annotations
 
@@ -69,7 +68,5 @@ def build_timm(name: str, weights: str | None, num_classes: int | None,
     defaults: dict[str, Any] = {
         "input_size": (c, h, w), "mean": tuple(data["mean"])[:c], "std": tuple(data["std"])[:c],
         "named_weights": pretrained,
-        "extra": {"timm": {"tag": model.pretrained_cfg.get("tag"), "crop_pct": data.get("crop_pct"),
-                           "interpolation": data.get("interpolation"), "timm_version": timm.__version__}},
     }
     return model, defaults

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from ..attach import AttachConfig, attach, list_candidates
 from ..checkpoint import backbone_hash, read_metadata, save_checkpoint
-from .common import console, emit_json, fail, handle_errors, parse_floats, parse_size, split_names
+from ..errors import PteenetError
+from ..model import EarlyExitModel
+from .common import console, emit, handle_errors, parse_floats, parse_size, split_names
+from .options import JsonOption
 
 
 def _fmt_macs(m: float) -> str:
@@ -33,34 +36,37 @@ def attach_command(
     grid: int = typer.Option(AttachConfig.grid, help="G of the G x G average+max pooling (pool, pool-mlp, conv-lite)"),
     hidden: int = typer.Option(AttachConfig.hidden, help="hidden width of pool-mlp heads"),
     list_: bool = typer.Option(False, "--list", help="list candidate exit points and their cumulative MAC share"),
-    json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout"),
+    json_: JsonOption = False,
 ) -> None:
     """Attach early-exit branches to a frozen backbone and write a checkpoint."""
     n_exits: int | str | None = int(exits) if exits is not None and exits.strip().isdigit() else exits
-    cfg = AttachConfig(backbone, weights, num_classes, parse_size(input_size), parse_floats(mean, "--mean"),
-                       parse_floats(std, "--std"), split_names(at), n_exits, placement, branch, cascade, grid, hidden)
+    cfg = AttachConfig(backbone=backbone, weights=weights, num_classes=num_classes, input_size=parse_size(input_size),
+                       mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), at=split_names(at),
+                       exits=n_exits, placement=placement, branch=branch, cascade=cascade, grid=grid, hidden=hidden)
     if list_:
-        doc = list_candidates(cfg)
-        if json_:
-            emit_json(doc)
-            return
-        table = Table(title=f"exit candidates of {doc['backbone']} ({_fmt_macs(doc['backbone_macs'])} MACs)")
-        for col in ("#", "name", "node", "shape", "cumulative MACs", "share"):
-            table.add_column(col, justify="right" if col in ("#", "cumulative MACs", "share") else "left")
-        for i, r in enumerate(doc["candidates"]):
-            table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
-        console.print(table)
+        emit(list_candidates(cfg), json_, _show_candidates)
         return
     if output is None:
         raise typer.BadParameter("an output file is required (or use --list)", param_hint="-o/--output")
     model = attach(cfg)
     save_checkpoint(output, model)
     assert model.cost is not None
-    doc = {**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name}
-    if json_:
-        emit_json(doc)
-        return
-    table = Table(title=f"{len(model.cost.exits)} exits on {cfg.backbone} ({_fmt_macs(model.cost.backbone_macs)} MACs) -> {output}")
+    emit({**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name}, json_,
+           lambda doc: _show_cost(model, cfg.backbone, output))
+
+
+def _show_candidates(doc: dict[str, Any]) -> None:
+    table = Table(title=f"exit candidates of {doc['backbone']} ({_fmt_macs(doc['backbone_macs'])} MACs)")
+    for col in ("#", "name", "node", "shape", "cumulative MACs", "share"):
+        table.add_column(col, justify="right" if col in ("#", "cumulative MACs", "share") else "left")
+    for i, r in enumerate(doc["candidates"]):
+        table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
+    console.print(table)
+
+
+def _show_cost(model: EarlyExitModel, backbone: str, path: Path) -> None:
+    assert model.cost is not None
+    table = Table(title=f"{len(model.cost.exits)} exits on {backbone} ({_fmt_macs(model.cost.backbone_macs)} MACs) -> {path}")
     for col in ("exit", "point", "prefix MACs", "branch MACs", "cost (cumulative)", "cost (paper)"):
         table.add_column(col, justify="left" if col == "point" else "right")
     for i, e in enumerate(model.cost.exits):
@@ -72,30 +78,29 @@ def attach_command(
 @handle_errors
 def info_command(
     checkpoint: Path = typer.Argument(..., help="a pteenet checkpoint"),
-    json_: bool = typer.Option(False, "--json", help="print the metadata document on stdout"),
+    json_: JsonOption = False,
 ) -> None:
     """Show a checkpoint's metadata, after checking its backbone tensors against their recorded hash
     (exit code 1 when they do not match)."""
     meta = read_metadata(checkpoint)
     actual = backbone_hash(checkpoint)
-    intact = actual == meta.get("backbone_sha256")
-    mismatch = (f"the backbone tensors in {checkpoint} do not match their recorded hash "
-                f"(recorded {str(meta.get('backbone_sha256'))[:12]}, stored tensors {actual[:12]}): the file was changed "
-                "or is corrupt (hint: write it again from its source; never use it)")
-    if json_:
-        emit_json({**meta, "backbone_verified": intact})
-        if not intact:
-            fail(mismatch)
-            raise typer.Exit(1)
-        return
+    meta["backbone_verified"] = actual == meta.get("backbone_sha256")
+    emit(meta, json_, lambda meta: _show_metadata(meta, checkpoint, actual))
+    if not meta["backbone_verified"]:
+        raise PteenetError(f"the backbone tensors in {checkpoint} do not match their recorded hash (recorded "
+                           f"{str(meta.get('backbone_sha256'))[:12]}, stored tensors {actual[:12]}): the file was "
+                           "changed or is corrupt", "write it again from its source; do not use this file")
+
+
+def _show_metadata(meta: dict[str, Any], checkpoint: Path, actual: str) -> None:
     table = Table(title=str(checkpoint), show_header=False)
     table.add_column("key")
     table.add_column("value")
     bb = meta["backbone"]
     table.add_row("backbone", f"{bb['spec']} ({bb['num_classes']} classes, input {'x'.join(map(str, bb['preprocess']['input_size']))})")
     table.add_row("weights", f"{bb.get('weights')} sha256 {str(bb.get('weights_sha256'))[:12]}")
-    table.add_row("backbone tensors", f"sha256 {actual[:12]}, " + ("match the recorded hash" if intact else
-                                                                   "[bold red]DO NOT match the recorded hash[/]"))
+    table.add_row("backbone tensors", f"sha256 {actual[:12]}, " + ("match the recorded hash" if meta["backbone_verified"]
+                                                                   else "[bold red]DO NOT match the recorded hash[/]"))
     br = meta["branch"]
     table.add_row("branch", br["type"] + (", cascade" if br.get("cascade") else "") + (", ensemble" if meta.get("ensemble") else ""))
     table.add_row("policy / thresholds", f"{meta['policy']} {', '.join(f'{t:.3f}' for t in meta['thresholds'])}")
@@ -104,9 +109,7 @@ def info_command(
         idle = "" if not active or active[i] else "; takes no decision (exit selection)"
         table.add_row(f"exit {i}", f"{e['name']}: cost {e['cost']:.3f} (paper {e['cost_paper']:.3f}){idle}")
     for key in meta:
-        if key not in ("backbone", "branch", "policy", "thresholds", "cost", "exits", "ensemble", "active_exits"):
+        if key not in ("backbone", "branch", "policy", "thresholds", "cost", "exits", "ensemble", "active_exits",
+                       "backbone_verified"):
             table.add_row(key, str(meta[key])[:100])
     console.print(table)
-    if not intact:
-        fail(mismatch)
-        raise typer.Exit(1)

@@ -1,8 +1,9 @@
-"""What every command shares: the stderr console, the JSON sink, option parsing and error handling.
+"""What every command shares: the stderr console and its progress sink, ``--json`` (``emit``),
+option parsing and error handling. The options several commands take are in ``options.py``.
 
-Data goes to stdout (one JSON document with --json); tables, progress and errors go to stderr.
-A known error becomes one line ``Error: ... (hint: ...)`` and exit code 1; ``PTEENET_DEBUG=1`` adds
-the traceback.
+Data goes to stdout (with --json one JSON document and nothing else); tables, progress, notes,
+warnings and errors go to stderr. A known error becomes one line ``Error: ... (hint: ...)`` and exit
+code 1; ``PTEENET_DEBUG=1`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -18,9 +19,25 @@ from rich.console import Console
 
 from ..data import SKIPPED, ImageSkipped
 from ..errors import PteenetError
+from .sink import RichSink
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+def emit(doc: Any, as_json: bool, show: Callable[[Any], None]) -> None:
+    """The one place ``--json`` is decided: with it, the document on stdout and nothing else; without
+    it, ``show`` draws the document for people on stderr (tables, summaries)."""
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+        sys.stdout.flush()
+    else:
+        show(doc)
+
+
+def progress_sink() -> RichSink:
+    """``with progress_sink() as sink:`` around a library call: its progress bars, notes and warnings
+    on stderr."""
+    return RichSink(console)
 
 
 def fail(message: str) -> None:
@@ -59,29 +76,20 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
         finally:
             if skipped := SKIPPED.since(mark):  # the count at the end, however the command ended
-                warn(SKIPPED.summary(skipped))
+                RichSink(console).warn(SKIPPED.summary(skipped))
 
     return wrapper  # type: ignore[return-value]
-
-
-def warn(message: str) -> None:
-    console.print(f"Warning: {message}", style="bold yellow", soft_wrap=True, markup=False, highlight=False)
 
 
 _default_showwarning = warnings.showwarning
 
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    """Our own warnings as one line on stderr (not Python's file:line: form); others as usual."""
+    """A skipped image as one ``Warning:`` line on stderr (not Python's file:line: form); others as usual."""
     if issubclass(category, ImageSkipped):
-        warn(str(message))
+        RichSink(console).warn(str(message))
     else:
         _default_showwarning(message, category, *args, **kwargs)
-
-
-def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=_jsonable) + "\n")
-    sys.stdout.flush()
 
 
 def _jsonable(o: Any) -> Any:

@@ -9,12 +9,12 @@ decoded: ``files.py``; how broken files are skipped: ``loader.py``.
 """
 from __future__ import annotations
 
-from .config import DataConfig
+from .config import KNOWN_SPECS, DataConfig, parse_calibration
 from .files import UNLABELLED, read_image, to_backbone_mode
 from .loader import SKIPPED, ImageSkipped, Loader, make_loader
 from .request import DEFAULT_VAL_SPLIT, DataRequest, resolve_data
-from .sources import DEBIAN_FASHION_DIR, DEFAULT_DATA_DIR, KNOWN_SPECS, SYNTHETIC_SIZES
-from .splits import NO_LABELS, Splits, load_splits, parse_calibration
+from .sources import DEBIAN_FASHION_DIR, DEFAULT_DATA_DIR, SYNTHETIC_SIZES
+from .splits import NO_LABELS, Splits, load_splits
 from .transform import ImageTransform, TensorImages
 
 __all__ = ["DEBIAN_FASHION_DIR", "DEFAULT_DATA_DIR", "DEFAULT_VAL_SPLIT", "KNOWN_SPECS", "NO_LABELS", "SKIPPED",

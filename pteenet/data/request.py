@@ -2,16 +2,17 @@
 the split the checkpoint records, for the sweep and the bench to rebuild the same calibration split."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from ..configs import check_int
 from ..errors import PteenetError
-from .splits import DataConfig
+from .config import DataConfig
 
 DEFAULT_VAL_SPLIT = 0.1  # only for checkpoints that record no split (training's default)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataRequest:
     """The data the user named. The split itself comes from the checkpoint's record when it has
     one; ``spec`` None means "the recorded data"; ``limit`` None means "the recorded limit"."""
@@ -22,6 +23,9 @@ class DataRequest:
     download: bool = True
     calibration: str | None = None  # a DataConfig.calibration spec; None: the recorded calibration data
     strict_images: bool = False  # an image file that cannot be decoded is an error, not skipped
+
+    def __post_init__(self) -> None:
+        check_int("limit", self.limit, 1, "leave it out to use the recorded limit", optional=True)
 
 
 def _same_spec(asked: str, recorded: str) -> bool:
@@ -44,24 +48,24 @@ def resolve_data(request: DataRequest, recorded: dict[str, Any] | None) -> tuple
             raise PteenetError("the checkpoint's data record is incomplete (needs spec, val_split, seed, limit)",
                                "retrain the branches with `pteenet train-branches`") from None
         if request.spec is not None and request.spec != rec:
-            cfg.spec = request.spec
+            cfg = replace(cfg, spec=request.spec)
             notes.append(f"data read from {request.spec}, assumed to hold the same images as the recorded {rec}")
         if request.limit is not None and request.limit != cfg.limit:
             # Val is carved before the cap, so any limit keeps it inside the held-out images.
             notes.append(f"--limit {request.limit} replaces the recorded limit {cfg.limit}")
-            cfg.limit = request.limit
+            cfg = replace(cfg, limit=request.limit)
         if request.calibration is not None and request.calibration != cfg.calibration:
             was = f"the recorded {cfg.calibration}" if cfg.calibration else \
                 "the part of the training data held out from branch training"
             notes.append(f"calibrating on {request.calibration} instead of {was}")
-            cfg.calibration = request.calibration
+            cfg = replace(cfg, calibration=request.calibration)
     else:
         if request.spec is None:
             raise PteenetError("the checkpoint records no training data", "pass --data SPEC")
-        cfg = DataConfig(request.spec, request.data_dir, request.limit, val_split=DEFAULT_VAL_SPLIT,
+        cfg = DataConfig(spec=request.spec, data_dir=request.data_dir, limit=request.limit, val_split=DEFAULT_VAL_SPLIT,
                          download=request.download, calibration=request.calibration, strict_images=request.strict_images)
         if request.calibration is None:
             notes.append(f"the checkpoint records no data split: calibrated on a fresh val_split "
                          f"{DEFAULT_VAL_SPLIT} (seed 0), which may overlap the images the branches were trained on")
-    cfg.augment = False  # only val and test are used, and they are never augmented; this is for clarity
-    return cfg, notes
+    # Only val and test are used, and they are never augmented; this is for clarity.
+    return replace(cfg, augment=False), notes

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 
 from ..backbones import Preprocess
 from ..errors import PteenetError, unknown_name
-from .config import DataConfig
+from .config import FOLDER_PREFIXES, KNOWN_SPECS, DataConfig
+from .config import TORCHVISION_FILES as _TORCHVISION
 from .files import ImageFiles, labelled_samples, unlabelled_samples
 from .transform import ImageTransform, TensorImages
 
@@ -31,17 +32,6 @@ DEFAULT_DATA_DIR = Path("~/.cache/pteenet/data")
 # Debian's dataset-fashion-mnist package installs the four original idx .gz files here.
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 SYNTHETIC_SIZES = {"train": 500, "test": 100}
-# Folder under the data dir and the files torchvision needs there, for the "not found" message.
-_TORCHVISION = {
-    "cifar10": ("cifar-10-batches-py", ["data_batch_1..5", "test_batch"]),
-    "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
-    "svhn": (".", ["train_32x32.mat", "test_32x32.mat"]),
-    "mnist": ("MNIST/raw", ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte", "(+ labels)"]),
-    "fashion-mnist": ("FashionMNIST/raw", ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte", "(+ labels)"]),
-}
-TORCHVISION_SPECS = tuple(_TORCHVISION)
-FOLDER_PREFIXES = ("imagefolder:", "images:")
-KNOWN_SPECS = [*_TORCHVISION, "imagefolder:PATH", "images:PATH", "synthetic"]
 
 
 @dataclass
@@ -54,10 +44,6 @@ class Source:
     train_plain: Dataset
     test: Dataset | None
     class_names: list[str] | None
-
-
-def is_known(spec: str) -> bool:
-    return spec in _TORCHVISION or spec == "synthetic" or spec.startswith(FOLDER_PREFIXES)
 
 
 def folder_of(spec: str) -> Path:

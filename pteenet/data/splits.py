@@ -25,7 +25,6 @@ says whether the split has labels, and without them only agreement with the back
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,14 +32,13 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from ..backbones import Preprocess
-from ..errors import PteenetError, unknown_name
-from .config import DataConfig
-from .sources import KNOWN_SPECS, folder_images, folder_of, has_splits, is_known, load_source, test_dir
+from ..errors import PteenetError
+from .config import DataConfig, parse_calibration
+from .sources import folder_images, folder_of, has_splits, load_source, test_dir
 from .transform import ImageTransform
 
 # Left/right mirroring changes what a digit means; clothes and objects survive it.
 _NO_FLIP = {"mnist", "svhn"}
-_HALF_SUFFIX = re.compile(r"#half=(\w*)$")
 
 
 @dataclass
@@ -63,16 +61,6 @@ def _cap(n: int, limit: int | None, gen: torch.Generator) -> list[int]:
     if limit is None or limit >= n:
         return list(range(n))
     return torch.randperm(n, generator=gen)[:limit].tolist()
-
-
-def parse_calibration(text: str) -> tuple[str, int | None]:
-    """``SPEC`` or ``SPEC#half=0|1`` -> (SPEC, None or the half)."""
-    m = _HALF_SUFFIX.search(text)
-    if m is None:
-        return text, None
-    if m.group(1) not in ("0", "1") or not text[:m.start()]:
-        raise PteenetError(f"bad calibration spec '{text}'", "use SPEC, SPEC#half=0 or SPEC#half=1")
-    return text[:m.start()], int(m.group(1))
 
 
 def _folder_id(path: Any) -> str:
@@ -167,15 +155,7 @@ def load_splits(cfg: DataConfig, preprocess: Preprocess, num_classes: int | None
     """Load ``cfg.spec`` preprocessed for the backbone and split it into train, calibration (val) and
     test: val carved from train, or taken from ``cfg.calibration`` (module docstring)."""
     spec = cfg.spec
-    if not 0 <= cfg.val_split < 1:
-        raise PteenetError(f"val split must be in [0, 1), got {cfg.val_split}", "e.g. --val-split 0.1")
-    if not 0 < cfg.test_split < 1:
-        raise PteenetError(f"test split must be in (0, 1), got {cfg.test_split}", "e.g. --test-split 0.1")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise PteenetError(f"limit must be at least 1, got {cfg.limit}", "leave it out to use all the data")
     cal_base, half = parse_calibration(cfg.calibration) if cfg.calibration is not None else (None, None)
-    if cal_base is not None and not is_known(cal_base):  # before loading the training data, which can take a while
-        raise unknown_name("calibration dataset", cal_base, KNOWN_SPECS)
     aug_tf = ImageTransform(preprocess, cfg.augment, spec not in _NO_FLIP, cfg.crop_padding)
     plain_tf = ImageTransform(preprocess)
     gen = torch.Generator().manual_seed(cfg.seed)
