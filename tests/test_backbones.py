@@ -32,7 +32,7 @@ def test_mnasnet_weights_without_format_version_load(tmp_path: Path, suffix: str
 
 
 def test_mnasnet_checkpoint_round_trip(tmp_path: Path) -> None:
-    model = attach(AttachConfig("torchvision:mnasnet0_5", num_classes=10, input_size=(3, 32, 32), exits=2))
+    model = attach(AttachConfig(backbone="torchvision:mnasnet0_5", num_classes=10, input_size=(3, 32, 32), exits=2))
     save_checkpoint(tmp_path / "m.safetensors", model)
     back = load_checkpoint(tmp_path / "m.safetensors").model
     x = torch.rand(2, 3, 32, 32)
@@ -52,7 +52,7 @@ def test_weights_without_auxiliary_heads_load(tmp_path: Path, name: str, aux: tu
     assert all(getattr(model, a) is None for a in aux) and not model.aux_logits
     assert torch.equal(_logits(model, size), _logits(src, size))
     if name == "googlenet":  # and the checkpoint, which then holds no auxiliary heads, loads back
-        ee = attach(AttachConfig(f"torchvision:{name}", weights=str(path), num_classes=10, input_size=(3, size, size), exits=1))
+        ee = attach(AttachConfig(backbone=f"torchvision:{name}", weights=str(path), num_classes=10, input_size=(3, size, size), exits=1))
         save_checkpoint(tmp_path / "ee.safetensors", ee)
         back = load_checkpoint(tmp_path / "ee.safetensors").model
         assert back.backbone.aux1 is None and torch.equal(_logits(back.backbone, size), _logits(src, size))

@@ -47,7 +47,7 @@ def _paths(split: torch.utils.data.Subset) -> list[str]:
 
 def test_one_folder_of_class_folders_is_split_three_ways(tmp_path: Path) -> None:
     _class_folders(tmp_path, ["cat", "dog"], 10)
-    cfg = DataConfig(f"imagefolder:{tmp_path}", val_split=0.25, test_split=0.2, seed=3)
+    cfg = DataConfig(spec=f"imagefolder:{tmp_path}", val_split=0.25, test_split=0.2, seed=3)
     s = load_splits(cfg, RGB16, num_classes=2)
     assert s.class_names == ["cat", "dog"] and s.split_info["labelled"] is True
     assert s.split_info["test_split"] == 0.2 and s.split_info["source_sizes"] == {"train": 16, "test": 4}
@@ -57,7 +57,7 @@ def test_one_folder_of_class_folders_is_split_three_ways(tmp_path: Path) -> None
     assert len(set(test) | set(train) | set(val)) == 20  # together the whole folder
     again = load_splits(DataConfig.from_split_info(s.split_info), RGB16, num_classes=2)
     assert [int(y) for _, y in again.test] == [int(y) for _, y in s.test]  # the record rebuilds it
-    other = load_splits(DataConfig(cfg.spec, val_split=0.25, test_split=0.2, seed=4), RGB16, num_classes=2)
+    other = load_splits(DataConfig(spec=cfg.spec, val_split=0.25, test_split=0.2, seed=4), RGB16, num_classes=2)
     assert _paths(other.test) != test  # seeded
 
 
@@ -69,22 +69,22 @@ def test_images_without_labels_at_any_depth(tmp_path: Path) -> None:
             p.write_text("not an image")
         else:
             Image.new("RGB", (9, 9), (1, 2, 3)).save(p)
-    s = load_splits(DataConfig(f"images:{tmp_path}", val_split=0.25, test_split=0.2), RGB16, num_classes=10)
+    s = load_splits(DataConfig(spec=f"images:{tmp_path}", val_split=0.25, test_split=0.2), RGB16, num_classes=10)
     assert s.class_names is None and s.split_info["labelled"] is False and s.split_info["num_classes"] == 10
     assert sum(s.split_info["sizes"].values()) == 5  # the hidden file and the text file are not images
     x, y = s.train[0]
     assert x.shape == (3, 16, 16) and y == UNLABELLED
     (tmp_path / "empty").mkdir()
     with pytest.raises(PteenetError, match="found no images"):
-        load_splits(DataConfig(f"images:{tmp_path / 'empty'}"), RGB16)
+        load_splits(DataConfig(spec=f"images:{tmp_path / 'empty'}"), RGB16)
     with pytest.raises(PteenetError, match="does not exist"):
-        load_splits(DataConfig(f"images:{tmp_path / 'nope'}"), RGB16)
+        load_splits(DataConfig(spec=f"images:{tmp_path / 'nope'}"), RGB16)
 
 
 def test_class_count_mismatch_suggests_images_spec(tmp_path: Path) -> None:
     _class_folders(tmp_path, ["a", "b", "c"], 2)
     with pytest.raises(PteenetError, match="has 3 classes but the backbone outputs 10.*images:PATH"):
-        load_splits(DataConfig(f"imagefolder:{tmp_path}"), RGB16, num_classes=10)
+        load_splits(DataConfig(spec=f"imagefolder:{tmp_path}"), RGB16, num_classes=10)
 
 
 def _pixel(path: Path, channels: int) -> list[int]:
@@ -126,7 +126,7 @@ def _folder_with_broken_files(root: Path) -> list[str]:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_broken_images_are_skipped_and_named(tmp_path: Path, workers: int) -> None:
     broken = _folder_with_broken_files(tmp_path)
-    s = load_splits(DataConfig(f"imagefolder:{tmp_path}", val_split=0.0, test_split=0.1, augment=False), RGB16, 2)
+    s = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}", val_split=0.0, test_split=0.1, augment=False), RGB16, 2)
     whole = torch.utils.data.ConcatDataset([s.train, s.test])
     mark = len(SKIPPED.files)
     with warnings.catch_warnings(record=True) as caught:
@@ -142,7 +142,7 @@ def test_broken_images_are_skipped_and_named(tmp_path: Path, workers: int) -> No
 @pytest.mark.parametrize("workers", [0, 1])
 def test_strict_images_makes_a_broken_file_an_error(tmp_path: Path, workers: int) -> None:
     _folder_with_broken_files(tmp_path)
-    s = load_splits(DataConfig(f"imagefolder:{tmp_path}", val_split=0.0, strict_images=True), RGB16, 2)
+    s = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}", val_split=0.0, strict_images=True), RGB16, 2)
     whole = torch.utils.data.ConcatDataset([s.train, s.test])
     with pytest.raises(PteenetError, match=r"cannot decode image .*(cut\.jpg|empty\.png).*--strict-images"):
         for _ in make_loader(whole, 4, shuffle=False, workers=workers):
@@ -153,7 +153,7 @@ def test_a_batch_of_only_broken_files_is_left_out(tmp_path: Path) -> None:
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"not a png")
     _png(tmp_path / "z.png")
-    s = load_splits(DataConfig(f"images:{tmp_path}", val_split=0.0, test_split=0.25, augment=False), RGB16, 10)
+    s = load_splits(DataConfig(spec=f"images:{tmp_path}", val_split=0.0, test_split=0.25, augment=False), RGB16, 10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageSkipped)
         batches = list(make_loader(torch.utils.data.ConcatDataset([s.train, s.test]), 3, shuffle=False))
@@ -171,7 +171,7 @@ def test_train_and_sweep_on_unlabelled_images_with_a_broken_file(tmp_path: Path)
         _png(folder / f"day{i % 3}" / f"{i}.png", (6 * i, 255 - 6 * i, (37 * i) % 256), (20, 20))
     _broken_jpeg(folder / "day0" / "cut.jpg")
     ckpt, trained = tmp_path / "a.safetensors", tmp_path / "t.safetensors"
-    pteenet.save_checkpoint(ckpt, pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=2)))
+    pteenet.save_checkpoint(ckpt, pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=2)))
     code, stdout, stderr = _cli("train-branches", ckpt, "-o", trained, "--data", f"images:{folder}", "--epochs", 1,
                                 "--batch-size", 8, "--val-split", 0.3, "--cache-features", "--json")
     assert code == 0, stderr
@@ -193,3 +193,11 @@ def test_train_and_sweep_on_unlabelled_images_with_a_broken_file(tmp_path: Path)
                            "--epochs", 1, "--strict-images")
     errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
     assert code == 1 and len(errors) == 1 and "cut.jpg" in errors[0]
+
+
+def test_unlabelled_calibration_for_labelled_training(tmp_path: Path) -> None:
+    for i in range(6):
+        _png(tmp_path / "shots" / f"{i}.png", (40 * i, 0, 0))
+    s = load_splits(DataConfig(spec="synthetic", calibration=f"images:{tmp_path / 'shots'}#half=0"), RGB16, 10)
+    assert s.split_info["calibration_labelled"] is False and s.split_info["labelled"] is True
+    assert len(s.val) == 3 and s.val[0][1] == UNLABELLED and s.split_info["sizes"]["train"] == 500

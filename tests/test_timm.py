@@ -27,7 +27,7 @@ def test_preprocessing_comes_from_timm_data_config() -> None:
 
 
 def test_attach_reproduces_logits_and_round_trips(tmp_path: Path) -> None:
-    model = attach(AttachConfig("timm:test_resnet", num_classes=10, input_size=SIZE, exits=2))
+    model = attach(AttachConfig(backbone="timm:test_resnet", num_classes=10, input_size=SIZE, exits=2))
     x = torch.randn(3, *SIZE)
     with torch.no_grad():
         ref = model.backbone(x)
