@@ -19,17 +19,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .configs import Config, check_choice, check_int, check_policy, check_thresholds
 from .data import DataRequest, load_splits, make_loader, resolve_data
 from .errors import PteenetError
 from .model import EarlyExitModel
+from .progress import SILENT, Sink
 
 # Time ratio above the MAC ratio by more than this (relative) counts as "overhead eats part of the
 # savings"; below it the two agree within what run-to-run noise on a busy machine allows.
 OVERHEAD_TOLERANCE = 0.10
 
 
-@dataclass
-class BenchConfig:
+@dataclass(kw_only=True)
+class BenchConfig(Config):
     batch_sizes: Sequence[int] = (1, 256)
     threshold: float | Sequence[float] | None = None  # None: the model's own thresholds
     policy: str | None = None  # None: the model's own policy
@@ -38,6 +40,21 @@ class BenchConfig:
     warmup: int = 3  # untimed batches per model and batch size
     extra: dict[str, Any] = field(default_factory=dict)  # recorded as is (data spec, split, ...)
     tune_allocator: bool = True  # see tune_allocator(); applies to both models alike
+
+    def __post_init__(self) -> None:
+        self.batch_sizes = tuple(self.batch_sizes)
+        if not self.batch_sizes:
+            raise PteenetError("batch_sizes is empty", "e.g. --batch-size 1 --batch-size 256")
+        for b in self.batch_sizes:
+            check_int("batch_sizes", b, 1, "e.g. --batch-size 1 --batch-size 256")
+        if self.threshold is not None and not isinstance(self.threshold, (int, float)):
+            self.threshold = tuple(self.threshold)
+        check_thresholds(self.threshold)
+        if self.policy is not None:
+            check_policy(self.policy)
+        check_int("threads", self.threads, 1, optional=True)
+        check_int("repeats", self.repeats, 1, "e.g. --repeats 5")
+        check_int("warmup", self.warmup, 0)
 
 
 def tune_allocator() -> str | None:
@@ -109,15 +126,12 @@ def verdict(batch_size: int, time_ratio: float, mac_ratio: float | None) -> str:
     return f"batch {batch_size}: {1 / time_ratio:.2f}x faster{promised}: the measured time follows the MACs"
 
 
-def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig) -> dict[str, Any]:
+def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: Sink = SILENT) -> dict[str, Any]:
     """Time ``model.backbone`` against ``model.predict`` on ``images`` (already preprocessed, in
-    memory) at each batch size; returns the JSON-able results document (``meta["bench"]``)."""
+    memory) at each batch size; returns the JSON-able results document (``meta["bench"]``). Progress
+    goes to ``sink`` between timed passes (never inside one), and so do the document's warnings."""
     if images.shape[0] < 1:
         raise PteenetError("no images to measure on", "check the data split and --limit")
-    if cfg.repeats < 1 or any(b < 1 for b in cfg.batch_sizes) or not cfg.batch_sizes:
-        raise PteenetError("repeats and batch sizes must be at least 1", "e.g. --repeats 5 --batch-size 1 --batch-size 256")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise PteenetError(f"--threads must be at least 1, got {cfg.threads}")
     thresholds, policy = model.resolve_thresholds(model.thresholds if cfg.threshold is None else cfg.threshold, cfg.policy)
     model.eval()
     device = next(model.parameters()).device
@@ -142,13 +156,15 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig) -> dict
                 totals: dict[str, list[float]] = {k: [] for k in runs}
                 per_batch: dict[str, list[float]] = {k: [] for k in runs}
                 exit_index = None
-                for r in range(cfg.repeats):
-                    for name in (("backbone", "early_exit") if r % 2 == 0 else ("early_exit", "backbone")):
-                        times, outs = _timed(runs[name], batches, device)
-                        totals[name].append(sum(times))
-                        per_batch[name].extend(times)
-                        if name == "early_exit" and exit_index is None:
-                            exit_index = torch.cat([o.exit_index for o in outs]).cpu()
+                with sink.task(f"timing batch {bs}, {n} images", 2 * cfg.repeats) as task:
+                    for r in range(cfg.repeats):
+                        for name in (("backbone", "early_exit") if r % 2 == 0 else ("early_exit", "backbone")):
+                            times, outs = _timed(runs[name], batches, device)
+                            totals[name].append(sum(times))
+                            per_batch[name].extend(times)
+                            if name == "early_exit" and exit_index is None:
+                                exit_index = torch.cat([o.exit_index for o in outs]).cpu()
+                            task.advance()
                 assert exit_index is not None
                 results.append(_result(bs, len(batches), n, totals, per_batch, exit_index, model))
         threads = torch.get_num_threads()
@@ -160,6 +176,8 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig) -> dict
     cpus = os.cpu_count() or 1
     warnings = [f"the machine was busy (load average {load:.1f} on {cpus} CPUs): other processes competed for the "
                 "CPU, so these timings are noisy; rerun on an idle machine"] if load > 0.75 * cpus else []
+    for w in warnings:
+        sink.warn(w)
     return {
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -198,14 +216,19 @@ SPLITS = ("train", "val", "test")
 
 
 def load_images(model: EarlyExitModel, spec: str | None = None, data_dir: str | None = None, split: str = "test",
-                limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
+                limit: int | None = None, sink: Sink = SILENT) -> tuple[torch.Tensor, list[str]]:
     """One split, preprocessed for the backbone and stacked in memory so that the timed loops never
     wait for data; the split is rebuilt from the checkpoint's data record as the sweep does (``spec``
     None: the recorded data). Returns the images and notes on what was assumed."""
-    if split not in SPLITS:
-        raise PteenetError(f"unknown split '{split}'", f"known splits: {', '.join(SPLITS)}")
-    cfg, notes = resolve_data(DataRequest(spec, data_dir, limit), model.meta.get("data"))
+    check_choice("split", split, SPLITS)
+    cfg, notes = resolve_data(DataRequest(spec=spec, data_dir=data_dir, limit=limit), model.meta.get("data"))
     ds = getattr(load_splits(cfg, model.info.preprocess, model.info.num_classes), split)
     if len(ds) == 0:
         raise PteenetError(f"the {split} split of {cfg.spec} is empty", "use --split test")
-    return torch.cat([x for x, _ in make_loader(ds, 256, shuffle=False)]), notes
+    loader = make_loader(ds, 256, shuffle=False)
+    images = []
+    with sink.task(f"loading {len(ds)} {split} images", len(loader)) as task:
+        for x, _ in loader:
+            images.append(x)
+            task.advance()
+    return torch.cat(images), notes

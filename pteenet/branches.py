@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fold
+from .configs import Config, check_int
 from .errors import PteenetError
 
 MAX_CONVS = 3
@@ -35,8 +36,8 @@ KINDS = ("conv", "pool", "pool-mlp", "conv-lite")
 NAMES = "conv0, conv1, conv2, conv3, pool, pool-mlp, conv-lite"
 
 
-@dataclass(frozen=True)
-class BranchConfig:
+@dataclass(frozen=True, kw_only=True)
+class BranchConfig(Config):
     kind: str = "conv"  # conv | pool | pool-mlp | conv-lite
     convs: int = 2  # X in ConvX (kind conv only); 0 is the pool-only branch
     grid: int = 4  # G of the G x G pooling (pool, pool-mlp, conv-lite)
@@ -46,11 +47,11 @@ class BranchConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise PteenetError(f"unknown branch type '{self.kind}'", f"known branch types: {NAMES}")
-        if not 0 <= self.convs <= MAX_CONVS:
+        check_int("convs", self.convs, 0, f"conv branches take 0..{MAX_CONVS} convs")
+        if self.convs > MAX_CONVS:
             raise PteenetError(f"conv branches take 0..{MAX_CONVS} convs, got {self.convs}", f"known branch types: {NAMES}")
-        if self.grid < 1 or self.hidden < 1:
-            raise PteenetError(f"branch grid and hidden width must be >= 1, got {self.grid} and {self.hidden}",
-                               "e.g. --grid 4 --hidden 128")
+        check_int("grid", self.grid, 1, "e.g. --grid 4")
+        check_int("hidden", self.hidden, 1, "e.g. --hidden 128")
 
     @property
     def name(self) -> str:
@@ -78,20 +79,22 @@ class BranchConfig:
         t = text.strip().lower()
         m = re.fullmatch(r"conv([0-9]+)", t)
         if m and int(m.group(1)) <= MAX_CONVS:
-            return cls("conv", int(m.group(1)), **options)
+            return cls(kind="conv", convs=int(m.group(1)), **options)
         if t in KINDS and t != "conv":
-            return cls(t, **options)
+            return cls(kind=t, **options)
         raise PteenetError(f"unknown branch type '{text}'", f"known branch types: {NAMES}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.name, **asdict(self)}
+        return {"type": self.name, **super().to_dict()}  # "type": the name users know, for readers of the file
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BranchConfig":
-        """Checkpoints before the new heads wrote only ``{"type": "convX", "convs": X}``."""
-        kind = d.get("kind") or ("conv" if str(d.get("type", "")).startswith("conv") and d.get("type") != "conv-lite" else d.get("type"))
-        return cls(kind=str(kind), convs=int(d.get("convs", 2)), grid=int(d.get("grid", 4)),
-                   hidden=int(d.get("hidden", 128)), cascade=bool(d.get("cascade", False)))
+        """Checkpoints before the new heads (schema 1) wrote only ``{"type": "convX", "convs": X}``."""
+        d = dict(d)
+        name = str(d.pop("type", ""))
+        if "kind" not in d:
+            d["kind"] = "conv" if name.startswith("conv") and name != "conv-lite" else name
+        return super().from_dict(d)
 
 
 def grid_width(c: int, hw: tuple[int, int], grid: int) -> int:

@@ -21,22 +21,23 @@ import datetime
 import importlib
 import io
 import logging
-import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from . import policies
 from .checkpoint import load_checkpoint, save_checkpoint
+from .configs import Config, check_criterion, check_policy, check_thresholds, setting
 from .errors import PteenetError, unknown_name
 from .exits import Carry, exit_step
 from .model import EarlyExitModel
+from .progress import SILENT, Sink
 from .report import build_report, write_report
 from .sweep import Point, select, threshold_list
 
@@ -58,9 +59,9 @@ FORMATS = {
 }
 
 
-@dataclass
-class ExportConfig:
-    output: Path
+@dataclass(kw_only=True)
+class ExportConfig(Config):
+    output: Path = setting(decode=Path)
     threshold: float | Sequence[float] | None = None  # set directly ...
     budget: float | None = None  # ... or picked from the stored sweep: best within this mean cost
     max_drop: float | None = None  # ... or the cheapest within this many accuracy points of the backbone
@@ -68,12 +69,18 @@ class ExportConfig:
     formats: Sequence[str] = ("safetensors",)
     force: bool = False
 
-
-def check_thresholds(values: Sequence[float]) -> None:
-    """Every policy's score (h, max-softmax, normalised entropy) lies in [0, 1]; so do thresholds."""
-    bad = [t for t in values if not (math.isfinite(t) and 0.0 <= t <= 1.0)]
-    if bad:
-        raise PteenetError(f"threshold {bad[0]:g} is outside [0, 1]", "every policy's score lies in [0, 1]")
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        self.formats = tuple(self.formats)
+        for fmt in self.formats:
+            if fmt not in FORMATS:
+                raise unknown_name("format", fmt, list(FORMATS))
+        if self.threshold is not None and not isinstance(self.threshold, (int, float)):
+            self.threshold = tuple(self.threshold)
+        check_thresholds(self.threshold)
+        check_criterion(self.budget, self.max_drop, threshold=self.threshold)
+        if self.policy is not None:
+            check_policy(self.policy)
 
 
 # -- programs --------------------------------------------------------------------------------------
@@ -255,11 +262,11 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
 
 
 # -- the whole export ------------------------------------------------------------------------------
-def _check_request(checkpoint: str | Path | None, cfg: ExportConfig) -> list[str]:
+def _check_environment(checkpoint: str | Path | None, cfg: ExportConfig) -> list[str]:
+    """What ``ExportConfig`` cannot know when it is built: that the formats' packages are installed
+    and that the output folder may be written. Returns the formats to write, safetensors first."""
     formats = list(dict.fromkeys(["safetensors", *cfg.formats]))
     for fmt in formats:
-        if fmt not in FORMATS:
-            raise unknown_name("format", fmt, list(FORMATS))
         spec = FORMATS[fmt]
         for mod in spec.modules:
             try:
@@ -267,12 +274,6 @@ def _check_request(checkpoint: str | Path | None, cfg: ExportConfig) -> list[str
             except ImportError:
                 raise PteenetError(f"format {fmt} needs {mod}, which is not installed",
                                    f"pip install 'pteenet[{spec.extra}]'") from None
-    if sum(v is not None for v in (cfg.threshold, cfg.budget, cfg.max_drop)) > 1:
-        raise PteenetError("give one of --threshold, --budget and --max-drop", "each picks the operating point its own way")
-    if cfg.threshold is not None:
-        check_thresholds([cfg.threshold] if isinstance(cfg.threshold, (int, float)) else list(cfg.threshold))
-    if cfg.policy is not None and cfg.policy not in policies.POLICIES:
-        raise unknown_name("policy", cfg.policy, policies.POLICIES)
     out = Path(cfg.output).resolve()
     # --force replaces the folder: never one the user stands in or the checkpoint lives in.
     if out == Path.cwd() or out in Path.cwd().parents or (
@@ -301,14 +302,15 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)  # also onto an existing empty folder
 
 
-def export_model(model: EarlyExitModel, cfg: ExportConfig, progress: Callable[[str], None] | None = None, *,
+def export_model(model: EarlyExitModel, cfg: ExportConfig, sink: Sink = SILENT, *,
                  source: str | Path | None = None) -> dict[str, Any]:
     """Write ``cfg.output`` (model.safetensors, report.md/json, curve.png, the asked formats) from a
     model in memory, after setting on it the operating point ``cfg`` asks for (its own thresholds
     when ``cfg`` names none). Everything is written into a temp folder beside it and renamed at the
     end, so a failure leaves no half-written folder. Returns a summary document. ``source`` names the
-    checkpoint the model came from, for the report."""
-    formats = _check_request(source, cfg)
+    checkpoint the model came from, for the report. Progress goes to ``sink``: one step per file
+    written, the slow programs (torch.export, ONNX) named while they are built."""
+    formats = _check_environment(source, cfg)
     model.eval()
     point = choose_point(model, cfg)
     data = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}
@@ -322,14 +324,17 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, progress: Callable[[s
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        save_checkpoint(tmp / "model.safetensors", model)  # no state: training tensors stay behind
-        programs: dict[bool, Any] = {}
-        for fmt in formats[1:]:
-            if progress:
-                progress(f"exporting {fmt}")
-            _write_program(model, fmt, tmp / FORMATS[fmt].file, programs)
-        report = build_report(model, point, files, source_name)
-        files.update(write_report(tmp, report, model.meta.get("sweep")))
+        with sink.task(f"exporting to {out.name}", len(formats) + 1) as task:
+            save_checkpoint(tmp / "model.safetensors", model)  # no state: training tensors stay behind
+            task.advance(info=formats[0])
+            programs: dict[bool, Any] = {}
+            for fmt in formats[1:]:
+                task.advance(0, info=f"{fmt} ...")
+                _write_program(model, fmt, tmp / FORMATS[fmt].file, programs)
+                task.advance(info=fmt)
+            report = build_report(model, point, files, source_name)
+            files.update(write_report(tmp, report, model.meta.get("sweep")))
+            task.advance(info="report")
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the folder is meant to be shared
         _move_into_place(tmp, out)
     except BaseException:
@@ -338,7 +343,7 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, progress: Callable[[s
     return {"output": str(cfg.output), "files": files, "operating_point": point, "formats": formats}
 
 
-def export(checkpoint: str | Path, cfg: ExportConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def export(checkpoint: str | Path, cfg: ExportConfig, sink: Sink = SILENT) -> dict[str, Any]:
     """``pteenet export``: ``export_model`` on the model of a checkpoint file."""
-    _check_request(checkpoint, cfg)  # before the checkpoint is read
-    return export_model(load_checkpoint(checkpoint).model, cfg, progress, source=checkpoint)
+    _check_environment(checkpoint, cfg)  # before the checkpoint is read
+    return export_model(load_checkpoint(checkpoint).model, cfg, sink, source=checkpoint)
