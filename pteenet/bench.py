@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import timing
 from .configs import Config, check_choice, check_int, check_policy, check_thresholds
 from .data import DataRequest, load_splits, make_loader, resolve_data
 from .errors import PteenetError
@@ -112,9 +113,12 @@ def _side(totals: list[float], per_batch: list[float], n_images: int) -> dict[st
             "latency_ms": {"p50": 1e3 * _percentile(per_batch, 0.5), "p95": 1e3 * _percentile(per_batch, 0.95)}}
 
 
-def verdict(batch_size: int, time_ratio: float, mac_ratio: float | None) -> str:
-    """One honest sentence on whether the measured time follows the MACs."""
+def verdict(batch_size: int, time_ratio: float, mac_ratio: float | None, split: dict[str, float] | None = None) -> str:
+    """One honest sentence on whether the measured time follows the MACs (and, given ``split``
+    from ``timing.TimeProfile.ratios``, what this backbone's layer times would allow)."""
     promised = "" if mac_ratio is None else f"; MACs promise {1 / mac_ratio:.2f}x"
+    if split is not None:
+        promised += f", this backbone's layer times with free exits {1 / split['ideal_time_ratio']:.2f}x"
     if time_ratio >= 1.0:
         # Two causes MACs do not see: the exits' own overhead (branch calls, decisions, and at batch > 1
         # the row indexing), and layers that take more time per MAC than the average (early,
@@ -122,6 +126,9 @@ def verdict(batch_size: int, time_ratio: float, mac_ratio: float | None) -> str:
         return (f"batch {batch_size}: NO speed-up - early exit takes {time_ratio:.2f}x the backbone's time{promised}: "
                 "the exits' overhead and the uneven time per MAC of the layers eat the savings")
     if mac_ratio is not None and time_ratio > mac_ratio * (1 + OVERHEAD_TOLERANCE):
+        if split is not None and time_ratio <= split["ideal_time_ratio"] * (1 + OVERHEAD_TOLERANCE):
+            return (f"batch {batch_size}: {1 / time_ratio:.2f}x faster{promised}: the exits add little; the rest is "
+                    "the backbone's early layers taking more time per MAC than its late ones")
         return (f"batch {batch_size}: {1 / time_ratio:.2f}x faster{promised}: overhead eats part of the savings")
     return f"batch {batch_size}: {1 / time_ratio:.2f}x faster{promised}: the measured time follows the MACs"
 
@@ -166,7 +173,9 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: S
                                 exit_index = torch.cat([o.exit_index for o in outs]).cpu()
                             task.advance()
                 assert exit_index is not None
-                results.append(_result(bs, len(batches), n, totals, per_batch, exit_index, model))
+                # Where the time goes, on one batch of this size: splits the gap to the MACs (see timing.py).
+                prof = timing.profile(model, batches[0], repeats=cfg.repeats, warmup=min(cfg.warmup, 1))
+                results.append(_result(bs, len(batches), n, totals, per_batch, exit_index, model, prof))
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
@@ -194,7 +203,7 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: S
 
 
 def _result(bs: int, n_batches: int, n: int, totals: dict[str, list[float]], per_batch: dict[str, list[float]],
-            exit_index: torch.Tensor, model: EarlyExitModel) -> dict[str, Any]:
+            exit_index: torch.Tensor, model: EarlyExitModel, prof: timing.TimeProfile) -> dict[str, Any]:
     counts = torch.bincount(exit_index, minlength=model.num_exits + 1).tolist()
     fractions = [c / n for c in counts]
     # Cumulative convention: a sample that left at exit k paid the backbone up to k and every branch
@@ -208,7 +217,8 @@ def _result(bs: int, n_batches: int, n: int, totals: dict[str, list[float]], per
         "batch_size": bs, "images_per_batch": min(bs, n), "batches": n_batches, "backbone": bb, "early_exit": ee,
         "time_ratio": time_ratio, "speedup": 1.0 / time_ratio, "mac_ratio": mac_ratio, "mac_ratio_paper": mac_ratio_paper,
         "mean_macs": None if cost is None or mac_ratio is None else mac_ratio * cost.backbone_macs,
-        "exit_fractions": fractions, "verdict": verdict(bs, time_ratio, mac_ratio),
+        "exit_fractions": fractions, "verdict": verdict(bs, time_ratio, mac_ratio, prof.ratios(fractions)),
+        **prof.ratios(fractions), "time_profile": prof.to_dict(),
     }
 
 

@@ -114,8 +114,7 @@ class CondProgram(nn.Module):
             return self._from(k + 1, thresholds, state, carry)
         leave = policies.passes(self.policy, policies.score(self.policy, logits, conf), thresholds[k]).reshape(())
         is_tensor = [isinstance(v, torch.Tensor) for v in state]
-        has_prev = carry.prev is not None
-        carried = ([carry.prev] if has_prev else []) + list(carry.logps)
+        carried = carry.tensors()
 
         def exit_here(logits: torch.Tensor, thresholds: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # clone: a cond branch may not return one of its inputs as is.
@@ -124,8 +123,7 @@ class CondProgram(nn.Module):
         def go_on(logits: torch.Tensor, thresholds: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             it = iter(tensors)
             st = tuple(next(it) if t else v for v, t in zip(state, is_tensor))
-            prev = next(it) if has_prev else None
-            return self._from(k + 1, thresholds, st, Carry(prev, list(it)))
+            return self._from(k + 1, thresholds, st, carry.like(list(it)))
 
         operands = (logits, thresholds, *(v for v, t in zip(state, is_tensor) if t), *carried)
         return torch.cond(leave, exit_here, go_on, operands)
