@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -86,6 +86,7 @@ class FeatureCache:
     batch_size: int
     shuffle: bool
     stems: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # image files left out as undecodable: path -> reason
 
     def __len__(self) -> int:
         return _num_batches(len(self.labels), self.batch_size, self.shuffle)
@@ -153,7 +154,7 @@ def build_feature_cache(model: EarlyExitModel, ds: Dataset, batch_size: int, wor
             task.advance()
     if i < n:  # image files that could not be decoded were skipped (data.loader)
         taps, final, labels = [t[:i] for t in taps], final[:i], labels[:i]
-    return FeatureCache(taps, final, labels, batch_size, shuffle, stems)
+    return FeatureCache(taps, final, labels, batch_size, shuffle, stems, dict(loader.skipped))
 
 
 def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,

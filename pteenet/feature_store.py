@@ -4,8 +4,11 @@ A backbone pass over the training set is the one expensive step of branch traini
 differ only in what is trained on the cached rows (head width, loss, targets, epochs, ensemble)
 read the same rows. A saved cache is found by a key that hashes everything the rows depend on: the
 backbone's weights, the exit points, what the branch stems compute, the data split and its record,
-the number of augmented views and the seed. Any change gives another key, so a stale cache is never
-read. Files are safetensors (no pickle), written atomically.
+for image files their paths, sizes and modification times (``data.files_fingerprint``: a repaired or
+replaced file gives another key), the number of augmented views and the seed. Any change gives
+another key, so a stale cache is never read. Files are safetensors (no pickle), written atomically;
+their header names the image files that could not be decoded and were left out, which a run reusing
+the cache warns about again (or, with --strict-images, stops at).
 """
 from __future__ import annotations
 
@@ -18,19 +21,20 @@ import torch
 from torch.utils.data import Dataset
 
 from .batches import Autocast, FeatureCache, build_feature_cache
+from .data import SKIPPED, Undecodable, files_fingerprint, image_files_of
 from .files import atomic_write
 from .model import EarlyExitModel
 from .progress import Sink
 
 
 def cache_key(model: EarlyExitModel, split_info: dict[str, Any], split: str, views: int, augment: bool,
-              seed: int) -> str:
-    """Hash of everything a cached split's rows depend on."""
+              seed: int, files: str | None = None) -> str:
+    """Hash of everything a cached split's rows depend on; ``files``: ``data.files_fingerprint`` of the split."""
     bc = model.branch_config
     stem = {"kind": bc.kind, "grid": bc.grid} if bc.cacheable_stem else "taps"
     doc = {"backbone": model.backbone_sha256, "preprocess": model.info.to_dict().get("preprocess"),
            "exits": [p.node for p in model.exit_points], "stem": stem, "data": split_info, "split": split,
-           "views": views, "augment": augment and split == "train", "seed": seed, "format": 1}
+           "files": files, "views": views, "augment": augment and split == "train", "seed": seed, "format": 2}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -40,17 +44,19 @@ def _path(folder: str | Path, key: str) -> Path:
 
 def load(folder: str | Path, key: str, batch_size: int, shuffle: bool, stems: bool) -> FeatureCache | None:
     """The saved cache for ``key``, or None when there is none (or it cannot be read)."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = _path(folder, key)
     if not path.is_file():
         return None
     try:
-        t = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            t = {name: f.get_tensor(name) for name in f.keys()}
+            skipped = json.loads((f.metadata() or {}).get("skipped_images", "{}"))
     except Exception:  # a truncated or foreign file: rebuild rather than fail
         return None
     taps = [t[f"tap.{k}"] for k in range(sum(1 for name in t if name.startswith("tap.")))]
-    return FeatureCache(taps, t["final"], t["labels"], batch_size, shuffle, stems)
+    return FeatureCache(taps, t["final"], t["labels"], batch_size, shuffle, stems, skipped)
 
 
 def save(folder: str | Path, key: str, cache: FeatureCache) -> Path:
@@ -60,7 +66,8 @@ def save(folder: str | Path, key: str, cache: FeatureCache) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"tap.{k}": v.contiguous() for k, v in enumerate(cache.taps)}
     tensors.update(final=cache.final.contiguous(), labels=cache.labels.contiguous())
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    meta = {"skipped_images": json.dumps(cache.skipped)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -69,10 +76,15 @@ def cached_split(model: EarlyExitModel, ds: Dataset, split_info: dict[str, Any],
                  device: torch.device, sink: Sink) -> FeatureCache:
     """A split's feature cache: read from ``cache_dir`` when a run saved it, else built (and saved)."""
     train = split == "train"
-    key = cache_key(model, split_info, split, views, augment, seed)
+    key = cache_key(model, split_info, split, views, augment, seed, files_fingerprint(ds) if cache_dir else None)
     if cache_dir:
         found = load(cache_dir, key, batch_size, train, model.branch_config.cacheable_stem)
         if found is not None:
+            sink.note(f"{split} features read from {_path(cache_dir, key)}")
+            files = image_files_of(ds)
+            strict = files is not None and files[0].strict
+            for path, reason in found.skipped.items():  # left out of the cache: as if met again now
+                SKIPPED.add(Undecodable(path, f"{reason}; left out of the cached features", strict))
             return found
     # Seeded: the augmented views (torch's global RNG) must be the same again on --resume.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

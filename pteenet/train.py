@@ -378,7 +378,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
     if cfg.loss.targets == "labels" and unlabelled:
         raise PteenetError(f"--targets labels needs labels, but the {' and '.join(unlabelled)} data has none",
                            "use --targets soft or pseudo: they learn from the backbone's predictions, no labels needed")
-    skipped_before = len(SKIPPED.files)
+    skipped_before = SKIPPED.mark()
     # The class names travel with the record, so that an export can name the classes of its file.
     data_record = {**splits.split_info, "class_names": None if splits.class_names is None else list(splits.class_names)}
     model.to(device)

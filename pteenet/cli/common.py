@@ -52,7 +52,7 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(os.environ.get("PTEENET_DEBUG"))
-        mark = len(SKIPPED.files)
+        mark = SKIPPED.mark()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", ImageSkipped)  # SKIPPED already says each file once

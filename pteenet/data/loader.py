@@ -51,22 +51,29 @@ def collate_skipping(items: list[Any]) -> Any:
 
 
 class SkippedImages:
-    """The undecodable files met in this process so far: path -> reason."""
+    """The undecodable files met in this process so far: ``files``, path -> reason (each warned
+    about once), and ``met``, every meeting in order (so that a second run in one process still
+    records the files it met, ``since(mark())``)."""
 
     def __init__(self) -> None:
         self.files: dict[str, str] = {}
+        self.met: list[str] = []
 
     def add(self, item: Undecodable) -> None:
         if item.strict:
             raise PteenetError(f"cannot decode image {item.path}: {item.reason}",
                                "remove or replace the file, or drop --strict-images to skip such files with a warning")
+        self.met.append(item.path)
         if item.path not in self.files:
             self.files[item.path] = item.reason
             warnings.warn(f"skipped {item.path}: cannot decode it ({item.reason})", ImageSkipped, stacklevel=2)
 
+    def mark(self) -> int:
+        return len(self.met)
+
     def since(self, mark: int) -> list[str]:
-        """The files added after ``len(self.files)`` was ``mark``."""
-        return list(self.files)[mark:]
+        """The files met after ``mark()`` returned ``mark``, each once."""
+        return list(dict.fromkeys(self.met[mark:]))
 
     def summary(self, files: list[str]) -> str:
         return (f"{len(files)} image file{'s' if len(files) != 1 else ''} could not be decoded and "
@@ -77,11 +84,13 @@ SKIPPED = SkippedImages()
 
 
 class Loader:
-    """A DataLoader whose batches leave out undecodable images (recorded in ``SKIPPED``). Batches
-    where nothing decoded are not yielded, so a pass may yield fewer than ``len()`` batches."""
+    """A DataLoader whose batches leave out undecodable images (recorded in ``SKIPPED``, and in
+    ``skipped``: those this loader met, path -> reason). Batches where nothing decoded are not
+    yielded, so a pass may yield fewer than ``len()`` batches."""
 
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
+        self.skipped: dict[str, str] = {}
 
     @property
     def generator(self) -> torch.Generator:
@@ -95,6 +104,7 @@ class Loader:
             if isinstance(batch, _WithSkipped):
                 for item in batch.skipped:
                     SKIPPED.add(item)
+                    self.skipped[item.path] = item.reason
                 if batch.batch is None:
                     continue
                 batch = batch.batch

@@ -256,7 +256,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     def run(dataset: Dataset, name: str) -> ExitCache:
         return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name)
 
-    skipped_before = len(SKIPPED.files)
+    skipped_before = SKIPPED.mark()
     cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
     if cache.labels is None:
         sink.note(NO_LABELS)
