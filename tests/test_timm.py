@@ -112,3 +112,8 @@ def test_checkpoint_keeps_timms_framing(tmp_path: Path) -> None:
     model = attach(AttachConfig(backbone="timm:test_resnet", exits=1))
     save_checkpoint(tmp_path / "m.safetensors", model)
     assert load_checkpoint(tmp_path / "m.safetensors").model.info.preprocess == model.info.preprocess
+    from pteenet.report import build_report, markdown
+
+    point = {"policy": "confidence", "thresholds": [2.0], "how": "given"}
+    text = " ".join(markdown(build_report(model, point, {}, None)).split())
+    assert "160x160 (an image has its shorter side resized to 168 (bilinear), then its centre cropped)" in text
