@@ -46,7 +46,7 @@ class ImageTransform:
             im = TF.resize(im, [rh, rw], mode)
         elif rh == rw:
             im = TF.resize(im, rh, mode)  # the shorter side
-        else:  # timm's ResizeKeepRatio: the side that shrinks less (grows more) meets its target
+        else:  # timm's ResizeKeepRatio: scaled to cover (rh, rw), one side meeting it
             ratio = min(im.height / rh, im.width / rw)
             im = TF.resize(im, [round(im.height / ratio), round(im.width / ratio)], mode)
         return TF.pil_to_tensor(TF.center_crop(im, [self.height, self.width]))
