@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from . import distributed
 from .data import make_loader
+from .distributed import ALONE, Group, ShardBatches
 from .errors import PteenetError
 from .exits import Ensemble, fit_ensemble
 from .model import AllExits, EarlyExitModel
@@ -70,11 +72,19 @@ def _num_batches(n: int, batch_size: int, shuffle: bool) -> int:
 
 
 class ImageSource:
-    """Batches of images; every batch runs the backbone (on the augmented input, if any)."""
+    """Batches of images; every batch runs the backbone (on the augmented input, if any). Under
+    several processes (``group``) each rank gets its slice of every global batch."""
 
-    def __init__(self, ds: Dataset, batch_size: int, workers: int, seed: int, shuffle: bool) -> None:
+    def __init__(self, ds: Dataset, batch_size: int, workers: int, seed: int, shuffle: bool,
+                 group: Group = ALONE) -> None:
         self.ds, self.batch_size, self.workers, self.seed, self.shuffle = ds, batch_size, workers, seed, shuffle
         self.size = len(ds)  # type: ignore[arg-type]
+        self.group = group
+
+    @property
+    def rows(self) -> list[int]:
+        """The rows this rank sees, in order, when unshuffled (evaluation)."""
+        return distributed.eval_rows(self.size, self.batch_size, self.group)
 
     def __len__(self) -> int:
         return _num_batches(self.size, self.batch_size, self.shuffle)
@@ -83,8 +93,15 @@ class ImageSource:
                 autocast: Autocast) -> Iterator[tuple[AllExits, torch.Tensor]]:
         # A fresh loader per epoch whose generator continues ``order``: the shuffle and the worker
         # seeds then depend on nothing but the saved generator state, so resume is exact.
-        loader = make_loader(self.ds, self.batch_size, self.shuffle, self.workers, self.seed,
-                             _drop_last(self.size, self.batch_size, self.shuffle))
+        drop = _drop_last(self.size, self.batch_size, self.shuffle)
+        pin = device.type == "cuda"
+        if self.group.active:
+            sampler = ShardBatches(self.size, self.batch_size, self.shuffle, drop, None, self.group, even=self.shuffle)
+            loader = make_loader(self.ds, self.batch_size, self.shuffle, self.workers, self.seed, drop, pin,
+                                 batch_sampler=sampler)
+            sampler.generator = loader.generator  # the permutation and the worker seeds share it, as alone
+        else:
+            loader = make_loader(self.ds, self.batch_size, self.shuffle, self.workers, self.seed, drop, pin)
         loader.generator.set_state(order.get_state())
         for x, y in loader:
             with autocast():
@@ -104,6 +121,7 @@ class FeatureCache:
     batch_size: int
     shuffle: bool
     stems: bool = False
+    rows: list[int] | None = None  # under several processes: the split's rows this rank's cache holds
 
     def __len__(self) -> int:
         return _num_batches(len(self.labels), self.batch_size, self.shuffle)
@@ -173,9 +191,10 @@ def build_feature_cache(model: EarlyExitModel, ds: Dataset, batch_size: int, wor
 
 
 def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,
-                    autocast: Autocast, use_labels: bool, reporter: Reporter) -> Ensemble:
+                    autocast: Autocast, use_labels: bool, reporter: Reporter, group: Group = ALONE) -> Ensemble:
     """Every head's logits on ``source`` (data the heads did not train on), then ``fit_ensemble``
-    against the backbone's argmax, or the labels with ``use_labels``."""
+    against the backbone's argmax, or the labels with ``use_labels``. Under several processes the
+    logits of every rank's shard are gathered on rank 0, which fits; every rank gets its ensemble."""
     model.eval()
     heads: list[list[torch.Tensor]] = [[] for _ in range(model.num_exits)]
     finals, labels = [], []
@@ -187,6 +206,11 @@ def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, d
             finals.append(out.final_logits.float().cpu())
             labels.append(y)
             reporter.advance()
-    final = torch.cat(finals)
-    targets = torch.cat(labels).long() if use_labels else final.argmax(1)
-    return fit_ensemble([torch.cat(h) for h in heads], targets)
+    cat = ([torch.cat(h) for h in heads], torch.cat(finals), torch.cat(labels))
+    if group.active:
+        cat = distributed.gather_rows(source.rows or [], cat, False, group, to_main_only=True)
+    ens = None
+    if cat is not None:
+        head_logits, final, y = cat
+        ens = fit_ensemble(head_logits, y.long() if use_labels else final.argmax(1))
+    return distributed.from_main(ens, group)

@@ -23,13 +23,16 @@ from .model import EarlyExitModel
 
 
 def cache_key(model: EarlyExitModel, split_info: dict[str, Any], split: str, views: int, augment: bool,
-              seed: int) -> str:
-    """Hash of everything a cached split's rows depend on."""
+              seed: int, shard: tuple[int, int] | None = None) -> str:
+    """Hash of everything a cached split's rows depend on (``shard``: rank and world size, when
+    each of several processes caches its own part)."""
     bc = model.branch_config
     stem = {"kind": bc.kind, "grid": bc.grid} if bc.cacheable_stem else "taps"
     doc = {"backbone": model.backbone_sha256, "preprocess": model.info.to_dict().get("preprocess"),
            "exits": [p.node for p in model.exit_points], "stem": stem, "data": split_info, "split": split,
            "views": views, "augment": augment and split == "train", "seed": seed, "format": 1}
+    if shard is not None:
+        doc["shard"] = list(shard)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -65,10 +68,10 @@ def save(folder: str | Path, key: str, cache: FeatureCache) -> Path:
 
 def cached_split(model: EarlyExitModel, ds: Dataset, split_info: dict[str, Any], split: str, *, views: int,
                  augment: bool, seed: int, batch_size: int, workers: int, amp: bool, cache_dir: str | None,
-                 device: torch.device, reporter: Reporter) -> FeatureCache:
+                 device: torch.device, reporter: Reporter, shard: tuple[int, int] | None = None) -> FeatureCache:
     """A split's feature cache: read from ``cache_dir`` when a run saved it, else built (and saved)."""
     train = split == "train"
-    key = cache_key(model, split_info, split, views, augment, seed)
+    key = cache_key(model, split_info, split, views, augment, seed, shard)
     if cache_dir:
         found = load(cache_dir, key, batch_size, train, model.branch_config.cacheable_stem)
         if found is not None:

@@ -23,7 +23,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def fail(message: str) -> None:
     # Plain write, not Rich: Rich would wrap a long error over several lines.
-    sys.stderr.write(f"Error: {message}\n")
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    sys.stderr.write(f"Error: {message}\n" if rank == "0" else f"Error (rank {rank}): {message}\n")
     sys.stderr.flush()
 
 
@@ -40,7 +41,8 @@ def handle_errors(fn: F) -> F:
         except PteenetError as e:
             if debug:
                 console.print_exception()
-            fail(str(e))
+            if not getattr(e, "quiet", False):  # under torchrun, rank 0 reports what every rank hit
+                fail(str(e))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             fail("interrupted")

@@ -7,8 +7,10 @@ from typing import Any, Optional
 
 import numpy as np
 import typer
+from rich.console import Console
 
 from ..data import DataRequest
+from ..distributed import is_main_process
 from ..sweep import SweepConfig, print_points, sweep_threshold
 from .common import console, emit_json, handle_errors
 
@@ -100,7 +102,12 @@ def sweep_command(
                       per_exit=per_exit, select_exits=select_exits, budget=budget, max_drop=max_drop,
                       write=None if write is None else str(write), batch_size=batch_size,
                       device=device.value, workers=workers)
-    doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit, calibration=calibration), cfg, console=console)
+    # Under torchrun every rank runs this command (each its shard of the cache pass); rank 0 prints.
+    main = is_main_process()
+    doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit, calibration=calibration), cfg,
+                          console=console if main else Console(stderr=True, quiet=True), progress=main)
+    if not main:
+        return
     print_points(_table_rows(doc), title=f"Pareto front per policy on {doc['split']} ({doc['samples']} images)",
                  console=console)
     console.print(_summary(doc), soft_wrap=True, markup=False)

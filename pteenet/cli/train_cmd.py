@@ -18,6 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..data import DataConfig
+from ..distributed import is_main_process
 from ..loss import LossConfig
 from ..train import Interrupted, Reporter, TrainConfig, train_branches
 from .common import console, emit_json, fail, handle_errors
@@ -137,10 +138,13 @@ def train_command(
                                                           exit_ce=exit_ce))
     try:
         with RichReporter(console) as reporter:
-            doc = train_branches(checkpoint, output, data_cfg, cfg, reporter)
+            # Under torchrun every rank runs this command; rank 0 alone draws progress and prints.
+            doc = train_branches(checkpoint, output, data_cfg, cfg, reporter if is_main_process() else Reporter())
     except Interrupted as e:
         fail(str(e))
         raise typer.Exit(130) from None
+    if not is_main_process():
+        return
     if json_:
         emit_json(doc)
     elif doc["epochs"]:
