@@ -186,8 +186,8 @@ def is_comm_error(e: BaseException) -> bool:
         w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe"))
 
 
-def lost_peer(epoch: int, held: str) -> PteenetError:
-    return PteenetError(f"lost contact with another process in epoch {epoch} (a rank died or was killed); {held}",
+def lost_peer(phase: str, held: str) -> PteenetError:
+    return PteenetError(f"lost contact with another process in {phase} (a rank died or was killed); {held}",
                         "fix the cause, then rerun the same torchrun command with --resume")
 
 

@@ -422,7 +422,8 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
             if not (group.active and distributed.is_comm_error(e)):
                 raise
             held = f"{out_path} holds epoch {last_saved}" if last_saved else "nothing was saved"
-            raise distributed.lost_peer(epoch + 1, held) from None
+            phase = "the ensemble fit" if last_saved == cfg.epochs else f"epoch {epoch + 1}"
+            raise distributed.lost_peer(phase, held) from None
     sha = module_sha256(model.backbone)
     if sha != model.backbone_sha256:  # save_checkpoint refuses this too; never let it pass silently
         raise PteenetError("the backbone changed during training", "this is a bug in pteenet: please report it")

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..bench import BenchConfig, bench, load_images
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..devices import resolve_device
 from ..export import check_thresholds
 from ..report import batch_label
 from .common import console, emit_json, handle_errors
@@ -28,6 +29,7 @@ def bench_command(
     policy: Optional[str] = typer.Option(None, help="confidence | max-softmax | entropy (default: the checkpoint's)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's own choice, recorded)"),
     repeats: int = typer.Option(5, help="timed passes per model; medians are reported"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda (timed with CUDA events) | mps | auto"),
     tune_allocator: bool = typer.Option(True, "--tune-allocator/--no-tune-allocator",
                                         help="keep freed activation memory in-process (glibc), for both models alike"),
     record: bool = typer.Option(False, "--record", help="store the results in the checkpoint (meta['bench'])"),
@@ -36,7 +38,7 @@ def bench_command(
     """Time the plain backbone against the early-exit model (throughput, latency, exits, MACs)."""
     if threshold is not None:
         check_thresholds([threshold])
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, resolve_device(device))
     model = ck.model
     with console.status(f"loading up to {limit} {split} images"):
         images, notes = load_images(model, data, data_dir, split, limit)
