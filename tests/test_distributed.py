@@ -23,6 +23,7 @@ from pteenet.distributed import ALONE, Group, ShardBatches, eval_rows, gather_ro
 from pteenet.errors import PteenetError
 from pteenet.sweep import SweepConfig, sweep_threshold
 from pteenet.train import Reporter, TrainConfig, train_branches
+from test_train import StopAfter  # Ctrl-C right after epoch n was saved (here on every rank)
 
 # Adam at lr 1e-2 for 4 steps. The two-process run adds the same per-sample terms in another order
 # (each rank sums its half, the all-reduce adds the halves), so results differ by rounding; Adam
@@ -37,17 +38,6 @@ def data(**kw: Any) -> DataConfig:
 
 def cfg(**kw: Any) -> TrainConfig:
     return TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 1e-2, "device": "cpu", **kw})
-
-
-class StopAfter(Reporter):
-    """Ctrl-C on every rank right after epoch ``n`` was saved."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def epoch_end(self, record: dict[str, Any], epochs: int) -> None:
-        if record["epoch"] == self.n:
-            raise KeyboardInterrupt
 
 
 class DieIn(Reporter):
