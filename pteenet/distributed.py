@@ -67,7 +67,7 @@ def launched() -> bool:
 
 
 def is_main_process() -> bool:
-    """Rank 0, or no launcher; readable before the group exists (the CLI picks its reporter with it)."""
+    """Rank 0, or no launcher; readable before the group exists (the CLI picks its sink with it)."""
     return os.environ.get("RANK", "0") == "0"
 
 

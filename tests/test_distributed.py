@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 import torch
-from rich.console import Console
 from safetensors.torch import load_file
 
 from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
 from pteenet.data import DataConfig, DataRequest
 from pteenet.distributed import ALONE, Group, ShardBatches, eval_rows, gather_rows, train_rows
 from pteenet.errors import PteenetError
+from pteenet.progress import Sink, Task
 from pteenet.sweep import SweepConfig, sweep_threshold
-from pteenet.train import Reporter, TrainConfig, train_branches
+from pteenet.train import TrainConfig, train_branches
 from test_train import StopAfter  # Ctrl-C right after epoch n was saved (here on every rank)
 
 # Adam at lr 1e-2 for 4 steps. The two-process run adds the same per-sample terms in another order
@@ -40,19 +40,19 @@ def cfg(**kw: Any) -> TrainConfig:
     return TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 1e-2, "device": "cpu", **kw})
 
 
-class DieIn(Reporter):
+class DieIn(Sink):
     """Rank 1 dies (no cleanup, as under kill -9) at the first batch of epoch ``n``."""
 
     def __init__(self, n: int) -> None:
-        self.n, self.epoch = n, 0
+        self.n = n
 
-    def task(self, description: str, total: int) -> None:
-        if description.startswith("epoch "):
-            self.epoch = int(description.split()[1].split("/")[0])
+    def task(self, description: str, total: int | None = None, completed: int = 0) -> Task:
+        return Die() if description.startswith(f"epoch {self.n}/") and os.environ["RANK"] == "1" else Task()
 
-    def advance(self, stats: dict[str, Any] | None = None) -> None:
-        if self.epoch == self.n and os.environ["RANK"] == "1":
-            os._exit(3)
+
+class Die(Task):
+    def advance(self, steps: int = 1, info: str | None = None) -> None:
+        os._exit(3)
 
 
 def sweep_cfg(outdir: Path) -> SweepConfig:
@@ -86,9 +86,8 @@ def _rank(rank: int, port: int, folder: str) -> None:
                                                         cfg(cache_features=True, cache_dir=str(d / "features"))))
     results["too_few"] = _outcome(lambda: train_branches(ck, d / "few.safetensors", data(limit=1), cfg()))
     results["uneven"] = _outcome(lambda: train_branches(ck, d / "uneven.safetensors", data(), cfg(batch_size=15)))
-    quiet = Console(stderr=True, quiet=True)
     results["sweep"] = _outcome(lambda: {"final": {"complete": True}, **sweep_threshold(
-        d / "straight2.safetensors", DataRequest(), sweep_cfg(d / "sweep2"), console=quiet, progress=False)})
+        d / "straight2.safetensors", DataRequest(), sweep_cfg(d / "sweep2"))})
     save()
     results["died"] = _outcome(lambda: train_branches(ck, d / "died.safetensors", data(), cfg(epochs=3), DieIn(2)))
     save()
@@ -188,8 +187,7 @@ def test_a_rank_that_dies_leaves_the_last_complete_epoch(two_ranks: Any) -> None
 def test_the_sweeps_cache_pass_sharded_gives_the_single_process_sweep(two_ranks: Any, tmp_path: Path) -> None:
     folder, res = two_ranks
     assert res[0]["sweep"]["ok"] and res[1]["sweep"]["ok"]
-    sweep_threshold(folder / "straight2.safetensors", DataRequest(), sweep_cfg(tmp_path),
-                    console=Console(stderr=True, quiet=True), progress=False)
+    sweep_threshold(folder / "straight2.safetensors", DataRequest(), sweep_cfg(tmp_path))
     one = json.loads((tmp_path / "sweep.json").read_text())
     two = json.loads((folder / "sweep2" / "sweep.json").read_text())  # written by rank 0 alone
     assert {k: v for k, v in one.items() if k != "outdir"} == {k: v for k, v in two.items() if k != "outdir"}

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from ..attach import AttachConfig, attach, list_candidates
 from ..checkpoint import read_metadata, save_checkpoint
-from .common import console, emit_json, handle_errors, parse_floats, parse_size, split_names
+from ..model import EarlyExitModel
+from .common import console, emit, handle_errors, parse_floats, parse_size, split_names
+from .options import JsonOption
 
 
 def _fmt_macs(m: float) -> str:
@@ -33,34 +35,36 @@ def attach_command(
     grid: int = typer.Option(AttachConfig.grid, help="G of the G x G average+max pooling (pool, pool-mlp, conv-lite)"),
     hidden: int = typer.Option(AttachConfig.hidden, help="hidden width of pool-mlp heads"),
     list_: bool = typer.Option(False, "--list", help="list candidate exit points and their cumulative MAC share"),
-    json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout"),
+    json_: JsonOption = False,
 ) -> None:
     """Attach early-exit branches to a frozen backbone and write a checkpoint."""
     n_exits: int | str | None = int(exits) if exits is not None and exits.strip().isdigit() else exits
     cfg = AttachConfig(backbone, weights, num_classes, parse_size(input_size), parse_floats(mean, "--mean"),
                        parse_floats(std, "--std"), split_names(at), n_exits, placement, branch, cascade, grid, hidden)
     if list_:
-        doc = list_candidates(cfg)
-        if json_:
-            emit_json(doc)
-            return
-        table = Table(title=f"exit candidates of {doc['backbone']} ({_fmt_macs(doc['backbone_macs'])} MACs)")
-        for col in ("#", "name", "node", "shape", "cumulative MACs", "share"):
-            table.add_column(col, justify="right" if col in ("#", "cumulative MACs", "share") else "left")
-        for i, r in enumerate(doc["candidates"]):
-            table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
-        console.print(table)
+        emit(list_candidates(cfg), json_, _show_candidates)
         return
     if output is None:
         raise typer.BadParameter("an output file is required (or use --list)", param_hint="-o/--output")
     model = attach(cfg)
     save_checkpoint(output, model)
     assert model.cost is not None
-    doc = {**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name}
-    if json_:
-        emit_json(doc)
-        return
-    table = Table(title=f"{len(model.cost.exits)} exits on {cfg.backbone} ({_fmt_macs(model.cost.backbone_macs)} MACs) -> {output}")
+    emit({**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name}, json_,
+           lambda doc: _show_cost(model, cfg.backbone, output))
+
+
+def _show_candidates(doc: dict[str, Any]) -> None:
+    table = Table(title=f"exit candidates of {doc['backbone']} ({_fmt_macs(doc['backbone_macs'])} MACs)")
+    for col in ("#", "name", "node", "shape", "cumulative MACs", "share"):
+        table.add_column(col, justify="right" if col in ("#", "cumulative MACs", "share") else "left")
+    for i, r in enumerate(doc["candidates"]):
+        table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
+    console.print(table)
+
+
+def _show_cost(model: EarlyExitModel, backbone: str, path: Path) -> None:
+    assert model.cost is not None
+    table = Table(title=f"{len(model.cost.exits)} exits on {backbone} ({_fmt_macs(model.cost.backbone_macs)} MACs) -> {path}")
     for col in ("exit", "point", "prefix MACs", "branch MACs", "cost (cumulative)", "cost (paper)"):
         table.add_column(col, justify="left" if col == "point" else "right")
     for i, e in enumerate(model.cost.exits):
@@ -72,13 +76,13 @@ def attach_command(
 @handle_errors
 def info_command(
     checkpoint: Path = typer.Argument(..., help="a pteenet checkpoint"),
-    json_: bool = typer.Option(False, "--json", help="print the metadata document on stdout"),
+    json_: JsonOption = False,
 ) -> None:
     """Show a checkpoint's metadata."""
-    meta = read_metadata(checkpoint)
-    if json_:
-        emit_json(meta)
-        return
+    emit(read_metadata(checkpoint), json_, lambda meta: _show_metadata(meta, checkpoint))
+
+
+def _show_metadata(meta: dict[str, Any], checkpoint: Path) -> None:
     table = Table(title=str(checkpoint), show_header=False)
     table.add_column("key")
     table.add_column("value")

@@ -1,8 +1,9 @@
-"""What every command shares: the stderr console, the JSON sink, option parsing and error handling.
+"""What every command shares: the stderr console and its progress sink, ``--json`` (``emit``),
+option parsing and error handling. The options several commands take are in ``options.py``.
 
-Data goes to stdout (one JSON document with --json); tables, progress and errors go to stderr.
-A known error becomes one line ``Error: ... (hint: ...)`` and exit code 1; ``PTEENET_DEBUG=1`` adds
-the traceback.
+Data goes to stdout (with --json one JSON document and nothing else); tables, progress, notes,
+warnings and errors go to stderr. A known error becomes one line ``Error: ... (hint: ...)`` and exit
+code 1; ``PTEENET_DEBUG=1`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -15,10 +16,30 @@ from typing import Any, Callable, TypeVar
 import typer
 from rich.console import Console
 
+from ..distributed import is_main_process
 from ..errors import PteenetError
+from .sink import RichSink
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+def emit(doc: Any, as_json: bool, show: Callable[[Any], None]) -> None:
+    """The one place ``--json`` is decided: with it, the document on stdout and nothing else; without
+    it, ``show`` draws the document for people on stderr (tables, summaries). Under torchrun every
+    rank runs the command; rank 0 alone emits."""
+    if not is_main_process():
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+        sys.stdout.flush()
+    else:
+        show(doc)
+
+
+def progress_sink() -> RichSink:
+    """``with progress_sink() as sink:`` around a library call: its progress bars, notes and warnings
+    on stderr (rank 0's alone under torchrun)."""
+    return RichSink(console if is_main_process() else Console(stderr=True, quiet=True))
 
 
 def fail(message: str) -> None:
@@ -55,11 +76,6 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=_jsonable) + "\n")
-    sys.stdout.flush()
 
 
 def _jsonable(o: Any) -> Any:
