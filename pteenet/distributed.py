@@ -13,7 +13,14 @@ The branches' BatchNorm layers normalise with the statistics of the whole global
 SyncBatchNorm runs on GPUs only). What differs is the order of floating-point sums (the all-reduce
 adds per-rank partial sums), so weights agree to rounding, not bit for bit.
 
+With a feature cache each rank caches a fixed 1/N of the training images and draws its batches
+from that shard: the same statistics as one process, not the same batches.
+
 Only rank 0 writes files (atomically) and reports; the others wait at a barrier after each write.
+Evaluation passes (the calibration report, the ensemble's inputs, the sweep's cache) are sharded
+without padding and gathered back into the split's order. A collective waits at most
+``PTEENET_DIST_TIMEOUT_MIN`` minutes (default 30) for a rank that hangs; a rank that dies is seen
+at once (its connections close).
 """
 from __future__ import annotations
 
@@ -187,6 +194,10 @@ def is_comm_error(e: BaseException) -> bool:
 
 
 def lost_peer(phase: str, held: str) -> PteenetError:
+    """The error for a collective that failed because a peer is gone; the broken group is let go
+    now, not at exit, where tearing it down with work still pending can abort the process."""
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
     return PteenetError(f"lost contact with another process in {phase} (a rank died or was killed); {held}",
                         "fix the cause, then rerun the same torchrun command with --resume")
 

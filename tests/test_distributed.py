@@ -113,7 +113,9 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
         p.join(timeout=240)
         if p.is_alive():
             p.kill()
-    assert procs[0].exitcode == 0 and procs[1].exitcode == 3  # rank 1 died on purpose at the end
+    # Rank 1 died on purpose at the end. Rank 0 reported that and wrote its results; Gloo may still
+    # abort it at exit (SIGABRT, "terminate called without an active exception") now and then.
+    assert procs[0].exitcode in (0, -6) and procs[1].exitcode == 3
     return folder, [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
 
 
