@@ -13,7 +13,7 @@ from ..devices import resolve_device
 from ..export import check_thresholds
 from ..report import batch_label
 from .common import console, emit, handle_errors, progress_sink
-from .options import DataDirOption, DataOption, JsonOption, LimitOption, PolicyOption
+from .options import DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, PolicyOption
 
 DEFAULT_LIMIT = 1000  # batch-1 timing of a whole test set would take many minutes; medians need far fewer
 
@@ -30,7 +30,7 @@ def bench_command(
     policy: PolicyOption = None,
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's own choice, recorded)"),
     repeats: int = typer.Option(5, help="timed passes per model; medians are reported"),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda (timed with CUDA events) | mps | auto"),
+    device: DeviceOption = "cpu",  # the CPU unless asked: on CUDA the timings are CUDA events
     tune_allocator: bool = typer.Option(True, "--tune-allocator/--no-tune-allocator",
                                         help="keep freed activation memory in-process (glibc), for both models alike"),
     record: bool = typer.Option(False, "--record", help="store the results in the checkpoint (meta['bench'])"),
