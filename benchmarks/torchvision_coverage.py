@@ -25,7 +25,7 @@ from pteenet.policies import never_exit_threshold
 
 def check(name: str, size: int) -> dict[str, Any]:
     t0 = time.time()
-    model = attach(AttachConfig(f"torchvision:{name}", input_size=(3, size, size), exits=2, placement="linear"))
+    model = attach(AttachConfig(backbone=f"torchvision:{name}", input_size=(3, size, size), exits=2, placement="linear"))
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         ref = model.backbone(x)

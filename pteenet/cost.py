@@ -18,6 +18,7 @@ import torch.fx as fx
 from thop.profile import register_hooks
 from torch import nn
 
+from . import fold
 from .errors import PteenetError, unknown_name
 from .graph import ExitPoint, TracedBackbone
 
@@ -76,7 +77,9 @@ def module_macs(module: nn.Module, in_shape: tuple[int, ...]) -> int:
 
     m = copy.deepcopy(module).eval()
     device = next((p.device for p in m.parameters()), torch.device("cpu"))
-    with torch.no_grad():
+    # The trained layers, which thop's module hooks can count (the folded inference form is plain
+    # functions, and does no more work: its BatchNorms are counted here but not run).
+    with fold.unfolded():
         macs, _ = thop.profile(m, inputs=(torch.zeros(1, *in_shape, device=device),), verbose=False)
     return int(macs)
 

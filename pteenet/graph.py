@@ -23,10 +23,6 @@ CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 LEAF_BOUNDARIES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d)
 
 
-class TraceError(PteenetError):
-    pass
-
-
 @dataclass(frozen=True)
 class ExitPoint:
     name: str  # what the user sees and types: a module path or an fx node name
@@ -56,7 +52,7 @@ def trace(backbone: nn.Module, input_size: tuple[int, ...]) -> TracedBackbone:
         graph = tracer.trace(backbone)
         gm = fx.GraphModule(backbone, graph)
     except Exception as e:
-        raise TraceError(
+        raise PteenetError(
             f"torch.fx cannot trace {type(backbone).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
             "pteenet needs a traceable forward (no Python control flow on tensor values) to split it into "
             "real stages; wrap the untraceable part in a leaf module or pass a traceable model",
