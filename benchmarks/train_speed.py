@@ -58,7 +58,7 @@ def processes(counts: list[int], args: argparse.Namespace) -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         ck = Path(tmp) / "attached.safetensors"
-        save_checkpoint(ck, attach(AttachConfig(args.backbone, exits=args.exits, placement=args.placement,
+        save_checkpoint(ck, attach(AttachConfig(backbone=args.backbone, exits=args.exits, placement=args.placement,
                                                 branch=args.branch)))
         # Interleaved repeats (1, 2, 1, 2, ...): a noisy neighbour hits every count alike.
         for n in [n for _ in range(args.batches) for n in counts]:

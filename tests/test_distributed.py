@@ -33,7 +33,7 @@ ATOL = 1e-3
 
 
 def data(**kw: Any) -> DataConfig:
-    return DataConfig("synthetic", **{"limit": 64, "augment": False, **kw})
+    return DataConfig(spec="synthetic", **{"limit": 64, "augment": False, **kw})
 
 
 def cfg(**kw: Any) -> TrainConfig:
@@ -103,7 +103,7 @@ def _free_port() -> int:
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     folder = tmp_path_factory.mktemp("ddp")
     save_checkpoint(folder / "attached.safetensors",
-                    attach(AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=2)))
+                    attach(AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=2)))
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_rank, args=(r, port, str(folder))) for r in range(2)]
