@@ -320,6 +320,7 @@ class _GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
+        dtype, x = x.dtype, x.float()  # statistics in float32, also under autocast
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
@@ -335,7 +336,7 @@ class _GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
         if self.affine:
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
-        return y
+        return y.to(dtype)
 
 
 _SYNCED: dict[type, type] = {}

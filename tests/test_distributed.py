@@ -1,7 +1,8 @@
 """Branch training on two processes (Gloo, CPU) against one process, resume under two processes, and
 the errors of a distributed run. The test starts the two ranks itself (spawned interpreters that
 join a group on a free local port, as torchrun's environment would describe it); one spawn runs
-every two-process scenario in turn, which keeps the file to a few seconds."""
+every two-process scenario in turn (two interpreter start-ups in all): about 16 s on this
+repository's 2-core machine when it is quiet, most of it starting the two interpreters."""
 from __future__ import annotations
 
 import json
@@ -25,11 +26,15 @@ from pteenet.sweep import SweepConfig, sweep_threshold
 from pteenet.train import TrainConfig, train_branches
 from test_train import StopAfter  # Ctrl-C right after epoch n was saved (here on every rank)
 
-# Adam at lr 1e-2 for 4 steps. The two-process run adds the same per-sample terms in another order
-# (each rank sums its half, the all-reduce adds the halves), so results differ by rounding; Adam
-# divides each update by the root of the squared gradients, so where a gradient is near zero that
-# rounding is magnified up to the size of a step. Measured: 6e-5 at most; bound: a tenth of lr.
-ATOL = 1e-3
+# Tolerance. The two-process run adds the same per-sample terms in another order (each rank sums its
+# half, the all-reduce adds the halves), so gradients differ by rounding. Adam divides each update by
+# the root of the squared gradients, so a weight whose gradient is itself at rounding level can move
+# by up to a whole step either way: the hard bound is 2 * lr per step. Everywhere else rounding stays
+# rounding. Hence: every value within ADAM_BOUND, and at most 0.1% of a tensor's values beyond ATOL.
+# A real difference (other batches, per-rank BatchNorm statistics) moves most values by ~lr.
+# Measured: 6e-5 at most in one run; 7e-3 on 29 of 131,072 weights of one layer in another.
+LR, STEPS = 1e-2, 8  # 64 images, batches of 16, 2 epochs
+ADAM_BOUND, ATOL, FRACTION = 2 * LR * STEPS, 1e-4, 1e-3
 
 
 def data(**kw: Any) -> DataConfig:
@@ -37,7 +42,7 @@ def data(**kw: Any) -> DataConfig:
 
 
 def cfg(**kw: Any) -> TrainConfig:
-    return TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 1e-2, "device": "cpu", **kw})
+    return TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": LR, "device": "cpu", **kw})
 
 
 class DieIn(Sink):
@@ -131,7 +136,8 @@ def test_two_processes_train_the_branches_one_process_would(two_ranks: Any, tmp_
     a, b = branches(one), branches(folder / "straight2.safetensors")
     assert a.keys() == b.keys() and any(k.startswith("ensemble.") for k in a)
     for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=ATOL), k
+        diff = (a[k].float() - b[k].float()).abs()
+        assert float(diff.max()) <= ADAM_BOUND and float((diff > ATOL).float().mean()) <= FRACTION, k
     two = load_checkpoint(folder / "straight2.safetensors").model
     assert two.meta["training"]["world_size"] == 2
     # the backbone was never in DDP: bit-identical to the attached one
