@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,22 +136,30 @@ def _stem_shapes(model: EarlyExitModel) -> list[tuple[int, ...]]:
                 for b, s in zip(model.branches, model.tap_shapes)]
 
 
+# Where a cache's rows go: (tap shapes, rows, classes) -> (taps, final, labels), preallocated.
+Allocate = Callable[[list[tuple[int, ...]], int, int], tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]
+
+
+def _in_memory(shapes: list[tuple[int, ...]], n: int, k: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    return ([torch.empty(n, *s, dtype=torch.float16) for s in shapes], torch.empty(n, k, dtype=torch.float32),
+            torch.empty(n, dtype=torch.int64))
+
+
 def build_feature_cache(model: EarlyExitModel, ds: Dataset, batch_size: int, workers: int, seed: int,
                         device: torch.device, autocast: Autocast, sink: Sink, shuffle: bool,
-                        name: str, views: int = 1) -> FeatureCache:
-    """``views`` passes over ``ds`` (each one a fresh random augmentation when ``ds`` augments)."""
+                        name: str, views: int = 1, allocate: Allocate | None = None) -> FeatureCache:
+    """``views`` passes over ``ds`` (each one a fresh random augmentation when ``ds`` augments).
+    ``allocate``: where the rows go (``feature_store``: a memory-mapped file); default memory."""
     stems = model.branch_config.cacheable_stem
     shapes = _stem_shapes(model) if stems else model.tap_shapes
     n = len(ds) * views  # type: ignore[arg-type]
     need = n * sum(2 * math.prod(s) for s in shapes)
     free = _available_memory()
-    if free is not None and need > 0.8 * free:
+    if allocate is None and free is not None and need > 0.8 * free:
         raise PteenetError(f"the {name} feature cache needs {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free",
-                           "use fewer or later exits, --limit, or train without --cache-features")
+                           "use fewer or later exits, --limit, --cache-dir (on disk), or train without --cache-features")
     # Preallocated: concatenating per-batch pieces would need twice the memory at the end.
-    taps = [torch.empty(n, *s, dtype=torch.float16) for s in shapes]
-    final = torch.empty(n, model.info.num_classes, dtype=torch.float32)
-    labels = torch.empty(n, dtype=torch.int64)
+    taps, final, labels = (allocate or _in_memory)(list(shapes), n, model.info.num_classes)
     loader = make_loader(ds, batch_size, False, workers, seed)
     description = f"caching {name} features, {need / 2**30:.2f} GiB" + (f" ({views} views)" if views > 1 else "")
     i = 0
