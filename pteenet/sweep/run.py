@@ -353,7 +353,8 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
     if cfg.write:
         check_parent_folder("--write", cfg.write)  # before the checkpoint is read
     group, device = distributed.setup(resolve_device(cfg.device))
-    ckpt = load_checkpoint(ckpt_path, device)
+    with distributed.agreed(group):  # a bad file stops every rank; rank 0 alone reports it
+        ckpt = load_checkpoint(ckpt_path, device)
     doc = _sweep(ckpt.model, data, cfg, sink, str(ckpt_path))
     if cfg.write and doc["chosen"] is not None and doc["chosen"].get("policy") and group.main:
         save_checkpoint(cfg.write, ckpt.model, ckpt.state)
