@@ -112,8 +112,12 @@ class Loader:
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,
-                drop_last: bool = False) -> Loader:
-    """A loader whose shuffling (and worker seeds) come from a generator seeded with ``seed``."""
-    return Loader(DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
-                             generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,
-                             collate_fn=collate_skipping))
+                drop_last: bool = False, pin_memory: bool = False, batch_sampler: Any = None) -> Loader:
+    """A loader whose shuffling (and worker seeds) come from a generator seeded with ``seed``.
+    ``pin_memory`` for CUDA (page-locked batches copy asynchronously); ``batch_sampler`` replaces
+    batching and shuffling (a rank's shard under several processes)."""
+    batching: dict[str, Any] = ({"batch_sampler": batch_sampler} if batch_sampler is not None else
+                                {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last})
+    return Loader(DataLoader(ds, num_workers=workers, generator=torch.Generator().manual_seed(seed),
+                             persistent_workers=workers > 0, pin_memory=pin_memory, collate_fn=collate_skipping,
+                             **batching))
