@@ -5,6 +5,15 @@ last graph node inside its scope) or by raw fx node name (``add_3``). Stage k ru
 after exit k-1 up to and including exit k; every value a later stage still needs (a residual, a
 DenseNet concatenation input) is carried in the stage's output tuple, so that stage k needs only what
 stage k-1 produced. Parameters and buffers are never carried: each stage reads them from the backbone.
+
+Taps come in four layouts (``LAYOUTS``), told apart by the tap's rank and, for 4-d maps, by the
+graph: ``chw`` (B, C, H, W) as convolutions make them; ``hwc`` (B, H, W, C) channels-last, as Swin's
+stages and ConvNeXt's blocks inside make them (``x.permute(0, 2, 3, 1)`` after a conv, undone by
+``permute(0, 3, 1, 2)``); ``tokens`` (B, N, D), a transformer's token sequence; ``vector`` (B, C).
+``_layouts`` follows each 4-d value from the input through the graph: convolutions make ``chw``,
+those two permutes switch, reshapes and other permutes make it unknown (then ``chw``, as before),
+everything else (norms, linears on the last dimension, adds, attention functions) keeps the layout
+of its first 4-d input.
 """
 from __future__ import annotations
 
@@ -27,11 +36,17 @@ class TraceError(PteenetError):
     pass
 
 
+LAYOUTS = ("chw", "hwc", "tokens", "vector")
+TO_CHANNELS_LAST, TO_CHANNELS_FIRST = (0, 2, 3, 1), (0, 3, 1, 2)
+_RESHAPES = {"reshape", "view", "flatten", "unflatten", "transpose", "movedim", "swapaxes", "unfold"}
+
+
 @dataclass(frozen=True)
 class ExitPoint:
     name: str  # what the user sees and types: a module path or an fx node name
     node: str  # the fx node whose value the branch reads
     position: int  # index of that node in graph order
+    layout: str = "chw"  # one of LAYOUTS: how the branch must read the tap
 
 
 @dataclass
@@ -43,9 +58,16 @@ class TracedBackbone:
     nodes: list[fx.Node]
     shapes: dict[str, tuple[int, ...] | None]  # node name -> shape without batch dim; None: not a batch tensor
     module_outputs: dict[str, fx.Node] = field(default_factory=dict)  # module path -> its last node
+    layouts: dict[str, str] = field(default_factory=dict)  # node name -> layout of a 4-d map, if known
 
     def position(self, node: fx.Node) -> int:
         return self.nodes.index(node)
+
+    def point(self, name: str, node: fx.Node) -> ExitPoint:
+        """The exit point reading ``node``, with the layout its branch must expect."""
+        shape = self.shapes.get(node.name) or ()
+        layout = {1: "vector", 2: "tokens"}.get(len(shape)) or self.layouts.get(node.name) or "chw"
+        return ExitPoint(name, node.name, self.position(node), layout)
 
 
 def trace(backbone: nn.Module, input_size: tuple[int, ...]) -> TracedBackbone:
@@ -74,7 +96,48 @@ def trace(backbone: nn.Module, input_size: tuple[int, ...]) -> TracedBackbone:
     for n in nodes:
         for path in (n.meta.get("nn_module_stack") or {}).values():
             module_outputs[path[0]] = n  # later nodes overwrite: the last node in the scope wins
-    return TracedBackbone(backbone, gm, nodes, shapes, module_outputs)
+    return TracedBackbone(backbone, gm, nodes, shapes, module_outputs, _layouts(gm, nodes, shapes))
+
+
+def _permute_dims(n: fx.Node) -> tuple[int, ...] | None:
+    if n.op == "call_method" and n.target == "permute":
+        dims = n.args[1:]
+    elif n.op == "call_function" and n.target is torch.permute:
+        dims = n.args[1:]
+    else:
+        return None
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    return tuple(d % 4 if isinstance(d, int) else -1 for d in dims)
+
+
+def _is_conv(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(str(n.target)), nn.Conv2d)
+    return n.op == "call_function" and n.target in (torch.conv2d, torch.nn.functional.conv2d)
+
+
+def _layouts(gm: fx.GraphModule, nodes: list[fx.Node], shapes: dict[str, tuple[int, ...] | None]) -> dict[str, str]:
+    """``chw`` or ``hwc`` for the 4-d values whose layout the graph shows (see the module doc)."""
+    out: dict[str, str] = {}
+    for n in nodes:
+        if len(shapes.get(n.name) or ()) != 3:
+            continue
+        inputs = [a for a in n.all_input_nodes if len(shapes.get(a.name) or ()) == 3]
+        known = out.get(inputs[0].name) if inputs else None
+        dims = _permute_dims(n)
+        if n.op == "placeholder":
+            out[n.name] = "chw"
+        elif _is_conv(gm, n):
+            out[n.name] = "chw"
+        elif dims is not None:
+            if (known, dims) == ("chw", TO_CHANNELS_LAST):
+                out[n.name] = "hwc"
+            elif (known, dims) == ("hwc", TO_CHANNELS_FIRST):
+                out[n.name] = "chw"
+        elif known is not None and not (n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target) in _RESHAPES):
+            out[n.name] = known
+    return out
 
 
 def _candidate_modules(root: nn.Module) -> list[str]:
@@ -111,7 +174,8 @@ def _candidate_modules(root: nn.Module) -> list[str]:
 
 
 def candidates(tb: TracedBackbone) -> list[ExitPoint]:
-    """Default exit candidates in graph order: block outputs that are spatial (C, H, W) batch tensors.
+    """Default exit candidates in graph order: block outputs that are feature maps (4-d) or token
+    sequences (3-d) of the batch.
 
     When several module paths end on the same node (``features.12`` and its activation
     ``features.12.2``) the shallowest one names it. The very last block (whose output only feeds the classifier) is kept: an exit there
@@ -123,11 +187,11 @@ def candidates(tb: TracedBackbone) -> list[ExitPoint]:
         if node is None or node.op == "output":
             continue
         shape = tb.shapes.get(node.name)
-        if shape is None or len(shape) != 3:
+        if shape is None or len(shape) not in (2, 3):
             continue
         prev = by_node.get(node.name)
         if prev is None or path.count(".") < prev.name.count("."):
-            by_node[node.name] = ExitPoint(path, node.name, tb.position(node))
+            by_node[node.name] = tb.point(path, node)
     return sorted(by_node.values(), key=lambda e: e.position)
 
 
@@ -141,12 +205,13 @@ def resolve(tb: TracedBackbone, names: list[str]) -> list[ExitPoint]:
             known = [c.name for c in candidates(tb)] + [n for n in tb.module_outputs]
             raise unknown_name("exit point", name, list(dict.fromkeys(known)))
         shape = tb.shapes.get(node.name)
-        if shape is None or len(shape) not in (1, 3):
+        if shape is None or len(shape) not in (1, 2, 3):
             raise PteenetError(
                 f"exit point '{name}' gives {'no batch tensor' if shape is None else 'a tensor of shape (B, ' + ', '.join(map(str, shape)) + ')'}",
-                "exits need a (B, C, H, W) feature map or a (B, C) vector; see `pteenet attach BACKBONE --list`",
+                "exits need a feature map (B, C, H, W) or (B, H, W, C), tokens (B, N, D) or a vector (B, C); "
+                "see `pteenet attach BACKBONE --list`",
             )
-        points.append(ExitPoint(name, node.name, tb.position(node)))
+        points.append(tb.point(name, node))
     points.sort(key=lambda e: e.position)
     dup = [p.name for a, p in zip(points, points[1:]) if a.node == p.node]
     if dup:

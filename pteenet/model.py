@@ -61,7 +61,7 @@ class EarlyExitModel(nn.Module):
         self.cost = cost
         self._build_stages(list(exits))
         self.branches = nn.ModuleList(
-            Branch(self._tap_shapes[k], info.num_classes, branch) for k in range(len(self.exits))
+            Branch(self._tap_shapes[k], info.num_classes, branch, p.layout) for k, p in enumerate(self.exit_points)
         )
         self.ensemble: Ensemble | None = None
         self.policy = "confidence"
