@@ -21,6 +21,7 @@ import torch
 
 from .data import DataRequest, load_splits, make_loader, resolve_data
 from .errors import PteenetError
+from .hooks import NO_EARLY_EXIT
 from .model import EarlyExitModel
 
 # Time ratio above the MAC ratio by more than this (relative) counts as "overhead eats part of the
@@ -160,12 +161,14 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig) -> dict
     cpus = os.cpu_count() or 1
     warnings = [f"the machine was busy (load average {load:.1f} on {cpus} CPUs): other processes competed for the "
                 "CPU, so these timings are noisy; rerun on an idle machine"] if load > 0.75 * cpus else []
+    if model.hooks:
+        warnings.insert(0, NO_EARLY_EXIT)
     return {
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": threads,
         "images": n, "input_size": list(images.shape[1:]), "repeats": cfg.repeats, "warmup_batches": cfg.warmup,
-        "policy": policy, "thresholds": thresholds,
+        "policy": policy, "thresholds": thresholds, "runtime": "hooks" if model.hooks else "staged",
         "backbone_macs": model.cost.backbone_macs if model.cost else None,
         "exit_fractions": first["exit_fractions"], "mean_macs": first["mean_macs"], "mac_ratio": first["mac_ratio"],
         "results": results,

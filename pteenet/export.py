@@ -36,6 +36,7 @@ from . import policies
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import PteenetError, unknown_name
 from .exits import Carry, exit_step
+from .hooks import NO_EARLY_EXIT
 from .model import EarlyExitModel
 from .report import build_report, write_report
 from .sweep import Point, select, threshold_list
@@ -311,6 +312,9 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, progress: Callable[[s
     end, so a failure leaves no half-written folder. Returns a summary document. ``source`` names the
     checkpoint the model came from, for the report."""
     formats = _check_request(source, cfg)
+    if model.hooks and len(formats) > 1:
+        raise PteenetError(f"--format {formats[1]} needs a backbone split into stages, and {NO_EARLY_EXIT}",
+                           "export only model.safetensors (the default), or attach a traceable backbone")
     model.eval()
     point = choose_point(model, cfg)
     data = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}
@@ -337,7 +341,8 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, progress: Callable[[s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"output": str(cfg.output), "files": files, "operating_point": point, "formats": formats}
+    return {"output": str(cfg.output), "files": files, "operating_point": point, "formats": formats,
+            "no_real_early_exit": NO_EARLY_EXIT if model.hooks else None}
 
 
 def export(checkpoint: str | Path, cfg: ExportConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -81,7 +81,8 @@ def trace(backbone: nn.Module, input_size: tuple[int, ...]) -> TracedBackbone:
         raise TraceError(
             f"torch.fx cannot trace {type(backbone).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
             "pteenet needs a traceable forward (no Python control flow on tensor values) to split it into "
-            "real stages; wrap the untraceable part in a leaf module or pass a traceable model",
+            "real stages; wrap the untraceable part in a leaf module, or attach with --hooks (forward hooks: "
+            "exits trained and measured, but no real early exit)",
         ) from e
     nodes = list(gm.graph.nodes)
     device = next((p.device for p in backbone.parameters()), torch.device("cpu"))

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
-from tiny_models import SIZE, swin, vit
 
 import pteenet
 from pteenet.batches import Autocast, Reporter, build_feature_cache
@@ -15,6 +14,7 @@ from pteenet.branches import ChannelsFirst, TokenPool
 from pteenet.cost import _attention_macs, cumulative_macs, node_macs
 from pteenet.graph import candidates, trace
 from pteenet.policies import never_exit_threshold
+from tiny_models import SIZE, swin, vit
 
 BRANCHES = ("pool-mlp", "pool", "conv-lite", "conv1")
 

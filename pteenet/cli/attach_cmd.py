@@ -9,7 +9,8 @@ from rich.table import Table
 
 from ..attach import AttachConfig, attach, list_candidates
 from ..checkpoint import read_metadata, save_checkpoint
-from .common import console, emit_json, handle_errors, parse_floats, parse_size, split_names
+from ..hooks import NO_EARLY_EXIT
+from .common import console, emit_json, handle_errors, note_no_early_exit, parse_floats, parse_size, split_names
 
 
 def _fmt_macs(m: float) -> str:
@@ -32,34 +33,40 @@ def attach_command(
     cascade: bool = typer.Option(AttachConfig.cascade, "--cascade/--no-cascade", help="each head also reads the previous exit's logits"),
     grid: int = typer.Option(AttachConfig.grid, help="G of the G x G average+max pooling (pool, pool-mlp, conv-lite)"),
     hidden: int = typer.Option(AttachConfig.hidden, help="hidden width of pool-mlp heads"),
+    hooks: bool = typer.Option(False, "--hooks", help="for backbones torch.fx cannot trace: exits on forward hooks "
+                               "(trained, swept and reported; NO real early exit: every sample runs the whole backbone)"),
     list_: bool = typer.Option(False, "--list", help="list candidate exit points and their cumulative MAC share"),
     json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout"),
 ) -> None:
     """Attach early-exit branches to a frozen backbone and write a checkpoint."""
     n_exits: int | str | None = int(exits) if exits is not None and exits.strip().isdigit() else exits
     cfg = AttachConfig(backbone, weights, num_classes, parse_size(input_size), parse_floats(mean, "--mean"),
-                       parse_floats(std, "--std"), split_names(at), n_exits, placement, branch, cascade, grid, hidden)
+                       parse_floats(std, "--std"), split_names(at), n_exits, placement, branch, cascade, grid, hidden, hooks)
     if list_:
         doc = list_candidates(cfg)
         if json_:
             emit_json(doc)
             return
         table = Table(title=f"exit candidates of {doc['backbone']} ({_fmt_macs(doc['backbone_macs'])} MACs)")
-        for col in ("#", "name", "node", "shape", "cumulative MACs", "share"):
+        for col in ("#", "name", "node", "shape", "layout", "cumulative MACs", "share"):
             table.add_column(col, justify="right" if col in ("#", "cumulative MACs", "share") else "left")
         for i, r in enumerate(doc["candidates"]):
-            table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
+            table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), r["layout"],
+                          _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
         console.print(table)
+        note_no_early_exit(hooks)
         return
     if output is None:
         raise typer.BadParameter("an output file is required (or use --list)", param_hint="-o/--output")
     model = attach(cfg)
     save_checkpoint(output, model)
     assert model.cost is not None
-    doc = {**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name}
+    doc = {**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name,
+           "layouts": [p.layout for p in model.exit_points], "runtime": "hooks" if model.hooks else "staged"}
     if json_:
         emit_json(doc)
         return
+    note_no_early_exit(model.hooks)
     table = Table(title=f"{len(model.cost.exits)} exits on {cfg.backbone} ({_fmt_macs(model.cost.backbone_macs)} MACs) -> {output}")
     for col in ("exit", "point", "prefix MACs", "branch MACs", "cost (cumulative)", "cost (paper)"):
         table.add_column(col, justify="left" if col == "point" else "right")
@@ -87,12 +94,14 @@ def info_command(
     table.add_row("weights", f"{bb.get('weights')} sha256 {str(bb.get('weights_sha256'))[:12]}")
     br = meta["branch"]
     table.add_row("branch", br["type"] + (", cascade" if br.get("cascade") else "") + (", ensemble" if meta.get("ensemble") else ""))
+    if meta.get("runtime") == "hooks":
+        table.add_row("runtime", f"forward hooks: {NO_EARLY_EXIT}")
     table.add_row("policy / thresholds", f"{meta['policy']} {', '.join(f'{t:.3f}' for t in meta['thresholds'])}")
     active = meta.get("active_exits")
     for i, e in enumerate((meta.get("cost") or {}).get("exits", [])):
         idle = "" if not active or active[i] else "; takes no decision (exit selection)"
         table.add_row(f"exit {i}", f"{e['name']}: cost {e['cost']:.3f} (paper {e['cost_paper']:.3f}){idle}")
     for key in meta:
-        if key not in ("backbone", "branch", "policy", "thresholds", "cost", "exits", "ensemble", "active_exits"):
+        if key not in ("backbone", "branch", "policy", "thresholds", "cost", "exits", "ensemble", "active_exits", "runtime"):
             table.add_row(key, str(meta[key])[:100])
     console.print(table)

@@ -16,9 +16,16 @@ import typer
 from rich.console import Console
 
 from ..errors import PteenetError
+from ..hooks import NO_EARLY_EXIT
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def note_no_early_exit(hooks: bool) -> None:
+    """The one line every command prints for a model on forward hooks (hooks.py)."""
+    if hooks:
+        console.print(f"Note: {NO_EARLY_EXIT}", style="bold yellow", soft_wrap=True, markup=False)
 
 
 def fail(message: str) -> None:

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..export import FORMATS, ExportConfig, export
-from .common import console, emit_json, handle_errors
+from .common import console, emit_json, handle_errors, note_no_early_exit
 
 
 @handle_errors
@@ -30,6 +30,7 @@ def export_command(
     if json_:
         emit_json(doc)
         return
+    note_no_early_exit(bool(doc["no_real_early_exit"]))
     op = doc["operating_point"]
     val = op.get("val")
     table = Table(title=f"exported to {doc['output']}", show_header=False)
