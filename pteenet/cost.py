@@ -15,7 +15,7 @@ projection weights are passed in as tensors): thop alone counts none of a ViT's 
 elementwise work, and it misses attention too where ``nn.MultiheadAttention`` takes its fused
 inference path (eval mode without grad: ``torch._native_multi_head_attention`` has no flop formula;
 on a 2-layer ViT it counted 84,128 of about 137,000 MACs). So ``nn.MultiheadAttention`` has its own
-rule here (``_attention_macs``), checked against FlopCounterMode on the unfused path (train mode) in
+rule here (``attention_macs``), checked against FlopCounterMode on the unfused path (train mode) in
 tests/test_cost.py. Trusted: thop where it has a rule (the same numbers as before for CNNs), our
 attention rule, the flop counter for everything else.
 """
@@ -43,7 +43,7 @@ PLACEMENTS = {
 }
 
 
-def _attention_macs(m: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+def attention_macs(m: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     """q, k, v projections, Q K^T, attention x V (over all heads: the width E each), output projection."""
     q = args[0] if args else kwargs["query"]
     k = args[1] if len(args) > 1 else kwargs.get("key", q)
@@ -53,7 +53,7 @@ def _attention_macs(m: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dic
     return batch * (lq * e * e + lk * (m.kdim + m.vdim) * e + 2 * lq * lk * e + lq * e * e)
 
 
-OWN_RULES = {nn.MultiheadAttention: _attention_macs}
+OWN_RULES = {nn.MultiheadAttention: attention_macs}
 
 
 class _MacCounter(fx.Interpreter):

@@ -141,7 +141,7 @@ def _layouts(gm: fx.GraphModule, nodes: list[fx.Node], shapes: dict[str, tuple[i
     return out
 
 
-def _candidate_modules(root: nn.Module) -> list[str]:
+def block_modules(root: nn.Module) -> list[str]:
     """Module paths of the backbone's repeated blocks: composite children of containers (ResNet
     ``layer1.0``, MobileNet ``features.3``), or activation/pool outputs in containers of plain layers."""
     found: list[str] = []
@@ -183,7 +183,7 @@ def candidates(tb: TracedBackbone) -> list[ExitPoint]:
     is legal, if rarely useful.
     """
     by_node: dict[str, ExitPoint] = {}
-    for path in _candidate_modules(tb.root):
+    for path in block_modules(tb.root):
         node = tb.module_outputs.get(path)
         if node is None or node.op == "output":
             continue

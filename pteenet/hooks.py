@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cost import OWN_RULES
 from .errors import PteenetError, unknown_name
-from .graph import ExitPoint, Stages, _candidate_modules
+from .graph import ExitPoint, Stages, block_modules
 
 NO_EARLY_EXIT = ("this model has no real early exit: torch.fx cannot trace it, so its exits read forward hooks "
                  "during a whole backbone pass (every sample pays the whole backbone; costs are what real exits would cost)")
@@ -35,7 +35,7 @@ class HookedBackbone:
     shapes: dict[str, tuple[int, ...]]  # module path -> output shape without batch
     order: list[str]  # every module that can be an exit, in the order their outputs appear
     cum: list[int]  # cumulative MACs at each module of ``order``, then the whole backbone's
-    blocks: list[str]  # the default candidates (``graph._candidate_modules``)
+    blocks: list[str]  # the default candidates (``graph.block_modules``)
 
     def point(self, path: str) -> ExitPoint:
         layout = {1: "vector", 2: "tokens"}.get(len(self.shapes[path]), "chw")  # no graph: no permutes seen
@@ -115,7 +115,7 @@ def probe(root: nn.Module, input_size: tuple[int, ...], count_macs: bool = True)
              and cap.outputs[p][0].dim() >= 2 and cap.outputs[p][0].shape[0] == 2]
     shapes = {p: tuple(cap.outputs[p][0].shape[1:]) for p in order}
     macs = _eager_macs(root, torch.zeros(1, *input_size, device=device), order) if count_macs else dict.fromkeys(order + [""], 0)
-    return HookedBackbone(root, shapes, order, [macs[p] for p in order] + [macs[""]], _candidate_modules(root))
+    return HookedBackbone(root, shapes, order, [macs[p] for p in order] + [macs[""]], block_modules(root))
 
 
 def candidates(hb: HookedBackbone) -> list[ExitPoint]:

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import pteenet
 from pteenet.batches import Autocast, Reporter, build_feature_cache
 from pteenet.branches import ChannelsFirst, TokenPool
-from pteenet.cost import _attention_macs, cumulative_macs, node_macs
+from pteenet.cost import attention_macs, cumulative_macs, node_macs
 from pteenet.graph import candidates, trace
 from pteenet.policies import never_exit_threshold
 from tiny_models import SIZE, swin, vit
@@ -85,7 +85,7 @@ def test_attention_rule_matches_flop_counter_on_the_unfused_path() -> None:
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         with FlopCounterMode(display=False) as fc:
             m(q, k, v, need_weights=True)  # the path with explicit matmuls, all of which it counts
-        assert _attention_macs(m, (q, k, v), {}) == fc.get_total_flops() // 2
+        assert attention_macs(m, (q, k, v), {}) == fc.get_total_flops() // 2
 
 
 @pytest.mark.parametrize("factory", ["vit", "swin"])
