@@ -1,4 +1,4 @@
-"""Where training batches come from, and how training reports progress.
+"""Where training batches come from.
 
 Two batch sources give the trainer the same thing, (every exit's outputs, labels): ``ImageSource``
 runs the frozen backbone on every batch (augmentation possible); ``FeatureCache`` runs it once per
@@ -22,25 +22,7 @@ from .data import make_loader
 from .errors import PteenetError
 from .exits import Ensemble, fit_ensemble
 from .model import AllExits, EarlyExitModel
-
-
-class Reporter:
-    """Where training reports progress. This one reports nothing; the CLI's draws Rich bars."""
-
-    def begin(self, epochs: int, done: int) -> None:
-        """The epoch loop starts, ``done`` of ``epochs`` epochs already behind it (on resume)."""
-
-    def task(self, description: str, total: int) -> None:
-        """A new phase of ``total`` batches (caching features, an epoch, evaluating)."""
-
-    def advance(self, stats: dict[str, Any] | None = None) -> None:
-        """One batch of the current phase done; ``stats`` are running training figures."""
-
-    def epoch_end(self, record: dict[str, Any], epochs: int) -> None:
-        """An epoch's history record, after its checkpoint was written."""
-
-    def warn(self, message: str) -> None:
-        """Something the user should know that does not stop training."""
+from .progress import Sink
 
 
 class Autocast:
@@ -137,7 +119,7 @@ def _stem_shapes(model: EarlyExitModel) -> list[tuple[int, ...]]:
 
 
 def build_feature_cache(model: EarlyExitModel, ds: Dataset, batch_size: int, workers: int, seed: int,
-                        device: torch.device, autocast: Autocast, reporter: Reporter, shuffle: bool,
+                        device: torch.device, autocast: Autocast, sink: Sink, shuffle: bool,
                         name: str, views: int = 1) -> FeatureCache:
     """``views`` passes over ``ds`` (each one a fresh random augmentation when ``ds`` augments)."""
     stems = model.branch_config.cacheable_stem
@@ -153,40 +135,39 @@ def build_feature_cache(model: EarlyExitModel, ds: Dataset, batch_size: int, wor
     final = torch.empty(n, model.info.num_classes, dtype=torch.float32)
     labels = torch.empty(n, dtype=torch.int64)
     loader = make_loader(ds, batch_size, False, workers, seed)
-    reporter.task(f"caching {name} features, {need / 2**30:.2f} GiB" + (f" ({views} views)" if views > 1 else ""),
-                  len(loader) * views)
+    description = f"caching {name} features, {need / 2**30:.2f} GiB" + (f" ({views} views)" if views > 1 else "")
     i = 0
-    for x, y in (batch for _ in range(views) for batch in loader):
-        with autocast(), torch.no_grad():
-            tb, fb = model.backbone_taps(x.to(device, non_blocking=True))
-            if stems:
-                tb = [b.stem(t) for b, t in zip(model.branches, tb)]
-        for k, (dst, t) in enumerate(zip(taps, tb)):
-            dst[i:i + len(y)] = t.to("cpu", torch.float16)
-            if not bool(torch.isfinite(dst[i:i + len(y)]).all()):
-                raise PteenetError(f"exit {k}'s features overflow float16 (|x| > 65504) in the feature cache",
-                                   "train without --cache-features")
-        final[i:i + len(y)], labels[i:i + len(y)] = fb.float().cpu(), y
-        i += len(y)
-        reporter.advance()
+    with sink.task(description, len(loader) * views) as task:
+        for x, y in (batch for _ in range(views) for batch in loader):
+            with autocast(), torch.no_grad():
+                tb, fb = model.backbone_taps(x.to(device, non_blocking=True))
+                if stems:
+                    tb = [b.stem(t) for b, t in zip(model.branches, tb)]
+            for k, (dst, t) in enumerate(zip(taps, tb)):
+                dst[i:i + len(y)] = t.to("cpu", torch.float16)
+                if not bool(torch.isfinite(dst[i:i + len(y)]).all()):
+                    raise PteenetError(f"exit {k}'s features overflow float16 (|x| > 65504) in the feature cache",
+                                       "train without --cache-features")
+            final[i:i + len(y)], labels[i:i + len(y)] = fb.float().cpu(), y
+            i += len(y)
+            task.advance()
     return FeatureCache(taps, final, labels, batch_size, shuffle, stems)
 
 
 def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,
-                    autocast: Autocast, use_labels: bool, reporter: Reporter) -> Ensemble:
+                    autocast: Autocast, use_labels: bool, sink: Sink) -> Ensemble:
     """Every head's logits on ``source`` (data the heads did not train on), then ``fit_ensemble``
     against the backbone's argmax, or the labels with ``use_labels``."""
     model.eval()
     heads: list[list[torch.Tensor]] = [[] for _ in range(model.num_exits)]
     finals, labels = [], []
-    reporter.task("fitting the exit ensemble", len(source))
-    with torch.no_grad():
+    with sink.task("fitting the exit ensemble", len(source)) as task, torch.no_grad():
         for out, y in source.batches(model, device, torch.Generator(), autocast):
             for k, h in enumerate(out.heads):
                 heads[k].append(h.float().cpu())
             finals.append(out.final_logits.float().cpu())
             labels.append(y)
-            reporter.advance()
+            task.advance()
     final = torch.cat(finals)
     targets = torch.cat(labels).long() if use_labels else final.argmax(1)
     return fit_ensemble([torch.cat(h) for h in heads], targets)

@@ -23,6 +23,7 @@ from .data import DataRequest, load_splits, make_loader, resolve_data
 from .errors import PteenetError
 from .hooks import NO_EARLY_EXIT
 from .model import EarlyExitModel
+from .progress import SILENT, Sink
 
 # Time ratio above the MAC ratio by more than this (relative) counts as "overhead eats part of the
 # savings"; below it the two agree within what run-to-run noise on a busy machine allows.
@@ -110,9 +111,10 @@ def verdict(batch_size: int, time_ratio: float, mac_ratio: float | None) -> str:
     return f"batch {batch_size}: {1 / time_ratio:.2f}x faster{promised}: the measured time follows the MACs"
 
 
-def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig) -> dict[str, Any]:
+def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: Sink = SILENT) -> dict[str, Any]:
     """Time ``model.backbone`` against ``model.predict`` on ``images`` (already preprocessed, in
-    memory) at each batch size; returns the JSON-able results document (``meta["bench"]``)."""
+    memory) at each batch size; returns the JSON-able results document (``meta["bench"]``). Progress
+    goes to ``sink`` between timed passes (never inside one), and so do the document's warnings."""
     if images.shape[0] < 1:
         raise PteenetError("no images to measure on", "check the data split and --limit")
     if cfg.repeats < 1 or any(b < 1 for b in cfg.batch_sizes) or not cfg.batch_sizes:
@@ -143,13 +145,15 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig) -> dict
                 totals: dict[str, list[float]] = {k: [] for k in runs}
                 per_batch: dict[str, list[float]] = {k: [] for k in runs}
                 exit_index = None
-                for r in range(cfg.repeats):
-                    for name in (("backbone", "early_exit") if r % 2 == 0 else ("early_exit", "backbone")):
-                        times, outs = _timed(runs[name], batches, device)
-                        totals[name].append(sum(times))
-                        per_batch[name].extend(times)
-                        if name == "early_exit" and exit_index is None:
-                            exit_index = torch.cat([o.exit_index for o in outs]).cpu()
+                with sink.task(f"timing batch {bs}, {n} images", 2 * cfg.repeats) as task:
+                    for r in range(cfg.repeats):
+                        for name in (("backbone", "early_exit") if r % 2 == 0 else ("early_exit", "backbone")):
+                            times, outs = _timed(runs[name], batches, device)
+                            totals[name].append(sum(times))
+                            per_batch[name].extend(times)
+                            if name == "early_exit" and exit_index is None:
+                                exit_index = torch.cat([o.exit_index for o in outs]).cpu()
+                            task.advance()
                 assert exit_index is not None
                 results.append(_result(bs, len(batches), n, totals, per_batch, exit_index, model))
         threads = torch.get_num_threads()
@@ -163,6 +167,8 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig) -> dict
                 "CPU, so these timings are noisy; rerun on an idle machine"] if load > 0.75 * cpus else []
     if model.hooks:
         warnings.insert(0, NO_EARLY_EXIT)
+    for w in warnings:
+        sink.warn(w)
     return {
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -201,7 +207,7 @@ SPLITS = ("train", "val", "test")
 
 
 def load_images(model: EarlyExitModel, spec: str | None = None, data_dir: str | None = None, split: str = "test",
-                limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
+                limit: int | None = None, sink: Sink = SILENT) -> tuple[torch.Tensor, list[str]]:
     """One split, preprocessed for the backbone and stacked in memory so that the timed loops never
     wait for data; the split is rebuilt from the checkpoint's data record as the sweep does (``spec``
     None: the recorded data). Returns the images and notes on what was assumed."""
@@ -211,4 +217,10 @@ def load_images(model: EarlyExitModel, spec: str | None = None, data_dir: str | 
     ds = getattr(load_splits(cfg, model.info.preprocess, model.info.num_classes), split)
     if len(ds) == 0:
         raise PteenetError(f"the {split} split of {cfg.spec} is empty", "use --split test")
-    return torch.cat([x for x, _ in make_loader(ds, 256, shuffle=False)]), notes
+    loader = make_loader(ds, 256, shuffle=False)
+    images = []
+    with sink.task(f"loading {len(ds)} {split} images", len(loader)) as task:
+        for x, _ in loader:
+            images.append(x)
+            task.advance()
+    return torch.cat(images), notes

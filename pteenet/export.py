@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from .errors import PteenetError, unknown_name
 from .exits import Carry, exit_step
 from .hooks import NO_EARLY_EXIT
 from .model import EarlyExitModel
+from .progress import SILENT, Sink
 from .report import build_report, write_report
 from .sweep import Point, select, threshold_list
 
@@ -304,17 +305,20 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)  # also onto an existing empty folder
 
 
-def export_model(model: EarlyExitModel, cfg: ExportConfig, progress: Callable[[str], None] | None = None, *,
+def export_model(model: EarlyExitModel, cfg: ExportConfig, sink: Sink = SILENT, *,
                  source: str | Path | None = None) -> dict[str, Any]:
     """Write ``cfg.output`` (model.safetensors, report.md/json, curve.png, the asked formats) from a
     model in memory, after setting on it the operating point ``cfg`` asks for (its own thresholds
     when ``cfg`` names none). Everything is written into a temp folder beside it and renamed at the
     end, so a failure leaves no half-written folder. Returns a summary document. ``source`` names the
-    checkpoint the model came from, for the report."""
+    checkpoint the model came from, for the report. Progress goes to ``sink``: one step per file
+    written, the slow programs (torch.export, ONNX) named while they are built."""
     formats = _check_request(source, cfg)
     if model.hooks and len(formats) > 1:
         raise PteenetError(f"--format {formats[1]} needs a backbone split into stages, and {NO_EARLY_EXIT}",
                            "export only model.safetensors (the default), or attach a traceable backbone")
+    if model.hooks:
+        sink.warn(NO_EARLY_EXIT)
     model.eval()
     point = choose_point(model, cfg)
     data = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}
@@ -328,14 +332,17 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, progress: Callable[[s
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        save_checkpoint(tmp / "model.safetensors", model)  # no state: training tensors stay behind
-        programs: dict[bool, Any] = {}
-        for fmt in formats[1:]:
-            if progress:
-                progress(f"exporting {fmt}")
-            _write_program(model, fmt, tmp / FORMATS[fmt].file, programs)
-        report = build_report(model, point, files, source_name)
-        files.update(write_report(tmp, report, model.meta.get("sweep")))
+        with sink.task(f"exporting to {out.name}", len(formats) + 1) as task:
+            save_checkpoint(tmp / "model.safetensors", model)  # no state: training tensors stay behind
+            task.advance(info=formats[0])
+            programs: dict[bool, Any] = {}
+            for fmt in formats[1:]:
+                task.advance(0, info=f"{fmt} ...")
+                _write_program(model, fmt, tmp / FORMATS[fmt].file, programs)
+                task.advance(info=fmt)
+            report = build_report(model, point, files, source_name)
+            files.update(write_report(tmp, report, model.meta.get("sweep")))
+            task.advance(info="report")
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the folder is meant to be shared
         _move_into_place(tmp, out)
     except BaseException:
@@ -345,7 +352,7 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, progress: Callable[[s
             "no_real_early_exit": NO_EARLY_EXIT if model.hooks else None}
 
 
-def export(checkpoint: str | Path, cfg: ExportConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def export(checkpoint: str | Path, cfg: ExportConfig, sink: Sink = SILENT) -> dict[str, Any]:
     """``pteenet export``: ``export_model`` on the model of a checkpoint file."""
     _check_request(checkpoint, cfg)  # before the checkpoint is read
-    return export_model(load_checkpoint(checkpoint).model, cfg, progress, source=checkpoint)
+    return export_model(load_checkpoint(checkpoint).model, cfg, sink, source=checkpoint)

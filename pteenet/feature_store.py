@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .batches import Autocast, FeatureCache, Reporter, build_feature_cache
+from .batches import Autocast, FeatureCache, build_feature_cache
 from .files import atomic_write
 from .model import EarlyExitModel
+from .progress import Sink
 
 
 def cache_key(model: EarlyExitModel, split_info: dict[str, Any], split: str, views: int, augment: bool,
@@ -65,7 +66,7 @@ def save(folder: str | Path, key: str, cache: FeatureCache) -> Path:
 
 def cached_split(model: EarlyExitModel, ds: Dataset, split_info: dict[str, Any], split: str, *, views: int,
                  augment: bool, seed: int, batch_size: int, workers: int, amp: bool, cache_dir: str | None,
-                 device: torch.device, reporter: Reporter) -> FeatureCache:
+                 device: torch.device, sink: Sink) -> FeatureCache:
     """A split's feature cache: read from ``cache_dir`` when a run saved it, else built (and saved)."""
     train = split == "train"
     key = cache_key(model, split_info, split, views, augment, seed)
@@ -76,7 +77,7 @@ def cached_split(model: EarlyExitModel, ds: Dataset, split_info: dict[str, Any],
     # Seeded: the augmented views (torch's global RNG) must be the same again on --resume.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        cache = build_feature_cache(model, ds, batch_size, workers, seed, device, Autocast(device, amp), reporter,
+        cache = build_feature_cache(model, ds, batch_size, workers, seed, device, Autocast(device, amp), sink,
                                     train, split, views)
     if cache_dir:
         save(cache_dir, key, cache)

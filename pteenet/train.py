@@ -31,13 +31,14 @@ import numpy as np
 import torch
 
 from . import feature_store, sweep
-from .batches import Autocast, FeatureCache, ImageSource, Reporter, fit_ensemble_on
+from .batches import Autocast, FeatureCache, ImageSource, fit_ensemble_on
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .data import DataConfig, load_splits
 from .devices import DEVICES, resolve_device
 from .errors import PteenetError
 from .loss import LossConfig, early_exit_loss
 from .model import AllExits, EarlyExitModel
+from .progress import SILENT, Sink
 from .weights import module_sha256
 
 # Settings that change what a run computes: a --resume must repeat them exactly.
@@ -126,6 +127,19 @@ class _Meter:
 
     def means(self) -> dict[str, Any]:
         return {k: (v / max(self.n, 1)).tolist() for k, v in self.sums.items()}
+
+
+def _running_text(means: dict[str, Any]) -> str:
+    """The running figures shown beside the epoch's progress bar."""
+    agree = " ".join(f"{100 * v:.0f}" for v in means["agreement"])
+    return f"loss {means['loss']:.4f}  agree/exit % {agree}  cost@T {means['ee_cost']:.3f}"
+
+
+def _epoch_text(record: dict[str, Any]) -> str:
+    """An epoch's calibration result, shown beside the epochs bar."""
+    ee = (record["val"] or {}).get("early_exit") or {}
+    acc = "-" if ee.get("accuracy") is None else f"{100 * ee['accuracy']:.1f}"
+    return f"val acc@T {acc}%  cost@T {ee.get('cost', float('nan')):.3f}"
 
 
 # -- the optimisation step -------------------------------------------------------------------------
@@ -246,17 +260,16 @@ def _set_rng_state(st: dict[str, torch.Tensor], device: torch.device, order: tor
 
 
 def evaluate_split(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,
-                   autocast: Autocast, threshold: float, reporter: Reporter) -> dict[str, Any] | None:
+                   autocast: Autocast, threshold: float, sink: Sink) -> dict[str, Any] | None:
     """Per-exit and early-exit metrics on a split (None when it is empty), branches in eval mode."""
     if len(source) == 0:
         return None
     model.eval()
     builder = sweep.ExitCacheBuilder()
-    reporter.task("calibration split", len(source))
-    with torch.no_grad():
+    with sink.task("calibration split", len(source)) as task, torch.no_grad():
         for out, y in source.batches(model, device, torch.Generator(), autocast):
             builder.add_outputs(out, y)
-            reporter.advance()
+            task.advance()
     return cache_metrics(builder.build_for(model), threshold)
 
 
@@ -282,7 +295,7 @@ def _check(cfg: TrainConfig, data_cfg: DataConfig) -> torch.device:
     return device
 
 
-def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, reporter: Reporter | None = None, *,
+def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, sink: Sink = SILENT, *,
                 checkpoint_to: str | Path | None = None, resume_state: dict[str, torch.Tensor] | None = None,
                 source: str | None = None) -> dict[str, Any]:
     """Train the branches of ``model`` in place (and only them), then fit the exit ensemble.
@@ -296,8 +309,10 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
     file (``load_checkpoint(path).state``, with ``model`` loaded from the same file) to continue
     it exactly; ``config.resume`` is read by ``train_branches``, which checks the file's settings.
     ``source`` is recorded as ``meta["training"]["source"]``. Raises ``Interrupted`` on Ctrl-C.
+
+    Progress goes to ``sink``: an "epochs" task, advanced once an epoch's checkpoint is written, and
+    one task per pass (feature caching, each epoch, the calibration split, the ensemble fit).
     """
-    reporter = reporter or Reporter()
     cfg = config
     device = _check(cfg, data)
     out_path = None if checkpoint_to is None else Path(checkpoint_to)
@@ -318,7 +333,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
                                f"(epoch {tr.get('epochs_done')} of {tr.get('epochs')})",
                                "add --resume to continue it, or delete it / pick another -o to start over")
     if cfg.amp and device.type != "cuda":  # only with --device auto: _check refuses the rest
-        reporter.warn("--amp needs CUDA, which is not available: training in float32")
+        sink.warn("--amp needs CUDA, which is not available: training in float32")
         cfg = dataclasses.replace(cfg, amp=False)
     settings = run_settings(cfg, data)
     if not resume:
@@ -338,7 +353,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
         caches = [feature_store.cached_split(model, splits.train if name == "train" else splits.val, splits.split_info,
                                              name, views=cfg.views if name == "train" else 1, augment=data.augment,
                                              seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers, amp=cfg.amp,
-                                             cache_dir=cfg.cache_dir, device=device, reporter=reporter)
+                                             cache_dir=cfg.cache_dir, device=device, sink=sink)
                   for name in ("train", "val")]
         train_src, val_src = caches
     else:
@@ -351,7 +366,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
     training: dict[str, Any] = {}
     fit_after = cfg.ensemble and len(val_src) > 0
     if cfg.ensemble and not fit_after:
-        reporter.warn("no calibration split to fit the exit ensemble on: each exit answers with its own head")
+        sink.warn("no calibration split to fit the exit ensemble on: each exit answers with its own head")
 
     def record(epochs_done: int, complete: bool) -> dict[str, Any]:
         return {**settings, "device": str(device), "amp": cfg.amp, "workers": cfg.workers,
@@ -363,17 +378,17 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
         if resume_state is not None:
             trainer.load_state(resume_state)
             _set_rng_state(resume_state, device, order)
-        reporter.begin(cfg.epochs, start_epoch)
+        epochs_task = sink.task("epochs", cfg.epochs, start_epoch)
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 t0 = time.perf_counter()
                 model.train()
-                reporter.task(f"epoch {epoch + 1}/{cfg.epochs}", len(train_src))
                 meter = _Meter()
-                for out, y in train_src.batches(model, device, order, trainer.autocast):
-                    meter.add(trainer.step(out, y), len(y))
-                    reporter.advance(meter.means())
-                val = evaluate_split(model, val_src, device, trainer.autocast, cfg.threshold, reporter)
+                with sink.task(f"epoch {epoch + 1}/{cfg.epochs}", len(train_src)) as task:
+                    for out, y in train_src.batches(model, device, order, trainer.autocast):
+                        meter.add(trainer.step(out, y), len(y))
+                        task.advance(info=_running_text(meter.means()))
+                val = evaluate_split(model, val_src, device, trainer.autocast, cfg.threshold, sink)
                 history.append({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"],
                                 "seconds": time.perf_counter() - t0, "train": meter.means(), "val": val})
                 # With an ensemble still to fit, the last epoch is saved resumable; the fit completes it.
@@ -386,9 +401,9 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
                                                    "epoch": torch.tensor(epoch + 1)}
                     save_checkpoint(out_path, model, state)
                     last_saved = epoch + 1
-                reporter.epoch_end(history[-1], cfg.epochs)
+                epochs_task.advance(info=_epoch_text(history[-1]))
             if fit_after:
-                model.set_ensemble(fit_ensemble_on(model, val_src, device, trainer.autocast, cfg.loss.targets == "labels", reporter))
+                model.set_ensemble(fit_ensemble_on(model, val_src, device, trainer.autocast, cfg.loss.targets == "labels", sink))
                 training = record(cfg.epochs, True)
                 model.meta.update(training=training, history=history, data=splits.split_info)
                 if out_path is not None:
@@ -400,6 +415,8 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
             held = f"{out_path} holds epoch {last_saved}" if last_saved else f"{out_path} was not written"
             raise Interrupted(f"interrupted in epoch {epoch + 1}; {held}",
                               "continue with --resume" if last_saved else None) from None
+        finally:
+            epochs_task.close()
     sha = module_sha256(model.backbone)
     if sha != model.backbone_sha256:  # save_checkpoint refuses this too; never let it pass silently
         raise PteenetError("the backbone changed during training", "this is a bug in pteenet: please report it")
@@ -407,7 +424,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, re
 
 
 def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataConfig, cfg: TrainConfig,
-                   reporter: Reporter | None = None) -> dict[str, Any]:
+                   sink: Sink = SILENT) -> dict[str, Any]:
     """Train the branches of ``ckpt_path`` and write ``out_path`` after every epoch
     (``pteenet train-branches``): ``train_exits`` on the loaded checkpoint, plus ``cfg.resume``,
     which continues the unfinished run in ``out_path`` after checking that it ran from this
@@ -416,7 +433,6 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
     Returns ``{"epochs": [per-epoch records], "final": {...}}``; the records are also the output's
     ``meta["history"]``. Raises ``Interrupted`` on Ctrl-C (the output keeps the last complete epoch).
     """
-    reporter = reporter or Reporter()
     out_path = Path(out_path)
     _check(cfg, data_cfg)  # before any file is read
     if not out_path.parent.is_dir():
@@ -427,10 +443,10 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
     if cfg.resume:
         meta = _check_resume(out_path, src_meta, run_settings(cfg, data_cfg))
         if meta["training"].get("complete"):
-            reporter.warn(f"{out_path} is already complete ({meta['training'].get('epochs_done')} epochs): nothing to do")
+            sink.warn(f"{out_path} is already complete ({meta['training'].get('epochs_done')} epochs): nothing to do")
             return _summary(meta.get("history", []), out_path, meta["training"], meta["backbone_sha256"], True)
     ck = load_checkpoint(out_path if cfg.resume else ckpt_path, "cpu")
     if cfg.resume and "epoch" not in ck.state:
         raise PteenetError(f"{out_path} has no resume state", "drop --resume to start over")
-    return train_exits(ck.model, data_cfg, cfg, reporter, checkpoint_to=out_path,
+    return train_exits(ck.model, data_cfg, cfg, sink, checkpoint_to=out_path,
                        resume_state=ck.state if cfg.resume else None, source=str(ckpt_path))

@@ -21,7 +21,7 @@ def test_build_from_model_outputs(tiny_model) -> None:
     assert np.array_equal(cache.costs, tiny_model.cost.costs())
     assert np.array_equal(cache.costs_paper, tiny_model.cost.costs_paper())
     # The sweep's own pass over a dataset builds the same cache.
-    same = build_cache(tiny_model, torch.utils.data.TensorDataset(x, y), batch_size=4, progress=False)
+    same = build_cache(tiny_model, torch.utils.data.TensorDataset(x, y), batch_size=4)
     assert np.array_equal(same.preds, cache.preds) and np.array_equal(same.labels, cache.labels)
     assert all(np.array_equal(same.scores[p], cache.scores[p]) for p in cache.scores)
 

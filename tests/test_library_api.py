@@ -51,12 +51,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         mp.setattr(checkpoint_mod, "atomic_write",
                    lambda path, write: written.append(Path(path)) or real_write(path, write))
         history = pteenet.train_exits(model, DATA, TRAIN)
-        swept = pteenet.sweep_model(model, DATA, sweep_cfg(), progress=False)
+        swept = pteenet.sweep_model(model, DATA, sweep_cfg())
         exported = pteenet.export_model(model, pteenet.ExportConfig(root / "memory"))
 
     paths = {"trained": root / "trained.safetensors", "tuned": root / "tuned.safetensors", "export": root / "files"}
     path_history = train_branches(attached, paths["trained"], DATA, TRAIN)
-    path_swept = sweep_threshold(paths["trained"], DataRequest(), sweep_cfg(write=str(paths["tuned"])), progress=False)
+    path_swept = sweep_threshold(paths["trained"], DataRequest(), sweep_cfg(write=str(paths["tuned"])))
     path_exported = export(paths["tuned"], pteenet.ExportConfig(paths["export"]))
     return {"model": model, "written": written, "root": root, "memory": (history, swept, exported),
             "files": (path_history, path_swept, path_exported), "paths": paths}
@@ -100,7 +100,7 @@ def test_export_writes_the_same_model(runs: dict[str, Any]) -> None:
 def test_sweep_model_warns_when_the_data_is_not_the_recorded_split(runs: dict[str, Any]) -> None:
     # No budget: nothing is chosen, so the model is left as it is.
     doc = pteenet.sweep_model(runs["model"], pteenet.DataConfig("synthetic", limit=64),
-                              sweep_cfg(max_drop=None, select_exits=False), progress=False)
+                              sweep_cfg(max_drop=None, select_exits=False))
     assert any("limit 64 (recorded 96)" in w for w in doc["warnings"])
 
 

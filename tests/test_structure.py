@@ -132,3 +132,22 @@ def test_no_private_name_across_modules() -> None:
                     and node.value.id in aliases and _private(node.attr)):
                 bad.append(f"{module}:{node.lineno} reads {aliases[node.value.id]}.{node.attr}")
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def _imports_rich(module: str) -> list[int]:
+    """Lines of ``module`` that import rich (``import rich...`` or ``from rich... import``)."""
+    lines = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+        if any(n == "rich" or n.startswith("rich.") for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_rich_lives_in_the_cli_only() -> None:
+    """The library reports through ``pteenet.progress.Sink``; drawing it is the CLI's business."""
+    assert _imports_rich("pteenet.cli.sink")  # the finder sees Rich where it is
+    bad = [f"{m}:{line}" for m in MODULES if m != "pteenet.cli" and not m.startswith("pteenet.cli.")
+           for line in _imports_rich(m)]
+    assert not bad, "Rich imported outside pteenet/cli: " + ", ".join(bad)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pteenet import policies as pol
+from pteenet.cli.sweep_cmd import print_points
 from pteenet.errors import PteenetError
 from pteenet.sweep import (
     ExitCache,
@@ -22,7 +23,6 @@ from pteenet.sweep import (
     oracle_point,
     pareto,
     parse_range,
-    print_points,
     search_per_exit,
     select,
     sweep_global,

@@ -140,7 +140,7 @@ def test_per_exit_never_worse_than_global_at_the_budget(trained: Path, tmp_path:
 def test_build_cache_equals_a_direct_forward_all_loop(trained: Path) -> None:
     model = pteenet.load(str(trained))
     splits = load_splits(DataConfig("synthetic", val_split=0.2, seed=1), model.info.preprocess, 10)
-    cache = build_cache(model, splits.val, batch_size=32, progress=False)
+    cache = build_cache(model, splits.val, batch_size=32)
     builder = ExitCacheBuilder()
     with torch.no_grad():
         for x, y in make_loader(splits.val, 32, shuffle=False):
@@ -159,7 +159,7 @@ def test_build_cache_equals_a_direct_forward_all_loop(trained: Path) -> None:
 
 def test_library_call_returns_the_document(trained: Path, tmp_path: Path) -> None:
     doc = sweep_threshold(trained, DataRequest(), SweepConfig(thresholds=GRID, policy="entropy", split="test",
-                                                              device="cpu"), progress=False)
+                                                              device="cpu"))
     assert doc["split"] == "test" and doc["chosen"] is None and doc["selection_split"] is None
     assert doc["samples"] == 100 and not list(tmp_path.iterdir())  # no outdir: nothing written
 

@@ -18,7 +18,8 @@ from pteenet.cli import app
 from pteenet.data import DataConfig
 from pteenet.errors import PteenetError
 from pteenet.loss import LossOutput
-from pteenet.train import Interrupted, Reporter, TrainConfig, train_branches
+from pteenet.progress import Sink, Task
+from pteenet.train import Interrupted, TrainConfig, train_branches
 from pteenet.weights import module_sha256
 
 
@@ -42,14 +43,24 @@ def branch_tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith("branches.")}
 
 
-class StopAfter(Reporter):
-    """Presses Ctrl-C right after epoch ``n`` was saved."""
+class StopAfter(Sink):
+    """Presses Ctrl-C right after epoch ``n`` was saved: the epochs task advances once an epoch's
+    checkpoint is written."""
 
     def __init__(self, n: int) -> None:
         self.n = n
 
-    def epoch_end(self, record: dict[str, Any], epochs: int) -> None:
-        if record["epoch"] == self.n:
+    def task(self, description: str, total: int | None = None, completed: int = 0) -> Task:
+        return CtrlCAfter(self.n - completed) if description == "epochs" else Task()
+
+
+class CtrlCAfter(Task):
+    def __init__(self, steps: int) -> None:
+        self.left = steps
+
+    def advance(self, steps: int = 1, info: str | None = None) -> None:
+        self.left -= steps
+        if self.left == 0:
             raise KeyboardInterrupt
 
 

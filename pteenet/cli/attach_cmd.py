@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
@@ -10,7 +10,9 @@ from rich.table import Table
 from ..attach import AttachConfig, attach, list_candidates
 from ..checkpoint import read_metadata, save_checkpoint
 from ..hooks import NO_EARLY_EXIT
-from .common import console, emit_json, handle_errors, note_no_early_exit, parse_floats, parse_size, split_names
+from ..model import EarlyExitModel
+from .common import console, emit, handle_errors, parse_floats, parse_size, split_names
+from .options import JsonOption
 
 
 def _fmt_macs(m: float) -> str:
@@ -36,25 +38,14 @@ def attach_command(
     hooks: bool = typer.Option(False, "--hooks", help="for backbones torch.fx cannot trace: exits on forward hooks "
                                "(trained, swept and reported; NO real early exit: every sample runs the whole backbone)"),
     list_: bool = typer.Option(False, "--list", help="list candidate exit points and their cumulative MAC share"),
-    json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout"),
+    json_: JsonOption = False,
 ) -> None:
     """Attach early-exit branches to a frozen backbone and write a checkpoint."""
     n_exits: int | str | None = int(exits) if exits is not None and exits.strip().isdigit() else exits
     cfg = AttachConfig(backbone, weights, num_classes, parse_size(input_size), parse_floats(mean, "--mean"),
                        parse_floats(std, "--std"), split_names(at), n_exits, placement, branch, cascade, grid, hidden, hooks)
     if list_:
-        doc = list_candidates(cfg)
-        if json_:
-            emit_json(doc)
-            return
-        table = Table(title=f"exit candidates of {doc['backbone']} ({_fmt_macs(doc['backbone_macs'])} MACs)")
-        for col in ("#", "name", "node", "shape", "layout", "cumulative MACs", "share"):
-            table.add_column(col, justify="right" if col in ("#", "cumulative MACs", "share") else "left")
-        for i, r in enumerate(doc["candidates"]):
-            table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), r["layout"],
-                          _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
-        console.print(table)
-        note_no_early_exit(hooks)
+        emit(list_candidates(cfg), json_, _show_candidates)
         return
     if output is None:
         raise typer.BadParameter("an output file is required (or use --list)", param_hint="-o/--output")
@@ -63,11 +54,30 @@ def attach_command(
     assert model.cost is not None
     doc = {**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name,
            "layouts": [p.layout for p in model.exit_points], "runtime": "hooks" if model.hooks else "staged"}
-    if json_:
-        emit_json(doc)
-        return
-    note_no_early_exit(model.hooks)
-    table = Table(title=f"{len(model.cost.exits)} exits on {cfg.backbone} ({_fmt_macs(model.cost.backbone_macs)} MACs) -> {output}")
+    emit(doc, json_,
+           lambda doc: _show_cost(model, cfg.backbone, output))
+
+
+def _show_candidates(doc: dict[str, Any]) -> None:
+    table = Table(title=f"exit candidates of {doc['backbone']} ({_fmt_macs(doc['backbone_macs'])} MACs)")
+    for col in ("#", "name", "node", "shape", "layout", "cumulative MACs", "share"):
+        table.add_column(col, justify="right" if col in ("#", "cumulative MACs", "share") else "left")
+    for i, r in enumerate(doc["candidates"]):
+        table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), r["layout"],
+                      _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
+    console.print(table)
+    _note_hooks(doc["runtime"] == "hooks")
+
+
+def _note_hooks(hooks: bool) -> None:
+    if hooks:
+        console.print(f"Note: {NO_EARLY_EXIT}", style="bold yellow", soft_wrap=True, markup=False)
+
+
+def _show_cost(model: EarlyExitModel, backbone: str, path: Path) -> None:
+    assert model.cost is not None
+    _note_hooks(model.hooks)
+    table = Table(title=f"{len(model.cost.exits)} exits on {backbone} ({_fmt_macs(model.cost.backbone_macs)} MACs) -> {path}")
     for col in ("exit", "point", "prefix MACs", "branch MACs", "cost (cumulative)", "cost (paper)"):
         table.add_column(col, justify="left" if col == "point" else "right")
     for i, e in enumerate(model.cost.exits):
@@ -79,13 +89,13 @@ def attach_command(
 @handle_errors
 def info_command(
     checkpoint: Path = typer.Argument(..., help="a pteenet checkpoint"),
-    json_: bool = typer.Option(False, "--json", help="print the metadata document on stdout"),
+    json_: JsonOption = False,
 ) -> None:
     """Show a checkpoint's metadata."""
-    meta = read_metadata(checkpoint)
-    if json_:
-        emit_json(meta)
-        return
+    emit(read_metadata(checkpoint), json_, lambda meta: _show_metadata(meta, checkpoint))
+
+
+def _show_metadata(meta: dict[str, Any], checkpoint: Path) -> None:
     table = Table(title=str(checkpoint), show_header=False)
     table.add_column("key")
     table.add_column("value")

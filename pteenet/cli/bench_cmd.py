@@ -11,7 +11,8 @@ from ..bench import BenchConfig, bench, load_images
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..export import check_thresholds
 from ..report import batch_label
-from .common import console, emit_json, handle_errors
+from .common import console, emit, handle_errors, progress_sink
+from .options import DataDirOption, DataOption, JsonOption, LimitOption, PolicyOption
 
 DEFAULT_LIMIT = 1000  # batch-1 timing of a whole test set would take many minutes; medians need far fewer
 
@@ -19,47 +20,45 @@ DEFAULT_LIMIT = 1000  # batch-1 timing of a whole test set would take many minut
 @handle_errors
 def bench_command(
     checkpoint: Path = typer.Argument(..., help="a pteenet checkpoint"),
-    data: Optional[str] = typer.Option(None, "--data", help="dataset spec (default: the one the branches were trained on)"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where datasets live"),
+    data: DataOption = None,
+    data_dir: DataDirOption = None,
     split: str = typer.Option("test", help="train | val | test"),
-    limit: int = typer.Option(DEFAULT_LIMIT, help="images to measure on (preloaded into memory)"),
+    limit: LimitOption = DEFAULT_LIMIT,
     batch_size: Optional[list[int]] = typer.Option(None, "--batch-size", help="repeat for several (default: 1 and 256)"),
     threshold: Optional[float] = typer.Option(None, help="global threshold (default: the checkpoint's thresholds)"),
-    policy: Optional[str] = typer.Option(None, help="confidence | max-softmax | entropy (default: the checkpoint's)"),
+    policy: PolicyOption = None,
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's own choice, recorded)"),
     repeats: int = typer.Option(5, help="timed passes per model; medians are reported"),
     tune_allocator: bool = typer.Option(True, "--tune-allocator/--no-tune-allocator",
                                         help="keep freed activation memory in-process (glibc), for both models alike"),
     record: bool = typer.Option(False, "--record", help="store the results in the checkpoint (meta['bench'])"),
-    json_: bool = typer.Option(False, "--json", help="print the results document on stdout"),
+    json_: JsonOption = False,
 ) -> None:
-    """Time the plain backbone against the early-exit model (throughput, latency, exits, MACs)."""
+    """Time the plain backbone against the early-exit model (throughput, latency, exits, MACs), on
+    images preloaded into memory."""
     if threshold is not None:
         check_thresholds([threshold])
     ck = load_checkpoint(checkpoint)
     model = ck.model
-    with console.status(f"loading up to {limit} {split} images"):
-        images, notes = load_images(model, data, data_dir, split, limit)
-    # The notes are about which images form the calibration split; other splits do not depend on it.
-    for note in notes if split == "val" else []:
-        console.print(f"Note: {note}", style="cyan", soft_wrap=True, markup=False)
     spec = data or (model.meta.get("data") or {}).get("spec")
     cfg = BenchConfig(batch_sizes=tuple(batch_size or (1, 256)), threshold=threshold, policy=policy, threads=threads,
                       repeats=repeats, extra={"data": spec, "split": split}, tune_allocator=tune_allocator)
-    with console.status(f"timing {images.shape[0]} images, {repeats} interleaved repeats per batch size"):
-        doc = bench(model, images, cfg)
+    with progress_sink() as sink:
+        images, notes = load_images(model, data, data_dir, split, limit, sink)
+        # The notes are about which images form the calibration split; other splits do not depend on it.
+        for note in notes if split == "val" else []:
+            sink.note(note)
+        doc = bench(model, images, cfg, sink)
     if record:
         model.meta["bench"] = doc
         save_checkpoint(checkpoint, model, ck.state)  # atomic: a reader sees the old file or the new one
-    if json_:
-        emit_json(doc)
-        return
-    print_bench(doc)
+    emit(doc, json_, print_bench)
     if record:
         console.print(f"recorded in {checkpoint} (meta['bench'])")
 
 
 def print_bench(doc: dict) -> None:
+    """The results as a table and a verdict per batch size (the warnings were shown as they came)."""
     threads = f"{doc['threads']} thread{'s' if doc['threads'] != 1 else ''}"
     table = Table(title=f"{doc['images']} images on {doc['device']} ({doc['cpu']}), {threads}, "
                         f"{doc['policy']} T={','.join(f'{t:g}' for t in doc['thresholds'])}")
@@ -77,5 +76,3 @@ def print_bench(doc: dict) -> None:
                   + f", end: {100 * fr[-1]:.1f}%")
     for r in doc["results"]:
         console.print(r["verdict"], style="bold red" if r["time_ratio"] >= 1 else None, markup=False)
-    for w in doc.get("warnings", []):
-        console.print(f"Warning: {w}", style="bold yellow", soft_wrap=True, markup=False)

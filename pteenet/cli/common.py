@@ -1,8 +1,9 @@
-"""What every command shares: the stderr console, the JSON sink, option parsing and error handling.
+"""What every command shares: the stderr console and its progress sink, ``--json`` (``emit``),
+option parsing and error handling. The options several commands take are in ``options.py``.
 
-Data goes to stdout (one JSON document with --json); tables, progress and errors go to stderr.
-A known error becomes one line ``Error: ... (hint: ...)`` and exit code 1; ``PTEENET_DEBUG=1`` adds
-the traceback.
+Data goes to stdout (with --json one JSON document and nothing else); tables, progress, notes,
+warnings and errors go to stderr. A known error becomes one line ``Error: ... (hint: ...)`` and exit
+code 1; ``PTEENET_DEBUG=1`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -16,16 +17,25 @@ import typer
 from rich.console import Console
 
 from ..errors import PteenetError
-from ..hooks import NO_EARLY_EXIT
+from .sink import RichSink
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
+def emit(doc: Any, as_json: bool, show: Callable[[Any], None]) -> None:
+    """The one place ``--json`` is decided: with it, the document on stdout and nothing else; without
+    it, ``show`` draws the document for people on stderr (tables, summaries)."""
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+        sys.stdout.flush()
+    else:
+        show(doc)
 
-def note_no_early_exit(hooks: bool) -> None:
-    """The one line every command prints for a model on forward hooks (hooks.py)."""
-    if hooks:
-        console.print(f"Note: {NO_EARLY_EXIT}", style="bold yellow", soft_wrap=True, markup=False)
+
+def progress_sink() -> RichSink:
+    """``with progress_sink() as sink:`` around a library call: its progress bars, notes and warnings
+    on stderr."""
+    return RichSink(console)
 
 
 def fail(message: str) -> None:
@@ -60,11 +70,6 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=_jsonable) + "\n")
-    sys.stdout.flush()
 
 
 def _jsonable(o: Any) -> Any:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from ..export import FORMATS, ExportConfig, export
-from .common import console, emit_json, handle_errors, note_no_early_exit
+from .common import console, emit, handle_errors, progress_sink
+from .options import JsonOption, PolicyOption
 
 
 @handle_errors
@@ -18,19 +19,19 @@ def export_command(
     threshold: Optional[float] = typer.Option(None, help="global threshold in [0, 1]"),
     budget: Optional[float] = typer.Option(None, help="pick from the stored sweep: most accurate within this mean cost"),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="pick from the stored sweep: cheapest within P accuracy points"),
-    policy: Optional[str] = typer.Option(None, help="confidence | max-softmax | entropy"),
+    policy: PolicyOption = None,
     format_: Optional[list[str]] = typer.Option(None, "--format", help=f"repeat for several: {' | '.join(FORMATS)}"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
-    json_: bool = typer.Option(False, "--json", help="print a summary document on stdout"),
+    json_: JsonOption = False,
 ) -> None:
     """Export the model (model.safetensors + optional torch.export/ONNX programs) with report.md."""
     cfg = ExportConfig(output, threshold, budget, max_drop, policy, tuple(format_ or ("safetensors",)), force)
-    with console.status("exporting") as status:
-        doc = export(checkpoint, cfg, progress=lambda msg: status.update(msg))
-    if json_:
-        emit_json(doc)
-        return
-    note_no_early_exit(bool(doc["no_real_early_exit"]))
+    with progress_sink() as sink:
+        doc = export(checkpoint, cfg, sink)
+    emit(doc, json_, _show)
+
+
+def _show(doc: dict[str, Any]) -> None:
     op = doc["operating_point"]
     val = op.get("val")
     table = Table(title=f"exported to {doc['output']}", show_header=False)

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import typer
+from rich.table import Table
 
 from ..data import DataRequest
-from ..sweep import SweepConfig, print_points, sweep_threshold
-from .common import console, emit_json, handle_errors
+from ..sweep import Point, SweepConfig, short_thresholds, sweep_threshold
+from .common import console, emit, handle_errors, progress_sink
+from .options import ALL_POLICIES, DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, PolicyOption
 
 TABLE_ROWS_PER_POLICY = 12  # a front can hold dozens of points; the table shows a spread of them
 
@@ -18,20 +20,6 @@ TABLE_ROWS_PER_POLICY = 12  # a front can hold dozens of points; the table shows
 class SplitChoice(str, Enum):
     val = "val"
     test = "test"
-
-
-class PolicyChoice(str, Enum):
-    all = "all"
-    confidence = "confidence"
-    max_softmax = "max-softmax"
-    entropy = "entropy"
-
-
-class DeviceChoice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
 
 
 def _table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -73,9 +61,9 @@ def _summary(doc: dict[str, Any]) -> str:
 def sweep_command(
     checkpoint: Path = typer.Argument(..., help="a trained pteenet checkpoint"),
     output: Path = typer.Option(..., "-o", "--output", help="folder for sweep.json, sweep.csv, curve.png, exits.png"),
-    data: Optional[str] = typer.Option(None, help="dataset spec; default: the one the branches were trained on"),
-    data_dir: Optional[str] = typer.Option(None, help="where the dataset files are"),
-    limit: Optional[int] = typer.Option(None, help="cap every split at N images (default: the recorded limit)"),
+    data: DataOption = None,
+    data_dir: DataDirOption = None,
+    limit: LimitOption = None,
     calibration: Optional[str] = typer.Option(
         None, metavar="SPEC",
         help="tune on other data than the recorded calibration split: a dataset spec (its test split), "
@@ -83,7 +71,7 @@ def sweep_command(
              "on the other half). Use it when the backbone was fine-tuned on the training images, which it "
              "has memorised; held-out training images are fine otherwise"),
     split: SplitChoice = typer.Option(SplitChoice.val, help="val: tune on training's calibration split, report the choice on test; test: sweep test only"),
-    policy: PolicyChoice = typer.Option(PolicyChoice.all, help="exit policy to sweep, or all three"),
+    policy: PolicyOption = ALL_POLICIES,
     thresholds: str = typer.Option("0:1:0.01", help="threshold grid START:STOP:STEP (or one value)"),
     per_exit: bool = typer.Option(False, "--per-exit", help="also search one threshold per exit at a set of budgets"),
     select_exits: bool = typer.Option(False, "--select-exits", help="also choose which exits decide at all (greedy; needs --budget or --max-drop); unused heads are not computed"),
@@ -91,20 +79,40 @@ def sweep_command(
     max_drop: Optional[float] = typer.Option(None, help="choose the cheapest setting at most P points below the backbone"),
     write: Optional[Path] = typer.Option(None, help="write the checkpoint with the chosen setting (may be CHECKPOINT)"),
     batch_size: int = typer.Option(256, help="images per batch"),
-    device: DeviceChoice = typer.Option(DeviceChoice.auto, help="where the model runs"),
+    device: DeviceOption = "auto",
     workers: int = typer.Option(0, help="data loader worker processes"),
-    json_: bool = typer.Option(False, "--json", help="print sweep.json's document on stdout"),
+    json_: JsonOption = False,
 ) -> None:
-    """Sweep exit thresholds on the calibration split and pick one by budget or accuracy drop."""
-    cfg = SweepConfig(outdir=str(output), split=split.value, policy=policy.value, thresholds=thresholds,
+    """Sweep exit thresholds on the calibration split and pick one by budget or accuracy drop.
+
+    Unless given, --data, --limit and the calibration split are the ones training recorded.
+    """
+    cfg = SweepConfig(outdir=str(output), split=split.value, policy=policy, thresholds=thresholds,
                       per_exit=per_exit, select_exits=select_exits, budget=budget, max_drop=max_drop,
                       write=None if write is None else str(write), batch_size=batch_size,
-                      device=device.value, workers=workers)
-    doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit, calibration=calibration), cfg, console=console)
-    print_points(_table_rows(doc), title=f"Pareto front per policy on {doc['split']} ({doc['samples']} images)",
-                 console=console)
+                      device=device, workers=workers)
+    with progress_sink() as sink:
+        doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit, calibration=calibration), cfg, sink)
+    emit(doc, json_, _show)
+
+
+def _show(doc: dict[str, Any]) -> None:
+    print_points(_table_rows(doc), title=f"Pareto front per policy on {doc['split']} ({doc['samples']} images)")
     console.print(_summary(doc), soft_wrap=True, markup=False)
-    console.print(f"wrote the sweep to {output}" + (f" and the checkpoint {write}" if write else ""),
-                  soft_wrap=True, markup=False)
-    if json_:
-        emit_json(doc)
+    written = doc["outdir"] if doc.get("written") is None else f"{doc['outdir']} and the checkpoint {doc['written']}"
+    console.print(f"wrote the sweep to {written}", soft_wrap=True, markup=False)
+
+
+def print_points(points: Sequence[Point | dict[str, Any]], title: str | None = None) -> None:
+    """A compact table of swept points on stderr."""
+    table = Table(title=title)
+    for col in ("policy", "kind", "T", "acc%", "agree%", "cost", "paper", "end%"):
+        table.add_column(col, justify="left" if col in ("policy", "kind", "T") else "right",
+                         no_wrap=col != "T")
+    for p in points:
+        d = p.to_dict() if isinstance(p, Point) else p
+        acc = "-" if d.get("accuracy") is None else f"{100 * d['accuracy']:.2f}"
+        table.add_row(d.get("policy") or "", d.get("kind", ""), short_thresholds(d.get("threshold")), acc,
+                      f"{100 * d['agreement']:.2f}", f"{d['cost']:.3f}", f"{d['cost_paper']:.3f}",
+                      f"{100 * d['exit_fractions'][-1]:.1f}")
+    console.print(table)

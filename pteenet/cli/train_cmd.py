@@ -1,26 +1,17 @@
-"""``pteenet train-branches``: parse the options, draw progress on stderr, call ``train_branches``."""
+"""``pteenet train-branches``: parse the options, call ``train_branches`` with the progress sink."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from ..data import DataConfig
 from ..loss import LossConfig
-from ..train import Interrupted, Reporter, TrainConfig, train_branches
-from .common import console, emit_json, fail, handle_errors
+from ..train import Interrupted, TrainConfig, train_branches
+from .common import console, emit, fail, handle_errors, progress_sink
+from .options import DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption
 
 
 def _pct(v: float | None) -> str:
@@ -29,54 +20,6 @@ def _pct(v: float | None) -> str:
 
 def _exits(values: list[float] | None) -> str:
     return "-" if not values else " ".join(f"{100 * v:.0f}" for v in values)
-
-
-class RichReporter(Reporter):
-    """Two bars on stderr: epochs, and the batches of the current phase with the running figures."""
-
-    def __init__(self, out: Console) -> None:
-        self.console = out
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
-                                 console=out, transient=True)
-        self.epochs: TaskID | None = None
-        self.current: TaskID | None = None
-
-    def __enter__(self) -> "RichReporter":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress.live.is_started:
-            self.progress.stop()
-
-    def begin(self, epochs: int, done: int) -> None:
-        self.epochs = self.progress.add_task("epochs", total=epochs, completed=done, stats="")
-
-    def task(self, description: str, total: int) -> None:
-        # Started on the first phase, so an error found before any work stays a single line.
-        if not self.progress.live.is_started:
-            self.progress.start()
-        if self.current is not None:
-            self.progress.remove_task(self.current)
-        self.current = self.progress.add_task(description, total=total, stats="")
-
-    def advance(self, stats: dict[str, Any] | None = None) -> None:
-        assert self.current is not None
-        text = ""
-        if stats:
-            text = (f"loss {stats['loss']:.4f}  agree/exit % {_exits(stats['agreement'])}  "
-                    f"cost@T {stats['ee_cost']:.3f}")
-        self.progress.update(self.current, advance=1, stats=text)
-
-    def epoch_end(self, record: dict[str, Any], epochs: int) -> None:
-        assert self.epochs is not None
-        val = record["val"] or {}
-        ee = val.get("early_exit") or {}
-        self.progress.update(self.epochs, completed=record["epoch"],
-                             stats=f"val acc@T {_pct(ee.get('accuracy'))}%  cost@T {ee.get('cost', float('nan')):.3f}")
-
-    def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
 def epoch_table(doc: dict[str, Any]) -> Table:
@@ -98,9 +41,9 @@ def epoch_table(doc: dict[str, Any]) -> Table:
 def train_command(
     checkpoint: Path = typer.Argument(..., help="a checkpoint written by `pteenet attach`"),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write after every epoch (.safetensors)"),
-    data: str = typer.Option(..., "--data", help="cifar10 | cifar100 | svhn | mnist | fashion-mnist | imagefolder:PATH | synthetic"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="where datasets live (default ~/.cache/pteenet/data)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="use at most N images per split"),
+    data: DataOption = ...,
+    data_dir: DataDirOption = None,
+    limit: LimitOption = None,
     no_augment: bool = typer.Option(False, "--no-augment", help="no random crops/flips on the train split"),
     val_split: float = typer.Option(0.1, "--val-split", help="fraction of train held out for calibration"),
     calibration: Optional[str] = typer.Option(
@@ -118,7 +61,7 @@ def train_command(
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate, cosine-annealed to 0 over all steps"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     seed: int = typer.Option(0, "--seed", help="seeds the split, the data order and the augmentation"),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present) | cpu | cuda | mps"),
+    device: DeviceOption = "auto",
     workers: int = typer.Option(0, "--workers", help="data-loading processes (0: in the main process)"),
     amp: bool = typer.Option(False, "--amp", help="mixed precision (CUDA only)"),
     resume: bool = typer.Option(False, "--resume", help="continue the unfinished run in OUTPUT"),
@@ -126,7 +69,7 @@ def train_command(
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="save feature caches here and reuse them in later runs on the same backbone, exits and data"),
     views: int = typer.Option(TrainConfig.views, "--views", help="augmented views of each training image in the feature cache (needs --cache-features, augmentation on)"),
     ensemble: bool = typer.Option(TrainConfig.ensemble, "--ensemble/--no-ensemble", help="after training, fit an ensemble of the heads on the calibration split"),
-    json_: bool = typer.Option(False, "--json", help="print one JSON document on stdout"),
+    json_: JsonOption = False,
 ) -> None:
     """Train the exit branches (only them) on the frozen backbone, saving OUTPUT after every epoch."""
     data_cfg = DataConfig(data, data_dir, limit, augment=not no_augment, val_split=val_split, seed=seed,
@@ -136,12 +79,9 @@ def train_command(
                       ensemble=ensemble, loss=LossConfig(version=loss, lam=lam, targets=targets, temperature=temperature,
                                                           exit_ce=exit_ce))
     try:
-        with RichReporter(console) as reporter:
-            doc = train_branches(checkpoint, output, data_cfg, cfg, reporter)
+        with progress_sink() as sink:
+            doc = train_branches(checkpoint, output, data_cfg, cfg, sink)
     except Interrupted as e:
         fail(str(e))
         raise typer.Exit(130) from None
-    if json_:
-        emit_json(doc)
-    elif doc["epochs"]:
-        console.print(epoch_table(doc))
+    emit(doc, json_, lambda doc: console.print(epoch_table(doc)) if doc["epochs"] else None)

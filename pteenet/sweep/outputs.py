@@ -1,4 +1,4 @@
-"""Sweep outputs: the JSON document, sweep.csv, curve.png / exits.png and a Rich table.
+"""Sweep outputs: the JSON document, sweep.csv, curve.png / exits.png (the table is the CLI's).
 
 matplotlib is optional (``pteenet[plots]``): it is imported only when plotting, through the Agg
 canvas directly (no pyplot), so a user's interactive backend is never switched.
@@ -63,7 +63,8 @@ def _threshold_text(t: Any, sep: str = ";") -> str:
     return f"{t:g}"
 
 
-def _short(t: Any) -> str:
+def short_thresholds(t: Any) -> str:
+    """A threshold or per-exit threshold list as a label of at most 30 characters."""
     text = _threshold_text(t, ",")
     return text if len(text) <= 30 else text[:27] + "..."
 
@@ -135,7 +136,7 @@ def curve_figure(fig: Any, doc: dict[str, Any]) -> Any:
     if chosen:
         x, y = chosen["cost"], 100 * chosen[metric]
         ax.plot([x], [y], "o", ms=12, mfc="none", mec="green", mew=2)
-        ax.annotate(f"chosen: {chosen.get('policy')} T={_short(chosen['threshold'])}"
+        ax.annotate(f"chosen: {chosen.get('policy')} T={short_thresholds(chosen['threshold'])}"
                     f"\n{metric} {y:.2f}%, cost {x:.3f}", (x, y), xytext=(15, -35),
                     textcoords="offset points", fontsize=8,
                     bbox={"boxstyle": "round", "fc": "white", "alpha": 0.9},
@@ -155,25 +156,6 @@ def _exits_figure(fig: Any, chosen: dict[str, Any]) -> Any:
     ax.set_xticks(range(len(fr)), labels)
     ax.set_xlabel("exit")
     ax.set_ylabel("samples leaving (%)")
-    ax.set_title(f"{chosen.get('policy')}, threshold {_short(chosen['threshold'])}",
+    ax.set_title(f"{chosen.get('policy')}, threshold {short_thresholds(chosen['threshold'])}",
                  fontsize=9)
     return fig
-
-
-def print_points(points: Sequence[Point | dict[str, Any]], title: str | None = None,
-                 console: Any = None) -> None:
-    """A compact Rich table of points, on stderr unless a Console is given."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("policy", "kind", "T", "acc%", "agree%", "cost", "paper", "end%"):
-        table.add_column(col, justify="left" if col in ("policy", "kind", "T") else "right",
-                         no_wrap=col != "T")
-    for p in points:
-        d = p.to_dict() if isinstance(p, Point) else p
-        acc = "-" if d.get("accuracy") is None else f"{100 * d['accuracy']:.2f}"
-        table.add_row(d.get("policy") or "", d.get("kind", ""), _short(d.get("threshold")), acc,
-                      f"{100 * d['agreement']:.2f}", f"{d['cost']:.3f}", f"{d['cost_paper']:.3f}",
-                      f"{100 * d['exit_fractions'][-1]:.1f}")
-    (console or Console(stderr=True)).print(table)

@@ -19,8 +19,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import Dataset
 
 from .. import policies as pol
@@ -29,6 +27,7 @@ from ..data import DataConfig, DataRequest, load_splits, make_loader, resolve_da
 from ..devices import DEVICES, resolve_device
 from ..errors import PteenetError, unknown_name
 from ..model import EarlyExitModel
+from ..progress import SILENT, Sink
 from .cache import ExitCache, ExitCacheBuilder
 from .engine import Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit, select, sweep_global
 from .outputs import build_document, write_sweep_outputs
@@ -63,8 +62,8 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, Any]:
 
 
 def build_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256,
-                device: str | torch.device = "cpu", workers: int = 0, progress: bool = True,
-                console: Console | None = None, description: str = "exits") -> ExitCache:
+                device: str | torch.device = "cpu", workers: int = 0, sink: Sink = SILENT,
+                description: str = "exits") -> ExitCache:
     """Run every exit on every sample of ``dataset`` once (``forward_all``) and cache the results.
 
     Items are ``(image, label)`` or a bare image (then the cache has no labels and the sweep scores
@@ -78,15 +77,12 @@ def build_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256,
     device = torch.device(device)
     loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
     builder = ExitCacheBuilder()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console or Console(stderr=True), transient=True,
-                  disable=not progress) as bar, torch.no_grad():
-        task = bar.add_task(f"{description} ({len(dataset)} images)", total=len(loader))  # type: ignore[arg-type]
+    with sink.task(f"{description} ({len(dataset)} images)", len(loader)) as task, torch.no_grad():  # type: ignore[arg-type]
         for batch in loader:
             x, y = _unpack(batch)
             out = model.forward_all(x.to(device, non_blocking=True))
             builder.add_outputs(out, None if y is None else torch.as_tensor(y))
-            bar.advance(task)
+            task.advance()
     return builder.build_for(model)
 
 
@@ -208,18 +204,17 @@ def _data_config(data: DataRequest | DataConfig | None, recorded: dict[str, Any]
     return dataclasses.replace(data, augment=False), []
 
 
-def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: SweepConfig, console: Console | None,
-           progress: bool, source: str | None) -> dict[str, Any]:
+def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: SweepConfig, sink: Sink,
+           source: str | None) -> dict[str, Any]:
     """Everything but reading and writing the checkpoint: check, run the split(s) once, sweep,
     choose, write the outputs, set the chosen point on the model."""
-    console = console or Console(stderr=True)
     warnings: list[str] = []
     name = source or "the model"
 
     def warn(text: str, record: bool = True) -> None:
         if record:
             warnings.append(text)
-        console.print(f"Warning: {text}", style="bold yellow", soft_wrap=True, markup=False)
+        sink.warn(text)
 
     policies, grid = _check(cfg)
     if model.cost is None:
@@ -236,7 +231,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
              "the sweep measures unfinished branches")
     data_cfg, notes = _data_config(data, model.meta.get("data"), warn)
     for note in notes:
-        console.print(f"Note: {note}", style="cyan", soft_wrap=True, markup=False)
+        sink.note(note)
     try:
         splits = load_splits(data_cfg, model.info.preprocess, model.info.num_classes)
     except PteenetError:
@@ -265,7 +260,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     device = next(model.parameters()).device
 
     def run(dataset: Dataset, name: str) -> ExitCache:
-        return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, progress, console, name)
+        return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name)
 
     cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
@@ -310,7 +305,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
 
 
 def sweep_model(model: EarlyExitModel, data: DataRequest | DataConfig | None = None, config: SweepConfig | None = None,
-                console: Console | None = None, progress: bool = True) -> dict[str, Any]:
+                sink: Sink = SILENT) -> dict[str, Any]:
     """Sweep the exits of a model in memory and, with ``config.budget`` or ``config.max_drop``, set
     the chosen point on it (thresholds, policy, active exits, ``meta["sweep"]`` for export to re-pick
     from), as ``--write`` does to the checkpoint it writes. Returns the document (sweep.json's).
@@ -318,23 +313,23 @@ def sweep_model(model: EarlyExitModel, data: DataRequest | DataConfig | None = N
     ``data``: None or a ``DataRequest`` rebuild the calibration split that training recorded in
     ``model.meta["data"]``; a ``DataConfig`` is used as it is. ``config.outdir`` still writes the
     sweep's files; ``config.write`` is ``sweep_threshold``'s (save with ``pteenet.save_checkpoint``).
-    The model is moved to ``config.device``. Warnings and notes go to ``console`` (stderr) and into
-    the document.
+    The model is moved to ``config.device``. Progress, warnings and notes go to ``sink``; the
+    warnings and notes also into the document.
     """
     config = config or SweepConfig()
     if config.write:
         raise PteenetError("SweepConfig.write names a checkpoint for sweep_threshold to write",
                            "the model holds the chosen setting: save it with pteenet.save_checkpoint(path, model)")
-    return _sweep(model, data, config, console, progress, None)
+    return _sweep(model, data, config, sink, None)
 
 
 def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
-                    console: Console | None = None, progress: bool = True) -> dict[str, Any]:
+                    sink: Sink = SILENT) -> dict[str, Any]:
     """The whole command: load, sweep (``sweep_model``'s work) and write ``cfg.write`` with the
     chosen setting and the file's training state; returns the document (the same one as sweep.json)."""
     _check(cfg)  # before the checkpoint is read
     ckpt = load_checkpoint(ckpt_path, resolve_device(cfg.device))
-    doc = _sweep(ckpt.model, data, cfg, console, progress, str(ckpt_path))
+    doc = _sweep(ckpt.model, data, cfg, sink, str(ckpt_path))
     if cfg.write and doc["chosen"] is not None and doc["chosen"].get("policy"):
         save_checkpoint(cfg.write, ckpt.model, ckpt.state)
     return doc
