@@ -9,11 +9,12 @@ from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import pteenet
-from pteenet.batches import Autocast, Reporter, build_feature_cache
+from pteenet.batches import Autocast, build_feature_cache
 from pteenet.branches import ChannelsFirst, TokenPool
 from pteenet.cost import attention_macs, cumulative_macs, node_macs
 from pteenet.graph import candidates, trace
 from pteenet.policies import never_exit_threshold
+from pteenet.progress import SILENT
 from tiny_models import SIZE, swin, vit
 
 BRANCHES = ("pool-mlp", "pool", "conv-lite", "conv1")
@@ -116,7 +117,7 @@ def test_feature_cache_on_token_and_channels_last_taps(factory: str, branch: str
     x = torch.randn(8, *SIZE)
     ds = TensorDataset(x, torch.zeros(8, dtype=torch.long))
     cache = build_feature_cache(model, ds, 4, 0, 0, torch.device("cpu"), Autocast(torch.device("cpu"), False),
-                                Reporter(), False, "test")
+                                SILENT, False, "test")
     stems = branch.startswith("pool")
     assert cache.stems == stems
     if stems and factory == "vit":
