@@ -81,7 +81,7 @@ ATTACH_KEYS = ("at", "exits", "placement", "branch", "cascade", "grid", "hidden"
 
 def eval_data(args: argparse.Namespace) -> DataConfig:
     """The calibration and test splits, exactly as training held them out (same seed and fraction)."""
-    return DataConfig(f"imagefolder:{args.data}", limit=args.eval_limit, augment=False, val_split=0.1, seed=0)
+    return DataConfig(spec=f"imagefolder:{args.data}", limit=args.eval_limit, augment=False, val_split=0.1, seed=0)
 
 
 def backbone_file(folder: Path, name: str) -> Path:
@@ -166,10 +166,10 @@ def run_config(c: dict[str, Any], args: argparse.Namespace, work: Path, grid: An
     attached, trained = work / f"{name}-attached.safetensors", work / f"{name}.safetensors"
     val_npz, test_npz = work / f"{name}-val.npz", work / f"{name}-test.npz"
     if not (args.reuse and trained.exists() and val_npz.exists() and test_npz.exists()):
-        model = attach(AttachConfig(f"cifar-{bb}", weights=str(backbone_file(args.backbones, bb)),
+        model = attach(AttachConfig(backbone=f"cifar-{bb}", weights=str(backbone_file(args.backbones, bb)),
                                     **{k: c[k] for k in ATTACH_KEYS if k in c}))
         save_checkpoint(attached, model)
-        data_cfg = DataConfig(f"imagefolder:{args.data}", limit=args.train_limit, augment=c.get("augment", False),
+        data_cfg = DataConfig(spec=f"imagefolder:{args.data}", limit=args.train_limit, augment=c.get("augment", False),
                               val_split=0.1, seed=0)
         tcfg = TrainConfig(epochs=c.get("epochs", args.epochs), batch_size=128, lr=args.lr, cache_features=True,
                            cache_dir=str(work / "features"),

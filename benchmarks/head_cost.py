@@ -1,10 +1,10 @@
 """Where the early-exit model's time goes, head by head, against the backbone.
 
 For a trained checkpoint: the backbone's time at batch 256 and 1, every head on its tap (all exits
-computed, as the sweep does) at both batch sizes, the heads' pooling alone with PyTorch's adaptive
-kernels and with ``GridPool``'s equal-window path, and the heads' share of the MACs. Medians of
-``--repeats`` timed runs after warm-up, ``--threads`` threads, glibc allocator tuned (as ``pteenet
-bench``). Writes ``benchmarks/results/head_cost.json``.
+computed, as the sweep does) at both batch sizes, in the inference form (``pteenet/fold.py``) and
+as trained, the heads' pooling alone with PyTorch's adaptive kernels and with each of ``GridPool``'s
+equal-window plans, and the heads' share of the MACs. Medians of ``--repeats`` runs timed
+round-robin after warm-up, ``--threads`` threads, glibc allocator tuned (as ``pteenet bench``). Writes ``benchmarks/results/head_cost.json``.
 
     python benchmarks/head_cost.py CHECKPOINT [--threads 2] [--repeats 7]
 """
@@ -12,33 +12,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 import pteenet
+from pteenet import branches, fold
 from pteenet.bench import tune_allocator
+from pteenet.branches import POOL_PLANS
 
 
-def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_ms(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms of each function, timed round-robin so that other load on the machine hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def adaptive_pools(model: pteenet.EarlyExitModel, taps: list[torch.Tensor]) -> None:
     for b, t in zip(model.branches, taps):
         size = b.stem.avg.output_size
         F.adaptive_avg_pool2d(t, size), F.adaptive_max_pool2d(t, size)
+
+
+def planned_pools(model: pteenet.EarlyExitModel, taps: list[torch.Tensor], plan: str) -> None:
+    for b, t in zip(model.branches, taps):
+        if b.stem.windows is not None and not b.stem.whole:
+            POOL_PLANS[plan](t, b.stem.windows)
+
+
+def trained_layers(model: pteenet.EarlyExitModel, taps: list[torch.Tensor], final: torch.Tensor) -> None:
+    """The heads as trained (BatchNorm run, two head matmuls), pooling as before the timed plans."""
+    with fold.unfolded(), mock.patch.dict(os.environ, {"PTEENET_POOL_PLAN": "nchw"}), mock.patch.dict(branches._chosen_plan, clear=True):
+        model.branch_outputs(taps, final)
 
 
 def main() -> None:
@@ -60,11 +79,19 @@ def main() -> None:
         for bs in (256, 1):
             x = torch.randn(bs, *model.info.preprocess.input_size, generator=torch.Generator().manual_seed(0))
             taps, final = model.backbone_taps(x)
-            row = {"backbone_ms": median_ms(lambda: model.backbone(x), args.repeats),
-                   "all_heads_ms": median_ms(lambda: model.branch_outputs(taps, final), args.repeats),
-                   "stems_ms": median_ms(lambda: [b.stem(t) for b, t in zip(model.branches, taps)], args.repeats)}
+            fns: dict[str, Callable[[], Any]] = {
+                "backbone_ms": lambda: model.backbone(x),
+                "all_heads_ms": lambda: model.branch_outputs(taps, final),
+                "all_heads_trained_layers_ms": lambda: trained_layers(model, taps, final),
+                "stems_ms": lambda: [b.stem(t) for b, t in zip(model.branches, taps)]}
             if model.branch_config.cacheable_stem:
-                row["stems_adaptive_kernels_ms"] = median_ms(lambda: adaptive_pools(model, taps), args.repeats)
+                fns["stems_adaptive_kernels_ms"] = lambda: adaptive_pools(model, taps)
+                if bs >= 16:
+                    for plan in POOL_PLANS:
+                        fns[f"stems_plan_{plan}_ms"] = lambda plan=plan: planned_pools(model, taps, plan)
+            row: dict[str, Any] = interleaved_ms(fns, args.repeats)
+            if bs >= 16 and model.branch_config.cacheable_stem:
+                row["plans_chosen"] = sorted(set(branches._chosen_plan.values()))
             row["per_head_ms"] = row["all_heads_ms"] / model.num_exits
             row["heads_time_share"] = row["all_heads_ms"] / row["backbone_ms"]
             doc[f"batch_{bs}"] = row

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pteenet.train import recorded_configs
+
 RESULTS = Path(__file__).parent / "results"
 PROTOCOLS = {"chosen": "A: calibrate on held-out train", "chosen_test_halves": "B: calibrate on test half 1, report half 2"}
 
@@ -28,10 +30,12 @@ def _setting(r: dict[str, Any]) -> str:
     """What a configuration changes: the branch and loss settings it records."""
     if "config" not in r:  # results written before the head grid
         return f"conv2, v2, λ={r['lambda']}, exit-ce={r.get('exit_ce', 0)}"
-    b, tr = r["branch"], r.get("training") or {}
-    return (f"{b['type']}{', cascade' if b.get('cascade') else ''}{', ensemble' if tr.get('ensemble') else ''}; "
-            f"{tr.get('loss')}, {tr.get('targets')}" + (f" T={tr.get('temperature')}" if tr.get("targets") == "soft" else "")
-            + (f", {tr.get('views')} aug. views" if (tr.get("views") or 1) > 1 else "") + f", {tr.get('epochs')} ep.")
+    b = r["branch"]
+    tr, _ = recorded_configs(r.get("training") or {})  # either record layout
+    loss = tr.loss
+    return (f"{b['type']}{', cascade' if b.get('cascade') else ''}{', ensemble' if tr.ensemble else ''}; "
+            f"{loss.version}, {loss.targets}" + (f" T={loss.temperature}" if loss.targets == "soft" else "")
+            + (f", {tr.views} aug. views" if tr.views > 1 else "") + f", {tr.epochs} ep.")
 
 
 def cifar(doc: dict[str, Any], name: str) -> None:

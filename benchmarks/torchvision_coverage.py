@@ -27,7 +27,7 @@ from pteenet.policies import never_exit_threshold, score
 
 def check(name: str, size: int) -> dict[str, Any]:
     t0 = time.time()
-    model = attach(AttachConfig(f"torchvision:{name}", input_size=(3, size, size), exits=2, placement="linear"))
+    model = attach(AttachConfig(backbone=f"torchvision:{name}", input_size=(3, size, size), exits=2, placement="linear"))
     x = torch.randn(3, 3, size, size)
     never = never_exit_threshold("max-softmax")
     with torch.no_grad():

@@ -59,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     # No cascade: the recorded figures (conv2 branches) predate it.
-    model = attach(AttachConfig(args.backbone, exits=args.exits, placement=args.placement, branch=args.branch,
+    model = attach(AttachConfig(backbone=args.backbone, exits=args.exits, placement=args.placement, branch=args.branch,
                                 cascade=False)).to(device).train()
     cfg = TrainConfig(batch_size=args.batch_size, device=args.device)
     trainer = BranchTrainer(model, cfg, device, total_steps=10_000)
@@ -93,7 +93,7 @@ def main() -> None:
             trainer.step(out, yb)
         sync()
 
-    splits = load_splits(DataConfig("synthetic", augment=True), pre, k)
+    splits = load_splits(DataConfig(spec="synthetic", augment=True), pre, k)
     source = ImageSource(splits.train, args.batch_size, 0, 0, shuffle=True)
 
     def data_batch() -> None:

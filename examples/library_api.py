@@ -26,12 +26,12 @@ def main() -> None:
 
     # As in demo.sh: the shipped Fashion-MNIST ResNet-20, a pooled MLP head after every block.
     model = pteenet.attach(pteenet.AttachConfig(
-        "cifar-resnet20", weights=str(ASSETS / "fashion_resnet20.safetensors"), input_size=(1, 28, 28),
+        backbone="cifar-resnet20", weights=str(ASSETS / "fashion_resnet20.safetensors"), input_size=(1, 28, 28),
         mean=(0.2860,), std=(0.3530,)))
 
     # Trains the branches in place and records the split in model.meta, so the sweep below tunes on
     # the held-out calibration images.
-    data = pteenet.DataConfig(args.data, limit=args.limit, augment=False)
+    data = pteenet.DataConfig(spec=args.data, limit=args.limit, augment=False)
     history = pteenet.train_exits(model, data, pteenet.TrainConfig(epochs=args.epochs, lr=2e-3, cache_features=True))
     print(f"trained {history['final']['epochs_done']} epochs in {history['final']['seconds']:.0f} s")
 
@@ -43,7 +43,7 @@ def main() -> None:
     print(f"chosen on calibration: {chosen['policy']} T={chosen['threshold']} -> cost {chosen['cost']:.3f}"
           + (f"; on test: accuracy {100 * test['accuracy']:.2f}% at cost {test['cost']:.3f}" if test else ""))
 
-    pteenet.export_model(model, pteenet.ExportConfig(args.out / "export", force=True))
+    pteenet.export_model(model, pteenet.ExportConfig(output=args.out / "export", force=True))
     tuned = pteenet.load(str(args.out / "export" / "model.safetensors"))
     print(f"exported {args.out / 'export'}: {tuned.num_exits} exits, {sum(tuned.active)} deciding, "
           f"{tuned.policy} thresholds {[round(t, 3) for t in tuned.thresholds]}")

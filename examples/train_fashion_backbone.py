@@ -93,7 +93,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     pre = Preprocess(INPUT_SIZE, MEAN, STD)
     # No calibration split here: the backbone sees all 60k training images, as a published model would.
-    cfg = DataConfig("fashion-mnist", data_dir=args.data_dir, val_split=0.0, seed=args.seed, crop_padding=2)
+    cfg = DataConfig(spec="fashion-mnist", data_dir=args.data_dir, val_split=0.0, seed=args.seed, crop_padding=2)
     splits = load_splits(cfg, pre, num_classes=10)
     train_loader = make_loader(splits.train, args.batch_size, shuffle=True, seed=args.seed, drop_last=True)
     test_loader = make_loader(splits.test, 512, shuffle=False)

@@ -2,11 +2,11 @@
 
 The whole pipeline on a model in memory::
 
-    model = pteenet.attach(pteenet.AttachConfig("cifar-resnet20", weights="w.th"))
-    data = pteenet.DataConfig("cifar10")
+    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", weights="w.th"))
+    data = pteenet.DataConfig(spec="cifar10")
     pteenet.train_exits(model, data, pteenet.TrainConfig(epochs=10))    # trains the branches in place
     pteenet.sweep_model(model, None, pteenet.SweepConfig(max_drop=1.0))  # sets the chosen thresholds
-    pteenet.export_model(model, pteenet.ExportConfig("export/"))         # writes the deployable folder
+    pteenet.export_model(model, pteenet.ExportConfig(output="export/"))  # writes the deployable folder
 
 ``pteenet.load(path)`` reads a checkpoint back as an ``nn.Module`` whose ``model(x)`` really stops
 computing for samples that leave. The commands work on files (``train_branches``,

@@ -11,14 +11,15 @@ from typing import Any, Callable
 from . import hooks
 from .backbones import load_backbone
 from .branches import BranchConfig
-from .cost import cost_table, cumulative_macs, module_macs, node_macs, place
+from .configs import Config, check_choice, check_int
+from .cost import PLACEMENTS, cost_table, cumulative_macs, module_macs, node_macs, place
 from .errors import PteenetError
 from .graph import ExitPoint, candidates, resolve, trace
 from .model import EarlyExitModel
 
 
-@dataclass
-class AttachConfig:
+@dataclass(kw_only=True)
+class AttachConfig(Config):
     backbone: str  # torchvision:NAME | cifar-resnetN | path/file.py:factory | package.module:factory
     weights: str | None = None  # a local file; for torchvision also DEFAULT or an enum name
     num_classes: int | None = None
@@ -33,6 +34,36 @@ class AttachConfig:
     grid: int = 4  # G of the G x G pooling of pool / pool-mlp / conv-lite heads
     hidden: int = 128  # hidden width of pool-mlp heads
     hooks: bool = False  # untraceable backbones: exits on forward hooks, no real early exit (hooks.py)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backbone, str) or not self.backbone.strip():
+            raise PteenetError(f"backbone must name a model, got {self.backbone!r}", "e.g. cifar-resnet56 or torchvision:resnet18")
+        check_int("num_classes", self.num_classes, 1, optional=True)
+        if self.input_size is not None:
+            self.input_size = tuple(self.input_size)  # type: ignore[assignment]
+            if len(self.input_size) != 3:
+                raise PteenetError(f"input_size must be (C, H, W), got {self.input_size!r}", "e.g. --input-size 3,224,224")
+            for v in self.input_size:
+                check_int("input_size", v, 1, "e.g. --input-size 3,224,224")
+        for name in ("mean", "std"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        if self.at is not None:
+            self.at = list(self.at)
+        if self.at and self.exits is not None:
+            raise PteenetError("give either --at or --exits, not both", "--at names the exits; --exits N places N by cost")
+        if isinstance(self.exits, str):
+            text = self.exits.strip().lower()
+            if text != "all":
+                raise PteenetError(f"--exits takes a number or 'all', got '{self.exits}'", "e.g. --exits 4, or --exits all")
+            self.exits = text
+        else:
+            check_int("exits", self.exits, 1, "or name the exits with --at", optional=True)
+        check_choice("placement", self.placement, PLACEMENTS)
+        self.branch_config()  # the branch name, grid and hidden width
+
+    def branch_config(self) -> BranchConfig:
+        return BranchConfig.parse(self.branch, grid=self.grid, hidden=self.hidden, cascade=self.cascade)
 
 
 DEFAULT_EXITS = "all"  # cheap heads make every block a candidate; the sweep decides which ones pay
@@ -77,9 +108,7 @@ def list_candidates(cfg: AttachConfig) -> dict[str, Any]:
 
 def attach(cfg: AttachConfig) -> EarlyExitModel:
     """Build the early-exit model (untrained branches) with its cost table."""
-    branch = BranchConfig.parse(cfg.branch, grid=cfg.grid, hidden=cfg.hidden, cascade=cfg.cascade)
-    if cfg.at and cfg.exits is not None:
-        raise PteenetError("give either --at or --exits, not both", "--at names the exits; --exits N places N by cost")
+    branch = cfg.branch_config()
     pb = _load(cfg)
     cum = pb.cum
     if cfg.at:
@@ -90,12 +119,7 @@ def attach(cfg: AttachConfig) -> EarlyExitModel:
             raise PteenetError(f"found no candidate exit points in {cfg.backbone}",
                                "name them with --at (module paths or node names)")
         n = cfg.exits if cfg.exits is not None else DEFAULT_EXITS
-        if isinstance(n, str):
-            if n.strip().lower() != "all":
-                raise PteenetError(f"--exits takes a number or 'all', got '{n}'", "e.g. --exits 4, or --exits all")
-            points = cands
-        else:
-            points = place(cands, cum, n, cfg.placement)
+        points = cands if n == "all" else place(cands, cum, int(n), cfg.placement)
     model = EarlyExitModel(pb.backbone, pb.info, [p.name for p in points], branch, hooks=cfg.hooks)
     branch_macs = [module_macs(b, model.tap_shapes[k]) for k, b in enumerate(model.branches)]
     model.cost = cost_table(model.exit_points, cum, branch_macs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ class BackboneInfo:
     weights: str | None = None
     weights_sha256: str | None = None
     class_names: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -59,6 +58,7 @@ class BackboneInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BackboneInfo":
         d = dict(d)
+        d.pop("extra", None)  # schema 1 and 2 files carry an always-empty "extra"
         d["preprocess"] = Preprocess.from_dict(d["preprocess"])
         return cls(**d)
 

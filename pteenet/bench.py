@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import timing
+from .configs import Config, check_choice, check_int, check_policy, check_thresholds
 from .data import DataRequest, load_splits, make_loader, resolve_data
 from .errors import PteenetError
 from .hooks import NO_EARLY_EXIT
@@ -30,8 +32,8 @@ from .progress import SILENT, Sink
 OVERHEAD_TOLERANCE = 0.10
 
 
-@dataclass
-class BenchConfig:
+@dataclass(kw_only=True)
+class BenchConfig(Config):
     batch_sizes: Sequence[int] = (1, 256)
     threshold: float | Sequence[float] | None = None  # None: the model's own thresholds
     policy: str | None = None  # None: the model's own policy
@@ -40,6 +42,21 @@ class BenchConfig:
     warmup: int = 3  # untimed batches per model and batch size
     extra: dict[str, Any] = field(default_factory=dict)  # recorded as is (data spec, split, ...)
     tune_allocator: bool = True  # see tune_allocator(); applies to both models alike
+
+    def __post_init__(self) -> None:
+        self.batch_sizes = tuple(self.batch_sizes)
+        if not self.batch_sizes:
+            raise PteenetError("batch_sizes is empty", "e.g. --batch-size 1 --batch-size 256")
+        for b in self.batch_sizes:
+            check_int("batch_sizes", b, 1, "e.g. --batch-size 1 --batch-size 256")
+        if self.threshold is not None and not isinstance(self.threshold, (int, float)):
+            self.threshold = tuple(self.threshold)
+        check_thresholds(self.threshold)
+        if self.policy is not None:
+            check_policy(self.policy)
+        check_int("threads", self.threads, 1, optional=True)
+        check_int("repeats", self.repeats, 1, "e.g. --repeats 5")
+        check_int("warmup", self.warmup, 0)
 
 
 def tune_allocator() -> str | None:
@@ -97,9 +114,12 @@ def _side(totals: list[float], per_batch: list[float], n_images: int) -> dict[st
             "latency_ms": {"p50": 1e3 * _percentile(per_batch, 0.5), "p95": 1e3 * _percentile(per_batch, 0.95)}}
 
 
-def verdict(batch_size: int, time_ratio: float, mac_ratio: float | None) -> str:
-    """One honest sentence on whether the measured time follows the MACs."""
+def verdict(batch_size: int, time_ratio: float, mac_ratio: float | None, split: dict[str, float] | None = None) -> str:
+    """One honest sentence on whether the measured time follows the MACs (and, given ``split``
+    from ``timing.TimeProfile.ratios``, what this backbone's layer times would allow)."""
     promised = "" if mac_ratio is None else f"; MACs promise {1 / mac_ratio:.2f}x"
+    if split is not None:
+        promised += f", this backbone's layer times with free exits {1 / split['ideal_time_ratio']:.2f}x"
     if time_ratio >= 1.0:
         # Two causes MACs do not see: the exits' own overhead (branch calls, decisions, and at batch > 1
         # the row indexing), and layers that take more time per MAC than the average (early,
@@ -107,6 +127,9 @@ def verdict(batch_size: int, time_ratio: float, mac_ratio: float | None) -> str:
         return (f"batch {batch_size}: NO speed-up - early exit takes {time_ratio:.2f}x the backbone's time{promised}: "
                 "the exits' overhead and the uneven time per MAC of the layers eat the savings")
     if mac_ratio is not None and time_ratio > mac_ratio * (1 + OVERHEAD_TOLERANCE):
+        if split is not None and time_ratio <= split["ideal_time_ratio"] * (1 + OVERHEAD_TOLERANCE):
+            return (f"batch {batch_size}: {1 / time_ratio:.2f}x faster{promised}: the exits add little; the rest is "
+                    "the backbone's early layers taking more time per MAC than its late ones")
         return (f"batch {batch_size}: {1 / time_ratio:.2f}x faster{promised}: overhead eats part of the savings")
     return f"batch {batch_size}: {1 / time_ratio:.2f}x faster{promised}: the measured time follows the MACs"
 
@@ -117,10 +140,6 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: S
     goes to ``sink`` between timed passes (never inside one), and so do the document's warnings."""
     if images.shape[0] < 1:
         raise PteenetError("no images to measure on", "check the data split and --limit")
-    if cfg.repeats < 1 or any(b < 1 for b in cfg.batch_sizes) or not cfg.batch_sizes:
-        raise PteenetError("repeats and batch sizes must be at least 1", "e.g. --repeats 5 --batch-size 1 --batch-size 256")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise PteenetError(f"--threads must be at least 1, got {cfg.threads}")
     thresholds, policy = model.resolve_thresholds(model.thresholds if cfg.threshold is None else cfg.threshold, cfg.policy)
     model.eval()
     device = next(model.parameters()).device
@@ -155,7 +174,9 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: S
                                 exit_index = torch.cat([o.exit_index for o in outs]).cpu()
                             task.advance()
                 assert exit_index is not None
-                results.append(_result(bs, len(batches), n, totals, per_batch, exit_index, model))
+                # Where the time goes, on one batch of this size: splits the gap to the MACs (see timing.py).
+                prof = timing.profile(model, batches[0], repeats=cfg.repeats, warmup=min(cfg.warmup, 1))
+                results.append(_result(bs, len(batches), n, totals, per_batch, exit_index, model, prof))
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
@@ -185,7 +206,7 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: S
 
 
 def _result(bs: int, n_batches: int, n: int, totals: dict[str, list[float]], per_batch: dict[str, list[float]],
-            exit_index: torch.Tensor, model: EarlyExitModel) -> dict[str, Any]:
+            exit_index: torch.Tensor, model: EarlyExitModel, prof: timing.TimeProfile) -> dict[str, Any]:
     counts = torch.bincount(exit_index, minlength=model.num_exits + 1).tolist()
     fractions = [c / n for c in counts]
     # Cumulative convention: a sample that left at exit k paid the backbone up to k and every branch
@@ -199,7 +220,8 @@ def _result(bs: int, n_batches: int, n: int, totals: dict[str, list[float]], per
         "batch_size": bs, "images_per_batch": min(bs, n), "batches": n_batches, "backbone": bb, "early_exit": ee,
         "time_ratio": time_ratio, "speedup": 1.0 / time_ratio, "mac_ratio": mac_ratio, "mac_ratio_paper": mac_ratio_paper,
         "mean_macs": None if cost is None or mac_ratio is None else mac_ratio * cost.backbone_macs,
-        "exit_fractions": fractions, "verdict": verdict(bs, time_ratio, mac_ratio),
+        "exit_fractions": fractions, "verdict": verdict(bs, time_ratio, mac_ratio, prof.ratios(fractions)),
+        **prof.ratios(fractions), "time_profile": prof.to_dict(),
     }
 
 
@@ -211,9 +233,8 @@ def load_images(model: EarlyExitModel, spec: str | None = None, data_dir: str | 
     """One split, preprocessed for the backbone and stacked in memory so that the timed loops never
     wait for data; the split is rebuilt from the checkpoint's data record as the sweep does (``spec``
     None: the recorded data). Returns the images and notes on what was assumed."""
-    if split not in SPLITS:
-        raise PteenetError(f"unknown split '{split}'", f"known splits: {', '.join(SPLITS)}")
-    cfg, notes = resolve_data(DataRequest(spec, data_dir, limit), model.meta.get("data"))
+    check_choice("split", split, SPLITS)
+    cfg, notes = resolve_data(DataRequest(spec=spec, data_dir=data_dir, limit=limit), model.meta.get("data"))
     ds = getattr(load_splits(cfg, model.info.preprocess, model.info.num_classes), split)
     if len(ds) == 0:
         raise PteenetError(f"the {split} split of {cfg.spec} is empty", "use --split test")

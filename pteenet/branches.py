@@ -28,14 +28,18 @@ still picks the family:
 """
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fold
+from .configs import Config, check_int
 from .errors import PteenetError
 
 MAX_CONVS = 3
@@ -43,8 +47,8 @@ KINDS = ("conv", "pool", "pool-mlp", "conv-lite")
 NAMES = "conv0, conv1, conv2, conv3, pool, pool-mlp, conv-lite"
 
 
-@dataclass(frozen=True)
-class BranchConfig:
+@dataclass(frozen=True, kw_only=True)
+class BranchConfig(Config):
     kind: str = "conv"  # conv | pool | pool-mlp | conv-lite
     convs: int = 2  # X in ConvX (kind conv only); 0 is the pool-only branch
     grid: int = 4  # G of the G x G pooling (pool, pool-mlp, conv-lite)
@@ -54,11 +58,11 @@ class BranchConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise PteenetError(f"unknown branch type '{self.kind}'", f"known branch types: {NAMES}")
-        if not 0 <= self.convs <= MAX_CONVS:
+        check_int("convs", self.convs, 0, f"conv branches take 0..{MAX_CONVS} convs")
+        if self.convs > MAX_CONVS:
             raise PteenetError(f"conv branches take 0..{MAX_CONVS} convs, got {self.convs}", f"known branch types: {NAMES}")
-        if self.grid < 1 or self.hidden < 1:
-            raise PteenetError(f"branch grid and hidden width must be >= 1, got {self.grid} and {self.hidden}",
-                               "e.g. --grid 4 --hidden 128")
+        check_int("grid", self.grid, 1, "e.g. --grid 4")
+        check_int("hidden", self.hidden, 1, "e.g. --hidden 128")
 
     @property
     def name(self) -> str:
@@ -86,26 +90,78 @@ class BranchConfig:
         t = text.strip().lower()
         m = re.fullmatch(r"conv([0-9]+)", t)
         if m and int(m.group(1)) <= MAX_CONVS:
-            return cls("conv", int(m.group(1)), **options)
+            return cls(kind="conv", convs=int(m.group(1)), **options)
         if t in KINDS and t != "conv":
-            return cls(t, **options)
+            return cls(kind=t, **options)
         raise PteenetError(f"unknown branch type '{text}'", f"known branch types: {NAMES}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.name, **asdict(self)}
+        return {"type": self.name, **super().to_dict()}  # "type": the name users know, for readers of the file
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BranchConfig":
-        """Checkpoints before the new heads wrote only ``{"type": "convX", "convs": X}``."""
-        kind = d.get("kind") or ("conv" if str(d.get("type", "")).startswith("conv") and d.get("type") != "conv-lite" else d.get("type"))
-        return cls(kind=str(kind), convs=int(d.get("convs", 2)), grid=int(d.get("grid", 4)),
-                   hidden=int(d.get("hidden", 128)), cascade=bool(d.get("cascade", False)))
+        """Checkpoints before the new heads (schema 1) wrote only ``{"type": "convX", "convs": X}``."""
+        d = dict(d)
+        name = str(d.pop("type", ""))
+        if "kind" not in d:
+            d["kind"] = "conv" if name.startswith("conv") and name != "conv-lite" else name
+        return super().from_dict(d)
 
 
 def grid_width(c: int, hw: tuple[int, int], grid: int) -> int:
     """Length of ``GridPool``'s output vector."""
     h, w = min(grid, hw[0]), min(grid, hw[1])
     return c * h * w if (h, w) == tuple(hw) else 2 * c * h * w
+
+
+def _pool_nchw(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """avg_pool2d, and a max over the window's columns, then its rows."""
+    (kh, kw), (b, c, h, w) = k, x.shape
+    mx = x.reshape(b, c, h, w // kw, kw).amax(4).reshape(b, c, h // kh, kh, w // kw).amax(3)
+    return F.avg_pool2d(x, k), mx
+
+
+def _pool_rows(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduce the window's rows first, over whole contiguous image rows (vectorised along W), then
+    the columns: fast where windows are large (CIFAR ResNet stage 1, ImageNet maps)."""
+    (kh, kw), (b, c, h, w) = k, x.shape
+    rows = x.reshape(b, c, h // kh, kh, w)
+    s = rows.sum(3).reshape(b, c, h // kh, w // kw, kw).sum(4) / (kh * kw)
+    return s, rows.amax(3).reshape(b, c, h // kh, w // kw, kw).amax(4)
+
+
+def _pool_nhwc(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One copy to channels-last, where both pooling kernels vectorise along C: fast for small
+    windows over many channels (CIFAR ResNet stages 2-3), slow for large maps (the copy)."""
+    y = x.contiguous(memory_format=torch.channels_last)
+    return F.avg_pool2d(y, k), F.max_pool2d(y, k)
+
+
+# Equal-window pooling has several formulations with the same values (to float rounding) whose
+# speed depends on the shape and the CPU by 2-3x either way (measured: benchmarks/head_cost.py).
+# Pooling is most of a pooled head's time at large batches, so the first large batch of each
+# shape times them all and every later call uses the fastest (one choice per process).
+POOL_PLANS = {"nchw": _pool_nchw, "rows": _pool_rows, "nhwc": _pool_nhwc}
+_chosen_plan: dict[tuple[Any, ...], str] = {}
+
+
+def _fastest_plan(x: torch.Tensor, k: tuple[int, int]) -> str:
+    key = (tuple(x.shape[1:]), k, x.dtype, x.device.type, torch.get_num_threads())
+    if key not in _chosen_plan:
+        forced = os.environ.get("PTEENET_POOL_PLAN")
+        if forced in POOL_PLANS:
+            _chosen_plan[key] = forced
+        else:
+            times = {}
+            with torch.no_grad():
+                for name, fn in POOL_PLANS.items():
+                    fn(x, k)  # warm-up: first calls allocate
+                    t0 = time.perf_counter()
+                    for _ in range(2):
+                        fn(x, k)
+                    times[name] = time.perf_counter() - t0
+            _chosen_plan[key] = min(times, key=times.__getitem__)
+    return _chosen_plan[key]
 
 
 class GridPool(nn.Module):
@@ -126,13 +182,10 @@ class GridPool(nn.Module):
             return x.flatten(1)
         # Not while torch.export traces: a branch on the batch size would pin its dynamic dimension.
         if self.windows is not None and not torch.compiler.is_compiling() and x.shape[0] >= 16:
-            # Pooling is memory-bound and PyTorch's adaptive CPU kernels are slow on large batches
-            # (CIFAR ResNet-56, batch 256: 5.7 ms a head, a fifth of the heads' MACs' worth of a
-            # conv block). avg_pool2d and a max over the window's columns, then its rows, give the
-            # same values in about half the time; at small batches the adaptive kernels win.
-            (kh, kw), (b, c, h, w) = self.windows, x.shape
-            mx = x.reshape(b, c, h, w // kw, kw).amax(4).reshape(b, c, h // kh, kh, w // kw).amax(3)
-            return torch.cat([F.avg_pool2d(x, self.windows).flatten(1), mx.flatten(1)], 1)
+            # PyTorch's adaptive CPU kernels are slow on large batches (CIFAR ResNet-56, batch 256:
+            # 5.7 ms a head); at small batches they win.
+            avg, mx = POOL_PLANS[_fastest_plan(x, self.windows)](x, self.windows)
+            return torch.cat([avg.flatten(1), mx.flatten(1)], 1)
         return torch.cat([self.avg(x).flatten(1), self.max(x).flatten(1)], 1)
 
 
@@ -228,9 +281,22 @@ class Branch(nn.Module):
         head_in = width + (num_classes if cfg.cascade else 0)
         self.classifier = nn.Linear(head_in, num_classes)
         self.confidence = nn.Linear(head_in, 1)
+        self._folded: fold.FoldedBranch | None = None  # the inference form, derived on first use
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "Branch":
+        self._folded = None  # .to()/.half() replace the tensors the folded form was built from
+        return super()._apply(fn, recurse)
+
+    def folded(self) -> fold.FoldedBranch:
+        """BatchNorm folded into its neighbours and both heads in one matmul (eval inference)."""
+        if self._folded is None or not self._folded.current():
+            self._folded = fold.fold(self)
+        return self._folded
 
     def head(self, features: torch.Tensor, prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """From the stem's output (what a feature cache holds) to (logits, confidence logit)."""
+        if not self.training and fold.inference_ok():
+            return self.folded().head(features, prev)
         z = self.body(features)
         if self.cascade:
             if prev is None:

@@ -6,7 +6,9 @@ optional ``state.*`` (training state for --resume). Metadata: one JSON document 
 backbone spec, the branch types of ``branches.py``): no pickle anywhere.
 
 Schema 2 added the branch kinds (pool, pool-mlp, conv-lite, cascade), the ensemble and the active
-exits; schema 1 files (ConvX branches) load unchanged.
+exits. Schema 3 records the training run's configs whole (``training.config``, ``training.data``, from
+``pteenet.configs``; a resume compares them field by field) and drops the always-empty
+``backbone.extra``. Schema 1 and 2 files load unchanged, and their unfinished runs still resume.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from .model import EarlyExitModel
 from .version import __version__
 from .weights import module_sha256, tensors_sha256
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 META_KEY = "pteenet"
 
 

@@ -31,6 +31,7 @@ from thop.profile import register_hooks
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import fold
 from .branches import ChannelsFirst
 from .errors import PteenetError, unknown_name
 from .graph import ExitPoint, TracedBackbone
@@ -103,7 +104,9 @@ def module_macs(module: nn.Module, in_shape: tuple[int, ...]) -> int:
 
     m = copy.deepcopy(module).eval()
     device = next((p.device for p in m.parameters()), torch.device("cpu"))
-    with torch.no_grad():
+    # The trained layers, which thop's module hooks can count (the folded inference form is plain
+    # functions, and does no more work: its BatchNorms are counted here but not run).
+    with fold.unfolded():
         macs, _ = thop.profile(m, inputs=(torch.zeros(1, *in_shape, device=device),), verbose=False,
                                custom_ops={ChannelsFirst: _count_permute})
     return int(macs)

@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .backbones import Preprocess
+from .configs import Config, check_int, check_number, setting
 from .errors import PteenetError, unknown_name
 
 DEFAULT_DATA_DIR = Path("~/.cache/pteenet/data")
@@ -55,19 +56,36 @@ KNOWN_SPECS = [*_TORCHVISION, "imagefolder:PATH", "synthetic"]
 _HALF_SUFFIX = re.compile(r"#half=(\w*)$")
 
 
-@dataclass
-class DataConfig:
+def _known_spec(spec: str) -> bool:
+    return spec in _TORCHVISION or spec == "synthetic" or spec.startswith("imagefolder:")
+
+
+@dataclass(kw_only=True)
+class DataConfig(Config):
     """Which data to load and how to split it; ``limit`` caps every split (for quick tries and tests)."""
 
     spec: str
-    data_dir: str | None = None
+    data_dir: str | None = setting(None, resume="free")  # where the files are: may move between runs
     limit: int | None = None
     augment: bool = True
     val_split: float = 0.1
     seed: int = 0
-    download: bool = True
+    download: bool = setting(True, resume="free")
     crop_padding: int | None = None  # random-crop padding; None: 4 px at 32 px, scaled with the image size
     calibration: str | None = None  # val from this spec (module docstring) instead of carved from train
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, str) or not _known_spec(self.spec):
+            raise unknown_name("dataset", str(self.spec), KNOWN_SPECS)
+        check_int("limit", self.limit, 1, "leave it out to use all the data", optional=True)
+        check_number("val_split", self.val_split, 0, 1, high_open=True,
+                     hint="the val split is a fraction of train, e.g. --val-split 0.1")
+        check_int("seed", self.seed, None)
+        check_int("crop_padding", self.crop_padding, 0, optional=True)
+        if self.calibration is not None:
+            base, _ = parse_calibration(self.calibration)
+            if not _known_spec(base):  # before loading the training data, which can take a while
+                raise unknown_name("calibration dataset", base, KNOWN_SPECS)
 
     @classmethod
     def from_split_info(cls, info: dict[str, Any], data_dir: str | None = None, download: bool = True) -> "DataConfig":
@@ -363,14 +381,7 @@ def load_splits(cfg: DataConfig, preprocess: Preprocess, num_classes: int | None
     """Load ``cfg.spec`` preprocessed for the backbone and split it into train, calibration (val) and
     test: val carved from train, or taken from ``cfg.calibration`` (module docstring)."""
     spec = cfg.spec
-    if not 0 <= cfg.val_split < 1:
-        raise PteenetError(f"val split must be in [0, 1), got {cfg.val_split}", "e.g. --val-split 0.1")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise PteenetError(f"limit must be at least 1, got {cfg.limit}", "leave it out to use all the data")
     cal_base, half = parse_calibration(cfg.calibration) if cfg.calibration is not None else (None, None)
-    if cal_base is not None and cal_base not in _TORCHVISION and cal_base != "synthetic" \
-            and not cal_base.startswith("imagefolder:"):  # before loading the training data, which can take a while
-        raise unknown_name("calibration dataset", cal_base, KNOWN_SPECS)
     aug_tf = ImageTransform(preprocess, cfg.augment, spec not in _NO_FLIP, cfg.crop_padding)
     plain_tf = ImageTransform(preprocess)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -414,7 +425,7 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int = 0, s
 DEFAULT_VAL_SPLIT = 0.1  # only for checkpoints that record no split (training's default)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataRequest:
     """The data the user named. The split itself comes from the checkpoint's record when it has
     one; ``spec`` None means "the recorded data"; ``limit`` None means "the recorded limit"."""
@@ -424,6 +435,9 @@ class DataRequest:
     limit: int | None = None
     download: bool = True
     calibration: str | None = None  # a DataConfig.calibration spec; None: the recorded calibration data
+
+    def __post_init__(self) -> None:
+        check_int("limit", self.limit, 1, "leave it out to use the recorded limit", optional=True)
 
 
 def _same_spec(asked: str, recorded: str) -> bool:
@@ -446,24 +460,24 @@ def resolve_data(request: DataRequest, recorded: dict[str, Any] | None) -> tuple
             raise PteenetError("the checkpoint's data record is incomplete (needs spec, val_split, seed, limit)",
                                "retrain the branches with `pteenet train-branches`") from None
         if request.spec is not None and request.spec != rec:
-            cfg.spec = request.spec
+            cfg = replace(cfg, spec=request.spec)
             notes.append(f"data read from {request.spec}, assumed to hold the same images as the recorded {rec}")
         if request.limit is not None and request.limit != cfg.limit:
             # Val is carved before the cap, so any limit keeps it inside the held-out images.
             notes.append(f"--limit {request.limit} replaces the recorded limit {cfg.limit}")
-            cfg.limit = request.limit
+            cfg = replace(cfg, limit=request.limit)
         if request.calibration is not None and request.calibration != cfg.calibration:
             was = f"the recorded {cfg.calibration}" if cfg.calibration else \
                 "the part of the training data held out from branch training"
             notes.append(f"calibrating on {request.calibration} instead of {was}")
-            cfg.calibration = request.calibration
+            cfg = replace(cfg, calibration=request.calibration)
     else:
         if request.spec is None:
             raise PteenetError("the checkpoint records no training data", "pass --data SPEC")
-        cfg = DataConfig(request.spec, request.data_dir, request.limit, val_split=DEFAULT_VAL_SPLIT,
+        cfg = DataConfig(spec=request.spec, data_dir=request.data_dir, limit=request.limit, val_split=DEFAULT_VAL_SPLIT,
                          download=request.download, calibration=request.calibration)
         if request.calibration is None:
             notes.append(f"the checkpoint records no data split: calibrated on a fresh val_split "
                          f"{DEFAULT_VAL_SPLIT} (seed 0), which may overlap the images the branches were trained on")
-    cfg.augment = False  # only val and test are used, and they are never augmented; this is for clarity
-    return cfg, notes
+    # Only val and test are used, and they are never augmented; this is for clarity.
+    return replace(cfg, augment=False), notes

@@ -9,7 +9,7 @@ runtime's decisions equal the sweep's simulation by construction.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ class Ensemble(nn.Module):
         raw.diagonal().fill_(0.5413)  # softplus(0.5413) = 1: each exit starts as its own head
         self.raw = nn.Parameter(raw)
         self.bias = nn.Parameter(torch.zeros(num_exits, num_classes))
+        self._frozen: tuple[tuple[int, int], torch.Tensor] | None = None
 
     @property
     def num_exits(self) -> int:
@@ -39,9 +40,26 @@ class Ensemble(nn.Module):
         """[E, E], row k: the weights of heads 0..k for exit k (zero above the diagonal)."""
         return F.softplus(self.raw).tril()
 
-    def exit_logits(self, k: int, logps: list[torch.Tensor]) -> torch.Tensor:
-        w = F.softplus(self.raw[k, : k + 1])
-        return torch.einsum("jbc,j->bc", torch.stack(logps[: k + 1]), w.to(logps[0].dtype)) + self.bias[k].to(logps[0].dtype)
+    def _inference_weights(self) -> torch.Tensor:
+        """``weights()``, computed once while the parameter stays the same (it is fitted once,
+        then fixed): three fewer ops per exit at run time."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.weights()
+        key = (self.raw.data_ptr(), self.raw._version)
+        if self._frozen is None or self._frozen[0] != key:
+            self._frozen = (key, self.weights())
+        return self._frozen[1]
+
+    def add_head(self, k: int, logp: torch.Tensor, acc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head k's log-probabilities [B, K] join the running sums of exits k..E-1 (``acc``
+        [E-k, B, K], None at exit 0). Returns (exit k's logits, the sums exits k+1.. go on with).
+
+        One fused multiply-add per head instead of stacking heads 0..k at every exit: at batch 1
+        the ensemble then costs about as much as one more small op, whatever the exit's depth."""
+        w = self._inference_weights()[k:, k].to(logp.dtype)
+        term = w[:, None, None] * logp[None]
+        acc = term if acc is None else acc + term
+        return acc[0] + self.bias[k].to(logp.dtype), (acc[1:] if acc.shape[0] > 1 else None)
 
 
 def computed_heads(active: Sequence[bool], chained: bool) -> list[bool]:
@@ -57,10 +75,19 @@ class Carry:
     """What later exits need from earlier ones, one row per sample in flight."""
 
     prev: torch.Tensor | None = None  # the last head's logits (cascade)
-    logps: list[torch.Tensor] = field(default_factory=list)  # every head's log-softmax so far (ensemble)
+    acc: torch.Tensor | None = None  # [E-k, B, K]: the ensemble sums of the exits still to come
 
     def select(self, rows: torch.Tensor) -> "Carry":
-        return Carry(None if self.prev is None else self.prev[rows], [lp[rows] for lp in self.logps])
+        return Carry(None if self.prev is None else self.prev[rows], None if self.acc is None else self.acc[:, rows])
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The carried tensors, for programs that pass them on explicitly (torch.cond)."""
+        return [t for t in (self.prev, self.acc) if t is not None]
+
+    def like(self, tensors: Sequence[torch.Tensor]) -> "Carry":
+        """A carry of this one's layout holding ``tensors`` (the inverse of ``tensors``)."""
+        it = iter(tensors)
+        return Carry(None if self.prev is None else next(it), None if self.acc is None else next(it))
 
 
 def exit_step(branch: Branch, ensemble: Ensemble | None, k: int, x: torch.Tensor, carry: Carry,
@@ -70,12 +97,11 @@ def exit_step(branch: Branch, ensemble: Ensemble | None, k: int, x: torch.Tensor
     Returns (head logits, the logits the exit decides and answers with, confidence logit, carry).
     """
     head, conf = (branch.head(x, carry.prev) if features else branch(x, carry.prev))
-    logps = carry.logps
-    logits = head
+    acc, logits = carry.acc, head
     if ensemble is not None:
-        logps = [*logps, torch.log_softmax(head.float(), 1)]
-        logits = ensemble.exit_logits(k, logps).to(head.dtype)
-    return head, logits, conf, Carry(head if branch.cascade else None, logps)
+        z, acc = ensemble.add_head(k, torch.log_softmax(head.float(), 1), acc)
+        logits = z.to(head.dtype)
+    return head, logits, conf, Carry(head if branch.cascade else None, acc)
 
 
 def fit_ensemble(head_logits: list[torch.Tensor], targets: torch.Tensor, steps: int = 300,

@@ -21,7 +21,6 @@ import datetime
 import importlib
 import io
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ from torch import nn
 
 from . import policies
 from .checkpoint import load_checkpoint, save_checkpoint
+from .configs import Config, check_criterion, check_policy, check_thresholds, setting
 from .errors import PteenetError, unknown_name
 from .exits import Carry, exit_step
 from .hooks import NO_EARLY_EXIT
@@ -60,9 +60,9 @@ FORMATS = {
 }
 
 
-@dataclass
-class ExportConfig:
-    output: Path
+@dataclass(kw_only=True)
+class ExportConfig(Config):
+    output: Path = setting(decode=Path)
     threshold: float | Sequence[float] | None = None  # set directly ...
     budget: float | None = None  # ... or picked from the stored sweep: best within this mean cost
     max_drop: float | None = None  # ... or the cheapest within this many accuracy points of the backbone
@@ -70,12 +70,18 @@ class ExportConfig:
     formats: Sequence[str] = ("safetensors",)
     force: bool = False
 
-
-def check_thresholds(values: Sequence[float]) -> None:
-    """Every policy's score (h, max-softmax, normalised entropy) lies in [0, 1]; so do thresholds."""
-    bad = [t for t in values if not (math.isfinite(t) and 0.0 <= t <= 1.0)]
-    if bad:
-        raise PteenetError(f"threshold {bad[0]:g} is outside [0, 1]", "every policy's score lies in [0, 1]")
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        self.formats = tuple(self.formats)
+        for fmt in self.formats:
+            if fmt not in FORMATS:
+                raise unknown_name("format", fmt, list(FORMATS))
+        if self.threshold is not None and not isinstance(self.threshold, (int, float)):
+            self.threshold = tuple(self.threshold)
+        check_thresholds(self.threshold)
+        check_criterion(self.budget, self.max_drop, threshold=self.threshold)
+        if self.policy is not None:
+            check_policy(self.policy)
 
 
 # -- programs --------------------------------------------------------------------------------------
@@ -109,8 +115,7 @@ class CondProgram(nn.Module):
             return self._from(k + 1, thresholds, state, carry)
         leave = policies.passes(self.policy, policies.score(self.policy, logits, conf), thresholds[k]).reshape(())
         is_tensor = [isinstance(v, torch.Tensor) for v in state]
-        has_prev = carry.prev is not None
-        carried = ([carry.prev] if has_prev else []) + list(carry.logps)
+        carried = carry.tensors()
 
         def exit_here(logits: torch.Tensor, thresholds: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # clone: a cond branch may not return one of its inputs as is.
@@ -119,8 +124,7 @@ class CondProgram(nn.Module):
         def go_on(logits: torch.Tensor, thresholds: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             it = iter(tensors)
             st = tuple(next(it) if t else v for v, t in zip(state, is_tensor))
-            prev = next(it) if has_prev else None
-            return self._from(k + 1, thresholds, st, Carry(prev, list(it)))
+            return self._from(k + 1, thresholds, st, carry.like(list(it)))
 
         operands = (logits, thresholds, *(v for v, t in zip(state, is_tensor) if t), *carried)
         return torch.cond(leave, exit_here, go_on, operands)
@@ -259,11 +263,11 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
 
 
 # -- the whole export ------------------------------------------------------------------------------
-def _check_request(checkpoint: str | Path | None, cfg: ExportConfig) -> list[str]:
+def _check_environment(checkpoint: str | Path | None, cfg: ExportConfig) -> list[str]:
+    """What ``ExportConfig`` cannot know when it is built: that the formats' packages are installed
+    and that the output folder may be written. Returns the formats to write, safetensors first."""
     formats = list(dict.fromkeys(["safetensors", *cfg.formats]))
     for fmt in formats:
-        if fmt not in FORMATS:
-            raise unknown_name("format", fmt, list(FORMATS))
         spec = FORMATS[fmt]
         for mod in spec.modules:
             try:
@@ -271,12 +275,6 @@ def _check_request(checkpoint: str | Path | None, cfg: ExportConfig) -> list[str
             except ImportError:
                 raise PteenetError(f"format {fmt} needs {mod}, which is not installed",
                                    f"pip install 'pteenet[{spec.extra}]'") from None
-    if sum(v is not None for v in (cfg.threshold, cfg.budget, cfg.max_drop)) > 1:
-        raise PteenetError("give one of --threshold, --budget and --max-drop", "each picks the operating point its own way")
-    if cfg.threshold is not None:
-        check_thresholds([cfg.threshold] if isinstance(cfg.threshold, (int, float)) else list(cfg.threshold))
-    if cfg.policy is not None and cfg.policy not in policies.POLICIES:
-        raise unknown_name("policy", cfg.policy, policies.POLICIES)
     out = Path(cfg.output).resolve()
     # --force replaces the folder: never one the user stands in or the checkpoint lives in.
     if out == Path.cwd() or out in Path.cwd().parents or (
@@ -313,7 +311,7 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, sink: Sink = SILENT, 
     end, so a failure leaves no half-written folder. Returns a summary document. ``source`` names the
     checkpoint the model came from, for the report. Progress goes to ``sink``: one step per file
     written, the slow programs (torch.export, ONNX) named while they are built."""
-    formats = _check_request(source, cfg)
+    formats = _check_environment(source, cfg)
     if model.hooks and len(formats) > 1:
         raise PteenetError(f"--format {formats[1]} needs a backbone split into stages, and {NO_EARLY_EXIT}",
                            "export only model.safetensors (the default), or attach a traceable backbone")
@@ -354,5 +352,5 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, sink: Sink = SILENT, 
 
 def export(checkpoint: str | Path, cfg: ExportConfig, sink: Sink = SILENT) -> dict[str, Any]:
     """``pteenet export``: ``export_model`` on the model of a checkpoint file."""
-    _check_request(checkpoint, cfg)  # before the checkpoint is read
+    _check_environment(checkpoint, cfg)  # before the checkpoint is read
     return export_model(load_checkpoint(checkpoint).model, cfg, sink, source=checkpoint)

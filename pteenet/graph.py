@@ -32,10 +32,6 @@ CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 LEAF_BOUNDARIES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d)
 
 
-class TraceError(PteenetError):
-    pass
-
-
 LAYOUTS = ("chw", "hwc", "tokens", "vector")
 TO_CHANNELS_LAST, TO_CHANNELS_FIRST = (0, 2, 3, 1), (0, 3, 1, 2)
 _RESHAPES = {"reshape", "view", "flatten", "unflatten", "transpose", "movedim", "swapaxes", "unfold"}
@@ -78,7 +74,7 @@ def trace(backbone: nn.Module, input_size: tuple[int, ...]) -> TracedBackbone:
         graph = tracer.trace(backbone)
         gm = fx.GraphModule(backbone, graph)
     except Exception as e:
-        raise TraceError(
+        raise PteenetError(
             f"torch.fx cannot trace {type(backbone).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
             "pteenet needs a traceable forward (no Python control flow on tensor values) to split it into "
             "real stages; wrap the untraceable part in a leaf module, or attach with --hooks (forward hooks: "

@@ -26,14 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .configs import Config, check_choice, check_number
 from .errors import PteenetError
 
 VERSIONS = ("v1", "v2", "ce")
 TARGETS = ("pseudo", "soft", "labels")
 
 
-@dataclass
-class LossConfig:
+@dataclass(kw_only=True)
+class LossConfig(Config):
     version: str = "ce"  # ce | v1 | v2 (v1, v2: the paper's)
     lam: float = 0.9  # lambda, the paper's CIFAR-10 setting
     targets: str = "soft"  # pseudo | soft | labels
@@ -45,18 +46,12 @@ class LossConfig:
     # Softens the backbone's distribution for soft targets (distillation): 2 measured best with pooled heads.
     temperature: float = 2.0
 
-    def validate(self) -> None:
-        if self.version not in VERSIONS:
-            raise PteenetError(f"unknown loss version '{self.version}'", "valid versions: " + ", ".join(VERSIONS))
-        if self.targets not in TARGETS:
-            raise PteenetError(f"unknown loss targets '{self.targets}'", "valid targets: " + ", ".join(TARGETS))
-        if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise PteenetError(f"lambda must be a finite number >= 0, got {self.lam}", "e.g. --lambda 0.9")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise PteenetError(f"temperature must be a finite number > 0, got {self.temperature}", "e.g. 1.0")
-        if not (math.isfinite(self.exit_ce) and self.exit_ce >= 0):
-            raise PteenetError(f"exit-ce weight must be a finite number >= 0, got {self.exit_ce}",
-                               "0 gives the paper's loss, 1 the default")
+    def __post_init__(self) -> None:
+        check_choice("loss version", self.version, VERSIONS)
+        check_choice("loss target", self.targets, TARGETS)
+        check_number("lam", self.lam, 0, hint="the cost weight lambda, e.g. --lambda 0.9")
+        check_number("temperature", self.temperature, 0, low_open=True, hint="e.g. --temperature 2")
+        check_number("exit_ce", self.exit_ce, 0, hint="0 gives the paper's loss, 1 the default (--exit-ce)")
 
 
 @dataclass
@@ -64,7 +59,6 @@ class LossOutput:
     loss: torch.Tensor  # scalar, differentiable w.r.t. branch outputs
     nll: float  # accuracy part of the returned formulation (v1: NLL(Y_0); v2: mean_i NLL(Y_i))
     cost: float  # mean C_0: expected cumulative cost per sample under the confidence heads
-    per_exit_nll: list[float]  # NLL of each branch's own softmax vs the targets (monitoring only)
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -81,7 +75,6 @@ def targets_from_backbone(
     cross-entropy -sum_k p_k log Y_k (not a KL): it differs from the KL only by the targets'
     entropy, a constant with respect to the branches, so the gradients are identical.
     """
-    cfg.validate()
     final = final_logits.detach()
     if cfg.targets == "pseudo":
         return final.argmax(dim=1)
@@ -117,7 +110,6 @@ def early_exit_loss(
     labels: torch.Tensor | None = None,
 ) -> LossOutput:
     """The v1/v2 loss for E exits; exit i's cumulative cost is costs[i], the full backbone's costs[E]."""
-    cfg.validate()
     e = len(exit_logits)
     if e < 1 or len(exit_conf) != e:
         raise PteenetError(f"need one confidence per exit and at least one exit, got {e} logits and {len(exit_conf)} confidences")
@@ -138,7 +130,6 @@ def early_exit_loss(
     cost = torch.full((b,), float(costs[e]), dtype=dtype, device=final_logits.device)
     nlls: list[torch.Tensor] = []
     costs_mean: list[torch.Tensor] = []
-    per_exit: list[float] = []
     own_nlls: list[torch.Tensor] = []
     for i in reversed(range(e)):
         z = exit_logits[i].to(dtype)
@@ -153,10 +144,7 @@ def early_exit_loss(
         cost = h * float(costs[i]) + torch.sigmoid(-conf) * cost
         nlls.append(_nll(log_y, targets))
         costs_mean.append(cost.mean())
-        own_nll = _nll(own, targets)
-        own_nlls.append(own_nll)
-        per_exit.append(float(own_nll.detach()))
-    per_exit.reverse()  # built backwards; report in backbone order
+        own_nlls.append(_nll(own, targets))
 
     # nlls[-1] / costs_mean[-1] belong to exit 0 (the loop ran backwards).
     if cfg.version == "v1":
@@ -167,7 +155,9 @@ def early_exit_loss(
         loss = nll + cfg.lam * torch.stack(costs_mean).mean()
     if cfg.exit_ce:
         loss = loss + cfg.exit_ce * torch.stack(own_nlls).mean()
-    return LossOutput(loss=loss, nll=float(nll.detach()), cost=float(costs_mean[-1].detach()), per_exit_nll=per_exit)
+    # One host transfer for the two figures (each float() would wait for the device).
+    figures = torch.stack([nll.detach(), costs_mean[-1].detach()]).tolist()
+    return LossOutput(loss=loss, nll=figures[0], cost=figures[1])
 
 
 def _per_exit_loss(exit_logits: Sequence[torch.Tensor], exit_conf: Sequence[torch.Tensor], final_logits: torch.Tensor,
@@ -186,12 +176,12 @@ def _per_exit_loss(exit_logits: Sequence[torch.Tensor], exit_conf: Sequence[torc
         hit = (z.detach().argmax(1) == agree_with).to(dtype)
         bces.append(F.binary_cross_entropy_with_logits(conf, hit))
         h_mean.append(torch.sigmoid(conf.detach()))
-    per_exit = torch.stack(ces)
-    loss = per_exit.mean() + torch.stack(bces).mean()
+    nll = torch.stack(ces).mean()
+    loss = nll + torch.stack(bces).mean()
     # Monitoring: the expected cost if each sample left where its confidence heads say (as C_0).
     cost = torch.full_like(h_mean[0], float(costs[-1]))
     for i in reversed(range(len(h_mean))):
         cost = h_mean[i] * float(costs[i]) + (1 - h_mean[i]) * cost
-    # One host transfer for the figures, not one per exit (each would wait for the device).
-    figures = torch.cat([per_exit.detach(), per_exit.detach().mean()[None], cost.mean()[None]]).tolist()
-    return LossOutput(loss=loss, nll=figures[-2], cost=figures[-1], per_exit_nll=figures[:-2])
+    # One host transfer for the two figures (each float() would wait for the device).
+    figures = torch.stack([nll.detach(), cost.mean()]).tolist()
+    return LossOutput(loss=loss, nll=figures[0], cost=figures[1])

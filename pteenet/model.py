@@ -17,6 +17,7 @@ from torch import nn
 from . import hooks, policies
 from .backbones import BackboneInfo
 from .branches import Branch, BranchConfig
+from .configs import check_policy
 from .cost import CostTable
 from .errors import PteenetError
 from .exits import Carry, Ensemble, computed_heads, exit_step
@@ -66,8 +67,8 @@ class EarlyExitModel(nn.Module):
         )
         self.ensemble: Ensemble | None = None
         self.policy = "confidence"
-        self.thresholds = [0.5] * len(self.exits)
-        self.active = [True] * len(self.exits)
+        self.thresholds = [0.5] * len(self.exit_points)
+        self.active = [True] * len(self.exit_points)
         self.meta: dict[str, Any] = {}  # free-form sections (training, history, data, sweep, bench)
         # The hash the backbone had when it was attached; every save checks it still holds.
         self.backbone_sha256 = module_sha256(backbone)
@@ -85,13 +86,9 @@ class EarlyExitModel(nn.Module):
             points = resolve(tb, exits)
             stages, shapes = split(tb, points, self.backbone), [tb.shapes[p.node] for p in points]
         # Plain attributes, not submodules: they share the backbone's parameters.
-        object.__setattr__(self, "exits", points)
+        self.exit_points: list[ExitPoint] = points  # a plain list: nn.Module registers no submodule for it
         object.__setattr__(self, "_stages", stages)
         object.__setattr__(self, "_tap_shapes", shapes)
-
-    @property
-    def exit_points(self) -> list[ExitPoint]:
-        return self.exits  # type: ignore[return-value]
 
     @property
     def tap_shapes(self) -> list[tuple[int, ...]]:
@@ -100,7 +97,7 @@ class EarlyExitModel(nn.Module):
 
     @property
     def num_exits(self) -> int:
-        return len(self.exits)
+        return len(self.exit_points)
 
     @property
     def stages(self) -> Stages:
@@ -109,7 +106,7 @@ class EarlyExitModel(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "EarlyExitModel":
         # .to()/.half() may replace buffer tensors; rebuild the stages so they read the new ones.
         super()._apply(fn, recurse)
-        self._build_stages([p.name for p in self.exits])
+        self._build_stages([p.name for p in self.exit_points])
         return self
 
     def train(self, mode: bool = True) -> "EarlyExitModel":
@@ -148,8 +145,7 @@ class EarlyExitModel(nn.Module):
         """One threshold for every exit, or one per exit; the policy defaults to the model's own.
         ``predict`` checks here too, so a bad call fails with a clear error, not an IndexError."""
         policy = policy or self.policy
-        if policy not in policies.POLICIES:
-            raise PteenetError(f"unknown policy '{policy}'", f"known policies: {', '.join(policies.POLICIES)}")
+        check_policy(policy)
         # numbers.Real also covers numpy scalars, which are not Python floats (np.float32).
         values = [float(thresholds)] * self.num_exits if isinstance(thresholds, numbers.Real) else [float(t) for t in thresholds]
         if len(values) != self.num_exits:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,54 +33,67 @@ import torch
 from . import feature_store, sweep
 from .batches import Autocast, FeatureCache, ImageSource, fit_ensemble_on
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from .configs import (
+    SCHEMA_VERSION,
+    VERSION_KEY,
+    Config,
+    check_device,
+    check_int,
+    check_number,
+    check_parent_folder,
+    check_thresholds,
+    setting,
+)
 from .data import DataConfig, load_splits
-from .devices import DEVICES, resolve_device
+from .devices import resolve_device
 from .errors import PteenetError
 from .loss import LossConfig, early_exit_loss
 from .model import AllExits, EarlyExitModel
 from .progress import SILENT, Sink
 from .weights import module_sha256
 
-# Settings that change what a run computes: a --resume must repeat them exactly.
-RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "cache_features", "views", "ensemble", "loss",
-               "lambda", "targets", "temperature", "exit_ce", "data", "limit", "augment", "val_split", "data_seed",
-               "calibration")
 
+@dataclass(kw_only=True)
+class TrainConfig(Config):
+    """What a training run computes; a ``--resume`` must repeat every field not marked ``resume="free"``
+    (``Config.resume_diffs``)."""
 
-@dataclass
-class TrainConfig:
-    epochs: int = 20
+    epochs: int = 20  # the cosine schedule spans all epochs: not free on resume
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
-    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | mps
-    workers: int = 0
-    amp: bool = False  # CUDA only: bfloat16 autocast where supported, else float16 with loss scaling
-    resume: bool = False
+    device: str = setting("auto", resume="free")  # auto (CUDA when present) | cpu | cuda | mps
+    workers: int = setting(0, resume="free")
+    # CUDA only: bfloat16 autocast where supported, else float16 with loss scaling
+    amp: bool = setting(False, resume="free")
+    resume: bool = setting(False, saved=False)
     cache_features: bool = False
     views: int = 1  # augmented views of each training image in the feature cache (with augmentation)
-    cache_dir: str | None = None  # keep feature caches here and reuse them across runs (``feature_store``)
+    # keep feature caches here and reuse them across runs (``feature_store``)
+    cache_dir: str | None = setting(None, resume="free")
     ensemble: bool = True  # fit an exit ensemble on the calibration split after training
-    loss: LossConfig = field(default_factory=LossConfig)
-    threshold: float = 0.5  # the confidence threshold of the per-epoch early-exit metrics
+    loss: LossConfig = setting(default_factory=LossConfig, decode=LossConfig.from_dict)
+    # the confidence threshold of the per-epoch early-exit metrics (monitoring only)
+    threshold: float = setting(0.5, resume="free")
 
-    def validate(self) -> None:
-        self.loss.validate()
-        if self.epochs < 1:
-            raise PteenetError(f"epochs must be at least 1, got {self.epochs}", "e.g. --epochs 20")
-        if self.batch_size < 1:
-            raise PteenetError(f"batch size must be at least 1, got {self.batch_size}", "e.g. --batch-size 128")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise PteenetError(f"learning rate must be a finite number > 0, got {self.lr}", "e.g. --lr 1e-3")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise PteenetError(f"weight decay must be a finite number >= 0, got {self.weight_decay}", "e.g. 0 or 5e-4")
-        if self.views < 1:
-            raise PteenetError(f"views must be at least 1, got {self.views}", "e.g. --views 4")
-        if self.workers < 0:
-            raise PteenetError(f"workers must be >= 0, got {self.workers}", "0 loads data in the main process")
-        if self.device not in DEVICES:
-            raise PteenetError(f"unknown device '{self.device}'", "valid devices: " + ", ".join(DEVICES))
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, 1, "e.g. --epochs 20")
+        check_int("batch_size", self.batch_size, 1, "e.g. --batch-size 128")
+        check_number("lr", self.lr, 0, low_open=True, hint="e.g. --lr 1e-3")
+        check_number("weight_decay", self.weight_decay, 0, hint="e.g. 0 or 5e-4")
+        check_int("seed", self.seed, None)
+        check_device(self.device)
+        check_int("workers", self.workers, 0, "0 loads data in the main process")
+        check_int("views", self.views, 1, "e.g. --views 4")
+        check_thresholds(self.threshold)
+        if not isinstance(self.loss, LossConfig):
+            raise PteenetError(f"loss must be a LossConfig, got {type(self.loss).__name__}", "e.g. LossConfig(lam=0.5)")
+        if self.views > 1 and not self.cache_features:
+            raise PteenetError(f"--views {self.views} needs --cache-features with augmentation on",
+                               "views are augmented copies of each training image held in the feature cache")
+        if self.amp and self.device in ("cpu", "mps"):
+            raise PteenetError(f"--amp needs a CUDA device, not {self.device}", "drop --amp, or use --device cuda")
 
 
 class Interrupted(PteenetError):
@@ -203,18 +216,38 @@ class BranchTrainer:
 
 
 # -- the run ---------------------------------------------------------------------------------------
+# Records before the configs were saved whole (no "config" key) were flat: record key -> (config, field).
+# A frozen layout, only read; the current record is ``run_settings``'s.
+_FLAT_RECORD = {"epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
+                "weight_decay": ("train", "weight_decay"), "seed": ("train", "seed"),
+                "cache_features": ("train", "cache_features"), "views": ("train", "views"),
+                "ensemble": ("train", "ensemble"), "threshold": ("train", "threshold"), "loss": ("loss", "version"),
+                "lambda": ("loss", "lam"), "targets": ("loss", "targets"), "temperature": ("loss", "temperature"),
+                "exit_ce": ("loss", "exit_ce"), "data": ("data", "spec"), "limit": ("data", "limit"),
+                "augment": ("data", "augment"), "val_split": ("data", "val_split"), "data_seed": ("data", "seed"),
+                "calibration": ("data", "calibration")}
+
+
 def run_settings(cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
-    """What ``model.meta["training"]`` records of the configuration (RESUME_KEYS must match on resume)."""
-    return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-            "seed": cfg.seed, "cache_features": cfg.cache_features, "views": cfg.views, "ensemble": cfg.ensemble,
-            "loss": cfg.loss.version, "lambda": cfg.loss.lam,
-            "targets": cfg.loss.targets, "temperature": cfg.loss.temperature, "exit_ce": cfg.loss.exit_ce,
-            "data": data_cfg.spec,
-            "limit": data_cfg.limit, "augment": data_cfg.augment, "val_split": data_cfg.val_split,
-            "data_seed": data_cfg.seed, "calibration": data_cfg.calibration, "threshold": cfg.threshold}
+    """What ``model.meta["training"]`` records of the configuration: both configs, whole."""
+    return {VERSION_KEY: SCHEMA_VERSION, "config": cfg.fields_dict(), "data": data_cfg.fields_dict()}
 
 
-def _check_resume(out_path: Path, src_meta: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+def recorded_configs(training: dict[str, Any]) -> tuple[TrainConfig, DataConfig]:
+    """The configs a ``meta["training"]`` record was trained with (either layout; missing keys get
+    the defaults)."""
+    if "config" in training:
+        version = training.get(VERSION_KEY, SCHEMA_VERSION)
+        return (TrainConfig.from_dict({VERSION_KEY: version, **training["config"]}),
+                DataConfig.from_dict({VERSION_KEY: version, **training["data"]}))
+    parts: dict[str, dict[str, Any]] = {"train": {}, "loss": {}, "data": {}}
+    for key, (part, name) in _FLAT_RECORD.items():
+        if key in training:
+            parts[part][name] = training[key]
+    return (TrainConfig(**parts["train"], loss=LossConfig(**parts["loss"])), DataConfig(**parts["data"]))
+
+
+def _check_resume(out_path: Path, src_meta: dict[str, Any], cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
     """OUT's metadata, after checking that it is a run of this checkpoint with these settings."""
     hint = "drop --resume to start a new run"
     if not out_path.is_file():
@@ -228,7 +261,8 @@ def _check_resume(out_path: Path, src_meta: dict[str, Any], settings: dict[str, 
                            "pass the checkpoint the run started from, or drop --resume")
     if tr.get("complete"):
         return meta
-    diffs = [f"{k} {settings[k]!r} (was {tr.get(k)!r})" for k in RESUME_KEYS if tr.get(k) != settings[k]]
+    was_cfg, was_data = recorded_configs(tr)
+    diffs = cfg.resume_diffs(was_cfg) + data_cfg.resume_diffs(was_data, "data.")
     if diffs:
         raise PteenetError("--resume with settings that differ from the run being resumed: " + ", ".join(diffs),
                            "repeat the original options, or drop --resume to start over")
@@ -282,17 +316,13 @@ def _summary(history: list[dict[str, Any]], out_path: Path | None, training: dic
         "backbone_sha256": sha, "train": last.get("train"), "val": last.get("val")}}
 
 
-def _check(cfg: TrainConfig, data_cfg: DataConfig) -> torch.device:
-    """Every check that needs neither model nor data (cheap, and it warns nothing: safe to repeat);
-    returns the device."""
-    cfg.validate()
-    if cfg.views > 1 and not (cfg.cache_features and data_cfg.augment):
+def _device(cfg: TrainConfig, data_cfg: DataConfig) -> torch.device:
+    """The device to train on, after the one check that needs both configs (each checked itself
+    when it was built); cheap and silent, so safe to repeat."""
+    if cfg.views > 1 and not data_cfg.augment:
         raise PteenetError(f"--views {cfg.views} needs --cache-features with augmentation on",
                            "views are augmented copies of each training image held in the feature cache")
-    device = resolve_device(cfg.device)
-    if cfg.amp and device.type != "cuda" and cfg.device != "auto":
-        raise PteenetError(f"--amp needs a CUDA device, not {device.type}", "drop --amp, or use --device cuda")
-    return device
+    return resolve_device(cfg.device)
 
 
 def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, sink: Sink = SILENT, *,
@@ -314,7 +344,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
     one task per pass (feature caching, each epoch, the calibration split, the ensemble fit).
     """
     cfg = config
-    device = _check(cfg, data)
+    device = _device(cfg, data)
     out_path = None if checkpoint_to is None else Path(checkpoint_to)
     if cfg.resume and resume_state is None:
         raise PteenetError("resume=True continues a run saved in a file, but no resume state was given",
@@ -326,13 +356,12 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
         raise PteenetError(f"{source or 'the model'} has no exits to train",
                            "create it with `pteenet attach BACKBONE --exits N`")
     if out_path is not None:
-        if not out_path.parent.is_dir():
-            raise PteenetError(f"output folder does not exist: {out_path.parent}", "create it first")
+        check_parent_folder("output", out_path)
         if not resume and (tr := _unfinished_run(out_path)) is not None:
             raise PteenetError(f"{out_path} holds an unfinished run "
-                               f"(epoch {tr.get('epochs_done')} of {tr.get('epochs')})",
+                               f"(epoch {tr.get('epochs_done')} of {(tr.get('config') or tr).get('epochs')})",
                                "add --resume to continue it, or delete it / pick another -o to start over")
-    if cfg.amp and device.type != "cuda":  # only with --device auto: _check refuses the rest
+    if cfg.amp and device.type != "cuda":  # only with --device auto: TrainConfig refuses the rest
         sink.warn("--amp needs CUDA, which is not available: training in float32")
         cfg = dataclasses.replace(cfg, amp=False)
     settings = run_settings(cfg, data)
@@ -341,6 +370,8 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
         model.set_ensemble(None)
         model.set_active(None)
     splits = load_splits(data, model.info.preprocess, model.info.num_classes)
+    # The class names travel with the record, so that an export can name the classes of its file.
+    data_record = {**splits.split_info, "class_names": list(splits.class_names)}
     model.to(device)
 
     start_epoch = int(resume_state["epoch"]) if resume_state is not None else 0
@@ -369,8 +400,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
         sink.warn("no calibration split to fit the exit ensemble on: each exit answers with its own head")
 
     def record(epochs_done: int, complete: bool) -> dict[str, Any]:
-        return {**settings, "device": str(device), "amp": cfg.amp, "workers": cfg.workers,
-                "epochs_done": epochs_done, "complete": complete, "source": source,
+        return {**settings, "device": str(device), "epochs_done": epochs_done, "complete": complete, "source": source,
                 "seconds": seconds_before + time.perf_counter() - started}
     # fork_rng: seeding for reproducibility must not leak into the caller's global RNG.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -394,7 +424,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
                 # With an ensemble still to fit, the last epoch is saved resumable; the fit completes it.
                 complete = epoch + 1 == cfg.epochs and not fit_after
                 training = record(epoch + 1, complete)
-                model.meta.update(training=training, history=history, data=splits.split_info)
+                model.meta.update(training=training, history=history, data=data_record)
                 if out_path is not None:
                     # Taken where an uninterrupted run goes on from, so a resume continues identically.
                     state = None if complete else {**trainer.state(), **_rng_state(device, order),
@@ -405,7 +435,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
             if fit_after:
                 model.set_ensemble(fit_ensemble_on(model, val_src, device, trainer.autocast, cfg.loss.targets == "labels", sink))
                 training = record(cfg.epochs, True)
-                model.meta.update(training=training, history=history, data=splits.split_info)
+                model.meta.update(training=training, history=history, data=data_record)
                 if out_path is not None:
                     save_checkpoint(out_path, model, None)
         except KeyboardInterrupt:
@@ -434,14 +464,13 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
     ``meta["history"]``. Raises ``Interrupted`` on Ctrl-C (the output keeps the last complete epoch).
     """
     out_path = Path(out_path)
-    _check(cfg, data_cfg)  # before any file is read
-    if not out_path.parent.is_dir():
-        raise PteenetError(f"output folder does not exist: {out_path.parent}", "create it first")
+    _device(cfg, data_cfg)  # before any file is read
+    check_parent_folder("output", out_path)
     src_meta = read_metadata(ckpt_path)
     if not src_meta.get("exits") or not src_meta.get("cost"):
         raise PteenetError(f"{ckpt_path} has no exits to train", "create it with `pteenet attach BACKBONE --exits N`")
     if cfg.resume:
-        meta = _check_resume(out_path, src_meta, run_settings(cfg, data_cfg))
+        meta = _check_resume(out_path, src_meta, cfg, data_cfg)
         if meta["training"].get("complete"):
             sink.warn(f"{out_path} is already complete ({meta['training'].get('epochs_done')} epochs): nothing to do")
             return _summary(meta.get("history", []), out_path, meta["training"], meta["backbone_sha256"], True)

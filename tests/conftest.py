@@ -16,4 +16,4 @@ def _seed_and_threads() -> None:
 @pytest.fixture
 def tiny_model():
     """cifar-resnet20 at 16x16 with 3 exits and random weights: the workhorse of the tests."""
-    return attach(AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=3, placement="linear"))
+    return attach(AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3, placement="linear"))

@@ -12,6 +12,7 @@ import pteenet
 from pteenet.bench import BenchConfig, bench, verdict
 from pteenet.checkpoint import read_metadata
 from pteenet.cli import app
+from pteenet.timing import TimeProfile, profile
 from test_runtime import make_images, make_model
 
 
@@ -27,7 +28,10 @@ def _check_document(doc: dict, model_exits: int, batch_sizes: list[int]) -> None
             "results", "overhead_eats_savings", "measured_at", "allocator"} <= set(doc)
     assert [r["batch_size"] for r in doc["results"]] == batch_sizes
     for r in doc["results"]:
-        assert {"backbone", "early_exit", "time_ratio", "mac_ratio", "mac_ratio_paper", "verdict"} <= set(r)
+        assert {"backbone", "early_exit", "time_ratio", "mac_ratio", "mac_ratio_paper", "verdict",
+                "ideal_time_ratio", "predicted_time_ratio", "time_profile"} <= set(r)
+        assert 0 < r["ideal_time_ratio"] <= r["predicted_time_ratio"]
+        assert len(r["time_profile"]["stage_ms"]) == model_exits + 1 and len(r["time_profile"]["head_ms"]) == model_exits
         for side in ("backbone", "early_exit"):
             assert {"images_per_s", "time_s", "latency_ms"} <= set(r[side])
             assert set(r[side]["latency_ms"]) == {"p50", "p95"}
@@ -56,6 +60,28 @@ def test_verdict_is_honest() -> None:
     assert "NO speed-up" in verdict(1, 1.2, 0.5)
     assert "overhead eats part" in verdict(256, 0.8, 0.5)
     assert "follows the MACs" in verdict(1, 0.52, 0.5)
+    # Slower than the MACs, but as fast as the backbone's own layer times allow: not the exits' fault.
+    split = {"ideal_time_ratio": 0.75, "predicted_time_ratio": 0.8}
+    assert "the exits add little" in verdict(256, 0.8, 0.5, split) and "1.33x" in verdict(256, 0.8, 0.5, split)
+    assert "overhead eats part" in verdict(256, 0.9, 0.5, split)
+
+
+def test_time_profile_ratios() -> None:
+    # Stages of 1, 2, 1 ms; heads of 0.5 ms. Half the samples leave at exit 0, the rest run to the end.
+    prof = TimeProfile(batch_size=8, stage_ms=[1.0, 2.0, 1.0], head_ms=[0.5, 0.5])
+    r = prof.ratios([0.5, 0.0, 0.5])
+    assert r["ideal_time_ratio"] == pytest.approx(0.5 * 1 / 4 + 0.5)
+    assert r["predicted_time_ratio"] == pytest.approx(0.5 * 1.5 / 4 + 0.5 * 5 / 4)
+
+
+def test_profile_times_every_stage_and_only_computed_heads() -> None:
+    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3, cascade=False))
+    model.set_active([False, True, False])  # not chained: only exit 1's head runs, nothing after it
+    prof = profile(model, make_images(4), repeats=1)
+    computed = model.computed_heads()
+    assert computed == [False, True, False]
+    assert len(prof.stage_ms) == model.num_exits + 1 and all(t > 0 for t in prof.stage_ms)
+    assert [t > 0 for t in prof.head_ms] == computed
 
 
 def _run(*args: object) -> tuple[int, str, str]:

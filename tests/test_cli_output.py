@@ -163,10 +163,10 @@ class Recorded(Task):
 
 
 def test_training_sweep_export_and_bench_report_every_pass_to_the_sink(tmp_path: Path) -> None:
-    model = pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=2,
+    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=2,
                                                 placement="linear"))
     rec = Recorder()
-    pteenet.train_exits(model, DataConfig("synthetic", limit=64), pteenet.TrainConfig(
+    pteenet.train_exits(model, DataConfig(spec="synthetic", limit=64), pteenet.TrainConfig(
         epochs=2, batch_size=32, device="cpu", cache_features=True), rec)
     rec.check_all_finished()
     assert [t.total for t in rec.named("epochs")] == [2]
@@ -186,7 +186,7 @@ def test_training_sweep_export_and_bench_report_every_pass_to_the_sink(tmp_path:
     assert rec.warnings == doc["warnings"] == []
 
     rec = Recorder()
-    pteenet.export_model(model, pteenet.ExportConfig(tmp_path / "export"), rec)
+    pteenet.export_model(model, pteenet.ExportConfig(output=tmp_path / "export"), rec)
     rec.check_all_finished()
     assert len(rec.tasks) == 1 and rec.tasks[0].infos[-1] == "report"
 
@@ -201,14 +201,14 @@ def test_training_sweep_export_and_bench_report_every_pass_to_the_sink(tmp_path:
 
 def test_sweep_warnings_and_notes_go_to_the_sink_and_the_document(tiny_model: pteenet.EarlyExitModel) -> None:
     rec = Recorder()
-    doc = pteenet.sweep_model(tiny_model, DataRequest("synthetic", limit=40),
+    doc = pteenet.sweep_model(tiny_model, DataRequest(spec="synthetic", limit=40),
                               pteenet.SweepConfig(thresholds="0:1:0.5", device="cpu"), sink=rec)
     assert rec.warnings == doc["warnings"] and any("never trained" in w for w in rec.warnings)
     assert rec.notes == doc["notes"] and rec.notes
 
 
 def test_the_default_sink_is_silent(tiny_model: pteenet.EarlyExitModel, capsys: pytest.CaptureFixture[str]) -> None:
-    pteenet.sweep_model(tiny_model, DataRequest("synthetic", limit=40),
+    pteenet.sweep_model(tiny_model, DataRequest(spec="synthetic", limit=40),
                         pteenet.SweepConfig(thresholds="0:1:0.5", device="cpu"))
     with SILENT.task("anything", 3) as task:
         task.advance(info="nothing shows")

@@ -24,7 +24,7 @@ def test_macs_agree_with_flop_counter(spec: str, size: tuple[int, int, int]) -> 
 
 
 def test_thop_never_touches_the_backbone() -> None:
-    model = attach(AttachConfig("cifar-resnet20", exits=2))
+    model = attach(AttachConfig(backbone="cifar-resnet20", exits=2))
     assert not any("total_ops" in k or "total_params" in k for k in model.state_dict())
 
 
@@ -56,11 +56,11 @@ def test_fine_placement_on_resnet56_matches_hand_check() -> None:
 
 def test_too_many_exits_is_an_error() -> None:
     with pytest.raises(PteenetError, match="candidate exit points"):
-        attach(AttachConfig("cifar-resnet20", exits=50))
+        attach(AttachConfig(backbone="cifar-resnet20", exits=50))
 
 
 def test_cost_table_conventions() -> None:
-    model = attach(AttachConfig("cifar-resnet20", exits=3, placement="linear", branch="conv2", cascade=False))
+    model = attach(AttachConfig(backbone="cifar-resnet20", exits=3, placement="linear", branch="conv2", cascade=False))
     table = model.cost
     assert table is not None
     passed = 0

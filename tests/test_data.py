@@ -19,7 +19,7 @@ def _indices(subset: torch.utils.data.Subset) -> set[int]:
 
 
 def test_synthetic_sizes_and_no_overlap() -> None:
-    s = load_splits(DataConfig("synthetic"), RGB32, num_classes=10)
+    s = load_splits(DataConfig(spec="synthetic"), RGB32, num_classes=10)
     assert s.split_info["sizes"] == {"train": 450, "val": 50, "test": 100}
     assert (len(s.train), len(s.val), len(s.test)) == (450, 50, 100)
     assert not _indices(s.train) & _indices(s.val)
@@ -29,25 +29,25 @@ def test_synthetic_sizes_and_no_overlap() -> None:
 
 
 def test_synthetic_is_deterministic_and_val_is_not_augmented() -> None:
-    a = load_splits(DataConfig("synthetic", seed=3), RGB32)
-    b = load_splits(DataConfig("synthetic", seed=3), RGB32)
+    a = load_splits(DataConfig(spec="synthetic", seed=3), RGB32)
+    b = load_splits(DataConfig(spec="synthetic", seed=3), RGB32)
     assert a.val.indices == b.val.indices and a.train.indices == b.train.indices
     assert torch.equal(a.val[0][0], b.val[0][0]) and torch.equal(a.test[5][0], b.test[5][0])
     assert torch.equal(a.val[0][0], a.val[0][0])  # no randomness in the calibration split
-    c = load_splits(DataConfig("synthetic", seed=4), RGB32)
+    c = load_splits(DataConfig(spec="synthetic", seed=4), RGB32)
     assert c.val.indices != a.val.indices
 
 
 def test_limit_caps_every_split_and_keeps_val() -> None:
-    full = load_splits(DataConfig("synthetic"), RGB32)
-    s = load_splits(DataConfig("synthetic", limit=20), RGB32)
+    full = load_splits(DataConfig(spec="synthetic"), RGB32)
+    s = load_splits(DataConfig(spec="synthetic", limit=20), RGB32)
     assert s.split_info["sizes"] == {"train": 20, "val": 20, "test": 20}
     assert s.val.indices == full.val.indices[:20]  # calibration images do not depend on the cap
     assert DataConfig.from_split_info(s.split_info).limit == 20
 
 
 def test_synthetic_is_learnable_by_class_means() -> None:
-    s = load_splits(DataConfig("synthetic", augment=False), RGB32)
+    s = load_splits(DataConfig(spec="synthetic", augment=False), RGB32)
     xs = torch.stack([s.train[i][0] for i in range(len(s.train))])
     ys = torch.tensor([s.train[i][1] for i in range(len(s.train))])
     means = torch.stack([xs[ys == k].mean(0) for k in range(10)])
@@ -87,12 +87,12 @@ def _write_imagefolder(root: Path, split: str, classes: list[str], per_class: in
 def test_imagefolder(tmp_path: Path) -> None:
     _write_imagefolder(tmp_path, "train", ["cat", "dog"], 5, (20, 12))
     _write_imagefolder(tmp_path, "val", ["cat", "dog"], 2, (20, 12))
-    s = load_splits(DataConfig(f"imagefolder:{tmp_path}", val_split=0.2), RGB32, num_classes=2)
+    s = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}", val_split=0.2), RGB32, num_classes=2)
     assert s.class_names == ["cat", "dog"]
     assert s.split_info["sizes"] == {"train": 8, "val": 2, "test": 4}
     x, y = s.test[3]
     assert x.shape == (3, 32, 32) and y == 1
-    gray = load_splits(DataConfig(f"imagefolder:{tmp_path}"), Preprocess((1, 16, 16), (0.5,), (0.5,)))
+    gray = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}"), Preprocess((1, 16, 16), (0.5,), (0.5,)))
     assert gray.val[0][0].shape == (1, 16, 16)
     xb, yb = next(iter(make_loader(s.train, 4, shuffle=True, seed=1)))
     assert xb.shape == (4, 3, 32, 32) and yb.dtype == torch.long
@@ -100,37 +100,37 @@ def test_imagefolder(tmp_path: Path) -> None:
 
 def test_imagefolder_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(PteenetError, match="imagefolder needs"):
-        load_splits(DataConfig(f"imagefolder:{tmp_path / 'nope'}"), RGB32)
+        load_splits(DataConfig(spec=f"imagefolder:{tmp_path / 'nope'}"), RGB32)
 
 
 def test_class_count_mismatch(tmp_path: Path) -> None:
     _write_imagefolder(tmp_path, "train", ["a", "b", "c"], 2, (8, 8))
     _write_imagefolder(tmp_path, "test", ["a", "b", "c"], 1, (8, 8))
     with pytest.raises(PteenetError, match="has 3 classes but the backbone outputs 10"):
-        load_splits(DataConfig(f"imagefolder:{tmp_path}"), RGB32, num_classes=10)
+        load_splits(DataConfig(spec=f"imagefolder:{tmp_path}"), RGB32, num_classes=10)
 
 
 def test_unknown_spec_lists_names() -> None:
     with pytest.raises(PteenetError) as e:
-        load_splits(DataConfig("cifar11"), RGB32)
+        load_splits(DataConfig(spec="cifar11"), RGB32)
     assert "unknown dataset 'cifar11'" in str(e.value) and "cifar10" in str(e.value)
 
 
 def test_missing_files_is_a_pteenet_error(tmp_path: Path) -> None:
     with pytest.raises(PteenetError) as e:
-        load_splits(DataConfig("cifar10", data_dir=str(tmp_path), download=False), RGB32)
+        load_splits(DataConfig(spec="cifar10", data_dir=str(tmp_path), download=False), RGB32)
     assert str(tmp_path) in e.value.message and "data_batch_1" in e.value.message and "\n" not in str(e.value)
 
 
 def test_bad_val_split_and_limit() -> None:
     with pytest.raises(PteenetError, match="val split"):
-        load_splits(DataConfig("synthetic", val_split=1.0), RGB32)
+        load_splits(DataConfig(spec="synthetic", val_split=1.0), RGB32)
     with pytest.raises(PteenetError, match="limit"):
-        load_splits(DataConfig("synthetic", limit=0), RGB32)
+        load_splits(DataConfig(spec="synthetic", limit=0), RGB32)
 
 
 def test_loader_shuffle_is_seeded() -> None:
-    s = load_splits(DataConfig("synthetic", augment=False, limit=64), RGB32)
+    s = load_splits(DataConfig(spec="synthetic", augment=False, limit=64), RGB32)
     first = [next(iter(make_loader(s.train, 16, shuffle=True, seed=7)))[1] for _ in range(2)]
     assert torch.equal(first[0], first[1])
 
@@ -138,7 +138,7 @@ def test_loader_shuffle_is_seeded() -> None:
 @pytest.mark.skipif(not (DEBIAN_FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_from_debian_package(tmp_path: Path) -> None:
-    s = load_splits(DataConfig("fashion-mnist", data_dir=str(tmp_path), download=False, limit=32), RGB32, 10)
+    s = load_splits(DataConfig(spec="fashion-mnist", data_dir=str(tmp_path), download=False, limit=32), RGB32, 10)
     assert (tmp_path / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
     assert s.split_info["source_sizes"] == {"train": 60000, "test": 10000}
     assert s.class_names[0] == "T-shirt/top" and s.train[0][0].shape == (3, 32, 32)
@@ -149,7 +149,7 @@ def test_calibration_from_another_folder_takes_val_from_it_and_carves_nothing(tm
     _write_imagefolder(tmp_path / "data", "train", ["cat", "dog"], 5, (8, 8))
     _write_imagefolder(tmp_path / "data", "test", ["cat", "dog"], 2, (8, 8))
     _write_imagefolder(tmp_path, "labelled", ["cat", "dog"], 3, (8, 8))  # class folders, no train/test level
-    cfg = DataConfig(f"imagefolder:{tmp_path / 'data'}", calibration=f"imagefolder:{tmp_path / 'labelled'}")
+    cfg = DataConfig(spec=f"imagefolder:{tmp_path / 'data'}", calibration=f"imagefolder:{tmp_path / 'labelled'}")
     s = load_splits(cfg, RGB32, num_classes=2)
     assert s.split_info["sizes"] == {"train": 10, "val": 6, "test": 4}  # all of train is train
     assert Path(s.val.dataset.root) == tmp_path / "labelled"
@@ -158,31 +158,31 @@ def test_calibration_from_another_folder_takes_val_from_it_and_carves_nothing(tm
     assert info["calibration"] == cfg.calibration and info["source_sizes"]["calibration"] == 6
     assert info["calibration_overlap"] is None and info["test_half"] is None
     # The training data's own train folder as calibration data is flagged, not refused.
-    on_train = load_splits(DataConfig(cfg.spec, calibration=f"imagefolder:{tmp_path / 'data' / 'train'}"), RGB32)
+    on_train = load_splits(DataConfig(spec=cfg.spec, calibration=f"imagefolder:{tmp_path / 'data' / 'train'}"), RGB32)
     assert on_train.split_info["calibration_overlap"] == "train"
 
 
 def test_calibration_spec_means_its_test_split(tmp_path: Path) -> None:
     _write_imagefolder(tmp_path / "other", "train", ["a", "b"], 4, (8, 8))
     _write_imagefolder(tmp_path / "other", "val", ["a", "b"], 3, (8, 8))
-    s = load_splits(DataConfig("synthetic", calibration=f"imagefolder:{tmp_path / 'other'}"), RGB32, num_classes=2)
+    s = load_splits(DataConfig(spec="synthetic", calibration=f"imagefolder:{tmp_path / 'other'}"), RGB32, num_classes=2)
     assert Path(s.val.dataset.root) == tmp_path / "other" / "val" and len(s.val) == 6
     # `synthetic` as calibration for `synthetic` data: exactly its test images, flagged as such.
-    same = load_splits(DataConfig("synthetic", calibration="synthetic"), RGB32, num_classes=10)
+    same = load_splits(DataConfig(spec="synthetic", calibration="synthetic"), RGB32, num_classes=10)
     assert same.val.dataset is same.test.dataset and sorted(same.val.indices) == sorted(same.test.indices)
     assert same.split_info["calibration_overlap"] == "test"
     # ... and for other data, the same images `synthetic` gives as --data (same seed).
     _write_imagefolder(tmp_path / "two", "train", ["a", "b"], 2, (8, 8))
     _write_imagefolder(tmp_path / "two", "test", ["a", "b"], 1, (8, 8))
-    other = load_splits(DataConfig(f"imagefolder:{tmp_path / 'two'}", seed=4, calibration="synthetic"), RGB32, 2)
-    plain = load_splits(DataConfig("synthetic", seed=4), RGB32, 2)
+    other = load_splits(DataConfig(spec=f"imagefolder:{tmp_path / 'two'}", seed=4, calibration="synthetic"), RGB32, 2)
+    plain = load_splits(DataConfig(spec="synthetic", seed=4), RGB32, 2)
     assert len(other.val) == 100 and torch.equal(other.val.dataset.images, plain.test.dataset.images)
 
 
 def test_halves_are_deterministic_disjoint_and_cover_the_set() -> None:
     def halves(seed: int) -> tuple[list[int], list[int], list[int]]:
-        h0 = load_splits(DataConfig("synthetic", seed=seed, calibration="synthetic#half=0"), RGB32)
-        h1 = load_splits(DataConfig("synthetic", seed=seed, calibration="synthetic#half=1"), RGB32)
+        h0 = load_splits(DataConfig(spec="synthetic", seed=seed, calibration="synthetic#half=0"), RGB32)
+        h1 = load_splits(DataConfig(spec="synthetic", seed=seed, calibration="synthetic#half=1"), RGB32)
         return h0.val.indices, h0.test.indices, h1.val.indices
 
     val0, test0, val1 = halves(5)
@@ -191,13 +191,13 @@ def test_halves_are_deterministic_disjoint_and_cover_the_set() -> None:
     # Calibrating on a half of the test data reports on the other half.
     assert sorted(test0) == sorted(val1)
     assert halves(6)[0] != val0  # the seed picks the halves
-    s = load_splits(DataConfig("synthetic", seed=5, calibration="synthetic#half=0"), RGB32)
+    s = load_splits(DataConfig(spec="synthetic", seed=5, calibration="synthetic#half=0"), RGB32)
     assert s.split_info["test_half"] == 1 and s.split_info["calibration_overlap"] is None
     assert s.split_info["sizes"] == {"train": 500, "val": 50, "test": 50}
 
 
 def test_calibration_round_trips_through_split_info() -> None:
-    cfg = DataConfig("synthetic", seed=2, limit=30, calibration="synthetic#half=1")
+    cfg = DataConfig(spec="synthetic", seed=2, limit=30, calibration="synthetic#half=1")
     s = load_splits(cfg, RGB32)
     again = DataConfig.from_split_info(s.split_info)
     assert again.calibration == "synthetic#half=1" and (again.seed, again.limit) == (2, 30)
@@ -224,19 +224,19 @@ def test_bad_half_suffix(text: str) -> None:
 def test_calibration_class_count_and_names_must_match(tmp_path: Path) -> None:
     _write_imagefolder(tmp_path, "three", ["a", "b", "c"], 1, (8, 8))
     with pytest.raises(PteenetError, match="calibration data imagefolder:.* has 3 classes but the backbone outputs 10"):
-        load_splits(DataConfig("synthetic", calibration=f"imagefolder:{tmp_path / 'three'}"), RGB32, num_classes=10)
+        load_splits(DataConfig(spec="synthetic", calibration=f"imagefolder:{tmp_path / 'three'}"), RGB32, num_classes=10)
     _write_imagefolder(tmp_path / "data", "train", ["a", "b"], 2, (8, 8))
     _write_imagefolder(tmp_path / "data", "test", ["a", "b"], 1, (8, 8))
     with pytest.raises(PteenetError, match="has 3 classes but dataset imagefolder:.* has 2"):
-        load_splits(DataConfig(f"imagefolder:{tmp_path / 'data'}", calibration=f"imagefolder:{tmp_path / 'three'}"), RGB32)
+        load_splits(DataConfig(spec=f"imagefolder:{tmp_path / 'data'}", calibration=f"imagefolder:{tmp_path / 'three'}"), RGB32)
     _write_imagefolder(tmp_path, "renamed", ["x", "y"], 1, (8, 8))
     with pytest.raises(PteenetError, match="same class folders"):
-        load_splits(DataConfig(f"imagefolder:{tmp_path / 'data'}", calibration=f"imagefolder:{tmp_path / 'renamed'}"), RGB32)
+        load_splits(DataConfig(spec=f"imagefolder:{tmp_path / 'data'}", calibration=f"imagefolder:{tmp_path / 'renamed'}"), RGB32)
 
 
 def test_unknown_or_missing_calibration_data(tmp_path: Path) -> None:
     with pytest.raises(PteenetError) as e:
-        load_splits(DataConfig("synthetic", calibration="cifar11"), RGB32)
+        load_splits(DataConfig(spec="synthetic", calibration="cifar11"), RGB32)
     assert "unknown calibration dataset 'cifar11'" in str(e.value) and "cifar10" in str(e.value)
     with pytest.raises(PteenetError, match="does not exist"):
-        load_splits(DataConfig("synthetic", calibration=f"imagefolder:{tmp_path / 'nope'}"), RGB32)
+        load_splits(DataConfig(spec="synthetic", calibration=f"imagefolder:{tmp_path / 'nope'}"), RGB32)

@@ -58,7 +58,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory, images: torch.Tensor) -> Path
 @pytest.fixture(scope="module")
 def out(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     folder = tmp_path_factory.mktemp("export") / "out"
-    return folder, export(ckpt, ExportConfig(folder, budget=0.9, formats=ALL_FORMATS))
+    return folder, export(ckpt, ExportConfig(output=folder, budget=0.9, formats=ALL_FORMATS))
 
 
 def test_folder_holds_a_loadable_self_contained_checkpoint(ckpt: Path, out: tuple[Path, dict[str, Any]],
@@ -179,7 +179,7 @@ def test_export_error_is_one_line(ckpt: Path, tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(torch.export, "export", broken)
     with pytest.raises(pteenet.PteenetError, match="torch.export cannot export this model with torch.cond: RuntimeError"):
-        export(ckpt, ExportConfig(tmp_path / "o", formats=("torch-export",)))
+        export(ckpt, ExportConfig(output=tmp_path / "o", formats=("torch-export",)))
     assert not list(tmp_path.iterdir()), "nothing may be left half-written"
 
 

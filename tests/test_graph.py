@@ -22,7 +22,7 @@ MODELS = [
 
 @pytest.mark.parametrize("spec,size", MODELS)
 def test_staged_model_reproduces_backbone(spec: str, size: tuple[int, int, int]) -> None:
-    model = attach(AttachConfig(spec, input_size=size, num_classes=10, exits=3, placement="linear"))
+    model = attach(AttachConfig(backbone=spec, input_size=size, num_classes=10, exits=3, placement="linear"))
     before = module_sha256(model.backbone)
     x = torch.randn(4, *size)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_unknown_exit_point_lists_candidates() -> None:
 
 def test_flat_exit_gets_linear_heads() -> None:
     # The flattened pooled vector of resnet20 is a legal (if late) exit: heads only, no convs.
-    model = attach(AttachConfig("cifar-resnet20", input_size=(3, 16, 16), at=["flatten"], branch="pool"))
+    model = attach(AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), at=["flatten"], branch="pool"))
     assert isinstance(model.branches[0].stem, torch.nn.Identity) and isinstance(model.branches[0].body, torch.nn.Identity)
     out = model.forward_all(torch.randn(2, 3, 16, 16))
     assert out.exit_logits[0].shape == (2, 10)
@@ -98,7 +98,7 @@ def untraceable_factory() -> torch.nn.Module:
 
 def test_untraceable_model_is_refused_clearly() -> None:
     with pytest.raises(PteenetError) as e:
-        attach(AttachConfig(f"{__file__}:untraceable_factory", input_size=(3, 8, 8), exits=1))
+        attach(AttachConfig(backbone=f"{__file__}:untraceable_factory", input_size=(3, 8, 8), exits=1))
     assert "cannot trace" in e.value.message
 
 

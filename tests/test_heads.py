@@ -24,7 +24,7 @@ VARIANTS = [  # (branch, cascade, ensemble)
 
 def build(branch: str, cascade: bool, ensemble: bool, exits: int | str = 3, seed: int = 0) -> pteenet.EarlyExitModel:
     torch.manual_seed(seed)
-    model = pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=exits, branch=branch,
+    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=exits, branch=branch,
                                                 cascade=cascade))
     perturb(model, seed)
     if ensemble:
@@ -178,7 +178,7 @@ def test_cond_program_with_ensemble_and_inactive_exits_equals_eager(images: torc
 
 
 def test_attach_exits_all_and_head_costs() -> None:
-    model = pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits="all", branch="pool",
+    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits="all", branch="pool",
                                                 cascade=False))
     assert model.num_exits == 9  # every block of the three stages
     assert model.cost is not None
@@ -188,7 +188,7 @@ def test_attach_exits_all_and_head_costs() -> None:
         # the two linear heads at least; pooling and BatchNorm add a little, never a conv's worth
         assert width * 11 <= e.branch_macs < width * 11 + 8 * c * h * w
     with pytest.raises(pteenet.PteenetError, match="'all'"):
-        pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits="most"))
+        pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits="most"))
 
 
 def test_sweep_cli_select_exits_writes_the_active_exits(tmp_path: Path) -> None:

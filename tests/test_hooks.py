@@ -22,13 +22,13 @@ SPEC, SIZE = "tiny_models:branchy", (3, 16, 16)
 
 def test_untraceable_model_is_refused_with_the_fallback_named() -> None:
     with pytest.raises(PteenetError, match="--hooks"):
-        attach(AttachConfig(SPEC, input_size=SIZE))
+        attach(AttachConfig(backbone=SPEC, input_size=SIZE))
     result = CliRunner().invoke(app, ["attach", SPEC, "--input-size", "3,16,16", "-o", "x.safetensors"])
     assert result.exit_code == 1 and "--hooks" in result.output and "Traceback" not in result.output
 
 
 def test_hooks_reproduce_logits_and_decide_as_the_simulation() -> None:
-    model = attach(AttachConfig(SPEC, input_size=SIZE, hooks=True))
+    model = attach(AttachConfig(backbone=SPEC, input_size=SIZE, hooks=True))
     assert [p.name for p in model.exit_points] == ["stem.2", "block1.2", "block2.2"]
     x = torch.randn(8, *SIZE)
     with torch.no_grad():
@@ -48,8 +48,8 @@ def test_hooks_reproduce_logits_and_decide_as_the_simulation() -> None:
 
 def test_costs_are_those_of_real_exits() -> None:
     """On a backbone that traces, the hooks' cost table equals the staged one."""
-    staged = attach(AttachConfig("cifar-resnet20", input_size=SIZE, exits=3))
-    hooked = attach(AttachConfig("cifar-resnet20", input_size=SIZE, exits=3, hooks=True))
+    staged = attach(AttachConfig(backbone="cifar-resnet20", input_size=SIZE, exits=3))
+    hooked = attach(AttachConfig(backbone="cifar-resnet20", input_size=SIZE, exits=3, hooks=True))
     assert [p.name for p in hooked.exit_points] == [p.name for p in staged.exit_points]
     assert staged.cost is not None and hooked.cost is not None
     assert hooked.cost.backbone_macs == staged.cost.backbone_macs
@@ -58,13 +58,13 @@ def test_costs_are_those_of_real_exits() -> None:
 
 def test_unknown_or_unusable_exit_modules() -> None:
     with pytest.raises(PteenetError, match="unknown exit module 'nope'.*stem.2"):
-        attach(AttachConfig(SPEC, input_size=SIZE, hooks=True, at=["nope"]))
+        attach(AttachConfig(backbone=SPEC, input_size=SIZE, hooks=True, at=["nope"]))
     with pytest.raises(PteenetError, match="did not run exactly once"):
-        attach(AttachConfig("torchvision:resnet18", input_size=(3, 32, 32), hooks=True, at=["layer1.0.relu"]))  # runs twice
+        attach(AttachConfig(backbone="torchvision:resnet18", input_size=(3, 32, 32), hooks=True, at=["layer1.0.relu"]))  # runs twice
 
 
 def test_checkpoint_round_trip_and_bench_say_so(tmp_path: Path) -> None:
-    model = attach(AttachConfig(SPEC, input_size=SIZE, hooks=True, exits=2))
+    model = attach(AttachConfig(backbone=SPEC, input_size=SIZE, hooks=True, exits=2))
     path = tmp_path / "a.safetensors"
     save_checkpoint(path, model)
     loaded = load_checkpoint(path).model

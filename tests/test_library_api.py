@@ -17,7 +17,7 @@ from pteenet.export import export
 from pteenet.sweep import sweep_threshold
 from pteenet.train import train_branches
 
-DATA = pteenet.DataConfig("synthetic", limit=96, augment=False)
+DATA = pteenet.DataConfig(spec="synthetic", limit=96, augment=False)
 TRAIN = pteenet.TrainConfig(epochs=2, batch_size=32, lr=1e-2, device="cpu")
 
 
@@ -34,7 +34,7 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     torch.manual_seed(0)
     torch.set_num_threads(1)  # as conftest's autouse fixture, which runs after module-scoped ones
-    model = pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=3))
+    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3))
     root = tmp_path_factory.mktemp("library")
     attached = root / "attached.safetensors"
     pteenet.save_checkpoint(attached, model)  # the path-based run's input, written before anything runs
@@ -52,12 +52,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                    lambda path, write: written.append(Path(path)) or real_write(path, write))
         history = pteenet.train_exits(model, DATA, TRAIN)
         swept = pteenet.sweep_model(model, DATA, sweep_cfg())
-        exported = pteenet.export_model(model, pteenet.ExportConfig(root / "memory"))
+        exported = pteenet.export_model(model, pteenet.ExportConfig(output=root / "memory"))
 
     paths = {"trained": root / "trained.safetensors", "tuned": root / "tuned.safetensors", "export": root / "files"}
     path_history = train_branches(attached, paths["trained"], DATA, TRAIN)
     path_swept = sweep_threshold(paths["trained"], DataRequest(), sweep_cfg(write=str(paths["tuned"])))
-    path_exported = export(paths["tuned"], pteenet.ExportConfig(paths["export"]))
+    path_exported = export(paths["tuned"], pteenet.ExportConfig(output=paths["export"]))
     return {"model": model, "written": written, "root": root, "memory": (history, swept, exported),
             "files": (path_history, path_swept, path_exported), "paths": paths}
 
@@ -99,7 +99,7 @@ def test_export_writes_the_same_model(runs: dict[str, Any]) -> None:
 
 def test_sweep_model_warns_when_the_data_is_not_the_recorded_split(runs: dict[str, Any]) -> None:
     # No budget: nothing is chosen, so the model is left as it is.
-    doc = pteenet.sweep_model(runs["model"], pteenet.DataConfig("synthetic", limit=64),
+    doc = pteenet.sweep_model(runs["model"], pteenet.DataConfig(spec="synthetic", limit=64),
                               sweep_cfg(max_drop=None, select_exits=False))
     assert any("limit 64 (recorded 96)" in w for w in doc["warnings"])
 

@@ -33,7 +33,7 @@ def make_model(seed: int = 0) -> pteenet.EarlyExitModel:
     # Seeded here: module-scoped fixtures run before conftest's per-test seed, so the global RNG
     # (which initialises the heads) would otherwise depend on which tests ran first.
     torch.manual_seed(seed)
-    model = pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=3))
+    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3))
     perturb(model, seed)
     return model
 
@@ -225,7 +225,7 @@ def make():
 def test_batch_dependent_carried_value(tmp_path: Path) -> None:
     """The batch size travels between stages as an int: the batch cannot shrink, rows ride along."""
     (tmp_path / "net.py").write_text(BATCH_DEPENDENT)
-    model = pteenet.attach(pteenet.AttachConfig(f"{tmp_path / 'net.py'}:make", input_size=(3, 16, 16),
+    model = pteenet.attach(pteenet.AttachConfig(backbone=f"{tmp_path / 'net.py'}:make", input_size=(3, 16, 16),
                                                 at=["blocks.0", "blocks.1", "blocks.2"]))
     assert not model.stages.shrinkable
     perturb(model, 1)

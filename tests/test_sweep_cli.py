@@ -25,7 +25,7 @@ POINT_KEYS = {"threshold", "accuracy", "agreement", "cost", "cost_paper", "exit_
 def _tiny(seed: int = 0) -> pteenet.EarlyExitModel:
     torch.manual_seed(seed)
     # The paper's conv2 branches: dear enough that the sweep's budget and cost checks have work to do.
-    return pteenet.attach(pteenet.AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=3, branch="conv2",
+    return pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3, branch="conv2",
                                                cascade=False))
 
 
@@ -35,7 +35,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     training and data records that `pteenet train` leaves."""
     torch.set_num_threads(1)
     model = _tiny()
-    splits = load_splits(DataConfig("synthetic", val_split=0.2, seed=1, augment=False),
+    splits = load_splits(DataConfig(spec="synthetic", val_split=0.2, seed=1, augment=False),
                          model.info.preprocess, model.info.num_classes)
     opt = torch.optim.Adam(model.branches.parameters(), 1e-2)
     model.train()
@@ -139,7 +139,7 @@ def test_per_exit_never_worse_than_global_at_the_budget(trained: Path, tmp_path:
 
 def test_build_cache_equals_a_direct_forward_all_loop(trained: Path) -> None:
     model = pteenet.load(str(trained))
-    splits = load_splits(DataConfig("synthetic", val_split=0.2, seed=1), model.info.preprocess, 10)
+    splits = load_splits(DataConfig(spec="synthetic", val_split=0.2, seed=1), model.info.preprocess, 10)
     cache = build_cache(model, splits.val, batch_size=32)
     builder = ExitCacheBuilder()
     with torch.no_grad():
@@ -229,9 +229,9 @@ def test_resolve_data_keeps_the_recorded_split() -> None:
     cfg, notes = resolve_data(DataRequest(data_dir="/d"), rec)
     assert (cfg.spec, cfg.val_split, cfg.seed, cfg.limit, cfg.data_dir) == ("synthetic", 0.3, 7, 50, "/d")
     assert notes == []
-    cfg, notes = resolve_data(DataRequest("synthetic", limit=20), rec)
+    cfg, notes = resolve_data(DataRequest(spec="synthetic", limit=20), rec)
     assert cfg.limit == 20 and cfg.val_split == 0.3 and "--limit 20" in notes[0]
-    cfg, notes = resolve_data(DataRequest("imagefolder:/new"), {**rec, "spec": "imagefolder:/old"})
+    cfg, notes = resolve_data(DataRequest(spec="imagefolder:/new"), {**rec, "spec": "imagefolder:/old"})
     assert cfg.spec == "imagefolder:/new" and "imagefolder:/old" in notes[0]
 
 
@@ -260,7 +260,7 @@ def test_calibration_on_a_test_half_reports_on_the_other_half(trained: Path, tmp
     assert doc["warnings"] == [] and any("instead of the part of the training data" in n for n in doc["notes"])
     # The chosen setting's test numbers come from the other half of the test split.
     model = pteenet.load(str(trained))
-    other = load_splits(DataConfig("synthetic", seed=1, calibration="synthetic#half=1"), model.info.preprocess, 10)
+    other = load_splits(DataConfig(spec="synthetic", seed=1, calibration="synthetic#half=1"), model.info.preprocess, 10)
     xs, ys = map(torch.cat, zip(*make_loader(other.val, 64, shuffle=False)))
     with torch.no_grad():
         backbone_acc = (model.forward_all(xs).final_logits.argmax(1) == ys).float().mean().item()
@@ -306,5 +306,5 @@ def test_resolve_data_calibration_overrides_the_record() -> None:
     assert cfg.calibration == "synthetic#half=0" and notes == []  # the recorded one: nothing to note
     cfg, notes = resolve_data(DataRequest(), {**rec, "calibration": "synthetic#half=1"})
     assert cfg.calibration == "synthetic#half=1"  # the record's calibration is rebuilt by default
-    cfg, notes = resolve_data(DataRequest("synthetic", calibration="synthetic#half=0"), None)
+    cfg, notes = resolve_data(DataRequest(spec="synthetic", calibration="synthetic#half=0"), None)
     assert cfg.calibration == "synthetic#half=0" and notes == []  # no carve, so no overlap to warn about

@@ -17,7 +17,7 @@ from pteenet.checkpoint import META_KEY, read_metadata
 from pteenet.cli import app
 from pteenet.data import DataConfig
 from pteenet.errors import PteenetError
-from pteenet.loss import LossOutput
+from pteenet.loss import LossConfig, LossOutput
 from pteenet.progress import Sink, Task
 from pteenet.train import Interrupted, TrainConfig, train_branches
 from pteenet.weights import module_sha256
@@ -25,14 +25,14 @@ from pteenet.weights import module_sha256
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = attach(AttachConfig("cifar-resnet20", input_size=(3, 16, 16), exits=2))
+    model = attach(AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=2))
     path = tmp_path_factory.mktemp("train") / "attached.safetensors"
     save_checkpoint(path, model)
     return path
 
 
 def data(**kw: Any) -> DataConfig:
-    return DataConfig("synthetic", **{"limit": 96, **kw})
+    return DataConfig(spec="synthetic", **{"limit": 96, **kw})
 
 
 def cfg(**kw: Any) -> TrainConfig:
@@ -80,9 +80,9 @@ def test_trains_end_to_end_and_leaves_the_backbone_alone(ckpt: Path, tmp_path: P
     assert not all(torch.equal(a, b) for a, b in zip(src.branches.parameters(), trained.model.branches.parameters()))
     meta = trained.model.meta
     assert meta["history"] == json.loads(json.dumps(doc["epochs"]))
-    assert meta["training"]["complete"] and meta["training"]["lambda"] == 0.9 and meta["training"]["targets"] == "soft"
+    assert meta["training"]["complete"] and meta["training"]["config"]["loss"] == LossConfig().fields_dict()
     # the default ensemble was fitted on the calibration split and saved
-    assert trained.model.ensemble is not None and meta["training"]["ensemble"]
+    assert trained.model.ensemble is not None and meta["training"]["config"]["ensemble"]
     assert meta["data"]["spec"] == "synthetic" and meta["data"]["sizes"]["val"] == 50
     assert trained.state == {}  # a finished run drops the resume state
 
@@ -138,7 +138,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_epoch(ckpt: Path, tmp_path: Path
     def poisoned(*args: Any, **kw: Any) -> LossOutput:
         res = real(*args, **kw)
         calls["n"] += 1
-        return res if calls["n"] <= 2 else LossOutput(res.loss * float("nan"), res.nll, res.cost, res.per_exit_nll)
+        return res if calls["n"] <= 2 else LossOutput(loss=res.loss * float("nan"), nll=res.nll, cost=res.cost)
 
     monkeypatch.setattr(train_mod, "early_exit_loss", poisoned)  # 2 batches per epoch: epoch 2 fails
     with pytest.raises(PteenetError, match="loss became nan"):
@@ -163,7 +163,7 @@ def test_cli_json_document(ckpt: Path, tmp_path: Path) -> None:
     assert {"epoch", "lr", "seconds", "train", "val"} <= set(epoch)
     assert {"loss", "agreement", "ee_cost"} <= set(epoch["train"])
     assert doc["final"]["complete"] and doc["final"]["output"] == str(out)
-    assert read_metadata(out)["training"]["loss"] == "v1"
+    assert read_metadata(out)["training"]["config"]["loss"]["version"] == "v1"
 
 
 def test_cli_table_goes_to_stderr(ckpt: Path, tmp_path: Path) -> None:
@@ -229,7 +229,7 @@ def test_cli_calibration_replaces_the_carved_val_split(ckpt: Path, tmp_path: Pat
             "--device", "cpu", "--no-augment", "--calibration", "synthetic#half=0", "--json")
     assert r.exit_code == 0, r.output
     meta = read_metadata(out)
-    assert meta["data"]["calibration"] == "synthetic#half=0" and meta["training"]["calibration"] == "synthetic#half=0"
+    assert meta["data"]["calibration"] == "synthetic#half=0" and meta["training"]["data"]["calibration"] == "synthetic#half=0"
     assert meta["data"]["sizes"] == {"train": 40, "val": 40, "test": 40} and meta["data"]["test_half"] == 1
     assert json.loads(r.stdout)["epochs"][0]["val"]  # the per-epoch report ran on the calibration data
     # The calibration data is part of what a --resume must repeat.

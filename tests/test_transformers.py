@@ -21,7 +21,7 @@ BRANCHES = ("pool-mlp", "pool", "conv-lite", "conv1")
 
 
 def _attach(factory: str, branch: str = "pool-mlp", **kw: object) -> pteenet.EarlyExitModel:
-    return pteenet.attach(pteenet.AttachConfig(f"tiny_models:{factory}", input_size=SIZE, branch=branch, **kw))  # type: ignore[arg-type]
+    return pteenet.attach(pteenet.AttachConfig(backbone=f"tiny_models:{factory}", input_size=SIZE, branch=branch, **kw))  # type: ignore[arg-type]
 
 
 def test_layouts_come_from_the_graph() -> None:

@@ -42,8 +42,10 @@ def attach_command(
 ) -> None:
     """Attach early-exit branches to a frozen backbone and write a checkpoint."""
     n_exits: int | str | None = int(exits) if exits is not None and exits.strip().isdigit() else exits
-    cfg = AttachConfig(backbone, weights, num_classes, parse_size(input_size), parse_floats(mean, "--mean"),
-                       parse_floats(std, "--std"), split_names(at), n_exits, placement, branch, cascade, grid, hidden, hooks)
+    cfg = AttachConfig(backbone=backbone, weights=weights, num_classes=num_classes, input_size=parse_size(input_size),
+                       mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), at=split_names(at),
+                       exits=n_exits, placement=placement, branch=branch, cascade=cascade, grid=grid, hidden=hidden,
+                       hooks=hooks)
     if list_:
         emit(list_candidates(cfg), json_, _show_candidates)
         return

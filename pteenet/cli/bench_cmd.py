@@ -9,7 +9,6 @@ from rich.table import Table
 
 from ..bench import BenchConfig, bench, load_images
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..export import check_thresholds
 from ..report import batch_label
 from .common import console, emit, handle_errors, progress_sink
 from .options import DataDirOption, DataOption, JsonOption, LimitOption, PolicyOption
@@ -36,13 +35,13 @@ def bench_command(
 ) -> None:
     """Time the plain backbone against the early-exit model (throughput, latency, exits, MACs), on
     images preloaded into memory."""
-    if threshold is not None:
-        check_thresholds([threshold])
+    # Built first: its checks (threshold, policy, sizes) run before any file is read.
+    cfg = BenchConfig(batch_sizes=tuple(batch_size or (1, 256)), threshold=threshold, policy=policy, threads=threads,
+                      repeats=repeats, tune_allocator=tune_allocator)
     ck = load_checkpoint(checkpoint)
     model = ck.model
     spec = data or (model.meta.get("data") or {}).get("spec")
-    cfg = BenchConfig(batch_sizes=tuple(batch_size or (1, 256)), threshold=threshold, policy=policy, threads=threads,
-                      repeats=repeats, extra={"data": spec, "split": split}, tune_allocator=tune_allocator)
+    cfg.extra.update(data=spec, split=split)
     with progress_sink() as sink:
         images, notes = load_images(model, data, data_dir, split, limit, sink)
         # The notes are about which images form the calibration split; other splits do not depend on it.

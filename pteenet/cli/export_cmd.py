@@ -25,7 +25,8 @@ def export_command(
     json_: JsonOption = False,
 ) -> None:
     """Export the model (model.safetensors + optional torch.export/ONNX programs) with report.md."""
-    cfg = ExportConfig(output, threshold, budget, max_drop, policy, tuple(format_ or ("safetensors",)), force)
+    cfg = ExportConfig(output=output, threshold=threshold, budget=budget, max_drop=max_drop, policy=policy,
+                       formats=tuple(format_ or ("safetensors",)), force=force)
     with progress_sink() as sink:
         doc = export(checkpoint, cfg, sink)
     emit(doc, json_, _show)

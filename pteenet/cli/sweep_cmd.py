@@ -92,7 +92,8 @@ def sweep_command(
                       write=None if write is None else str(write), batch_size=batch_size,
                       device=device, workers=workers)
     with progress_sink() as sink:
-        doc = sweep_threshold(checkpoint, DataRequest(data, data_dir, limit, calibration=calibration), cfg, sink)
+        doc = sweep_threshold(checkpoint, DataRequest(spec=data, data_dir=data_dir, limit=limit, calibration=calibration),
+                              cfg, sink)
     emit(doc, json_, _show)
 
 

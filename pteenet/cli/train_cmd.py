@@ -72,8 +72,8 @@ def train_command(
     json_: JsonOption = False,
 ) -> None:
     """Train the exit branches (only them) on the frozen backbone, saving OUTPUT after every epoch."""
-    data_cfg = DataConfig(data, data_dir, limit, augment=not no_augment, val_split=val_split, seed=seed,
-                          calibration=calibration)
+    data_cfg = DataConfig(spec=data, data_dir=data_dir, limit=limit, augment=not no_augment, val_split=val_split,
+                          seed=seed, calibration=calibration)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
                       workers=workers, amp=amp, resume=resume, cache_features=cache_features, views=views, cache_dir=cache_dir,
                       ensemble=ensemble, loss=LossConfig(version=loss, lam=lam, targets=targets, temperature=temperature,

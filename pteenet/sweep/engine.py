@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .. import policies as pol
+from ..configs import check_criterion
 from ..errors import PteenetError, unknown_name
 from .cache import ExitCache
 
@@ -257,8 +258,7 @@ def select(points: Sequence[Point], backbone: Point, budget: float | None = None
     """By budget: the most accurate point within it. By max_drop (percentage points): the
     cheapest point within that much of the backbone. None when nothing qualifies."""
     points = list(points)
-    if budget is not None and max_drop is not None:
-        raise PteenetError("give either a budget or a maximum accuracy drop, not both")
+    check_criterion(budget, max_drop)
     if not points or (budget is None and max_drop is None):
         return None
     if budget is not None:
@@ -266,8 +266,7 @@ def select(points: Sequence[Point], backbone: Point, budget: float | None = None
         if not budget >= cheapest - _EPS:
             raise below_cheapest(budget, cheapest)
         return max((p for p in points if p.cost <= budget + _EPS), key=lambda p: (p.metric, -p.cost))
-    if not (max_drop is not None and math.isfinite(max_drop) and max_drop >= 0):
-        raise PteenetError(f"maximum drop must be a number of percentage points >= 0, got {max_drop}")
+    assert max_drop is not None
     target = backbone.metric - max_drop / 100.0
     ok = [p for p in points if p.metric >= target - _EPS]
     return min(ok, key=lambda p: (p.cost, -p.metric)) if ok else None

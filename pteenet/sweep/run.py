@@ -23,9 +23,10 @@ from torch.utils.data import Dataset
 
 from .. import policies as pol
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_parent_folder, check_policy
 from ..data import DataConfig, DataRequest, load_splits, make_loader, resolve_data
-from ..devices import DEVICES, resolve_device
-from ..errors import PteenetError, unknown_name
+from ..devices import resolve_device
+from ..errors import PteenetError
 from ..model import EarlyExitModel
 from ..progress import SILENT, Sink
 from .cache import ExitCache, ExitCacheBuilder
@@ -37,8 +38,8 @@ SPLITS = ("val", "test")
 PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along the global front
 
 
-@dataclass
-class SweepConfig:
+@dataclass(kw_only=True)
+class SweepConfig(Config):
     outdir: str | None = None  # sweep.json, sweep.csv, curve.png, exits.png; None writes nothing
     split: str = "val"  # val: tune on calibration (and report the choice on test) | test
     policy: str = "all"  # one of policies.POLICIES, or all three side by side
@@ -52,6 +53,24 @@ class SweepConfig:
     device: str = "auto"
     workers: int = 0
     plots: bool = True
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        check_choice("split", self.split, SPLITS)
+        check_policy(self.policy, also=("all",))
+        parse_range(self.thresholds)
+        check_criterion(self.budget, self.max_drop)
+        if self.select_exits and self.budget is None and self.max_drop is None:
+            raise PteenetError("--select-exits needs a criterion", "pass --budget F or --max-drop P")
+        if self.write and self.budget is None and self.max_drop is None:
+            raise PteenetError("--write needs a chosen setting", "pass --budget F or --max-drop P")
+        check_int("batch_size", self.batch_size, 1, "e.g. --batch-size 256")
+        check_int("workers", self.workers, 0, "0 loads data in the main process")
+
+    @property
+    def policies(self) -> list[str]:
+        """The policies to sweep."""
+        return list(pol.POLICIES) if self.policy == "all" else [self.policy]
 
 
 def _unpack(batch: Any) -> tuple[torch.Tensor, Any]:
@@ -84,31 +103,6 @@ def build_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256,
             builder.add_outputs(out, None if y is None else torch.as_tensor(y))
             task.advance()
     return builder.build_for(model)
-
-
-def _check(cfg: SweepConfig) -> tuple[list[str], np.ndarray]:
-    """Every check that needs neither model nor data; returns the policies and the threshold grid."""
-    if cfg.device not in DEVICES:
-        raise unknown_name("device", cfg.device, DEVICES)
-    if cfg.split not in SPLITS:
-        raise unknown_name("split", cfg.split, SPLITS)
-    if cfg.policy != "all" and cfg.policy not in pol.POLICIES:
-        raise unknown_name("policy", cfg.policy, [*pol.POLICIES, "all"])
-    if cfg.budget is not None and cfg.max_drop is not None:
-        raise PteenetError("give either --budget or --max-drop, not both")
-    if cfg.budget is not None and not (np.isfinite(cfg.budget) and cfg.budget > 0):
-        raise PteenetError(f"budget must be a positive fraction of the backbone's cost, got {cfg.budget}")
-    if cfg.max_drop is not None and not (np.isfinite(cfg.max_drop) and cfg.max_drop >= 0):
-        raise PteenetError(f"--max-drop must be a number of percentage points >= 0, got {cfg.max_drop}")
-    if cfg.select_exits and cfg.budget is None and cfg.max_drop is None:
-        raise PteenetError("--select-exits needs a criterion", "pass --budget F or --max-drop P")
-    if cfg.write and cfg.budget is None and cfg.max_drop is None:
-        raise PteenetError("--write needs a chosen setting", "pass --budget F or --max-drop P")
-    if cfg.write and not Path(cfg.write).expanduser().parent.is_dir():
-        raise PteenetError(f"the folder of --write {cfg.write} does not exist", "create it first")
-    if cfg.batch_size < 1 or cfg.workers < 0:
-        raise PteenetError("--batch-size must be >= 1 and --workers >= 0")
-    return list(pol.POLICIES) if cfg.policy == "all" else [cfg.policy], parse_range(cfg.thresholds)
 
 
 def _per_exit_budgets(glob: list[Point], budget: float | None) -> list[float]:
@@ -216,7 +210,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
             warnings.append(text)
         sink.warn(text)
 
-    policies, grid = _check(cfg)
+    policies, grid = cfg.policies, parse_range(cfg.thresholds)
     if model.cost is None:
         raise PteenetError(f"{name} has no cost table", "attach the branches with `pteenet attach`")
     # No setting costs less than sending every sample out at the first exit: fail before any data.
@@ -327,7 +321,8 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
                     sink: Sink = SILENT) -> dict[str, Any]:
     """The whole command: load, sweep (``sweep_model``'s work) and write ``cfg.write`` with the
     chosen setting and the file's training state; returns the document (the same one as sweep.json)."""
-    _check(cfg)  # before the checkpoint is read
+    if cfg.write:
+        check_parent_folder("--write", cfg.write)  # before the checkpoint is read
     ckpt = load_checkpoint(ckpt_path, resolve_device(cfg.device))
     doc = _sweep(ckpt.model, data, cfg, sink, str(ckpt_path))
     if cfg.write and doc["chosen"] is not None and doc["chosen"].get("policy"):
