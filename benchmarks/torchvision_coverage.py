@@ -25,9 +25,10 @@ from pteenet import AttachConfig, PteenetError, attach
 from pteenet.policies import never_exit_threshold, score
 
 
-def check(name: str, size: int) -> dict[str, Any]:
+def check(name: str, size: int, prefix: str = "torchvision") -> dict[str, Any]:
+    """One model (``prefix:name``) at ``size`` x ``size``; also used by timm_coverage.py."""
     t0 = time.time()
-    model = attach(AttachConfig(backbone=f"torchvision:{name}", input_size=(3, size, size), exits=2, placement="linear"))
+    model = attach(AttachConfig(backbone=f"{prefix}:{name}", input_size=(3, size, size), exits=2, placement="linear"))
     x = torch.randn(3, 3, size, size)
     never = never_exit_threshold("max-softmax")
     with torch.no_grad():
@@ -47,12 +48,29 @@ def check(name: str, size: int) -> dict[str, Any]:
         first = model.predict(x)
     tol = 1e-5 * max(1.0, scale)
     return {
-        "model": name, "input": size, "ok": diff <= tol and mid_diff <= tol, "max_abs_diff": diff,
+        "model": name, "input": size, "ok": diff <= tol and mid_diff <= tol, "exact": diff == 0, "max_abs_diff": diff,
         "rows_left_at_exit0": int((mid.exit_index == 0).sum()), "max_abs_diff_after_rows_left": mid_diff,
         "exits": [p.name for p in model.exit_points], "layouts": [p.layout for p in model.exit_points],
-        "shrinkable": model.stages.shrinkable, "backbone_macs": model.cost.backbone_macs if model.cost else None,
+        "tap_shapes": [list(t) for t in model.tap_shapes], "shrinkable": model.stages.shrinkable,
+        "backbone_macs": model.cost.backbone_macs if model.cost else None,
         "all_left_at_exit0": bool((first.exit_index == 0).all()), "seconds": round(time.time() - t0, 1),
     }
+
+
+def survey(name: str, prefix: str = "torchvision") -> dict[str, Any]:
+    """``check`` at 64x64, and at 224x224 where 64 fails; a failure is recorded with its message."""
+    row: dict[str, Any] = {"model": name, "ok": False}
+    failed: dict[int, str] = {}
+    for size in (64, 224):
+        try:
+            return {**check(name, size, prefix), **({"failed_at": failed} if failed else {})}
+        except PteenetError as e:
+            failed[size] = str(e)[:300]
+        except Exception as e:  # noqa: BLE001 - we are surveying failures
+            failed[size] = f"{type(e).__name__}: {str(e)[:300]}"
+        row = {"model": name, "ok": False, "input": size, "error": failed[size],
+               **({"failed_at": failed} if len(failed) > 1 else {})}
+    return row
 
 
 def main() -> None:
@@ -64,17 +82,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for name in args.only or tvm.list_models(module=tvm):
-        row: dict[str, Any] = {"model": name, "ok": False}
-        for size in (64, 224):
-            try:
-                row = check(name, size)
-                break
-            except PteenetError as e:
-                row = {"model": name, "ok": False, "input": size, "error": str(e)[:300]}
-            except Exception as e:  # noqa: BLE001 - we are surveying failures
-                row = {"model": name, "ok": False, "input": size, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(survey(name))
+        print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "torchvision_coverage.json"
     if args.update and path.exists():

@@ -20,8 +20,8 @@ from .model import EarlyExitModel
 
 @dataclass(kw_only=True)
 class AttachConfig(Config):
-    backbone: str  # torchvision:NAME | cifar-resnetN | path/file.py:factory | package.module:factory
-    weights: str | None = None  # a local file; for torchvision also DEFAULT or an enum name
+    backbone: str  # torchvision:NAME | timm:NAME[.TAG] | cifar-resnetN | path/file.py:factory | package.module:factory
+    weights: str | None = None  # a local file; for torchvision also DEFAULT or an enum name, for timm pretrained
     num_classes: int | None = None
     input_size: tuple[int, int, int] | None = None  # (C, H, W)
     mean: tuple[float, ...] | None = None

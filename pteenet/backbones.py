@@ -1,13 +1,15 @@
 """Turning a backbone spec string into a frozen ``nn.Module`` plus how to preprocess its inputs.
 
-Specs: ``torchvision:NAME``, ``cifar-resnet20|32|44|56|110``, ``path/to/file.py:factory`` or
-``package.module:factory``. Weights: a local file, or for torchvision ``DEFAULT``/an enum name.
+Specs: ``torchvision:NAME``, ``timm:NAME`` (``timm_backbone.py``), ``cifar-resnet20|32|44|56|110``,
+``path/to/file.py:factory`` or ``package.module:factory``. Weights: a local file, or for torchvision
+``DEFAULT``/an enum name, for timm ``pretrained``.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,11 @@ from torch import nn
 
 from .cifar_resnet import DEPTHS, cifar_resnet
 from .errors import PteenetError, unknown_name
+from .timm_backbone import build_timm, timm_names
 from .weights import file_sha256, load_into, read_state_dict
+
+# The auxiliary classifiers of torchvision's GoogLeNet and Inception v3: used only in training mode.
+AUX_HEADS = ("aux1", "aux2", "AuxLogits")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,7 +76,7 @@ def torchvision_names() -> list[str]:
 
 
 def known_specs() -> list[str]:
-    return list(DEPTHS) + [f"torchvision:{n}" for n in torchvision_names()]
+    return list(DEPTHS) + [f"torchvision:{n}" for n in torchvision_names()] + [f"timm:{n}" for n in timm_names()]
 
 
 def _load_factory(spec: str) -> Any:
@@ -114,6 +120,7 @@ def _torchvision(name: str, weights: str | None, num_classes: int | None) -> tup
         else:
             raise unknown_name(f"weights of {name}", weights, ["DEFAULT", *members])
     if enum_weights is not None:
+        info["named_weights"] = True  # loaded here, not a file for load_backbone to read
         tf = enum_weights.transforms()
         size = getattr(tf, "crop_size", [224])
         info["input_size"] = (3, size[0], size[0])
@@ -130,12 +137,29 @@ def _torchvision(name: str, weights: str | None, num_classes: int | None) -> tup
             ) from e
         return model, info
     kwargs = {"num_classes": num_classes} if num_classes else {}
-    model = tvm.get_model(name, weights=None, **kwargs)
-    # Inception v3 and GoogLeNet build auxiliary heads by default; they are unused in eval mode.
-    return model, info
+    # Inception v3 and GoogLeNet build auxiliary heads here; drop_absent_aux_heads removes them for
+    # a file without them.
+    return tvm.get_model(name, weights=None, **kwargs), info
 
 
-def _build(spec: str, num_classes: int | None, in_channels: int, weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
+def drop_absent_aux_heads(model: nn.Module, keys: Iterable[str]) -> None:
+    """Remove auxiliary heads that the state dict about to be loaded lacks.
+
+    Built without weights, GoogLeNet and Inception v3 have auxiliary heads; a state dict saved from a
+    pretrained one has none (torchvision drops them), and eval mode never runs them. Removing them the
+    way torchvision does lets such a file load strictly, with nothing unused left in the checkpoint.
+    """
+    names = {k.split(".", 1)[0] for k in keys}
+    absent = [a for a in AUX_HEADS if isinstance(getattr(model, a, None), nn.Module) and a not in names]
+    if absent and getattr(model, "aux_logits", False):
+        for a in absent:
+            setattr(model, a, None)
+        model.aux_logits = False
+
+
+def _build(spec: str, num_classes: int | None, input_size: tuple[int, int, int] | None,
+           weights: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    in_channels = input_size[0] if input_size else 3
     if spec in DEPTHS:
         return cifar_resnet(spec, num_classes=num_classes or 10, in_channels=in_channels), {
             "input_size": (in_channels, 32, 32),
@@ -144,6 +168,8 @@ def _build(spec: str, num_classes: int | None, in_channels: int, weights: str | 
         }
     if spec.startswith("torchvision:"):
         return _torchvision(spec.split(":", 1)[1], weights, num_classes)
+    if spec.startswith("timm:"):
+        return build_timm(spec.split(":", 1)[1], weights, num_classes, input_size)
     if ":" in spec:
         factory = _load_factory(spec)
         try:
@@ -168,11 +194,12 @@ def load_backbone(
 
     Options given explicitly win over the defaults of the weights or the built-in model.
     """
-    in_channels = input_size[0] if input_size else 3
-    model, defaults = _build(spec, num_classes, in_channels, weights)
+    model, defaults = _build(spec, num_classes, input_size, weights)
     sha = None
-    if weights is not None and (Path(weights).exists() or not spec.startswith("torchvision:")):
-        load_into(model, read_state_dict(weights), weights)
+    if weights is not None and not defaults.get("named_weights"):
+        sd = read_state_dict(weights)
+        drop_absent_aux_heads(model, sd)
+        load_into(model, sd, weights)
         sha = file_sha256(weights)
     model.eval()
     for p in model.parameters():

@@ -151,6 +151,8 @@ def build_feature_cache(model: EarlyExitModel, ds: Dataset, batch_size: int, wor
             final[i:i + len(y)], labels[i:i + len(y)] = fb.float().cpu(), y
             i += len(y)
             task.advance()
+    if i < n:  # image files that could not be decoded were skipped (data.loader)
+        taps, final, labels = [t[:i] for t in taps], final[:i], labels[:i]
     return FeatureCache(taps, final, labels, batch_size, shuffle, stems)
 
 

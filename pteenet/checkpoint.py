@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .backbones import BackboneInfo, load_backbone
+from .backbones import BackboneInfo, drop_absent_aux_heads, load_backbone
 from .branches import BranchConfig
 from .cost import CostTable
 from .errors import PteenetError
@@ -27,7 +27,7 @@ from .exits import Ensemble
 from .files import atomic_write
 from .model import EarlyExitModel
 from .version import __version__
-from .weights import module_sha256, tensors_sha256
+from .weights import load_state, module_sha256, tensors_sha256
 
 SCHEMA_VERSION = 3
 META_KEY = "pteenet"
@@ -99,6 +99,19 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def backbone_hash(path: str | Path) -> str:
+    """The hash of the backbone tensors stored in ``path`` (``describe``'s ``backbone_sha256`` when intact)."""
+    from safetensors import safe_open
+
+    read_metadata(path)  # the clean errors for a missing, foreign or newer file
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            bb = {k[len("backbone."):]: f.get_tensor(k) for k in f.keys() if k.startswith("backbone.")}
+    except Exception as e:
+        raise PteenetError(f"cannot read the tensors of {path}: {type(e).__name__}", "the file is corrupt or truncated") from e
+    return tensors_sha256(bb)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     from safetensors.torch import load_file
 
@@ -113,7 +126,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     bb_sd = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
     if tensors_sha256(bb_sd) != meta["backbone_sha256"]:
         raise PteenetError(f"the backbone tensors in {path} do not match their recorded hash", "the file is corrupt")
-    backbone.load_state_dict(bb_sd, strict=True)
+    drop_absent_aux_heads(backbone, bb_sd)
+    load_state(backbone, bb_sd)
     try:
         branch = BranchConfig.from_dict(meta["branch"])
     except PteenetError as e:

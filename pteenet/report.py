@@ -39,7 +39,8 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
         "training": {"config": model.meta.get("training"), "epochs": len(history),
                      "final_epoch": history[-1] if history else None} if model.meta.get("training") or history else None,
         "data": model.meta.get("data"),
-        "sweep": None if not sweep else {k: sweep.get(k) for k in ("metric", "samples", "backbone", "oracle", "criterion", "points")},
+        "sweep": None if not sweep else {k: sweep.get(k) for k in ("metric", "samples", "backbone", "oracle", "criterion", "points",
+                                                                "no_accuracy")},
         "operating_point": {**point, "rule": _rule(point["policy"]),
                             "reduction": None if not val else 1.0 - val["cost"],
                             "reduction_paper": None if not val else 1.0 - val["cost_paper"]},
@@ -207,6 +208,8 @@ def _sweep_md(sw: dict[str, Any] | None) -> list[str]:
     rows = [[p.policy, p.kind, ", ".join(f"{t:g}" for t in sorted(set(p.thresholds or [])))[:40], _pct(p.metric),
              f"{p.cost:.3f}", f"{p.cost_paper:.3f}"] for p in front]
     out += _table(["policy", "kind", "threshold", metric, "cost", "cost (paper)"], rows)
+    if sw.get("no_accuracy"):
+        out += ["", f"No accuracy: {sw['no_accuracy']}."]
     return out + ["", "The whole curve is in `report.json` (`sweep.points`) and, when plotted, `curve.png`."]
 
 

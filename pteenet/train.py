@@ -44,7 +44,7 @@ from .configs import (
     check_thresholds,
     setting,
 )
-from .data import DataConfig, load_splits
+from .data import SKIPPED, DataConfig, load_splits
 from .devices import resolve_device
 from .errors import PteenetError
 from .loss import LossConfig, early_exit_loss
@@ -52,6 +52,7 @@ from .model import AllExits, EarlyExitModel
 from .progress import SILENT, Sink
 from .weights import module_sha256
 
+MAX_SKIPPED_LISTED = 100  # undecodable image files named in the checkpoint (all are counted)
 
 @dataclass(kw_only=True)
 class TrainConfig(Config):
@@ -136,7 +137,8 @@ class _Meter:
     def add(self, values: dict[str, Any], n: int) -> None:
         self.n += n
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0) + np.asarray(v, dtype=np.float64) * n
+            if v is not None:  # accuracy on images without labels
+                self.sums[k] = self.sums.get(k, 0) + np.asarray(v, dtype=np.float64) * n
 
     def means(self) -> dict[str, Any]:
         return {k: (v / max(self.n, 1)).tolist() for k, v in self.sums.items()}
@@ -313,7 +315,8 @@ def _summary(history: list[dict[str, Any]], out_path: Path | None, training: dic
     return {"epochs": history, "final": {
         "output": None if out_path is None else str(out_path), "epochs_done": training.get("epochs_done"),
         "complete": training.get("complete"), "already_complete": already_complete, "seconds": training.get("seconds"),
-        "backbone_sha256": sha, "train": last.get("train"), "val": last.get("val")}}
+        "backbone_sha256": sha, "train": last.get("train"), "val": last.get("val"),
+        "skipped_images": training.get("skipped_images")}}
 
 
 def _device(cfg: TrainConfig, data_cfg: DataConfig) -> torch.device:
@@ -370,8 +373,14 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
         model.set_ensemble(None)
         model.set_active(None)
     splits = load_splits(data, model.info.preprocess, model.info.num_classes)
+    unlabelled = [what for what, key in (("training", "labelled"), ("calibration", "calibration_labelled"))
+                  if not splits.split_info.get(key, True)]
+    if cfg.loss.targets == "labels" and unlabelled:
+        raise PteenetError(f"--targets labels needs labels, but the {' and '.join(unlabelled)} data has none",
+                           "use --targets soft or pseudo: they learn from the backbone's predictions, no labels needed")
+    skipped_before = len(SKIPPED.files)
     # The class names travel with the record, so that an export can name the classes of its file.
-    data_record = {**splits.split_info, "class_names": list(splits.class_names)}
+    data_record = {**splits.split_info, "class_names": None if splits.class_names is None else list(splits.class_names)}
     model.to(device)
 
     start_epoch = int(resume_state["epoch"]) if resume_state is not None else 0
@@ -400,8 +409,10 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
         sink.warn("no calibration split to fit the exit ensemble on: each exit answers with its own head")
 
     def record(epochs_done: int, complete: bool) -> dict[str, Any]:
+        skipped = SKIPPED.since(skipped_before)
         return {**settings, "device": str(device), "epochs_done": epochs_done, "complete": complete, "source": source,
-                "seconds": seconds_before + time.perf_counter() - started}
+                "seconds": seconds_before + time.perf_counter() - started,
+                "skipped_images": {"count": len(skipped), "files": skipped[:MAX_SKIPPED_LISTED]}}
     # fork_rng: seeding for reproducibility must not leak into the caller's global RNG.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -73,12 +74,32 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = dict(obj)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return with_metadata(sd, getattr(obj, "_metadata", None))
+
+
+def with_metadata(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, dict] | None) -> dict[str, torch.Tensor]:
+    """``sd`` carrying torch's per-module ``_metadata`` (state-dict format versions), which
+    ``dict(...)`` and safetensors files lose. Some modules refuse a state dict without it: torchvision's
+    MNASNet raises "version should be set to 1 or 2"."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict(sd)
+    if metadata is not None:
+        out._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    return out
+
+
+def load_state(module: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(sd, strict=True)``; a state dict without format versions (a safetensors
+    file, our checkpoints) is read as written by this very code, whose versions ``module`` states."""
+    metadata = getattr(sd, "_metadata", None)
+    if metadata is None:
+        metadata = getattr(module.state_dict(), "_metadata", None)
+    module.load_state_dict(with_metadata(sd, metadata), strict=True)
 
 
 def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
     """Strict load with a one-line error that names the first few offending keys."""
     own = module.state_dict()
+    metadata = getattr(sd, "_metadata", None)
     sd = dict(sd)
     for k in own:
         # Files saved by old torch lack BatchNorm's step counter, which eval mode never reads.
@@ -99,4 +120,4 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str) ->
             f"weights in {source} do not fit this architecture: " + "; ".join(problems),
             "check the backbone name, --num-classes, and that the file belongs to this model",
         )
-    module.load_state_dict(dict(sd), strict=True)
+    load_state(module, with_metadata(sd, metadata))

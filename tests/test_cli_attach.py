@@ -101,3 +101,23 @@ def test_corrupt_checkpoint_is_one_line(tmp_path: Path) -> None:
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     code, _, stderr = run("info", bad)
     assert code == 1 and "cannot read checkpoint" in error_line(stderr)
+
+
+def test_info_says_when_the_backbone_hash_does_not_match(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from pteenet.checkpoint import read_metadata
+
+    out = tmp_path / "m.safetensors"
+    assert run("attach", "cifar-resnet20", "--exits", 1, "-o", out)[0] == 0
+    code, stdout, stderr = run("info", out, "--json")
+    assert code == 0 and json.loads(stdout)["backbone_verified"] is True
+    assert "match the recorded hash" in run("info", out)[2]
+    tensors, meta = load_file(str(out)), read_metadata(out)
+    tensors["backbone.linear.bias"][0] += 1  # one number changed: the file no longer holds the attached backbone
+    save_file(tensors, str(out), metadata={"pteenet": json.dumps(meta)})
+    code, stdout, stderr = run("info", out, "--json")
+    assert code == 1 and json.loads(stdout)["backbone_verified"] is False
+    assert "do not match their recorded hash" in error_line(stderr)
+    code, _, stderr = run("info", out)
+    assert code == 1 and "DO NOT match" in stderr and stderr.strip().splitlines()[-1].startswith("Error: ")

@@ -99,7 +99,7 @@ def test_imagefolder(tmp_path: Path) -> None:
 
 
 def test_imagefolder_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(PteenetError, match="imagefolder needs"):
+    with pytest.raises(PteenetError, match="image folder .*nope does not exist"):
         load_splits(DataConfig(spec=f"imagefolder:{tmp_path / 'nope'}"), RGB32)
 
 

@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from ..attach import AttachConfig, attach, list_candidates
-from ..checkpoint import read_metadata, save_checkpoint
+from ..checkpoint import backbone_hash, read_metadata, save_checkpoint
+from ..errors import PteenetError
 from ..hooks import NO_EARLY_EXIT
 from ..model import EarlyExitModel
 from .common import console, emit, handle_errors, parse_floats, parse_size, split_names
@@ -21,9 +22,9 @@ def _fmt_macs(m: float) -> str:
 
 @handle_errors
 def attach_command(
-    backbone: str = typer.Argument(..., help="torchvision:NAME, cifar-resnet20|32|44|56|110, file.py:factory or package.module:factory"),
+    backbone: str = typer.Argument(..., help="torchvision:NAME, timm:NAME[.TAG], cifar-resnet20|32|44|56|110, file.py:factory or package.module:factory"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="checkpoint to write (.safetensors)"),
-    weights: Optional[str] = typer.Option(None, help="weights file (.safetensors/.pt/.pth/.th); torchvision: DEFAULT or an enum name"),
+    weights: Optional[str] = typer.Option(None, help="weights file (.safetensors/.pt/.pth/.th); torchvision: DEFAULT or an enum name; timm: pretrained (from the hub)"),
     num_classes: Optional[int] = typer.Option(None, help="number of classes, if not the model's default"),
     input_size: Optional[str] = typer.Option(None, help="C,H,W (default: from the weights or the model)"),
     mean: Optional[str] = typer.Option(None, help="per-channel mean, comma-separated"),
@@ -93,17 +94,27 @@ def info_command(
     checkpoint: Path = typer.Argument(..., help="a pteenet checkpoint"),
     json_: JsonOption = False,
 ) -> None:
-    """Show a checkpoint's metadata."""
-    emit(read_metadata(checkpoint), json_, lambda meta: _show_metadata(meta, checkpoint))
+    """Show a checkpoint's metadata, after checking its backbone tensors against their recorded hash
+    (exit code 1 when they do not match)."""
+    meta = read_metadata(checkpoint)
+    actual = backbone_hash(checkpoint)
+    meta["backbone_verified"] = actual == meta.get("backbone_sha256")
+    emit(meta, json_, lambda meta: _show_metadata(meta, checkpoint, actual))
+    if not meta["backbone_verified"]:
+        raise PteenetError(f"the backbone tensors in {checkpoint} do not match their recorded hash (recorded "
+                           f"{str(meta.get('backbone_sha256'))[:12]}, stored tensors {actual[:12]}): the file was "
+                           "changed or is corrupt", "write it again from its source; do not use this file")
 
 
-def _show_metadata(meta: dict[str, Any], checkpoint: Path) -> None:
+def _show_metadata(meta: dict[str, Any], checkpoint: Path, actual: str) -> None:
     table = Table(title=str(checkpoint), show_header=False)
     table.add_column("key")
     table.add_column("value")
     bb = meta["backbone"]
     table.add_row("backbone", f"{bb['spec']} ({bb['num_classes']} classes, input {'x'.join(map(str, bb['preprocess']['input_size']))})")
     table.add_row("weights", f"{bb.get('weights')} sha256 {str(bb.get('weights_sha256'))[:12]}")
+    table.add_row("backbone tensors", f"sha256 {actual[:12]}, " + ("match the recorded hash" if meta["backbone_verified"]
+                                                                   else "[bold red]DO NOT match the recorded hash[/]"))
     br = meta["branch"]
     table.add_row("branch", br["type"] + (", cascade" if br.get("cascade") else "") + (", ensemble" if meta.get("ensemble") else ""))
     if meta.get("runtime") == "hooks":
@@ -114,6 +125,7 @@ def _show_metadata(meta: dict[str, Any], checkpoint: Path) -> None:
         idle = "" if not active or active[i] else "; takes no decision (exit selection)"
         table.add_row(f"exit {i}", f"{e['name']}: cost {e['cost']:.3f} (paper {e['cost_paper']:.3f}){idle}")
     for key in meta:
-        if key not in ("backbone", "branch", "policy", "thresholds", "cost", "exits", "ensemble", "active_exits", "runtime"):
+        if key not in ("backbone", "branch", "policy", "thresholds", "cost", "exits", "ensemble", "active_exits",
+                       "backbone_verified", "runtime"):
             table.add_row(key, str(meta[key])[:100])
     console.print(table)

@@ -11,11 +11,13 @@ import functools
 import json
 import os
 import sys
+import warnings
 from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
 
+from ..data import SKIPPED, ImageSkipped
 from ..errors import PteenetError
 from .sink import RichSink
 
@@ -50,8 +52,12 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(os.environ.get("PTEENET_DEBUG"))
+        mark = len(SKIPPED.files)
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", ImageSkipped)  # SKIPPED already says each file once
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
         except PteenetError as e:
@@ -68,8 +74,22 @@ def handle_errors(fn: F) -> F:
             first = str(e).splitlines()[0][:200] if str(e) else ""
             fail(f"{type(e).__name__}: {first} (hint: rerun with PTEENET_DEBUG=1 for the traceback)")
             raise typer.Exit(1) from None
+        finally:
+            if skipped := SKIPPED.since(mark):  # the count at the end, however the command ended
+                RichSink(console).warn(SKIPPED.summary(skipped))
 
     return wrapper  # type: ignore[return-value]
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """A skipped image as one ``Warning:`` line on stderr (not Python's file:line: form); others as usual."""
+    if issubclass(category, ImageSkipped):
+        RichSink(console).warn(str(message))
+    else:
+        _default_showwarning(message, category, *args, **kwargs)
 
 
 def _jsonable(o: Any) -> Any:

@@ -40,3 +40,6 @@ PolicyOption = Annotated[Optional[str], typer.Option(
          "only, and its default; elsewhere the default is the checkpoint's own)")]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="print the result as one JSON document on stdout, and nothing else there")]
+StrictImagesOption = Annotated[bool, typer.Option(
+    "--strict-images", help="stop at an image file that cannot be decoded (default: skip it with a warning "
+                            "naming it, and count them at the end)")]

@@ -12,7 +12,16 @@ from rich.table import Table
 from ..data import DataRequest
 from ..sweep import Point, SweepConfig, short_thresholds, sweep_threshold
 from .common import console, emit, handle_errors, progress_sink
-from .options import ALL_POLICIES, DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, PolicyOption
+from .options import (
+    ALL_POLICIES,
+    DataDirOption,
+    DataOption,
+    DeviceOption,
+    JsonOption,
+    LimitOption,
+    PolicyOption,
+    StrictImagesOption,
+)
 
 TABLE_ROWS_PER_POLICY = 12  # a front can hold dozens of points; the table shows a spread of them
 
@@ -67,7 +76,7 @@ def sweep_command(
     calibration: Optional[str] = typer.Option(
         None, metavar="SPEC",
         help="tune on other data than the recorded calibration split: a dataset spec (its test split), "
-             "imagefolder:PATH of class folders, either + #half=0|1 for a seeded half (a half of test: report "
+             "imagefolder:PATH of class folders, images:PATH (no labels: agreement only), any + #half=0|1 for a seeded half (a half of test: report "
              "on the other half). Use it when the backbone was fine-tuned on the training images, which it "
              "has memorised; held-out training images are fine otherwise"),
     split: SplitChoice = typer.Option(SplitChoice.val, help="val: tune on training's calibration split, report the choice on test; test: sweep test only"),
@@ -81,6 +90,7 @@ def sweep_command(
     batch_size: int = typer.Option(256, help="images per batch"),
     device: DeviceOption = "auto",
     workers: int = typer.Option(0, help="data loader worker processes"),
+    strict_images: StrictImagesOption = False,
     json_: JsonOption = False,
 ) -> None:
     """Sweep exit thresholds on the calibration split and pick one by budget or accuracy drop.
@@ -92,7 +102,8 @@ def sweep_command(
                       write=None if write is None else str(write), batch_size=batch_size,
                       device=device, workers=workers)
     with progress_sink() as sink:
-        doc = sweep_threshold(checkpoint, DataRequest(spec=data, data_dir=data_dir, limit=limit, calibration=calibration),
+        doc = sweep_threshold(checkpoint, DataRequest(spec=data, data_dir=data_dir, limit=limit, calibration=calibration,
+                                                      strict_images=strict_images),
                               cfg, sink)
     emit(doc, json_, _show)
 

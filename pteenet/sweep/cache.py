@@ -95,8 +95,11 @@ class ExitCacheBuilder:
     @torch.no_grad()
     def add(self, exit_logits: list[torch.Tensor], exit_conf: list[torch.Tensor],
             final_logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """One batch: each exit's logits [B,K] and confidence LOGITS [B], the backbone's logits."""
+        """One batch: each exit's logits [B,K] and confidence LOGITS [B], the backbone's logits.
+        Labels that are all negative (``data.UNLABELLED``: images without labels) count as none."""
         e, b = len(exit_logits), final_logits.shape[0]
+        if labels is not None and labels.numel() and bool((labels < 0).all()):
+            labels = None
         if len(exit_conf) != e or self._num_exits not in (None, e):
             raise ValueError("every batch needs the same number of exit logits and confidences")
         if self._preds and (labels is None) != (not self._labels):

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from .. import policies as pol
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_parent_folder, check_policy
-from ..data import DataConfig, DataRequest, load_splits, make_loader, resolve_data
+from ..data import NO_LABELS, SKIPPED, DataConfig, DataRequest, load_splits, make_loader, resolve_data
 from ..devices import resolve_device
 from ..errors import PteenetError
 from ..model import EarlyExitModel
@@ -256,7 +256,10 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     def run(dataset: Dataset, name: str) -> ExitCache:
         return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name)
 
+    skipped_before = len(SKIPPED.files)
     cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
+    if cache.labels is None:
+        sink.note(NO_LABELS)
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
     chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
     active = None
@@ -282,6 +285,8 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
         "per_exit_budgets": budgets,
         "pareto": _front_indices(points, policies),
         "notes": notes, "warnings": warnings, "written": cfg.write, "outdir": cfg.outdir,
+        "no_accuracy": NO_LABELS if cache.labels is None else None,
+        "skipped_images": SKIPPED.since(skipped_before),
     })
     if cfg.outdir is not None:
         skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)
