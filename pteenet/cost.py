@@ -16,8 +16,9 @@ elementwise work, and it misses attention too where ``nn.MultiheadAttention`` ta
 inference path (eval mode without grad: ``torch._native_multi_head_attention`` has no flop formula;
 on a 2-layer ViT it counted 84,128 of about 137,000 MACs). So ``nn.MultiheadAttention`` has its own
 rule here (``attention_macs``), checked against FlopCounterMode on the unfused path (train mode) in
-tests/test_cost.py. Trusted: thop where it has a rule (the same numbers as before for CNNs), our
-attention rule, the flop counter for everything else.
+tests/test_transformers.py. Nor does it count ``F.scaled_dot_product_attention`` on the CPU (no
+formula for that kernel: timm's ViTs), so ``flop_counter`` adds one. Trusted: thop where it has a
+rule (the same numbers as before for CNNs), our attention rules, the flop counter for everything else.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 import torch.fx as fx
 from thop.profile import register_hooks
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from . import fold
 from .branches import ChannelsFirst
@@ -57,6 +58,21 @@ def attention_macs(m: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict
 OWN_RULES = {nn.MultiheadAttention: attention_macs}
 
 
+def _cpu_attention_flops(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+# FlopCounterMode has formulas for the CUDA kernels of F.scaled_dot_product_attention but counts 0
+# for the CPU one (timm's ViTs call it: both attention matmuls would go uncounted).
+_SDPA_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+FLOP_FORMULAS = {} if _SDPA_CPU is None else {_SDPA_CPU: _cpu_attention_flops}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode (FLOPs = 2 x MACs) with the formulas it lacks (``FLOP_FORMULAS``)."""
+    return FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+
+
 class _MacCounter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
@@ -72,7 +88,7 @@ class _MacCounter(fx.Interpreter):
         rule = register_hooks.get(type(module))
         if rule is None:
             # Attention modules, functional linears and matmuls, wrapped functions: see the module doc.
-            with FlopCounterMode(display=False) as fc:
+            with flop_counter() as fc:
                 out = super().run_node(n)
             self.macs[n.name] = int(fc.get_total_flops()) // 2
             return out

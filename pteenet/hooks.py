@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from thop.profile import register_hooks
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from .cost import OWN_RULES
+from .cost import OWN_RULES, flop_counter
 from .errors import PteenetError, unknown_name
 from .graph import ExitPoint, Stages, block_modules
 
@@ -69,7 +68,7 @@ def _eager_macs(root: nn.Module, x: torch.Tensor, paths: list[str]) -> dict[str,
     state = {"rules": 0.0, "inside": 0.0}  # MACs by the rules; flops the flop counter saw inside ruled modules
     at: dict[str, int] = {}
     handles = []
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
 
         def total() -> int:
             return int(state["rules"] + (fc.get_total_flops() - state["inside"]) // 2)

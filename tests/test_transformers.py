@@ -127,3 +127,27 @@ def test_feature_cache_on_token_and_channels_last_taps(factory: str, branch: str
         got = model.branch_outputs([t.float() for t in cache.taps], cache.final, features=stems)
     for a, b in zip(got.exit_logits, want.exit_logits):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # float16 cache
+
+
+class _SdpaBlock(nn.Module):
+    """Attention as timm writes it: F.scaled_dot_product_attention on (B, heads, N, d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.flatten(2).transpose(1, 2)[..., :16]  # (B, N, 16) tokens from a (B, 16, H, W) input
+        q, k, v = self.qkv(t).reshape(t.shape[0], t.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.head(a.transpose(1, 2).reshape(t.shape).mean(1))
+
+
+def test_cpu_scaled_dot_product_attention_is_counted() -> None:
+    size = (16, 4, 5)  # 20 tokens of 16
+    tb = trace(_SdpaBlock().eval(), size)
+    macs = node_macs(tb, size)
+    sdpa = [n.name for n in tb.nodes if n.target is nn.functional.scaled_dot_product_attention]
+    assert len(sdpa) == 1
+    assert macs[sdpa[0]] == 2 * 2 * 20 * 20 * 8  # Q K^T and A V, 2 heads of width 8
