@@ -10,10 +10,10 @@ Taps come in four layouts (``LAYOUTS``), told apart by the tap's rank and, for 4
 graph: ``chw`` (B, C, H, W) as convolutions make them; ``hwc`` (B, H, W, C) channels-last, as Swin's
 stages and ConvNeXt's blocks inside make them (``x.permute(0, 2, 3, 1)`` after a conv, undone by
 ``permute(0, 3, 1, 2)``); ``tokens`` (B, N, D), a transformer's token sequence; ``vector`` (B, C).
-``_layouts`` follows each 4-d value from the input through the graph: convolutions make ``chw``,
-those two permutes switch, reshapes and other permutes make it unknown (then ``chw``, as before),
-everything else (norms, linears on the last dimension, adds, attention functions) keeps the layout
-of its first 4-d input.
+``_layouts`` follows each value from the input through the graph: convolutions make ``chw``, those
+two permutes switch, reshapes and permutes that keep the channels last keep a channels-last value
+so, other reshapes and permutes make it unknown (then ``chw``, as before), everything else (norms,
+linears on the last dimension, adds, attention functions) keeps the layout of its first input.
 """
 from __future__ import annotations
 
@@ -97,15 +97,14 @@ def trace(backbone: nn.Module, input_size: tuple[int, ...]) -> TracedBackbone:
 
 
 def _permute_dims(n: fx.Node) -> tuple[int, ...] | None:
-    if n.op == "call_method" and n.target == "permute":
-        dims = n.args[1:]
-    elif n.op == "call_function" and n.target is torch.permute:
+    if n.op == "call_method" and n.target == "permute" or n.op == "call_function" and n.target is torch.permute:
         dims = n.args[1:]
     else:
         return None
     if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
         dims = tuple(dims[0])
-    return tuple(d % 4 if isinstance(d, int) else -1 for d in dims)
+    rank = len(dims)
+    return tuple(d % rank if isinstance(d, int) else -1 for d in dims)
 
 
 def _is_conv(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -115,26 +114,41 @@ def _is_conv(gm: fx.GraphModule, n: fx.Node) -> bool:
 
 
 def _layouts(gm: fx.GraphModule, nodes: list[fx.Node], shapes: dict[str, tuple[int, ...] | None]) -> dict[str, str]:
-    """``chw`` or ``hwc`` for the 4-d values whose layout the graph shows (see the module doc)."""
-    out: dict[str, str] = {}
+    """``chw`` or ``hwc`` for the 4-d values whose layout the graph shows (see the module doc).
+
+    Values of other ranks are followed too, as ``last`` where the channels are their last dimension:
+    Swin blocks flatten a channels-last map to tokens, or cut it into windows (reshapes and permutes
+    that keep the last dimension), and reshape it back to (B, H, W, C) (timm's do)."""
+    tags: dict[str, str] = {}  # node -> chw (4-d, channels first) | last (channels in the last dim)
     for n in nodes:
-        if len(shapes.get(n.name) or ()) != 3:
+        shape = shapes.get(n.name)
+        if shape is None or len(shape) < 2:
             continue
-        inputs = [a for a in n.all_input_nodes if len(shapes.get(a.name) or ()) == 3]
-        known = out.get(inputs[0].name) if inputs else None
+        inputs = [a for a in n.all_input_nodes if a.name in tags]
+        known = tags[inputs[0].name] if inputs else None
+        src = shapes.get(inputs[0].name) if inputs else None
         dims = _permute_dims(n)
-        if n.op == "placeholder":
-            out[n.name] = "chw"
-        elif _is_conv(gm, n):
-            out[n.name] = "chw"
+        reshape = n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target) in _RESHAPES
+        tag = None
+        if n.op == "placeholder" or _is_conv(gm, n):
+            tag = "chw" if len(shape) == 3 else None
         elif dims is not None:
             if (known, dims) == ("chw", TO_CHANNELS_LAST):
-                out[n.name] = "hwc"
-            elif (known, dims) == ("hwc", TO_CHANNELS_FIRST):
-                out[n.name] = "chw"
-        elif known is not None and not (n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target) in _RESHAPES):
-            out[n.name] = known
-    return out
+                tag = "last"
+            elif known == "last" and dims == TO_CHANNELS_FIRST:
+                tag = "chw"
+            elif known == "last" and dims[-1] == len(dims) - 1:  # the channels stay last
+                tag = "last"
+        elif reshape:
+            # A reshape keeps channels-last values channels-last when it keeps the last dimension or
+            # merges others into it (patch merging: (B, H/2, 2, W/2, 2, C) -> (B, H/2, W/2, 4C)).
+            if known == "last" and src and shape[-1] % src[-1] == 0:
+                tag = "last"
+        elif known is not None and (known == "last" or len(shape) == 3):
+            tag = known  # norms, linears on the last dimension, adds, attention functions
+        if tag is not None:
+            tags[n.name] = tag
+    return {k: ("hwc" if v == "last" else v) for k, v in tags.items() if len(shapes.get(k) or ()) == 3}
 
 
 def block_modules(root: nn.Module) -> list[str]:
@@ -234,14 +248,20 @@ def split(tb: TracedBackbone, points: list[ExitPoint], root: nn.Module) -> Stage
     n_stages = len(points) + 1
     last_use = {n: max((stage_of[u] for u in n.users), default=stage_of[n]) for n in tb.nodes}
     # carried[k]: values made before stage k (not parameters) that stage k or a later one still reads.
+    inputs = [n for n in tb.nodes if n.op == "placeholder"]
+    # Optional arguments of forward (timm's ``attn_mask=None``): every stage has them, at their
+    # defaults, as the backbone called with the image alone has them; they are never carried.
+    optional = inputs[1:]
     carried: list[list[fx.Node]] = [
-        [n for n in tb.nodes if n.op != "get_attr" and stage_of[n] < k <= last_use[n]] for k in range(n_stages)
+        [n for n in tb.nodes if n.op not in ("get_attr", "placeholder") and stage_of[n] < k <= last_use[n]]
+        for k in range(n_stages)
     ]
-    carried[0] = [n for n in tb.nodes if n.op == "placeholder"]
+    carried[0] = inputs[:1]
     modules = []
     for k in range(n_stages):
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {n: g.placeholder(n.name) for n in carried[k]}
+        env.update({n: g.node_copy(n) for n in optional})
 
         def lookup(a: fx.Node, g: fx.Graph = g, env: dict[fx.Node, fx.Node] = env) -> fx.Node:
             if a not in env:  # a parameter/buffer read from an earlier stage: read it again here
