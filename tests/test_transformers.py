@@ -151,3 +151,14 @@ def test_cpu_scaled_dot_product_attention_is_counted() -> None:
     sdpa = [n.name for n in tb.nodes if n.target is nn.functional.scaled_dot_product_attention]
     assert len(sdpa) == 1
     assert macs[sdpa[0]] == 2 * 2 * 20 * 20 * 8  # Q K^T and A V, 2 heads of width 8
+
+
+def test_channels_last_through_reshapes_and_optional_forward_arguments() -> None:
+    model = _attach("timm_style", "pool")
+    assert [(p.name, p.layout) for p in model.exit_points] == [("stage1", "hwc"), ("merge", "hwc"), ("stage2", "hwc")]
+    assert model.tap_shapes[1] == (4, 4, 16)
+    x = torch.randn(5, *SIZE)
+    with torch.no_grad():
+        ref = model.backbone(x)
+        assert torch.equal(model.predict(x, never_exit_threshold("confidence"), "confidence").logits, ref)
+    assert model.stages.shrinkable

@@ -40,3 +40,44 @@ class Branchy(nn.Module):
 
 def branchy(num_classes: int = 10) -> nn.Module:
     return Branchy(num_classes)
+
+
+class _Mixer(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(c), nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        t = x.reshape(b, -1, c)  # (B, N, C) tokens, and back: channels stay last
+        return (t + self.fc(self.norm(t))).reshape(b, h, w, c)
+
+
+class _Merge(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm, self.reduction = nn.LayerNorm(4 * c), nn.Linear(4 * c, 2 * c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x))
+
+
+class TimmStyle(nn.Module):
+    """Channels-last the way timm's Swin writes it (no torchvision Permute module, reshapes to tokens
+    and back, patch merging by reshape/permute/flatten), and an optional forward argument."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.stage1, self.merge, self.stage2 = _Mixer(8), _Merge(8), _Mixer(16)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.stage2(self.merge(self.stage1(self.embed(x).permute(0, 2, 3, 1))))
+        return self.head(x.mean((1, 2)))
+
+
+def timm_style(num_classes: int = 10) -> nn.Module:
+    return TimmStyle(num_classes)
