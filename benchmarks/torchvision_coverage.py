@@ -25,10 +25,12 @@ from pteenet import AttachConfig, PteenetError, attach
 from pteenet.policies import never_exit_threshold, score
 
 
-def check(name: str, size: int, prefix: str = "torchvision") -> dict[str, Any]:
-    """One model (``prefix:name``) at ``size`` x ``size``; also used by timm_coverage.py."""
+def check(name: str, size: int, prefix: str = "torchvision", hooks: bool = False) -> dict[str, Any]:
+    """One model (``prefix:name``) at ``size`` x ``size``; also used by timm_coverage.py. ``hooks``:
+    the forward-hooks fallback (no real early exit: nothing shrinks, the logits must still match)."""
     t0 = time.time()
-    model = attach(AttachConfig(backbone=f"{prefix}:{name}", input_size=(3, size, size), exits=2, placement="linear"))
+    model = attach(AttachConfig(backbone=f"{prefix}:{name}", input_size=(3, size, size), exits=2, placement="linear",
+                                hooks=hooks))
     x = torch.randn(3, 3, size, size)
     never = never_exit_threshold("max-softmax")
     with torch.no_grad():
@@ -70,6 +72,12 @@ def survey(name: str, prefix: str = "torchvision") -> dict[str, Any]:
             failed[size] = f"{type(e).__name__}: {str(e)[:300]}"
         row = {"model": name, "ok": False, "input": size, "error": failed[size],
                **({"failed_at": failed} if len(failed) > 1 else {})}
+    if "torch.fx cannot trace" in row["error"]:
+        # The labelled fallback (``attach --hooks``): exits computed, no real early exit.
+        try:
+            row["hooks_fallback"] = check(name, row["input"], prefix, hooks=True)
+        except Exception as e:  # noqa: BLE001 - we are surveying failures
+            row["hooks_fallback"] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     return row
 
 
