@@ -13,20 +13,31 @@ per-batch T = 0.5 metrics. Also reported: the data pipeline per batch (augmented
 the backbone's input size) and a step from the --cache-features cache, which skips the backbone.
 
     python benchmarks/train_speed.py [--batches 3] [--batch-size 128]
+
+``--processes 1,2`` measures something else: images per second of the real command,
+``torchrun --nproc_per_node N -m pteenet train-branches``, on the synthetic set (450 training +
+50 calibration images a epoch) with the machine's CPU threads split between the N processes
+(``OMP_NUM_THREADS`` = threads / N). The rate is (train + calibration images) / epoch seconds, from
+the command's own per-epoch record, first epoch left out (warm-up); written to
+``results/train_speed_processes.json``. With ``--device cuda`` each process takes one GPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from pteenet import AttachConfig, attach
+from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
 from pteenet.checkpoint import atomic_write
 from pteenet.data import DataConfig, load_splits
 from pteenet.train import BranchTrainer, FeatureCache, ImageSource, TrainConfig
@@ -38,6 +49,50 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def processes(counts: list[int], args: argparse.Namespace) -> None:
+    """images/s of `pteenet train-branches` under torchrun for each process count."""
+    threads = args.threads or os.cpu_count() or 1
+    load = os.getloadavg()
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = Path(tmp) / "attached.safetensors"
+        save_checkpoint(ck, attach(AttachConfig(backbone=args.backbone, exits=args.exits, placement=args.placement,
+                                                branch=args.branch)))
+        # Interleaved repeats (1, 2, 1, 2, ...): a noisy neighbour hits every count alike.
+        for n in [n for _ in range(args.batches) for n in counts]:
+            out = Path(tmp) / f"out{n}.safetensors"
+            out.unlink(missing_ok=True)
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(threads // n, 1))}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+                   str(29500 + n), "-m", "pteenet", "train-branches", str(ck), "-o", str(out), "--data", "synthetic",
+                   "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--device", args.device,
+                   "--no-ensemble", "--json"]
+            start = time.perf_counter()
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - start
+            if done.returncode:
+                raise SystemExit(f"{n} processes failed:\n{done.stderr[-2000:]}")
+            doc = json.loads(done.stdout)
+            meta = load_checkpoint(out).model.meta["data"]["sizes"]
+            images = meta["train"] // args.batch_size * args.batch_size + meta["val"]
+            secs = [r["seconds"] for r in doc["epochs"][1:]]
+            runs.append({"processes": n, "threads_per_process": max(threads // n, 1), "epoch_seconds": secs,
+                         "images_per_epoch": images, "wall_seconds": wall})
+            print(json.dumps(runs[-1]), flush=True)
+    # The fastest epoch of each count (the least disturbed, as for the per-batch figures) and the median.
+    rates = {n: sorted(r["images_per_epoch"] / t for r in runs if r["processes"] == n for t in r["epoch_seconds"])
+             for n in counts}
+    summary = {str(n): {"images_per_second": rates[n][-1], "images_per_second_median": statistics.median(rates[n])}
+               for n in counts}
+    result = {"backbone": args.backbone, "exits": args.exits, "placement": args.placement, "branch": args.branch,
+              "batch_size": args.batch_size, "epochs": args.epochs, "device": args.device, "threads": threads,
+              "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "load_average_before": load, "load_average_after": os.getloadavg(), "summary": summary, "runs": runs}
+    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("train_speed_processes.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
 
 
 def main() -> None:
@@ -52,7 +107,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--processes", default=None, help="e.g. 1,2: images/s of the command under torchrun instead")
+    ap.add_argument("--epochs", type=int, default=4, help="with --processes: epochs a run (the first is warm-up)")
     args = ap.parse_args()
+    if args.processes:
+        processes([int(n) for n in args.processes.split(",")], args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from torch import nn
 
 from .cifar_resnet import DEPTHS, cifar_resnet
 from .errors import PteenetError, unknown_name
-from .timm_backbone import build_timm, timm_names
+from .timm_backbone import CROP_MODES, build_timm, timm_names
 from .weights import file_sha256, load_into, read_state_dict
 
 # The auxiliary classifiers of torchvision's GoogLeNet and Inception v3: used only in training mode.
@@ -31,18 +32,43 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Preprocess:
-    """How inputs must look: ``input_size`` is (C, H, W); pixels in [0, 1], then (x - mean) / std."""
+    """How inputs must look: ``input_size`` is (C, H, W); pixels in [0, 1], then (x - mean) / std.
+
+    ``resize`` (H', W'), where the weights come with an eval transform (timm's data config with its
+    crop_pct, torchvision's resize 256 / crop 224): an image is resized to it with ``interpolation``
+    and centre-cropped to ``input_size``, as that transform does. ``crop_mode`` "center" keeps the
+    aspect ratio (the shorter side becomes H' when H' == W'); "squash" resizes to exactly H' x W'.
+    None: the whole image is resized to ``input_size`` (bilinear), as in checkpoints written before.
+    """
 
     input_size: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize: tuple[int, int] | None = None
+    crop_mode: str = "center"
+    interpolation: str = "bilinear"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std)}
+        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
+                "resize": None if self.resize is None else list(self.resize), "crop_mode": self.crop_mode,
+                "interpolation": self.interpolation}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
-        return cls(tuple(d["input_size"]), tuple(d["mean"]), tuple(d["std"]))  # type: ignore[arg-type]
+        resize, mode = d.get("resize"), d.get("crop_mode", "center")
+        if mode not in CROP_MODES:
+            raise PteenetError(f"unknown crop mode {mode!r} in the preprocessing record", "upgrade pteenet")
+        return cls(tuple(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),  # type: ignore[arg-type]
+                   None if resize is None else (int(resize[0]), int(resize[1])),
+                   mode, d.get("interpolation", "bilinear"))
+
+
+def eval_resize(input_size: tuple[int, ...], crop_pct: float | None) -> tuple[int, int] | None:
+    """What an image is resized to before its centre ``input_size`` crop: timm's ``floor(size / crop_pct)``
+    (torchvision's weights give the same: crop_pct = crop / resize, e.g. 224 / 256)."""
+    if not crop_pct:
+        return None
+    return math.floor(input_size[1] / crop_pct), math.floor(input_size[2] / crop_pct)
 
 
 @dataclass
@@ -121,10 +147,7 @@ def _torchvision(name: str, weights: str | None, num_classes: int | None) -> tup
             raise unknown_name(f"weights of {name}", weights, ["DEFAULT", *members])
     if enum_weights is not None:
         info["named_weights"] = True  # loaded here, not a file for load_backbone to read
-        tf = enum_weights.transforms()
-        size = getattr(tf, "crop_size", [224])
-        info["input_size"] = (3, size[0], size[0])
-        info["mean"], info["std"] = tuple(tf.mean), tuple(tf.std)
+        info.update(weights_preprocess(enum_weights))
         info["class_names"] = list(enum_weights.meta.get("categories") or []) or None
         if num_classes not in (None, len(enum_weights.meta.get("categories", []))):
             raise PteenetError("--num-classes does not match the pretrained weights", "drop --num-classes")
@@ -140,6 +163,17 @@ def _torchvision(name: str, weights: str | None, num_classes: int | None) -> tup
     # Inception v3 and GoogLeNet build auxiliary heads here; drop_absent_aux_heads removes them for
     # a file without them.
     return tvm.get_model(name, weights=None, **kwargs), info
+
+
+def weights_preprocess(enum_weights: Any) -> dict[str, Any]:
+    """The eval transform of torchvision weights (``ImageClassification``: resize, centre crop, normalise)
+    as ``load_backbone`` defaults."""
+    tf = enum_weights.transforms()
+    crop, resize = getattr(tf, "crop_size", [224])[0], getattr(tf, "resize_size", [None])[0]
+    interpolation = getattr(tf, "interpolation", None)
+    return {"input_size": (3, crop, crop), "mean": tuple(tf.mean), "std": tuple(tf.std),
+            "crop_pct": crop / resize if resize else None, "crop_mode": "center",
+            "interpolation": interpolation.value if interpolation is not None else "bilinear"}
 
 
 def drop_absent_aux_heads(model: nn.Module, keys: Iterable[str]) -> None:
@@ -182,6 +216,27 @@ def _build(spec: str, num_classes: int | None, input_size: tuple[int, int, int] 
     raise unknown_name("backbone", spec, known_specs())
 
 
+def preprocess_of(defaults: dict[str, Any], input_size: tuple[int, int, int] | None = None,
+                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> Preprocess:
+    """The backbone's preprocessing: options given explicitly, else the defaults of its weights or
+    model (``_build``), else ImageNet's; the eval framing (``crop_pct``) scales with the input size."""
+    size = input_size or defaults.get("input_size") or (3, 224, 224)
+    pre = Preprocess(
+        input_size=tuple(int(v) for v in size),  # type: ignore[arg-type]
+        mean=tuple(mean or defaults.get("mean") or IMAGENET_MEAN),
+        std=tuple(std or defaults.get("std") or IMAGENET_STD),
+        resize=eval_resize(size, defaults.get("crop_pct")),
+        crop_mode=defaults.get("crop_mode", "center"),
+        interpolation=defaults.get("interpolation", "bilinear"),
+    )
+    if len(pre.mean) != pre.input_size[0] or len(pre.std) != pre.input_size[0]:
+        raise PteenetError(
+            f"--mean/--std have {len(pre.mean)}/{len(pre.std)} values for {pre.input_size[0]} input channels",
+            "give one value per channel",
+        )
+    return pre
+
+
 def load_backbone(
     spec: str,
     weights: str | None = None,
@@ -204,17 +259,7 @@ def load_backbone(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    size = input_size or defaults.get("input_size") or (3, 224, 224)
-    pre = Preprocess(
-        input_size=tuple(int(v) for v in size),  # type: ignore[arg-type]
-        mean=tuple(mean or defaults.get("mean") or IMAGENET_MEAN),
-        std=tuple(std or defaults.get("std") or IMAGENET_STD),
-    )
-    if len(pre.mean) != pre.input_size[0] or len(pre.std) != pre.input_size[0]:
-        raise PteenetError(
-            f"--mean/--std have {len(pre.mean)}/{len(pre.std)} values for {pre.input_size[0]} input channels",
-            "give one value per channel",
-        )
+    pre = preprocess_of(defaults, input_size, mean, std)
     n_out = _num_outputs(model, pre)
     info = BackboneInfo(spec=spec, num_classes=n_out, preprocess=pre, weights=weights, weights_sha256=sha,
                         class_names=defaults.get("class_names"))

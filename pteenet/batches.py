@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from . import distributed
 from .data import make_loader
+from .distributed import ALONE, Group, ShardBatches
 from .errors import PteenetError
 from .exits import Ensemble, fit_ensemble
 from .model import AllExits, EarlyExitModel
@@ -52,11 +54,19 @@ def _num_batches(n: int, batch_size: int, shuffle: bool) -> int:
 
 
 class ImageSource:
-    """Batches of images; every batch runs the backbone (on the augmented input, if any)."""
+    """Batches of images; every batch runs the backbone (on the augmented input, if any). Under
+    several processes (``group``) each rank gets its slice of every global batch."""
 
-    def __init__(self, ds: Dataset, batch_size: int, workers: int, seed: int, shuffle: bool) -> None:
+    def __init__(self, ds: Dataset, batch_size: int, workers: int, seed: int, shuffle: bool,
+                 group: Group = ALONE) -> None:
         self.ds, self.batch_size, self.workers, self.seed, self.shuffle = ds, batch_size, workers, seed, shuffle
         self.size = len(ds)  # type: ignore[arg-type]
+        self.group = group
+
+    @property
+    def rows(self) -> list[int]:
+        """The rows this rank sees, in order, when unshuffled (evaluation)."""
+        return distributed.eval_rows(self.size, self.batch_size, self.group)
 
     def __len__(self) -> int:
         return _num_batches(self.size, self.batch_size, self.shuffle)
@@ -65,8 +75,15 @@ class ImageSource:
                 autocast: Autocast) -> Iterator[tuple[AllExits, torch.Tensor]]:
         # A fresh loader per epoch whose generator continues ``order``: the shuffle and the worker
         # seeds then depend on nothing but the saved generator state, so resume is exact.
-        loader = make_loader(self.ds, self.batch_size, self.shuffle, self.workers, self.seed,
-                             _drop_last(self.size, self.batch_size, self.shuffle))
+        drop = _drop_last(self.size, self.batch_size, self.shuffle)
+        pin = device.type == "cuda"
+        if self.group.active:
+            sampler = ShardBatches(self.size, self.batch_size, self.shuffle, drop, None, self.group, even=self.shuffle)
+            loader = make_loader(self.ds, self.batch_size, self.shuffle, self.workers, self.seed, drop, pin,
+                                 batch_sampler=sampler)
+            sampler.generator = loader.generator  # the permutation and the worker seeds share it, as alone
+        else:
+            loader = make_loader(self.ds, self.batch_size, self.shuffle, self.workers, self.seed, drop, pin)
         loader.generator.set_state(order.get_state())
         for x, y in loader:
             with autocast():
@@ -86,6 +103,8 @@ class FeatureCache:
     batch_size: int
     shuffle: bool
     stems: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # image files left out as undecodable: path -> reason
+    rows: list[int] | None = None  # under several processes: the split's rows this rank's cache holds
 
     def __len__(self) -> int:
         return _num_batches(len(self.labels), self.batch_size, self.shuffle)
@@ -118,22 +137,30 @@ def _stem_shapes(model: EarlyExitModel) -> list[tuple[int, ...]]:
                 for b, s in zip(model.branches, model.tap_shapes)]
 
 
+# Where a cache's rows go: (tap shapes, rows, classes) -> (taps, final, labels), preallocated.
+Allocate = Callable[[list[tuple[int, ...]], int, int], tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]
+
+
+def _in_memory(shapes: list[tuple[int, ...]], n: int, k: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    return ([torch.empty(n, *s, dtype=torch.float16) for s in shapes], torch.empty(n, k, dtype=torch.float32),
+            torch.empty(n, dtype=torch.int64))
+
+
 def build_feature_cache(model: EarlyExitModel, ds: Dataset, batch_size: int, workers: int, seed: int,
                         device: torch.device, autocast: Autocast, sink: Sink, shuffle: bool,
-                        name: str, views: int = 1) -> FeatureCache:
-    """``views`` passes over ``ds`` (each one a fresh random augmentation when ``ds`` augments)."""
+                        name: str, views: int = 1, allocate: Allocate | None = None) -> FeatureCache:
+    """``views`` passes over ``ds`` (each one a fresh random augmentation when ``ds`` augments).
+    ``allocate``: where the rows go (``feature_store``: a memory-mapped file); default memory."""
     stems = model.branch_config.cacheable_stem
     shapes = _stem_shapes(model) if stems else model.tap_shapes
     n = len(ds) * views  # type: ignore[arg-type]
     need = n * sum(2 * math.prod(s) for s in shapes)
     free = _available_memory()
-    if free is not None and need > 0.8 * free:
+    if allocate is None and free is not None and need > 0.8 * free:
         raise PteenetError(f"the {name} feature cache needs {need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free",
-                           "use fewer or later exits, --limit, or train without --cache-features")
+                           "use fewer or later exits, --limit, --cache-dir (on disk), or train without --cache-features")
     # Preallocated: concatenating per-batch pieces would need twice the memory at the end.
-    taps = [torch.empty(n, *s, dtype=torch.float16) for s in shapes]
-    final = torch.empty(n, model.info.num_classes, dtype=torch.float32)
-    labels = torch.empty(n, dtype=torch.int64)
+    taps, final, labels = (allocate or _in_memory)(list(shapes), n, model.info.num_classes)
     loader = make_loader(ds, batch_size, False, workers, seed)
     description = f"caching {name} features, {need / 2**30:.2f} GiB" + (f" ({views} views)" if views > 1 else "")
     i = 0
@@ -153,13 +180,14 @@ def build_feature_cache(model: EarlyExitModel, ds: Dataset, batch_size: int, wor
             task.advance()
     if i < n:  # image files that could not be decoded were skipped (data.loader)
         taps, final, labels = [t[:i] for t in taps], final[:i], labels[:i]
-    return FeatureCache(taps, final, labels, batch_size, shuffle, stems)
+    return FeatureCache(taps, final, labels, batch_size, shuffle, stems, dict(loader.skipped))
 
 
 def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,
-                    autocast: Autocast, use_labels: bool, sink: Sink) -> Ensemble:
+                    autocast: Autocast, use_labels: bool, sink: Sink, group: Group = ALONE) -> Ensemble:
     """Every head's logits on ``source`` (data the heads did not train on), then ``fit_ensemble``
-    against the backbone's argmax, or the labels with ``use_labels``."""
+    against the backbone's argmax, or the labels with ``use_labels``. Under several processes the
+    logits of every rank's shard are gathered on rank 0, which fits; every rank gets its ensemble."""
     model.eval()
     heads: list[list[torch.Tensor]] = [[] for _ in range(model.num_exits)]
     finals, labels = [], []
@@ -170,6 +198,11 @@ def fit_ensemble_on(model: EarlyExitModel, source: ImageSource | FeatureCache, d
             finals.append(out.final_logits.float().cpu())
             labels.append(y)
             task.advance()
-    final = torch.cat(finals)
-    targets = torch.cat(labels).long() if use_labels else final.argmax(1)
-    return fit_ensemble([torch.cat(h) for h in heads], targets)
+    cat = ([torch.cat(h) for h in heads], torch.cat(finals), torch.cat(labels))
+    if group.active:
+        cat = distributed.gather_rows(source.rows or [], cat, False, group, to_main_only=True)
+    ens = None
+    if cat is not None:
+        head_logits, final, y = cat
+        ens = fit_ensemble(head_logits, y.long() if use_labels else final.argmax(1))
+    return distributed.from_main(ens, group)

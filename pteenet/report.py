@@ -137,8 +137,15 @@ def markdown(r: dict[str, Any]) -> str:
            *([f"**Note: {r['no_real_early_exit']}.**", ""] if r.get("no_real_early_exit") else []),
            "## Files", ""]
     out += _table(["file", "what"], [[f"`{k}`", v] for k, v in r["files"].items()])
-    out += ["", f"Inputs: float32 images {size}, pixels in [0, 1] then (x - mean) / std with mean {bb['preprocess']['mean']} "
-            f"and std {bb['preprocess']['std']}. Backbone sha256 `{bb['sha256'][:16]}...`"
+    pre = bb["preprocess"]
+    framing = ""
+    if pre.get("resize"):
+        rh, rw = pre["resize"]
+        how = (f"its shorter side resized to {rh}" if pre["crop_mode"] == "center" and rh == rw else
+               f"resized to {rh}x{rw}" + (" keeping its aspect ratio" if pre["crop_mode"] == "center" else ""))
+        framing = f" (an image has {how} ({pre['interpolation']}), then its centre cropped)"
+    out += ["", f"Inputs: float32 images {size}{framing}, pixels in [0, 1] then (x - mean) / std with mean {pre['mean']} "
+            f"and std {pre['std']}. Backbone sha256 `{bb['sha256'][:16]}...`"
             + (f", weights `{bb['weights']}`." if bb.get("weights") else "."), ""]
     out += _usage_md(r["files"], n_exits)
     if bb.get("class_names"):

@@ -5,9 +5,10 @@ pretrained weights, and so which preprocessing). Weights: a local file (safetens
 read with ``weights_only=True``; loaded by ``backbones.load_backbone`` like any other), or
 ``pretrained`` to let timm fetch the tag's weights from the Hugging Face hub where the machine can
 reach it, or none (random weights). Preprocessing comes from timm's data config for the tag
-(``resolve_model_data_config``): input size, mean and std. pteenet resizes the whole image to the
-input size; timm's own eval transform resizes to size / crop_pct and crops the centre, so an image
-whose subject fills the frame is seen slightly larger here.
+(``resolve_model_data_config``): input size, mean, std, and timm's eval framing (resize to
+size / crop_pct with its interpolation, then the centre crop: ``backbones.Preprocess``). timm's
+"border" crop mode (a handful of models: pad rather than crop) is not reproduced; such models get
+the whole image resized to the input size.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from .errors import PteenetError, unknown_name
 
+CROP_MODES = ("center", "squash")  # timm's; its third, "border" (pad instead of crop), is not reproduced
 PRETRAINED = ("pretrained", "DEFAULT")  # --weights values that ask timm for the tag's published weights
 INSTALL_HINT = "pip install 'pteenet[timm]' (or pip install timm)"
 
@@ -69,4 +71,7 @@ def build_timm(name: str, weights: str | None, num_classes: int | None,
         "input_size": (c, h, w), "mean": tuple(data["mean"])[:c], "std": tuple(data["std"])[:c],
         "named_weights": pretrained,
     }
+    if data.get("crop_mode", "center") in CROP_MODES:
+        defaults.update(crop_pct=data["crop_pct"], crop_mode=data.get("crop_mode", "center"),
+                        interpolation=data["interpolation"])
     return model, defaults

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import feature_store, sweep
+from . import distributed, feature_store, sweep
 from .batches import Autocast, FeatureCache, ImageSource, fit_ensemble_on
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .configs import (
@@ -46,6 +46,7 @@ from .configs import (
 )
 from .data import SKIPPED, DataConfig, load_splits
 from .devices import resolve_device
+from .distributed import ALONE, Group
 from .errors import PteenetError
 from .loss import LossConfig, early_exit_loss
 from .model import AllExits, EarlyExitModel
@@ -161,13 +162,15 @@ def _epoch_text(record: dict[str, Any]) -> str:
 class BranchTrainer:
     """Adam over the branch parameters only, the cosine schedule, AMP, and resumable state."""
 
-    def __init__(self, model: EarlyExitModel, cfg: TrainConfig, device: torch.device, total_steps: int) -> None:
+    def __init__(self, model: EarlyExitModel, cfg: TrainConfig, device: torch.device, total_steps: int,
+                 group: Group = ALONE) -> None:
         if model.cost is None or model.num_exits < 1:
             raise PteenetError("the checkpoint has no exits to train", "create one with `pteenet attach ... --exits N`")
         self.model, self.cfg, self.total_steps = model, cfg, total_steps
         self.costs = model.cost.costs()
         self.optimizer = torch.optim.Adam(model.branches.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step_count = 0
+        self.group = group
         self.autocast = Autocast(device, cfg.amp)
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast.dtype == torch.float16)
@@ -176,7 +179,7 @@ class BranchTrainer:
         """One update from a batch's exit outputs; returns the batch's figures (loss, T = 0.5 metrics)."""
         res = early_exit_loss(out.heads, out.exit_conf, out.final_logits, self.costs, self.cfg.loss,
                               labels.to(out.final_logits.device))
-        loss = float(res.loss.detach())
+        loss = distributed.mean_loss(res.loss, self.group)  # every rank stops together on a bad loss
         if not math.isfinite(loss):
             raise PteenetError(f"the loss became {loss} at step {self.step_count + 1}",
                                "lower --lr or --lambda, or drop --amp; the output keeps the last good epoch")
@@ -296,9 +299,10 @@ def _set_rng_state(st: dict[str, torch.Tensor], device: torch.device, order: tor
 
 
 def evaluate_split(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,
-                   autocast: Autocast, threshold: float, sink: Sink) -> dict[str, Any] | None:
-    """Per-exit and early-exit metrics on a split (None when it is empty), branches in eval mode."""
-    if len(source) == 0:
+                   autocast: Autocast, threshold: float, sink: Sink, group: Group = ALONE) -> dict[str, Any] | None:
+    """Per-exit and early-exit metrics on a split (None when it is empty), branches in eval mode;
+    under several processes each rank scores its shard and every rank gets the whole split's metrics."""
+    if not group.active and len(source) == 0:
         return None
     model.eval()
     builder = sweep.ExitCacheBuilder()
@@ -306,7 +310,10 @@ def evaluate_split(model: EarlyExitModel, source: ImageSource | FeatureCache, de
         for out, y in source.batches(model, device, torch.Generator(), autocast):
             builder.add_outputs(out, y)
             task.advance()
-    return cache_metrics(builder.build_for(model), threshold)
+    if not group.active:
+        return cache_metrics(builder.build_for(model), threshold)
+    cache = sweep.gather_exit_cache(builder, source.rows or [], model, group, to_main_only=False)
+    return None if cache is None else cache_metrics(cache, threshold)
 
 
 def _summary(history: list[dict[str, Any]], out_path: Path | None, training: dict[str, Any], sha: str,
@@ -345,110 +352,121 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
 
     Progress goes to ``sink``: an "epochs" task, advanced once an epoch's checkpoint is written, and
     one task per pass (feature caching, each epoch, the calibration split, the ensemble fit).
+    Under ``torchrun`` (``pteenet.distributed``) every rank calls this; rank 0 writes the file.
     """
     cfg = config
     device = _device(cfg, data)
+    group, device = distributed.setup(device)
     out_path = None if checkpoint_to is None else Path(checkpoint_to)
-    if cfg.resume and resume_state is None:
-        raise PteenetError("resume=True continues a run saved in a file, but no resume state was given",
-                           "call train_branches(..., resume=True), or pass resume_state=load_checkpoint(path).state")
-    resume = resume_state is not None
-    if resume and "epoch" not in resume_state:
-        raise PteenetError("the resume state holds no epoch counter", "pass the state of an unfinished run")
-    if model.cost is None or model.num_exits < 1:
-        raise PteenetError(f"{source or 'the model'} has no exits to train",
-                           "create it with `pteenet attach BACKBONE --exits N`")
-    if out_path is not None:
-        check_parent_folder("output", out_path)
-        if not resume and (tr := _unfinished_run(out_path)) is not None:
-            raise PteenetError(f"{out_path} holds an unfinished run "
-                               f"(epoch {tr.get('epochs_done')} of {(tr.get('config') or tr).get('epochs')})",
-                               "add --resume to continue it, or delete it / pick another -o to start over")
-    if cfg.amp and device.type != "cuda":  # only with --device auto: TrainConfig refuses the rest
-        sink.warn("--amp needs CUDA, which is not available: training in float32")
-        cfg = dataclasses.replace(cfg, amp=False)
-    settings = run_settings(cfg, data)
-    if not resume:
-        # Retraining a trained checkpoint: its ensemble and exit selection belong to the old heads.
-        model.set_ensemble(None)
-        model.set_active(None)
-    splits = load_splits(data, model.info.preprocess, model.info.num_classes)
-    unlabelled = [what for what, key in (("training", "labelled"), ("calibration", "calibration_labelled"))
-                  if not splits.split_info.get(key, True)]
-    if cfg.loss.targets == "labels" and unlabelled:
-        raise PteenetError(f"--targets labels needs labels, but the {' and '.join(unlabelled)} data has none",
-                           "use --targets soft or pseudo: they learn from the backbone's predictions, no labels needed")
-    skipped_before = len(SKIPPED.files)
-    # The class names travel with the record, so that an export can name the classes of its file.
-    data_record = {**splits.split_info, "class_names": None if splits.class_names is None else list(splits.class_names)}
-    model.to(device)
+    with distributed.agreed(group):  # an error here stops every rank; rank 0 alone reports it
+        if cfg.resume and resume_state is None:
+            raise PteenetError("resume=True continues a run saved in a file, but no resume state was given",
+                               "call train_branches(..., resume=True), or pass resume_state=load_checkpoint(path).state")
+        resume = resume_state is not None
+        if resume and "epoch" not in resume_state:
+            raise PteenetError("the resume state holds no epoch counter", "pass the state of an unfinished run")
+        if resume:
+            distributed.check_resume_world(model.meta.get("training", {}), group)
+        if model.cost is None or model.num_exits < 1:
+            raise PteenetError(f"{source or 'the model'} has no exits to train",
+                               "create it with `pteenet attach BACKBONE --exits N`")
+        if out_path is not None:
+            check_parent_folder("output", out_path)
+            if not resume and (tr := _unfinished_run(out_path)) is not None:
+                raise PteenetError(f"{out_path} holds an unfinished run "
+                                   f"(epoch {tr.get('epochs_done')} of {(tr.get('config') or tr).get('epochs')})",
+                                   "add --resume to continue it, or delete it / pick another -o to start over")
+        if cfg.amp and device.type != "cuda":  # only with --device auto: TrainConfig refuses the rest
+            sink.warn("--amp needs CUDA, which is not available: training in float32")
+            cfg = dataclasses.replace(cfg, amp=False)
+        settings = run_settings(cfg, data)
+        if not resume:
+            # Retraining a trained checkpoint: its ensemble and exit selection belong to the old heads.
+            model.set_ensemble(None)
+            model.set_active(None)
+        splits = load_splits(data, model.info.preprocess, model.info.num_classes)
+        distributed.check_shardable(len(splits.train), cfg.batch_size, group)  # type: ignore[arg-type]
+        unlabelled = [what for what, key in (("training", "labelled"), ("calibration", "calibration_labelled"))
+                      if not splits.split_info.get(key, True)]
+        if cfg.loss.targets == "labels" and unlabelled:
+            raise PteenetError(f"--targets labels needs labels, but the {' and '.join(unlabelled)} data has none",
+                               "use --targets soft or pseudo: they learn from the backbone's predictions, no labels needed")
+        skipped_before = SKIPPED.mark()
+        # The class names travel with the record, so that an export can name the classes of its file.
+        data_record = {**splits.split_info, "class_names": None if splits.class_names is None else list(splits.class_names)}
+        model.to(device)
 
-    start_epoch = int(resume_state["epoch"]) if resume_state is not None else 0
-    history: list[dict[str, Any]] = list(model.meta.get("history", [])) if resume else []
-    seconds_before = float(model.meta.get("training", {}).get("seconds", 0.0)) if resume else 0.0
-    started = time.perf_counter()
-    train_src: ImageSource | FeatureCache
-    val_src: ImageSource | FeatureCache
-    if cfg.cache_features:
-        caches = [feature_store.cached_split(model, splits.train if name == "train" else splits.val, splits.split_info,
-                                             name, views=cfg.views if name == "train" else 1, augment=data.augment,
-                                             seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers, amp=cfg.amp,
-                                             cache_dir=cfg.cache_dir, device=device, sink=sink)
-                  for name in ("train", "val")]
-        train_src, val_src = caches
-    else:
-        train_src = ImageSource(splits.train, cfg.batch_size, cfg.workers, cfg.seed, shuffle=True)
-        val_src = ImageSource(splits.val, cfg.batch_size, cfg.workers, cfg.seed, shuffle=False)
-    trainer = BranchTrainer(model, cfg, device, cfg.epochs * len(train_src))
+        start_epoch = int(resume_state["epoch"]) if resume_state is not None else 0
+        history: list[dict[str, Any]] = list(model.meta.get("history", [])) if resume else []
+        seconds_before = float(model.meta.get("training", {}).get("seconds", 0.0)) if resume else 0.0
+        started = time.perf_counter()
+        train_src: ImageSource | FeatureCache
+        val_src: ImageSource | FeatureCache
+        if cfg.cache_features:
+            train_src, val_src = _feature_caches(model, splits, data, cfg, device, group, sink)
+        else:
+            train_src = ImageSource(splits.train, cfg.batch_size, cfg.workers, cfg.seed, shuffle=True, group=group)
+            val_src = ImageSource(splits.val, cfg.batch_size, cfg.workers, cfg.seed, shuffle=False, group=group)
+    trainer = BranchTrainer(model, cfg, device, cfg.epochs * len(train_src), group)
     order = torch.Generator().manual_seed(cfg.seed)  # the data order, apart from torch's global RNG
     last_saved = start_epoch if resume else None
     epoch = start_epoch
     training: dict[str, Any] = {}
-    fit_after = cfg.ensemble and len(val_src) > 0
+    fit_after = cfg.ensemble and len(splits.val) > 0  # type: ignore[arg-type]
     if cfg.ensemble and not fit_after:
         sink.warn("no calibration split to fit the exit ensemble on: each exit answers with its own head")
 
     def record(epochs_done: int, complete: bool) -> dict[str, Any]:
         skipped = SKIPPED.since(skipped_before)
-        return {**settings, "device": str(device), "epochs_done": epochs_done, "complete": complete, "source": source,
-                "seconds": seconds_before + time.perf_counter() - started,
+        return {**settings, "device": str(device), "world_size": group.world, "epochs_done": epochs_done,
+                "complete": complete, "source": source, "seconds": seconds_before + time.perf_counter() - started,
                 "skipped_images": {"count": len(skipped), "files": skipped[:MAX_SKIPPED_LISTED]}}
+
+    def save(state: dict[str, torch.Tensor] | None) -> None:
+        if out_path is not None and group.main:
+            save_checkpoint(out_path, model, state)
+        distributed.barrier(group)  # no rank goes on (or stops) before the file is whole
     # fork_rng: seeding for reproducibility must not leak into the caller's global RNG.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + group.rank)  # each rank its own augmentation stream
         if resume_state is not None:
             trainer.load_state(resume_state)
             _set_rng_state(resume_state, device, order)
+            distributed.restore_rank_rng(resume_state, device, group)
         epochs_task = sink.task("epochs", cfg.epochs, start_epoch)
         try:
-            for epoch in range(start_epoch, cfg.epochs):
-                t0 = time.perf_counter()
-                model.train()
-                meter = _Meter()
-                with sink.task(f"epoch {epoch + 1}/{cfg.epochs}", len(train_src)) as task:
-                    for out, y in train_src.batches(model, device, order, trainer.autocast):
-                        meter.add(trainer.step(out, y), len(y))
-                        task.advance(info=_running_text(meter.means()))
-                val = evaluate_split(model, val_src, device, trainer.autocast, cfg.threshold, sink)
-                history.append({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"],
-                                "seconds": time.perf_counter() - t0, "train": meter.means(), "val": val})
-                # With an ensemble still to fit, the last epoch is saved resumable; the fit completes it.
-                complete = epoch + 1 == cfg.epochs and not fit_after
-                training = record(epoch + 1, complete)
-                model.meta.update(training=training, history=history, data=data_record)
-                if out_path is not None:
-                    # Taken where an uninterrupted run goes on from, so a resume continues identically.
-                    state = None if complete else {**trainer.state(), **_rng_state(device, order),
-                                                   "epoch": torch.tensor(epoch + 1)}
-                    save_checkpoint(out_path, model, state)
-                    last_saved = epoch + 1
-                epochs_task.advance(info=_epoch_text(history[-1]))
+            with distributed.branches_in_ddp(model, group, device):
+                for epoch in range(start_epoch, cfg.epochs):
+                    t0 = time.perf_counter()
+                    model.train()
+                    meter = _Meter()
+                    with sink.task(f"epoch {epoch + 1}/{cfg.epochs}", len(train_src)) as task:
+                        for out, y in train_src.batches(model, device, order, trainer.autocast):
+                            meter.add(trainer.step(out, y), len(y))
+                            task.advance(info=_running_text(meter.means()))
+                    meter.sums, meter.n = distributed.sum_arrays(meter.sums, meter.n, group)
+                    val = evaluate_split(model, val_src, device, trainer.autocast, cfg.threshold, sink, group)
+                    history.append({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"],
+                                    "seconds": time.perf_counter() - t0, "train": meter.means(), "val": val})
+                    # With an ensemble still to fit, the last epoch is saved resumable; the fit completes it.
+                    complete = epoch + 1 == cfg.epochs and not fit_after
+                    training = record(epoch + 1, complete)
+                    model.meta.update(training=training, history=history, data=data_record)
+                    if out_path is not None:
+                        # Taken where an uninterrupted run goes on from, so a resume continues identically.
+                        state = None if complete else {**trainer.state(), **_rng_state(device, order),
+                                                       **distributed.rank_rng_states(device, group),
+                                                       "epoch": torch.tensor(epoch + 1)}
+                        save(state)
+                        last_saved = epoch + 1
+                    epochs_task.advance(info=_epoch_text(history[-1]))
             if fit_after:
-                model.set_ensemble(fit_ensemble_on(model, val_src, device, trainer.autocast, cfg.loss.targets == "labels", sink))
+                model.set_ensemble(fit_ensemble_on(model, val_src, device, trainer.autocast,
+                                                   cfg.loss.targets == "labels", sink, group))
                 training = record(cfg.epochs, True)
                 model.meta.update(training=training, history=history, data=data_record)
                 if out_path is not None:
-                    save_checkpoint(out_path, model, None)
+                    save(None)
         except KeyboardInterrupt:
             if out_path is None:
                 raise Interrupted(f"interrupted in epoch {epoch + 1}; the model holds its branches as they were",
@@ -456,12 +474,40 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
             held = f"{out_path} holds epoch {last_saved}" if last_saved else f"{out_path} was not written"
             raise Interrupted(f"interrupted in epoch {epoch + 1}; {held}",
                               "continue with --resume" if last_saved else None) from None
+        except RuntimeError as e:  # a collective failed: under torchrun, another rank is gone
+            if not (group.active and distributed.is_comm_error(e)):
+                raise
+            held = f"{out_path} holds epoch {last_saved}" if last_saved else "nothing was saved"
+            phase = "the ensemble fit" if last_saved == cfg.epochs else f"epoch {epoch + 1}"
+            raise distributed.lost_peer(phase, held) from None
         finally:
             epochs_task.close()
     sha = module_sha256(model.backbone)
     if sha != model.backbone_sha256:  # save_checkpoint refuses this too; never let it pass silently
         raise PteenetError("the backbone changed during training", "this is a bug in pteenet: please report it")
     return _summary(history, out_path, training, sha, False)
+
+
+def _feature_caches(model: EarlyExitModel, splits: Any, data: DataConfig, cfg: TrainConfig, device: torch.device,
+                    group: Group, sink: Sink) -> tuple[FeatureCache, FeatureCache]:
+    """The train and val feature caches; under several processes each rank caches its shard (the
+    training shard at the global batch's share per rank)."""
+    caches = []
+    for name in ("train", "val"):
+        ds = splits.train if name == "train" else splits.val
+        rows = None
+        if group.active:
+            n = len(ds)
+            rows = distributed.train_rows(n, group) if name == "train" else distributed.eval_rows(n, cfg.batch_size, group)
+            ds = torch.utils.data.Subset(ds, rows)
+        cache = feature_store.cached_split(model, ds, splits.split_info, name,
+                                           views=cfg.views if name == "train" else 1, augment=data.augment,
+                                           seed=cfg.seed, batch_size=cfg.batch_size // group.world,
+                                           workers=cfg.workers, amp=cfg.amp, cache_dir=cfg.cache_dir, device=device,
+                                           sink=sink, shard=(group.rank, group.world) if group.active else None)
+        cache.rows = rows
+        caches.append(cache)
+    return caches[0], caches[1]
 
 
 def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataConfig, cfg: TrainConfig,
@@ -475,18 +521,21 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
     ``meta["history"]``. Raises ``Interrupted`` on Ctrl-C (the output keeps the last complete epoch).
     """
     out_path = Path(out_path)
-    _device(cfg, data_cfg)  # before any file is read
-    check_parent_folder("output", out_path)
-    src_meta = read_metadata(ckpt_path)
-    if not src_meta.get("exits") or not src_meta.get("cost"):
-        raise PteenetError(f"{ckpt_path} has no exits to train", "create it with `pteenet attach BACKBONE --exits N`")
-    if cfg.resume:
-        meta = _check_resume(out_path, src_meta, cfg, data_cfg)
-        if meta["training"].get("complete"):
-            sink.warn(f"{out_path} is already complete ({meta['training'].get('epochs_done')} epochs): nothing to do")
-            return _summary(meta.get("history", []), out_path, meta["training"], meta["backbone_sha256"], True)
-    ck = load_checkpoint(out_path if cfg.resume else ckpt_path, "cpu")
-    if cfg.resume and "epoch" not in ck.state:
-        raise PteenetError(f"{out_path} has no resume state", "drop --resume to start over")
+    group, _ = distributed.setup(_device(cfg, data_cfg))  # the checks come before any file is read
+    with distributed.agreed(group):  # every rank reads the same files: one error, from rank 0
+        check_parent_folder("output", out_path)
+        src_meta = read_metadata(ckpt_path)
+        if not src_meta.get("exits") or not src_meta.get("cost"):
+            raise PteenetError(f"{ckpt_path} has no exits to train", "create it with `pteenet attach BACKBONE --exits N`")
+        meta = _check_resume(out_path, src_meta, cfg, data_cfg) if cfg.resume else None
+        if meta is not None and not meta["training"].get("complete"):
+            distributed.check_resume_world(meta["training"], group)
+        if meta is None or not meta["training"].get("complete"):
+            ck = load_checkpoint(out_path if cfg.resume else ckpt_path, "cpu")
+            if cfg.resume and "epoch" not in ck.state:
+                raise PteenetError(f"{out_path} has no resume state", "drop --resume to start over")
+    if meta is not None and meta["training"].get("complete"):
+        sink.warn(f"{out_path} is already complete ({meta['training'].get('epochs_done')} epochs): nothing to do")
+        return _summary(meta.get("history", []), out_path, meta["training"], meta["backbone_sha256"], True)
     return train_exits(ck.model, data_cfg, cfg, sink, checkpoint_to=out_path,
                        resume_state=ck.state if cfg.resume else None, source=str(ckpt_path))

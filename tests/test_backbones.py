@@ -72,3 +72,21 @@ def test_without_timm_the_error_says_how_to_install(monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
     with pytest.raises(PteenetError, match=r"need timm.*pip install 'pteenet\[timm\]'"):
         load_backbone("timm:resnet18")
+
+
+@pytest.mark.parametrize("weights", [tvm.ResNet50_Weights.IMAGENET1K_V2, tvm.EfficientNet_B1_Weights.IMAGENET1K_V1])
+def test_named_torchvision_weights_frame_images_as_their_transforms(weights: tvm.WeightsEnum) -> None:
+    """Resize (232 bilinear, 255 bicubic) then centre crop (224, 240), as ``weights.transforms()``
+    does; nothing is downloaded: only the preprocessing of the weights is read."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from pteenet.backbones import preprocess_of, weights_preprocess
+    from pteenet.data import ImageTransform
+
+    pre = preprocess_of(weights_preprocess(weights))
+    assert pre.resize == (weights.transforms().resize_size[0],) * 2
+    gen = torch.Generator().manual_seed(0)
+    for h, w in [(300, 400), (251, 180)]:
+        im = Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy())
+        assert torch.allclose(ImageTransform(pre)(pil_to_tensor(im)), weights.transforms()(im), atol=1e-6)

@@ -103,7 +103,7 @@ def test_shared_options_are_one_definition() -> None:
     assert set(helps["--data"]) == set(helps["--data-dir"]) == set(helps["--limit"]) \
         == {"train-branches", "sweep-threshold", "bench"}
     assert set(helps["--policy"]) == {"sweep-threshold", "export", "bench"}
-    assert set(helps["--device"]) == {"train-branches", "sweep-threshold"}
+    assert set(helps["--device"]) == {"train-branches", "sweep-threshold", "bench"}
 
 
 @pytest.mark.parametrize("option, value", [("--policy", "margin"), ("--device", "tpu")])

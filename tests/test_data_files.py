@@ -128,7 +128,7 @@ def test_broken_images_are_skipped_and_named(tmp_path: Path, workers: int) -> No
     broken = _folder_with_broken_files(tmp_path)
     s = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}", val_split=0.0, test_split=0.1, augment=False), RGB16, 2)
     whole = torch.utils.data.ConcatDataset([s.train, s.test])
-    mark = len(SKIPPED.files)
+    mark = SKIPPED.mark()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         seen = sum(len(y) for _, y in make_loader(whole, 4, shuffle=False, workers=workers))
@@ -201,3 +201,44 @@ def test_unlabelled_calibration_for_labelled_training(tmp_path: Path) -> None:
     s = load_splits(DataConfig(spec="synthetic", calibration=f"images:{tmp_path / 'shots'}#half=0"), RGB16, 10)
     assert s.split_info["calibration_labelled"] is False and s.split_info["labelled"] is True
     assert len(s.val) == 3 and s.val[0][1] == UNLABELLED and s.split_info["sizes"]["train"] == 500
+
+
+def test_feature_cache_dir_and_broken_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache built while a file was skipped names it when reused (and --strict-images stops at it);
+    repairing the file gives that split another key, so its features are computed again."""
+    from pteenet import feature_store
+    from pteenet.data import loader
+    from pteenet.train import TrainConfig, train_branches
+
+    folder = tmp_path / "photos"
+    for i in range(30):
+        _png(folder / f"{i}.png", (8 * i, 255 - 8 * i, (37 * i) % 256), (20, 20))
+    cut = folder / "cut.jpg"
+    _broken_jpeg(cut)
+    ckpt, store = tmp_path / "a.safetensors", tmp_path / "features"
+    pteenet.save_checkpoint(ckpt, pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=2)))
+    built: list[int] = []
+    real = feature_store.build_feature_cache
+    monkeypatch.setattr(feature_store, "build_feature_cache", lambda *a, **k: built.append(1) or real(*a, **k))
+
+    def run(name: str, **kw: object) -> tuple[list[str], list[str]]:
+        """Trains in what stands for a fresh process (a new ``SKIPPED``): the ImageSkipped warnings, the files recorded."""
+        monkeypatch.setattr(loader.SKIPPED, "files", {})
+        monkeypatch.setattr(loader.SKIPPED, "met", [])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = train_branches(ckpt, tmp_path / name, DataConfig(spec=f"images:{folder}", val_split=0.3, augment=False, **kw),
+                                 TrainConfig(epochs=1, batch_size=8, device="cpu", cache_features=True, cache_dir=str(store)))
+        return [str(w.message) for w in caught if issubclass(w.category, ImageSkipped)], out["final"]["skipped_images"]["files"]
+
+    warned, recorded = run("1.safetensors")
+    assert built == [1, 1] and recorded == [str(cut)] and len(warned) == 1
+    warned, recorded = run("2.safetensors")
+    assert built == [1, 1]  # both splits read from the store, and the skipped file is named again
+    assert recorded == [str(cut)] and len(warned) == 1 and str(cut) in warned[0] and "cached features" in warned[0]
+    with pytest.raises(PteenetError, match="cannot decode image .*cut.jpg"):
+        run("3.safetensors", strict_images=True)
+    _png(cut, (1, 2, 3), (20, 20))  # repaired: the split holding it is computed again, the other one reused
+    warned, recorded = run("4.safetensors")
+    assert built == [1, 1, 1] and warned == [] and recorded == []
+    assert len(list(store.glob("features-*.safetensors"))) == 3

@@ -69,3 +69,51 @@ def test_pretrained_weights_out_of_reach_is_one_clear_error(monkeypatch: pytest.
 def test_unknown_timm_model_suggests_names() -> None:
     with pytest.raises(PteenetError, match="unknown timm model 'test_resnett'.*did you mean.*test_resnet"):
         load_backbone("timm:test_resnett")
+
+
+def _random_images(n: int = 4) -> list:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(300, 400), (97, 151), (500, 333), (64, 64)][:n]  # landscape, odd, portrait, smaller than the crop
+    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()) for h, w in sizes]
+
+
+@pytest.mark.parametrize("name,size", [("test_vit", None), ("test_resnet", None), ("test_efficientnet", (3, 48, 64))])
+def test_eval_transform_is_timms(name: str, size: tuple[int, int, int] | None) -> None:
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from pteenet.data import ImageTransform
+
+    model, info = load_backbone(f"timm:{name}", input_size=size)
+    assert info.preprocess.resize is not None  # crop_pct < 1: a centre crop, not the whole image
+    ref = create_transform(**resolve_data_config({} if size is None else {"input_size": size}, model=model))
+    ours = ImageTransform(info.preprocess)
+    for im in _random_images():
+        assert torch.allclose(ours(pil_to_tensor(im)), ref(im), atol=1e-6)
+
+
+def test_squash_crop_mode_is_timms() -> None:
+    from timm.data.transforms_factory import transforms_imagenet_eval
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from pteenet.backbones import Preprocess, eval_resize
+    from pteenet.data import ImageTransform
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)
+    pre = Preprocess((3, 40, 56), mean, std, eval_resize((3, 40, 56), 0.9), "squash", "bicubic")
+    ref = transforms_imagenet_eval((40, 56), crop_pct=0.9, crop_mode="squash", interpolation="bicubic", mean=mean, std=std)
+    for im in _random_images():
+        assert torch.allclose(ImageTransform(pre)(pil_to_tensor(im)), ref(im), atol=1e-6)
+
+
+def test_checkpoint_keeps_timms_framing(tmp_path: Path) -> None:
+    model = attach(AttachConfig(backbone="timm:test_resnet", exits=1))
+    save_checkpoint(tmp_path / "m.safetensors", model)
+    assert load_checkpoint(tmp_path / "m.safetensors").model.info.preprocess == model.info.preprocess
+    from pteenet.report import build_report, markdown
+
+    point = {"policy": "confidence", "thresholds": [2.0], "how": "given"}
+    text = " ".join(markdown(build_report(model, point, {}, None)).split())
+    assert "160x160 (an image has its shorter side resized to 168 (bilinear), then its centre cropped)" in text

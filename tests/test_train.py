@@ -15,7 +15,7 @@ import pteenet.train as train_mod
 from pteenet import AttachConfig, attach, feature_store, load_checkpoint, save_checkpoint
 from pteenet.checkpoint import META_KEY, read_metadata
 from pteenet.cli import app
-from pteenet.data import DataConfig
+from pteenet.data import DataConfig, load_splits
 from pteenet.errors import PteenetError
 from pteenet.loss import LossConfig, LossOutput
 from pteenet.progress import Sink, Task
@@ -256,6 +256,33 @@ def test_feature_cache_dir_reuses_the_backbone_pass(ckpt: Path, tmp_path: Path, 
     # another seed (another split of the data) is another key: built, not read
     train_branches(ckpt, tmp_path / "c.safetensors", data(augment=False, seed=3), cfg(cache_features=True, cache_dir=str(store)))
     assert calls and len(list(store.glob("features-*.safetensors"))) == 4
+
+
+def test_feature_cache_on_disk_is_memory_mapped_safetensors_equal_to_memory(tmp_path: Path) -> None:
+    model = attach(AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=2))
+    splits = load_splits(data(augment=False), model.info.preprocess, model.info.num_classes)
+    notes: list[str] = []
+
+    class Notes(Sink):
+        def note(self, message: str) -> None:
+            notes.append(message)
+
+    kw: dict[str, Any] = dict(views=1, augment=False, seed=0, batch_size=32, workers=0, amp=False,
+                              device=torch.device("cpu"), sink=Notes())
+    memory = feature_store.cached_split(model, splits.train, splits.split_info, "train", cache_dir=None, **kw)
+    built = feature_store.cached_split(model, splits.train, splits.split_info, "train", cache_dir=str(tmp_path), **kw)
+    read = feature_store.cached_split(model, splits.train, splits.split_info, "train", cache_dir=str(tmp_path), **kw)
+    [file] = tmp_path.glob("features-*.safetensors")
+    assert notes and "GiB on disk" in notes[0]  # the size is said before the pass
+    rows = lambda c: [*c.taps, c.final, c.labels]  # noqa: E731
+    on_disk = load_file(str(file))  # a plain safetensors file
+    for a, b, c in zip(rows(memory), rows(built), rows(read)):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(on_disk["tap.0"], memory.taps[0]) and torch.equal(on_disk["labels"], memory.labels)
+    # read in place from the file, not copied into memory: a mapped buffer's storage cannot grow
+    assert not read.taps[0].untyped_storage().resizable() and memory.taps[0].untyped_storage().resizable()
+    # no temp file left; beside the cache, its record (rows that hold data, files left out)
+    assert sorted(tmp_path.iterdir()) == [file.with_suffix(".json"), file]
 
 
 def test_interrupted_before_the_ensemble_fit_resumes_to_the_same_ensemble(ckpt: Path, tmp_path: Path) -> None:

@@ -9,9 +9,10 @@ from rich.table import Table
 
 from ..bench import BenchConfig, bench, load_images
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..devices import resolve_device
 from ..report import batch_label
 from .common import console, emit, handle_errors, progress_sink
-from .options import DataDirOption, DataOption, JsonOption, LimitOption, PolicyOption
+from .options import DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, PolicyOption
 
 DEFAULT_LIMIT = 1000  # batch-1 timing of a whole test set would take many minutes; medians need far fewer
 
@@ -28,6 +29,7 @@ def bench_command(
     policy: PolicyOption = None,
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's own choice, recorded)"),
     repeats: int = typer.Option(5, help="timed passes per model; medians are reported"),
+    device: DeviceOption = "cpu",  # the CPU unless asked: on CUDA the timings are CUDA events
     tune_allocator: bool = typer.Option(True, "--tune-allocator/--no-tune-allocator",
                                         help="keep freed activation memory in-process (glibc), for both models alike"),
     record: bool = typer.Option(False, "--record", help="store the results in the checkpoint (meta['bench'])"),
@@ -38,7 +40,7 @@ def bench_command(
     # Built first: its checks (threshold, policy, sizes) run before any file is read.
     cfg = BenchConfig(batch_sizes=tuple(batch_size or (1, 256)), threshold=threshold, policy=policy, threads=threads,
                       repeats=repeats, tune_allocator=tune_allocator)
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, resolve_device(device))
     model = ck.model
     spec = data or (model.meta.get("data") or {}).get("spec")
     cfg.extra.update(data=spec, split=split)

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from ..data import SKIPPED, ImageSkipped
+from ..distributed import is_main_process
 from ..errors import PteenetError
 from .sink import RichSink
 
@@ -26,7 +27,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def emit(doc: Any, as_json: bool, show: Callable[[Any], None]) -> None:
     """The one place ``--json`` is decided: with it, the document on stdout and nothing else; without
-    it, ``show`` draws the document for people on stderr (tables, summaries)."""
+    it, ``show`` draws the document for people on stderr (tables, summaries). Under torchrun every
+    rank runs the command; rank 0 alone emits."""
+    if not is_main_process():
+        return
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2, default=_jsonable) + "\n")
         sys.stdout.flush()
@@ -36,13 +40,14 @@ def emit(doc: Any, as_json: bool, show: Callable[[Any], None]) -> None:
 
 def progress_sink() -> RichSink:
     """``with progress_sink() as sink:`` around a library call: its progress bars, notes and warnings
-    on stderr."""
-    return RichSink(console)
+    on stderr (rank 0's alone under torchrun)."""
+    return RichSink(console if is_main_process() else Console(stderr=True, quiet=True))
 
 
 def fail(message: str) -> None:
     # Plain write, not Rich: Rich would wrap a long error over several lines.
-    sys.stderr.write(f"Error: {message}\n")
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    sys.stderr.write(f"Error: {message}\n" if rank == "0" else f"Error (rank {rank}): {message}\n")
     sys.stderr.flush()
 
 
@@ -52,7 +57,7 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(os.environ.get("PTEENET_DEBUG"))
-        mark = len(SKIPPED.files)
+        mark = SKIPPED.mark()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", ImageSkipped)  # SKIPPED already says each file once
@@ -63,7 +68,8 @@ def handle_errors(fn: F) -> F:
         except PteenetError as e:
             if debug:
                 console.print_exception()
-            fail(str(e))
+            if not getattr(e, "quiet", False):  # under torchrun, rank 0 reports what every rank hit
+                fail(str(e))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             fail("interrupted")

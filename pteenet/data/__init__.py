@@ -10,8 +10,8 @@ decoded: ``files.py``; how broken files are skipped: ``loader.py``.
 from __future__ import annotations
 
 from .config import KNOWN_SPECS, DataConfig, parse_calibration
-from .files import UNLABELLED, read_image, to_backbone_mode
-from .loader import SKIPPED, ImageSkipped, Loader, make_loader
+from .files import UNLABELLED, files_fingerprint, image_files_of, read_image, to_backbone_mode
+from .loader import SKIPPED, ImageSkipped, Loader, Undecodable, make_loader
 from .request import DEFAULT_VAL_SPLIT, DataRequest, resolve_data
 from .sources import DEBIAN_FASHION_DIR, DEFAULT_DATA_DIR, SYNTHETIC_SIZES
 from .splits import NO_LABELS, Splits, load_splits
@@ -19,5 +19,5 @@ from .transform import ImageTransform, TensorImages
 
 __all__ = ["DEBIAN_FASHION_DIR", "DEFAULT_DATA_DIR", "DEFAULT_VAL_SPLIT", "KNOWN_SPECS", "NO_LABELS", "SKIPPED",
            "SYNTHETIC_SIZES", "UNLABELLED", "DataConfig", "DataRequest", "ImageSkipped", "ImageTransform", "Loader",
-           "Splits", "TensorImages", "load_splits", "make_loader", "parse_calibration", "read_image", "resolve_data",
-           "to_backbone_mode"]
+           "Splits", "TensorImages", "Undecodable", "files_fingerprint", "image_files_of", "load_splits", "make_loader",
+           "parse_calibration", "read_image", "resolve_data", "to_backbone_mode"]

@@ -10,6 +10,7 @@ channel, which is what its preprocessing (pixels / 255, then mean and std) expec
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ..errors import PteenetError
 from .loader import Undecodable
@@ -117,3 +118,35 @@ def unlabelled_samples(folder: Path) -> list[tuple[str, int]]:
     if not samples:
         raise PteenetError(f"found no images under {folder}", f"image files end in {', '.join(EXTENSIONS)}")
     return samples
+
+
+def image_files_of(ds: Dataset) -> tuple[ImageFiles, list[int]] | None:
+    """The ``ImageFiles`` under ``ds`` (through any ``Subset``s) and the indices of it that ``ds``
+    holds, in order; None when ``ds`` is not made of image files (images in memory)."""
+    indices: list[int] | None = None
+    while isinstance(ds, Subset):
+        indices = list(ds.indices) if indices is None else [ds.indices[i] for i in indices]
+        ds = ds.dataset
+    if not isinstance(ds, ImageFiles):
+        return None
+    return ds, list(range(len(ds))) if indices is None else indices
+
+
+def files_fingerprint(ds: Dataset) -> str | None:
+    """A hash of the image files ``ds`` reads: path, size and modification time of each, so that a
+    file replaced, repaired, added or removed gives another hash (a feature cache built from the old
+    files is then not reused). 34 ms for 10,000 files, against 2.9 s to decode them
+    (benchmarks/cache_key_cost.py). None: not image files."""
+    found = image_files_of(ds)
+    if found is None:
+        return None
+    files, indices = found
+    h = hashlib.sha256()
+    for i in indices:
+        path = files.samples[i][0]
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()

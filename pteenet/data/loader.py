@@ -51,22 +51,29 @@ def collate_skipping(items: list[Any]) -> Any:
 
 
 class SkippedImages:
-    """The undecodable files met in this process so far: path -> reason."""
+    """The undecodable files met in this process so far: ``files``, path -> reason (each warned
+    about once), and ``met``, every meeting in order (so that a second run in one process still
+    records the files it met, ``since(mark())``)."""
 
     def __init__(self) -> None:
         self.files: dict[str, str] = {}
+        self.met: list[str] = []
 
     def add(self, item: Undecodable) -> None:
         if item.strict:
             raise PteenetError(f"cannot decode image {item.path}: {item.reason}",
                                "remove or replace the file, or drop --strict-images to skip such files with a warning")
+        self.met.append(item.path)
         if item.path not in self.files:
             self.files[item.path] = item.reason
             warnings.warn(f"skipped {item.path}: cannot decode it ({item.reason})", ImageSkipped, stacklevel=2)
 
+    def mark(self) -> int:
+        return len(self.met)
+
     def since(self, mark: int) -> list[str]:
-        """The files added after ``len(self.files)`` was ``mark``."""
-        return list(self.files)[mark:]
+        """The files met after ``mark()`` returned ``mark``, each once."""
+        return list(dict.fromkeys(self.met[mark:]))
 
     def summary(self, files: list[str]) -> str:
         return (f"{len(files)} image file{'s' if len(files) != 1 else ''} could not be decoded and "
@@ -77,11 +84,13 @@ SKIPPED = SkippedImages()
 
 
 class Loader:
-    """A DataLoader whose batches leave out undecodable images (recorded in ``SKIPPED``). Batches
-    where nothing decoded are not yielded, so a pass may yield fewer than ``len()`` batches."""
+    """A DataLoader whose batches leave out undecodable images (recorded in ``SKIPPED``, and in
+    ``skipped``: those this loader met, path -> reason). Batches where nothing decoded are not
+    yielded, so a pass may yield fewer than ``len()`` batches."""
 
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
+        self.skipped: dict[str, str] = {}
 
     @property
     def generator(self) -> torch.Generator:
@@ -95,6 +104,7 @@ class Loader:
             if isinstance(batch, _WithSkipped):
                 for item in batch.skipped:
                     SKIPPED.add(item)
+                    self.skipped[item.path] = item.reason
                 if batch.batch is None:
                     continue
                 batch = batch.batch
@@ -102,8 +112,12 @@ class Loader:
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,
-                drop_last: bool = False) -> Loader:
-    """A loader whose shuffling (and worker seeds) come from a generator seeded with ``seed``."""
-    return Loader(DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
-                             generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,
-                             collate_fn=collate_skipping))
+                drop_last: bool = False, pin_memory: bool = False, batch_sampler: Any = None) -> Loader:
+    """A loader whose shuffling (and worker seeds) come from a generator seeded with ``seed``.
+    ``pin_memory`` for CUDA (page-locked batches copy asynchronously); ``batch_sampler`` replaces
+    batching and shuffling (a rank's shard under several processes)."""
+    batching: dict[str, Any] = ({"batch_sampler": batch_sampler} if batch_sampler is not None else
+                                {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last})
+    return Loader(DataLoader(ds, num_workers=workers, generator=torch.Generator().manual_seed(seed),
+                             persistent_workers=workers > 0, pin_memory=pin_memory, collate_fn=collate_skipping,
+                             **batching))

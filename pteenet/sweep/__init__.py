@@ -14,7 +14,7 @@ The policies themselves live in ``pteenet.policies``.
 """
 from __future__ import annotations
 
-from .cache import ExitCache, ExitCacheBuilder
+from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
 from .engine import (
     Point,
     backbone_point,
@@ -33,7 +33,7 @@ from .run import SweepConfig, build_cache, sweep_meta, sweep_model, sweep_points
 from .selection import Selection, restrict, select_exits
 
 __all__ = ["PLOTS_WARNING", "ExitCache", "ExitCacheBuilder", "Point", "SweepConfig", "backbone_point",
-           "below_cheapest", "build_cache", "build_document", "curve_figure", "evaluate", "oracle_point",
-           "pareto", "parse_range", "restrict", "search_per_exit", "select", "select_exits",
+           "below_cheapest", "build_cache", "build_document", "curve_figure", "evaluate", "gather_exit_cache",
+           "oracle_point", "pareto", "parse_range", "restrict", "search_per_exit", "select", "select_exits",
            "Selection", "short_thresholds", "sweep_global", "sweep_meta", "sweep_model", "sweep_points", "sweep_threshold",
            "threshold_list", "write_sweep_outputs"]

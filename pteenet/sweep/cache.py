@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import distributed
 from .. import policies as pol
+from ..distributed import Group
 from ..errors import PteenetError
 from ..files import atomic_write_bytes
 from ..model import AllExits, EarlyExitModel
@@ -124,10 +126,32 @@ class ExitCacheBuilder:
             raise PteenetError("the checkpoint has no cost table", "attach the branches with `pteenet attach`")
         return self.build(model.cost.costs(), model.cost.costs_paper())
 
-    def build(self, costs: Sequence[float], costs_paper: Sequence[float]) -> ExitCache:
+    def arrays(self) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None] | None:
+        """(preds, scores, labels) so far, samples on the last axis; None before any batch."""
         if not self._preds:
-            raise PteenetError("no samples were evaluated", "check that the data split is not empty")
-        return ExitCache(preds=np.concatenate(self._preds, axis=1),
-                         scores={p: np.concatenate(v, axis=1) for p, v in self._scores.items()},
-                         labels=np.concatenate(self._labels) if self._labels else None,
-                         costs=np.asarray(costs), costs_paper=np.asarray(costs_paper))
+            return None
+        return (np.concatenate(self._preds, axis=1), {p: np.concatenate(v, axis=1) for p, v in self._scores.items()},
+                np.concatenate(self._labels) if self._labels else None)
+
+    def build(self, costs: Sequence[float], costs_paper: Sequence[float]) -> ExitCache:
+        return _cache(self.arrays(), costs, costs_paper)
+
+
+def _cache(arrays: tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None] | None, costs: Sequence[float],
+           costs_paper: Sequence[float]) -> ExitCache:
+    if arrays is None:
+        raise PteenetError("no samples were evaluated", "check that the data split is not empty")
+    preds, scores, labels = arrays
+    return ExitCache(preds=preds, scores=scores, labels=labels, costs=np.asarray(costs),
+                     costs_paper=np.asarray(costs_paper))
+
+
+def gather_exit_cache(builder: ExitCacheBuilder, rows: Sequence[int], model: EarlyExitModel, group: Group,
+                      to_main_only: bool) -> ExitCache | None:
+    """Under several processes: the exit cache of the whole split from each rank's shard (``rows``:
+    the split's rows this rank added, in order), in the split's order; on rank 0 only with
+    ``to_main_only`` (None elsewhere), None when the split is empty."""
+    if model.cost is None:
+        raise PteenetError("the checkpoint has no cost table", "attach the branches with `pteenet attach`")
+    arrays = distributed.gather_rows(rows, builder.arrays(), True, group, to_main_only)
+    return None if arrays is None else _cache(arrays, model.cost.costs(), model.cost.costs_paper())

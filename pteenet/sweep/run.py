@@ -19,17 +19,19 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
+from .. import distributed
 from .. import policies as pol
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_parent_folder, check_policy
 from ..data import NO_LABELS, SKIPPED, DataConfig, DataRequest, load_splits, make_loader, resolve_data
 from ..devices import resolve_device
+from ..distributed import Group
 from ..errors import PteenetError
 from ..model import EarlyExitModel
 from ..progress import SILENT, Sink
-from .cache import ExitCache, ExitCacheBuilder
+from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
 from .engine import Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit, select, sweep_global
 from .outputs import build_document, write_sweep_outputs
 from .selection import Selection, restrict, select_exits
@@ -92,6 +94,11 @@ def build_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256,
         raise PteenetError(f"the {description} split is empty", "check the data and its split")
     if model.cost is None:
         raise PteenetError("the checkpoint has no cost table", "attach the branches with `pteenet attach`")
+    return _run_exits(model, dataset, batch_size, device, workers, sink, description).build_for(model)
+
+
+def _run_exits(model: EarlyExitModel, dataset: Dataset, batch_size: int, device: str | torch.device, workers: int,
+               sink: Sink, description: str) -> ExitCacheBuilder:
     model.eval()
     device = torch.device(device)
     loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
@@ -102,7 +109,21 @@ def build_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256,
             out = model.forward_all(x.to(device, non_blocking=True))
             builder.add_outputs(out, None if y is None else torch.as_tensor(y))
             task.advance()
-    return builder.build_for(model)
+    return builder
+
+
+def _sharded_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int, device: torch.device, workers: int,
+                   sink: Sink, description: str, group: Group) -> ExitCache:
+    """Under several processes: each rank runs its shard of ``dataset``; every rank gets the
+    whole split's cache (it is small), so all of them take the same decisions after it."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise PteenetError(f"the {description} split is empty", "check the data and its split")
+    rows = distributed.eval_rows(len(dataset), batch_size, group)  # type: ignore[arg-type]
+    builder = _run_exits(model, Subset(dataset, rows), batch_size, device, workers, sink,
+                         f"{description}, rank {group.rank}'s shard")
+    cache = gather_exit_cache(builder, rows, model, group, to_main_only=False)
+    assert cache is not None
+    return cache
 
 
 def _per_exit_budgets(glob: list[Point], budget: float | None) -> list[float]:
@@ -248,15 +269,18 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     if cfg.split == "val" and overlap == "train":
         warn(f"the calibration data {calibration} is the training split: the branches were trained on it, and a "
              "backbone fine-tuned on it has memorised it (calibrate on images neither has seen)")
-    device = resolve_device(cfg.device)
-    if next(model.parameters()).device.type != device.type:
+    group, device = distributed.setup(resolve_device(cfg.device))
+    here = next(model.parameters()).device
+    if here.type != device.type or (device.index is not None and here != device):
         model.to(device)  # a checkpoint is loaded onto the device already: moving re-traces the stages
     device = next(model.parameters()).device
 
     def run(dataset: Dataset, name: str) -> ExitCache:
+        if group.active:
+            return _sharded_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name, group)
         return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name)
 
-    skipped_before = len(SKIPPED.files)
+    skipped_before = SKIPPED.mark()
     cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
     if cache.labels is None:
         sink.note(NO_LABELS)
@@ -288,7 +312,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
         "no_accuracy": NO_LABELS if cache.labels is None else None,
         "skipped_images": SKIPPED.since(skipped_before),
     })
-    if cfg.outdir is not None:
+    if cfg.outdir is not None and group.main:  # under torchrun every rank has the document; rank 0 writes
         skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)
         if skipped:
             warn(skipped, record=False)  # sweep.json is already written: keep the document equal to it
@@ -328,8 +352,11 @@ def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
     chosen setting and the file's training state; returns the document (the same one as sweep.json)."""
     if cfg.write:
         check_parent_folder("--write", cfg.write)  # before the checkpoint is read
-    ckpt = load_checkpoint(ckpt_path, resolve_device(cfg.device))
+    group, device = distributed.setup(resolve_device(cfg.device))
+    with distributed.agreed(group):  # a bad file stops every rank; rank 0 alone reports it
+        ckpt = load_checkpoint(ckpt_path, device)
     doc = _sweep(ckpt.model, data, cfg, sink, str(ckpt_path))
-    if cfg.write and doc["chosen"] is not None and doc["chosen"].get("policy"):
+    if cfg.write and doc["chosen"] is not None and doc["chosen"].get("policy") and group.main:
         save_checkpoint(cfg.write, ckpt.model, ckpt.state)
+    distributed.barrier(group)  # every rank ends once the files are whole
     return doc
