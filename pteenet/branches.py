@@ -141,27 +141,40 @@ def _pool_nhwc(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch
 # speed depends on the shape and the CPU by 2-3x either way (measured: benchmarks/head_cost.py).
 # Pooling is most of a pooled head's time at large batches, so the first large batch of each
 # shape times them all and every later call uses the fastest (one choice per process).
-POOL_PLANS = {"nchw": _pool_nchw, "rows": _pool_rows, "nhwc": _pool_nhwc}
+def _pool_2d(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain pooling kernels with the window as kernel and stride: the fastest at batch 1 (half
+    the adaptive kernels' time), any batch size, and what torch.export and ONNX get."""
+    return F.avg_pool2d(x, k), F.max_pool2d(x, k)
+
+
+POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "rows": _pool_rows, "nhwc": _pool_nhwc}
 _chosen_plan: dict[tuple[Any, ...], str] = {}
 
 
 def _fastest_plan(x: torch.Tensor, k: tuple[int, int]) -> str:
-    key = (tuple(x.shape[1:]), k, x.dtype, x.device.type, torch.get_num_threads())
-    if key not in _chosen_plan:
+    # Per batch-size class too: at batch 1 the fixed cost of each op decides, at 256 memory traffic.
+    rows = "1" if x.shape[0] == 1 else "<16" if x.shape[0] < 16 else ">=16"
+    key = (tuple(x.shape[1:]), k, rows, x.dtype, x.device.type, torch.get_num_threads())
+    plan = _chosen_plan.get(key)
+    if plan is None:
         forced = os.environ.get("PTEENET_POOL_PLAN")
-        if forced in POOL_PLANS:
-            _chosen_plan[key] = forced
-        else:
-            times = {}
-            with torch.no_grad():
-                for name, fn in POOL_PLANS.items():
-                    fn(x, k)  # warm-up: first calls allocate
-                    t0 = time.perf_counter()
-                    for _ in range(2):
-                        fn(x, k)
-                    times[name] = time.perf_counter() - t0
-            _chosen_plan[key] = min(times, key=times.__getitem__)
-    return _chosen_plan[key]
+        plan = _chosen_plan[key] = forced if forced in POOL_PLANS else _time_plans(x, k)
+    return plan
+
+
+def _time_plans(x: torch.Tensor, k: tuple[int, int], rounds: int = 5) -> str:
+    """The plan with the shortest best time over ``rounds`` round-robin rounds (the minimum, and
+    taking turns, so that a burst of other load on the machine cannot pick a slow plan)."""
+    best = dict.fromkeys(POOL_PLANS, float("inf"))
+    with torch.no_grad():
+        for fn in POOL_PLANS.values():
+            fn(x, k)  # warm-up: first calls allocate
+        for _ in range(rounds):
+            for name, fn in POOL_PLANS.items():
+                t0 = time.perf_counter()
+                fn(x, k)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return min(best, key=best.__getitem__)
 
 
 class GridPool(nn.Module):
@@ -180,13 +193,14 @@ class GridPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.whole:
             return x.flatten(1)
-        # Not while torch.export traces: a branch on the batch size would pin its dynamic dimension.
-        if self.windows is not None and not torch.compiler.is_compiling() and x.shape[0] >= 16:
-            # PyTorch's adaptive CPU kernels are slow on large batches (CIFAR ResNet-56, batch 256:
-            # 5.7 ms a head); at small batches they win.
-            avg, mx = POOL_PLANS[_fastest_plan(x, self.windows)](x, self.windows)
-            return torch.cat([avg.flatten(1), mx.flatten(1)], 1)
-        return torch.cat([self.avg(x).flatten(1), self.max(x).flatten(1)], 1)
+        if self.windows is None:
+            return torch.cat([self.avg(x).flatten(1), self.max(x).flatten(1)], 1)
+        # PyTorch's adaptive CPU kernels are slow: 5.7 ms a head at batch 256 (CIFAR ResNet-56), twice
+        # the plain kernels' time at batch 1. While torch.export traces, the plain kernels: timing
+        # would pin the dynamic batch dimension, and they export to ONNX's AveragePool/MaxPool.
+        plan = "pool2d" if torch.compiler.is_compiling() or torch.jit.is_tracing() else _fastest_plan(x, self.windows)
+        avg, mx = POOL_PLANS[plan](x, self.windows)
+        return torch.cat([avg.flatten(1), mx.flatten(1)], 1)
 
 
 class ChannelsFirst(nn.Module):
