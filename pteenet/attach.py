@@ -6,14 +6,15 @@ cascade=False``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+from . import hooks
 from .backbones import load_backbone
 from .branches import BranchConfig
 from .configs import Config, check_choice, check_int
 from .cost import PLACEMENTS, cost_table, cumulative_macs, module_macs, node_macs, place
 from .errors import PteenetError
-from .graph import candidates, resolve, trace
+from .graph import ExitPoint, candidates, resolve, trace
 from .model import EarlyExitModel
 
 
@@ -32,6 +33,7 @@ class AttachConfig(Config):
     cascade: bool = True  # each head also reads the previous exit's logits
     grid: int = 4  # G of the G x G pooling of pool / pool-mlp / conv-lite heads
     hidden: int = 128  # hidden width of pool-mlp heads
+    hooks: bool = False  # untraceable backbones: exits on forward hooks, no real early exit (hooks.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, str) or not self.backbone.strip():
@@ -67,38 +69,58 @@ class AttachConfig(Config):
 DEFAULT_EXITS = "all"  # cheap heads make every block a candidate; the sweep decides which ones pay
 
 
-def _load(cfg: AttachConfig) -> tuple[Any, Any, Any, list[int]]:
+@dataclass
+class _Probed:
+    """A backbone's exit candidates, shapes and cumulative MACs: from its fx graph, or with ``hooks``
+    from a dry run with forward hooks (see hooks.py)."""
+
+    backbone: Any
+    info: Any
+    candidates: list[ExitPoint]
+    shapes: dict[str, Any]  # ExitPoint.node -> tap shape without batch
+    cum: list[int]  # cumulative MACs indexed by ExitPoint.position; cum[-1]: the whole backbone
+    resolve: Callable[[list[str]], list[ExitPoint]]
+
+
+def _load(cfg: AttachConfig) -> _Probed:
     backbone, info = load_backbone(cfg.backbone, cfg.weights, cfg.num_classes, cfg.input_size, cfg.mean, cfg.std)
-    tb = trace(backbone, info.preprocess.input_size)
-    cum = cumulative_macs(tb, node_macs(tb, info.preprocess.input_size))
-    return backbone, info, tb, cum
+    size = info.preprocess.input_size
+    if cfg.hooks:
+        hb = hooks.probe(backbone, size)
+        return _Probed(backbone, info, hooks.candidates(hb), hb.shapes, hb.cum, lambda names: hooks.resolve(hb, names))
+    tb = trace(backbone, size)
+    cum = cumulative_macs(tb, node_macs(tb, size))
+    return _Probed(backbone, info, candidates(tb), tb.shapes, cum, lambda names: resolve(tb, names))
 
 
 def list_candidates(cfg: AttachConfig) -> dict[str, Any]:
     """The default exit candidates with their cumulative share of the backbone's MACs."""
-    _, info, tb, cum = _load(cfg)
+    pb = _load(cfg)
+    cum = pb.cum
     rows = [
-        {"name": c.name, "node": c.node, "shape": list(tb.shapes[c.node] or ()), "prefix_macs": cum[c.position],
-         "share": cum[c.position] / cum[-1]}
-        for c in candidates(tb)
+        {"name": c.name, "node": c.node, "shape": list(pb.shapes[c.node] or ()), "layout": c.layout,
+         "prefix_macs": cum[c.position], "share": cum[c.position] / cum[-1]}
+        for c in pb.candidates
     ]
-    return {"backbone": info.spec, "backbone_macs": cum[-1], "candidates": rows}
+    return {"backbone": pb.info.spec, "backbone_macs": cum[-1], "candidates": rows,
+            "runtime": "hooks" if cfg.hooks else "staged"}
 
 
 def attach(cfg: AttachConfig) -> EarlyExitModel:
     """Build the early-exit model (untrained branches) with its cost table."""
     branch = cfg.branch_config()
-    backbone, info, tb, cum = _load(cfg)
+    pb = _load(cfg)
+    cum = pb.cum
     if cfg.at:
-        points = resolve(tb, cfg.at)
+        points = pb.resolve(cfg.at)
     else:
-        cands = candidates(tb)
+        cands = pb.candidates
         if not cands:
             raise PteenetError(f"found no candidate exit points in {cfg.backbone}",
                                "name them with --at (module paths or node names)")
         n = cfg.exits if cfg.exits is not None else DEFAULT_EXITS
         points = cands if n == "all" else place(cands, cum, int(n), cfg.placement)
-    model = EarlyExitModel(backbone, info, [p.name for p in points], branch)
+    model = EarlyExitModel(pb.backbone, pb.info, [p.name for p in points], branch, hooks=cfg.hooks)
     branch_macs = [module_macs(b, model.tap_shapes[k]) for k, b in enumerate(model.branches)]
     model.cost = cost_table(model.exit_points, cum, branch_macs)
     placement = None if cfg.at or isinstance(cfg.exits or DEFAULT_EXITS, str) else cfg.placement

@@ -14,6 +14,17 @@ the tap (pooled features are 10-100x smaller than the tap itself).
 
 With ``cascade`` every head also reads the previous exit's logits (detached in training, Zero Time
 Waste, Wolczyk et al. 2021); exit 0 reads zeros, so every head has the same input layout.
+
+The tap's layout (``graph.LAYOUTS``, found from the graph) picks the branch's input side; ``kind``
+still picks the family:
+- channels-last maps (B, H, W, C), Swin's: the stem first permutes them to (B, C, H, W) (a view;
+  counted as one operation per element, the most a copy would cost), then everything is as above.
+- token sequences (B, N, D), a ViT's: ``TokenPool`` is the pooling: LayerNorm over D (no affine: the
+  linear layer after it absorbs one), then the first token (a ViT's class token) and the mean over
+  all tokens, concatenated (2D values; the CNN heads' average and max pooling). ``pool`` and
+  ``pool-mlp`` put it in the stem, so feature caches hold 2D values an image instead of N x D.
+  ``conv-lite`` and ``convX`` become token-wise: one linear layer halving D, or X layers of width D,
+  each with LayerNorm and GELU, applied to every token (what a 3x3 conv is to a map), then ``TokenPool``.
 """
 from __future__ import annotations
 
@@ -192,8 +203,53 @@ class GridPool(nn.Module):
         return torch.cat([avg.flatten(1), mx.flatten(1)], 1)
 
 
-def _body_and_width(in_shape: tuple[int, ...], cfg: BranchConfig) -> tuple[nn.Module, nn.Module, int]:
+class ChannelsFirst(nn.Module):
+    """(B, H, W, C) -> (B, C, H, W): a view (pooling and conv kernels read channels-last strides)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
+class TokenPool(nn.Module):
+    """(B, N, D) -> (B, 2D): LayerNorm over D, then [first token, mean over tokens]."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)  # an nn.LayerNorm so that thop counts it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return torch.cat([x[:, 0], x.mean(1)], 1)
+
+
+def _token_layers(d: int, out: int, n: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for _ in range(n):
+        layers += [nn.Linear(d, out, bias=False), nn.LayerNorm(out), nn.GELU()]
+        d = out
+    return layers
+
+
+def _token_body(in_shape: tuple[int, ...], cfg: BranchConfig) -> tuple[nn.Module, nn.Module, int]:
+    d = in_shape[1]
+    if cfg.kind == "conv":
+        return nn.Identity(), nn.Sequential(*_token_layers(d, d, cfg.convs), TokenPool(d)), 2 * d
+    if cfg.kind == "conv-lite":
+        half = max(d // 2, 1)
+        return nn.Identity(), nn.Sequential(*_token_layers(d, half, 1), TokenPool(half)), 2 * half
+    if cfg.kind == "pool-mlp":
+        return TokenPool(d), nn.Sequential(nn.Linear(2 * d, cfg.hidden), nn.ReLU(inplace=True)), cfg.hidden
+    return TokenPool(d), nn.Identity(), 2 * d
+
+
+def _body_and_width(in_shape: tuple[int, ...], cfg: BranchConfig, layout: str = "chw") -> tuple[nn.Module, nn.Module, int]:
     """(stem, body, width of the vector the heads read, before any cascade input)."""
+    if layout == "tokens":
+        return _token_body(in_shape, cfg)
+    if layout == "hwc":
+        h, w, c = in_shape
+        stem, body, width = _body_and_width((c, h, w), cfg)
+        return nn.Sequential(ChannelsFirst(), stem), body, width
     if len(in_shape) == 1:
         # A flattened activation has no spatial extent: the heads (or the MLP) read it directly.
         c = in_shape[0]
@@ -232,9 +288,9 @@ class Branch(nn.Module):
     sigmoid of the latter (logits, not h, so that the loss works in log space without clamping).
     ``prev`` is the previous exit's logits, read only with ``cascade``."""
 
-    def __init__(self, in_shape: tuple[int, ...], num_classes: int, cfg: BranchConfig) -> None:
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, cfg: BranchConfig, layout: str = "chw") -> None:
         super().__init__()
-        self.stem, self.body, width = _body_and_width(in_shape, cfg)
+        self.stem, self.body, width = _body_and_width(in_shape, cfg, layout)
         self.cascade = cfg.cascade
         head_in = width + (num_classes if cfg.cascade else 0)
         self.classifier = nn.Linear(head_in, num_classes)

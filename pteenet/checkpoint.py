@@ -46,7 +46,9 @@ def describe(model: EarlyExitModel) -> dict[str, Any]:
         "pteenet_version": __version__,
         "backbone": model.info.to_dict(),
         "backbone_sha256": model.backbone_sha256,
-        "exits": [{"name": p.name, "node": p.node} for p in model.exit_points],
+        "exits": [{"name": p.name, "node": p.node, "layout": p.layout} for p in model.exit_points],
+        # "hooks": no stages, every exit computed on a whole backbone pass (hooks.py); no real early exit
+        "runtime": "hooks" if model.hooks else "staged",
         "branch": model.branch_config.to_dict(),
         "ensemble": model.ensemble is not None,
         "active_exits": model.active,
@@ -131,7 +133,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     except PteenetError as e:
         raise PteenetError(f"unknown branch type {meta['branch'].get('type')!r} in {path}", "upgrade pteenet") from e
     cost = CostTable.from_dict(meta["cost"]) if meta.get("cost") else None
-    model = EarlyExitModel(backbone, info, [e["name"] for e in meta["exits"]], branch, cost)
+    model = EarlyExitModel(backbone, info, [e["name"] for e in meta["exits"]], branch, cost,
+                           hooks=meta.get("runtime") == "hooks")
     model.branches.load_state_dict({k[len("branches."):]: v for k, v in tensors.items() if k.startswith("branches.")})
     if meta.get("ensemble"):
         ens = Ensemble(model.num_exits, info.num_classes)

@@ -36,6 +36,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .configs import Config, check_criterion, check_policy, check_thresholds, setting
 from .errors import PteenetError, unknown_name
 from .exits import Carry, exit_step
+from .hooks import NO_EARLY_EXIT
 from .model import EarlyExitModel
 from .progress import SILENT, Sink
 from .report import build_report, write_report
@@ -311,6 +312,11 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, sink: Sink = SILENT, 
     checkpoint the model came from, for the report. Progress goes to ``sink``: one step per file
     written, the slow programs (torch.export, ONNX) named while they are built."""
     formats = _check_environment(source, cfg)
+    if model.hooks and len(formats) > 1:
+        raise PteenetError(f"--format {formats[1]} needs a backbone split into stages, and {NO_EARLY_EXIT}",
+                           "export only model.safetensors (the default), or attach a traceable backbone")
+    if model.hooks:
+        sink.warn(NO_EARLY_EXIT)
     model.eval()
     point = choose_point(model, cfg)
     data = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}
@@ -340,7 +346,8 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, sink: Sink = SILENT, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"output": str(cfg.output), "files": files, "operating_point": point, "formats": formats}
+    return {"output": str(cfg.output), "files": files, "operating_point": point, "formats": formats,
+            "no_real_early_exit": NO_EARLY_EXIT if model.hooks else None}
 
 
 def export(checkpoint: str | Path, cfg: ExportConfig, sink: Sink = SILENT) -> dict[str, Any]:

@@ -5,6 +5,15 @@ last graph node inside its scope) or by raw fx node name (``add_3``). Stage k ru
 after exit k-1 up to and including exit k; every value a later stage still needs (a residual, a
 DenseNet concatenation input) is carried in the stage's output tuple, so that stage k needs only what
 stage k-1 produced. Parameters and buffers are never carried: each stage reads them from the backbone.
+
+Taps come in four layouts (``LAYOUTS``), told apart by the tap's rank and, for 4-d maps, by the
+graph: ``chw`` (B, C, H, W) as convolutions make them; ``hwc`` (B, H, W, C) channels-last, as Swin's
+stages and ConvNeXt's blocks inside make them (``x.permute(0, 2, 3, 1)`` after a conv, undone by
+``permute(0, 3, 1, 2)``); ``tokens`` (B, N, D), a transformer's token sequence; ``vector`` (B, C).
+``_layouts`` follows each value from the input through the graph: convolutions make ``chw``, those
+two permutes switch, reshapes and permutes that keep the channels last keep a channels-last value
+so, other reshapes and permutes make it unknown (then ``chw``, as before), everything else (norms,
+linears on the last dimension, adds, attention functions) keeps the layout of its first input.
 """
 from __future__ import annotations
 
@@ -23,11 +32,17 @@ CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 LEAF_BOUNDARIES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d)
 
 
+LAYOUTS = ("chw", "hwc", "tokens", "vector")
+TO_CHANNELS_LAST, TO_CHANNELS_FIRST = (0, 2, 3, 1), (0, 3, 1, 2)
+_RESHAPES = {"reshape", "view", "flatten", "unflatten", "transpose", "movedim", "swapaxes", "unfold"}
+
+
 @dataclass(frozen=True)
 class ExitPoint:
     name: str  # what the user sees and types: a module path or an fx node name
     node: str  # the fx node whose value the branch reads
     position: int  # index of that node in graph order
+    layout: str = "chw"  # one of LAYOUTS: how the branch must read the tap
 
 
 @dataclass
@@ -39,9 +54,16 @@ class TracedBackbone:
     nodes: list[fx.Node]
     shapes: dict[str, tuple[int, ...] | None]  # node name -> shape without batch dim; None: not a batch tensor
     module_outputs: dict[str, fx.Node] = field(default_factory=dict)  # module path -> its last node
+    layouts: dict[str, str] = field(default_factory=dict)  # node name -> layout of a 4-d map, if known
 
     def position(self, node: fx.Node) -> int:
         return self.nodes.index(node)
+
+    def point(self, name: str, node: fx.Node) -> ExitPoint:
+        """The exit point reading ``node``, with the layout its branch must expect."""
+        shape = self.shapes.get(node.name) or ()
+        layout = {1: "vector", 2: "tokens"}.get(len(shape)) or self.layouts.get(node.name) or "chw"
+        return ExitPoint(name, node.name, self.position(node), layout)
 
 
 def trace(backbone: nn.Module, input_size: tuple[int, ...]) -> TracedBackbone:
@@ -55,7 +77,8 @@ def trace(backbone: nn.Module, input_size: tuple[int, ...]) -> TracedBackbone:
         raise PteenetError(
             f"torch.fx cannot trace {type(backbone).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
             "pteenet needs a traceable forward (no Python control flow on tensor values) to split it into "
-            "real stages; wrap the untraceable part in a leaf module or pass a traceable model",
+            "real stages; wrap the untraceable part in a leaf module, or attach with --hooks (forward hooks: "
+            "exits trained and measured, but no real early exit)",
         ) from e
     nodes = list(gm.graph.nodes)
     device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
@@ -70,10 +93,65 @@ def trace(backbone: nn.Module, input_size: tuple[int, ...]) -> TracedBackbone:
     for n in nodes:
         for path in (n.meta.get("nn_module_stack") or {}).values():
             module_outputs[path[0]] = n  # later nodes overwrite: the last node in the scope wins
-    return TracedBackbone(backbone, gm, nodes, shapes, module_outputs)
+    return TracedBackbone(backbone, gm, nodes, shapes, module_outputs, _layouts(gm, nodes, shapes))
 
 
-def _candidate_modules(root: nn.Module) -> list[str]:
+def _permute_dims(n: fx.Node) -> tuple[int, ...] | None:
+    if n.op == "call_method" and n.target == "permute" or n.op == "call_function" and n.target is torch.permute:
+        dims = n.args[1:]
+    else:
+        return None
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    rank = len(dims)
+    return tuple(d % rank if isinstance(d, int) else -1 for d in dims)
+
+
+def _is_conv(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(str(n.target)), nn.Conv2d)
+    return n.op == "call_function" and n.target in (torch.conv2d, torch.nn.functional.conv2d)
+
+
+def _layouts(gm: fx.GraphModule, nodes: list[fx.Node], shapes: dict[str, tuple[int, ...] | None]) -> dict[str, str]:
+    """``chw`` or ``hwc`` for the 4-d values whose layout the graph shows (see the module doc).
+
+    Values of other ranks are followed too, as ``last`` where the channels are their last dimension:
+    Swin blocks flatten a channels-last map to tokens, or cut it into windows (reshapes and permutes
+    that keep the last dimension), and reshape it back to (B, H, W, C) (timm's do)."""
+    tags: dict[str, str] = {}  # node -> chw (4-d, channels first) | last (channels in the last dim)
+    for n in nodes:
+        shape = shapes.get(n.name)
+        if shape is None or len(shape) < 2:
+            continue
+        inputs = [a for a in n.all_input_nodes if a.name in tags]
+        known = tags[inputs[0].name] if inputs else None
+        src = shapes.get(inputs[0].name) if inputs else None
+        dims = _permute_dims(n)
+        reshape = n.op in ("call_method", "call_function") and getattr(n.target, "__name__", n.target) in _RESHAPES
+        tag = None
+        if n.op == "placeholder" or _is_conv(gm, n):
+            tag = "chw" if len(shape) == 3 else None
+        elif dims is not None:
+            if (known, dims) == ("chw", TO_CHANNELS_LAST):
+                tag = "last"
+            elif known == "last" and dims == TO_CHANNELS_FIRST:
+                tag = "chw"
+            elif known == "last" and dims[-1] == len(dims) - 1:  # the channels stay last
+                tag = "last"
+        elif reshape:
+            # A reshape keeps channels-last values channels-last when it keeps the last dimension or
+            # merges others into it (patch merging: (B, H/2, 2, W/2, 2, C) -> (B, H/2, W/2, 4C)).
+            if known == "last" and src and shape[-1] % src[-1] == 0:
+                tag = "last"
+        elif known is not None and (known == "last" or len(shape) == 3):
+            tag = known  # norms, linears on the last dimension, adds, attention functions
+        if tag is not None:
+            tags[n.name] = tag
+    return {k: ("hwc" if v == "last" else v) for k, v in tags.items() if len(shapes.get(k) or ()) == 3}
+
+
+def block_modules(root: nn.Module) -> list[str]:
     """Module paths of the backbone's repeated blocks: composite children of containers (ResNet
     ``layer1.0``, MobileNet ``features.3``), or activation/pool outputs in containers of plain layers."""
     found: list[str] = []
@@ -107,23 +185,24 @@ def _candidate_modules(root: nn.Module) -> list[str]:
 
 
 def candidates(tb: TracedBackbone) -> list[ExitPoint]:
-    """Default exit candidates in graph order: block outputs that are spatial (C, H, W) batch tensors.
+    """Default exit candidates in graph order: block outputs that are feature maps (4-d) or token
+    sequences (3-d) of the batch.
 
     When several module paths end on the same node (``features.12`` and its activation
     ``features.12.2``) the shallowest one names it. The very last block (whose output only feeds the classifier) is kept: an exit there
     is legal, if rarely useful.
     """
     by_node: dict[str, ExitPoint] = {}
-    for path in _candidate_modules(tb.root):
+    for path in block_modules(tb.root):
         node = tb.module_outputs.get(path)
         if node is None or node.op == "output":
             continue
         shape = tb.shapes.get(node.name)
-        if shape is None or len(shape) != 3:
+        if shape is None or len(shape) not in (2, 3):
             continue
         prev = by_node.get(node.name)
         if prev is None or path.count(".") < prev.name.count("."):
-            by_node[node.name] = ExitPoint(path, node.name, tb.position(node))
+            by_node[node.name] = tb.point(path, node)
     return sorted(by_node.values(), key=lambda e: e.position)
 
 
@@ -137,12 +216,13 @@ def resolve(tb: TracedBackbone, names: list[str]) -> list[ExitPoint]:
             known = [c.name for c in candidates(tb)] + [n for n in tb.module_outputs]
             raise unknown_name("exit point", name, list(dict.fromkeys(known)))
         shape = tb.shapes.get(node.name)
-        if shape is None or len(shape) not in (1, 3):
+        if shape is None or len(shape) not in (1, 2, 3):
             raise PteenetError(
                 f"exit point '{name}' gives {'no batch tensor' if shape is None else 'a tensor of shape (B, ' + ', '.join(map(str, shape)) + ')'}",
-                "exits need a (B, C, H, W) feature map or a (B, C) vector; see `pteenet attach BACKBONE --list`",
+                "exits need a feature map (B, C, H, W) or (B, H, W, C), tokens (B, N, D) or a vector (B, C); "
+                "see `pteenet attach BACKBONE --list`",
             )
-        points.append(ExitPoint(name, node.name, tb.position(node)))
+        points.append(tb.point(name, node))
     points.sort(key=lambda e: e.position)
     dup = [p.name for a, p in zip(points, points[1:]) if a.node == p.node]
     if dup:
@@ -168,14 +248,20 @@ def split(tb: TracedBackbone, points: list[ExitPoint], root: nn.Module) -> Stage
     n_stages = len(points) + 1
     last_use = {n: max((stage_of[u] for u in n.users), default=stage_of[n]) for n in tb.nodes}
     # carried[k]: values made before stage k (not parameters) that stage k or a later one still reads.
+    inputs = [n for n in tb.nodes if n.op == "placeholder"]
+    # Optional arguments of forward (timm's ``attn_mask=None``): every stage has them, at their
+    # defaults, as the backbone called with the image alone has them; they are never carried.
+    optional = inputs[1:]
     carried: list[list[fx.Node]] = [
-        [n for n in tb.nodes if n.op != "get_attr" and stage_of[n] < k <= last_use[n]] for k in range(n_stages)
+        [n for n in tb.nodes if n.op not in ("get_attr", "placeholder") and stage_of[n] < k <= last_use[n]]
+        for k in range(n_stages)
     ]
-    carried[0] = [n for n in tb.nodes if n.op == "placeholder"]
+    carried[0] = inputs[:1]
     modules = []
     for k in range(n_stages):
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {n: g.placeholder(n.name) for n in carried[k]}
+        env.update({n: g.node_copy(n) for n in optional})
 
         def lookup(a: fx.Node, g: fx.Graph = g, env: dict[fx.Node, fx.Node] = env) -> fx.Node:
             if a not in env:  # a parameter/buffer read from an earlier stage: read it again here

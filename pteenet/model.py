@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import policies
+from . import hooks, policies
 from .backbones import BackboneInfo
 from .branches import Branch, BranchConfig
 from .configs import check_policy
@@ -54,15 +54,16 @@ class EarlyExitModel(nn.Module):
     nothing after the last active exit is computed. ``cost_for_active`` prices exactly that."""
 
     def __init__(self, backbone: nn.Module, info: BackboneInfo, exits: Sequence[str], branch: BranchConfig,
-                 cost: CostTable | None = None) -> None:
+                 cost: CostTable | None = None, hooks: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
+        self.hooks = hooks  # the fallback for untraceable backbones (hooks.py): no real early exit
         self.info = info
         self.branch_config = branch
         self.cost = cost
         self._build_stages(list(exits))
         self.branches = nn.ModuleList(
-            Branch(self._tap_shapes[k], info.num_classes, branch) for k in range(len(self.exit_points))
+            Branch(self._tap_shapes[k], info.num_classes, branch, p.layout) for k, p in enumerate(self.exit_points)
         )
         self.ensemble: Ensemble | None = None
         self.policy = "confidence"
@@ -75,13 +76,19 @@ class EarlyExitModel(nn.Module):
 
     # -- structure -------------------------------------------------------------------------------
     def _build_stages(self, exits: list[str]) -> None:
-        tb = trace(self.backbone, self.info.preprocess.input_size)
-        points = resolve(tb, exits)
-        stages = split(tb, points, self.backbone)
+        size = self.info.preprocess.input_size
+        if self.hooks:
+            hb = hooks.probe(self.backbone, size, count_macs=False)
+            points = hooks.resolve(hb, exits)
+            stages, shapes = hooks.hook_stages(self.backbone, points), [hb.shapes[p.node] for p in points]
+        else:
+            tb = trace(self.backbone, size)
+            points = resolve(tb, exits)
+            stages, shapes = split(tb, points, self.backbone), [tb.shapes[p.node] for p in points]
         # Plain attributes, not submodules: they share the backbone's parameters.
         self.exit_points: list[ExitPoint] = points  # a plain list: nn.Module registers no submodule for it
         object.__setattr__(self, "_stages", stages)
-        object.__setattr__(self, "_tap_shapes", [tb.shapes[p.node] for p in points])
+        object.__setattr__(self, "_tap_shapes", shapes)
 
     @property
     def tap_shapes(self) -> list[tuple[int, ...]]:

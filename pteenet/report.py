@@ -9,6 +9,7 @@ from typing import Any
 
 from . import policies
 from .files import atomic_write_bytes, atomic_write_text
+from .hooks import NO_EARLY_EXIT
 from .model import EarlyExitModel
 from .sweep import Point, curve_figure, pareto
 from .version import __version__
@@ -27,6 +28,7 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
         "backbone": {**model.info.to_dict(), "sha256": model.backbone_sha256,
                      "macs": cost.backbone_macs if cost else None},
         "branch": model.branch_config.name,
+        "no_real_early_exit": NO_EARLY_EXIT if model.hooks else None,
         "branch_description": model.branch_config.description,
         "ensemble": model.ensemble is not None,
         "active_exits": list(model.active),
@@ -132,6 +134,7 @@ def markdown(r: dict[str, Any]) -> str:
               if r.get("active_exits") and not all(r["active_exits"]) else "") + ". "
            f"At run time a sample leaves at the first exit where **{op['rule']}** (policy `{op['policy']}`, thresholds {ts}); "
            "otherwise it runs the whole backbone and gets the backbone's own answer. The backbone's weights are unchanged.", "",
+           *([f"**Note: {r['no_real_early_exit']}.**", ""] if r.get("no_real_early_exit") else []),
            "## Files", ""]
     out += _table(["file", "what"], [[f"`{k}`", v] for k, v in r["files"].items()])
     pre = bb["preprocess"]

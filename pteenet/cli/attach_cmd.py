@@ -10,6 +10,7 @@ from rich.table import Table
 from ..attach import AttachConfig, attach, list_candidates
 from ..checkpoint import backbone_hash, read_metadata, save_checkpoint
 from ..errors import PteenetError
+from ..hooks import NO_EARLY_EXIT
 from ..model import EarlyExitModel
 from .common import console, emit, handle_errors, parse_floats, parse_size, split_names
 from .options import JsonOption
@@ -35,6 +36,8 @@ def attach_command(
     cascade: bool = typer.Option(AttachConfig.cascade, "--cascade/--no-cascade", help="each head also reads the previous exit's logits"),
     grid: int = typer.Option(AttachConfig.grid, help="G of the G x G average+max pooling (pool, pool-mlp, conv-lite)"),
     hidden: int = typer.Option(AttachConfig.hidden, help="hidden width of pool-mlp heads"),
+    hooks: bool = typer.Option(False, "--hooks", help="for backbones torch.fx cannot trace: exits on forward hooks "
+                               "(trained, swept and reported; NO real early exit: every sample runs the whole backbone)"),
     list_: bool = typer.Option(False, "--list", help="list candidate exit points and their cumulative MAC share"),
     json_: JsonOption = False,
 ) -> None:
@@ -42,7 +45,8 @@ def attach_command(
     n_exits: int | str | None = int(exits) if exits is not None and exits.strip().isdigit() else exits
     cfg = AttachConfig(backbone=backbone, weights=weights, num_classes=num_classes, input_size=parse_size(input_size),
                        mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), at=split_names(at),
-                       exits=n_exits, placement=placement, branch=branch, cascade=cascade, grid=grid, hidden=hidden)
+                       exits=n_exits, placement=placement, branch=branch, cascade=cascade, grid=grid, hidden=hidden,
+                       hooks=hooks)
     if list_:
         emit(list_candidates(cfg), json_, _show_candidates)
         return
@@ -51,21 +55,31 @@ def attach_command(
     model = attach(cfg)
     save_checkpoint(output, model)
     assert model.cost is not None
-    emit({**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name}, json_,
+    doc = {**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name,
+           "layouts": [p.layout for p in model.exit_points], "runtime": "hooks" if model.hooks else "staged"}
+    emit(doc, json_,
            lambda doc: _show_cost(model, cfg.backbone, output))
 
 
 def _show_candidates(doc: dict[str, Any]) -> None:
     table = Table(title=f"exit candidates of {doc['backbone']} ({_fmt_macs(doc['backbone_macs'])} MACs)")
-    for col in ("#", "name", "node", "shape", "cumulative MACs", "share"):
+    for col in ("#", "name", "node", "shape", "layout", "cumulative MACs", "share"):
         table.add_column(col, justify="right" if col in ("#", "cumulative MACs", "share") else "left")
     for i, r in enumerate(doc["candidates"]):
-        table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
+        table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), r["layout"],
+                      _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
     console.print(table)
+    _note_hooks(doc["runtime"] == "hooks")
+
+
+def _note_hooks(hooks: bool) -> None:
+    if hooks:
+        console.print(f"Note: {NO_EARLY_EXIT}", style="bold yellow", soft_wrap=True, markup=False)
 
 
 def _show_cost(model: EarlyExitModel, backbone: str, path: Path) -> None:
     assert model.cost is not None
+    _note_hooks(model.hooks)
     table = Table(title=f"{len(model.cost.exits)} exits on {backbone} ({_fmt_macs(model.cost.backbone_macs)} MACs) -> {path}")
     for col in ("exit", "point", "prefix MACs", "branch MACs", "cost (cumulative)", "cost (paper)"):
         table.add_column(col, justify="left" if col == "point" else "right")
@@ -103,6 +117,8 @@ def _show_metadata(meta: dict[str, Any], checkpoint: Path, actual: str) -> None:
                                                                    else "[bold red]DO NOT match the recorded hash[/]"))
     br = meta["branch"]
     table.add_row("branch", br["type"] + (", cascade" if br.get("cascade") else "") + (", ensemble" if meta.get("ensemble") else ""))
+    if meta.get("runtime") == "hooks":
+        table.add_row("runtime", f"forward hooks: {NO_EARLY_EXIT}")
     table.add_row("policy / thresholds", f"{meta['policy']} {', '.join(f'{t:.3f}' for t in meta['thresholds'])}")
     active = meta.get("active_exits")
     for i, e in enumerate((meta.get("cost") or {}).get("exits", [])):
@@ -110,6 +126,6 @@ def _show_metadata(meta: dict[str, Any], checkpoint: Path, actual: str) -> None:
         table.add_row(f"exit {i}", f"{e['name']}: cost {e['cost']:.3f} (paper {e['cost_paper']:.3f}){idle}")
     for key in meta:
         if key not in ("backbone", "branch", "policy", "thresholds", "cost", "exits", "ensemble", "active_exits",
-                       "backbone_verified"):
+                       "backbone_verified", "runtime"):
             table.add_row(key, str(meta[key])[:100])
     console.print(table)
