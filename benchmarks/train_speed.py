@@ -40,7 +40,9 @@ import torch
 from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
 from pteenet.checkpoint import atomic_write
 from pteenet.data import DataConfig, load_splits
-from pteenet.train import BranchTrainer, FeatureCache, ImageSource, TrainConfig
+from pteenet.batches import FeatureCache, ImageSource
+from pteenet.train import TrainConfig
+from pteenet.trainer import BranchTrainer
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "train_speed.json"
 

@@ -21,281 +21,27 @@ calibration split, which the heads never trained on, and saved with the final ch
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import distributed, feature_store, sweep
+from . import ddp_branches, distributed, feature_store, sweep
 from .batches import Autocast, FeatureCache, ImageSource, fit_ensemble_on
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from .configs import (
-    SCHEMA_VERSION,
-    VERSION_KEY,
-    Config,
-    check_device,
-    check_int,
-    check_number,
-    check_parent_folder,
-    check_thresholds,
-    setting,
-)
+from .configs import check_parent_folder
 from .data import SKIPPED, DataConfig, load_splits
 from .devices import resolve_device
 from .distributed import ALONE, Group
 from .errors import PteenetError
-from .loss import LossConfig, early_exit_loss
-from .model import AllExits, EarlyExitModel
+from .model import EarlyExitModel
 from .progress import SILENT, Sink
+from .train_config import Interrupted, TrainConfig, check_resume, run_settings, unfinished_run
+from .trainer import BranchTrainer, Meter, cache_metrics, epoch_text, rng_state, running_text, set_rng_state
 from .weights import module_sha256
 
 MAX_SKIPPED_LISTED = 100  # undecodable image files named in the checkpoint (all are counted)
-
-@dataclass(kw_only=True)
-class TrainConfig(Config):
-    """What a training run computes; a ``--resume`` must repeat every field not marked ``resume="free"``
-    (``Config.resume_diffs``)."""
-
-    epochs: int = 20  # the cosine schedule spans all epochs: not free on resume
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-    device: str = setting("auto", resume="free")  # auto (CUDA when present) | cpu | cuda | mps
-    workers: int = setting(0, resume="free")
-    # CUDA only: bfloat16 autocast where supported, else float16 with loss scaling
-    amp: bool = setting(False, resume="free")
-    resume: bool = setting(False, saved=False)
-    cache_features: bool = False
-    views: int = 1  # augmented views of each training image in the feature cache (with augmentation)
-    # keep feature caches here and reuse them across runs (``feature_store``)
-    cache_dir: str | None = setting(None, resume="free")
-    ensemble: bool = True  # fit an exit ensemble on the calibration split after training
-    loss: LossConfig = setting(default_factory=LossConfig, decode=LossConfig.from_dict)
-    # the confidence threshold of the per-epoch early-exit metrics (monitoring only)
-    threshold: float = setting(0.5, resume="free")
-
-    def __post_init__(self) -> None:
-        check_int("epochs", self.epochs, 1, "e.g. --epochs 20")
-        check_int("batch_size", self.batch_size, 1, "e.g. --batch-size 128")
-        check_number("lr", self.lr, 0, low_open=True, hint="e.g. --lr 1e-3")
-        check_number("weight_decay", self.weight_decay, 0, hint="e.g. 0 or 5e-4")
-        check_int("seed", self.seed, None)
-        check_device(self.device)
-        check_int("workers", self.workers, 0, "0 loads data in the main process")
-        check_int("views", self.views, 1, "e.g. --views 4")
-        check_thresholds(self.threshold)
-        if not isinstance(self.loss, LossConfig):
-            raise PteenetError(f"loss must be a LossConfig, got {type(self.loss).__name__}", "e.g. LossConfig(lam=0.5)")
-        if self.views > 1 and not self.cache_features:
-            raise PteenetError(f"--views {self.views} needs --cache-features with augmentation on",
-                               "views are augmented copies of each training image held in the feature cache")
-        if self.amp and self.device in ("cpu", "mps"):
-            raise PteenetError(f"--amp needs a CUDA device, not {self.device}", "drop --amp, or use --device cuda")
-
-
-class Interrupted(PteenetError):
-    """Ctrl-C: the output holds the last complete epoch (or nothing new)."""
-
-
-def cosine_lr(base: float, step: int, total: int) -> float:
-    """The learning rate of update ``step`` (0-based) out of ``total``: base -> 0 along half a cosine."""
-    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
-
-
-# -- metrics, all through the sweep engine ---------------------------------------------------------
-def cache_metrics(cache: sweep.ExitCache, threshold: float) -> dict[str, Any]:
-    """Per-exit accuracy / agreement / mean confidence and the early-exit model at ``threshold``."""
-    preds, e = cache.preds, cache.num_exits
-    labels = cache.labels
-    return {
-        "samples": cache.num_samples,
-        "accuracy": None if labels is None else [float((preds[k] == labels).mean()) for k in range(e)],
-        "agreement": [float((preds[k] == preds[e]).mean()) for k in range(e)],
-        "mean_confidence": [float(cache.scores["confidence"][k].mean()) for k in range(e)],
-        "backbone_accuracy": None if labels is None else float((preds[e] == labels).mean()),
-        "early_exit": sweep.evaluate(cache, "confidence", threshold).to_dict(),
-    }
-
-
-def _exit_cache(out: AllExits, labels: torch.Tensor, model: EarlyExitModel) -> sweep.ExitCache:
-    b = sweep.ExitCacheBuilder()
-    b.add_outputs(out, labels)
-    return b.build_for(model)
-
-
-class _Meter:
-    """Sample-weighted running means of the training figures of one epoch."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.sums: dict[str, np.ndarray] = {}
-
-    def add(self, values: dict[str, Any], n: int) -> None:
-        self.n += n
-        for k, v in values.items():
-            if v is not None:  # accuracy on images without labels
-                self.sums[k] = self.sums.get(k, 0) + np.asarray(v, dtype=np.float64) * n
-
-    def means(self) -> dict[str, Any]:
-        return {k: (v / max(self.n, 1)).tolist() for k, v in self.sums.items()}
-
-
-def _running_text(means: dict[str, Any]) -> str:
-    """The running figures shown beside the epoch's progress bar."""
-    agree = " ".join(f"{100 * v:.0f}" for v in means["agreement"])
-    return f"loss {means['loss']:.4f}  agree/exit % {agree}  cost@T {means['ee_cost']:.3f}"
-
-
-def _epoch_text(record: dict[str, Any]) -> str:
-    """An epoch's calibration result, shown beside the epochs bar."""
-    ee = (record["val"] or {}).get("early_exit") or {}
-    acc = "-" if ee.get("accuracy") is None else f"{100 * ee['accuracy']:.1f}"
-    return f"val acc@T {acc}%  cost@T {ee.get('cost', float('nan')):.3f}"
-
-
-# -- the optimisation step -------------------------------------------------------------------------
-class BranchTrainer:
-    """Adam over the branch parameters only, the cosine schedule, AMP, and resumable state."""
-
-    def __init__(self, model: EarlyExitModel, cfg: TrainConfig, device: torch.device, total_steps: int,
-                 group: Group = ALONE) -> None:
-        if model.cost is None or model.num_exits < 1:
-            raise PteenetError("the checkpoint has no exits to train", "create one with `pteenet attach ... --exits N`")
-        self.model, self.cfg, self.total_steps = model, cfg, total_steps
-        self.costs = model.cost.costs()
-        self.optimizer = torch.optim.Adam(model.branches.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.step_count = 0
-        self.group = group
-        self.autocast = Autocast(device, cfg.amp)
-        # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast.dtype == torch.float16)
-
-    def step(self, out: AllExits, labels: torch.Tensor) -> dict[str, Any]:
-        """One update from a batch's exit outputs; returns the batch's figures (loss, T = 0.5 metrics)."""
-        res = early_exit_loss(out.heads, out.exit_conf, out.final_logits, self.costs, self.cfg.loss,
-                              labels.to(out.final_logits.device))
-        loss = distributed.mean_loss(res.loss, self.group)  # every rank stops together on a bad loss
-        if not math.isfinite(loss):
-            raise PteenetError(f"the loss became {loss} at step {self.step_count + 1}",
-                               "lower --lr or --lambda, or drop --amp; the output keeps the last good epoch")
-        for group in self.optimizer.param_groups:
-            group["lr"] = cosine_lr(self.cfg.lr, self.step_count, self.total_steps)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(res.loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.step_count += 1
-        m = cache_metrics(_exit_cache(out, labels, self.model), self.cfg.threshold)
-        ee = m["early_exit"]
-        return {"loss": loss, "nll": res.nll, "head_cost": res.cost, "agreement": m["agreement"],
-                "accuracy": m["accuracy"], "ee_accuracy": ee["accuracy"], "ee_agreement": ee["agreement"],
-                "ee_cost": ee["cost"]}
-
-    def state(self) -> dict[str, torch.Tensor]:
-        st: dict[str, torch.Tensor] = {"step": torch.tensor(self.step_count, dtype=torch.int64)}
-        for i, s in self.optimizer.state_dict()["state"].items():
-            st.update({f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in s.items()})
-        if self.scaler.is_enabled():
-            sd = self.scaler.state_dict()
-            st["scaler.scale"] = torch.tensor(sd["scale"], dtype=torch.float64)
-            st["scaler.growth_tracker"] = torch.tensor(sd["_growth_tracker"], dtype=torch.int64)
-        return st
-
-    def load_state(self, st: dict[str, torch.Tensor]) -> None:
-        self.step_count = int(st["step"])
-        per_param: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in st.items():
-            if key.startswith("optim."):
-                _, i, k = key.split(".", 2)
-                per_param.setdefault(int(i), {})[k] = v
-        sd = self.optimizer.state_dict()
-        self.optimizer.load_state_dict({"state": per_param, "param_groups": sd["param_groups"]})
-        if self.scaler.is_enabled() and "scaler.scale" in st:
-            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": float(st["scaler.scale"]),
-                                         "_growth_tracker": int(st["scaler.growth_tracker"])})
-
-
-# -- the run ---------------------------------------------------------------------------------------
-# Records before the configs were saved whole (no "config" key) were flat: record key -> (config, field).
-# A frozen layout, only read; the current record is ``run_settings``'s.
-_FLAT_RECORD = {"epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
-                "weight_decay": ("train", "weight_decay"), "seed": ("train", "seed"),
-                "cache_features": ("train", "cache_features"), "views": ("train", "views"),
-                "ensemble": ("train", "ensemble"), "threshold": ("train", "threshold"), "loss": ("loss", "version"),
-                "lambda": ("loss", "lam"), "targets": ("loss", "targets"), "temperature": ("loss", "temperature"),
-                "exit_ce": ("loss", "exit_ce"), "data": ("data", "spec"), "limit": ("data", "limit"),
-                "augment": ("data", "augment"), "val_split": ("data", "val_split"), "data_seed": ("data", "seed"),
-                "calibration": ("data", "calibration")}
-
-
-def run_settings(cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
-    """What ``model.meta["training"]`` records of the configuration: both configs, whole."""
-    return {VERSION_KEY: SCHEMA_VERSION, "config": cfg.fields_dict(), "data": data_cfg.fields_dict()}
-
-
-def recorded_configs(training: dict[str, Any]) -> tuple[TrainConfig, DataConfig]:
-    """The configs a ``meta["training"]`` record was trained with (either layout; missing keys get
-    the defaults)."""
-    if "config" in training:
-        version = training.get(VERSION_KEY, SCHEMA_VERSION)
-        return (TrainConfig.from_dict({VERSION_KEY: version, **training["config"]}),
-                DataConfig.from_dict({VERSION_KEY: version, **training["data"]}))
-    parts: dict[str, dict[str, Any]] = {"train": {}, "loss": {}, "data": {}}
-    for key, (part, name) in _FLAT_RECORD.items():
-        if key in training:
-            parts[part][name] = training[key]
-    return (TrainConfig(**parts["train"], loss=LossConfig(**parts["loss"])), DataConfig(**parts["data"]))
-
-
-def _check_resume(out_path: Path, src_meta: dict[str, Any], cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
-    """OUT's metadata, after checking that it is a run of this checkpoint with these settings."""
-    hint = "drop --resume to start a new run"
-    if not out_path.is_file():
-        raise PteenetError(f"nothing to resume: {out_path} does not exist", hint)
-    meta = read_metadata(out_path)
-    tr = meta.get("training")
-    if not tr:
-        raise PteenetError(f"{out_path} holds no training run to resume", hint)
-    if meta["backbone_sha256"] != src_meta["backbone_sha256"] or meta["exits"] != src_meta["exits"]:
-        raise PteenetError(f"{out_path} was not trained from this checkpoint (other backbone or exits)",
-                           "pass the checkpoint the run started from, or drop --resume")
-    if tr.get("complete"):
-        return meta
-    was_cfg, was_data = recorded_configs(tr)
-    diffs = cfg.resume_diffs(was_cfg) + data_cfg.resume_diffs(was_data, "data.")
-    if diffs:
-        raise PteenetError("--resume with settings that differ from the run being resumed: " + ", ".join(diffs),
-                           "repeat the original options, or drop --resume to start over")
-    return meta
-
-
-def _unfinished_run(out_path: Path) -> dict[str, Any] | None:
-    if not out_path.is_file():
-        return None
-    try:
-        tr = read_metadata(out_path).get("training")
-    except PteenetError:
-        return None  # not ours, or unreadable: nothing to protect
-    return tr if tr and not tr.get("complete", True) else None
-
-
-def _rng_state(device: torch.device, order: torch.Generator) -> dict[str, torch.Tensor]:
-    st = {"rng.cpu": torch.get_rng_state(), "rng.order": order.get_state()}
-    if device.type == "cuda":
-        st["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def _set_rng_state(st: dict[str, torch.Tensor], device: torch.device, order: torch.Generator) -> None:
-    torch.set_rng_state(st["rng.cpu"])
-    order.set_state(st["rng.order"])
-    if device.type == "cuda" and "rng.cuda" in st:
-        torch.cuda.set_rng_state(st["rng.cuda"], device)
 
 
 def evaluate_split(model: EarlyExitModel, source: ImageSource | FeatureCache, device: torch.device,
@@ -372,7 +118,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
                                "create it with `pteenet attach BACKBONE --exits N`")
         if out_path is not None:
             check_parent_folder("output", out_path)
-            if not resume and (tr := _unfinished_run(out_path)) is not None:
+            if not resume and (tr := unfinished_run(out_path)) is not None:
                 raise PteenetError(f"{out_path} holds an unfinished run "
                                    f"(epoch {tr.get('epochs_done')} of {(tr.get('config') or tr).get('epochs')})",
                                    "add --resume to continue it, or delete it / pick another -o to start over")
@@ -431,19 +177,19 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
         torch.manual_seed(cfg.seed + group.rank)  # each rank its own augmentation stream
         if resume_state is not None:
             trainer.load_state(resume_state)
-            _set_rng_state(resume_state, device, order)
+            set_rng_state(resume_state, device, order)
             distributed.restore_rank_rng(resume_state, device, group)
         epochs_task = sink.task("epochs", cfg.epochs, start_epoch)
         try:
-            with distributed.branches_in_ddp(model, group, device):
+            with ddp_branches.branches_in_ddp(model, group, device):
                 for epoch in range(start_epoch, cfg.epochs):
                     t0 = time.perf_counter()
                     model.train()
-                    meter = _Meter()
+                    meter = Meter()
                     with sink.task(f"epoch {epoch + 1}/{cfg.epochs}", len(train_src)) as task:
                         for out, y in train_src.batches(model, device, order, trainer.autocast):
                             meter.add(trainer.step(out, y), len(y))
-                            task.advance(info=_running_text(meter.means()))
+                            task.advance(info=running_text(meter.means()))
                     meter.sums, meter.n = distributed.sum_arrays(meter.sums, meter.n, group)
                     val = evaluate_split(model, val_src, device, trainer.autocast, cfg.threshold, sink, group)
                     history.append({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"],
@@ -454,12 +200,12 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
                     model.meta.update(training=training, history=history, data=data_record)
                     if out_path is not None:
                         # Taken where an uninterrupted run goes on from, so a resume continues identically.
-                        state = None if complete else {**trainer.state(), **_rng_state(device, order),
+                        state = None if complete else {**trainer.state(), **rng_state(device, order),
                                                        **distributed.rank_rng_states(device, group),
                                                        "epoch": torch.tensor(epoch + 1)}
                         save(state)
                         last_saved = epoch + 1
-                    epochs_task.advance(info=_epoch_text(history[-1]))
+                    epochs_task.advance(info=epoch_text(history[-1]))
             if fit_after:
                 model.set_ensemble(fit_ensemble_on(model, val_src, device, trainer.autocast,
                                                    cfg.loss.targets == "labels", sink, group))
@@ -527,7 +273,7 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
         src_meta = read_metadata(ckpt_path)
         if not src_meta.get("exits") or not src_meta.get("cost"):
             raise PteenetError(f"{ckpt_path} has no exits to train", "create it with `pteenet attach BACKBONE --exits N`")
-        meta = _check_resume(out_path, src_meta, cfg, data_cfg) if cfg.resume else None
+        meta = check_resume(out_path, src_meta, cfg, data_cfg) if cfg.resume else None
         if meta is not None and not meta["training"].get("complete"):
             distributed.check_resume_world(meta["training"], group)
         if meta is None or not meta["training"].get("complete"):

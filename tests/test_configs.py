@@ -29,7 +29,8 @@ from pteenet.bench import BenchConfig
 from pteenet.branches import BranchConfig
 from pteenet.checkpoint import META_KEY, read_metadata
 from pteenet.configs import SCHEMA_VERSION, Config
-from pteenet.train import Interrupted, recorded_configs, train_branches
+from pteenet.train import Interrupted, train_branches
+from pteenet.train_config import recorded_configs
 from test_train import StopAfter
 
 BAD: list[tuple[Callable[[], Any], str]] = [

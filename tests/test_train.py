@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import pteenet.train as train_mod
+import pteenet.trainer as trainer_mod
 from pteenet import AttachConfig, attach, feature_store, load_checkpoint, save_checkpoint
 from pteenet.checkpoint import META_KEY, read_metadata
 from pteenet.cli import app
@@ -133,14 +133,14 @@ def test_augmented_views_are_cached_and_reproducible(ckpt: Path, tmp_path: Path)
 
 def test_nan_loss_stops_and_keeps_the_last_good_epoch(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out.safetensors"
-    real, calls = train_mod.early_exit_loss, {"n": 0}
+    real, calls = trainer_mod.early_exit_loss, {"n": 0}
 
     def poisoned(*args: Any, **kw: Any) -> LossOutput:
         res = real(*args, **kw)
         calls["n"] += 1
         return res if calls["n"] <= 2 else LossOutput(loss=res.loss * float("nan"), nll=res.nll, cost=res.cost)
 
-    monkeypatch.setattr(train_mod, "early_exit_loss", poisoned)  # 2 batches per epoch: epoch 2 fails
+    monkeypatch.setattr(trainer_mod, "early_exit_loss", poisoned)  # 2 batches per epoch: epoch 2 fails
     with pytest.raises(PteenetError, match="loss became nan"):
         train_branches(ckpt, out, data(limit=64), cfg(epochs=3))
     kept = load_checkpoint(out)

@@ -1,0 +1,134 @@
+"""What a branch-training run computes (``TrainConfig``) and what a checkpoint records of it: the
+record written into ``meta["training"]``, read back in either of its layouts, and the checks a
+``--resume`` makes against it (every config field not marked ``resume="free"`` must repeat).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import read_metadata
+from .configs import (
+    SCHEMA_VERSION,
+    VERSION_KEY,
+    Config,
+    check_device,
+    check_int,
+    check_number,
+    check_thresholds,
+    setting,
+)
+from .data import DataConfig
+from .errors import PteenetError
+from .loss import LossConfig
+
+
+@dataclass(kw_only=True)
+class TrainConfig(Config):
+    """What a training run computes; a ``--resume`` must repeat every field not marked ``resume="free"``
+    (``Config.resume_diffs``)."""
+
+    epochs: int = 20  # the cosine schedule spans all epochs: not free on resume
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = setting("auto", resume="free")  # auto (CUDA when present) | cpu | cuda | mps
+    workers: int = setting(0, resume="free")
+    # CUDA only: bfloat16 autocast where supported, else float16 with loss scaling
+    amp: bool = setting(False, resume="free")
+    resume: bool = setting(False, saved=False)
+    cache_features: bool = False
+    views: int = 1  # augmented views of each training image in the feature cache (with augmentation)
+    # keep feature caches here and reuse them across runs (``feature_store``)
+    cache_dir: str | None = setting(None, resume="free")
+    ensemble: bool = True  # fit an exit ensemble on the calibration split after training
+    loss: LossConfig = setting(default_factory=LossConfig, decode=LossConfig.from_dict)
+    # the confidence threshold of the per-epoch early-exit metrics (monitoring only)
+    threshold: float = setting(0.5, resume="free")
+
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, 1, "e.g. --epochs 20")
+        check_int("batch_size", self.batch_size, 1, "e.g. --batch-size 128")
+        check_number("lr", self.lr, 0, low_open=True, hint="e.g. --lr 1e-3")
+        check_number("weight_decay", self.weight_decay, 0, hint="e.g. 0 or 5e-4")
+        check_int("seed", self.seed, None)
+        check_device(self.device)
+        check_int("workers", self.workers, 0, "0 loads data in the main process")
+        check_int("views", self.views, 1, "e.g. --views 4")
+        check_thresholds(self.threshold)
+        if not isinstance(self.loss, LossConfig):
+            raise PteenetError(f"loss must be a LossConfig, got {type(self.loss).__name__}", "e.g. LossConfig(lam=0.5)")
+        if self.views > 1 and not self.cache_features:
+            raise PteenetError(f"--views {self.views} needs --cache-features with augmentation on",
+                               "views are augmented copies of each training image held in the feature cache")
+        if self.amp and self.device in ("cpu", "mps"):
+            raise PteenetError(f"--amp needs a CUDA device, not {self.device}", "drop --amp, or use --device cuda")
+
+
+class Interrupted(PteenetError):
+    """Ctrl-C: the output holds the last complete epoch (or nothing new)."""
+
+
+# Records before the configs were saved whole (no "config" key) were flat: record key -> (config, field).
+# A frozen layout, only read; the current record is ``run_settings``'s.
+_FLAT_RECORD = {"epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
+                "weight_decay": ("train", "weight_decay"), "seed": ("train", "seed"),
+                "cache_features": ("train", "cache_features"), "views": ("train", "views"),
+                "ensemble": ("train", "ensemble"), "threshold": ("train", "threshold"), "loss": ("loss", "version"),
+                "lambda": ("loss", "lam"), "targets": ("loss", "targets"), "temperature": ("loss", "temperature"),
+                "exit_ce": ("loss", "exit_ce"), "data": ("data", "spec"), "limit": ("data", "limit"),
+                "augment": ("data", "augment"), "val_split": ("data", "val_split"), "data_seed": ("data", "seed"),
+                "calibration": ("data", "calibration")}
+
+
+def run_settings(cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
+    """What ``model.meta["training"]`` records of the configuration: both configs, whole."""
+    return {VERSION_KEY: SCHEMA_VERSION, "config": cfg.fields_dict(), "data": data_cfg.fields_dict()}
+
+
+def recorded_configs(training: dict[str, Any]) -> tuple[TrainConfig, DataConfig]:
+    """The configs a ``meta["training"]`` record was trained with (either layout; missing keys get
+    the defaults)."""
+    if "config" in training:
+        version = training.get(VERSION_KEY, SCHEMA_VERSION)
+        return (TrainConfig.from_dict({VERSION_KEY: version, **training["config"]}),
+                DataConfig.from_dict({VERSION_KEY: version, **training["data"]}))
+    parts: dict[str, dict[str, Any]] = {"train": {}, "loss": {}, "data": {}}
+    for key, (part, name) in _FLAT_RECORD.items():
+        if key in training:
+            parts[part][name] = training[key]
+    return (TrainConfig(**parts["train"], loss=LossConfig(**parts["loss"])), DataConfig(**parts["data"]))
+
+
+def check_resume(out_path: Path, src_meta: dict[str, Any], cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
+    """OUT's metadata, after checking that it is a run of this checkpoint with these settings."""
+    hint = "drop --resume to start a new run"
+    if not out_path.is_file():
+        raise PteenetError(f"nothing to resume: {out_path} does not exist", hint)
+    meta = read_metadata(out_path)
+    tr = meta.get("training")
+    if not tr:
+        raise PteenetError(f"{out_path} holds no training run to resume", hint)
+    if meta["backbone_sha256"] != src_meta["backbone_sha256"] or meta["exits"] != src_meta["exits"]:
+        raise PteenetError(f"{out_path} was not trained from this checkpoint (other backbone or exits)",
+                           "pass the checkpoint the run started from, or drop --resume")
+    if tr.get("complete"):
+        return meta
+    was_cfg, was_data = recorded_configs(tr)
+    diffs = cfg.resume_diffs(was_cfg) + data_cfg.resume_diffs(was_data, "data.")
+    if diffs:
+        raise PteenetError("--resume with settings that differ from the run being resumed: " + ", ".join(diffs),
+                           "repeat the original options, or drop --resume to start over")
+    return meta
+
+
+def unfinished_run(out_path: Path) -> dict[str, Any] | None:
+    if not out_path.is_file():
+        return None
+    try:
+        tr = read_metadata(out_path).get("training")
+    except PteenetError:
+        return None  # not ours, or unreadable: nothing to protect
+    return tr if tr and not tr.get("complete", True) else None

@@ -1,0 +1,150 @@
+"""One optimisation step of the branches (``BranchTrainer``: Adam over branch parameters only, the
+cosine schedule, AMP, and the state a ``--resume`` needs), the figures it reports, and the RNG
+state that makes a resumed run bit-identical. Every metric goes through the sweep engine.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import distributed, sweep
+from .batches import Autocast
+from .distributed import ALONE, Group
+from .errors import PteenetError
+from .loss import early_exit_loss
+from .model import AllExits, EarlyExitModel
+from .train_config import TrainConfig
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """The learning rate of update ``step`` (0-based) out of ``total``: base -> 0 along half a cosine."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+def cache_metrics(cache: sweep.ExitCache, threshold: float) -> dict[str, Any]:
+    """Per-exit accuracy / agreement / mean confidence and the early-exit model at ``threshold``."""
+    preds, e = cache.preds, cache.num_exits
+    labels = cache.labels
+    return {
+        "samples": cache.num_samples,
+        "accuracy": None if labels is None else [float((preds[k] == labels).mean()) for k in range(e)],
+        "agreement": [float((preds[k] == preds[e]).mean()) for k in range(e)],
+        "mean_confidence": [float(cache.scores["confidence"][k].mean()) for k in range(e)],
+        "backbone_accuracy": None if labels is None else float((preds[e] == labels).mean()),
+        "early_exit": sweep.evaluate(cache, "confidence", threshold).to_dict(),
+    }
+
+
+def exit_cache_of(out: AllExits, labels: torch.Tensor, model: EarlyExitModel) -> sweep.ExitCache:
+    b = sweep.ExitCacheBuilder()
+    b.add_outputs(out, labels)
+    return b.build_for(model)
+
+
+class Meter:
+    """Sample-weighted running means of the training figures of one epoch."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sums: dict[str, np.ndarray] = {}
+
+    def add(self, values: dict[str, Any], n: int) -> None:
+        self.n += n
+        for k, v in values.items():
+            if v is not None:  # accuracy on images without labels
+                self.sums[k] = self.sums.get(k, 0) + np.asarray(v, dtype=np.float64) * n
+
+    def means(self) -> dict[str, Any]:
+        return {k: (v / max(self.n, 1)).tolist() for k, v in self.sums.items()}
+
+
+def running_text(means: dict[str, Any]) -> str:
+    """The running figures shown beside the epoch's progress bar."""
+    agree = " ".join(f"{100 * v:.0f}" for v in means["agreement"])
+    return f"loss {means['loss']:.4f}  agree/exit % {agree}  cost@T {means['ee_cost']:.3f}"
+
+
+def epoch_text(record: dict[str, Any]) -> str:
+    """An epoch's calibration result, shown beside the epochs bar."""
+    ee = (record["val"] or {}).get("early_exit") or {}
+    acc = "-" if ee.get("accuracy") is None else f"{100 * ee['accuracy']:.1f}"
+    return f"val acc@T {acc}%  cost@T {ee.get('cost', float('nan')):.3f}"
+
+
+# -- the optimisation step -------------------------------------------------------------------------
+class BranchTrainer:
+    """Adam over the branch parameters only, the cosine schedule, AMP, and resumable state."""
+
+    def __init__(self, model: EarlyExitModel, cfg: TrainConfig, device: torch.device, total_steps: int,
+                 group: Group = ALONE) -> None:
+        if model.cost is None or model.num_exits < 1:
+            raise PteenetError("the checkpoint has no exits to train", "create one with `pteenet attach ... --exits N`")
+        self.model, self.cfg, self.total_steps = model, cfg, total_steps
+        self.costs = model.cost.costs()
+        self.optimizer = torch.optim.Adam(model.branches.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step_count = 0
+        self.group = group
+        self.autocast = Autocast(device, cfg.amp)
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast.dtype == torch.float16)
+
+    def step(self, out: AllExits, labels: torch.Tensor) -> dict[str, Any]:
+        """One update from a batch's exit outputs; returns the batch's figures (loss, T = 0.5 metrics)."""
+        res = early_exit_loss(out.heads, out.exit_conf, out.final_logits, self.costs, self.cfg.loss,
+                              labels.to(out.final_logits.device))
+        loss = distributed.mean_loss(res.loss, self.group)  # every rank stops together on a bad loss
+        if not math.isfinite(loss):
+            raise PteenetError(f"the loss became {loss} at step {self.step_count + 1}",
+                               "lower --lr or --lambda, or drop --amp; the output keeps the last good epoch")
+        for group in self.optimizer.param_groups:
+            group["lr"] = cosine_lr(self.cfg.lr, self.step_count, self.total_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(res.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step_count += 1
+        m = cache_metrics(exit_cache_of(out, labels, self.model), self.cfg.threshold)
+        ee = m["early_exit"]
+        return {"loss": loss, "nll": res.nll, "head_cost": res.cost, "agreement": m["agreement"],
+                "accuracy": m["accuracy"], "ee_accuracy": ee["accuracy"], "ee_agreement": ee["agreement"],
+                "ee_cost": ee["cost"]}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        st: dict[str, torch.Tensor] = {"step": torch.tensor(self.step_count, dtype=torch.int64)}
+        for i, s in self.optimizer.state_dict()["state"].items():
+            st.update({f"optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in s.items()})
+        if self.scaler.is_enabled():
+            sd = self.scaler.state_dict()
+            st["scaler.scale"] = torch.tensor(sd["scale"], dtype=torch.float64)
+            st["scaler.growth_tracker"] = torch.tensor(sd["_growth_tracker"], dtype=torch.int64)
+        return st
+
+    def load_state(self, st: dict[str, torch.Tensor]) -> None:
+        self.step_count = int(st["step"])
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in st.items():
+            if key.startswith("optim."):
+                _, i, k = key.split(".", 2)
+                per_param.setdefault(int(i), {})[k] = v
+        sd = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": per_param, "param_groups": sd["param_groups"]})
+        if self.scaler.is_enabled() and "scaler.scale" in st:
+            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": float(st["scaler.scale"]),
+                                         "_growth_tracker": int(st["scaler.growth_tracker"])})
+
+
+def rng_state(device: torch.device, order: torch.Generator) -> dict[str, torch.Tensor]:
+    st = {"rng.cpu": torch.get_rng_state(), "rng.order": order.get_state()}
+    if device.type == "cuda":
+        st["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def set_rng_state(st: dict[str, torch.Tensor], device: torch.device, order: torch.Generator) -> None:
+    torch.set_rng_state(st["rng.cpu"])
+    order.set_state(st["rng.order"])
+    if device.type == "cuda" and "rng.cuda" in st:
+        torch.cuda.set_rng_state(st["rng.cuda"], device)
