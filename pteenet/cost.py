@@ -73,6 +73,20 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
 
 
+def ruled_macs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int | None:
+    """MACs of one call of ``module`` by our own rules or thop's; None where neither has a rule
+    (then the flop counter counts it). The one choice of counter, for the fx count and the hooks one."""
+    own = OWN_RULES.get(type(module))
+    if own is not None:
+        return int(own(module, args, kwargs))
+    rule = register_hooks.get(type(module))
+    if rule is None:
+        return None
+    module.total_ops = torch.zeros(1, dtype=torch.float64)  # thop's rules add to this buffer (on copies only)
+    rule(module, args, out)
+    return int(float(module.total_ops.item()))  # type: ignore[union-attr]
+
+
 class _MacCounter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
@@ -80,33 +94,21 @@ class _MacCounter(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
-        own = OWN_RULES.get(type(module))  # type: ignore[arg-type]
-        if own is not None:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            self.macs[n.name] = int(own(module, args, kwargs))
-            return super().run_node(n)
-        rule = register_hooks.get(type(module))
-        if rule is None:
+        if module is None or (type(module) not in OWN_RULES and type(module) not in register_hooks):
             # Attention modules, functional linears and matmuls, wrapped functions: see the module doc.
             with flop_counter() as fc:
                 out = super().run_node(n)
             self.macs[n.name] = int(fc.get_total_flops()) // 2
             return out
         out = super().run_node(n)
-        m = self.fetch_attr(n.target)
-        args, _ = self.fetch_args_kwargs_from_env(n)
-        before = float(m.total_ops.item())
-        rule(m, args, out)
-        self.macs[n.name] = int(float(m.total_ops.item()) - before)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        self.macs[n.name] = ruled_macs(module, args, kwargs, out) or 0
         return out
 
 
 def node_macs(tb: TracedBackbone, input_size: tuple[int, ...]) -> dict[str, int]:
     """MACs of every graph node for one sample."""
     gm = copy.deepcopy(tb.gm)
-    for m in gm.modules():
-        if type(m) in register_hooks:
-            m.register_buffer("total_ops", torch.zeros(1, dtype=torch.float64))
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     counter = _MacCounter(gm)
     with torch.no_grad():

@@ -18,7 +18,7 @@ import torch
 from thop.profile import register_hooks
 from torch import nn
 
-from .cost import OWN_RULES, flop_counter
+from .cost import OWN_RULES, flop_counter, ruled_macs
 from .errors import PteenetError, unknown_name
 from .graph import ExitPoint, Stages, block_modules
 
@@ -73,21 +73,15 @@ def _eager_macs(root: nn.Module, x: torch.Tensor, paths: list[str]) -> dict[str,
         def total() -> int:
             return int(state["rules"] + (fc.get_total_flops() - state["inside"]) // 2)
 
-        for name, mod in mods.items():
-            own = OWN_RULES.get(type(mod))
-            rule = register_hooks.get(type(mod)) if not list(mod.children()) else None
-            if own is not None or rule is not None:
+        for mod in mods.values():
+            ruled = type(mod) in OWN_RULES or (type(mod) in register_hooks and not list(mod.children()))
+            if ruled:
                 def pre(mod: nn.Module, args: Any, kwargs: Any) -> None:
                     mod._flops_before = fc.get_total_flops()  # type: ignore[assignment]
 
-                def post(mod: nn.Module, args: Any, kwargs: Any, out: Any, own: Any = own, rule: Any = rule) -> None:
+                def post(mod: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
                     state["inside"] += fc.get_total_flops() - mod._flops_before  # type: ignore[operator]
-                    if own is not None:
-                        state["rules"] += own(mod, args, kwargs)
-                    else:
-                        mod.total_ops = torch.zeros(1, dtype=torch.float64)
-                        rule(mod, args, out)
-                        state["rules"] += float(mod.total_ops.item())
+                    state["rules"] += ruled_macs(mod, args, kwargs, out) or 0
                 handles += [mod.register_forward_pre_hook(pre, with_kwargs=True),
                             mod.register_forward_hook(post, with_kwargs=True)]
         for p in paths:
