@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +54,7 @@ def planned_pools(model: pteenet.EarlyExitModel, taps: list[torch.Tensor], plan:
 
 def trained_layers(model: pteenet.EarlyExitModel, taps: list[torch.Tensor], final: torch.Tensor) -> None:
     """The heads as trained (BatchNorm run, two head matmuls), pooling as before the timed plans."""
-    with fold.unfolded(), mock.patch.dict(os.environ, {"PTEENET_POOL_PLAN": "nchw"}), mock.patch.dict(branches._chosen_plan, clear=True):
+    with fold.unfolded(), branches.pool_plan("nchw"):
         model.branch_outputs(taps, final)
 
 
@@ -91,7 +89,7 @@ def main() -> None:
                         fns[f"stems_plan_{plan}_ms"] = lambda plan=plan: planned_pools(model, taps, plan)
             row: dict[str, Any] = interleaved_ms(fns, args.repeats)
             if bs >= 16 and model.branch_config.cacheable_stem:
-                row["plans_chosen"] = sorted(set(branches._chosen_plan.values()))
+                row["plans_chosen"] = sorted(set(branches.chosen_plans().values()))
             row["per_head_ms"] = row["all_heads_ms"] / model.num_exits
             row["heads_time_share"] = row["all_heads_ms"] / row["backbone_ms"]
             doc[f"batch_{bs}"] = row

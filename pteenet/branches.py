@@ -28,9 +28,11 @@ still picks the family:
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import re
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,16 +151,37 @@ def _pool_2d(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.T
 
 POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "rows": _pool_rows, "nhwc": _pool_nhwc}
 _chosen_plan: dict[tuple[Any, ...], str] = {}
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def pool_plan(name: str) -> Iterator[None]:
+    """Every ``GridPool`` uses plan ``name`` while inside (for comparisons: ``benchmarks/head_cost.py``)."""
+    if name not in POOL_PLANS:
+        raise ValueError(f"unknown pooling plan {name!r}: one of {', '.join(POOL_PLANS)}")
+    before = getattr(_forced, "plan", None)
+    _forced.plan = name
+    try:
+        yield
+    finally:
+        _forced.plan = before
+
+
+def chosen_plans() -> dict[tuple[Any, ...], str]:
+    """The plan timed fastest for each (shape, window, batch class, dtype, device, threads) so far."""
+    return dict(_chosen_plan)
 
 
 def _fastest_plan(x: torch.Tensor, k: tuple[int, int]) -> str:
+    forced = getattr(_forced, "plan", None)
+    if forced is not None:
+        return forced
     # Per batch-size class too: at batch 1 the fixed cost of each op decides, at 256 memory traffic.
     rows = "1" if x.shape[0] == 1 else "<16" if x.shape[0] < 16 else ">=16"
     key = (tuple(x.shape[1:]), k, rows, x.dtype, x.device.type, torch.get_num_threads())
     plan = _chosen_plan.get(key)
     if plan is None:
-        forced = os.environ.get("PTEENET_POOL_PLAN")
-        plan = _chosen_plan[key] = forced if forced in POOL_PLANS else _time_plans(x, k)
+        plan = _chosen_plan[key] = _time_plans(x, k)
     return plan
 
 
