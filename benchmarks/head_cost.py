@@ -3,7 +3,8 @@
 For a trained checkpoint: the backbone's time at batch 256 and 1, every head on its tap (all exits
 computed, as the sweep does) at both batch sizes, in the inference form (``pteenet/fold.py``) and
 as trained, the heads' pooling alone with PyTorch's adaptive kernels and with each of ``GridPool``'s
-equal-window plans, and the heads' share of the MACs. Medians of ``--repeats`` runs timed
+equal-window plans, the heads' share of the MACs, and the runtime's row compaction of the first
+tap two ways (boolean mask, index_select). Medians of ``--repeats`` runs timed
 round-robin after warm-up, ``--threads`` threads, glibc allocator tuned (as ``pteenet bench``). Writes ``benchmarks/results/head_cost.json``.
 
     python benchmarks/head_cost.py CHECKPOINT [--threads 2] [--repeats 7]
@@ -90,6 +91,15 @@ def main() -> None:
             row: dict[str, Any] = interleaved_ms(fns, args.repeats)
             if bs >= 16 and model.branch_config.cacheable_stem:
                 row["plans_chosen"] = sorted(set(branches.chosen_plans().values()))
+            if bs >= 16:
+                # The runtime's row compaction when 5% of the rows leave at the first exit: gathering
+                # the first stage's output with a boolean mask against index_select (model.py).
+                state = taps[0]
+                keep = torch.rand(bs, generator=torch.Generator().manual_seed(1)) > 0.05
+                idx = keep.nonzero().squeeze(1)
+                row.update(interleaved_ms({"compact_first_tap_boolean_mask_ms": lambda: state[keep],
+                                           "compact_first_tap_index_select_ms": lambda: state.index_select(0, idx)},
+                                          args.repeats))
             row["per_head_ms"] = row["all_heads_ms"] / model.num_exits
             row["heads_time_share"] = row["all_heads_ms"] / row["backbone_ms"]
             doc[f"batch_{bs}"] = row

@@ -246,8 +246,8 @@ class EarlyExitModel(nn.Module):
             # batch cannot shrink: rows that left ride along and their later results are ignored.
             if self.stages.shrinkable:
                 flags = self.stages.batched[k + 1]
-                # index_select, not a boolean mask: on the CPU masking a large activation map copies
-                # it about 8x slower (CIFAR ResNet-56 stage 1, batch 256: 8 ms against 1 ms).
+                # index_select, not a boolean mask: on the CPU masking a large activation map takes
+                # about 3x as long (CIFAR ResNet-56 stage 1, batch 256: benchmarks/head_cost.py).
                 keep = pending.nonzero().squeeze(1)
                 state = tuple(v.index_select(0, keep) if b else v for v, b in zip(state, flags))
                 carry = carry.select(keep)
