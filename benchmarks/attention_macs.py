@@ -23,8 +23,8 @@ import torchvision.models as tvm
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pteenet.cost import cumulative_macs, node_macs
-from pteenet.graph import trace
+from pteenet.tracing.cost import cumulative_macs, node_macs
+from pteenet.tracing.graph import trace
 
 
 def counts(name: str) -> dict[str, float]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pteenet.backbones import Preprocess
+from pteenet.backbones.specs import Preprocess
 from pteenet.data import ImageTransform, files_fingerprint
 from pteenet.data.files import ImageFiles, image_paths, unlabelled_samples
 

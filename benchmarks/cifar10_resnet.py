@@ -10,7 +10,7 @@ thresholds, pick the operating points on the calibration split, and report them 
 - the cheapest point whose calibration accuracy is at most 1 point below the backbone's;
 - the cheapest point whose calibration agreement with the backbone is >= 97.15% (the paper's point).
 Cost is the mean cumulative cost: backbone prefix + every branch a sample passed through, as a share
-of the backbone. The best configuration's operating point is then timed with ``pteenet.bench``.
+of the backbone. The best configuration's operating point is then timed with ``pteenet.bench.run``.
 
     python benchmarks/cifar10_resnet.py --data DIR --backbones DIR [--grid quick|full] [--out benchmarks/results]
 """
@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
-from pteenet.bench import BenchConfig, bench
+from pteenet import AttachConfig, load_checkpoint, save_checkpoint
+from pteenet import attach
+from pteenet.bench.run import BenchConfig, bench
 from pteenet.errors import PteenetError
 from pteenet.data import DataConfig, load_splits
-from pteenet.loss import LossConfig
-from pteenet.sweep import (ExitCache, Point, backbone_point, build_cache, evaluate, oracle_point, pareto,
-                           restrict, search_per_exit, select_exits, sweep_global)
-from pteenet.train import TrainConfig, train_branches
+from pteenet.training.loss import LossConfig
+from pteenet.sweep import ExitCache, Point, backbone_point, build_cache, evaluate, oracle_point, pareto, restrict, search_per_exit, select_exits, sweep_global
+from pteenet.training.run import TrainConfig, train_branches
 
 POLICIES = ("confidence", "max-softmax", "entropy")
 PAPER_AGREEMENT = 0.9715
@@ -241,9 +241,9 @@ def summary(doc: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
 
 def plain_points(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Accuracy and MACs of the plain fine-tuned ResNets on the same test images."""
-    from pteenet.backbones import load_backbone
-    from pteenet.cost import cumulative_macs, node_macs
-    from pteenet.graph import trace
+    from pteenet.backbones.specs import load_backbone
+    from pteenet.tracing.cost import cumulative_macs, node_macs
+    from pteenet.tracing.graph import trace
 
     out = []
     for bb in ("resnet20", "resnet32", "resnet44", "resnet56"):

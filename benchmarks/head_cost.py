@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import pteenet
-from pteenet import branches, fold
-from pteenet.bench import tune_allocator
-from pteenet.branches import POOL_PLANS
+from pteenet.exits import branches, fold
+from pteenet.bench.run import tune_allocator
+from pteenet.exits.branches import POOL_PLANS
 
 
 def interleaved_ms(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:

@@ -18,9 +18,9 @@ from typing import Any, Callable
 import torch
 
 from pteenet import load_checkpoint
-from pteenet.bench import tune_allocator
-from pteenet.graph import trace
-from pteenet.policies import never_exit_threshold
+from pteenet.bench.run import tune_allocator
+from pteenet.tracing.graph import trace
+from pteenet.exits.policies import never_exit_threshold
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pteenet.train_config import recorded_configs
+from pteenet.training.config import recorded_configs
 
 RESULTS = Path(__file__).parent / "results"
 PROTOCOLS = {"chosen": "A: calibrate on held-out train", "chosen_test_halves": "B: calibrate on test half 1, report half 2"}

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import torchvision.models as tvm
 
-from pteenet import AttachConfig, PteenetError, attach
-from pteenet.policies import never_exit_threshold, score
+from pteenet import AttachConfig, PteenetError
+from pteenet import attach
+from pteenet.exits.policies import never_exit_threshold, score
 
 
 def check(name: str, size: int, prefix: str = "torchvision", hooks: bool = False) -> dict[str, Any]:

@@ -37,12 +37,13 @@ from typing import Callable
 
 import torch
 
-from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
-from pteenet.checkpoint import atomic_write
+from pteenet import AttachConfig, load_checkpoint, save_checkpoint
+from pteenet import attach
+from pteenet.runtime.checkpoint import atomic_write
 from pteenet.data import DataConfig, load_splits
-from pteenet.batches import FeatureCache, ImageSource
-from pteenet.train import TrainConfig
-from pteenet.trainer import BranchTrainer
+from pteenet.training.batches import FeatureCache, ImageSource
+from pteenet.training.run import TrainConfig
+from pteenet.training.step import BranchTrainer
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "train_speed.json"
 

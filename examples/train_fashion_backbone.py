@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pteenet.backbones import Preprocess
-from pteenet.cifar_resnet import cifar_resnet
+from pteenet.backbones.cifar_resnet import cifar_resnet
+from pteenet.backbones.specs import Preprocess
 from pteenet.data import DataConfig, load_splits, make_loader
 
 MEAN, STD, INPUT_SIZE = (0.2860,), (0.3530,), (1, 28, 28)

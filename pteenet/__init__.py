@@ -14,19 +14,20 @@ computing for samples that leave. The commands work on files (``train_branches``
 """
 from __future__ import annotations
 
-# ``pteenet.train``, ``pteenet.sweep`` and ``pteenet.export`` are a module, a package and a module: a
-# function of the same name here would shadow them as attributes of the package (then
-# ``import pteenet.train as m`` and ``mock.patch("pteenet.train.x")`` would find the function), so
-# the functions say what they act on instead: train_exits, sweep_model, export_model.
-from .attach import AttachConfig, attach, list_candidates
-from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataConfig, DataRequest
 from .errors import PteenetError
-from .export import ExportConfig, export_model
-from .loss import LossConfig
-from .model import EarlyExitModel
+from .export.run import ExportConfig, export_model
+
+# ``pteenet.training.run``, ``pteenet.sweep`` and ``pteenet.export.run`` are a module, a package and a module: a
+# function of the same name here would shadow them as attributes of the package (then
+# ``import pteenet.training.run as m`` and ``mock.patch("pteenet.training.run.x")`` would find the function), so
+# the functions say what they act on instead: train_exits, sweep_model, export_model.
+from .runtime.attach import AttachConfig, attach, list_candidates
+from .runtime.checkpoint import load_checkpoint, save_checkpoint
+from .runtime.model import EarlyExitModel
 from .sweep import SweepConfig, sweep_model
-from .train import TrainConfig, train_exits
+from .training.loss import LossConfig
+from .training.run import TrainConfig, train_exits
 from .version import __version__
 
 

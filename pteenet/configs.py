@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import policies
 from .devices import DEVICES
 from .errors import PteenetError
 
@@ -145,11 +144,6 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
 
 def check_device(value: Any) -> None:
     check_choice("device", value, DEVICES)
-
-
-def check_policy(value: Any, also: Sequence[str] = ()) -> None:
-    """A policy of the registry (``pteenet.policies.POLICIES``), or one of ``also`` (such as "all")."""
-    check_choice("policy", value, [*policies.POLICIES, *also])
 
 
 def check_thresholds(value: float | Sequence[float] | None) -> None:

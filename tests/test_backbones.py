@@ -12,9 +12,9 @@ import torchvision.models as tvm
 from safetensors.torch import save_file
 
 from pteenet import AttachConfig, attach
-from pteenet.backbones import load_backbone
-from pteenet.checkpoint import load_checkpoint, save_checkpoint
+from pteenet.backbones.specs import load_backbone
 from pteenet.errors import PteenetError
+from pteenet.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _logits(model: torch.nn.Module, size: int) -> torch.Tensor:
@@ -81,7 +81,7 @@ def test_named_torchvision_weights_frame_images_as_their_transforms(weights: tvm
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
-    from pteenet.backbones import preprocess_of, weights_preprocess
+    from pteenet.backbones.specs import preprocess_of, weights_preprocess
     from pteenet.data import ImageTransform
 
     pre = preprocess_of(weights_preprocess(weights))

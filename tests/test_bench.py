@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.bench import BenchConfig, bench, verdict
-from pteenet.checkpoint import read_metadata
+from pteenet.bench.run import BenchConfig, bench, verdict
+from pteenet.bench.timing import TimeProfile, profile
 from pteenet.cli import app
-from pteenet.timing import TimeProfile, profile
+from pteenet.runtime.checkpoint import read_metadata
 from test_runtime import make_images, make_model
 
 
@@ -118,7 +118,7 @@ def test_cli_bad_input(ckpt: Path, args: list[str], message: str) -> None:
 def test_allocator_tuning_is_reported_where_glibc_exists() -> None:
     import ctypes.util
 
-    from pteenet.bench import tune_allocator
+    from pteenet.bench.run import tune_allocator
 
     note = tune_allocator()
     if ctypes.util.find_library("c") and "glibc" in __import__("platform").libc_ver()[0]:

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 import pteenet
 from pteenet import PteenetError
-from pteenet.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from pteenet.weights import module_sha256
+from pteenet.backbones.weights import module_sha256
+from pteenet.runtime.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
 
 def test_round_trip_is_exact(tiny_model, tmp_path: Path) -> None:

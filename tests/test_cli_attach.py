@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from pteenet.cifar_resnet import cifar_resnet
+from pteenet.backbones.cifar_resnet import cifar_resnet
 from pteenet.cli import app
 
 runner = CliRunner()
@@ -106,7 +106,7 @@ def test_corrupt_checkpoint_is_one_line(tmp_path: Path) -> None:
 def test_info_says_when_the_backbone_hash_does_not_match(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from pteenet.checkpoint import read_metadata
+    from pteenet.runtime.checkpoint import read_metadata
 
     out = tmp_path / "m.safetensors"
     assert run("attach", "cifar-resnet20", "--exits", 1, "-o", out)[0] == 0

@@ -14,7 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.bench import BenchConfig, bench, load_images
+from pteenet.bench.run import BenchConfig, bench, load_images
 from pteenet.cli import app
 from pteenet.cli.sink import RichSink
 from pteenet.data import DataConfig, DataRequest

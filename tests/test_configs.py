@@ -25,12 +25,12 @@ from pteenet import (
     load_checkpoint,
     save_checkpoint,
 )
-from pteenet.bench import BenchConfig
-from pteenet.branches import BranchConfig
-from pteenet.checkpoint import META_KEY, read_metadata
+from pteenet.bench.run import BenchConfig
 from pteenet.configs import SCHEMA_VERSION, Config
-from pteenet.train import Interrupted, train_branches
-from pteenet.train_config import recorded_configs
+from pteenet.exits.branches import BranchConfig
+from pteenet.runtime.checkpoint import META_KEY, read_metadata
+from pteenet.training.config import recorded_configs
+from pteenet.training.run import Interrupted, train_branches
 from test_train import StopAfter
 
 BAD: list[tuple[Callable[[], Any], str]] = [

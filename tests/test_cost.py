@@ -6,9 +6,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pteenet import AttachConfig, PteenetError, attach
-from pteenet.backbones import load_backbone
-from pteenet.cost import PLACEMENTS, cumulative_macs, node_macs, place
-from pteenet.graph import candidates, trace
+from pteenet.backbones.specs import load_backbone
+from pteenet.tracing.cost import PLACEMENTS, cumulative_macs, node_macs, place
+from pteenet.tracing.graph import candidates, trace
 
 
 @pytest.mark.parametrize("spec,size", [("cifar-resnet20", (3, 32, 32)), ("torchvision:resnet18", (3, 64, 64)),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pteenet.backbones import Preprocess
+from pteenet.backbones.specs import Preprocess
 from pteenet.data import DEBIAN_FASHION_DIR, DataConfig, ImageTransform, load_splits, make_loader, parse_calibration
 from pteenet.errors import PteenetError
 

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.backbones import Preprocess
+from pteenet.backbones.specs import Preprocess
 from pteenet.cli import app
 from pteenet.data import SKIPPED, UNLABELLED, DataConfig, ImageSkipped, load_splits, make_loader, read_image
 from pteenet.errors import PteenetError
@@ -206,9 +206,9 @@ def test_unlabelled_calibration_for_labelled_training(tmp_path: Path) -> None:
 def test_feature_cache_dir_and_broken_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache built while a file was skipped names it when reused (and --strict-images stops at it);
     repairing the file gives that split another key, so its features are computed again."""
-    from pteenet import feature_store
     from pteenet.data import loader
-    from pteenet.train import TrainConfig, train_branches
+    from pteenet.training import feature_cache as feature_store
+    from pteenet.training.run import TrainConfig, train_branches
 
     folder = tmp_path / "photos"
     for i in range(30):

@@ -23,7 +23,7 @@ from pteenet.distributed import ALONE, Group, ShardBatches, eval_rows, gather_ro
 from pteenet.errors import PteenetError
 from pteenet.progress import Sink, Task
 from pteenet.sweep import SweepConfig, sweep_threshold
-from pteenet.train import TrainConfig, train_branches
+from pteenet.training.run import TrainConfig, train_branches
 from test_train import StopAfter  # Ctrl-C right after epoch n was saved (here on every rank)
 
 # Tolerance. The two-process run adds the same per-sample terms in another order (each rank sums its

@@ -16,11 +16,11 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet import policies as pol
-from pteenet.bench import BenchConfig, bench
-from pteenet.checkpoint import read_metadata
+from pteenet.bench.run import BenchConfig, bench
 from pteenet.cli import app
-from pteenet.export import FORMATS, ExportConfig, export
+from pteenet.exits import policies as pol
+from pteenet.export.run import FORMATS, ExportConfig, export
+from pteenet.runtime.checkpoint import read_metadata
 from pteenet.sweep import backbone_point, build_document, select, sweep_global, sweep_meta
 from test_runtime import assert_logits_close, cache_of, make_images, make_model, random_thresholds
 

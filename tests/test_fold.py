@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pteenet.branches import POOL_PLANS, Branch, BranchConfig, GridPool
-from pteenet.exits import Carry, Ensemble, exit_step
+from pteenet.exits.branches import POOL_PLANS, Branch, BranchConfig, GridPool
+from pteenet.exits.chain import Carry, Ensemble, exit_step
 
 
 def randomised(shape: tuple[int, ...], kind: str, convs: int = 2, cascade: bool = False, seed: int = 0) -> Branch:

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from pteenet import AttachConfig, PteenetError, attach
-from pteenet.backbones import load_backbone
-from pteenet.graph import candidates, resolve, trace
-from pteenet.policies import never_exit_threshold
-from pteenet.weights import module_sha256
+from pteenet.backbones.specs import load_backbone
+from pteenet.backbones.weights import module_sha256
+from pteenet.exits.policies import never_exit_threshold
+from pteenet.tracing.graph import candidates, resolve, trace
 
 MODELS = [
     ("cifar-resnet20", (3, 32, 32)),

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import pteenet
-from pteenet.batches import _stem_shapes
-from pteenet.exits import computed_heads, fit_ensemble
-from pteenet.export import CondProgram
+from pteenet.exits.chain import computed_heads, fit_ensemble
+from pteenet.export.run import CondProgram
 from pteenet.sweep import evaluate, restrict, select_exits
+from pteenet.training.batches import _stem_shapes
 from test_runtime import assert_logits_close, cache_of, make_images, perturb, random_thresholds, simulated_exits
 
 VARIANTS = [  # (branch, cascade, ensemble)
@@ -218,7 +218,7 @@ def test_sweep_cli_select_exits_writes_the_active_exits(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("hw", [(32, 32), (16, 12), (7, 7)])
 def test_grid_pool_fast_path_equals_adaptive_pooling(hw: tuple[int, int]) -> None:
-    from pteenet.branches import GridPool
+    from pteenet.exits.branches import GridPool
 
     pool = GridPool(4, hw)
     x = torch.randn(32, 3, *hw)  # >= 16 rows: the fast path where the windows are equal

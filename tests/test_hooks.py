@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 import pteenet
 from pteenet import AttachConfig, PteenetError, attach, load_checkpoint, save_checkpoint
-from pteenet.bench import BenchConfig, bench
+from pteenet.bench.run import BenchConfig, bench
 from pteenet.cli import app
-from pteenet.hooks import NO_EARLY_EXIT
-from pteenet.policies import never_exit_threshold
+from pteenet.exits.policies import never_exit_threshold
+from pteenet.tracing.hooks import NO_EARLY_EXIT
 
 SPEC, SIZE = "tiny_models:branchy", (3, 16, 16)
 

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 import pteenet
-import pteenet.checkpoint as checkpoint_mod
+import pteenet.runtime.checkpoint as checkpoint_mod
 from pteenet.data import DataRequest
-from pteenet.export import export
+from pteenet.export.run import export
 from pteenet.sweep import sweep_threshold
-from pteenet.train import train_branches
+from pteenet.training.run import train_branches
 
 DATA = pteenet.DataConfig(spec="synthetic", limit=96, augment=False)
 TRAIN = pteenet.TrainConfig(epochs=2, batch_size=32, lr=1e-2, device="cpu")
@@ -117,9 +117,9 @@ def test_train_exits_resume_needs_the_saved_state(tiny_model: pteenet.EarlyExitM
 def test_the_package_exports_the_pipeline_and_keeps_its_modules() -> None:
     for name in pteenet.__all__:
         assert hasattr(pteenet, name), name
-    import pteenet.export as export_mod
+    import pteenet.export.run as export_mod
     import pteenet.sweep as sweep_pkg
-    import pteenet.train as train_mod
+    import pteenet.training.run as train_mod
 
     # the functions have names of their own, so the submodules stay reachable as attributes
     assert all(type(m).__name__ == "module" for m in (export_mod, sweep_pkg, train_mod))

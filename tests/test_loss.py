@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pteenet.errors import PteenetError
-from pteenet.loss import LossConfig, early_exit_loss, targets_from_backbone
+from pteenet.training.loss import LossConfig, early_exit_loss, targets_from_backbone
 
 
 def _softmax(row: list[float], t: float = 1.0) -> list[float]:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pteenet import policies as pol
+from pteenet.exits import policies as pol
 
 
 def test_comparisons_are_the_documented_ones() -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pteenet
-from pteenet import policies as pol
+from pteenet.exits import policies as pol
 from pteenet.sweep import ExitCache, ExitCacheBuilder, evaluate
 
 TIE_GAP = 1e-4  # thresholds stay this far from every score: batch shape may move a score by an ulp

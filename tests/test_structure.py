@@ -1,4 +1,4 @@
-"""The package's shape: no import cycle inside pteenet/, no private name used across modules.
+"""The package's shape: packages in layers, no import cycle inside pteenet/, no private name used across modules.
 
 Every module is parsed with ``ast`` (nothing is imported), and every import statement counts, at
 module level or inside a function: a lazy import that dodges a cycle is still a cycle.
@@ -102,9 +102,9 @@ def _private(name: str) -> bool:
 
 def test_the_parser_sees_the_package() -> None:
     graph = _graph()
-    assert {"pteenet", "pteenet.policies", "pteenet.sweep", "pteenet.sweep.engine", "pteenet.cli"} <= set(graph)
+    assert {"pteenet", "pteenet.exits.policies", "pteenet.sweep", "pteenet.sweep.engine", "pteenet.cli"} <= set(graph)
     assert "pteenet.sweep.cache" in graph["pteenet.sweep.engine"]  # relative imports resolve
-    assert "pteenet.policies" in graph["pteenet.model"]  # ``from . import policies``
+    assert "pteenet.exits.policies" in graph["pteenet.runtime.model"]  # ``from . import policies``
 
 
 def test_no_import_cycle() -> None:
@@ -151,3 +151,63 @@ def test_rich_lives_in_the_cli_only() -> None:
     bad = [f"{m}:{line}" for m in MODULES if m != "pteenet.cli" and not m.startswith("pteenet.cli.")
            for line in _imports_rich(m)]
     assert not bad, "Rich imported outside pteenet/cli: " + ", ".join(bad)
+
+
+# The packages from the bottom up: each imports only from itself, the base and the packages before it.
+# The base is the top-level modules (errors, configs, progress, devices, atomic writes, distributed,
+# version); it imports nothing above itself. ``pteenet/__init__.py`` (the public API) and ``__main__`` may import anything.
+LAYERS = ("backbones", "exits", "tracing", "data", "runtime", "sweep", "training", "export", "bench", "cli")
+
+
+def _layer(module: str) -> int:
+    """0 for the base, 1 + the index in LAYERS for a package's modules."""
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in LAYERS:
+        return 1 + LAYERS.index(parts[1])
+    return 0
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a higher layer (or, in the base, of any package)."""
+    return [f"{m} imports {t}" for m in sorted(graph) if m not in (PACKAGE, f"{PACKAGE}.__main__") for t in sorted(graph[m])
+            if t != PACKAGE and (_layer(t) > _layer(m) or (_layer(t) == _layer(m) == 0 and t.count(".") > 1))]
+
+
+def test_top_level_holds_only_packages_and_the_base() -> None:
+    base = {"__init__", "__main__", "errors", "configs", "progress", "devices", "atomic", "distributed", "version"}
+    flat = {p.stem for p in ROOT.glob("*.py")}
+    assert flat <= base, f"modules outside a package: {sorted(flat - base)}"
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    assert packages == set(LAYERS), f"packages not in LAYERS: {sorted(packages ^ set(LAYERS))}"
+
+
+def test_packages_import_only_from_lower_layers() -> None:
+    bad = upward_imports(_graph())
+    assert not bad, "imports against the layer order (LAYERS in this file):\n" + "\n".join(bad)
+
+
+def test_layer_check_sees_an_upward_import() -> None:
+    graph = _graph()
+    assert not upward_imports(graph)
+    graph["pteenet.exits.policies"] = graph["pteenet.exits.policies"] | {"pteenet.runtime.model"}
+    graph["pteenet.configs"] = graph["pteenet.configs"] | {"pteenet.exits.policies"}
+    assert upward_imports(graph) == ["pteenet.configs imports pteenet.exits.policies",
+                                     "pteenet.exits.policies imports pteenet.runtime.model"]
+
+
+def _long_functions(limit: int = 60) -> list[str]:
+    """Functions longer than ``limit`` lines, not counting their docstring."""
+    out = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = node.body[0].end_lineno + 1 if ast.get_docstring(node) and len(node.body) > 1 else node.lineno
+                if node.end_lineno - start + 1 > limit:
+                    out.append(f"{module}.{node.name}: {node.end_lineno - start + 1} lines")
+    return out
+
+
+def test_modules_and_functions_stay_short() -> None:
+    long_modules = [f"{m}: {n} lines" for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 400]
+    assert not long_modules, "modules over 400 lines: " + ", ".join(long_modules)
+    assert not _long_functions(), "functions over 60 lines: " + ", ".join(_long_functions())

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pteenet import policies as pol
 from pteenet.cli.sweep_cmd import print_points
 from pteenet.errors import PteenetError
+from pteenet.exits import policies as pol
 from pteenet.sweep import (
     ExitCache,
     ExitCacheBuilder,

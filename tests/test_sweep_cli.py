@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import pteenet
-from pteenet.checkpoint import read_metadata
 from pteenet.cli import app
 from pteenet.data import DataConfig, DataRequest, load_splits, make_loader, resolve_data
+from pteenet.runtime.checkpoint import read_metadata
 from pteenet.sweep import ExitCacheBuilder, SweepConfig, build_cache, evaluate, sweep_threshold
 
 GRID = "0:1:0.05"  # a coarse grid keeps every run fast

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from pteenet import AttachConfig, attach
-from pteenet.backbones import load_backbone
-from pteenet.checkpoint import load_checkpoint, save_checkpoint
+from pteenet.backbones.specs import load_backbone
 from pteenet.errors import PteenetError
-from pteenet.policies import never_exit_threshold
+from pteenet.exits.policies import never_exit_threshold
+from pteenet.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 timm = pytest.importorskip("timm")
 SIZE = (3, 32, 32)
@@ -98,7 +98,7 @@ def test_squash_crop_mode_is_timms() -> None:
     from timm.data.transforms_factory import transforms_imagenet_eval
     from torchvision.transforms.functional import pil_to_tensor
 
-    from pteenet.backbones import Preprocess, eval_resize
+    from pteenet.backbones.specs import Preprocess, eval_resize
     from pteenet.data import ImageTransform
 
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)
@@ -112,7 +112,7 @@ def test_checkpoint_keeps_timms_framing(tmp_path: Path) -> None:
     model = attach(AttachConfig(backbone="timm:test_resnet", exits=1))
     save_checkpoint(tmp_path / "m.safetensors", model)
     assert load_checkpoint(tmp_path / "m.safetensors").model.info.preprocess == model.info.preprocess
-    from pteenet.report import build_report, markdown
+    from pteenet.export.report import build_report, markdown
 
     point = {"policy": "confidence", "thresholds": [2.0], "how": "given"}
     text = " ".join(markdown(build_report(model, point, {}, None)).split())

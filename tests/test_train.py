@@ -1,4 +1,4 @@
-"""pteenet.train and `pteenet train-branches`: tiny model, synthetic data, CPU, a few seconds in all."""
+"""pteenet.training.run and `pteenet train-branches`: tiny model, synthetic data, CPU, a few seconds in all."""
 from __future__ import annotations
 
 import json
@@ -11,16 +11,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import pteenet.trainer as trainer_mod
-from pteenet import AttachConfig, attach, feature_store, load_checkpoint, save_checkpoint
-from pteenet.checkpoint import META_KEY, read_metadata
+import pteenet.training.step as trainer_mod
+from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
+from pteenet.backbones.weights import module_sha256
 from pteenet.cli import app
 from pteenet.data import DataConfig, load_splits
 from pteenet.errors import PteenetError
-from pteenet.loss import LossConfig, LossOutput
 from pteenet.progress import Sink, Task
-from pteenet.train import Interrupted, TrainConfig, train_branches
-from pteenet.weights import module_sha256
+from pteenet.runtime.checkpoint import META_KEY, read_metadata
+from pteenet.training import feature_cache as feature_store
+from pteenet.training.loss import LossConfig, LossOutput
+from pteenet.training.run import Interrupted, TrainConfig, train_branches
 
 
 @pytest.fixture(scope="module")

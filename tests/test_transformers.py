@@ -9,12 +9,12 @@ from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import pteenet
-from pteenet.batches import Autocast, build_feature_cache
-from pteenet.branches import ChannelsFirst, TokenPool
-from pteenet.cost import attention_macs, cumulative_macs, node_macs
-from pteenet.graph import candidates, trace
-from pteenet.policies import never_exit_threshold
+from pteenet.exits.branches import ChannelsFirst, TokenPool
+from pteenet.exits.policies import never_exit_threshold
 from pteenet.progress import SILENT
+from pteenet.tracing.cost import attention_macs, cumulative_macs, node_macs
+from pteenet.tracing.graph import candidates, trace
+from pteenet.training.batches import Autocast, build_feature_cache
 from tiny_models import SIZE, swin, vit
 
 BRANCHES = ("pool-mlp", "pool", "conv-lite", "conv1")
@@ -30,7 +30,7 @@ def test_layouts_come_from_the_graph() -> None:
     assert {p.layout for p in vit_points} == {"tokens"}
     swin_points = candidates(trace(swin().eval(), SIZE))
     assert swin_points and {p.layout for p in swin_points} == {"hwc"}  # permute(0, 2, 3, 1) after the patch conv
-    resnet = candidates(trace(pteenet.backbones.load_backbone("cifar-resnet20")[0], (3, 32, 32)))
+    resnet = candidates(trace(pteenet.backbones.specs.load_backbone("cifar-resnet20")[0], (3, 32, 32)))
     assert {p.layout for p in resnet} == {"chw"}
 
 
@@ -74,8 +74,8 @@ def test_channels_last_branch_sees_channels_first_and_pays_for_the_permute() -> 
     assert isinstance(stem[0], ChannelsFirst)
     tap = torch.randn(2, h, w, c)
     torch.testing.assert_close(stem(tap), stem[1](tap.permute(0, 3, 1, 2)))
-    plain = pteenet.branches.Branch((c, h, w), 10, model.branch_config)
-    assert model.cost.exits[0].branch_macs - pteenet.cost.module_macs(plain, (c, h, w)) == h * w * c
+    plain = pteenet.exits.branches.Branch((c, h, w), 10, model.branch_config)
+    assert model.cost.exits[0].branch_macs - pteenet.tracing.cost.module_macs(plain, (c, h, w)) == h * w * c
 
 
 def test_attention_rule_matches_flop_counter_on_the_unfused_path() -> None:

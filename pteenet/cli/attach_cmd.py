@@ -7,11 +7,11 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from ..attach import AttachConfig, attach, list_candidates
-from ..checkpoint import backbone_hash, read_metadata, save_checkpoint
 from ..errors import PteenetError
-from ..hooks import NO_EARLY_EXIT
-from ..model import EarlyExitModel
+from ..runtime.attach import AttachConfig, attach, list_candidates
+from ..runtime.checkpoint import backbone_hash, read_metadata, save_checkpoint
+from ..runtime.model import EarlyExitModel
+from ..tracing.hooks import NO_EARLY_EXIT
 from .common import console, emit, handle_errors, parse_floats, parse_size, split_names
 from .options import JsonOption
 

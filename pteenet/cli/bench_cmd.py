@@ -7,10 +7,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..bench import BenchConfig, bench, load_images
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..bench.run import BenchConfig, bench, load_images
 from ..devices import resolve_device
-from ..report import batch_label
+from ..export.report import batch_label
+from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from .common import console, emit, handle_errors, progress_sink
 from .options import DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, PolicyOption
 

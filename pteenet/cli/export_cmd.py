@@ -7,7 +7,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from ..export import FORMATS, ExportConfig, export
+from ..export.run import FORMATS, ExportConfig, export
 from .common import console, emit, handle_errors, progress_sink
 from .options import JsonOption, PolicyOption
 

@@ -10,7 +10,7 @@ import typer
 
 from ..data import DEFAULT_DATA_DIR, KNOWN_SPECS
 from ..devices import DEVICES
-from ..policies import POLICIES
+from ..exits.policies import POLICIES
 
 ALL_POLICIES = "all"  # --policy of sweep-threshold: every policy side by side
 

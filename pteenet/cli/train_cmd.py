@@ -8,8 +8,8 @@ import typer
 from rich.table import Table
 
 from ..data import DataConfig
-from ..loss import LossConfig
-from ..train import Interrupted, TrainConfig, train_branches
+from ..training.loss import LossConfig
+from ..training.run import Interrupted, TrainConfig, train_branches
 from .common import console, emit, fail, handle_errors, progress_sink
 from .options import DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, StrictImagesOption
 

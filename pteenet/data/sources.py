@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..backbones import Preprocess
+from ..backbones.specs import Preprocess
 from ..errors import PteenetError, unknown_name
 from .config import FOLDER_PREFIXES, KNOWN_SPECS, DataConfig
 from .config import TORCHVISION_FILES as _TORCHVISION

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..backbones import Preprocess
+from ..backbones.specs import Preprocess
 from ..errors import PteenetError
 from .config import DataConfig, parse_calibration
 from .sources import folder_images, folder_of, has_splits, load_source, test_dir

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..backbones import Preprocess
+from ..backbones.specs import Preprocess
 from ..errors import PteenetError
 
 

@@ -10,23 +10,23 @@ evaluated from it, the choice, and the outputs.
 - ``selection``: exit selection (which exits decide at all), priced as the runtime runs it.
 - ``outputs``: the JSON document, sweep.csv and the plots.
 
-The policies themselves live in ``pteenet.policies``.
+The policies themselves live in ``pteenet.exits.policies``.
 """
 from __future__ import annotations
 
 from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
 from .engine import (
-    Point,
-    backbone_point,
-    below_cheapest,
-    evaluate,
-    oracle_point,
-    pareto,
-    parse_range,
-    search_per_exit,
-    select,
-    sweep_global,
-    threshold_list,
+           Point,
+           backbone_point,
+           below_cheapest,
+           evaluate,
+           oracle_point,
+           pareto,
+           parse_range,
+           search_per_exit,
+           select,
+           sweep_global,
+           threshold_list,
 )
 from .outputs import PLOTS_WARNING, build_document, curve_figure, short_thresholds, write_sweep_outputs
 from .run import SweepConfig, build_cache, sweep_meta, sweep_model, sweep_points, sweep_threshold

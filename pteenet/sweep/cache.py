@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from .. import distributed
-from .. import policies as pol
+from ..atomic import atomic_write_bytes
 from ..distributed import Group
 from ..errors import PteenetError
-from ..files import atomic_write_bytes
-from ..model import AllExits, EarlyExitModel
+from ..exits import policies as pol
+from ..runtime.model import AllExits, EarlyExitModel
 
 _FORMAT = 1  # bump when the .npz layout changes
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import policies as pol
 from ..configs import check_criterion
 from ..errors import PteenetError, unknown_name
+from ..exits import policies as pol
 from .cache import ExitCache
 
 _EPS = 1e-9  # slack when comparing float costs with a budget (sums in a different order)

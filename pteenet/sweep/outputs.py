@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from .cache import ExitCache
 from .engine import Point, backbone_point, evaluate, oracle_point
 

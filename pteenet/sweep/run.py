@@ -22,15 +22,16 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .. import distributed
-from .. import policies as pol
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_parent_folder, check_policy
+from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_parent_folder
 from ..data import NO_LABELS, SKIPPED, DataConfig, DataRequest, load_splits, make_loader, resolve_data
 from ..devices import resolve_device
 from ..distributed import Group
 from ..errors import PteenetError
-from ..model import EarlyExitModel
+from ..exits import policies as pol
+from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
+from ..runtime.checkpoint import load_checkpoint, save_checkpoint
+from ..runtime.model import EarlyExitModel
 from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
 from .engine import Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit, select, sweep_global
 from .outputs import build_document, write_sweep_outputs

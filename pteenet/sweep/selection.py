@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cost import CostTable
 from ..errors import PteenetError
-from ..exits import computed_heads
+from ..exits.chain import computed_heads
+from ..tracing.cost import CostTable
 from .cache import ExitCache
 from .engine import Point, backbone_point, select, sweep_global
 

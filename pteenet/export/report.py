@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import policies
-from .files import atomic_write_bytes, atomic_write_text
-from .hooks import NO_EARLY_EXIT
-from .model import EarlyExitModel
-from .sweep import Point, curve_figure, pareto
-from .version import __version__
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..exits import policies
+from ..runtime.model import EarlyExitModel
+from ..sweep import Point, curve_figure, pareto
+from ..tracing.hooks import NO_EARLY_EXIT
+from ..version import __version__
 
 
 def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, str],

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from . import distributed
-from .data import make_loader
-from .distributed import ALONE, Group, ShardBatches
-from .errors import PteenetError
-from .exits import Ensemble, fit_ensemble
-from .model import AllExits, EarlyExitModel
-from .progress import Sink
+from .. import distributed
+from ..data import make_loader
+from ..distributed import ALONE, Group, ShardBatches
+from ..errors import PteenetError
+from ..exits.chain import Ensemble, fit_ensemble
+from ..progress import Sink
+from ..runtime.model import AllExits, EarlyExitModel
 
 
 class Autocast:

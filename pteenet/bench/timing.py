@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .exits import Carry, exit_step
-from .model import EarlyExitModel
+from ..exits.chain import Carry, exit_step
+from ..runtime.model import EarlyExitModel
 
 
 @dataclass

@@ -24,12 +24,12 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
+from ..atomic import atomic_write
+from ..data import SKIPPED, Undecodable, files_fingerprint, image_files_of
+from ..errors import PteenetError
+from ..progress import Sink
+from ..runtime.model import EarlyExitModel
 from .batches import Allocate, Autocast, FeatureCache, build_feature_cache
-from .data import SKIPPED, Undecodable, files_fingerprint, image_files_of
-from .errors import PteenetError
-from .files import atomic_write
-from .model import EarlyExitModel
-from .progress import Sink
 
 
 def cache_key(model: EarlyExitModel, split_info: dict[str, Any], split: str, views: int, augment: bool,

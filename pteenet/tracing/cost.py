@@ -32,9 +32,9 @@ from thop.profile import register_hooks
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from . import fold
-from .branches import ChannelsFirst
-from .errors import PteenetError, unknown_name
+from ..errors import PteenetError, unknown_name
+from ..exits import fold
+from ..exits.branches import ChannelsFirst
 from .graph import ExitPoint, TracedBackbone
 
 PLACEMENTS = {

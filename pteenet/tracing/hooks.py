@@ -18,8 +18,8 @@ import torch
 from thop.profile import register_hooks
 from torch import nn
 
+from ..errors import PteenetError, unknown_name
 from .cost import OWN_RULES, flop_counter, ruled_macs
-from .errors import PteenetError, unknown_name
 from .graph import ExitPoint, Stages, block_modules
 
 NO_EARLY_EXIT = ("this model has no real early exit: torch.fx cannot trace it, so its exits read forward hooks "

@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import PteenetError, unknown_name
+from ..errors import PteenetError, unknown_name
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 # In a container of plain layers (VGG's ``features``) the block boundaries are activations and pools.

@@ -14,15 +14,16 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import hooks, policies
-from .backbones import BackboneInfo
-from .branches import Branch, BranchConfig
-from .configs import check_policy
-from .cost import CostTable
-from .errors import PteenetError
-from .exits import Carry, Ensemble, computed_heads, exit_step
-from .graph import ExitPoint, Stages, resolve, split, trace
-from .weights import module_sha256
+from ..backbones.specs import BackboneInfo
+from ..backbones.weights import module_sha256
+from ..errors import PteenetError
+from ..exits import policies
+from ..exits.branches import Branch, BranchConfig
+from ..exits.chain import Carry, Ensemble, computed_heads, exit_step
+from ..exits.policies import check_policy
+from ..tracing import hooks
+from ..tracing.cost import CostTable
+from ..tracing.graph import ExitPoint, Stages, resolve, split, trace
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import PteenetError
+from ..errors import PteenetError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import PteenetError, unknown_name
+from ..errors import PteenetError, unknown_name
 
 CROP_MODES = ("center", "squash")  # timm's; its third, "border" (pad instead of crop), is not reproduced
 PRETRAINED = ("pretrained", "DEFAULT")  # --weights values that ask timm for the tag's published weights

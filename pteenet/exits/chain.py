@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import PteenetError
 from .branches import Branch
-from .errors import PteenetError
 
 
 class Ensemble(nn.Module):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..configs import check_choice
 
 # The comparisons a policy may use: "leaves when score OP threshold".
 _COMPARISONS: dict[str, Callable[[Any, Any], Any]] = {
@@ -104,3 +106,8 @@ def passes(policy: str, s: Any, threshold: float) -> Any:
 def never_exit_threshold(policy: str) -> float:
     """A threshold at which no sample ever leaves early (the staged model equals the backbone)."""
     return get(policy).never_exit
+
+
+def check_policy(value: Any, also: Sequence[str] = ()) -> None:
+    """A policy of the registry (``POLICIES``), or one of ``also`` (such as "all")."""
+    check_choice("policy", value, [*POLICIES, *also])

@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import hooks
-from .backbones import load_backbone
-from .branches import BranchConfig
-from .configs import Config, check_choice, check_int
-from .cost import PLACEMENTS, cost_table, cumulative_macs, module_macs, node_macs, place
-from .errors import PteenetError
-from .graph import ExitPoint, candidates, resolve, trace
+from ..backbones.specs import load_backbone
+from ..configs import Config, check_choice, check_int
+from ..errors import PteenetError
+from ..exits.branches import BranchConfig
+from ..tracing import hooks
+from ..tracing.cost import PLACEMENTS, cost_table, cumulative_macs, module_macs, node_macs, place
+from ..tracing.graph import ExitPoint, candidates, resolve, trace
 from .model import EarlyExitModel
 
 

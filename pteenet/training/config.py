@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_metadata
-from .configs import (
+from ..configs import (
     SCHEMA_VERSION,
     VERSION_KEY,
     Config,
@@ -19,8 +18,9 @@ from .configs import (
     check_thresholds,
     setting,
 )
-from .data import DataConfig
-from .errors import PteenetError
+from ..data import DataConfig
+from ..errors import PteenetError
+from ..runtime.checkpoint import read_metadata
 from .loss import LossConfig
 
 

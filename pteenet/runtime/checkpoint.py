@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from .backbones import BackboneInfo, drop_absent_aux_heads, load_backbone
-from .branches import BranchConfig
-from .cost import CostTable
-from .errors import PteenetError
-from .exits import Ensemble
-from .files import atomic_write
+from ..atomic import atomic_write
+from ..backbones.specs import BackboneInfo, drop_absent_aux_heads, load_backbone
+from ..backbones.weights import load_state, module_sha256, tensors_sha256
+from ..errors import PteenetError
+from ..exits.branches import BranchConfig
+from ..exits.chain import Ensemble
+from ..tracing.cost import CostTable
+from ..version import __version__
 from .model import EarlyExitModel
-from .version import __version__
-from .weights import load_state, module_sha256, tensors_sha256
 
 SCHEMA_VERSION = 3
 META_KEY = "pteenet"

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed, sweep
+from .. import distributed, sweep
+from ..distributed import ALONE, Group
+from ..errors import PteenetError
+from ..runtime.model import AllExits, EarlyExitModel
 from .batches import Autocast
-from .distributed import ALONE, Group
-from .errors import PteenetError
+from .config import TrainConfig
 from .loss import early_exit_loss
-from .model import AllExits, EarlyExitModel
-from .train_config import TrainConfig
 
 
 def cosine_lr(base: float, step: int, total: int) -> float:

@@ -27,19 +27,21 @@ from typing import Any
 
 import torch
 
-from . import ddp_branches, distributed, feature_store, sweep
+from .. import distributed, sweep
+from ..backbones.weights import module_sha256
+from ..configs import check_parent_folder
+from ..data import SKIPPED, DataConfig, load_splits
+from ..devices import resolve_device
+from ..distributed import ALONE, Group
+from ..errors import PteenetError
+from ..progress import SILENT, Sink
+from ..runtime.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from ..runtime.model import EarlyExitModel
+from . import ddp as ddp_branches
+from . import feature_cache as feature_store
 from .batches import Autocast, FeatureCache, ImageSource, fit_ensemble_on
-from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from .configs import check_parent_folder
-from .data import SKIPPED, DataConfig, load_splits
-from .devices import resolve_device
-from .distributed import ALONE, Group
-from .errors import PteenetError
-from .model import EarlyExitModel
-from .progress import SILENT, Sink
-from .train_config import Interrupted, TrainConfig, check_resume, run_settings, unfinished_run
-from .trainer import BranchTrainer, Meter, cache_metrics, epoch_text, rng_state, running_text, set_rng_state
-from .weights import module_sha256
+from .config import Interrupted, TrainConfig, check_resume, run_settings, unfinished_run
+from .step import BranchTrainer, Meter, cache_metrics, epoch_text, rng_state, running_text, set_rng_state
 
 MAX_SKIPPED_LISTED = 100  # undecodable image files named in the checkpoint (all are counted)
 

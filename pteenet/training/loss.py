@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .configs import Config, check_choice, check_number
-from .errors import PteenetError
+from ..configs import Config, check_choice, check_number
+from ..errors import PteenetError
 
 VERSIONS = ("v1", "v2", "ce")
 TARGETS = ("pseudo", "soft", "labels")

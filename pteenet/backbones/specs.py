@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import PteenetError, unknown_name
 from .cifar_resnet import DEPTHS, cifar_resnet
-from .errors import PteenetError, unknown_name
-from .timm_backbone import CROP_MODES, build_timm, timm_names
+from .timm_models import CROP_MODES, build_timm, timm_names
 from .weights import file_sha256, load_into, read_state_dict
 
 # The auxiliary classifiers of torchvision's GoogLeNet and Inception v3: used only in training mode.

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configs import Config, check_int
+from ..errors import PteenetError
 from . import fold
-from .configs import Config, check_int
-from .errors import PteenetError
 
 MAX_CONVS = 3
 KINDS = ("conv", "pool", "pool-mlp", "conv-lite")

@@ -19,13 +19,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..configs import Config, check_choice, check_int, check_thresholds
+from ..data import DataRequest, load_splits, make_loader, resolve_data
+from ..errors import PteenetError
+from ..exits.policies import check_policy
+from ..progress import SILENT, Sink
+from ..runtime.model import EarlyExitModel
+from ..tracing.hooks import NO_EARLY_EXIT
 from . import timing
-from .configs import Config, check_choice, check_int, check_policy, check_thresholds
-from .data import DataRequest, load_splits, make_loader, resolve_data
-from .errors import PteenetError
-from .hooks import NO_EARLY_EXIT
-from .model import EarlyExitModel
-from .progress import SILENT, Sink
 
 # Time ratio above the MAC ratio by more than this (relative) counts as "overhead eats part of the
 # savings"; below it the two agree within what run-to-run noise on a busy machine allows.

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import Group
+from ..distributed import Group
 
 
 class _SumOverRanks(torch.autograd.Function):

@@ -31,16 +31,17 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import policies
-from .checkpoint import load_checkpoint, save_checkpoint
-from .configs import Config, check_criterion, check_policy, check_thresholds, setting
-from .errors import PteenetError, unknown_name
-from .exits import Carry, exit_step
-from .hooks import NO_EARLY_EXIT
-from .model import EarlyExitModel
-from .progress import SILENT, Sink
+from ..configs import Config, check_criterion, check_thresholds, setting
+from ..errors import PteenetError, unknown_name
+from ..exits import policies
+from ..exits.chain import Carry, exit_step
+from ..exits.policies import check_policy
+from ..progress import SILENT, Sink
+from ..runtime.checkpoint import load_checkpoint, save_checkpoint
+from ..runtime.model import EarlyExitModel
+from ..sweep import Point, select, threshold_list
+from ..tracing.hooks import NO_EARLY_EXIT
 from .report import build_report, write_report
-from .sweep import Point, select, threshold_list
 
 
 @dataclass(frozen=True)

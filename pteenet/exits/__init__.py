@@ -1,0 +1,1 @@
+"""What sits at an exit: the branch modules, their folded inference form, the cascade/ensemble step, the policies."""
