@@ -10,6 +10,9 @@ for runtimes without pteenet:
   the rest. Inputs ``x`` [1, C, H, W] and ``thresholds`` [E]; outputs ``logits`` [1, K] and
   ``exit_index`` [1]. A cond needs one yes/no answer, so these are batch-1 (latency) programs;
   the policy is built in, the thresholds are an input.
+- ``staged-torch-export`` (``staged_pt2/``) and ``staged-onnx`` (``staged_onnx/``): the early exit as
+  one program per computed exit and a small driver (``run_staged.py``), any batch size and any
+  number of exits (``staged.py``); nested conditionals stop exporting at a few dozen exits.
 - ``static-torch-export`` (``model_static.pt2``) and ``static-onnx`` (``model_static.onnx``): no
   control flow, any batch size: every exit's logits and confidence h plus the final logits; the
   caller applies the rule (and pays for every exit: these save no compute).
@@ -42,6 +45,7 @@ from ..runtime.model import EarlyExitModel
 from ..sweep import Point, select, threshold_list
 from ..tracing.hooks import NO_EARLY_EXIT
 from .report import build_report, write_report
+from .staged import export_pieces
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ FORMATS = {
     "static-torch-export": Format("model_static.pt2", None, (), "torch.export program returning every exit's outputs, any batch size"),
     "onnx": Format("model.onnx", "onnx", ("onnx", "onnxscript"), "ONNX with real early exit (If), batch size 1"),
     "static-onnx": Format("model_static.onnx", "onnx", ("onnx", "onnxscript"), "ONNX returning every exit's outputs, any batch size"),
+    "staged-torch-export": Format("staged_pt2", None, (), "one torch.export program per exit with real early exit, "
+                                  "any batch size, and run_staged.py, the driver (staged.py)"),
+    "staged-onnx": Format("staged_onnx", "onnx", ("onnx", "onnxscript", "onnxruntime"),
+                          "one ONNX program per exit with real early exit, any batch size; run_staged.py drives them "
+                          "with ONNX Runtime (staged.py)"),
 }
 
 
@@ -165,7 +174,8 @@ def exported_program(model: EarlyExitModel, static: bool) -> torch.export.Export
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise PteenetError(f"torch.export cannot export this model {'statically' if static else 'with torch.cond'}: "
                            f"{type(e).__name__}: {first}",
-                           "export --format safetensors (always works) and run it with pteenet.load") from e
+                           "export --format staged-onnx or staged-torch-export (one program per exit, any number "
+                           "of exits), or safetensors and run it with pteenet.load") from e
 
 
 @contextlib.contextmanager
@@ -181,6 +191,9 @@ def _quiet(*loggers: str) -> Iterator[None]:
 
 
 def _write_program(model: EarlyExitModel, fmt: str, path: Path, cache: dict[bool, Any]) -> None:
+    if fmt.startswith("staged"):
+        export_pieces(model, path, onnx=fmt.endswith("onnx"))
+        return
     static = fmt.startswith("static")
     if static not in cache:  # torch-export and onnx of one kind share one (slow) torch.export
         cache[static] = exported_program(model, static)
