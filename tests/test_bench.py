@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 import pteenet
 from pteenet.bench.run import BenchConfig, bench, verdict
-from pteenet.bench.timing import TimeProfile, profile
 from pteenet.cli import app
 from pteenet.runtime.checkpoint import read_metadata
+from pteenet.runtime.timing import TimeProfile, profile
 from test_runtime import make_images, make_model
 
 

@@ -28,16 +28,21 @@ from ..devices import resolve_device
 from ..distributed import Group
 from ..errors import PteenetError
 from ..exits import policies as pol
+from ..exits.chain import computed_heads
 from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
+from ..runtime import timing
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
+from ..runtime.timing import TimeProfile
+from ..tracing.cost import CostTable
 from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
 from .engine import Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit, select, sweep_global
 from .outputs import build_document, write_sweep_outputs
 from .selection import Selection, restrict, select_exits
 
 SPLITS = ("val", "test")
+COSTS = ("macs", "time")
 PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along the global front
 
 
@@ -53,6 +58,8 @@ class SweepConfig(Config):
     max_drop: float | None = None  # percentage points below the backbone
     write: str | None = None  # checkpoint to write with the chosen setting
     batch_size: int = 256
+    cost: str = "macs"  # what a point's cost is: MACs, or predicted time measured here (runtime/timing.py)
+    deploy_batch_size: int = 1  # with cost "time": the batch size the time is predicted for
     device: str = "auto"
     workers: int = 0
     plots: bool = True
@@ -69,6 +76,8 @@ class SweepConfig(Config):
             raise PteenetError("--write needs a chosen setting", "pass --budget F or --max-drop P")
         check_int("batch_size", self.batch_size, 1, "e.g. --batch-size 256")
         check_int("workers", self.workers, 0, "0 loads data in the main process")
+        check_choice("cost", self.cost, COSTS)
+        check_int("deploy_batch_size", self.deploy_batch_size, 1, "e.g. --deploy-batch-size 1")
 
     @property
     def policies(self) -> list[str]:
@@ -176,14 +185,13 @@ def sweep_meta(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str], grid: np.ndarray,
-                    cfg: SweepConfig, chosen: Point | None) -> tuple[Point | None, list[bool] | None]:
+                    cfg: SweepConfig, chosen: Point | None, pricing: Pricing) -> tuple[Point | None, list[bool] | None]:
     """The chosen point again with exit selection, per policy (global thresholds); kept unless
     ``chosen`` beats it (is cheaper within max_drop, or more accurate within budget)."""
-    assert model.cost is not None
     best: Selection | None = None
     for policy in policies:
         try:
-            sel = select_exits(cache, model.cost, model.chained, policy, grid, cfg.max_drop, cfg.budget)
+            sel = select_exits(cache, pricing, model.chained, policy, grid, cfg.max_drop, cfg.budget)
         except PteenetError:
             continue
         if best is None or _better(sel.point, best.point, cfg.budget is not None):
@@ -192,6 +200,38 @@ def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str]
     if best is None or (chosen is not None and _better(chosen, best.point, cfg.budget is not None)):
         return chosen, None
     return best.point, best.active
+
+
+Pricing = CostTable | TimeProfile
+
+
+def _pricing(model: EarlyExitModel, cfg: SweepConfig, device: torch.device) -> tuple[Pricing, dict[str, Any]]:
+    """MACs (the cost table), or time measured here on ``deploy_batch_size`` images with every head
+    computed (exit selection then prices each one), recorded with the machine it was measured on."""
+    assert model.cost is not None
+    if cfg.cost == "macs":
+        return model.cost, {"kind": "macs"}
+    saved = model.active
+    model.set_active(None)
+    try:
+        x = torch.randn(cfg.deploy_batch_size, *model.info.preprocess.input_size, device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+        prof = timing.profile(model, x, repeats=7, warmup=2)
+    finally:
+        model.set_active(saved)
+    return prof, {"kind": "time", "batch_size": cfg.deploy_batch_size, "profile": prof.to_dict(),
+                  "note": f"costs are predicted time at batch {cfg.deploy_batch_size} on this machine, "
+                          "as a fraction of the plain backbone's"}
+
+
+def _both_costs(p: Point, model: EarlyExitModel, pricing: Pricing, active: list[bool] | None) -> dict[str, float]:
+    """The chosen point priced both ways (MACs always; time where it was measured)."""
+    assert model.cost is not None
+    computed = computed_heads(active or [True] * model.num_exits, model.chained)
+    out = {"mac_cost": float(np.dot(p.exit_fractions, model.cost.costs(computed)))}
+    if isinstance(pricing, TimeProfile):
+        out["time_cost"] = float(np.dot(p.exit_fractions, pricing.costs(computed)))
+    return out
 
 
 def _better(a: Point, b: Point, by_budget: bool) -> bool:
@@ -236,7 +276,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     if model.cost is None:
         raise PteenetError(f"{name} has no cost table", "attach the branches with `pteenet attach`")
     # No setting costs less than sending every sample out at the first exit: fail before any data.
-    if cfg.budget is not None and cfg.budget < model.cost.costs()[0] - 1e-9:
+    if cfg.cost == "macs" and cfg.budget is not None and cfg.budget < model.cost.costs()[0] - 1e-9:
         raise below_cheapest(cfg.budget, model.cost.costs()[0])
     training = model.meta.get("training")
     if not training:
@@ -283,17 +323,18 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
 
     skipped_before = SKIPPED.mark()
     cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
+    pricing, cost_model = _pricing(model, cfg, device)
+    cache = restrict(cache, [True] * cache.num_exits, pricing, model.chained)  # the costs in the chosen unit
     if cache.labels is None:
         sink.note(NO_LABELS)
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
     chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
     active = None
     if cfg.select_exits:
-        chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen)
+        chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen, pricing)
     test_cache = run(splits.test, "test") if chosen is not None and cfg.split == "val" else None
-    if test_cache is not None and active is not None:
-        assert model.cost is not None
-        test_cache = restrict(test_cache, active, model.cost, model.chained)
+    if test_cache is not None:
+        test_cache = restrict(test_cache, active or [True] * test_cache.num_exits, pricing, model.chained)
     if chosen is not None and chosen.cost >= 1.0:
         # Branches are work too: a setting that rarely exits costs more than the plain backbone.
         warn(f"the chosen setting costs {chosen.cost:.3f} x the plain backbone: at this accuracy, early exit "
@@ -302,6 +343,9 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     doc = build_document(cache, points, chosen, test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
     if doc["chosen"] is not None:
         doc["chosen"]["active_exits"] = active
+        assert chosen is not None
+        doc["chosen"].update(_both_costs(chosen, model, pricing, active))
+    doc["cost_model"] = cost_model
     doc.update({
         "checkpoint": source, "split": cfg.split,
         "selection_split": cfg.split if choosing else None,

@@ -20,13 +20,15 @@ import numpy as np
 
 from ..errors import PteenetError
 from ..exits.chain import computed_heads
+from ..runtime.timing import TimeProfile
 from ..tracing.cost import CostTable
 from .cache import ExitCache
 from .engine import Point, backbone_point, select, sweep_global
 
 
-def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable, chained: bool) -> ExitCache:
-    """The cache as the runtime sees it with only ``active`` exits deciding."""
+def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable | TimeProfile, chained: bool) -> ExitCache:
+    """The cache as the runtime sees it with only ``active`` exits deciding, priced by ``cost``:
+    MACs (``CostTable``) or measured time (``TimeProfile``), both through ``costs(computed)``."""
     mask = np.asarray(active, dtype=bool)
     if mask.shape != (cache.num_exits,):
         raise PteenetError(f"{mask.size} active flags for {cache.num_exits} exits", "give one per exit")
@@ -49,7 +51,7 @@ def _objective(p: Point | None, by_budget: bool) -> tuple[float, float]:
     return (-p.metric, p.cost) if by_budget else (p.cost, -p.metric)
 
 
-def select_exits(cache: ExitCache, cost: CostTable, chained: bool, policy: str, grid: np.ndarray,
+def select_exits(cache: ExitCache, cost: CostTable | TimeProfile, chained: bool, policy: str, grid: np.ndarray,
                  max_drop: float | None = None, budget: float | None = None) -> Selection:
     """Greedy backward elimination of exits for one policy with a global threshold."""
     if (max_drop is None) == (budget is None):
