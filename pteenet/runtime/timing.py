@@ -1,8 +1,8 @@
 """A measured cost model: where one batch's time goes, and what each exit costs on the clock.
 
 The MAC ratio is what early exit would save if every MAC took the same time. They do not: on a
-CPU a ResNet's first, high-resolution stage takes about 1.5x the time per MAC of its last, so
-leaving early saves less time than MACs; and a pooled head that costs 0.1% of the MACs takes a few
+CPU a ResNet's first, high-resolution stage takes more time per MAC than its last (measured:
+``best_resnet56.timing`` in benchmarks/results/cifar10_resnet.json), so leaving early saves less time than MACs; and a pooled head that costs 0.1% of the MACs takes a few
 percent of the time (pooling reads the whole tap, and is memory-bound), at batch 1 more (each op's
 fixed cost). ``profile`` measures, for one batch size, every backbone stage, every computed head,
 one decision (score, comparison, the one value read back) and, at batch > 1, the row compaction
