@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import pteenet
 from pteenet.cli import app
 from pteenet.runtime.timing import TimeProfile, profile
-from pteenet.sweep import restrict, select_exits
+from pteenet.sweep import ExitCache, restrict, select_exits
 from test_heads import build
 from test_runtime import cache_of, make_images
 
@@ -86,3 +86,27 @@ def test_sweep_cli_cost_time_records_the_batch_size_and_both_costs(tmp_path: Pat
     assert saved.meta["sweep"]["cost_model"]["batch_size"] == 4 and saved.active == chosen["active_exits"]
     r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--cost", "watts"])
     assert r.exit_code == 1 and "cost" in r.stderr
+
+
+def test_max_tail_bounds_what_a_sample_that_never_leaves_pays() -> None:
+    # Four exits, each the only one sure (and right) about its own fifth of the samples; the last
+    # fifth runs to the end. Every exit pays for itself on the mean, so selection keeps all four,
+    # and a sample that never leaves pays all four heads: 1.24x.
+    e, n = 4, 500
+    group = np.arange(n) % (e + 1)
+    preds = np.ones((e + 1, n), dtype=np.int64)
+    preds[-1] = 0
+    scores = np.full((e, n), 0.1, dtype=np.float32)
+    for k in range(e):
+        preds[k, group == k] = 0
+        scores[k, group == k] = 0.99
+    prof = TimeProfile(batch_size=1, stage_ms=[1.0] * (e + 1), head_ms=[0.3] * e, backbone_ms=float(e + 1))
+    cost = ExitCache(preds, {"max-softmax": scores}, np.zeros(n), prof.costs(), prof.costs_paper())
+    grid = np.linspace(0, 1, 51)
+    free = select_exits(cost, prof, False, "max-softmax", grid, max_drop=0.5)
+    assert free.active == [True] * e and prof.costs()[-1] == pytest.approx(1.24)
+    sel = select_exits(cost, prof, False, "max-softmax", grid, max_drop=0.5, max_tail=1.15)
+    assert sel.active.count(True) == 2 and prof.costs(sel.active)[-1] <= 1.15
+    assert sel.point.accuracy == 1.0  # what leaves still leaves right
+    with pytest.raises(pteenet.PteenetError, match="no setting meets"):  # only the backbone has no tail
+        select_exits(cost, prof, False, "max-softmax", grid, max_drop=0.5, max_tail=1.0)

@@ -90,6 +90,7 @@ def sweep_command(
     batch_size: int = typer.Option(256, help="images per batch"),
     cost: str = typer.Option("macs", help="a point's cost: macs, or time (predicted from stages and heads timed here)"),
     deploy_batch_size: int = typer.Option(1, "--deploy-batch-size", help="with --cost time: the batch size to predict time for"),
+    max_tail: Optional[float] = typer.Option(None, "--max-tail", help="with --select-exits: a sample that takes no exit costs at most F x the backbone (e.g. 1.2)"),
     device: DeviceOption = "auto",
     workers: int = typer.Option(0, help="data loader worker processes"),
     strict_images: StrictImagesOption = False,
@@ -102,7 +103,7 @@ def sweep_command(
     cfg = SweepConfig(outdir=str(output), split=split.value, policy=policy, thresholds=thresholds,
                       per_exit=per_exit, select_exits=select_exits, budget=budget, max_drop=max_drop,
                       write=None if write is None else str(write), batch_size=batch_size,
-                      cost=cost, deploy_batch_size=deploy_batch_size,
+                      cost=cost, deploy_batch_size=deploy_batch_size, max_tail=max_tail,
                       device=device, workers=workers)
     with progress_sink() as sink:
         doc = sweep_threshold(checkpoint, DataRequest(spec=data, data_dir=data_dir, limit=limit, calibration=calibration,

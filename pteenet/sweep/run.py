@@ -60,6 +60,7 @@ class SweepConfig(Config):
     batch_size: int = 256
     cost: str = "macs"  # what a point's cost is: MACs, or predicted time measured here (runtime/timing.py)
     deploy_batch_size: int = 1  # with cost "time": the batch size the time is predicted for
+    max_tail: float | None = None  # exit selection: a sample that takes no exit costs at most this x the backbone
     device: str = "auto"
     workers: int = 0
     plots: bool = True
@@ -78,6 +79,8 @@ class SweepConfig(Config):
         check_int("workers", self.workers, 0, "0 loads data in the main process")
         check_choice("cost", self.cost, COSTS)
         check_int("deploy_batch_size", self.deploy_batch_size, 1, "e.g. --deploy-batch-size 1")
+        if self.max_tail is not None and not (isinstance(self.max_tail, (int, float)) and self.max_tail >= 1.0):
+            raise PteenetError(f"max_tail must be a number >= 1, got {self.max_tail!r}", "e.g. --max-tail 1.2")
 
     @property
     def policies(self) -> list[str]:
@@ -191,7 +194,7 @@ def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str]
     best: Selection | None = None
     for policy in policies:
         try:
-            sel = select_exits(cache, pricing, model.chained, policy, grid, cfg.max_drop, cfg.budget)
+            sel = select_exits(cache, pricing, model.chained, policy, grid, cfg.max_drop, cfg.budget, cfg.max_tail)
         except PteenetError:
             continue
         if best is None or _better(sel.point, best.point, cfg.budget is not None):

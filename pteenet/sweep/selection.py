@@ -52,8 +52,10 @@ def _objective(p: Point | None, by_budget: bool) -> tuple[float, float]:
 
 
 def select_exits(cache: ExitCache, cost: CostTable | TimeProfile, chained: bool, policy: str, grid: np.ndarray,
-                 max_drop: float | None = None, budget: float | None = None) -> Selection:
-    """Greedy backward elimination of exits for one policy with a global threshold."""
+                 max_drop: float | None = None, budget: float | None = None, max_tail: float | None = None) -> Selection:
+    """Greedy backward elimination of exits for one policy with a global threshold. With
+    ``max_tail``, exits are then dropped (the least harmful first) until a sample that leaves at no
+    exit costs at most ``max_tail`` x the backbone: the mean must not hide a slow tail."""
     if (max_drop is None) == (budget is None):
         raise PteenetError("exit selection needs a criterion", "pass either --max-drop or --budget")
     backbone = backbone_point(cache)
@@ -81,6 +83,16 @@ def select_exits(cache: ExitCache, cost: CostTable | TimeProfile, chained: bool,
         if score > _objective(current, by_budget):
             break
         active[k] = False
+        current = best(active)
+    def tail(active: list[bool]) -> float:
+        return cost.costs(computed_heads(active, chained))[-1]
+
+    while max_tail is not None and any(active) and tail(active) > max_tail + 1e-12:
+        # Only removals that shorten the tail count (with a cascade or ensemble: the last active exit).
+        trials = [(_objective(best(t), by_budget), k) for k, t in
+                  ((k, [a and j != k for j, a in enumerate(active)]) for k, a in enumerate(active) if a)
+                  if tail(t) < tail(active) - 1e-12]
+        active[min(trials)[1]] = False
         current = best(active)
     if current is None:
         raise PteenetError("no setting meets the criterion with any set of exits",
