@@ -43,7 +43,7 @@ class TimeProfile:
     batch_size: int
     stage_ms: list[float]  # the E+1 stages, each on the whole batch
     head_ms: list[float]  # per exit; 0.0 for a head the runtime does not compute
-    backbone_ms: float | None = None  # the plain backbone on the same batch (None: the stages' sum)
+    backbone_ms: float | None = None  # the plain backbone on the same batch, one call (not a reference)
     decision_ms: float = 0.0  # one exit's decision: score, comparison, the value read back
     compaction_ms: list[float] = field(default_factory=list)  # per exit: selecting the rows that stay (batch > 1)
     machine: dict[str, Any] = field(default_factory=dict)
@@ -51,7 +51,11 @@ class TimeProfile:
 
     @property
     def reference_ms(self) -> float:
-        return self.backbone_ms if self.backbone_ms else sum(self.stage_ms)
+        """What ratios divide by: the stages' sum, timed the same way as the heads (short calls,
+        round-robin). The whole backbone timed as one long call (``backbone_ms``, recorded to show
+        what splitting costs) is not comparable on a shared machine: a 20 ms call is preempted by
+        other processes far more often than a 0.3 ms one, which would make every exit look cheap."""
+        return sum(self.stage_ms)
 
     def costs(self, computed: Sequence[bool] | None = None) -> list[float]:
         """Per exit, then the end: the predicted time of a sample that leaves there, as a fraction
