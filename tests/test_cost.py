@@ -11,16 +11,21 @@ from pteenet.tracing.cost import PLACEMENTS, cumulative_macs, node_macs, place
 from pteenet.tracing.graph import candidates, trace
 
 
-@pytest.mark.parametrize("spec,size", [("cifar-resnet20", (3, 32, 32)), ("torchvision:resnet18", (3, 64, 64)),
-                                       ("torchvision:mobilenet_v3_small", (3, 64, 64))])
-def test_macs_agree_with_flop_counter(spec: str, size: tuple[int, int, int]) -> None:
+# Our count is FlopCounterMode's (every conv, linear and matmul) plus the elementwise work of norms,
+# pools and activations (thop's rules), which FlopCounterMode does not count: never below it, and
+# above it by that work only. Measured (torch 2.14.1): +1.87%, +0.55%, +7.52% (hardswish and
+# squeeze-excitation everywhere); the bounds leave a little room for other torch versions.
+@pytest.mark.parametrize("spec,size,excess", [("cifar-resnet20", (3, 32, 32), 0.025),
+                                              ("torchvision:resnet18", (3, 64, 64), 0.008),
+                                              ("torchvision:mobilenet_v3_small", (3, 64, 64), 0.085)])
+def test_macs_agree_with_flop_counter(spec: str, size: tuple[int, int, int], excess: float) -> None:
     backbone, info = load_backbone(spec, input_size=size)
     tb = trace(backbone, size)
     ours = cumulative_macs(tb, node_macs(tb, size))[-1]
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         backbone(torch.zeros(1, *size))
     reference = fc.get_total_flops() / 2  # FlopCounterMode counts 2 FLOPs per MAC
-    assert abs(ours - reference) / reference < 0.10
+    assert 0 <= (ours - reference) / reference < excess
 
 
 def test_thop_never_touches_the_backbone() -> None:
