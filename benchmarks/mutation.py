@@ -33,6 +33,11 @@ R = "tests/test_runtime.py"
 S = "tests/test_sweep.py"
 SCORES = f"{P}::test_scores_equal_the_formulas_of_the_readme"
 PUBLISHED = f"{P}::test_the_published_state_dict_module_format_loads"
+INACTIVE = (f"{H}::test_inactive_exits_never_decide_and_their_heads_are_skipped", f"{H}::test_attach_exits_all_and_head_costs")
+SELECTION = (f"{H}::test_exit_selection_drops_exits_without_losing_the_point",
+             f"{H}::test_exit_selection_by_budget_is_never_worse_than_every_exit")
+HEADS = f"{H}::test_runtime_equals_simulation_for_every_head"
+ROUND_TRIP = f"{H}::test_checkpoint_round_trip_keeps_heads_ensemble_and_active"
 
 
 @dataclass(frozen=True)
@@ -51,15 +56,16 @@ MUTANTS: list[Mutant] = [
     M("M01", "runtime/model.py", "if self.stages.shrinkable:", "if False:",
       "the batch never shrinks: every row runs every stage", (f"{P}::test_samples_that_leave_stop_computing",)),
     M("M02", "runtime/model.py", "if self.active[k] and bool(policies.passes(", "if bool(policies.passes(",
-      "batch 1: inactive exits decide too", (H, "tests/test_export.py")),
+      "batch 1: inactive exits decide too",
+      (*INACTIVE, f"{H}::test_cond_program_with_ensemble_and_inactive_exits_equals_eager")),
     M("M03", "runtime/model.py", "            if not self.active[k]:\n                continue\n            leave",
-      "            leave", "batched: inactive exits decide too", (H,)),
+      "            leave", "batched: inactive exits decide too", (*INACTIVE, *SELECTION)),
     M("M04", "runtime/model.py", "out_logits[rows[leave]] = logits[leave]", "out_logits[:len(leave)][leave] = logits[leave]",
       "answers written at the running batch's positions, not the original rows", (R,)),
     M("M05", "runtime/model.py", "exit_index[rows[leave]] = k", "exit_index[rows[leave]] = min(k + 1, self.num_exits)",
       "the reported exit index is off by one", (R,)),
     M("M06", "runtime/model.py", "carry = carry.select(keep)", "carry = carry",
-      "the carried cascade/ensemble values keep the rows that left", (H,)),
+      "the carried cascade/ensemble values keep the rows that left", (HEADS,)),
     # -- policies --
     M("M07", "exits/policies.py", "return torch.log_softmax(logits.float(), dim=1).max(1).values.exp()",
       "return torch.log_softmax(logits.float(), dim=1).max(1).values.exp().sqrt()",
@@ -75,7 +81,7 @@ MUTANTS: list[Mutant] = [
       ("tests/test_policies.py",)),
     # -- cost --
     M("M12", "tracing/cost.py", "passed += e.branch_macs if c else 0", "passed += e.branch_macs",
-      "re-pricing ignores which heads are computed", (H, "tests/test_cost.py")),
+      "re-pricing ignores which heads are computed", (*INACTIVE, *SELECTION, "tests/test_cost.py")),
     M("M13", "tracing/cost.py", "(prefix + passed) / total, (prefix + b) / total", "(prefix + b) / total, (prefix + b) / total",
       "cumulative cost counts only the own branch", ("tests/test_cost.py",)),
     M("M14", "tracing/cost.py", "return 1.0 + sum(e.branch_macs for e in self.exits) / self.backbone_macs", "return 1.0",
@@ -92,13 +98,13 @@ MUTANTS: list[Mutant] = [
       "self.macs[n.name] = 0", "modules with a thop rule count nothing", ("tests/test_cost.py",)),
     # -- selection and the sweep engine --
     M("M19", "sweep/selection.py", "if score > _objective(current, by_budget):", "if score >= _objective(current, by_budget):",
-      "removals that change nothing are no longer taken", (H,)),
+      "removals that change nothing are no longer taken", SELECTION),
     M("M20", "sweep/selection.py", "return (-p.metric, p.cost) if by_budget else (p.cost, -p.metric)",
-      "return (p.cost, -p.metric)", "budget mode minimises cost instead of maximising accuracy", (H,)),
+      "return (p.cost, -p.metric)", "budget mode minimises cost instead of maximising accuracy", SELECTION),
     M("M21", "sweep/selection.py", "scores = {p: np.where(mask[:, None], s, np.nan).astype(np.float32)",
-      "scores = {p: s.astype(np.float32)", "switched-off exits still decide in the simulation", (H,)),
+      "scores = {p: s.astype(np.float32)", "switched-off exits still decide in the simulation", SELECTION),
     M("M22", "sweep/selection.py", "np.asarray(cost.costs(computed_heads(mask, chained)))", "np.asarray(cost.costs())",
-      "selection prices every head, computed or not", (H,)),
+      "selection prices every head, computed or not", (*INACTIVE, *SELECTION)),
     M("M23", "sweep/engine.py", "target = backbone.metric - max_drop / 100.0", "target = backbone.metric - max_drop / 10.0",
       "max_drop read as tenths, not points", (S,)),
     M("M24", "sweep/engine.py", "return max((p for p in points if p.cost <= budget + _EPS)",
@@ -118,23 +124,24 @@ MUTANTS: list[Mutant] = [
     M("M30", "exits/branches.py", "torch.log_softmax(prev.detach().float(), 1)", "torch.log_softmax(prev.float(), 1)",
       "the cascade input is not detached: gradients reach the previous head", (f"{P}::test_no_gradient_reaches_the_previous_head_through_the_next",)),
     M("M31", "exits/chain.py", "return head, logits, conf, Carry(head if branch.cascade else None, acc)",
-      "return head, logits, conf, Carry(None, acc)", "a cascade head never sees the previous head", (P, H)),
+      "return head, logits, conf, Carry(None, acc)", "a cascade head never sees the previous head", (HEADS, f"{H}::test_feature_cache_rows_give_the_same_outputs")),
     M("M32", "exits/chain.py", "w = self._inference_weights()[k:, k].to(logp.dtype)",
-      "w = self.weights()[k:, 0].to(logp.dtype)", "the ensemble weights head 0's column for every head", (H,)),
+      "w = self.weights()[k:, 0].to(logp.dtype)", "the ensemble weights head 0's column for every head",
+      (f"{H}::test_ensemble_is_fitted_non_negative_and_helps", HEADS)),
     M("M33", "exits/chain.py", "return F.softplus(self.raw).tril()", "return F.softplus(self.raw)",
-      "the ensemble fit lets an exit see later heads", (H,)),
+      "the ensemble fit lets an exit see later heads", (f"{H}::test_ensemble_is_fitted_non_negative_and_helps", HEADS)),
     M("M34", "training/run.py", "model.set_ensemble(fit_ensemble_on(model, val_src,",
       "model.set_ensemble(fit_ensemble_on(model, train_src,", "the ensemble is fitted on the training split", (f"{P}::test_the_ensemble_is_fitted_on_the_calibration_split",)),
     M("M35", "exits/chain.py", "return [k <= last and (bool(a) or chained) for k, a in enumerate(active)]",
-      "return [k <= last for k, a in enumerate(active)]", "inactive heads computed without a cascade or ensemble", (H,)),
+      "return [k <= last for k, a in enumerate(active)]", "inactive heads computed without a cascade or ensemble", INACTIVE),
     M("M36", "exits/chain.py", "last = max((k for k, a in enumerate(active) if a), default=-1)",
-      "last = len(active) - 1", "heads after the last active exit computed", (H,)),
+      "last = len(active) - 1", "heads after the last active exit computed", INACTIVE),
     # -- checkpoint and weights --
     M("M37", "runtime/checkpoint.py", 'if tensors_sha256(bb_sd) != meta["backbone_sha256"]:', "if False:",
       "a tampered backbone loads", ("tests/test_checkpoint.py",)),
     M("M38", "runtime/checkpoint.py", 'model.set_active(meta.get("active_exits"))', "model.set_active(None)",
-      "the exit selection is lost on load", (H,)),
-    M("M39", "runtime/checkpoint.py", 'if meta.get("ensemble"):', "if False:", "the ensemble is lost on load", (H,)),
+      "the exit selection is lost on load", (ROUND_TRIP,)),
+    M("M39", "runtime/checkpoint.py", 'if meta.get("ensemble"):', "if False:", "the ensemble is lost on load", (ROUND_TRIP,)),
     M("M40", "backbones/weights.py", 'obj = torch.load(str(path), map_location="cpu", weights_only=True)',
       'obj = torch.load(str(path), map_location="cpu", weights_only=False)', "torch files are unpickled", (f"{P}::test_a_pickle_that_runs_code_is_refused",)),
     M("M41", "backbones/weights.py", 'if sd and all(k.startswith("module.") for k in sd):', "if False:",
