@@ -77,3 +77,12 @@ def test_cost_table_conventions() -> None:
     assert table.costs()[-1] == table.final_cost and table.costs_paper()[-1] == 1.0
     # a conv2 branch at 16 channels, 32x32: two 3x3 convs dominate
     assert table.exits[0].branch_macs >= 2 * 16 * 16 * 9 * 32 * 32
+
+
+def test_placement_fractions_are_the_documented_ones() -> None:
+    # exit i of n goes where the cumulative MACs reach these fractions of the backbone's (--placement)
+    by_hand = {"linear": [1 / 4, 2 / 4, 3 / 4], "fine": [0.05, 0.0975, 0.142625], "pareto": [0.2, 0.36, 0.488],
+               "golden": [1.618 ** -3, 1.618 ** -2, 1.618 ** -1]}
+    assert set(by_hand) == set(PLACEMENTS)
+    for rule, want in by_hand.items():
+        assert [PLACEMENTS[rule](i, 3) for i in range(3)] == pytest.approx(want, abs=1e-12), rule

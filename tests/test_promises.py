@@ -107,6 +107,18 @@ def test_no_gradient_reaches_the_previous_head_through_the_next() -> None:
     assert any(p.grad is not None and p.grad.any() for p in model.branches[1].parameters())
 
 
+def test_a_cascade_head_reads_the_previous_heads_logits() -> None:
+    model = build("pool-mlp", True, False)
+    x = make_images(8, seed=4)
+    with torch.no_grad():
+        taps, final = model.backbone_taps(x)
+        out = model.branch_outputs(taps, final)
+        fed, _ = model.branches[1](taps[1], out.heads[0])
+        alone, _ = model.branches[1](taps[1], None)
+    assert_logits_close(out.heads[1], fed)
+    assert (out.heads[1] - alone).abs().max() > 1e-2  # the previous head's logits do change the answer
+
+
 # -- the ensemble is fitted on the calibration split ------------------------------------------------
 def test_the_ensemble_is_fitted_on_the_calibration_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
