@@ -207,6 +207,30 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
     raise SystemExit(f"pytest could not run {tests} (exit {r.returncode}): {detail}")
 
 
+def write(results: list[dict], load_before: tuple[float, ...], seconds: float, complete: bool) -> None:
+    """The results file: ``results`` replace their ids' entries, the other mutants' entries stay
+    (a rerun of a few with ``--only``); rewritten after every mutant, so a stopped run keeps its part."""
+    order = {m.id: i for i, m in enumerate(MUTANTS)}
+    mine = {r["id"] for r in results}
+    kept = [r for r in json.loads(OUT.read_text())["results"] if r["id"] not in mine and r["id"] in order] if OUT.exists() else []
+    merged = sorted(kept + results, key=lambda r: order[r["id"]])
+    for r in merged:  # explanations may have been added since an entry was run
+        r.pop("equivalent", None)
+        if r["outcome"] == "survived":
+            r["equivalent"] = EQUIVALENT.get(r["id"], "NOT EXPLAINED: needs a test")
+    killed = sum(r["outcome"].startswith("killed") for r in merged)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    doc = {"script": "benchmarks/mutation.py", "commit": commit, "python": sys.version.split()[0],
+           "torch": __import__("torch").__version__, "cpus": os.cpu_count(),
+           "load_average_before": load_before, "load_average_after": os.getloadavg(), "seconds_this_run": round(seconds),
+           "complete": complete and len(merged) == len(MUTANTS), "mutants": len(merged), "killed": killed,
+           "kill_rate": round(killed / max(len(merged), 1), 4),
+           "survivors": [{"id": r["id"], "description": r["description"], "equivalent": r["equivalent"]}
+                         for r in merged if r["outcome"] == "survived"],
+           "results": merged}
+    OUT.write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="mutant ids, whose entries replace those in the results file")
@@ -219,14 +243,14 @@ def main() -> None:
     tree = scratch_copy()
     load_before = os.getloadavg()
     t_start = time.perf_counter()
+    results: list[dict] = []
     try:
         if not args.no_baseline:
             tests = tuple(sorted({t for m in mutants for t in m.tests}))
             outcome, rc, secs, detail = run_tests(tree, tests, 3 * args.timeout)
-            print(f"baseline ({len(tests)} files): {outcome} in {secs:.0f} s", flush=True)
+            print(f"baseline ({len(tests)} test selections): {outcome} in {secs:.0f} s", flush=True)
             if outcome != "survived":
                 raise SystemExit(f"the unchanged code fails its tests: {detail}")
-        results = []
         for m in mutants:
             path = tree / "pteenet" / m.file
             original = path.read_text()
@@ -235,37 +259,15 @@ def main() -> None:
                 outcome, rc, secs, detail = run_tests(tree, m.tests, args.timeout)
             finally:
                 path.write_text(original)
-            entry = {"id": m.id, "file": f"pteenet/{m.file}", "description": m.description, "old": m.old,
-                     "new": m.new, "tests": list(m.tests), "outcome": outcome, "seconds": round(secs, 1),
-                     "detail": detail}
-            if outcome == "survived":
-                entry["equivalent"] = EQUIVALENT.get(m.id, "NOT EXPLAINED: needs a test")
-            results.append(entry)
+            results.append({"id": m.id, "file": f"pteenet/{m.file}", "description": m.description, "old": m.old,
+                            "new": m.new, "tests": list(m.tests), "outcome": outcome, "seconds": round(secs, 1),
+                            "detail": detail})
             print(f"{m.id} {outcome:<17} {secs:6.1f} s  {m.file}: {m.description}  [{detail[:120]}]", flush=True)
+            write(results, load_before, time.perf_counter() - t_start, m is mutants[-1])
     finally:
         shutil.rmtree(tree, ignore_errors=True)
     killed = sum(r["outcome"].startswith("killed") for r in results)
-    print(f"killed {killed} of {len(results)} ({100 * killed / max(len(results), 1):.1f}%)")
-    if args.only and OUT.exists():  # a rerun of a few: replace their entries, keep the others
-        rerun = {r["id"] for r in results}
-        order = {m.id: i for i, m in enumerate(MUTANTS)}
-        old = [r for r in json.loads(OUT.read_text())["results"] if r["id"] not in rerun and r["id"] in order]
-        results = sorted(old + results, key=lambda r: order[r["id"]])
-        for r in results:  # explanations may have been added since
-            if r["outcome"] == "survived":
-                r["equivalent"] = EQUIVALENT.get(r["id"], "NOT EXPLAINED: needs a test")
-        killed = sum(r["outcome"].startswith("killed") for r in results)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    doc = {"script": "benchmarks/mutation.py", "commit": commit, "python": sys.version.split()[0],
-           "torch": __import__("torch").__version__, "cpus": os.cpu_count(),
-           "load_average_before": load_before, "load_average_after": os.getloadavg(),
-           "seconds": round(time.perf_counter() - t_start), "mutants": len(results), "killed": killed,
-           "kill_rate": round(killed / len(results), 4),
-           "survivors": [{"id": r["id"], "description": r["description"], "equivalent": r["equivalent"]}
-                         for r in results if r["outcome"] == "survived"],
-           "results": results}
-    OUT.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {OUT.relative_to(ROOT)}")
+    print(f"this run: killed {killed} of {len(results)}; wrote {OUT.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
