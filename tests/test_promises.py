@@ -119,6 +119,18 @@ def test_a_cascade_head_reads_the_previous_heads_logits() -> None:
     assert (out.heads[1] - alone).abs().max() > 1e-2  # the previous head's logits do change the answer
 
 
+def test_each_exit_answers_with_its_row_of_the_ensemble_weights() -> None:
+    model = build("pool-mlp", True, True)
+    assert model.ensemble is not None
+    with torch.no_grad():
+        out = model.forward_all(make_images(16, seed=6))
+        w, bias = model.ensemble.weights(), model.ensemble.bias
+        logp = [torch.log_softmax(h.float(), 1) for h in out.heads]
+        for k in range(model.num_exits):  # exit k: sum over heads j <= k of w[k, j] * log p_j, plus bias k
+            want = sum(w[k, j] * logp[j] for j in range(k + 1)) + bias[k]
+            assert_logits_close(out.exit_logits[k], want, rel=1e-4)
+
+
 # -- the ensemble is fitted on the calibration split ------------------------------------------------
 def test_the_ensemble_is_fitted_on_the_calibration_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
