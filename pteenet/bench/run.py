@@ -66,8 +66,8 @@ def tune_allocator() -> str | None:
 
     glibc serves large blocks (a 256-image activation of 16 MB) with mmap and frees them with munmap,
     so every new activation pays page faults. On CIFAR ResNet-56 at batch 256 on this project's CPU
-    machine that slowed eager inference (394 ms against 329 ms tuned), and a traced graph, whose frees
-    come in a slightly different order, more (1.38x eager); ``benchmarks/stage_profile.py`` records both. Raising glibc's mmap and trim thresholds removes both
+    machine that slowed eager inference, and a traced graph, whose frees come in a slightly
+    different order, more (``benchmarks/stage_profile.py`` measures both: ``benchmarks/results/stage_profile.json``). Raising glibc's mmap and trim thresholds removes both
     effects. It changes this process only; returns a description, or None where glibc is absent.
     """
     import ctypes
