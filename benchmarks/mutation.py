@@ -161,7 +161,7 @@ MUTANTS: list[Mutant] = [
     M("M46", "training/config.py", 'diffs = cfg.resume_diffs(was_cfg) + data_cfg.resume_diffs(was_data, "data.")',
       "diffs = []", "a resume with other settings is accepted", ("tests/test_train.py",)),
     # -- export with an ensemble --
-    M("M47", "export/run.py", "for logits, conf in zip(a.exit_logits, a.exit_conf):",
+    M("M47", "export/programs.py", "for logits, conf in zip(a.exit_logits, a.exit_conf):",
       "for logits, conf in zip(a.heads, a.exit_conf):", "the static program answers with each head, not the ensemble", (f"{P}::test_the_static_program_with_an_ensemble_equals_eager",)),
 ]
 

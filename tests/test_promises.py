@@ -22,7 +22,7 @@ from pteenet.cli import app
 from pteenet.data import DataConfig, load_splits
 from pteenet.errors import PteenetError
 from pteenet.exits import policies as pol
-from pteenet.export.run import exported_program
+from pteenet.export.programs import exported_program
 from pteenet.training.run import TrainConfig, train_branches
 from test_heads import build
 from test_runtime import assert_logits_close, cache_of, make_images, make_model, random_thresholds, simulated_exits
