@@ -94,23 +94,24 @@ def test_the_recorded_thresholds_are_the_default(exported: tuple[pteenet.EarlyEx
         assert staged.run(x.numpy())[1].tolist() == model.predict(x).exit_index.tolist()
 
 
-def test_exit_selection_drops_pieces(tmp_path: Path) -> None:
-    active = [k in (2, 5, 6) for k in range(9)]
-    model = many_exit_model(seed=1)
-    model.set_active(active)
-    # Chained heads: exits 0..6 computed (later ones read them), 2, 5, 6 decide; 7, 8 not computed.
-    specs = plan(model)
-    assert [(s.last, s.decides) for s in specs] == [(k, k in (2, 5, 6)) for k in range(7)] + [(9, False)]
-    assert specs[-1].first == 7  # stages 7, 8 and the end in one piece
-    model = many_exit_model(seed=1, chained=False)
-    model.set_active(active)
-    assert [(s.first, s.last) for s in plan(model)] == [(0, 2), (3, 5), (6, 6), (7, 9)]
+@pytest.mark.parametrize("chained", [True, False])
+def test_exit_selection_drops_pieces(tmp_path: Path, chained: bool) -> None:
+    model = many_exit_model(seed=1, chained=chained)
+    model.set_active([k in (2, 5, 6) for k in range(9)])
+    # One piece per deciding exit (2, 5, 6), then the end; chained: exits 0..6 are computed (later
+    # ones read them) inside those pieces; 7 and 8 never are.
+    want = [(0, 2, (0, 1, 2)), (3, 5, (3, 4, 5)), (6, 6, (6,))] if chained else [(0, 2, (2,)), (3, 5, (5,)), (6, 6, (6,))]
+    assert [(s.first, s.last, s.heads) for s in plan(model)] == [*want, (7, 9, ())]
     x = make_images(16, seed=7)
     model.set_thresholds(settings(model, x)[0], "max-softmax")
     export_model(model, ExportConfig(output=tmp_path / "o", formats=("staged-torch-export",)))
     staged = _driver(tmp_path / "o" / "staged_pt2").StagedModel(tmp_path / "o" / "staged_pt2", torch_runner)
-    for batch in (x, x[:1], x[4:5]):
-        want = model.predict(batch)
+    assert len(staged.pieces) == 4
+    seen: set[int] = set()
+    for batch in (x, x[:1], x[4:5], x[9:10]):
+        want_pred = model.predict(batch)
         logits, exit_index = staged.run(batch.numpy())
-        assert exit_index.tolist() == want.exit_index.tolist()
-        assert_logits_close(torch.from_numpy(logits), want.logits, rel=1e-3)
+        assert exit_index.tolist() == want_pred.exit_index.tolist()
+        assert_logits_close(torch.from_numpy(logits), want_pred.logits, rel=1e-3)
+        seen.update(exit_index.tolist())
+    assert len(seen) >= 2

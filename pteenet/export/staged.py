@@ -1,9 +1,9 @@
 """Staged programs: the early exit itself as one small program per piece, for any batch size.
 
-A piece runs the backbone stages from one computed exit to the next, that exit's head (with what
-earlier heads carry: cascade logits, ensemble sums) and, for an exit that decides, its decision:
-``leave`` [B] (the policy is built in, the threshold is an input). Stages whose exit is not computed
-(exit selection) are folded into the next piece, so they cost no call. The driver
+A piece runs the backbone stages from one deciding exit to the next, every head computed on the
+way (with a cascade or an ensemble, heads of exits that do not decide still feed later ones) and
+the decision: ``leave`` [B] (the policy is built in, the threshold is an input). So exit selection
+removes whole calls: the driver makes one call per deciding exit, plus one for the backbone's end. The driver
 (``driver.StagedModel``, copied into the folder) runs the pieces in order, keeps only the rows still
 in flight, and stops once every row has left. Nothing nests: where 27 nested ``torch.cond`` exceed
 Dynamo's recursion limit, 28 pieces export one after another.
@@ -36,52 +36,58 @@ from . import driver
 @dataclass
 class PieceSpec:
     first: int  # the first backbone stage it runs
-    last: int  # the last one: an exit's stage, or E for the backbone's end
-    decides: bool  # exit ``last`` takes a decision (else its head only feeds later exits)
+    last: int  # the last one: a deciding exit's stage, or E for the backbone's end
+    heads: tuple[int, ...]  # the heads it computes (the last one decides; earlier ones feed later exits)
     n_state: int  # backbone values entering it
     prev: bool  # carry layout entering it (cascade logits, ensemble sums)
     acc: bool
+
+    @property
+    def decides(self) -> bool:
+        return bool(self.heads) and self.heads[-1] == self.last
 
     def input_names(self) -> list[str]:
         return [f"s{j}" for j in range(self.n_state)] + ["prev"] * self.prev + ["acc"] * self.acc + ["threshold"] * self.decides
 
 
 def plan(model: EarlyExitModel) -> list[PieceSpec]:
-    """The pieces the model runs as: one per computed head, then the rest of the backbone. The carry
-    layout and state sizes come from one eager pass on two images."""
-    n_exits = model.num_exits
+    """The pieces the model runs as: one per exit that decides, holding the stages since the
+    previous one and every head computed on them (with a cascade or an ensemble, heads of exits
+    that do not decide still feed later ones), then the rest of the backbone. The carry layout and
+    state sizes come from one eager pass on two images."""
     computed = model.computed_heads()
     c, h, w = model.info.preprocess.input_size
     specs: list[PieceSpec] = []
     with torch.no_grad():
         state: tuple[Any, ...] = (torch.zeros(2, c, h, w, device=next(model.parameters()).device),)
-        carry, first = Carry(), 0
+        carry, heads, first = Carry(), [], 0
+        entering = (1, False, False)
         for k, stage in enumerate(model.stages.modules):
-            if k == 0 or specs and specs[-1].last == k - 1:
-                entering = (len(state), carry.prev is not None, carry.acc is not None)
-                first = k
             if any(not isinstance(v, torch.Tensor) for v in state):
                 raise PteenetError("a backbone stage passes a non-tensor value on: staged programs carry tensors only",
                                    "export --format static-onnx or safetensors")
-            if k == n_exits:
-                specs.append(PieceSpec(first, k, False, entering[0], entering[1], entering[2]))
+            if k == model.num_exits:
+                specs.append(PieceSpec(first, k, tuple(heads), *entering))
                 break
             out = stage(*state)
             state = tuple(out[:-1])
             if computed[k]:
                 _, _, _, carry = exit_step(model.branches[k], model.ensemble, k, out[-1], carry)
-                specs.append(PieceSpec(first, k, bool(model.active[k]), *entering))
+                heads.append(k)
+            if computed[k] and model.active[k]:
+                specs.append(PieceSpec(first, k, tuple(heads), *entering))
+                entering, heads, first = (len(state), carry.prev is not None, carry.acc is not None), [], k + 1
     return specs
 
 
 class Piece(nn.Module):
     """One piece (``PieceSpec``) as a module: inputs and outputs as ``PieceSpec.input_names`` says."""
 
-    def __init__(self, model: EarlyExitModel, spec: PieceSpec, final: bool) -> None:
+    def __init__(self, model: EarlyExitModel, spec: PieceSpec) -> None:
         super().__init__()
-        self.spec, self.final, self.policy = spec, final, model.policy
+        self.spec, self.policy, self.num_exits = spec, model.policy, model.num_exits
         self.stages = nn.ModuleList(model.stages.modules[spec.first:spec.last + 1])
-        self.branch = None if final else model.branches[spec.last]
+        self.heads = nn.ModuleList(model.branches[k] for k in spec.heads)
         self.ensemble = model.ensemble
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -89,24 +95,25 @@ class Piece(nn.Module):
         state: tuple[Any, ...] = tuple(inputs[:s.n_state])
         it = iter(inputs[s.n_state:])
         carry = Carry(next(it) if s.prev else None, next(it) if s.acc else None)
-        for stage in self.stages[:-1]:
-            state = tuple(stage(*state)[:-1])  # stages whose exit is not computed: the tap is unused
-        if self.final:
-            return (self.stages[-1](*state),)
-        out = self.stages[-1](*state)
-        _, logits, conf, carry = exit_step(self.branch, self.ensemble, s.last, out[-1], carry)
-        outs = (*out[:-1], *carry.tensors(), logits.clone())
-        if s.decides:
-            threshold = next(it)
-            outs += (policies.passes(self.policy, policies.score(self.policy, logits, conf), threshold[0]),)
-        return outs
+        branches = dict(zip(s.heads, self.heads))
+        logits = conf = None
+        for k, stage in enumerate(self.stages, start=s.first):
+            if k == self.num_exits:
+                return (stage(*state),)
+            out = stage(*state)
+            state = tuple(out[:-1])
+            if k in branches:
+                _, logits, conf, carry = exit_step(branches[k], self.ensemble, k, out[-1], carry)
+        assert logits is not None and conf is not None and s.decides
+        leave = policies.passes(self.policy, policies.score(self.policy, logits, conf), next(it)[0])
+        return (*state, *carry.tensors(), logits.clone(), leave)
 
 
 def _output_names(spec: PieceSpec, nxt: PieceSpec | None) -> list[str]:
     if nxt is None:
         return ["logits"]
     carried = [f"next_{n}" for n in nxt.input_names() if n != "threshold"]
-    return carried + ["logits"] + ["leave"] * spec.decides
+    return carried + ["logits", "leave"]
 
 
 def _axes(model: EarlyExitModel, spec: PieceSpec) -> list[int | None]:
@@ -125,8 +132,7 @@ def _examples(model: EarlyExitModel, specs: list[PieceSpec], batch: int) -> list
         for i, spec in enumerate(specs):
             args = values + ((torch.tensor([0.5], device=device),) if spec.decides else ())
             examples.append(args)
-            outs = Piece(model, spec, i == len(specs) - 1).eval()(*args)
-            values = tuple(outs[:-(1 + spec.decides)])
+            values = tuple(Piece(model, spec).eval()(*args)[:-2])
     return examples
 
 
@@ -140,11 +146,12 @@ def export_pieces(model: EarlyExitModel, folder: Path, onnx: bool) -> list[str]:
     for i, (spec, args) in enumerate(zip(specs, _examples(model, specs, 2))):
         final = i == len(specs) - 1
         nxt = None if final else specs[i + 1]
+        assert final != spec.decides
         names = spec.input_names()
         shapes = tuple({a: batch} if a is not None else None for a in _axes(model, spec)) + ((None,) if spec.decides else ())
         file = f"piece_{i:02d}.{'onnx' if onnx else 'pt2'}"
         try:
-            ep = torch.export.export(Piece(model, spec, final).eval(), args, dynamic_shapes=(shapes,))
+            ep = torch.export.export(Piece(model, spec).eval(), args, dynamic_shapes=(shapes,))
             if onnx:
                 # torch.onnx prints progress on stdout, which belongs to --json.
                 with contextlib.redirect_stdout(io.StringIO()):
@@ -157,7 +164,8 @@ def export_pieces(model: EarlyExitModel, folder: Path, onnx: bool) -> list[str]:
             raise PteenetError(f"cannot export piece {i} (stages {spec.first}-{spec.last}) of the staged program: "
                                f"{type(e).__name__}: {first}", "export --format static-onnx or safetensors") from e
         next_axes = {} if nxt is None else dict(zip(nxt.input_names(), _axes(model, nxt)))
-        pieces.append({"file": file, "stages": [spec.first, spec.last], "exit": None if final else spec.last,
+        pieces.append({"file": file, "stages": [spec.first, spec.last], "heads": list(spec.heads),
+                       "exit": None if final else spec.last,
                        "decides": spec.decides, "inputs": names, "outputs": _output_names(spec, nxt),
                        "next_axes": next_axes})
     manifest = {"format": "pteenet staged program", "num_exits": model.num_exits, "policy": model.policy,
