@@ -126,10 +126,10 @@ def onnx_plain(module: torch.nn.Module, path: Path) -> None:
 
 def main() -> None:  # noqa: PLR0915 - one linear script
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--test-cache", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--backbones", type=Path, required=True)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--test-cache", type=Path)
+    ap.add_argument("--data", type=Path)
+    ap.add_argument("--backbones", type=Path)
     # One thread: on a shared, oversubscribed CPU, threads that wait for each other at every op's
     # barrier turn the others' load into stalls (a smoke run here under load 8: ResNet-56 at batch 1 took
     # 10x longer at 2 threads than at 1).
@@ -139,7 +139,11 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--table-only", action="store_true", help="print the markdown table of OUT's summary and stop")
     args = ap.parse_args()
+    if args.table_only:
+        print(table(json.loads((args.out / "cifar10_time_summary.json").read_text())))
+        return
     torch.set_num_threads(args.threads)
     load = {"before": os.getloadavg()}
     model = load_checkpoint(args.model).model.eval()
@@ -161,6 +165,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                 "macs": choose(cal, report, model, model.cost, None)}
     plain = {bb: load_backbone(f"cifar-{bb}", str(backbone_file(args.backbones, bb)))[0].eval() for bb in PLAIN}
     acc_plain = plain_accuracy(plain, splits, n)
+    mac_plain = plain_macs(plain)
 
     def ee(setting: dict[str, Any], never: bool = False) -> Callable[[Any], Any]:
         ts = [pol.never_exit_threshold(setting["policy"])] * model.num_exits if never else setting["thresholds"]
@@ -183,10 +188,25 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     results["onnxruntime_b1"] = ort_times(model, plain, settings["eager_b1"], images[: args.images_1], args)
     load["after"] = os.getloadavg()
     doc = build(settings, results, profs, acc_plain, report, model, load, args)
+    for rt in doc["plain"].values():
+        for bb, v in rt.items():
+            v["mac_ratio"] = mac_plain[bb]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cifar10_time_summary.json").write_text(json.dumps(doc, indent=1))
     plot(doc, args.out / "cifar10_time.png")
     print(json.dumps({k: doc[k] for k in ("chosen", "load_average")}, indent=1))
+
+
+def plain_macs(plain: dict[str, torch.nn.Module]) -> dict[str, float]:
+    """Each plain model's MACs as a share of ResNet-56's."""
+    from pteenet.tracing.cost import cumulative_macs, node_macs
+    from pteenet.tracing.graph import trace
+
+    macs = {}
+    for k, m in plain.items():
+        tb = trace(m, (3, 32, 32))
+        macs[k] = cumulative_macs(tb, node_macs(tb, (3, 32, 32)))[-1]
+    return {k: v / macs["resnet56"] for k, v in macs.items()}
 
 
 def plain_accuracy(plain: dict[str, torch.nn.Module], splits: Any, n: int) -> dict[str, float]:
@@ -256,6 +276,27 @@ def build(settings: dict[str, Any], results: dict[str, Any], profs: dict[int, Ti
             "note": "time ratios are to plain ResNet-56 in the same runtime, interleaved in one process; the machine "
                     "was shared (see load_average), so absolute times are noisy; the Pareto fronts are in predicted "
                     "time (TimeProfile), the chosen points in measured time"}
+
+
+def table(doc: dict[str, Any]) -> str:
+    """The summary as the markdown table of docs/speed.md."""
+    rts = ("eager_b256", "eager_b1", "onnxruntime_b1")
+    rows = ["| model | accuracy (report half) | MAC ratio | time ratio, eager b256 | mean time ratio, eager b1 "
+            "| p50 ratio, eager b1 | mean time ratio, ONNX Runtime b1 |", "|---|---|---|---|---|---|---|"]
+    for bb in PLAIN:
+        p = {rt: doc["plain"][rt][bb] for rt in rts}
+        rows.append(f"| plain {bb} | {100 * p['eager_b1']['accuracy']:.2f}% | {p['eager_b1'].get('mac_ratio', float('nan')):.3f} "
+                    f"| {p['eager_b256']['time_ratio']:.3f} | "
+                    f"{p['eager_b1']['time_ratio']:.3f} | {p['eager_b1']['p50_ratio']:.3f} | "
+                    f"{p['onnxruntime_b1']['time_ratio']:.3f} |")
+    c = doc["chosen"]
+    for rt, label in (("eager_b256", "priced for batch 256"), ("eager_b1", "priced for batch 1")):
+        rows.append(f"| early exit, {label} ({c[rt]['n_active_exits']} exits decide) | {100 * c[rt]['accuracy']:.2f}% "
+                    f"({c[rt]['drop_pt']:.2f} pt drop) | {c[rt]['mac_ratio']:.3f} | "
+                    + (f"**{c[rt]['time_ratio']:.3f}** | - | - | - |" if rt == "eager_b256" else
+                       f"- | **{c[rt]['time_ratio']:.3f}** | {c[rt]['p50_ratio']:.3f} | "
+                       f"**{c['onnxruntime_b1']['time_ratio']:.3f}** |"))
+    return "\n".join(rows)
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
