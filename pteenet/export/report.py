@@ -257,7 +257,9 @@ def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
         why = "The sweep did not evaluate this exact setting" if "val" in op else "No sweep was run"
         return out + ["", f"{why}, so its accuracy and cost are not known here."]
     change = 1 - val["cost"]
-    saving = f"{100 * change:.1f}% fewer MACs" if change >= 0 else f"{-100 * change:.1f}% MORE MACs than the backbone"
+    cm = op.get("cost_model") or {}
+    unit = f"predicted time at batch {cm.get('batch_size')}" if cm.get("kind") == "time" else "MACs"
+    saving = f"{100 * change:.1f}% less {unit}" if change >= 0 else f"{-100 * change:.1f}% MORE {unit} than the backbone"
     out += ["", f"On the calibration (val) split: accuracy {_pct(val.get('accuracy'))}, agreement with the backbone "
             f"{_pct(val.get('agreement'))}, mean cost {val['cost']:.3f} of the backbone ({saving}; "
             f"paper convention {val['cost_paper']:.3f})."]

@@ -144,6 +144,8 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
     if sweep:
         point.update(_sweep_numbers(sweep, model.num_exits, model.policy, model.thresholds))
         point["metric"] = sweep.get("metric")
+        cm = sweep.get("cost_model") or {"kind": "macs"}
+        point["cost_model"] = {k: cm.get(k) for k in ("kind", "batch_size")}  # what "cost" means: MACs or time
     return point
 
 
