@@ -74,11 +74,11 @@ def test_time_profile_ratios() -> None:
     assert r["predicted_time_ratio"] == pytest.approx(0.5 * 1.5 / 4 + 0.5 * 5 / 4)
 
 
-def test_profile_times_every_stage_and_only_computed_heads() -> None:
+def test_profile_times_every_stage_and_only_computed_branches() -> None:
     model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3, cascade=False))
     model.set_active([False, True, False])  # not chained: only exit 1's head runs, nothing after it
     prof = profile(model, make_images(4), repeats=1)
-    computed = model.computed_heads()
+    computed = model.computed_branches()
     assert computed == [False, True, False]
     assert len(prof.stage_ms) == model.num_exits + 1 and all(t > 0 for t in prof.stage_ms)
     assert [t > 0 for t in prof.head_ms] == computed

@@ -62,9 +62,9 @@ class Ensemble(nn.Module):
         return acc[0] + self.bias[k].to(logp.dtype), (acc[1:] if acc.shape[0] > 1 else None)
 
 
-def computed_heads(active: Sequence[bool], chained: bool) -> list[bool]:
-    """Per exit, whether the runtime computes its head when only ``active`` exits decide: an active
-    exit's head, and with a cascade or an ensemble (``chained``) every head before the last active
+def computed_branches(active: Sequence[bool], chained: bool) -> list[bool]:
+    """Per exit, whether the runtime computes its branch when only ``active`` exits decide: an active
+    exit's branch, and with a cascade or an ensemble (``chained``) every branch before the last active
     exit too, since later exits read them; nothing after the last active exit."""
     last = max((k for k, a in enumerate(active) if a), default=-1)
     return [k <= last and (bool(a) or chained) for k, a in enumerate(active)]

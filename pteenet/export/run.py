@@ -98,7 +98,7 @@ class CondProgram(nn.Module):
         self.ensemble = model.ensemble
         self.policy = policy
         self.active = list(model.active)
-        self.computed = model.computed_heads()
+        self.computed = model.computed_branches()
 
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._from(0, thresholds, (x,), Carry())

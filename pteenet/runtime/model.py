@@ -19,7 +19,7 @@ from ..backbones.weights import module_sha256
 from ..errors import PteenetError
 from ..exits import policies
 from ..exits.branches import Branch, BranchConfig
-from ..exits.chain import Carry, Ensemble, computed_heads, exit_step
+from ..exits.chain import Carry, Ensemble, computed_branches, exit_step
 from ..exits.policies import check_policy
 from ..tracing import hooks
 from ..tracing.cost import CostTable
@@ -50,7 +50,7 @@ class EarlyExitModel(nn.Module):
     ``state_dict`` holds each tensor once; the stages are fx GraphModules that read their parameters
     from ``backbone``.
 
-    ``active[k]`` says whether exit k takes decisions (exit selection). An inactive exit's head is
+    ``active[k]`` says whether exit k takes decisions (exit selection). An inactive exit's branch is
     still computed when a later active exit needs it (cascade or ensemble: ``chained``), else never;
     nothing after the last active exit is computed. ``cost_for_active`` prices exactly that."""
 
@@ -134,9 +134,9 @@ class EarlyExitModel(nn.Module):
             raise PteenetError(f"{len(mask)} active flags given for {self.num_exits} exits", "give one per exit")
         self.active = mask
 
-    def computed_heads(self, active: Sequence[bool] | None = None) -> list[bool]:
-        """Per exit, whether the runtime computes its head under ``active`` (default: the model's)."""
-        return computed_heads(self.active if active is None else active, self.chained)
+    def computed_branches(self, active: Sequence[bool] | None = None) -> list[bool]:
+        """Per exit, whether the runtime computes its branch under ``active`` (default: the model's)."""
+        return computed_branches(self.active if active is None else active, self.chained)
 
     # -- thresholds ------------------------------------------------------------------------------
     def set_thresholds(self, thresholds: float | Sequence[float], policy: str | None = None) -> None:
@@ -206,7 +206,7 @@ class EarlyExitModel(nn.Module):
         """Batch size 1, the latency case: no index bookkeeping at all."""
         state: tuple[Any, ...] = (x,)
         carry = Carry()
-        computed = self.computed_heads()
+        computed = self.computed_branches()
         for k, stage in enumerate(self.stages.modules[:-1]):
             out = stage(*state)
             state = out[:-1]
@@ -226,7 +226,7 @@ class EarlyExitModel(nn.Module):
         pending = torch.ones(n, dtype=torch.bool, device=x.device)  # rows still waiting for an answer
         state: tuple[Any, ...] = (x,)
         carry = Carry()
-        computed = self.computed_heads()
+        computed = self.computed_branches()
         for k, stage in enumerate(self.stages.modules[:-1]):
             out = stage(*state)
             state = out[:-1]
@@ -248,7 +248,7 @@ class EarlyExitModel(nn.Module):
             if self.stages.shrinkable:
                 flags = self.stages.batched[k + 1]
                 # index_select, not a boolean mask: on the CPU masking a large activation map takes
-                # about 3x as long (CIFAR ResNet-56 stage 1, batch 256: benchmarks/head_cost.py).
+                # about 3x as long (CIFAR ResNet-56 stage 1, batch 256: benchmarks/branch_cost.py).
                 keep = pending.nonzero().squeeze(1)
                 state = tuple(v.index_select(0, keep) if b else v for v, b in zip(state, flags))
                 carry = carry.select(keep)

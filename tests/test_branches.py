@@ -1,4 +1,4 @@
-"""The exit heads beyond ConvX (pool, pool-mlp, conv-lite), cascade, the fitted ensemble and exit
+"""The branch types beyond ConvX (pool, pool-mlp, conv-lite), cascade, the fitted ensemble and exit
 selection: every one runs the same in the runtime as in the sweep's simulation, batched as one by one,
 through a feature cache as from images, after a checkpoint round trip, and in torch.export."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pteenet
-from pteenet.exits.chain import computed_heads, fit_ensemble
+from pteenet.exits.chain import computed_branches, fit_ensemble
 from pteenet.export.run import CondProgram
 from pteenet.sweep import evaluate, restrict, select_exits
 from pteenet.training.batches import _stem_shapes
@@ -41,7 +41,7 @@ def images() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("branch,cascade,ensemble", VARIANTS)
-def test_runtime_equals_simulation_for_every_head(branch: str, cascade: bool, ensemble: bool, images: torch.Tensor) -> None:
+def test_runtime_equals_simulation_for_every_branch_type(branch: str, cascade: bool, ensemble: bool, images: torch.Tensor) -> None:
     model = build(branch, cascade, ensemble)
     cache = cache_of(model, images)
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_ensemble_is_fitted_non_negative_and_helps(images: torch.Tensor) -> None
     assert_logits_close(fitted.exit_logits[0], torch.log_softmax(out.heads[0], 1) * w[0, 0] + ens.bias[0])
 
 
-def test_checkpoint_round_trip_keeps_heads_ensemble_and_active(tmp_path: Path, images: torch.Tensor) -> None:
+def test_checkpoint_round_trip_keeps_branches_ensemble_and_active(tmp_path: Path, images: torch.Tensor) -> None:
     model = build("pool-mlp", True, True)
     model.set_active([True, False, True])
     path = tmp_path / "m.safetensors"
@@ -113,7 +113,7 @@ def test_checkpoint_round_trip_keeps_heads_ensemble_and_active(tmp_path: Path, i
 
 
 @pytest.mark.parametrize("chained", [False, True])
-def test_inactive_exits_never_decide_and_their_heads_are_skipped(chained: bool, images: torch.Tensor) -> None:
+def test_inactive_exits_never_decide_and_their_branches_are_skipped(chained: bool, images: torch.Tensor) -> None:
     model = build("pool-mlp", chained, False, exits="all")
     e = model.num_exits
     active = [k in (1, 4) for k in range(e)]
@@ -135,8 +135,8 @@ def test_inactive_exits_never_decide_and_their_heads_are_skipped(chained: bool, 
     assert point.exit_fractions[1] == 1.0
     # heads run: exit 0 only when a later head reads it (cascade); nothing after the last active exit
     assert calls[0] == (1 if chained else 0) and calls[1] == 1 and all(c == 0 for c in calls[2:])
-    assert computed_heads(active, chained)[0] == chained
-    costs = model.cost.costs(computed_heads(active, chained))
+    assert computed_branches(active, chained)[0] == chained
+    costs = model.cost.costs(computed_branches(active, chained))
     assert sim.costs[1] == costs[1] < model.cost.costs()[1] + 1e-12
     assert costs[-1] < model.cost.final_cost  # the heads after exit 4 are not paid for
 
@@ -177,7 +177,7 @@ def test_cond_program_with_ensemble_and_inactive_exits_equals_eager(images: torc
         assert_logits_close(logits, want.logits)
 
 
-def test_attach_exits_all_and_head_costs() -> None:
+def test_attach_exits_all_and_branch_costs() -> None:
     model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits="all", branch="pool",
                                                 cascade=False))
     assert model.num_exits == 9  # every block of the three stages
