@@ -68,7 +68,7 @@ def test_checkpoint_round_trip_and_bench_say_so(tmp_path: Path) -> None:
     path = tmp_path / "a.safetensors"
     save_checkpoint(path, model)
     loaded = load_checkpoint(path).model
-    assert loaded.hooks and [p.name for p in loaded.exit_points] == [p.name for p in model.exit_points]
+    assert loaded.runtime == "hooks" and [p.name for p in loaded.exit_points] == [p.name for p in model.exit_points]
     x = torch.randn(4, *SIZE)
     assert torch.equal(loaded.predict(x, 0.5).logits, model.predict(x, 0.5).logits)
     doc = bench(loaded, x, BenchConfig(batch_sizes=(2,), repeats=1, warmup=1))
@@ -97,7 +97,7 @@ def test_cli_pipeline_trains_sweeps_and_labels_every_output(tmp_path: Path) -> N
     assert result.exit_code == 0, result.output
     assert "no real early exit" in result.output
     assert "no real early exit" in (tmp_path / "out" / "report.md").read_text()
-    assert pteenet.load(tmp_path / "out" / "model.safetensors").hooks
+    assert pteenet.load(tmp_path / "out" / "model.safetensors").runtime == "hooks"
     result = run(app, ["bench", str(t), "--limit", "8", "--batch-size", "4", "--repeats", "1"])
     assert result.exit_code == 0, result.output
     assert "no real early exit" in result.output

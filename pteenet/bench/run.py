@@ -197,7 +197,7 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: S
     cpus = os.cpu_count() or 1
     warnings = [f"the machine was busy (load average {load:.1f} on {cpus} CPUs): other processes competed for the "
                 "CPU, so these timings are noisy; rerun on an idle machine"] if load > 0.75 * cpus else []
-    if model.hooks:
+    if model.runtime == "hooks":
         warnings.insert(0, NO_EARLY_EXIT)
     for w in warnings:
         sink.warn(w)
@@ -207,7 +207,7 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: S
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": threads,
         "timer": "cuda events" if device.type == "cuda" else "perf_counter",
         "images": n, "input_size": list(images.shape[1:]), "repeats": cfg.repeats, "warmup_batches": cfg.warmup,
-        "policy": policy, "thresholds": thresholds, "runtime": "hooks" if model.hooks else "staged",
+        "policy": policy, "thresholds": thresholds, "runtime": model.runtime,
         "backbone_macs": model.cost.backbone_macs if model.cost else None,
         "exit_fractions": first["exit_fractions"], "mean_macs": first["mean_macs"], "mac_ratio": first["mac_ratio"],
         "results": results,

@@ -56,7 +56,7 @@ def attach_command(
     save_checkpoint(output, model)
     assert model.cost is not None
     doc = {**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name,
-           "layouts": [p.layout for p in model.exit_points], "runtime": "hooks" if model.hooks else "staged"}
+           "layouts": [p.layout for p in model.exit_points], "runtime": model.runtime}
     emit(doc, json_,
            lambda doc: _show_cost(model, cfg.backbone, output))
 
@@ -79,7 +79,7 @@ def _note_hooks(hooks: bool) -> None:
 
 def _show_cost(model: EarlyExitModel, backbone: str, path: Path) -> None:
     assert model.cost is not None
-    _note_hooks(model.hooks)
+    _note_hooks(model.runtime == "hooks")
     table = Table(title=f"{len(model.cost.exits)} exits on {backbone} ({_fmt_macs(model.cost.backbone_macs)} MACs) -> {path}")
     for col in ("exit", "point", "prefix MACs", "branch MACs", "cost (cumulative)", "cost (paper)"):
         table.add_column(col, justify="left" if col == "point" else "right")

@@ -313,10 +313,10 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, sink: Sink = SILENT, 
     checkpoint the model came from, for the report. Progress goes to ``sink``: one step per file
     written, the slow programs (torch.export, ONNX) named while they are built."""
     formats = _check_environment(source, cfg)
-    if model.hooks and len(formats) > 1:
+    if model.runtime == "hooks" and len(formats) > 1:
         raise PteenetError(f"--format {formats[1]} needs a backbone split into stages, and {NO_EARLY_EXIT}",
                            "export only model.safetensors (the default), or attach a traceable backbone")
-    if model.hooks:
+    if model.runtime == "hooks":
         sink.warn(NO_EARLY_EXIT)
     model.eval()
     point = choose_point(model, cfg)
@@ -348,7 +348,7 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, sink: Sink = SILENT, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"output": str(cfg.output), "files": files, "operating_point": point, "formats": formats,
-            "no_real_early_exit": NO_EARLY_EXIT if model.hooks else None}
+            "no_real_early_exit": NO_EARLY_EXIT if model.runtime == "hooks" else None}
 
 
 def export(checkpoint: str | Path, cfg: ExportConfig, sink: Sink = SILENT) -> dict[str, Any]:

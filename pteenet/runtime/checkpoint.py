@@ -48,7 +48,7 @@ def describe(model: EarlyExitModel) -> dict[str, Any]:
         "backbone_sha256": model.backbone_sha256,
         "exits": [{"name": p.name, "node": p.node, "layout": p.layout} for p in model.exit_points],
         # "hooks": no stages, every exit computed on a whole backbone pass (hooks.py); no real early exit
-        "runtime": "hooks" if model.hooks else "staged",
+        "runtime": model.runtime,
         "branch": model.branch_config.to_dict(),
         "ensemble": model.ensemble is not None,
         "active_exits": model.active,
@@ -134,7 +134,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise PteenetError(f"unknown branch type {meta['branch'].get('type')!r} in {path}", "upgrade pteenet") from e
     cost = CostTable.from_dict(meta["cost"]) if meta.get("cost") else None
     model = EarlyExitModel(backbone, info, [e["name"] for e in meta["exits"]], branch, cost,
-                           hooks=meta.get("runtime") == "hooks")
+                           runtime=meta.get("runtime") or "staged")
     model.branches.load_state_dict({k[len("branches."):]: v for k, v in tensors.items() if k.startswith("branches.")})
     if meta.get("ensemble"):
         ens = Ensemble(model.num_exits, info.num_classes)

@@ -16,14 +16,15 @@ from torch import nn
 
 from ..backbones.specs import BackboneInfo
 from ..backbones.weights import module_sha256
+from ..configs import check_choice
 from ..errors import PteenetError
 from ..exits import policies
 from ..exits.branches import Branch, BranchConfig
 from ..exits.chain import Carry, Ensemble, computed_branches, exit_step
 from ..exits.policies import check_policy
-from ..tracing import hooks
 from ..tracing.cost import CostTable
-from ..tracing.graph import ExitPoint, Stages, resolve, split, trace
+from ..tracing.graph import ExitPoint, Stages
+from ..tracing.probe import RUNTIMES, probe
 
 
 @dataclass
@@ -55,10 +56,13 @@ class EarlyExitModel(nn.Module):
     nothing after the last active exit is computed. ``cost_for_active`` prices exactly that."""
 
     def __init__(self, backbone: nn.Module, info: BackboneInfo, exits: Sequence[str], branch: BranchConfig,
-                 cost: CostTable | None = None, hooks: bool = False) -> None:
+                 cost: CostTable | None = None, runtime: str = "staged") -> None:
         super().__init__()
         self.backbone = backbone
-        self.hooks = hooks  # the fallback for untraceable backbones (hooks.py): no real early exit
+        check_choice("runtime", runtime, RUNTIMES)
+        # "staged": the fx graph cut into stages; "hooks": the fallback for untraceable backbones
+        # (tracing/hooks.py), no real early exit.
+        self.runtime = runtime
         self.info = info
         self.branch_config = branch
         self.cost = cost
@@ -77,15 +81,9 @@ class EarlyExitModel(nn.Module):
 
     # -- structure -------------------------------------------------------------------------------
     def _build_stages(self, exits: list[str]) -> None:
-        size = self.info.preprocess.input_size
-        if self.hooks:
-            hb = hooks.probe(self.backbone, size, count_macs=False)
-            points = hooks.resolve(hb, exits)
-            stages, shapes = hooks.hook_stages(self.backbone, points), [hb.shapes[p.node] for p in points]
-        else:
-            tb = trace(self.backbone, size)
-            points = resolve(tb, exits)
-            stages, shapes = split(tb, points, self.backbone), [tb.shapes[p.node] for p in points]
+        pb = probe(self.backbone, self.info.preprocess.input_size, self.runtime, count_macs=False)
+        points = pb.resolve(exits)
+        stages, shapes = pb.stages(points), [pb.shapes[p.node] for p in points]
         # Plain attributes, not submodules: they share the backbone's parameters.
         self.exit_points: list[ExitPoint] = points  # a plain list: nn.Module registers no submodule for it
         object.__setattr__(self, "_stages", stages)
