@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..configs import Config, check_criterion, check_thresholds, setting
-from ..errors import PteenetError, unknown_name
+from ..errors import PteenetError, describe_error, unknown_name
 from ..exits import policies
 from ..exits.chain import Carry, exit_step
 from ..exits.policies import check_policy
@@ -162,9 +162,8 @@ def exported_program(model: EarlyExitModel, static: bool) -> torch.export.Export
         thresholds = torch.tensor(model.thresholds, dtype=torch.float32, device=device)
         return torch.export.export(CondProgram(model, model.policy).eval(), (torch.zeros(1, c, h, w, device=device), thresholds))
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise PteenetError(f"torch.export cannot export this model {'statically' if static else 'with torch.cond'}: "
-                           f"{type(e).__name__}: {first}",
+                           f"{describe_error(e)}",
                            "export --format safetensors (always works) and run it with pteenet.load") from e
 
 
@@ -197,8 +196,7 @@ def _write_program(model: EarlyExitModel, fmt: str, path: Path, cache: dict[bool
                               input_names=["x"] if static else ["x", "thresholds"],
                               output_names=output_names(model, static))
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise PteenetError(f"torch.onnx cannot convert this model ({fmt}): {type(e).__name__}: {first}",
+        raise PteenetError(f"torch.onnx cannot convert this model ({fmt}): {describe_error(e)}",
                            "export --format safetensors or torch-export instead") from e
 
 

@@ -22,7 +22,7 @@ import torch
 from ..atomic import atomic_write
 from ..backbones.specs import BackboneInfo, drop_absent_aux_heads, load_backbone
 from ..backbones.weights import load_state, module_sha256, tensors_sha256
-from ..errors import PteenetError
+from ..errors import PteenetError, describe_error
 from ..exits.branches import BranchConfig
 from ..exits.chain import Ensemble
 from ..tracing.cost import CostTable
@@ -86,7 +86,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
     except Exception as e:
-        raise PteenetError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:120]}",
+        raise PteenetError(f"cannot read checkpoint {path}: {describe_error(e)}",
                            "the file is corrupt or truncated; write it again") from e
     if raw is None:
         raise PteenetError(f"{path} is a safetensors file but not a pteenet checkpoint", "create one with `pteenet attach`")

@@ -26,7 +26,7 @@ from ..configs import Config, check_choice, check_criterion, check_device, check
 from ..data import NO_LABELS, SKIPPED, DataConfig, DataRequest, load_splits, make_loader, resolve_data
 from ..devices import resolve_device
 from ..distributed import Group
-from ..errors import PteenetError
+from ..errors import PteenetError, describe_error
 from ..exits import policies as pol
 from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
@@ -253,7 +253,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     except PteenetError:
         raise
     except Exception as e:  # a corrupt file or folder: still one line, naming the data
-        raise PteenetError(f"cannot read the data {data_cfg.spec}: {type(e).__name__}: {str(e)[:120]}",
+        raise PteenetError(f"cannot read the data {data_cfg.spec}: {describe_error(e)}",
                            "check --data and --data-dir") from None
     if cfg.split == "val" and len(splits.val) == 0:  # type: ignore[arg-type]
         raise PteenetError("the calibration (val) split is empty: the branches were trained without one",
