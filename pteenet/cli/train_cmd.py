@@ -8,14 +8,11 @@ import typer
 from rich.table import Table
 
 from ..data import DataConfig
+from ..progress import format_percent
 from ..training.loss import LossConfig
 from ..training.run import Interrupted, TrainConfig, train_branches
 from .common import console, emit, fail, handle_errors, progress_sink
 from .options import DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, StrictImagesOption
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def _exits(values: list[float] | None) -> str:
@@ -32,7 +29,7 @@ def epoch_table(doc: dict[str, Any]) -> Table:
         ee = v.get("early_exit") or {}
         table.add_row(str(r["epoch"]), f"{r['train']['loss']:.4f}", _exits(r["train"]["agreement"]),
                       _exits(v.get("accuracy")), _exits(v.get("agreement")), _exits(v.get("mean_confidence")),
-                      _pct(ee.get("accuracy")), _pct(ee.get("agreement")),
+                      format_percent(ee.get("accuracy"), 1, ""), format_percent(ee.get("agreement"), 1, ""),
                       "-" if not ee else f"{ee['cost']:.3f}", f"{r['seconds']:.0f}")
     return table
 
