@@ -6,14 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import pteenet
+from helpers import error_line, make_images, make_model, run_cli
 from pteenet.bench.run import BenchConfig, bench, verdict
 from pteenet.bench.timing import TimeProfile, profile
-from pteenet.cli import app
 from pteenet.runtime.checkpoint import read_metadata
-from test_runtime import make_images, make_model
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +83,7 @@ def test_profile_times_every_stage_and_only_computed_branches() -> None:
 
 
 def _run(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, ["bench", *map(str, args)])
-    return result.exit_code, result.stdout, result.stderr
+    return run_cli("bench", *args)
 
 
 def test_cli_json_and_record(ckpt: Path) -> None:
@@ -110,8 +107,7 @@ def test_cli_json_and_record(ckpt: Path) -> None:
 ])
 def test_cli_bad_input(ckpt: Path, args: list[str], message: str) -> None:
     code, stdout, stderr = _run(ckpt, "--data", "synthetic", "--limit", 4, "--repeats", 1, *args)
-    lines = [line for line in stderr.splitlines() if line.startswith("Error:")]
-    assert code == 1 and len(lines) == 1 and message in lines[0], stderr
+    assert code == 1 and message in error_line(stderr)
     assert stdout == ""
 
 

@@ -3,6 +3,7 @@ selection: every one runs the same in the runtime as in the sweep's simulation, 
 through a feature cache as from images, after a checkpoint round trip, and in torch.export."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,20 @@ import pytest
 import torch
 
 import pteenet
+from helpers import (
+    assert_logits_close,
+    cache_of,
+    error_line,
+    make_images,
+    perturb,
+    random_thresholds,
+    run_cli,
+    simulated_exits,
+)
 from pteenet.exits.chain import computed_branches, fit_ensemble
 from pteenet.export.run import CondProgram
 from pteenet.sweep import evaluate, restrict, select_exits
 from pteenet.training.batches import _stem_shapes
-from test_runtime import assert_logits_close, cache_of, make_images, perturb, random_thresholds, simulated_exits
 
 VARIANTS = [  # (branch, cascade, ensemble)
     ("pool", False, False), ("pool-mlp", True, True), ("pool-mlp", False, True), ("conv-lite", True, False),
@@ -192,28 +202,22 @@ def test_attach_exits_all_and_branch_costs() -> None:
 
 
 def test_sweep_cli_select_exits_writes_the_active_exits(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from pteenet.cli import app
-
     model = build("pool-mlp", True, True, exits="all")
     model.meta.update(training={"complete": True, "epochs_done": 1},
                       data={"spec": "synthetic", "val_split": 0.2, "seed": 1, "limit": 60})
     ckpt, tuned = tmp_path / "m.safetensors", tmp_path / "tuned.safetensors"
     pteenet.save_checkpoint(ckpt, model)
-    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw"), "--thresholds", "0:1:0.05", "--max-drop", "100",
-                                 "--select-exits", "--policy", "max-softmax", "--write", str(tuned), "--json"])
-    assert r.exit_code == 0, r.stderr
-    import json
-
-    chosen = json.loads(r.stdout)["chosen"]
+    code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw", "--thresholds", "0:1:0.05", "--max-drop", "100",
+                                   "--select-exits", "--policy", "max-softmax", "--write", tuned, "--json")
+    assert code == 0, stderr
+    chosen = json.loads(stdout)["chosen"]
     active = chosen["active_exits"]
     assert active is not None and sum(active) < model.num_exits
     assert pteenet.load(str(tuned)).active == active
     assert chosen["test"]["exit_fractions"][:-1] == pytest.approx(
         [f if a else 0.0 for f, a in zip(chosen["test"]["exit_fractions"][:-1], active)])
-    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--select-exits"])
-    assert r.exit_code == 1 and r.stderr.startswith("Error: --select-exits needs")
+    code, _, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw2", "--select-exits")
+    assert code == 1 and error_line(stderr).startswith("Error: --select-exits needs")
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (16, 12), (7, 7)])
