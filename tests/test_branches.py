@@ -22,7 +22,7 @@ from helpers import (
     simulated_exits,
 )
 from pteenet.exits.chain import computed_branches, fit_ensemble
-from pteenet.export.run import CondProgram
+from pteenet.export.programs import CondProgram
 from pteenet.sweep import evaluate, restrict, select_exits
 from pteenet.training.batches import _stem_shapes
 
