@@ -73,14 +73,14 @@ class AttachConfig(Config):
 DEFAULT_EXITS = "all"  # cheap heads make every block a candidate; the sweep decides which ones pay
 
 
-def _load(cfg: AttachConfig) -> tuple[Any, Any, Probe]:
-    backbone, info = load_backbone(cfg.backbone, cfg.weights, cfg.num_classes, cfg.input_size, cfg.mean, cfg.std)
-    return backbone, info, probe(backbone, info.preprocess.input_size, cfg.runtime)
+def _load(config: AttachConfig) -> tuple[Any, Any, Probe]:
+    backbone, info = load_backbone(config.backbone, config.weights, config.num_classes, config.input_size, config.mean, config.std)
+    return backbone, info, probe(backbone, info.preprocess.input_size, config.runtime)
 
 
-def list_candidates(cfg: AttachConfig) -> dict[str, Any]:
+def list_candidates(config: AttachConfig) -> dict[str, Any]:
     """The default exit candidates with their cumulative share of the backbone's MACs."""
-    _, info, pb = _load(cfg)
+    _, info, pb = _load(config)
     cum = pb.cum
     rows = [
         {"name": c.name, "node": c.node, "shape": list(pb.shapes[c.node] or ()), "layout": c.layout,
@@ -90,23 +90,23 @@ def list_candidates(cfg: AttachConfig) -> dict[str, Any]:
     return {"backbone": info.spec, "backbone_macs": cum[-1], "candidates": rows, "runtime": pb.runtime}
 
 
-def attach(cfg: AttachConfig) -> EarlyExitModel:
+def attach(config: AttachConfig) -> EarlyExitModel:
     """Build the early-exit model (untrained branches) with its cost table."""
-    branch = cfg.branch_config()
-    backbone, info, pb = _load(cfg)
+    branch = config.branch_config()
+    backbone, info, pb = _load(config)
     cum = pb.cum
-    if cfg.at:
-        points = pb.resolve(cfg.at)
+    if config.at:
+        points = pb.resolve(config.at)
     else:
         cands = pb.candidates
         if not cands:
-            raise PteenetError(f"found no candidate exit points in {cfg.backbone}",
+            raise PteenetError(f"found no candidate exit points in {config.backbone}",
                                "name them with --at (module paths or node names)")
-        n = cfg.exits if cfg.exits is not None else DEFAULT_EXITS
-        points = cands if n == "all" else place(cands, cum, int(n), cfg.placement)
+        n = config.exits if config.exits is not None else DEFAULT_EXITS
+        points = cands if n == "all" else place(cands, cum, int(n), config.placement)
     model = EarlyExitModel(backbone, info, [p.name for p in points], branch, runtime=pb.runtime)
     branch_macs = [module_macs(b, model.tap_shapes[k]) for k, b in enumerate(model.branches)]
     model.cost = cost_table(model.exit_points, cum, branch_macs)
-    placement = None if cfg.at or isinstance(cfg.exits or DEFAULT_EXITS, str) else cfg.placement
-    model.meta["attach"] = {"placement": placement, "requested": cfg.at or cfg.exits or DEFAULT_EXITS}
+    placement = None if config.at or isinstance(config.exits or DEFAULT_EXITS, str) else config.placement
+    model.meta["attach"] = {"placement": placement, "requested": config.at or config.exits or DEFAULT_EXITS}
     return model
