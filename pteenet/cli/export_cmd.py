@@ -41,7 +41,7 @@ def _show(doc: dict[str, Any]) -> None:
     table.add_column("value")
     table.add_row("operating point", f"{op['policy']} T={', '.join(f'{t:g}' for t in op['thresholds'])} ({op['how']})")
     if val:
-        table.add_row("val", f"accuracy {format_percent(val.get('accuracy'))}, agreement {format_percent(val['agreement'])}, "
+        table.add_row("calibration", f"accuracy {format_percent(val.get('accuracy'))}, agreement {format_percent(val['agreement'])}, "
                       f"mean cost {val['cost']:.3f}")
     for name, what in doc["files"].items():
         table.add_row(name, what)

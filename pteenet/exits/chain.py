@@ -111,7 +111,7 @@ def fit_ensemble(head_logits: list[torch.Tensor], targets: torch.Tensor, steps: 
     (the backbone's argmax) or [N, K] probabilities. Full batch Adam: E*E + E*K parameters only."""
     e = len(head_logits)
     if e == 0 or head_logits[0].shape[0] == 0:
-        raise PteenetError("no samples to fit the exit ensemble on", "train with a calibration split (--val-split > 0)")
+        raise PteenetError("no samples to fit the exit ensemble on", "train with a calibration split (--calibration-split > 0, or --calibration SPEC)")
     k = head_logits[0].shape[1]
     ens = Ensemble(e, k)
     stacked = torch.stack([torch.log_softmax(h.detach().float(), 1) for h in head_logits])  # [E, N, K]

@@ -244,7 +244,7 @@ def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
         return out + ["", f"{why}, so its accuracy and cost are not known here."]
     change = 1 - val["cost"]
     saving = f"{100 * change:.1f}% fewer MACs" if change >= 0 else f"{-100 * change:.1f}% MORE MACs than the backbone"
-    out += ["", f"On the calibration (val) split: accuracy {format_percent(val.get('accuracy'))}, agreement with the backbone "
+    out += ["", f"On the calibration split: accuracy {format_percent(val.get('accuracy'))}, agreement with the backbone "
             f"{format_percent(val.get('agreement'))}, mean cost {val['cost']:.3f} of the backbone ({saving}; "
             f"paper convention {val['cost_paper']:.3f})."]
     test = op.get("test")
@@ -253,7 +253,7 @@ def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
         out += ["", f"On the test split (not used to choose it): accuracy {format_percent(test.get('accuracy'))} "
                 f"(backbone {format_percent(tb.get('accuracy'))}), agreement {format_percent(test.get('agreement'))}, mean cost {test['cost']:.3f}."]
     labels = [str(k + 1) for k in range(n_exits)] + ["end"]
-    out += ["", "Where the val images left:", ""]
+    out += ["", "Where the calibration images left:", ""]
     out += _table(labels, [[format_percent(f) for f in val["exit_fractions"]]])
     return out
 

@@ -44,8 +44,8 @@ def read_splits(model: EarlyExitModel, data_cfg: DataConfig, split: str) -> Spli
         raise PteenetError(f"cannot read the data {data_cfg.spec}: {describe_error(e)}",
                            "check --data and --data-dir") from None
     if split == "val" and len(splits.val) == 0:  # type: ignore[arg-type]
-        raise PteenetError("the calibration (val) split is empty: the branches were trained without one",
-                           "retrain with a val split, or pass --split test (selection then uses test)")
+        raise PteenetError("the calibration split is empty: the branches were trained without one",
+                           "retrain with --calibration-split > 0 or --calibration SPEC, or pass --split test (selection then uses test)")
     return splits
 
 

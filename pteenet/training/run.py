@@ -3,7 +3,7 @@ memory, ``train_branches`` from one checkpoint file to another (``pteenet train-
 
 Each batch runs the backbone once under ``no_grad`` (in eval mode: BatchNorm statistics frozen) and
 the branches with gradients; Adam updates branch parameters only, on a cosine schedule over all
-steps. After every epoch the calibration (val) split is scored through the sweep engine at the
+steps. After every epoch the calibration split is scored through the sweep engine at the
 confidence threshold T = 0.5 and the output checkpoint is rewritten atomically, with everything a
 ``--resume`` needs under ``state.*``: optimizer moments, step and epoch counters, the torch RNG state
 (augmentation) and the data-order generator state. Resuming therefore ends, on the CPU, bit-identical
