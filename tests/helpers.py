@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 import pteenet
 from pteenet.cli import app
 from pteenet.exits import policies as pol
+from pteenet.exits.chain import fit_ensemble
 from pteenet.progress import Sink, Task
 from pteenet.sweep import ExitCache, ExitCacheBuilder
 
@@ -47,6 +48,19 @@ def make_model(seed: int = 0) -> pteenet.EarlyExitModel:
     torch.manual_seed(seed)
     model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3))
     perturb(model, seed)
+    return model
+
+
+def build(branch: str, cascade: bool, ensemble: bool, exits: int | str = 3, seed: int = 0) -> pteenet.EarlyExitModel:
+    torch.manual_seed(seed)
+    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=exits, branch=branch,
+                                                cascade=cascade))
+    perturb(model, seed)
+    if ensemble:
+        x = make_images(64, seed=5)
+        with torch.no_grad():
+            out = model.forward_all(x)
+        model.set_ensemble(fit_ensemble(out.heads, out.final_logits.argmax(1), steps=30))
     return model
 
 

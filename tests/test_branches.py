@@ -14,10 +14,10 @@ import torch
 import pteenet
 from helpers import (
     assert_logits_close,
+    build,
     cache_of,
     error_line,
     make_images,
-    perturb,
     random_thresholds,
     run_cli,
     simulated_exits,
@@ -31,19 +31,6 @@ VARIANTS = [  # (branch, cascade, ensemble)
     ("pool", False, False), ("pool-mlp", True, True), ("pool-mlp", False, True), ("conv-lite", True, False),
     ("conv1", False, True),
 ]
-
-
-def build(branch: str, cascade: bool, ensemble: bool, exits: int | str = 3, seed: int = 0) -> pteenet.EarlyExitModel:
-    torch.manual_seed(seed)
-    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=exits, branch=branch,
-                                                cascade=cascade))
-    perturb(model, seed)
-    if ensemble:
-        x = make_images(64, seed=5)
-        with torch.no_grad():
-            out = model.forward_all(x)
-        model.set_ensemble(fit_ensemble(out.heads, out.final_logits.argmax(1), steps=30))
-    return model
 
 
 @pytest.fixture(scope="module")
