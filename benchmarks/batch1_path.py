@@ -65,7 +65,7 @@ def main() -> None:
            "backbone_ms_p50": 1e3 * ref, "profile": prof.to_dict(),
            "no_exit": {k: {"measured_p50_ratio": statistics.median(times[k]) / ref,
                            "measured_mean_ratio": statistics.fmean(times[k]) / statistics.fmean(times["backbone"]),
-                           "predicted_ratio": prof.costs(model.computed_heads(a))[-1], "computed_heads": sum(model.computed_heads(a))}
+                           "predicted_ratio": prof.costs(model.computed_branches(a))[-1], "computed_branches": sum(model.computed_branches(a))}
                        for k, a in sets.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))

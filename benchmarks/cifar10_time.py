@@ -43,7 +43,7 @@ from pteenet import load_checkpoint  # noqa: E402
 from pteenet.backbones.specs import load_backbone  # noqa: E402
 from pteenet.data import load_splits  # noqa: E402
 from pteenet.exits import policies as pol  # noqa: E402
-from pteenet.exits.chain import computed_heads  # noqa: E402
+from pteenet.exits.chain import computed_branches  # noqa: E402
 from pteenet.export.driver import StagedModel, onnx_runner  # noqa: E402
 from pteenet.export.staged import export_pieces  # noqa: E402
 from pteenet.runtime.timing import TimeProfile, profile  # noqa: E402
@@ -68,13 +68,13 @@ def choose(cal: ExitCache, report: ExitCache, model: Any, pricing: Any, max_tail
         except Exception:  # noqa: BLE001 - a policy with no feasible selection
             continue
     def tail(active: list[bool]) -> float:
-        return pricing.costs(computed_heads(active, model.chained))[-1]
+        return pricing.costs(computed_branches(active, model.chained))[-1]
 
     # Where no selection keeps the tail under max_tail within 1 pt, say so and take the cheapest.
     meets = [c for c in cands if max_tail is None or tail(c[1]) <= max_tail + 1e-9]
     point, active = min(meets or cands, key=lambda c: (c[0].cost, -c[0].metric))
     rep = evaluate(restrict(report, active, pricing, model.chained), point.policy, point.thresholds)
-    macs = model.cost.costs(computed_heads(active, model.chained))
+    macs = model.cost.costs(computed_branches(active, model.chained))
     return {"policy": point.policy, "thresholds": point.thresholds, "active_exits": active,
             "n_active": sum(active), "predicted_time_ratio_cal": point.cost,
             "predicted_time_ratio": rep.cost if isinstance(pricing, TimeProfile) else None,

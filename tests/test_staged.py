@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import pteenet
+from helpers import assert_logits_close, cache_of, make_images, perturb
 from pteenet.exits.chain import Ensemble
 from pteenet.export.run import ExportConfig, export_model
 from pteenet.export.staged import plan, torch_runner
-from test_runtime import assert_logits_close, cache_of, make_images, perturb
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
 

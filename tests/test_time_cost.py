@@ -11,11 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 import pteenet
+from helpers import build, cache_of, make_images, simulated_exits
 from pteenet.cli import app
 from pteenet.runtime.timing import TimeProfile, profile
 from pteenet.sweep import ExitCache, restrict, select_exits
-from test_heads import build
-from test_runtime import cache_of, make_images
 
 
 def test_time_costs_price_heads_decisions_and_compaction() -> None:
@@ -59,12 +58,11 @@ def test_time_priced_selection_drops_the_exits_that_cost_more_than_they_save() -
     for batch in (x, x[:1], x[1:2]):
         pred = model.predict(batch, sel.point.thresholds or [], "max-softmax")
         sim = restrict(cache_of(model, batch), sel.active, prof, model.chained)
-        from test_runtime import simulated_exits
 
         np.testing.assert_array_equal(pred.exit_index.numpy(), simulated_exits(sim, "max-softmax", sel.point.thresholds or []))
     frac = np.bincount(model.predict(x, sel.point.thresholds or [], "max-softmax").exit_index.numpy(), minlength=e + 1) / len(x)
     np.testing.assert_allclose(frac, sel.point.exit_fractions)
-    assert sel.point.cost == pytest.approx(float(np.dot(frac, prof.costs(model.computed_heads()))))
+    assert sel.point.cost == pytest.approx(float(np.dot(frac, prof.costs(model.computed_branches()))))
 
 
 def test_sweep_cli_cost_time_records_the_batch_size_and_both_costs(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..exits import policies
+from ..progress import format_macs, format_percent
 from ..runtime.model import EarlyExitModel
 from ..sweep import Point, curve_figure, pareto
 from ..tracing.hooks import NO_EARLY_EXIT
@@ -28,7 +29,7 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
         "backbone": {**model.info.to_dict(), "sha256": model.backbone_sha256,
                      "macs": cost.backbone_macs if cost else None},
         "branch": model.branch_config.name,
-        "no_real_early_exit": NO_EARLY_EXIT if model.hooks else None,
+        "no_real_early_exit": NO_EARLY_EXIT if model.runtime == "hooks" else None,
         "branch_description": model.branch_config.description,
         "ensemble": model.ensemble is not None,
         "active_exits": list(model.active),
@@ -85,14 +86,6 @@ def _write_curve(path: Path, sweep: dict[str, Any], point: dict[str, Any]) -> bo
 
 def _t(ts: list[float]) -> float | list[float]:
     return ts[0] if len(set(ts)) == 1 else ts
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
-
-
-def _macs(m: float | None) -> str:
-    return "-" if m is None else f"{m / 1e6:.2f} M" if m < 1e9 else f"{m / 1e9:.2f} G"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -176,12 +169,12 @@ def _classes_md(bb: dict[str, Any]) -> list[str]:
 def _exits_md(r: dict[str, Any]) -> list[str]:
     """Where each exit sits and what a sample leaving there paid, in both cost conventions."""
     bb = r["backbone"]
-    out = [f"The plain backbone costs {_macs(bb['macs'])} MACs per image. Costs are fractions of that: **cumulative** counts "
+    out = [f"The plain backbone costs {format_macs(bb['macs'])} MACs per image. Costs are fractions of that: **cumulative** counts "
            "the backbone up to the exit plus every branch evaluated on the way (what a sample leaving there really paid); "
            "**paper** counts the backbone up to the exit plus that exit's own branch (the PTEENet paper's convention).", ""]
-    rows = [[k["index"] + 1, f"`{k['name']}`", _macs(k.get("prefix_macs")), _macs(k.get("branch_macs")),
+    rows = [[k["index"] + 1, f"`{k['name']}`", format_macs(k.get("prefix_macs")), format_macs(k.get("branch_macs")),
              f"{k['cost']:.3f}" if "cost" in k else "-", f"{k['cost_paper']:.3f}" if "cost_paper" in k else "-"] for k in r["exits"]]
-    rows.append(["end", "backbone output", _macs(bb["macs"]), "", f"{r['final_cost']:.3f}" if r["final_cost"] else "-", "1.000"])
+    rows.append(["end", "backbone output", format_macs(bb["macs"]), "", f"{r['final_cost']:.3f}" if r["final_cost"] else "-", "1.000"])
     return out + _table(["exit", "attached at", "backbone MACs so far", "branch MACs", "cost (cumulative)", "cost (paper)"], rows)
 
 
@@ -239,10 +232,10 @@ def _sweep_md(sw: dict[str, Any] | None) -> list[str]:
     front = pareto([Point.from_dict(p, n_exits) for p in points])
     out = [f"Every policy and threshold was evaluated on {sw.get('samples')} held-out calibration (val) images; "
            f"{metric} is against the {'labels' if metric == 'accuracy' else 'backbone'}. Backbone alone: "
-           f"{metric} {_pct((sw.get('backbone') or {}).get(metric))} at cost 1. Oracle (each image leaves at the first right exit): "
-           f"{_pct((sw.get('oracle') or {}).get(metric))} at cost {(sw.get('oracle') or {}).get('cost', float('nan')):.3f}. "
+           f"{metric} {format_percent((sw.get('backbone') or {}).get(metric))} at cost 1. Oracle (each image leaves at the first right exit): "
+           f"{format_percent((sw.get('oracle') or {}).get(metric))} at cost {(sw.get('oracle') or {}).get('cost', float('nan')):.3f}. "
            f"{len(points)} points were swept; the best trade-offs (Pareto front) are:", ""]
-    rows = [[p.policy, p.kind, ", ".join(f"{t:g}" for t in sorted(set(p.thresholds or [])))[:40], _pct(p.metric),
+    rows = [[p.policy, p.kind, ", ".join(f"{t:g}" for t in sorted(set(p.thresholds or [])))[:40], format_percent(p.metric),
              f"{p.cost:.3f}", f"{p.cost_paper:.3f}"] for p in front]
     out += _table(["policy", "kind", "threshold", metric, "cost", "cost (paper)"], rows)
     if sw.get("no_accuracy"):
@@ -260,17 +253,17 @@ def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
     cm = op.get("cost_model") or {}
     unit = f"predicted time at batch {cm.get('batch_size')}" if cm.get("kind") == "time" else "MACs"
     saving = f"{100 * change:.1f}% less {unit}" if change >= 0 else f"{-100 * change:.1f}% MORE {unit} than the backbone"
-    out += ["", f"On the calibration (val) split: accuracy {_pct(val.get('accuracy'))}, agreement with the backbone "
-            f"{_pct(val.get('agreement'))}, mean cost {val['cost']:.3f} of the backbone ({saving}; "
+    out += ["", f"On the calibration split: accuracy {format_percent(val.get('accuracy'))}, agreement with the backbone "
+            f"{format_percent(val.get('agreement'))}, mean cost {val['cost']:.3f} of the backbone ({saving}; "
             f"paper convention {val['cost_paper']:.3f})."]
     test = op.get("test")
     if test:
         tb = test.get("backbone") or {}
-        out += ["", f"On the test split (not used to choose it): accuracy {_pct(test.get('accuracy'))} "
-                f"(backbone {_pct(tb.get('accuracy'))}), agreement {_pct(test.get('agreement'))}, mean cost {test['cost']:.3f}."]
+        out += ["", f"On the test split (not used to choose it): accuracy {format_percent(test.get('accuracy'))} "
+                f"(backbone {format_percent(tb.get('accuracy'))}), agreement {format_percent(test.get('agreement'))}, mean cost {test['cost']:.3f}."]
     labels = [str(k + 1) for k in range(n_exits)] + ["end"]
-    out += ["", "Where the val images left:", ""]
-    out += _table(labels, [[_pct(f) for f in val["exit_fractions"]]])
+    out += ["", "Where the calibration images left:", ""]
+    out += _table(labels, [[format_percent(f) for f in val["exit_fractions"]]])
     return out
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import PteenetError
+from ..errors import PteenetError, describe_error
 from ..exits import policies
 from ..exits.chain import Carry, exit_step
 from ..runtime.model import EarlyExitModel
@@ -55,7 +55,7 @@ def plan(model: EarlyExitModel) -> list[PieceSpec]:
     previous one and every head computed on them (with a cascade or an ensemble, heads of exits
     that do not decide still feed later ones), then the rest of the backbone. The carry layout and
     state sizes come from one eager pass on two images."""
-    computed = model.computed_heads()
+    computed = model.computed_branches()
     c, h, w = model.info.preprocess.input_size
     specs: list[PieceSpec] = []
     with torch.no_grad():
@@ -160,9 +160,8 @@ def export_pieces(model: EarlyExitModel, folder: Path, onnx: bool) -> list[str]:
             else:
                 torch.export.save(ep, str(folder / file))
         except Exception as e:
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
             raise PteenetError(f"cannot export piece {i} (stages {spec.first}-{spec.last}) of the staged program: "
-                               f"{type(e).__name__}: {first}", "export --format static-onnx or safetensors") from e
+                               f"{describe_error(e)}", "export --format static-onnx or safetensors") from e
         next_axes = {} if nxt is None else dict(zip(nxt.input_names(), _axes(model, nxt)))
         pieces.append({"file": file, "stages": [spec.first, spec.last], "heads": list(spec.heads),
                        "exit": None if final else spec.last,

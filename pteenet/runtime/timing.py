@@ -115,7 +115,7 @@ def profile(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: in
     tap (with what earlier heads carry), one decision and, at batch > 1, the compaction after each
     exit (keeping 90% of the rows), for the batch ``x``."""
     stages = model.stages.modules
-    computed = model.computed_heads()
+    computed = model.computed_branches()
     policy, threshold = model.policy, model.thresholds[0] if model.thresholds else 0.5
     calls: dict[Any, Callable[[], Any]] = {("backbone", 0): lambda: model.backbone(x)}
     n = x.shape[0]

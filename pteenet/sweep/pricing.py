@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..exits.chain import computed_heads
+from ..exits.chain import computed_branches
 from ..runtime import timing
 from ..runtime.model import EarlyExitModel
 from ..runtime.timing import TimeProfile
@@ -40,7 +40,7 @@ def pricing_for(model: EarlyExitModel, cost: str, batch_size: int, device: torch
 def both_costs(p: Point, model: EarlyExitModel, pricing: Pricing, active: list[bool] | None) -> dict[str, float]:
     """The chosen point priced both ways (MACs always; time where it was measured)."""
     assert model.cost is not None
-    computed = computed_heads(active or [True] * model.num_exits, model.chained)
+    computed = computed_branches(active or [True] * model.num_exits, model.chained)
     out = {"mac_cost": float(np.dot(p.exit_fractions, model.cost.costs(computed)))}
     if isinstance(pricing, TimeProfile):
         out["time_cost"] = float(np.dot(p.exit_fractions, pricing.costs(computed)))

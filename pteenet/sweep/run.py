@@ -369,17 +369,17 @@ def sweep_model(model: EarlyExitModel, data: DataRequest | DataConfig | None = N
     return _sweep(model, data, config, sink, None)
 
 
-def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
+def sweep_threshold(checkpoint: str | Path, data: DataRequest, config: SweepConfig,
                     sink: Sink = SILENT) -> dict[str, Any]:
-    """The whole command: load, sweep (``sweep_model``'s work) and write ``cfg.write`` with the
+    """The whole command: load, sweep (``sweep_model``'s work) and write ``config.write`` with the
     chosen setting and the file's training state; returns the document (the same one as sweep.json)."""
-    if cfg.write:
-        check_parent_folder("--write", cfg.write)  # before the checkpoint is read
-    group, device = distributed.setup(resolve_device(cfg.device))
+    if config.write:
+        check_parent_folder("--write", config.write)  # before the checkpoint is read
+    group, device = distributed.setup(resolve_device(config.device))
     with distributed.agreed(group):  # a bad file stops every rank; rank 0 alone reports it
-        ckpt = load_checkpoint(ckpt_path, device)
-    doc = _sweep(ckpt.model, data, cfg, sink, str(ckpt_path))
-    if cfg.write and doc["chosen"] is not None and doc["chosen"].get("policy") and group.main:
-        save_checkpoint(cfg.write, ckpt.model, ckpt.state)
+        ckpt = load_checkpoint(checkpoint, device)
+    doc = _sweep(ckpt.model, data, config, sink, str(checkpoint))
+    if config.write and doc["chosen"] is not None and doc["chosen"].get("policy") and group.main:
+        save_checkpoint(config.write, ckpt.model, ckpt.state)
     distributed.barrier(group)  # every rank ends once the files are whole
     return doc

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PteenetError
-from ..exits.chain import computed_heads
+from ..exits.chain import computed_branches
 from ..runtime.timing import TimeProfile
 from ..tracing.cost import CostTable
 from .cache import ExitCache
@@ -33,7 +33,7 @@ def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable | TimePro
     if mask.shape != (cache.num_exits,):
         raise PteenetError(f"{mask.size} active flags for {cache.num_exits} exits", "give one per exit")
     scores = {p: np.where(mask[:, None], s, np.nan).astype(np.float32) for p, s in cache.scores.items()}
-    return ExitCache(cache.preds, scores, cache.labels, np.asarray(cost.costs(computed_heads(mask, chained))),
+    return ExitCache(cache.preds, scores, cache.labels, np.asarray(cost.costs(computed_branches(mask, chained))),
                      cache.costs_paper)
 
 
@@ -85,7 +85,7 @@ def select_exits(cache: ExitCache, cost: CostTable | TimeProfile, chained: bool,
         active[k] = False
         current = best(active)
     def tail(active: list[bool]) -> float:
-        return cost.costs(computed_heads(active, chained))[-1]
+        return cost.costs(computed_branches(active, chained))[-1]
 
     while max_tail is not None and any(active) and tail(active) > max_tail + 1e-12:
         # Only removals that shorten the tail count (with a cascade or ensemble: the last active exit).

@@ -3,7 +3,7 @@ memory, ``train_branches`` from one checkpoint file to another (``pteenet train-
 
 Each batch runs the backbone once under ``no_grad`` (in eval mode: BatchNorm statistics frozen) and
 the branches with gradients; Adam updates branch parameters only, on a cosine schedule over all
-steps. After every epoch the calibration (val) split is scored through the sweep engine at the
+steps. After every epoch the calibration split is scored through the sweep engine at the
 confidence threshold T = 0.5 and the output checkpoint is rewritten atomically, with everything a
 ``--resume`` needs under ``state.*``: optimizer moments, step and epoch counters, the torch RNG state
 (augmentation) and the data-order generator state. Resuming therefore ends, on the CPU, bit-identical
@@ -333,10 +333,10 @@ def _feature_caches(model: EarlyExitModel, splits: Any, data: DataConfig, cfg: T
     return caches[0], caches[1]
 
 
-def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataConfig, cfg: TrainConfig,
+def train_branches(checkpoint: str | Path, out_path: str | Path, data: DataConfig, config: TrainConfig,
                    sink: Sink = SILENT) -> dict[str, Any]:
-    """Train the branches of ``ckpt_path`` and write ``out_path`` after every epoch
-    (``pteenet train-branches``): ``train_exits`` on the loaded checkpoint, plus ``cfg.resume``,
+    """Train the branches of ``checkpoint`` and write ``out_path`` after every epoch
+    (``pteenet train-branches``): ``train_exits`` on the loaded checkpoint, plus ``config.resume``,
     which continues the unfinished run in ``out_path`` after checking that it ran from this
     checkpoint with these settings.
 
@@ -344,21 +344,21 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
     ``meta["history"]``. Raises ``Interrupted`` on Ctrl-C (the output keeps the last complete epoch).
     """
     out_path = Path(out_path)
-    group, _ = distributed.setup(_device(cfg, data_cfg))  # the checks come before any file is read
+    group, _ = distributed.setup(_device(config, data))  # the checks come before any file is read
     with distributed.agreed(group):  # every rank reads the same files: one error, from rank 0
         check_parent_folder("output", out_path)
-        src_meta = read_metadata(ckpt_path)
+        src_meta = read_metadata(checkpoint)
         if not src_meta.get("exits") or not src_meta.get("cost"):
-            raise PteenetError(f"{ckpt_path} has no exits to train", "create it with `pteenet attach BACKBONE --exits N`")
-        meta = check_resume(out_path, src_meta, cfg, data_cfg) if cfg.resume else None
+            raise PteenetError(f"{checkpoint} has no exits to train", "create it with `pteenet attach BACKBONE --exits N`")
+        meta = check_resume(out_path, src_meta, config, data) if config.resume else None
         if meta is not None and not meta["training"].get("complete"):
             distributed.check_resume_world(meta["training"], group)
         if meta is None or not meta["training"].get("complete"):
-            ck = load_checkpoint(out_path if cfg.resume else ckpt_path, "cpu")
-            if cfg.resume and "epoch" not in ck.state:
+            ck = load_checkpoint(out_path if config.resume else checkpoint, "cpu")
+            if config.resume and "epoch" not in ck.state:
                 raise PteenetError(f"{out_path} has no resume state", "drop --resume to start over")
     if meta is not None and meta["training"].get("complete"):
         sink.warn(f"{out_path} is already complete ({meta['training'].get('epochs_done')} epochs): nothing to do")
         return _summary(meta.get("history", []), out_path, meta["training"], meta["backbone_sha256"], True)
-    return train_exits(ck.model, data_cfg, cfg, sink, checkpoint_to=out_path,
-                       resume_state=ck.state if cfg.resume else None, source=str(ckpt_path))
+    return train_exits(ck.model, data, config, sink, checkpoint_to=out_path,
+                       resume_state=ck.state if config.resume else None, source=str(checkpoint))
