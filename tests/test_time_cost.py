@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import pteenet
-from helpers import build, cache_of, make_images, simulated_exits
+from helpers import build, cache_of, make_images, simulated_exits, swept_checkpoint
 from pteenet.cli import app
 from pteenet.runtime.timing import TimeProfile, profile
 from pteenet.sweep import ExitCache, restrict, select_exits
@@ -66,11 +66,8 @@ def test_time_priced_selection_drops_the_exits_that_cost_more_than_they_save() -
 
 
 def test_sweep_cli_cost_time_records_the_batch_size_and_both_costs(tmp_path: Path) -> None:
-    model = build("pool-mlp", True, True, exits="all")
-    model.meta.update(training={"complete": True, "epochs_done": 1},
-                      data={"spec": "synthetic", "val_split": 0.2, "seed": 1, "limit": 60})
-    ckpt, tuned = tmp_path / "m.safetensors", tmp_path / "tuned.safetensors"
-    pteenet.save_checkpoint(ckpt, model)
+    model, ckpt = swept_checkpoint(tmp_path)
+    tuned = tmp_path / "tuned.safetensors"
     r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw"), "--thresholds", "0:1:0.05",
                                  "--max-drop", "100", "--select-exits", "--policy", "max-softmax", "--cost", "time",
                                  "--deploy-batch-size", "4", "--write", str(tuned), "--json"])
