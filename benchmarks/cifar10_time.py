@@ -11,7 +11,7 @@ within 1 accuracy point of the backbone on the calibration half, priced in predi
 ``TimeProfile`` measured here (``runtime/timing.py``) at that batch size, with time-priced exit
 selection (batch 1 also with ``max_tail`` 1.2: a sample that takes no exit pays at most 1.2x); the
 MAC-priced choice (``sweep-threshold --cost macs``) is timed beside it. Then, on report-half images
-preloaded in memory, every model runs in turn (order rotated each repeat), after a warm-up:
+preloaded in memory, the models take turns batch by batch (order rotated each repeat), after a warm-up:
 eager batch 256, eager batch 1 (mean, p50, p99 per image), ONNX Runtime batch 1 (the plain models
 exported whole, the early-exit model as staged pieces driven by ``run_staged.py``). Ratios are to
 plain ResNet-56 in the same runtime and run; ``os.getloadavg()`` is recorded before and after.
@@ -91,8 +91,9 @@ def front(report: ExitCache, model: Any, prof: TimeProfile, active: list[bool]) 
     return pareto_dicts([{"cost": p.cost, "accuracy": p.accuracy} for p in pts])
 
 
-def timed(runs: dict[str, Callable[[Any], Any]], batches: list[Any], repeats: int) -> dict[str, list[float]]:
-    """Seconds per batch for every run, the runs taking turns (order rotated each repeat)."""
+def timed(runs: dict[str, Callable[[Any], Any]], batches: list[Any], repeats: int) -> dict[str, Any]:
+    """Seconds per batch for every run, the runs taking turns batch by batch (order rotated each
+    repeat), so that a burst of other load on the shared machine hits every model alike."""
     names = list(runs)
     per: dict[str, list[float]] = {n: [] for n in names}
     totals: dict[str, list[float]] = {n: [] for n in names}
@@ -100,14 +101,17 @@ def timed(runs: dict[str, Callable[[Any], Any]], batches: list[Any], repeats: in
         for b in batches[:3]:
             runs[name](b)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            ts = []
-            for b in batches:
+        order = names[r % len(names):] + names[:r % len(names)]
+        round_s = dict.fromkeys(names, 0.0)
+        for b in batches:
+            for name in order:
                 t0 = time.perf_counter()
                 runs[name](b)
-                ts.append(time.perf_counter() - t0)
-            per[name] += ts
-            totals[name].append(sum(ts))
+                dt = time.perf_counter() - t0
+                per[name].append(dt)
+                round_s[name] += dt
+        for name in names:
+            totals[name].append(round_s[name])
     return {n: {"total_s": statistics.median(totals[n]), "per_batch": per[n]} for n in names}
 
 
@@ -321,6 +325,13 @@ def table(doc: dict[str, Any]) -> str:
         else:
             ort = f"**{c['onnxruntime_b1']['time_ratio']:.3f}**" if rt == "eager_b1" else "-"
             rows.append(head + f"- | **{x['time_ratio']:.3f}** | {x['p50_ratio']:.3f} | {ort} |")
+    rows.append("")
+    for k, bs in (("eager_b256", "256"), ("eager_b1", "1"), ("eager_b1_mean_only", "1")):
+        st = doc["settings"][k]
+        r = TimeProfile.from_dict(doc["profiles"][bs]).ratios(st["exit_fractions"])  # the ideal needs no heads
+        rows.append(f"- {k}: predicted {st['predicted_time_ratio']:.3f}, with free exits (the backbone's own time "
+                    f"per stage only) {r['ideal_time_ratio']:.3f}, MAC ratio {st['mac_ratio']:.3f}; "
+                    f"{100 * st['exit_fractions'][-1]:.1f}% run to the end")
     return "\n".join(rows)
 
 
