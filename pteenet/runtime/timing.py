@@ -110,26 +110,48 @@ def _round_robin(calls: dict[Any, Callable[[], Any]], repeats: int, warmup: int)
     return {key: 1e3 * statistics.median(v) for key, v in times.items()}
 
 
+def _full_pass(model: EarlyExitModel, x: torch.Tensor, computed: list[bool],
+               segments: dict[tuple[str, int], list[float]]) -> None:
+    """One pass through every stage and computed head in the runtime's order, each segment timed
+    where it runs: a head then finds its weights as cold as in a real pass (timed alone and
+    repeated, 27 heads' weights stay in cache and look cheaper than they are at batch 1)."""
+    state: tuple[Any, ...] = (x,)
+    carry = Carry()
+    stages = model.stages.modules
+    for k, stage in enumerate(stages[:-1]):
+        t0 = time.perf_counter()
+        out = stage(*state)
+        t1 = time.perf_counter()
+        state = out[:-1]
+        segments[("stage", k)].append(t1 - t0)
+        if computed[k]:
+            _, _, _, carry = exit_step(model.branches[k], model.ensemble, k, out[-1], carry)
+            segments[("head", k)].append(time.perf_counter() - t1)
+    t0 = time.perf_counter()
+    stages[-1](*state)
+    segments[("stage", len(stages) - 1)].append(time.perf_counter() - t0)
+
+
 def profile(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> TimeProfile:
-    """Time the plain backbone, each stage of ``model`` on its own input, each computed head on its
-    tap (with what earlier heads carry), one decision and, at batch > 1, the compaction after each
-    exit (keeping 90% of the rows), for the batch ``x``."""
+    """Time the plain backbone, each stage of ``model`` and each computed head (inside full passes,
+    ``_full_pass``), one decision and, at batch > 1, the compaction after each exit (keeping 90% of
+    the rows), for the batch ``x``: medians over ``repeats`` rounds, taken in turns."""
     stages = model.stages.modules
     computed = model.computed_branches()
     policy, threshold = model.policy, model.thresholds[0] if model.thresholds else 0.5
-    calls: dict[Any, Callable[[], Any]] = {("backbone", 0): lambda: model.backbone(x)}
+    segments: dict[tuple[str, int], list[float]] = {("stage", k): [] for k in range(len(stages))}
+    segments.update({("head", k): [] for k, c in enumerate(computed) if c})
+    calls: dict[Any, Callable[[], Any]] = {("backbone", 0): lambda: model.backbone(x),
+                                           ("pass", 0): lambda: _full_pass(model, x, computed, segments)}
     n = x.shape[0]
     keep = torch.arange(n, device=x.device)[: max(1, (9 * n) // 10)]
     with torch.inference_mode():
         state: tuple[Any, ...] = (x,)
         carry = Carry()
         for k, stage in enumerate(stages[:-1]):
-            calls[("stage", k)] = lambda stage=stage, state=state: stage(*state)
             out = stage(*state)
             state = out[:-1]
             if computed[k]:
-                calls[("head", k)] = lambda k=k, tap=out[-1], carry=carry: exit_step(
-                    model.branches[k], model.ensemble, k, tap, carry)
                 _, logits, conf, carry = exit_step(model.branches[k], model.ensemble, k, out[-1], carry)
                 if ("decision", 0) not in calls:
                     calls[("decision", 0)] = lambda logits=logits, conf=conf: bool(
@@ -138,8 +160,8 @@ def profile(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: in
                 flags = model.stages.batched[k + 1]
                 calls[("compaction", k)] = lambda state=state, flags=flags, carry=carry: (
                     tuple(v.index_select(0, keep) if b else v for v, b in zip(state, flags)), carry.select(keep))
-        calls[("stage", len(stages) - 1)] = lambda: stages[-1](*state)
         med = _round_robin(calls, repeats, warmup)
+    med.update({key: 1e3 * statistics.median(v[warmup:]) for key, v in segments.items()})
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
