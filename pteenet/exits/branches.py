@@ -142,7 +142,10 @@ def _pool_nhwc(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch
 # Equal-window pooling has several formulations with the same values (to float rounding) whose
 # speed depends on the shape and the CPU by 2-3x either way (measured: benchmarks/head_cost.py).
 # Pooling is most of a pooled head's time at large batches, so the first large batch of each
-# shape times them all and every later call uses the fastest (one choice per process).
+# shape times them all and every later call uses the fastest (one choice per process). The choice
+# depends on timing, so on a busy machine two processes may choose differently, and "rows" rounds
+# its averages differently from the others: a resumed training run therefore reuses the choices
+# its first process made (``pin_plans``, recorded by training in ``meta["training"]["pool_plans"]``).
 def _pool_2d(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain pooling kernels with the window as kernel and stride: the fastest at batch 1 (half
     the adaptive kernels' time), any batch size, and what torch.export and ONNX get."""
@@ -150,7 +153,7 @@ def _pool_2d(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.T
 
 
 POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "rows": _pool_rows, "nhwc": _pool_nhwc}
-_chosen_plan: dict[tuple[Any, ...], str] = {}
+_chosen_plan: dict[str, str] = {}  # plan_key -> plan name
 _forced = threading.local()
 
 
@@ -167,18 +170,31 @@ def pool_plan(name: str) -> Iterator[None]:
         _forced.plan = before
 
 
-def chosen_plans() -> dict[tuple[Any, ...], str]:
-    """The plan timed fastest for each (shape, window, batch class, dtype, device, threads) so far."""
+def chosen_plans() -> dict[str, str]:
+    """The plan chosen for each ``plan_key`` so far (timed fastest, or pinned)."""
     return dict(_chosen_plan)
+
+
+def pin_plans(plans: dict[str, str]) -> None:
+    """Use these plans (``chosen_plans()`` of another process) for their keys from now on."""
+    unknown = sorted(set(plans.values()) - set(POOL_PLANS))
+    if unknown:
+        raise PteenetError(f"unknown pooling plan {unknown[0]!r} recorded", "upgrade pteenet, or start the run over")
+    _chosen_plan.update(plans)
+
+
+def plan_key(x: torch.Tensor, k: tuple[int, int]) -> str:
+    """(shape, window, batch-size class, dtype, device, threads) as text, so a record can be JSON.
+    Per batch-size class: at batch 1 the fixed cost of each op decides, at 256 memory traffic."""
+    rows = "1" if x.shape[0] == 1 else "<16" if x.shape[0] < 16 else ">=16"
+    return f"{tuple(x.shape[1:])} {tuple(k)} {rows} {x.dtype} {x.device.type} {torch.get_num_threads()}"
 
 
 def _fastest_plan(x: torch.Tensor, k: tuple[int, int]) -> str:
     forced = getattr(_forced, "plan", None)
     if forced is not None:
         return forced
-    # Per batch-size class too: at batch 1 the fixed cost of each op decides, at 256 memory traffic.
-    rows = "1" if x.shape[0] == 1 else "<16" if x.shape[0] < 16 else ">=16"
-    key = (tuple(x.shape[1:]), k, rows, x.dtype, x.device.type, torch.get_num_threads())
+    key = plan_key(x, k)
     plan = _chosen_plan.get(key)
     if plan is None:
         plan = _chosen_plan[key] = _time_plans(x, k)

@@ -6,8 +6,11 @@ the branches with gradients; Adam updates branch parameters only, on a cosine sc
 steps. After every epoch the calibration (val) split is scored through the sweep engine at the
 confidence threshold T = 0.5 and the output checkpoint is rewritten atomically, with everything a
 ``--resume`` needs under ``state.*``: optimizer moments, step and epoch counters, the torch RNG state
-(augmentation) and the data-order generator state. Resuming therefore ends, on the CPU, bit-identical
-to a run that was never interrupted. When training completes the final checkpoint drops ``state.*``
+(augmentation) and the data-order generator state; ``training.pool_plans`` records the pooling
+kernels the run chose by timing, which a resume reuses (another process on a busy machine may time
+them otherwise, and they round differently). Resuming therefore ends, on the CPU with the same
+thread count, bit-identical to a run that was never interrupted, wherever the run was stopped
+(tests/test_resume_anywhere.py). When training completes the final checkpoint drops ``state.*``
 (a finished cosine schedule has nothing left to resume) and records ``training.complete = true``.
 
 ``--cache-features`` runs the backbone once over the train and val splits (``views`` passes over
@@ -34,6 +37,7 @@ from ..data import SKIPPED, DataConfig, load_splits
 from ..devices import resolve_device
 from ..distributed import ALONE, Group
 from ..errors import PteenetError
+from ..exits import branches as branch_mod
 from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from ..runtime.model import EarlyExitModel
@@ -115,6 +119,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
             raise PteenetError("the resume state holds no epoch counter", "pass the state of an unfinished run")
         if resume:
             distributed.check_resume_world(model.meta.get("training", {}), group)
+            _pin_recorded_plans(model, group, sink)
         if model.cost is None or model.num_exits < 1:
             raise PteenetError(f"{source or 'the model'} has no exits to train",
                                "create it with `pteenet attach BACKBONE --exits N`")
@@ -168,6 +173,8 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
         skipped = SKIPPED.since(skipped_before)
         return {**settings, "device": str(device), "world_size": group.world, "epochs_done": epochs_done,
                 "complete": complete, "source": source, "seconds": seconds_before + time.perf_counter() - started,
+                "pool_plans": distributed.gather_objects(branch_mod.chosen_plans(), group),
+                "threads": torch.get_num_threads(),
                 "skipped_images": {"count": len(skipped), "files": skipped[:MAX_SKIPPED_LISTED]}}
 
     def save(state: dict[str, torch.Tensor] | None) -> None:
@@ -234,6 +241,22 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
     if sha != model.backbone_sha256:  # save_checkpoint refuses this too; never let it pass silently
         raise PteenetError("the backbone changed during training", "this is a bug in pteenet: please report it")
     return _summary(history, out_path, training, sha, False)
+
+
+def _pin_recorded_plans(model: EarlyExitModel, group: Group, sink: Sink) -> None:
+    """Before anything computes, the pooling plans the run being resumed chose (each rank its own):
+    they are chosen by timing, which differs between processes on a busy machine, and one of them
+    rounds averages differently, so a resume that timed them again would not continue identically.
+    Runs recorded before this have no record: their resume times the plans again."""
+    training = model.meta.get("training", {})
+    was = training.get("threads")
+    if was is not None and was != torch.get_num_threads():
+        # Reductions split by thread count round differently: the resume is then close, not exact.
+        sink.warn(f"the run being resumed used {was} CPU threads, this one {torch.get_num_threads()}: "
+                  "its result may differ from an uninterrupted run's in the last bits")
+    plans = training.get("pool_plans") or []
+    if group.rank < len(plans):
+        branch_mod.pin_plans(plans[group.rank])
 
 
 def _feature_caches(model: EarlyExitModel, splits: Any, data: DataConfig, cfg: TrainConfig, device: torch.device,
