@@ -45,7 +45,16 @@ from . import ddp as ddp_branches
 from . import feature_cache as feature_store
 from .batches import Autocast, FeatureCache, ImageSource, fit_ensemble_on
 from .config import Interrupted, TrainConfig, check_resume, run_settings, unfinished_run
-from .step import BranchTrainer, Meter, cache_metrics, epoch_text, rng_state, running_text, set_rng_state
+from .step import (
+    BranchTrainer,
+    Meter,
+    cache_metrics,
+    check_diverged,
+    epoch_text,
+    rng_state,
+    running_text,
+    set_rng_state,
+)
 
 MAX_SKIPPED_LISTED = 100  # undecodable image files named in the checkpoint (all are counted)
 
@@ -200,6 +209,9 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
                             meter.add(trainer.step(out, y), len(y))
                             task.advance(info=running_text(meter.means()))
                     meter.sums, meter.n = distributed.sum_arrays(meter.sums, meter.n, group)
+                    check_diverged(meter.means(), model.info.num_classes, epoch + 1,
+                                   f"{out_path} keeps epoch {last_saved}, the last good one" if last_saved
+                                   else "nothing was saved")
                     val = evaluate_split(model, val_src, device, trainer.autocast, cfg.threshold, sink, group)
                     history.append({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"],
                                     "seconds": time.perf_counter() - t0, "train": meter.means(), "val": val})

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import distributed, sweep
 from ..distributed import ALONE, Group
@@ -67,6 +68,25 @@ def running_text(means: dict[str, Any]) -> str:
     return f"loss {means['loss']:.4f}  agree/exit % {agree}  cost@T {means['ee_cost']:.3f}"
 
 
+DIVERGED = 10.0  # an exit whose cross-entropy passes this many times ln K (a uniform guess's) diverged
+
+
+def check_diverged(means: dict[str, Any], num_classes: int, epoch: int, held: str) -> None:
+    """Stop a run whose heads diverged (issue 18: with 1,000 classes a cascade of log-probabilities
+    took the loss from 11,006 to 79,349 while every exit agreed with the backbone on under 1%):
+    an exit's mean cross-entropy against the backbone's answer above ``DIVERGED`` x ln K is not
+    learning, only growing. A learning head starts near ln K (a uniform guess) and goes down."""
+    ce = means.get("exit_ce") or []
+    limit = DIVERGED * math.log(max(num_classes, 2))
+    worst = max(range(len(ce)), key=ce.__getitem__, default=None)
+    if worst is None or ce[worst] <= limit:
+        return
+    raise PteenetError(f"training diverged in epoch {epoch}: exit {worst}'s cross-entropy against the backbone is "
+                       f"{ce[worst]:.3g} (a uniform guess: {math.log(max(num_classes, 2)):.2g}; loss {means['loss']:.3g}); "
+                       f"{held}", "lower --lr; a checkpoint whose cascade reads log-probabilities (attached before "
+                       "branch schema 2) diverges with many classes: attach it again, or with --no-cascade")
+
+
 def epoch_text(record: dict[str, Any]) -> str:
     """An epoch's calibration result, shown beside the epochs bar."""
     ee = (record["val"] or {}).get("early_exit") or {}
@@ -108,7 +128,10 @@ class BranchTrainer:
         self.step_count += 1
         m = cache_metrics(exit_cache_of(out, labels, self.model), self.cfg.threshold)
         ee = m["early_exit"]
-        return {"loss": loss, "nll": res.nll, "head_cost": res.cost, "agreement": m["agreement"],
+        with torch.no_grad():  # each head's cross-entropy against the backbone's answer: the divergence guard's
+            answer = out.final_logits.argmax(1)
+            exit_ce = [float(F.cross_entropy(h.float(), answer)) for h in out.heads]
+        return {"loss": loss, "nll": res.nll, "head_cost": res.cost, "agreement": m["agreement"], "exit_ce": exit_ce,
                 "accuracy": m["accuracy"], "ee_accuracy": ee["accuracy"], "ee_agreement": ee["agreement"],
                 "ee_cost": ee["cost"]}
 
