@@ -8,14 +8,11 @@ import typer
 from rich.table import Table
 
 from ..data import DataConfig
+from ..progress import format_percent
 from ..training.loss import LossConfig
 from ..training.run import Interrupted, TrainConfig, train_branches
 from .common import console, emit, fail, handle_errors, progress_sink
 from .options import DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, StrictImagesOption
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def _exits(values: list[float] | None) -> str:
@@ -32,7 +29,7 @@ def epoch_table(doc: dict[str, Any]) -> Table:
         ee = v.get("early_exit") or {}
         table.add_row(str(r["epoch"]), f"{r['train']['loss']:.4f}", _exits(r["train"]["agreement"]),
                       _exits(v.get("accuracy")), _exits(v.get("agreement")), _exits(v.get("mean_confidence")),
-                      _pct(ee.get("accuracy")), _pct(ee.get("agreement")),
+                      format_percent(ee.get("accuracy"), 1, ""), format_percent(ee.get("agreement"), 1, ""),
                       "-" if not ee else f"{ee['cost']:.3f}", f"{r['seconds']:.0f}")
     return table
 
@@ -45,12 +42,13 @@ def train_command(
     data_dir: DataDirOption = None,
     limit: LimitOption = None,
     no_augment: bool = typer.Option(False, "--no-augment", help="no random crops/flips on the train split"),
-    val_split: float = typer.Option(0.1, "--val-split", help="fraction of train held out for calibration"),
+    calibration_split: float = typer.Option(0.1, "--calibration-split", "--val-split",
+                                            help="fraction of train held out as the calibration split (--val-split: its old name)"),
     test_split: float = typer.Option(DataConfig.test_split, "--test-split", help="of a single folder (imagefolder:PATH of class folders, images:PATH), the seeded fraction held out as test"),
     strict_images: StrictImagesOption = False,
     calibration: Optional[str] = typer.Option(
         None, "--calibration", metavar="SPEC",
-        help="calibrate (the per-epoch report, --ensemble) on this data instead of a --val-split of train, which "
+        help="the calibration split (the per-epoch report, --ensemble) from this data instead of a --calibration-split of train, which "
              "then all trains: a dataset spec (its test split), imagefolder:PATH of class folders, images:PATH, any + "
              "#half=0|1 for a seeded half. Use it when the backbone was fine-tuned on these training images"),
     targets: str = typer.Option(LossConfig.targets, "--targets", help="pseudo (backbone argmax) | soft (backbone softmax) | labels"),
@@ -74,7 +72,7 @@ def train_command(
     json_: JsonOption = False,
 ) -> None:
     """Train the exit branches (only them) on the frozen backbone, saving OUTPUT after every epoch."""
-    data_cfg = DataConfig(spec=data, data_dir=data_dir, limit=limit, augment=not no_augment, val_split=val_split,
+    data_cfg = DataConfig(spec=data, data_dir=data_dir, limit=limit, augment=not no_augment, val_split=calibration_split,
                           seed=seed, calibration=calibration, test_split=test_split, strict_images=strict_images)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
                       workers=workers, amp=amp, resume=resume, cache_features=cache_features, views=views, cache_dir=cache_dir,

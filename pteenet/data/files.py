@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..errors import PteenetError
+from ..errors import PteenetError, describe_error
 from .loader import Undecodable
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -71,8 +71,7 @@ class ImageFiles(Dataset):
         try:
             img = read_image(path, self.channels)
         except Exception as e:  # truncated, corrupt, not an image at all, too large: all the same to the run
-            detail = (str(e).strip().splitlines() or [""])[0][:120]
-            return Undecodable(path, f"{type(e).__name__}: {detail}" if detail else type(e).__name__, self.strict)
+            return Undecodable(path, describe_error(e), self.strict)
         return self.transform(img), label
 
 
@@ -135,8 +134,8 @@ def image_files_of(ds: Dataset) -> tuple[ImageFiles, list[int]] | None:
 def files_fingerprint(ds: Dataset) -> str | None:
     """A hash of the image files ``ds`` reads: path, size and modification time of each, so that a
     file replaced, repaired, added or removed gives another hash (a feature cache built from the old
-    files is then not reused). 34 ms for 10,000 files, against 2.9 s to decode them
-    (benchmarks/cache_key_cost.py). None: not image files."""
+    files is then not reused). A small fraction of the time decoding them takes
+    (benchmarks/results/cache_key_cost.json). None: not image files."""
     found = image_files_of(ds)
     if found is None:
         return None

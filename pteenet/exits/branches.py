@@ -153,7 +153,7 @@ def _pool_nhwc(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch
 
 
 # Equal-window pooling has several formulations with the same values (to float rounding) whose
-# speed depends on the shape and the CPU by 2-3x either way (measured: benchmarks/head_cost.py).
+# speed depends on the shape and the CPU by 2-3x either way (measured: benchmarks/branch_cost.py).
 # Pooling is most of a pooled head's time at large batches, so the first large batch of each
 # shape times them all and every later call uses the fastest (one choice per process). The choice
 # depends on timing, so on a busy machine two processes may choose differently, and "rows" rounds
@@ -172,7 +172,7 @@ _forced = threading.local()
 
 @contextlib.contextmanager
 def pool_plan(name: str) -> Iterator[None]:
-    """Every ``GridPool`` uses plan ``name`` while inside (for comparisons: ``benchmarks/head_cost.py``)."""
+    """Every ``GridPool`` uses plan ``name`` while inside (for comparisons: ``benchmarks/branch_cost.py``)."""
     if name not in POOL_PLANS:
         raise ValueError(f"unknown pooling plan {name!r}: one of {', '.join(POOL_PLANS)}")
     before = getattr(_forced, "plan", None)
@@ -247,8 +247,8 @@ class GridPool(nn.Module):
             return x.flatten(1)
         if self.windows is None:
             return torch.cat([self.avg(x).flatten(1), self.max(x).flatten(1)], 1)
-        # PyTorch's adaptive CPU kernels are slow: 5.7 ms a head at batch 256 (CIFAR ResNet-56), twice
-        # the plain kernels' time at batch 1. While torch.export traces, the plain kernels: timing
+        # PyTorch's adaptive CPU kernels are slow, at batch 256 and at batch 1
+        # (benchmarks/results/branch_cost.json). While torch.export traces, the plain kernels: timing
         # would pin the dynamic batch dimension, and they export to ONNX's AveragePool/MaxPool.
         plan = "pool2d" if torch.compiler.is_compiling() or torch.jit.is_tracing() else _fastest_plan(x, self.windows)
         avg, mx = POOL_PLANS[plan](x, self.windows)

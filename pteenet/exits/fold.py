@@ -4,7 +4,7 @@ In eval mode a BatchNorm is an affine map, so it folds into the convolution or l
 to it (a conv followed by BN becomes one conv with a bias; BN followed by a linear layer becomes
 one linear layer), and the classifier and the confidence head read the same vector, so they are one
 (K+1)-output linear layer. At batch 1 a pooled MLP head drops from 7 ops to 4 this way, and every
-op costs about as much as its arithmetic there (measured: ``benchmarks/head_cost.py``).
+op costs about as much as its arithmetic there (measured: ``benchmarks/branch_cost.py``).
 
 The folded tensors are derived from the branch's parameters, never stored: ``FoldedBranch`` is
 rebuilt whenever a parameter or buffer is replaced or changed in place, so a checkpoint holds the

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..exits import policies
+from ..progress import format_macs, format_percent
 from ..runtime.model import EarlyExitModel
 from ..sweep import Point, curve_figure, pareto
 from ..tracing.hooks import NO_EARLY_EXIT
@@ -28,7 +29,7 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
         "backbone": {**model.info.to_dict(), "sha256": model.backbone_sha256,
                      "macs": cost.backbone_macs if cost else None},
         "branch": model.branch_config.name,
-        "no_real_early_exit": NO_EARLY_EXIT if model.hooks else None,
+        "no_real_early_exit": NO_EARLY_EXIT if model.runtime == "hooks" else None,
         "branch_description": model.branch_config.description,
         "ensemble": model.ensemble is not None,
         "active_exits": list(model.active),
@@ -87,14 +88,6 @@ def _t(ts: list[float]) -> float | list[float]:
     return ts[0] if len(set(ts)) == 1 else ts
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
-
-
-def _macs(m: float | None) -> str:
-    return "-" if m is None else f"{m / 1e6:.2f} M" if m < 1e9 else f"{m / 1e9:.2f} G"
-
-
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
@@ -120,61 +113,84 @@ def _scalars(d: dict[str, Any] | None, prefix: str = "") -> list[list[Any]]:
 
 
 def markdown(r: dict[str, Any]) -> str:
+    """report.md: the report's sections in order, each written by its own function below."""
+    n_exits = len(r["exits"])
+    out = _intro_md(r) + ["## Files", ""] + _table(["file", "what"], [[f"`{k}`", v] for k, v in r["files"].items()])
+    out += ["", _inputs_md(r["backbone"]), ""] + _usage_md(r["files"], n_exits) + _classes_md(r["backbone"])
+    out += ["## Backbone and exits", ""] + _exits_md(r)
+    out += ["", "## Training", ""] + _training_md(r)
+    out += ["", "## Threshold sweep", ""] + _sweep_md(r["sweep"])
+    out += ["", "## Operating point", ""] + _point_md(r["operating_point"], n_exits)
+    out += ["", "## Measured speed", ""] + _bench_md(r["bench"], r["operating_point"])
+    return "\n".join(out) + "\n"
+
+
+def _intro_md(r: dict[str, Any]) -> list[str]:
+    """The title, where the file came from, and what the model does at run time."""
     bb, op = r["backbone"], r["operating_point"]
     n_exits = len(r["exits"])
     ts = ", ".join(f"{t:g}" for t in op["thresholds"])
-    size = "x".join(map(str, bb["preprocess"]["input_size"]))
-    out = [f"# Early-exit model: {bb['spec']} with {n_exits} exits", "",
-           f"Exported by pteenet {r['pteenet_version']} on {r['exported_at']} from "
-           + (f"`{r['source_checkpoint']}`." if r["source_checkpoint"] else "a model in memory."), "",
-           f"A frozen pretrained backbone (`{bb['spec']}`, {bb['num_classes']} classes) with {n_exits} early-exit branches "
-           f"({r.get('branch_description') or r['branch']}) attached at the points below"
-           + ("; each exit answers with a fitted ensemble of every head up to it" if r.get("ensemble") else "")
-           + (f"; {sum(r['active_exits'])} of the {n_exits} exits take decisions (exit selection)"
-              if r.get("active_exits") and not all(r["active_exits"]) else "") + ". "
-           f"At run time a sample leaves at the first exit where **{op['rule']}** (policy `{op['policy']}`, thresholds {ts}); "
-           "otherwise it runs the whole backbone and gets the backbone's own answer. The backbone's weights are unchanged.", "",
-           *([f"**Note: {r['no_real_early_exit']}.**", ""] if r.get("no_real_early_exit") else []),
-           "## Files", ""]
-    out += _table(["file", "what"], [[f"`{k}`", v] for k, v in r["files"].items()])
+    return [f"# Early-exit model: {bb['spec']} with {n_exits} exits", "",
+            f"Exported by pteenet {r['pteenet_version']} on {r['exported_at']} from "
+            + (f"`{r['source_checkpoint']}`." if r["source_checkpoint"] else "a model in memory."), "",
+            f"A frozen pretrained backbone (`{bb['spec']}`, {bb['num_classes']} classes) with {n_exits} early-exit branches "
+            f"({r.get('branch_description') or r['branch']}) attached at the points below"
+            + ("; each exit answers with a fitted ensemble of every head up to it" if r.get("ensemble") else "")
+            + (f"; {sum(r['active_exits'])} of the {n_exits} exits take decisions (exit selection)"
+               if r.get("active_exits") and not all(r["active_exits"]) else "") + ". "
+            f"At run time a sample leaves at the first exit where **{op['rule']}** (policy `{op['policy']}`, thresholds {ts}); "
+            "otherwise it runs the whole backbone and gets the backbone's own answer. The backbone's weights are unchanged.", "",
+            *([f"**Note: {r['no_real_early_exit']}.**", ""] if r.get("no_real_early_exit") else [])]
+
+
+def _inputs_md(bb: dict[str, Any]) -> str:
+    """What an input must be: size, framing, normalisation, and the backbone it was made for."""
     pre = bb["preprocess"]
+    size = "x".join(map(str, pre["input_size"]))
     framing = ""
     if pre.get("resize"):
         rh, rw = pre["resize"]
         how = (f"its shorter side resized to {rh}" if pre["crop_mode"] == "center" and rh == rw else
                f"resized to {rh}x{rw}" + (" keeping its aspect ratio" if pre["crop_mode"] == "center" else ""))
         framing = f" (an image has {how} ({pre['interpolation']}), then its centre cropped)"
-    out += ["", f"Inputs: float32 images {size}{framing}, pixels in [0, 1] then (x - mean) / std with mean {pre['mean']} "
+    return (f"Inputs: float32 images {size}{framing}, pixels in [0, 1] then (x - mean) / std with mean {pre['mean']} "
             f"and std {pre['std']}. Backbone sha256 `{bb['sha256'][:16]}...`"
-            + (f", weights `{bb['weights']}`." if bb.get("weights") else "."), ""]
-    out += _usage_md(r["files"], n_exits)
-    if bb.get("class_names"):
-        names = bb["class_names"]
-        out += ["Classes: " + ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "") + ".", ""]
-    out += ["## Backbone and exits", "",
-            f"The plain backbone costs {_macs(bb['macs'])} MACs per image. Costs are fractions of that: **cumulative** counts "
-            "the backbone up to the exit plus every branch evaluated on the way (what a sample leaving there really paid); "
-            "**paper** counts the backbone up to the exit plus that exit's own branch (the PTEENet paper's convention).", ""]
-    rows = [[k["index"] + 1, f"`{k['name']}`", _macs(k.get("prefix_macs")), _macs(k.get("branch_macs")),
+            + (f", weights `{bb['weights']}`." if bb.get("weights") else "."))
+
+
+def _classes_md(bb: dict[str, Any]) -> list[str]:
+    """The class names (the first 20), where the data record had them."""
+    if not bb.get("class_names"):
+        return []
+    names = bb["class_names"]
+    return ["Classes: " + ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "") + ".", ""]
+
+
+def _exits_md(r: dict[str, Any]) -> list[str]:
+    """Where each exit sits and what a sample leaving there paid, in both cost conventions."""
+    bb = r["backbone"]
+    out = [f"The plain backbone costs {format_macs(bb['macs'])} MACs per image. Costs are fractions of that: **cumulative** counts "
+           "the backbone up to the exit plus every branch evaluated on the way (what a sample leaving there really paid); "
+           "**paper** counts the backbone up to the exit plus that exit's own branch (the PTEENet paper's convention).", ""]
+    rows = [[k["index"] + 1, f"`{k['name']}`", format_macs(k.get("prefix_macs")), format_macs(k.get("branch_macs")),
              f"{k['cost']:.3f}" if "cost" in k else "-", f"{k['cost_paper']:.3f}" if "cost_paper" in k else "-"] for k in r["exits"]]
-    rows.append(["end", "backbone output", _macs(bb["macs"]), "", f"{r['final_cost']:.3f}" if r["final_cost"] else "-", "1.000"])
-    out += _table(["exit", "attached at", "backbone MACs so far", "branch MACs", "cost (cumulative)", "cost (paper)"], rows)
-    out += ["", "## Training", ""]
+    rows.append(["end", "backbone output", format_macs(bb["macs"]), "", f"{r['final_cost']:.3f}" if r["final_cost"] else "-", "1.000"])
+    return out + _table(["exit", "attached at", "backbone MACs so far", "branch MACs", "cost (cumulative)", "cost (paper)"], rows)
+
+
+def _training_md(r: dict[str, Any]) -> list[str]:
+    """How the branches were trained: the data, the settings and the last epoch's metrics."""
     tr = r["training"]
-    if tr:
-        out += [f"The branches were trained for {tr['epochs']} epochs with the backbone frozen."]
-        if r.get("data"):
-            out += ["", "Data:", ""] + _table(["setting", "value"], _scalars(r["data"]))
-        if tr.get("config"):
-            out += ["", "Settings:", ""] + _table(["setting", "value"], _scalars(tr["config"]))
-        if tr.get("final_epoch"):
-            out += ["", "Final epoch:", ""] + _table(["metric", "value"], _scalars(tr["final_epoch"]))
-    else:
-        out += ["No training is recorded in this checkpoint: the branches may be untrained."]
-    out += ["", "## Threshold sweep", ""] + _sweep_md(r["sweep"])
-    out += ["", "## Operating point", ""] + _point_md(op, n_exits)
-    out += ["", "## Measured speed", ""] + _bench_md(r["bench"], op)
-    return "\n".join(out) + "\n"
+    if not tr:
+        return ["No training is recorded in this checkpoint: the branches may be untrained."]
+    out = [f"The branches were trained for {tr['epochs']} epochs with the backbone frozen."]
+    if r.get("data"):
+        out += ["", "Data:", ""] + _table(["setting", "value"], _scalars(r["data"]))
+    if tr.get("config"):
+        out += ["", "Settings:", ""] + _table(["setting", "value"], _scalars(tr["config"]))
+    if tr.get("final_epoch"):
+        out += ["", "Final epoch:", ""] + _table(["metric", "value"], _scalars(tr["final_epoch"]))
+    return out
 
 
 def _usage_md(files: dict[str, str], n_exits: int) -> list[str]:
@@ -209,10 +225,10 @@ def _sweep_md(sw: dict[str, Any] | None) -> list[str]:
     front = pareto([Point.from_dict(p, n_exits) for p in points])
     out = [f"Every policy and threshold was evaluated on {sw.get('samples')} held-out calibration (val) images; "
            f"{metric} is against the {'labels' if metric == 'accuracy' else 'backbone'}. Backbone alone: "
-           f"{metric} {_pct((sw.get('backbone') or {}).get(metric))} at cost 1. Oracle (each image leaves at the first right exit): "
-           f"{_pct((sw.get('oracle') or {}).get(metric))} at cost {(sw.get('oracle') or {}).get('cost', float('nan')):.3f}. "
+           f"{metric} {format_percent((sw.get('backbone') or {}).get(metric))} at cost 1. Oracle (each image leaves at the first right exit): "
+           f"{format_percent((sw.get('oracle') or {}).get(metric))} at cost {(sw.get('oracle') or {}).get('cost', float('nan')):.3f}. "
            f"{len(points)} points were swept; the best trade-offs (Pareto front) are:", ""]
-    rows = [[p.policy, p.kind, ", ".join(f"{t:g}" for t in sorted(set(p.thresholds or [])))[:40], _pct(p.metric),
+    rows = [[p.policy, p.kind, ", ".join(f"{t:g}" for t in sorted(set(p.thresholds or [])))[:40], format_percent(p.metric),
              f"{p.cost:.3f}", f"{p.cost_paper:.3f}"] for p in front]
     out += _table(["policy", "kind", "threshold", metric, "cost", "cost (paper)"], rows)
     if sw.get("no_accuracy"):
@@ -228,17 +244,17 @@ def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
         return out + ["", f"{why}, so its accuracy and cost are not known here."]
     change = 1 - val["cost"]
     saving = f"{100 * change:.1f}% fewer MACs" if change >= 0 else f"{-100 * change:.1f}% MORE MACs than the backbone"
-    out += ["", f"On the calibration (val) split: accuracy {_pct(val.get('accuracy'))}, agreement with the backbone "
-            f"{_pct(val.get('agreement'))}, mean cost {val['cost']:.3f} of the backbone ({saving}; "
+    out += ["", f"On the calibration split: accuracy {format_percent(val.get('accuracy'))}, agreement with the backbone "
+            f"{format_percent(val.get('agreement'))}, mean cost {val['cost']:.3f} of the backbone ({saving}; "
             f"paper convention {val['cost_paper']:.3f})."]
     test = op.get("test")
     if test:
         tb = test.get("backbone") or {}
-        out += ["", f"On the test split (not used to choose it): accuracy {_pct(test.get('accuracy'))} "
-                f"(backbone {_pct(tb.get('accuracy'))}), agreement {_pct(test.get('agreement'))}, mean cost {test['cost']:.3f}."]
+        out += ["", f"On the test split (not used to choose it): accuracy {format_percent(test.get('accuracy'))} "
+                f"(backbone {format_percent(tb.get('accuracy'))}), agreement {format_percent(test.get('agreement'))}, mean cost {test['cost']:.3f}."]
     labels = [str(k + 1) for k in range(n_exits)] + ["end"]
-    out += ["", "Where the val images left:", ""]
-    out += _table(labels, [[_pct(f) for f in val["exit_fractions"]]])
+    out += ["", "Where the calibration images left:", ""]
+    out += _table(labels, [[format_percent(f) for f in val["exit_fractions"]]])
     return out
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 
 from .. import distributed
 from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_parent_folder
-from ..data import NO_LABELS, SKIPPED, DataConfig, DataRequest, load_splits, make_loader, resolve_data
+from ..data import NO_LABELS, SKIPPED, DataConfig, DataRequest, make_loader, resolve_data
 from ..devices import resolve_device
 from ..distributed import Group
 from ..errors import PteenetError
@@ -33,8 +33,9 @@ from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
 from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
-from .engine import Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit, select, sweep_global
+from .engine import Point, backbone_point, pareto, parse_range, search_per_exit, select, sweep_global
 from .outputs import build_document, write_sweep_outputs
+from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .selection import Selection, restrict, select_exits
 
 SPLITS = ("val", "test")
@@ -220,6 +221,74 @@ def _data_config(data: DataRequest | DataConfig | None, recorded: dict[str, Any]
     return dataclasses.replace(data, augment=False), []
 
 
+def _place(model: EarlyExitModel, cfg: SweepConfig) -> tuple[Group, torch.device]:
+    """The process group and the device the model runs on, moving it only where it is elsewhere."""
+    group, device = distributed.setup(resolve_device(cfg.device))
+    here = next(model.parameters()).device
+    if here.type != device.type or (device.index is not None and here != device):
+        model.to(device)  # a checkpoint is loaded onto the device already: moving re-traces the stages
+    return group, next(model.parameters()).device
+
+
+def _choose(cache: ExitCache, points: list[Point], model: EarlyExitModel, policies: list[str], grid: np.ndarray,
+            cfg: SweepConfig) -> tuple[Point | None, list[bool] | None]:
+    """The point the criterion picks (None without one, or where none meets it) and, with
+    ``--select-exits``, the exits that stay active."""
+    chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
+    if cfg.select_exits:
+        return _with_selection(cache, model, policies, grid, cfg, chosen)
+    return chosen, None
+
+
+def _test_cache(model: EarlyExitModel, test: Dataset, chosen: Point | None, active: list[bool] | None,
+                cfg: SweepConfig, run: Callable[[Dataset, str], ExitCache]) -> ExitCache | None:
+    """The test split's pass, to report a setting chosen on the calibration split on other images
+    (restricted to the active exits); None when nothing was chosen or it was chosen on test."""
+    if chosen is None or cfg.split != "val":
+        return None
+    test_cache = run(test, "test")
+    if active is not None:
+        assert model.cost is not None
+        test_cache = restrict(test_cache, active, model.cost, model.chained)
+    return test_cache
+
+
+def _document(cache: ExitCache, points: list[Point], chosen: Point | None, test_cache: ExitCache | None,
+              active: list[bool] | None, cfg: SweepConfig, *, source: str | None, split_info: dict[str, Any],
+              policies: list[str], grid: np.ndarray, budgets: dict[str, list[float]], choosing: bool,
+              notes: list[str], warnings: list[str], skipped: list[Any]) -> dict[str, Any]:
+    """The sweep's document (sweep.json): the curve, the choice and how they were made."""
+    doc = build_document(cache, points, chosen, test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
+    if doc["chosen"] is not None:
+        doc["chosen"]["active_exits"] = active
+    doc.update({
+        "checkpoint": source, "split": cfg.split,
+        "selection_split": cfg.split if choosing else None,
+        "data": split_info,
+        "policies": policies, "grid": {"range": cfg.thresholds, "count": int(grid.size)},
+        "per_exit_budgets": budgets,
+        "pareto": _front_indices(points, policies),
+        "notes": notes, "warnings": warnings, "written": cfg.write, "outdir": cfg.outdir,
+        "no_accuracy": NO_LABELS if cache.labels is None else None,
+        "skipped_images": skipped,
+    })
+    return doc
+
+
+def _apply_choice(model: EarlyExitModel, doc: dict[str, Any], chosen: Point | None, active: list[bool] | None,
+                  cfg: SweepConfig, choosing: bool) -> None:
+    """Set the chosen point on the model (thresholds, policy, active exits, ``meta["sweep"]``);
+    refuse where a criterion was given and no swept setting meets it."""
+    if choosing and chosen is None:
+        raise PteenetError(f"no swept setting is within {cfg.max_drop} points of the backbone"
+                           + (f" (the curve is in {cfg.outdir})" if cfg.outdir else ""),
+                           "raise --max-drop, widen --thresholds or add --per-exit")
+    if chosen is not None and chosen.policy:
+        model.set_thresholds(chosen.thresholds or [], chosen.policy)
+        model.set_active(active)
+        model.meta["sweep"] = sweep_meta(doc)
+
+
 def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: SweepConfig, sink: Sink,
            source: str | None) -> dict[str, Any]:
     """Everything but reading and writing the checkpoint: check, run the split(s) once, sweep,
@@ -233,48 +302,15 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
         sink.warn(text)
 
     policies, grid = cfg.policies, parse_range(cfg.thresholds)
-    if model.cost is None:
-        raise PteenetError(f"{name} has no cost table", "attach the branches with `pteenet attach`")
-    # No setting costs less than sending every sample out at the first exit: fail before any data.
-    if cfg.budget is not None and cfg.budget < model.cost.costs()[0] - 1e-9:
-        raise below_cheapest(cfg.budget, model.cost.costs()[0])
-    training = model.meta.get("training")
-    if not training:
-        warn(f"the branches in {name} were never trained: the sweep measures random branches "
-             "(run `pteenet train-branches` first)")
-    elif training.get("complete") is False:
-        warn(f"training of {name} stopped after {training.get('epochs_done')} epochs: "
-             "the sweep measures unfinished branches")
+    check_sweepable(model, cfg.budget, name)
+    training_warnings(model, name, warn)
     data_cfg, notes = _data_config(data, model.meta.get("data"), warn)
     for note in notes:
         sink.note(note)
-    try:
-        splits = load_splits(data_cfg, model.info.preprocess, model.info.num_classes)
-    except PteenetError:
-        raise
-    except Exception as e:  # a corrupt file or folder: still one line, naming the data
-        raise PteenetError(f"cannot read the data {data_cfg.spec}: {type(e).__name__}: {str(e)[:120]}",
-                           "check --data and --data-dir") from None
-    if cfg.split == "val" and len(splits.val) == 0:  # type: ignore[arg-type]
-        raise PteenetError("the calibration (val) split is empty: the branches were trained without one",
-                           "retrain with a val split, or pass --split test (selection then uses test)")
+    splits = read_splits(model, data_cfg, cfg.split)
     choosing = cfg.budget is not None or cfg.max_drop is not None
-    if choosing and cfg.split == "test":
-        warn("the setting is chosen on the test split, so its test numbers are optimistic "
-             "(--split val chooses on the calibration split and reports test separately)")
-    calibration, overlap = splits.split_info.get("calibration"), splits.split_info.get("calibration_overlap")
-    if choosing and cfg.split == "val" and overlap == "test":
-        warn(f"the calibration data {calibration} is the test split: the setting is chosen on the images it is "
-             f"reported on, so its test numbers are optimistic (--calibration {calibration}#half=0 "
-             "calibrates on one half and reports on the other)")
-    if cfg.split == "val" and overlap == "train":
-        warn(f"the calibration data {calibration} is the training split: the branches were trained on it, and a "
-             "backbone fine-tuned on it has memorised it (calibrate on images neither has seen)")
-    group, device = distributed.setup(resolve_device(cfg.device))
-    here = next(model.parameters()).device
-    if here.type != device.type or (device.index is not None and here != device):
-        model.to(device)  # a checkpoint is loaded onto the device already: moving re-traces the stages
-    device = next(model.parameters()).device
+    calibration_warnings(splits.split_info, cfg.split, choosing, warn)
+    group, device = _place(model, cfg)
 
     def run(dataset: Dataset, name: str) -> ExitCache:
         if group.active:
@@ -286,45 +322,20 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     if cache.labels is None:
         sink.note(NO_LABELS)
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
-    chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
-    active = None
-    if cfg.select_exits:
-        chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen)
-    test_cache = run(splits.test, "test") if chosen is not None and cfg.split == "val" else None
-    if test_cache is not None and active is not None:
-        assert model.cost is not None
-        test_cache = restrict(test_cache, active, model.cost, model.chained)
+    chosen, active = _choose(cache, points, model, policies, grid, cfg)
+    test_cache = _test_cache(model, splits.test, chosen, active, cfg, run)
     if chosen is not None and chosen.cost >= 1.0:
         # Branches are work too: a setting that rarely exits costs more than the plain backbone.
         warn(f"the chosen setting costs {chosen.cost:.3f} x the plain backbone: at this accuracy, early exit "
              "does not pay with these exits; use the backbone as is, or try fewer, later or cheaper exits")
-
-    doc = build_document(cache, points, chosen, test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
-    if doc["chosen"] is not None:
-        doc["chosen"]["active_exits"] = active
-    doc.update({
-        "checkpoint": source, "split": cfg.split,
-        "selection_split": cfg.split if choosing else None,
-        "data": splits.split_info,
-        "policies": policies, "grid": {"range": cfg.thresholds, "count": int(grid.size)},
-        "per_exit_budgets": budgets,
-        "pareto": _front_indices(points, policies),
-        "notes": notes, "warnings": warnings, "written": cfg.write, "outdir": cfg.outdir,
-        "no_accuracy": NO_LABELS if cache.labels is None else None,
-        "skipped_images": SKIPPED.since(skipped_before),
-    })
+    doc = _document(cache, points, chosen, test_cache, active, cfg, source=source, split_info=splits.split_info,
+                    policies=policies, grid=grid, budgets=budgets, choosing=choosing, notes=notes,
+                    warnings=warnings, skipped=SKIPPED.since(skipped_before))
     if cfg.outdir is not None and group.main:  # under torchrun every rank has the document; rank 0 writes
         skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)
         if skipped:
             warn(skipped, record=False)  # sweep.json is already written: keep the document equal to it
-    if choosing and chosen is None:
-        raise PteenetError(f"no swept setting is within {cfg.max_drop} points of the backbone"
-                           + (f" (the curve is in {cfg.outdir})" if cfg.outdir else ""),
-                           "raise --max-drop, widen --thresholds or add --per-exit")
-    if chosen is not None and chosen.policy:
-        model.set_thresholds(chosen.thresholds or [], chosen.policy)
-        model.set_active(active)
-        model.meta["sweep"] = sweep_meta(doc)
+    _apply_choice(model, doc, chosen, active, cfg, choosing)
     return doc
 
 
@@ -347,17 +358,17 @@ def sweep_model(model: EarlyExitModel, data: DataRequest | DataConfig | None = N
     return _sweep(model, data, config, sink, None)
 
 
-def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
+def sweep_threshold(checkpoint: str | Path, data: DataRequest, config: SweepConfig,
                     sink: Sink = SILENT) -> dict[str, Any]:
-    """The whole command: load, sweep (``sweep_model``'s work) and write ``cfg.write`` with the
+    """The whole command: load, sweep (``sweep_model``'s work) and write ``config.write`` with the
     chosen setting and the file's training state; returns the document (the same one as sweep.json)."""
-    if cfg.write:
-        check_parent_folder("--write", cfg.write)  # before the checkpoint is read
-    group, device = distributed.setup(resolve_device(cfg.device))
+    if config.write:
+        check_parent_folder("--write", config.write)  # before the checkpoint is read
+    group, device = distributed.setup(resolve_device(config.device))
     with distributed.agreed(group):  # a bad file stops every rank; rank 0 alone reports it
-        ckpt = load_checkpoint(ckpt_path, device)
-    doc = _sweep(ckpt.model, data, cfg, sink, str(ckpt_path))
-    if cfg.write and doc["chosen"] is not None and doc["chosen"].get("policy") and group.main:
-        save_checkpoint(cfg.write, ckpt.model, ckpt.state)
+        ckpt = load_checkpoint(checkpoint, device)
+    doc = _sweep(ckpt.model, data, config, sink, str(checkpoint))
+    if config.write and doc["chosen"] is not None and doc["chosen"].get("policy") and group.main:
+        save_checkpoint(config.write, ckpt.model, ckpt.state)
     distributed.barrier(group)  # every rank ends once the files are whole
     return doc

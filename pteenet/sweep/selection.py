@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PteenetError
-from ..exits.chain import computed_heads
+from ..exits.chain import computed_branches
 from ..tracing.cost import CostTable
 from .cache import ExitCache
 from .engine import Point, backbone_point, select, sweep_global
@@ -31,7 +31,7 @@ def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable, chained:
     if mask.shape != (cache.num_exits,):
         raise PteenetError(f"{mask.size} active flags for {cache.num_exits} exits", "give one per exit")
     scores = {p: np.where(mask[:, None], s, np.nan).astype(np.float32) for p, s in cache.scores.items()}
-    return ExitCache(cache.preds, scores, cache.labels, np.asarray(cost.costs(computed_heads(mask, chained))),
+    return ExitCache(cache.preds, scores, cache.labels, np.asarray(cost.costs(computed_branches(mask, chained))),
                      cache.costs_paper)
 
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from .. import distributed, sweep
 from ..distributed import ALONE, Group
 from ..errors import PteenetError
+from ..exits import branches as branch_mod
+from ..progress import Sink
 from ..runtime.model import AllExits, EarlyExitModel
 from .batches import Autocast
 from .config import TrainConfig
@@ -171,3 +173,19 @@ def set_rng_state(st: dict[str, torch.Tensor], device: torch.device, order: torc
     order.set_state(st["rng.order"])
     if device.type == "cuda" and "rng.cuda" in st:
         torch.cuda.set_rng_state(st["rng.cuda"], device)
+
+
+def pin_recorded_plans(model: EarlyExitModel, group: Group, sink: Sink) -> None:
+    """Before anything computes, the pooling plans the run being resumed chose (each rank its own):
+    they are chosen by timing, which differs between processes on a busy machine, and one of them
+    rounds averages differently, so a resume that timed them again would not continue identically.
+    Runs recorded before this have no record: their resume times the plans again."""
+    training = model.meta.get("training", {})
+    was = training.get("threads")
+    if was is not None and was != torch.get_num_threads():
+        # Reductions split by thread count round differently: the resume is then close, not exact.
+        sink.warn(f"the run being resumed used {was} CPU threads, this one {torch.get_num_threads()}: "
+                  "its result may differ from an uninterrupted run's in the last bits")
+    plans = training.get("pool_plans") or []
+    if group.rank < len(plans):
+        branch_mod.pin_plans(plans[group.rank])
