@@ -64,10 +64,26 @@ class Meter:
         return {k: (v / max(self.n, 1)).tolist() for k, v in self.sums.items()}
 
 
+def short_number(v: float) -> str:
+    """A loss in at most 7 characters: 0.1234, 12.34, 123.4, 1.1e+04 (a diverged run's)."""
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.1e}"
+
+
+def exit_summary(values: list[float] | None) -> str:
+    """Per-exit fractions in %, in a width that does not grow with the exits: every value up to 3
+    exits, else first/median/last exit (``--json`` keeps them all)."""
+    if not values:
+        return "-"
+    pct = [f"{100 * v:.0f}" for v in values]
+    if len(pct) <= 3:
+        return " ".join(pct)
+    return f"{pct[0]}/{100 * float(np.median(values)):.0f}/{pct[-1]}"
+
+
 def running_text(means: dict[str, Any]) -> str:
-    """The running figures shown beside the epoch's progress bar."""
-    agree = " ".join(f"{100 * v:.0f}" for v in means["agreement"])
-    return f"loss {means['loss']:.4f}  agree/exit % {agree}  cost@T {means['ee_cost']:.3f}"
+    """The running figures shown beside the epoch's progress bar (a few dozen characters)."""
+    agree = exit_summary(means["agreement"])
+    return f"loss {short_number(means['loss'])} agree% {agree} cost@T {means['ee_cost']:.3f}"
 
 
 DIVERGED = 10.0  # an exit whose cross-entropy passes this many times ln K (a uniform guess's) diverged
