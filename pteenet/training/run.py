@@ -44,7 +44,7 @@ from ..runtime.model import EarlyExitModel
 from . import ddp as ddp_branches
 from . import feature_cache as feature_store
 from .batches import Autocast, FeatureCache, ImageSource, fit_ensemble_on
-from .config import Interrupted, TrainConfig, check_resume, run_settings, unfinished_run
+from .config import Interrupted, TrainConfig, check_resume, run_settings, small_data_warning, unfinished_run
 from .step import (
     BranchTrainer,
     Meter,
@@ -288,6 +288,9 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
     with distributed.agreed(group):  # an error here stops every rank; rank 0 alone reports it
         cfg = _check_run(model, config, device, group, out_path, resume_state, source, sink)
         run, splits = _start_run(model, data, cfg, device, group, out_path, resume_state, source)
+        if (few := small_data_warning(len(splits.train), model.info.num_classes,  # type: ignore[arg-type]
+                                      splits.split_info.get("labelled", True))) is not None:
+            sink.warn(few)
         train_src, val_src = _sources(model, splits, data, cfg, device, group, sink)
     trainer = BranchTrainer(model, cfg, device, cfg.epochs * len(train_src), group)
     order = torch.Generator().manual_seed(cfg.seed)  # the data order, apart from torch's global RNG
