@@ -118,7 +118,7 @@ class BranchConfig(Config):
             raise PteenetError(f"branch schema {schema!r} is newer than this pteenet's ({BRANCH_SCHEMA})", "upgrade pteenet")
         if "kind" not in d:
             d["kind"] = "conv" if name.startswith("conv") and name != "conv-lite" else name
-        if schema < 2:
+        if schema < 2 and d.get("cascade"):  # without a cascade the input form means nothing: the default
             d.setdefault("cascade_input", "logprob")
         return super().from_dict(d)
 
