@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pteenet
-from helpers import assert_logits_close, cache_of, make_images, perturb
+from helpers import TIE_GAP, assert_logits_close, cache_of, make_images, perturb
 from pteenet.exits.chain import Ensemble
 from pteenet.export.run import ExportConfig, export_model
 from pteenet.export.staged import plan, torch_runner
@@ -38,9 +38,20 @@ def many_exit_model(seed: int = 0, chained: bool = True) -> pteenet.EarlyExitMod
 
 
 def settings(model: pteenet.EarlyExitModel, x: torch.Tensor) -> list[list[float]]:
-    """Two per-exit max-softmax settings that send the samples to several exits."""
-    s = cache_of(model, x).scores["max-softmax"]
-    return [[float(np.quantile(s[k], q)) for k in range(model.num_exits)] for q in (0.8, 0.93)]
+    """Two per-exit max-softmax settings that send the samples to several exits, each threshold in
+    the middle of a gap between scores near a quantile (no score within TIE_GAP: another runtime's
+    rounding cannot move a sample across it); an exit without such a gap never lets one leave."""
+    s = cache_of(model, x).scores["max-softmax"].astype(np.float64)
+    out = []
+    for q in (0.8, 0.93):
+        ts = []
+        for k in range(model.num_exits):
+            v = np.sort(s[k])
+            gaps = np.flatnonzero(np.diff(v) > 2 * TIE_GAP + 1e-6)
+            i = gaps[np.argmin(np.abs(gaps - q * (len(v) - 1)))] if gaps.size else None
+            ts.append(1.5 if i is None else float((v[i] + v[i + 1]) / 2))
+        out.append(ts)
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -236,8 +236,8 @@ def test_a_setting_dearer_than_the_backbone_is_flagged(tmp_path: Path) -> None:
                                 "--limit", 40, "--max-drop", 0, "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
-    assert doc["chosen"]["cost"] >= 1.0
-    assert any("costs more" in w or "does not pay" in w for w in doc["warnings"])
+    assert doc["nothing_pays"]["cheapest"]["cost"] >= 1.0 and doc["chosen"]["cost"] == 1.0  # the backbone alone
+    assert any(w.startswith("nothing pays: ") for w in doc["warnings"])  # tests/test_nothing_pays.py: the rest
 
 
 # -- --calibration: tune on other data than training's held-out split ---------------------------------

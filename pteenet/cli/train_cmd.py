@@ -5,31 +5,38 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from ..data import DataConfig
-from ..progress import format_percent
 from ..training.loss import LossConfig
 from ..training.run import Interrupted, TrainConfig, train_branches
+from ..training.step import exit_summary, short_number
 from .common import console, emit, fail, handle_errors, progress_sink
 from .options import DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, StrictImagesOption
 
 
-def _exits(values: list[float] | None) -> str:
-    return "-" if not values else " ".join(f"{100 * v:.0f}" for v in values)
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def epoch_table(doc: dict[str, Any]) -> Table:
-    table = Table(title=f"{doc['final']['output']}: per exit and at T = 0.5, in % on the calibration split",
-                  caption="agr = agreement with the backbone; cost@T = mean cost / backbone's")
-    for col in ("epoch", "loss", "train agr", "acc", "agr", "conf", "acc@T", "agr@T", "cost@T", "s"):
-        table.add_column(col, justify="right")
+    """One row an epoch, narrow enough for 80 columns whatever the number of exits: per-exit
+    columns show first/median/last exit beyond 3 exits (``--json`` has every exit)."""
+    n = len(doc["epochs"][0]["train"]["agreement"]) if doc["epochs"] else 0
+    per_exit = "per exit" if n <= 3 else f"first/median/last of {n} exits"
+    table = Table(title=f"{doc['final']['output']}: {per_exit} and at T = 0.5, in % on the calibration split",
+                  caption="agr = agreement with the backbone (trn: on the training batches); cost@T = mean cost / backbone's; --json: every exit and the exits' mean confidence",
+                  box=box.SIMPLE_HEAD)
+    # The exits' mean confidence is in --json only: ten columns of this width do not fit in 80.
+    for col in ("epoch", "loss", "trn agr", "acc", "agr", "acc@T", "agr@T", "cost@T", "s"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in doc["epochs"]:
         v = r["val"] or {}
         ee = v.get("early_exit") or {}
-        table.add_row(str(r["epoch"]), f"{r['train']['loss']:.4f}", _exits(r["train"]["agreement"]),
-                      _exits(v.get("accuracy")), _exits(v.get("agreement")), _exits(v.get("mean_confidence")),
-                      format_percent(ee.get("accuracy"), 1, ""), format_percent(ee.get("agreement"), 1, ""),
+        table.add_row(str(r["epoch"]), short_number(r["train"]["loss"]), exit_summary(r["train"]["agreement"]),
+                      exit_summary(v.get("accuracy")), exit_summary(v.get("agreement")),
+                      _pct(ee.get("accuracy")), _pct(ee.get("agreement")),
                       "-" if not ee else f"{ee['cost']:.3f}", f"{r['seconds']:.0f}")
     return table
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cascade import cascade_features
+
 Op = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -69,7 +71,7 @@ class FoldedBranch:
     body: list[Op]
     head_w: torch.Tensor  # [K+1, width (+K with a cascade)]
     head_b: torch.Tensor
-    cascade: bool
+    cascade: str | None  # the cascade's input form (cascade.py), None without a cascade
 
     def current(self) -> bool:
         """False once a parameter or buffer was changed in place (training, load_state_dict).
@@ -83,7 +85,7 @@ class FoldedBranch:
         if self.cascade:
             if prev is None:
                 prev = z.new_zeros(z.shape[0], self.head_w.shape[0] - 1)
-            z = torch.cat([z, torch.log_softmax(prev.float(), 1).to(z.dtype)], 1)
+            z = torch.cat([z, cascade_features(prev, self.cascade).to(z.dtype)], 1)
         out = F.linear(z, self.head_w, self.head_b)
         return out[:, :-1], out[:, -1]
 
@@ -116,7 +118,8 @@ def fold(branch: Any) -> FoldedBranch:
     if pending is not None:
         w, b = _affine_linear(*pending, w, b, pending[0].shape[0])
     tensors = [*branch.parameters(), *branch.buffers()]
-    return FoldedBranch(tensors, tuple(t._version for t in tensors), ops, w, b, bool(branch.cascade))
+    return FoldedBranch(tensors, tuple(t._version for t in tensors), ops, w, b,
+                        branch.cascade_input if branch.cascade else None)
 
 
 _off = threading.local()

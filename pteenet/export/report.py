@@ -41,13 +41,24 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
                      "final_epoch": history[-1] if history else None} if model.meta.get("training") or history else None,
         "data": model.meta.get("data"),
         "sweep": None if not sweep else {k: sweep.get(k) for k in ("metric", "samples", "backbone", "oracle", "criterion", "points",
-                                                                "no_accuracy")},
+                                                                "no_accuracy", "nothing_pays")},
+        "nothing_pays": nothing_pays(model),
         "operating_point": {**point, "rule": _rule(point["policy"]),
                             "reduction": None if not val else 1.0 - val["cost"],
                             "reduction_paper": None if not val else 1.0 - val["cost_paper"]},
         "bench": model.meta.get("bench"),
         "files": files,
     }
+
+
+def nothing_pays(model: EarlyExitModel) -> str | None:
+    """Where no exit takes decisions, the sentence that says the model is the backbone alone, and
+    why (the sweep's reason, when it chose so); None otherwise."""
+    if any(model.active):
+        return None
+    why = ((model.meta.get("sweep") or {}).get("nothing_pays") or {}).get("reason")
+    return ("no exit takes decisions: the model runs the backbone alone (cost 1.000, no branch computed)"
+            + (f", because early exit did not pay: {why}" if why else ""))
 
 
 def _rule(policy: str | None) -> str | None:
@@ -140,7 +151,8 @@ def _intro_md(r: dict[str, Any]) -> list[str]:
                if r.get("active_exits") and not all(r["active_exits"]) else "") + ". "
             f"At run time a sample leaves at the first exit where **{op['rule']}** (policy `{op['policy']}`, thresholds {ts}); "
             "otherwise it runs the whole backbone and gets the backbone's own answer. The backbone's weights are unchanged.", "",
-            *([f"**Note: {r['no_real_early_exit']}.**", ""] if r.get("no_real_early_exit") else [])]
+            *([f"**Note: {r['no_real_early_exit']}.**", ""] if r.get("no_real_early_exit") else []),
+            *([f"**Note: {r['nothing_pays']}.**", ""] if r.get("nothing_pays") else [])]
 
 
 def _inputs_md(bb: dict[str, Any]) -> str:

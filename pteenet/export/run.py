@@ -37,7 +37,7 @@ from ..runtime.model import EarlyExitModel
 from ..sweep import Point, select, threshold_list
 from ..tracing.hooks import NO_EARLY_EXIT
 from .programs import write_program
-from .report import build_report, write_report
+from .report import build_report, nothing_pays, write_report
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,9 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
         assert best.thresholds is not None and best.policy is not None
         model.set_thresholds(best.thresholds, best.policy)
         # The swept curve was measured with every exit deciding: an exit selection made for another
-        # point does not hold for this one.
-        model.set_active(None)
+        # point does not hold for this one. Where even the cheapest costs the backbone or more,
+        # no exit decides (no branch is computed): the backbone alone, as sweep-threshold does.
+        model.set_active(None if best.cost < 1.0 else [False] * model.num_exits)
         how = (f"the most accurate swept point within a mean cost of {cfg.budget}" if cfg.budget is not None else
                f"the cheapest swept point within {cfg.max_drop} accuracy points of the backbone")
     else:
@@ -206,6 +207,8 @@ def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILEN
         sink.warn(NO_EARLY_EXIT)
     model.eval()
     point = choose_point(model, config)
+    if (alone := nothing_pays(model)) is not None:
+        sink.warn(alone + "; the report says so too")
     data = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}
     if model.info.class_names is None and data.get("class_names"):
         model.info.class_names = list(data["class_names"])  # so the exported file names its classes

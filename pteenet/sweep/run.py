@@ -37,7 +37,7 @@ from .engine import Point, backbone_point, pareto, parse_range, search_per_exit,
 from .outputs import build_document, write_sweep_outputs
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .pricing import Pricing, both_costs, pricing_for
-from .selection import Selection, restrict, select_exits
+from .selection import Selection, backbone_only, restrict, select_exits
 
 SPLITS = ("val", "test")
 COSTS = ("macs", "time")
@@ -331,17 +331,21 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
         sink.note(NO_LABELS)
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
     chosen, active = _choose(cache, points, model, policies, grid, cfg, pricing)
-    test_cache = _test_cache(model, splits.test, chosen, active, cfg, run, pricing)
+    nothing = None
     if chosen is not None and chosen.cost >= 1.0:
-        # Branches are work too: a setting that rarely exits costs more than the plain backbone.
-        warn(f"the chosen setting costs {chosen.cost:.3f} x the plain backbone: at this accuracy, early exit "
-             "does not pay with these exits; use the backbone as is, or try fewer, later or cheaper exits")
+        chosen, active, nothing = backbone_only(cache, chosen, pricing, model.chained)
+        warn(f"nothing pays: {nothing.reason()}; "
+             + (f"{cfg.write} gets" if cfg.write else "the chosen setting is")
+             + " the backbone alone (no exit decides, no branch is computed: cost 1.000); to save compute, "
+             "train the exits longer or on more images, or attach fewer, later or cheaper exits")
+    test_cache = _test_cache(model, splits.test, chosen, active, cfg, run, pricing)
     doc = _document(cache, points, chosen, test_cache, active, cfg, source=source, split_info=splits.split_info,
                     policies=policies, grid=grid, budgets=budgets, choosing=choosing, notes=notes,
                     warnings=warnings, skipped=SKIPPED.since(skipped_before))
     if chosen is not None and doc["chosen"] is not None:
         doc["chosen"].update(both_costs(chosen, model, pricing, active))
     doc["cost_model"] = cost_model
+    doc["nothing_pays"] = None if nothing is None else nothing.to_dict()
     if cfg.outdir is not None and group.main:  # under torchrun every rank has the document; rank 0 writes
         skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)
         if skipped:
