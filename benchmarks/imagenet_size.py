@@ -2,7 +2,7 @@
 
 torchvision's ResNet-18 (or ``--arch``) with random weights (no download), synthetic 224x224 images,
 the defaults of ``pteenet attach`` (a pooled head after every block, cascade) and of training with
-cached features; then the sweep, an ONNX export and ``bench`` at batch 1 and 8. It records what a
+cached features; then the sweep, a staged ONNX export (one program per exit, see docs/speed.md) and ``bench`` at batch 1 and 8. It records what a
 user on ImageNet-sized inputs needs to know and what tests at 16x16 never exercise: the size of a
 tap and of the cached (pooled) features an image, the branches' share of the MACs, and the time each
 step took. Random weights mean the exits learn little; the accuracy figures are not the point.
@@ -28,7 +28,7 @@ import pteenet
 from pteenet.bench.run import BenchConfig, bench
 
 
-def run(arch: str, images: int, epochs: int, work: Path, formats: tuple[str, ...] = ("onnx",),
+def run(arch: str, images: int, epochs: int, work: Path, formats: tuple[str, ...] = ("staged-onnx",),
         batch_sizes: tuple[int, ...] = (1, 8), repeats: int = 3) -> dict[str, Any]:
     """attach -> train -> sweep -> export -> bench on synthetic 224x224 images; one record of it."""
     seconds: dict[str, float] = {}
