@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..data import DataRequest
-from ..sweep import Point, SweepConfig, short_thresholds, sweep_threshold
+from ..sweep import CONFIDENCE, Point, SweepConfig, short_thresholds, sweep_threshold
 from .common import console, emit, handle_errors, progress_sink
 from .options import (
     ALL_POLICIES,
@@ -63,7 +63,20 @@ def _summary(doc: dict[str, Any]) -> str:
     if test:
         text += f"; on test {metric} {100 * test[metric]:.2f}% at cost {test['cost']:.3f} " \
                 f"(backbone {100 * test['backbone'][metric]:.2f}%)"
-    return text
+    g = doc.get("guarantee")
+    return text if not g else text + "\n" + guarantee_text(g)
+
+
+def guarantee_text(g: dict[str, Any]) -> str:
+    """The certificate in two sentences: the bound beside the observed drop and the uncertified choice."""
+    free = g.get("without_guarantee")
+    text = (f"certified: {g['risk']} <= {g['target_points']:g} pt with confidence {g['confidence']:g} "
+            f"(its upper bound {g['bound_points']:.2f} pt, observed {g['observed_points']:.2f} pt on "
+            f"{g['samples']} images; {g['calibration_drop_points']:.2f} pt on the whole calibration split)")
+    if free:
+        text += (f"; without the guarantee: cost {free['cost']:.3f} at {free['calibration_drop_points']:.2f} pt "
+                 "on calibration")
+    return text + ". " + g["promise"]
 
 
 @handle_errors
@@ -85,7 +98,9 @@ def sweep_command(
     per_exit: bool = typer.Option(False, "--per-exit", help="also search one threshold per exit at a set of budgets"),
     select_exits: bool = typer.Option(False, "--select-exits", help="also choose which exits decide at all (greedy; needs --budget or --max-drop); unused heads are not computed"),
     budget: Optional[float] = typer.Option(None, help="choose the most accurate setting with mean cost <= F x backbone"),
-    max_drop: Optional[float] = typer.Option(None, help="choose the cheapest setting at most P points below the backbone"),
+    max_drop: Optional[float] = typer.Option(None, help="choose the cheapest setting at most P points below the backbone (accuracy; agreement without labels), certified for new data"),
+    confidence: float = typer.Option(CONFIDENCE, metavar="C", help="with --max-drop: the drop stays within P points on new data from the same distribution with probability >= C (Learn-then-Test); 0 = no guarantee"),
+    no_guarantee: bool = typer.Option(False, "--no-guarantee", help="with --max-drop: the cheapest setting within P points on the calibration data only (no promise for new data)"),
     write: Optional[Path] = typer.Option(None, help="write the checkpoint with the chosen setting (may be CHECKPOINT)"),
     batch_size: int = typer.Option(256, help="images per batch"),
     device: DeviceOption = "auto",
@@ -99,6 +114,7 @@ def sweep_command(
     """
     cfg = SweepConfig(outdir=str(output), split=split.value, policy=policy, thresholds=thresholds,
                       per_exit=per_exit, select_exits=select_exits, budget=budget, max_drop=max_drop,
+                      confidence=0.0 if no_guarantee else confidence,
                       write=None if write is None else str(write), batch_size=batch_size,
                       device=device, workers=workers)
     with progress_sink() as sink:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .. import distributed
-from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_parent_folder
+from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_number, check_parent_folder
 from ..data import NO_LABELS, SKIPPED, DataConfig, DataRequest, load_splits, make_loader, resolve_data
 from ..devices import resolve_device
 from ..distributed import Group
@@ -34,6 +34,7 @@ from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
 from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
 from .engine import Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit, select, sweep_global
+from .guarantee import CONFIDENCE, certify, record
 from .outputs import build_document, write_sweep_outputs
 from .selection import Selection, restrict, select_exits
 
@@ -51,6 +52,7 @@ class SweepConfig(Config):
     select_exits: bool = False  # also search which exits should decide at all (needs budget or max_drop)
     budget: float | None = None  # mean cumulative cost <= budget x backbone
     max_drop: float | None = None  # percentage points below the backbone
+    confidence: float = CONFIDENCE  # with max_drop: certify it holds on new data with this probability; 0: off
     write: str | None = None  # checkpoint to write with the chosen setting
     batch_size: int = 256
     device: str = "auto"
@@ -63,6 +65,9 @@ class SweepConfig(Config):
         check_policy(self.policy, also=("all",))
         parse_range(self.thresholds)
         check_criterion(self.budget, self.max_drop)
+        if self.confidence != 0:
+            check_number("confidence", self.confidence, 0.5, 1, high_open=True,
+                         hint="e.g. --confidence 0.9; 0 (or --no-guarantee) chooses without a guarantee")
         if self.select_exits and self.budget is None and self.max_drop is None:
             raise PteenetError("--select-exits needs a criterion", "pass --budget F or --max-drop P")
         if self.write and self.budget is None and self.max_drop is None:
@@ -194,6 +199,15 @@ def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str]
     return best.point, best.active
 
 
+def _certified(cache: ExitCache, model: EarlyExitModel, policies: list[str], grid: np.ndarray, cfg: SweepConfig,
+               chosen: Point | None, active: list[bool] | None) -> tuple[Point | None, list[bool] | None, dict[str, Any]]:
+    """The certified choice (``guarantee.certify``), and its record with today's choice beside it."""
+    assert cfg.max_drop is not None
+    cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit,
+                   cost=model.cost if cfg.select_exits else None, chained=model.chained)
+    return cert.point, cert.active, record(cert, backbone_point(cache), chosen, active)
+
+
 def _better(a: Point, b: Point, by_budget: bool) -> bool:
     key = (lambda p: (-p.metric, p.cost)) if by_budget else (lambda p: (p.cost, -p.metric))
     return key(a) < key(b)
@@ -290,6 +304,9 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     active = None
     if cfg.select_exits:
         chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen)
+    guarantee = None
+    if cfg.max_drop is not None and cfg.confidence > 0:
+        chosen, active, guarantee = _certified(cache, model, policies, grid, cfg, chosen, active)
     test_cache = run(splits.test, "test") if chosen is not None and cfg.split == "val" else None
     if test_cache is not None and active is not None:
         assert model.cost is not None
@@ -307,7 +324,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
         "selection_split": cfg.split if choosing else None,
         "data": splits.split_info,
         "policies": policies, "grid": {"range": cfg.thresholds, "count": int(grid.size)},
-        "per_exit_budgets": budgets,
+        "per_exit_budgets": budgets, "guarantee": guarantee,
         "pareto": _front_indices(points, policies),
         "notes": notes, "warnings": warnings, "written": cfg.write, "outdir": cfg.outdir,
         "no_accuracy": NO_LABELS if cache.labels is None else None,
@@ -317,6 +334,10 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
         skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)
         if skipped:
             warn(skipped, record=False)  # sweep.json is already written: keep the document equal to it
+    if choosing and chosen is None and guarantee is not None:
+        raise PteenetError(f"no swept setting is certified within {cfg.max_drop} points at confidence "
+                           f"{cfg.confidence:g} on {guarantee['samples']} calibration images",
+                           "raise --max-drop, calibrate on more images, lower --confidence, or --no-guarantee")
     if choosing and chosen is None:
         raise PteenetError(f"no swept setting is within {cfg.max_drop} points of the backbone"
                            + (f" (the curve is in {cfg.outdir})" if cfg.outdir else ""),
