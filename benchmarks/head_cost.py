@@ -1,7 +1,7 @@
 """Where the early-exit model's time goes, head by head, against the backbone.
 
 For a trained checkpoint: the backbone's time at batch 256 and 1, every head on its tap (all exits
-computed, as the sweep does) at both batch sizes, in the inference form (``pteenet/fold.py``) and
+computed, as the sweep does) at both batch sizes, in the inference form (``pteenet/exits/fold.py``) and
 as trained, the heads' pooling alone with PyTorch's adaptive kernels and with each of ``GridPool``'s
 equal-window plans, the heads' share of the MACs, and the runtime's row compaction of the first
 tap two ways (boolean mask, index_select). Medians of ``--repeats`` runs timed

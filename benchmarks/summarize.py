@@ -1,4 +1,4 @@
-"""Print the README's results tables (Markdown) from the files the benchmarks wrote.
+"""Print the results tables of docs/benchmarks.md (Markdown) from the files the benchmarks wrote.
 
     python benchmarks/summarize.py [benchmarks/results/cifar10_resnet.json ...]
 """

@@ -1,5 +1,5 @@
 """Inference-time forms of the heads: BatchNorm folded into its neighbours and the two heads in one
-matmul (``pteenet/fold.py``), the ensemble's running sums, and the equal-window pooling plans. Each
+matmul (``pteenet/exits/fold.py``), the ensemble's running sums, and the equal-window pooling plans. Each
 gives the training-time modules' values; the folded form follows the parameters when they change."""
 from __future__ import annotations
 

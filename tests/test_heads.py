@@ -11,7 +11,7 @@ import torch
 
 import pteenet
 from pteenet.exits.chain import computed_heads, fit_ensemble
-from pteenet.export.run import CondProgram
+from pteenet.export.programs import CondProgram
 from pteenet.sweep import evaluate, restrict, select_exits
 from pteenet.training.batches import _stem_shapes
 from test_runtime import assert_logits_close, cache_of, make_images, perturb, random_thresholds, simulated_exits

@@ -1,6 +1,6 @@
 """Turning a backbone spec string into a frozen ``nn.Module`` plus how to preprocess its inputs.
 
-Specs: ``torchvision:NAME``, ``timm:NAME`` (``timm_backbone.py``), ``cifar-resnet20|32|44|56|110``,
+Specs: ``torchvision:NAME``, ``timm:NAME`` (``timm_models.py``), ``cifar-resnet20|32|44|56|110``,
 ``path/to/file.py:factory`` or ``package.module:factory``. Weights: a local file, or for torchvision
 ``DEFAULT``/an enum name, for timm ``pretrained``.
 """

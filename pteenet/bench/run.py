@@ -9,13 +9,14 @@ its mean MACs per sample are measured too, not assumed.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -65,8 +66,8 @@ def tune_allocator() -> str | None:
 
     glibc serves large blocks (a 256-image activation of 16 MB) with mmap and frees them with munmap,
     so every new activation pays page faults. On CIFAR ResNet-56 at batch 256 on this project's CPU
-    machine that slowed eager inference (394 ms against 329 ms tuned), and a traced graph, whose frees
-    come in a slightly different order, more (1.38x eager); ``benchmarks/stage_profile.py`` records both. Raising glibc's mmap and trim thresholds removes both
+    machine that slowed eager inference, and a traced graph, whose frees come in a slightly
+    different order, more (``benchmarks/stage_profile.py`` measures both: ``benchmarks/results/stage_profile.json``). Raising glibc's mmap and trim thresholds removes both
     effects. It changes this process only; returns a description, or None where glibc is absent.
     """
     import ctypes
@@ -145,6 +146,67 @@ def verdict(batch_size: int, time_ratio: float, mac_ratio: float | None, split: 
     return f"batch {batch_size}: {1 / time_ratio:.2f}x faster{promised}: the measured time follows the MACs"
 
 
+@contextlib.contextmanager
+def _thread_count(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch threads (None: as they are), restoring the caller's count afterwards."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _one_batch_size(model: EarlyExitModel, images: torch.Tensor, bs: int, thresholds: list[float], policy: str,
+                    cfg: BenchConfig, sink: Sink) -> dict[str, Any]:
+    """Both models at one batch size: warm-up, then repeats interleaved A B / B A, then where the time
+    goes on one batch (``timing.profile``); the exits taken come from the first early-exit pass."""
+    device, n = images.device, images.shape[0]
+    batches = list(images.split(bs))
+    runs: dict[str, Callable[[torch.Tensor], Any]] = {
+        "backbone": model.backbone, "early_exit": lambda x: model.predict(x, thresholds, policy)}
+    for fn in runs.values():
+        for b in (batches * cfg.warmup)[:cfg.warmup]:
+            fn(b)
+        _sync(device)
+    totals: dict[str, list[float]] = {k: [] for k in runs}
+    per_batch: dict[str, list[float]] = {k: [] for k in runs}
+    exit_index = None
+    with sink.task(f"timing batch {bs}, {n} images", 2 * cfg.repeats) as task:
+        for r in range(cfg.repeats):
+            for name in (("backbone", "early_exit") if r % 2 == 0 else ("early_exit", "backbone")):
+                times, outs = _timed(runs[name], batches, device)
+                totals[name].append(sum(times))
+                per_batch[name].extend(times)
+                if name == "early_exit" and exit_index is None:
+                    exit_index = torch.cat([o.exit_index for o in outs]).cpu()
+                task.advance()
+    assert exit_index is not None
+    # Where the time goes, on one batch of this size: splits the gap to the MACs (see timing.py).
+    prof = timing.profile(model, batches[0], repeats=cfg.repeats, warmup=min(cfg.warmup, 1))
+    return _result(bs, len(batches), n, totals, per_batch, exit_index, model, prof)
+
+
+def _machine(device: torch.device, threads: int) -> dict[str, Any]:
+    """What the timings were measured on, and when."""
+    return {
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": threads,
+        "timer": "cuda events" if device.type == "cuda" else "perf_counter",
+    }
+
+
+def _warnings(model: EarlyExitModel, load: float, cpus: int) -> list[str]:
+    """What makes these timings less than they seem: a busy machine, or a model that cannot exit early."""
+    warnings = [f"the machine was busy (load average {load:.1f} on {cpus} CPUs): other processes competed for the "
+                "CPU, so these timings are noisy; rerun on an idle machine"] if load > 0.75 * cpus else []
+    if model.hooks:
+        warnings.insert(0, NO_EARLY_EXIT)
+    return warnings
+
+
 def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: Sink = SILENT) -> dict[str, Any]:
     """Time ``model.backbone`` against ``model.predict`` on ``images`` (already preprocessed, in
     memory) at each batch size; returns the JSON-able results document (``meta["bench"]``). Progress
@@ -158,54 +220,19 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: S
     n = images.shape[0]
     allocator = tune_allocator() if cfg.tune_allocator else None
     load_before = _load_average()
-    previous_threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
-        results = []
+    with _thread_count(cfg.threads):
         with torch.inference_mode():
-            for bs in cfg.batch_sizes:
-                batches = list(images.split(bs))
-                runs: dict[str, Callable[[torch.Tensor], Any]] = {
-                    "backbone": model.backbone, "early_exit": lambda x: model.predict(x, thresholds, policy)}
-                for fn in runs.values():
-                    for b in (batches * cfg.warmup)[:cfg.warmup]:
-                        fn(b)
-                    _sync(device)
-                totals: dict[str, list[float]] = {k: [] for k in runs}
-                per_batch: dict[str, list[float]] = {k: [] for k in runs}
-                exit_index = None
-                with sink.task(f"timing batch {bs}, {n} images", 2 * cfg.repeats) as task:
-                    for r in range(cfg.repeats):
-                        for name in (("backbone", "early_exit") if r % 2 == 0 else ("early_exit", "backbone")):
-                            times, outs = _timed(runs[name], batches, device)
-                            totals[name].append(sum(times))
-                            per_batch[name].extend(times)
-                            if name == "early_exit" and exit_index is None:
-                                exit_index = torch.cat([o.exit_index for o in outs]).cpu()
-                            task.advance()
-                assert exit_index is not None
-                # Where the time goes, on one batch of this size: splits the gap to the MACs (see timing.py).
-                prof = timing.profile(model, batches[0], repeats=cfg.repeats, warmup=min(cfg.warmup, 1))
-                results.append(_result(bs, len(batches), n, totals, per_batch, exit_index, model, prof))
+            results = [_one_batch_size(model, images, bs, thresholds, policy, cfg, sink) for bs in cfg.batch_sizes]
         threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous_threads)
     first = results[0]
     # The load before the run: afterwards the 1-minute average mostly counts our own threads.
     load = load_before or 0.0
     cpus = os.cpu_count() or 1
-    warnings = [f"the machine was busy (load average {load:.1f} on {cpus} CPUs): other processes competed for the "
-                "CPU, so these timings are noisy; rerun on an idle machine"] if load > 0.75 * cpus else []
-    if model.hooks:
-        warnings.insert(0, NO_EARLY_EXIT)
+    warnings = _warnings(model, load, cpus)
     for w in warnings:
         sink.warn(w)
     return {
-        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": threads,
-        "timer": "cuda events" if device.type == "cuda" else "perf_counter",
+        **_machine(device, threads),
         "images": n, "input_size": list(images.shape[1:]), "repeats": cfg.repeats, "warmup_batches": cfg.warmup,
         "policy": policy, "thresholds": thresholds, "runtime": "hooks" if model.hooks else "staged",
         "backbone_macs": model.cost.backbone_macs if model.cost else None,

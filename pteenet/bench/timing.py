@@ -1,7 +1,8 @@
 """Where one batch's time goes: every backbone stage and every computed head, measured.
 
 The MAC ratio is what early exit would save if every MAC took the same time. They do not: on a
-CPU a ResNet's first, high-resolution stage takes about 1.5x the time per MAC of its last, so
+CPU a ResNet's first, high-resolution stage takes more time per MAC than its last (measured:
+``best_resnet56.timing`` in benchmarks/results/cifar10_resnet.json), so
 leaving early saves less time than MACs; and a pooled head that costs 0.1% of the MACs takes a few
 percent of the time (pooling reads the whole tap, and is memory-bound). ``profile`` measures both
 on the hardware at hand, so that ``bench`` can split the gap between the MAC ratio and the

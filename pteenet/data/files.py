@@ -135,8 +135,8 @@ def image_files_of(ds: Dataset) -> tuple[ImageFiles, list[int]] | None:
 def files_fingerprint(ds: Dataset) -> str | None:
     """A hash of the image files ``ds`` reads: path, size and modification time of each, so that a
     file replaced, repaired, added or removed gives another hash (a feature cache built from the old
-    files is then not reused). 34 ms for 10,000 files, against 2.9 s to decode them
-    (benchmarks/cache_key_cost.py). None: not image files."""
+    files is then not reused). A small fraction of the time decoding them takes
+    (benchmarks/results/cache_key_cost.json). None: not image files."""
     found = image_files_of(ds)
     if found is None:
         return None

@@ -218,8 +218,8 @@ class GridPool(nn.Module):
             return x.flatten(1)
         if self.windows is None:
             return torch.cat([self.avg(x).flatten(1), self.max(x).flatten(1)], 1)
-        # PyTorch's adaptive CPU kernels are slow: 5.7 ms a head at batch 256 (CIFAR ResNet-56), twice
-        # the plain kernels' time at batch 1. While torch.export traces, the plain kernels: timing
+        # PyTorch's adaptive CPU kernels are slow, at batch 256 and at batch 1
+        # (benchmarks/results/head_cost.json). While torch.export traces, the plain kernels: timing
         # would pin the dynamic batch dimension, and they export to ONNX's AveragePool/MaxPool.
         plan = "pool2d" if torch.compiler.is_compiling() or torch.jit.is_tracing() else _fastest_plan(x, self.windows)
         avg, mx = POOL_PLANS[plan](x, self.windows)

@@ -120,61 +120,84 @@ def _scalars(d: dict[str, Any] | None, prefix: str = "") -> list[list[Any]]:
 
 
 def markdown(r: dict[str, Any]) -> str:
+    """report.md: the report's sections in order, each written by its own function below."""
+    n_exits = len(r["exits"])
+    out = _intro_md(r) + ["## Files", ""] + _table(["file", "what"], [[f"`{k}`", v] for k, v in r["files"].items()])
+    out += ["", _inputs_md(r["backbone"]), ""] + _usage_md(r["files"], n_exits) + _classes_md(r["backbone"])
+    out += ["## Backbone and exits", ""] + _exits_md(r)
+    out += ["", "## Training", ""] + _training_md(r)
+    out += ["", "## Threshold sweep", ""] + _sweep_md(r["sweep"])
+    out += ["", "## Operating point", ""] + _point_md(r["operating_point"], n_exits)
+    out += ["", "## Measured speed", ""] + _bench_md(r["bench"], r["operating_point"])
+    return "\n".join(out) + "\n"
+
+
+def _intro_md(r: dict[str, Any]) -> list[str]:
+    """The title, where the file came from, and what the model does at run time."""
     bb, op = r["backbone"], r["operating_point"]
     n_exits = len(r["exits"])
     ts = ", ".join(f"{t:g}" for t in op["thresholds"])
-    size = "x".join(map(str, bb["preprocess"]["input_size"]))
-    out = [f"# Early-exit model: {bb['spec']} with {n_exits} exits", "",
-           f"Exported by pteenet {r['pteenet_version']} on {r['exported_at']} from "
-           + (f"`{r['source_checkpoint']}`." if r["source_checkpoint"] else "a model in memory."), "",
-           f"A frozen pretrained backbone (`{bb['spec']}`, {bb['num_classes']} classes) with {n_exits} early-exit branches "
-           f"({r.get('branch_description') or r['branch']}) attached at the points below"
-           + ("; each exit answers with a fitted ensemble of every head up to it" if r.get("ensemble") else "")
-           + (f"; {sum(r['active_exits'])} of the {n_exits} exits take decisions (exit selection)"
-              if r.get("active_exits") and not all(r["active_exits"]) else "") + ". "
-           f"At run time a sample leaves at the first exit where **{op['rule']}** (policy `{op['policy']}`, thresholds {ts}); "
-           "otherwise it runs the whole backbone and gets the backbone's own answer. The backbone's weights are unchanged.", "",
-           *([f"**Note: {r['no_real_early_exit']}.**", ""] if r.get("no_real_early_exit") else []),
-           "## Files", ""]
-    out += _table(["file", "what"], [[f"`{k}`", v] for k, v in r["files"].items()])
+    return [f"# Early-exit model: {bb['spec']} with {n_exits} exits", "",
+            f"Exported by pteenet {r['pteenet_version']} on {r['exported_at']} from "
+            + (f"`{r['source_checkpoint']}`." if r["source_checkpoint"] else "a model in memory."), "",
+            f"A frozen pretrained backbone (`{bb['spec']}`, {bb['num_classes']} classes) with {n_exits} early-exit branches "
+            f"({r.get('branch_description') or r['branch']}) attached at the points below"
+            + ("; each exit answers with a fitted ensemble of every head up to it" if r.get("ensemble") else "")
+            + (f"; {sum(r['active_exits'])} of the {n_exits} exits take decisions (exit selection)"
+               if r.get("active_exits") and not all(r["active_exits"]) else "") + ". "
+            f"At run time a sample leaves at the first exit where **{op['rule']}** (policy `{op['policy']}`, thresholds {ts}); "
+            "otherwise it runs the whole backbone and gets the backbone's own answer. The backbone's weights are unchanged.", "",
+            *([f"**Note: {r['no_real_early_exit']}.**", ""] if r.get("no_real_early_exit") else [])]
+
+
+def _inputs_md(bb: dict[str, Any]) -> str:
+    """What an input must be: size, framing, normalisation, and the backbone it was made for."""
     pre = bb["preprocess"]
+    size = "x".join(map(str, pre["input_size"]))
     framing = ""
     if pre.get("resize"):
         rh, rw = pre["resize"]
         how = (f"its shorter side resized to {rh}" if pre["crop_mode"] == "center" and rh == rw else
                f"resized to {rh}x{rw}" + (" keeping its aspect ratio" if pre["crop_mode"] == "center" else ""))
         framing = f" (an image has {how} ({pre['interpolation']}), then its centre cropped)"
-    out += ["", f"Inputs: float32 images {size}{framing}, pixels in [0, 1] then (x - mean) / std with mean {pre['mean']} "
+    return (f"Inputs: float32 images {size}{framing}, pixels in [0, 1] then (x - mean) / std with mean {pre['mean']} "
             f"and std {pre['std']}. Backbone sha256 `{bb['sha256'][:16]}...`"
-            + (f", weights `{bb['weights']}`." if bb.get("weights") else "."), ""]
-    out += _usage_md(r["files"], n_exits)
-    if bb.get("class_names"):
-        names = bb["class_names"]
-        out += ["Classes: " + ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "") + ".", ""]
-    out += ["## Backbone and exits", "",
-            f"The plain backbone costs {_macs(bb['macs'])} MACs per image. Costs are fractions of that: **cumulative** counts "
-            "the backbone up to the exit plus every branch evaluated on the way (what a sample leaving there really paid); "
-            "**paper** counts the backbone up to the exit plus that exit's own branch (the PTEENet paper's convention).", ""]
+            + (f", weights `{bb['weights']}`." if bb.get("weights") else "."))
+
+
+def _classes_md(bb: dict[str, Any]) -> list[str]:
+    """The class names (the first 20), where the data record had them."""
+    if not bb.get("class_names"):
+        return []
+    names = bb["class_names"]
+    return ["Classes: " + ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "") + ".", ""]
+
+
+def _exits_md(r: dict[str, Any]) -> list[str]:
+    """Where each exit sits and what a sample leaving there paid, in both cost conventions."""
+    bb = r["backbone"]
+    out = [f"The plain backbone costs {_macs(bb['macs'])} MACs per image. Costs are fractions of that: **cumulative** counts "
+           "the backbone up to the exit plus every branch evaluated on the way (what a sample leaving there really paid); "
+           "**paper** counts the backbone up to the exit plus that exit's own branch (the PTEENet paper's convention).", ""]
     rows = [[k["index"] + 1, f"`{k['name']}`", _macs(k.get("prefix_macs")), _macs(k.get("branch_macs")),
              f"{k['cost']:.3f}" if "cost" in k else "-", f"{k['cost_paper']:.3f}" if "cost_paper" in k else "-"] for k in r["exits"]]
     rows.append(["end", "backbone output", _macs(bb["macs"]), "", f"{r['final_cost']:.3f}" if r["final_cost"] else "-", "1.000"])
-    out += _table(["exit", "attached at", "backbone MACs so far", "branch MACs", "cost (cumulative)", "cost (paper)"], rows)
-    out += ["", "## Training", ""]
+    return out + _table(["exit", "attached at", "backbone MACs so far", "branch MACs", "cost (cumulative)", "cost (paper)"], rows)
+
+
+def _training_md(r: dict[str, Any]) -> list[str]:
+    """How the branches were trained: the data, the settings and the last epoch's metrics."""
     tr = r["training"]
-    if tr:
-        out += [f"The branches were trained for {tr['epochs']} epochs with the backbone frozen."]
-        if r.get("data"):
-            out += ["", "Data:", ""] + _table(["setting", "value"], _scalars(r["data"]))
-        if tr.get("config"):
-            out += ["", "Settings:", ""] + _table(["setting", "value"], _scalars(tr["config"]))
-        if tr.get("final_epoch"):
-            out += ["", "Final epoch:", ""] + _table(["metric", "value"], _scalars(tr["final_epoch"]))
-    else:
-        out += ["No training is recorded in this checkpoint: the branches may be untrained."]
-    out += ["", "## Threshold sweep", ""] + _sweep_md(r["sweep"])
-    out += ["", "## Operating point", ""] + _point_md(op, n_exits)
-    out += ["", "## Measured speed", ""] + _bench_md(r["bench"], op)
-    return "\n".join(out) + "\n"
+    if not tr:
+        return ["No training is recorded in this checkpoint: the branches may be untrained."]
+    out = [f"The branches were trained for {tr['epochs']} epochs with the backbone frozen."]
+    if r.get("data"):
+        out += ["", "Data:", ""] + _table(["setting", "value"], _scalars(r["data"]))
+    if tr.get("config"):
+        out += ["", "Settings:", ""] + _table(["setting", "value"], _scalars(tr["config"]))
+    if tr.get("final_epoch"):
+        out += ["", "Final epoch:", ""] + _table(["metric", "value"], _scalars(tr["final_epoch"]))
+    return out
 
 
 def _usage_md(files: dict[str, str], n_exits: int) -> list[str]:

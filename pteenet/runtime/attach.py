@@ -1,6 +1,6 @@
 """``pteenet attach``: load a backbone, choose exit points, build the exit branches and the cost table.
 
-The default is what measured best on CIFAR-10 ResNet-56 (see the README): a cheap pooled MLP head
+The default is what measured best on CIFAR-10 ResNet-56 (docs/benchmarks.md): a cheap pooled MLP head
 after every block, cascaded. The paper's setting is ``exits=4, placement="fine", branch="conv2",
 cascade=False``."""
 from __future__ import annotations

@@ -247,8 +247,8 @@ class EarlyExitModel(nn.Module):
             # batch cannot shrink: rows that left ride along and their later results are ignored.
             if self.stages.shrinkable:
                 flags = self.stages.batched[k + 1]
-                # index_select, not a boolean mask: on the CPU masking a large activation map takes
-                # about 3x as long (CIFAR ResNet-56 stage 1, batch 256: benchmarks/head_cost.py).
+                # index_select, not a boolean mask: on the CPU masking a large activation map is
+                # slower (CIFAR ResNet-56 stage 1, batch 256: benchmarks/results/head_cost.json).
                 keep = pending.nonzero().squeeze(1)
                 state = tuple(v.index_select(0, keep) if b else v for v, b in zip(state, flags))
                 carry = carry.select(keep)

@@ -7,6 +7,7 @@ evaluated from it, the choice, and the outputs.
   ``pareto``, ``select``.
 - ``run``: the sweep of a model in memory (``sweep_model``), ``pteenet sweep-threshold`` on a
   checkpoint file (``sweep_threshold``), and ``build_cache``.
+- ``preflight``: what a sweep checks and warns about before its pass over the data.
 - ``selection``: exit selection (which exits decide at all), priced as the runtime runs it.
 - ``guarantee`` (with ``bounds``): the ``--max-drop`` choice certified for new data (Learn-then-Test).
 - ``outputs``: the JSON document, sweep.csv and the plots.

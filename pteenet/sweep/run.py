@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 
 from .. import distributed
 from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_number, check_parent_folder
-from ..data import NO_LABELS, SKIPPED, DataConfig, DataRequest, load_splits, make_loader, resolve_data
+from ..data import NO_LABELS, SKIPPED, DataConfig, DataRequest, make_loader, resolve_data
 from ..devices import resolve_device
 from ..distributed import Group
 from ..errors import PteenetError
@@ -33,9 +33,10 @@ from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
 from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
-from .engine import Point, backbone_point, below_cheapest, pareto, parse_range, search_per_exit, select, sweep_global
+from .engine import Point, backbone_point, pareto, parse_range, search_per_exit, select, sweep_global
 from .guarantee import CONFIDENCE, certify, record
 from .outputs import build_document, write_sweep_outputs
+from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .selection import Selection, restrict, select_exits
 
 SPLITS = ("val", "test")
@@ -199,15 +200,6 @@ def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str]
     return best.point, best.active
 
 
-def _certified(cache: ExitCache, model: EarlyExitModel, policies: list[str], grid: np.ndarray, cfg: SweepConfig,
-               chosen: Point | None, active: list[bool] | None) -> tuple[Point | None, list[bool] | None, dict[str, Any]]:
-    """The certified choice (``guarantee.certify``), and its record with today's choice beside it."""
-    assert cfg.max_drop is not None
-    cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit,
-                   cost=model.cost if cfg.select_exits else None, chained=model.chained)
-    return cert.point, cert.active, record(cert, backbone_point(cache), chosen, active)
-
-
 def _better(a: Point, b: Point, by_budget: bool) -> bool:
     key = (lambda p: (-p.metric, p.cost)) if by_budget else (lambda p: (p.cost, -p.metric))
     return key(a) < key(b)
@@ -234,6 +226,86 @@ def _data_config(data: DataRequest | DataConfig | None, recorded: dict[str, Any]
     return dataclasses.replace(data, augment=False), []
 
 
+def _place(model: EarlyExitModel, cfg: SweepConfig) -> tuple[Group, torch.device]:
+    """The process group and the device the model runs on, moving it only where it is elsewhere."""
+    group, device = distributed.setup(resolve_device(cfg.device))
+    here = next(model.parameters()).device
+    if here.type != device.type or (device.index is not None and here != device):
+        model.to(device)  # a checkpoint is loaded onto the device already: moving re-traces the stages
+    return group, next(model.parameters()).device
+
+
+def _choose(cache: ExitCache, points: list[Point], model: EarlyExitModel, policies: list[str], grid: np.ndarray,
+            cfg: SweepConfig) -> tuple[Point | None, list[bool] | None, dict[str, Any] | None]:
+    """The point the criterion picks (None without one, or where none meets it), with
+    ``--select-exits`` the exits that stay active, and with ``--max-drop`` at a confidence the
+    certified choice instead and its record (``guarantee.record``, today's choice beside it)."""
+    chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
+    active = None
+    if cfg.select_exits:
+        chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen)
+    if cfg.max_drop is None or not cfg.confidence:
+        return chosen, active, None
+    cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit,
+                   cost=model.cost if cfg.select_exits else None, chained=model.chained)
+    return cert.point, cert.active, record(cert, backbone_point(cache), chosen, active)
+
+
+def _test_cache(model: EarlyExitModel, test: Dataset, chosen: Point | None, active: list[bool] | None,
+                cfg: SweepConfig, run: Callable[[Dataset, str], ExitCache]) -> ExitCache | None:
+    """The test split's pass, to report a setting chosen on the calibration split on other images
+    (restricted to the active exits); None when nothing was chosen or it was chosen on test."""
+    if chosen is None or cfg.split != "val":
+        return None
+    test_cache = run(test, "test")
+    if active is not None:
+        assert model.cost is not None
+        test_cache = restrict(test_cache, active, model.cost, model.chained)
+    return test_cache
+
+
+def _document(cache: ExitCache, points: list[Point], chosen: Point | None, test_cache: ExitCache | None,
+              active: list[bool] | None, cfg: SweepConfig, *, source: str | None, split_info: dict[str, Any],
+              policies: list[str], grid: np.ndarray, budgets: dict[str, list[float]], choosing: bool,
+              notes: list[str], warnings: list[str], skipped: list[Any],
+              guarantee: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sweep's document (sweep.json): the curve, the choice and how they were made."""
+    doc = build_document(cache, points, chosen, test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
+    if doc["chosen"] is not None:
+        doc["chosen"]["active_exits"] = active
+    doc.update({
+        "checkpoint": source, "split": cfg.split,
+        "selection_split": cfg.split if choosing else None,
+        "data": split_info,
+        "policies": policies, "grid": {"range": cfg.thresholds, "count": int(grid.size)},
+        "per_exit_budgets": budgets, "guarantee": guarantee,
+        "pareto": _front_indices(points, policies),
+        "notes": notes, "warnings": warnings, "written": cfg.write, "outdir": cfg.outdir,
+        "no_accuracy": NO_LABELS if cache.labels is None else None,
+        "skipped_images": skipped,
+    })
+    return doc
+
+
+def _apply_choice(model: EarlyExitModel, doc: dict[str, Any], chosen: Point | None, active: list[bool] | None,
+                  cfg: SweepConfig, choosing: bool) -> None:
+    """Set the chosen point on the model (thresholds, policy, active exits, ``meta["sweep"]``);
+    refuse where a criterion was given and no swept setting meets it."""
+    g = doc.get("guarantee")
+    if choosing and chosen is None and g is not None:
+        raise PteenetError(f"no swept setting is certified within {cfg.max_drop} points at confidence "
+                           f"{cfg.confidence:g} on {g['samples']} calibration images",
+                           "raise --max-drop, calibrate on more images, lower --confidence, or --no-guarantee")
+    if choosing and chosen is None:
+        raise PteenetError(f"no swept setting is within {cfg.max_drop} points of the backbone"
+                           + (f" (the curve is in {cfg.outdir})" if cfg.outdir else ""),
+                           "raise --max-drop, widen --thresholds or add --per-exit")
+    if chosen is not None and chosen.policy:
+        model.set_thresholds(chosen.thresholds or [], chosen.policy)
+        model.set_active(active)
+        model.meta["sweep"] = sweep_meta(doc)
+
+
 def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: SweepConfig, sink: Sink,
            source: str | None) -> dict[str, Any]:
     """Everything but reading and writing the checkpoint: check, run the split(s) once, sweep,
@@ -247,48 +319,15 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
         sink.warn(text)
 
     policies, grid = cfg.policies, parse_range(cfg.thresholds)
-    if model.cost is None:
-        raise PteenetError(f"{name} has no cost table", "attach the branches with `pteenet attach`")
-    # No setting costs less than sending every sample out at the first exit: fail before any data.
-    if cfg.budget is not None and cfg.budget < model.cost.costs()[0] - 1e-9:
-        raise below_cheapest(cfg.budget, model.cost.costs()[0])
-    training = model.meta.get("training")
-    if not training:
-        warn(f"the branches in {name} were never trained: the sweep measures random branches "
-             "(run `pteenet train-branches` first)")
-    elif training.get("complete") is False:
-        warn(f"training of {name} stopped after {training.get('epochs_done')} epochs: "
-             "the sweep measures unfinished branches")
+    check_sweepable(model, cfg.budget, name)
+    training_warnings(model, name, warn)
     data_cfg, notes = _data_config(data, model.meta.get("data"), warn)
     for note in notes:
         sink.note(note)
-    try:
-        splits = load_splits(data_cfg, model.info.preprocess, model.info.num_classes)
-    except PteenetError:
-        raise
-    except Exception as e:  # a corrupt file or folder: still one line, naming the data
-        raise PteenetError(f"cannot read the data {data_cfg.spec}: {type(e).__name__}: {str(e)[:120]}",
-                           "check --data and --data-dir") from None
-    if cfg.split == "val" and len(splits.val) == 0:  # type: ignore[arg-type]
-        raise PteenetError("the calibration (val) split is empty: the branches were trained without one",
-                           "retrain with a val split, or pass --split test (selection then uses test)")
+    splits = read_splits(model, data_cfg, cfg.split)
     choosing = cfg.budget is not None or cfg.max_drop is not None
-    if choosing and cfg.split == "test":
-        warn("the setting is chosen on the test split, so its test numbers are optimistic "
-             "(--split val chooses on the calibration split and reports test separately)")
-    calibration, overlap = splits.split_info.get("calibration"), splits.split_info.get("calibration_overlap")
-    if choosing and cfg.split == "val" and overlap == "test":
-        warn(f"the calibration data {calibration} is the test split: the setting is chosen on the images it is "
-             f"reported on, so its test numbers are optimistic (--calibration {calibration}#half=0 "
-             "calibrates on one half and reports on the other)")
-    if cfg.split == "val" and overlap == "train":
-        warn(f"the calibration data {calibration} is the training split: the branches were trained on it, and a "
-             "backbone fine-tuned on it has memorised it (calibrate on images neither has seen)")
-    group, device = distributed.setup(resolve_device(cfg.device))
-    here = next(model.parameters()).device
-    if here.type != device.type or (device.index is not None and here != device):
-        model.to(device)  # a checkpoint is loaded onto the device already: moving re-traces the stages
-    device = next(model.parameters()).device
+    calibration_warnings(splits.split_info, cfg.split, choosing, warn)
+    group, device = _place(model, cfg)
 
     def run(dataset: Dataset, name: str) -> ExitCache:
         if group.active:
@@ -300,52 +339,20 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     if cache.labels is None:
         sink.note(NO_LABELS)
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
-    chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
-    active = None
-    if cfg.select_exits:
-        chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen)
-    guarantee = None
-    if cfg.max_drop is not None and cfg.confidence > 0:
-        chosen, active, guarantee = _certified(cache, model, policies, grid, cfg, chosen, active)
-    test_cache = run(splits.test, "test") if chosen is not None and cfg.split == "val" else None
-    if test_cache is not None and active is not None:
-        assert model.cost is not None
-        test_cache = restrict(test_cache, active, model.cost, model.chained)
+    chosen, active, guarantee = _choose(cache, points, model, policies, grid, cfg)
+    test_cache = _test_cache(model, splits.test, chosen, active, cfg, run)
     if chosen is not None and chosen.cost >= 1.0:
         # Branches are work too: a setting that rarely exits costs more than the plain backbone.
         warn(f"the chosen setting costs {chosen.cost:.3f} x the plain backbone: at this accuracy, early exit "
              "does not pay with these exits; use the backbone as is, or try fewer, later or cheaper exits")
-
-    doc = build_document(cache, points, chosen, test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
-    if doc["chosen"] is not None:
-        doc["chosen"]["active_exits"] = active
-    doc.update({
-        "checkpoint": source, "split": cfg.split,
-        "selection_split": cfg.split if choosing else None,
-        "data": splits.split_info,
-        "policies": policies, "grid": {"range": cfg.thresholds, "count": int(grid.size)},
-        "per_exit_budgets": budgets, "guarantee": guarantee,
-        "pareto": _front_indices(points, policies),
-        "notes": notes, "warnings": warnings, "written": cfg.write, "outdir": cfg.outdir,
-        "no_accuracy": NO_LABELS if cache.labels is None else None,
-        "skipped_images": SKIPPED.since(skipped_before),
-    })
+    doc = _document(cache, points, chosen, test_cache, active, cfg, source=source, split_info=splits.split_info,
+                    policies=policies, grid=grid, budgets=budgets, choosing=choosing, notes=notes,
+                    warnings=warnings, skipped=SKIPPED.since(skipped_before), guarantee=guarantee)
     if cfg.outdir is not None and group.main:  # under torchrun every rank has the document; rank 0 writes
         skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)
         if skipped:
             warn(skipped, record=False)  # sweep.json is already written: keep the document equal to it
-    if choosing and chosen is None and guarantee is not None:
-        raise PteenetError(f"no swept setting is certified within {cfg.max_drop} points at confidence "
-                           f"{cfg.confidence:g} on {guarantee['samples']} calibration images",
-                           "raise --max-drop, calibrate on more images, lower --confidence, or --no-guarantee")
-    if choosing and chosen is None:
-        raise PteenetError(f"no swept setting is within {cfg.max_drop} points of the backbone"
-                           + (f" (the curve is in {cfg.outdir})" if cfg.outdir else ""),
-                           "raise --max-drop, widen --thresholds or add --per-exit")
-    if chosen is not None and chosen.policy:
-        model.set_thresholds(chosen.thresholds or [], chosen.policy)
-        model.set_active(active)
-        model.meta["sweep"] = sweep_meta(doc)
+    _apply_choice(model, doc, chosen, active, cfg, choosing)
     return doc
 
 

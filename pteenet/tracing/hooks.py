@@ -5,7 +5,7 @@ Clearly a fallback: there are no stages, so every sample runs the whole backbone
 computed; only the answer is the early exit's (the first exit whose score passes). Branches train,
 the sweep measures accuracy against cost, and the cost table says what real exits would cost (MACs
 counted in call order up to each exit module's output), but nothing runs faster: ``bench``,
-``export``, ``info`` and ``attach`` say so. The runtime code of ``model.py`` runs unchanged on
+``export``, ``info`` and ``attach`` say so. The runtime code of ``runtime/model.py`` runs unchanged on
 ``hook_stages``: "stage" 0 runs the backbone once and keeps every tap; stage k hands out tap k.
 """
 from __future__ import annotations

@@ -41,7 +41,7 @@ class LossConfig(Config):
     # Weight of a direct cross-entropy term on every branch's own softmax, added to v1/v2. 0 is the
     # paper's loss exactly. The paper's terms reach branch i's classifier only through h_i, and when
     # the cost term drives h_i towards 0 the classifiers starve (measured on CIFAR-10 ResNet-56 with
-    # lambda 0.9: layer-1 exits agreed with the backbone on 24% of images; see the README).
+    # lambda 0.9: r56-paper-fine4 in benchmarks/results/cifar10_resnet-paper.json).
     exit_ce: float = 1.0
     # Softens the backbone's distribution for soft targets (distillation): 2 measured best with pooled heads.
     temperature: float = 2.0

@@ -23,14 +23,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .. import distributed, sweep
 from ..backbones.weights import module_sha256
 from ..configs import check_parent_folder
-from ..data import SKIPPED, DataConfig, load_splits
+from ..data import SKIPPED, DataConfig, Splits, load_splits
 from ..devices import resolve_device
 from ..distributed import ALONE, Group
 from ..errors import PteenetError
@@ -83,6 +83,165 @@ def _device(cfg: TrainConfig, data_cfg: DataConfig) -> torch.device:
     return resolve_device(cfg.device)
 
 
+def _check_run(model: EarlyExitModel, cfg: TrainConfig, device: torch.device, group: Group, out_path: Path | None,
+               resume_state: dict[str, torch.Tensor] | None, source: str | None, sink: Sink) -> TrainConfig:
+    """Refuse a run that cannot start, before any data is read; returns the config to run (``--amp``
+    dropped where ``--device auto`` found no CUDA)."""
+    if cfg.resume and resume_state is None:
+        raise PteenetError("resume=True continues a run saved in a file, but no resume state was given",
+                           "call train_branches(..., resume=True), or pass resume_state=load_checkpoint(path).state")
+    resume = resume_state is not None
+    if resume_state is not None and "epoch" not in resume_state:
+        raise PteenetError("the resume state holds no epoch counter", "pass the state of an unfinished run")
+    if resume:
+        distributed.check_resume_world(model.meta.get("training", {}), group)
+    if model.cost is None or model.num_exits < 1:
+        raise PteenetError(f"{source or 'the model'} has no exits to train",
+                           "create it with `pteenet attach BACKBONE --exits N`")
+    if out_path is not None:
+        check_parent_folder("output", out_path)
+        if not resume and (tr := unfinished_run(out_path)) is not None:
+            raise PteenetError(f"{out_path} holds an unfinished run "
+                               f"(epoch {tr.get('epochs_done')} of {(tr.get('config') or tr).get('epochs')})",
+                               "add --resume to continue it, or delete it / pick another -o to start over")
+    if cfg.amp and device.type != "cuda":  # only with --device auto: TrainConfig refuses the rest
+        sink.warn("--amp needs CUDA, which is not available: training in float32")
+        cfg = dataclasses.replace(cfg, amp=False)
+    return cfg
+
+
+def _load_training_splits(model: EarlyExitModel, data: DataConfig, cfg: TrainConfig, group: Group) -> Any:
+    """The train and calibration splits, refused where they cannot be sharded or lack the labels
+    that ``--targets labels`` learns from."""
+    splits = load_splits(data, model.info.preprocess, model.info.num_classes)
+    distributed.check_shardable(len(splits.train), cfg.batch_size, group)  # type: ignore[arg-type]
+    unlabelled = [what for what, key in (("training", "labelled"), ("calibration", "calibration_labelled"))
+                  if not splits.split_info.get(key, True)]
+    if cfg.loss.targets == "labels" and unlabelled:
+        raise PteenetError(f"--targets labels needs labels, but the {' and '.join(unlabelled)} data has none",
+                           "use --targets soft or pseudo: they learn from the backbone's predictions, no labels needed")
+    return splits
+
+
+def _sources(model: EarlyExitModel, splits: Splits, data: DataConfig, cfg: TrainConfig, device: torch.device,
+             group: Group, sink: Sink) -> tuple[ImageSource | FeatureCache, ImageSource | FeatureCache]:
+    """Where the train and calibration batches come from: the images, or their cached features."""
+    if cfg.cache_features:
+        return _feature_caches(model, splits, data, cfg, device, group, sink)
+    return (ImageSource(splits.train, cfg.batch_size, cfg.workers, cfg.seed, shuffle=True, group=group),
+            ImageSource(splits.val, cfg.batch_size, cfg.workers, cfg.seed, shuffle=False, group=group))
+
+
+@dataclasses.dataclass(kw_only=True)
+class _RunRecord:
+    """What the run has done so far: kept in the model's meta and, with an output file, saved after
+    every epoch (and after the ensemble fit)."""
+
+    model: EarlyExitModel
+    out_path: Path | None
+    group: Group
+    device: torch.device
+    settings: dict[str, Any]
+    source: str | None
+    data: dict[str, Any]  # the split record (``meta["data"]``)
+    skipped_before: Any  # SKIPPED.mark() as the run began reading images
+    history: list[dict[str, Any]]
+    seconds_before: float  # training time of the run being resumed
+    epoch: int  # the epoch in progress (0-based), named if the run is stopped
+    last_saved: int | None  # the epochs the output file holds, None when it was not written
+    started: float  # time.perf_counter() as the run began (feature caching counts as training time)
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)  # the last ``meta["training"]``
+
+    def meta(self, epochs_done: int, complete: bool) -> dict[str, Any]:
+        """The ``meta["training"]`` record of the run at this point."""
+        skipped = SKIPPED.since(self.skipped_before)
+        return {**self.settings, "device": str(self.device), "world_size": self.group.world, "epochs_done": epochs_done,
+                "complete": complete, "source": self.source,
+                "seconds": self.seconds_before + time.perf_counter() - self.started,
+                "skipped_images": {"count": len(skipped), "files": skipped[:MAX_SKIPPED_LISTED]}}
+
+    def save(self, epochs_done: int, complete: bool,
+             state: Callable[[], dict[str, torch.Tensor]] | None = None) -> None:
+        """Record the progress in the model's meta and write the output file, resumable unless
+        ``complete`` (``state`` is only taken when the file is written)."""
+        self.training = self.meta(epochs_done, complete)
+        self.model.meta.update(training=self.training, history=self.history, data=self.data)
+        if self.out_path is None:
+            return
+        snapshot = None if complete or state is None else state()  # on every rank: it gathers their RNG states
+        if self.group.main:
+            save_checkpoint(self.out_path, self.model, snapshot)
+        distributed.barrier(self.group)  # no rank goes on (or stops) before the file is whole
+        self.last_saved = epochs_done
+
+    def stopped(self) -> Interrupted:
+        """The error for Ctrl-C: which epoch it hit and what the output file still holds."""
+        if self.out_path is None:
+            return Interrupted(f"interrupted in epoch {self.epoch + 1}; the model holds its branches as they were",
+                               "pass checkpoint_to to keep every finished epoch")
+        held = f"{self.out_path} holds epoch {self.last_saved}" if self.last_saved else f"{self.out_path} was not written"
+        return Interrupted(f"interrupted in epoch {self.epoch + 1}; {held}",
+                           "continue with --resume" if self.last_saved else None)
+
+    def lost_peer(self, epochs: int) -> PteenetError:
+        """The error for a failed collective under torchrun (another rank is gone)."""
+        held = f"{self.out_path} holds epoch {self.last_saved}" if self.last_saved else "nothing was saved"
+        phase = "the ensemble fit" if self.last_saved == epochs else f"epoch {self.epoch + 1}"
+        return distributed.lost_peer(phase, held)
+
+
+def _start_run(model: EarlyExitModel, data: DataConfig, cfg: TrainConfig, device: torch.device, group: Group,
+               out_path: Path | None, resume_state: dict[str, torch.Tensor] | None,
+               source: str | None) -> tuple[_RunRecord, Splits]:
+    """Read the splits and open the run's record (a fresh one, or the resumed run's history and
+    time); the model moves to ``device``. Returns the record and the splits."""
+    resume = resume_state is not None
+    settings = run_settings(cfg, data)
+    if not resume:
+        # Retraining a trained checkpoint: its ensemble and exit selection belong to the old heads.
+        model.set_ensemble(None)
+        model.set_active(None)
+    splits = _load_training_splits(model, data, cfg, group)
+    skipped_before = SKIPPED.mark()
+    # The class names travel with the record, so that an export can name the classes of its file.
+    data_record = {**splits.split_info, "class_names": None if splits.class_names is None else list(splits.class_names)}
+    model.to(device)
+    start_epoch = int(resume_state["epoch"]) if resume_state is not None else 0
+    run = _RunRecord(model=model, out_path=out_path, group=group, device=device, settings=settings, source=source,
+                     data=data_record, skipped_before=skipped_before,
+                     history=list(model.meta.get("history", [])) if resume else [],
+                     seconds_before=float(model.meta.get("training", {}).get("seconds", 0.0)) if resume else 0.0,
+                     epoch=start_epoch, last_saved=start_epoch if resume else None, started=time.perf_counter())
+    return run, splits
+
+
+def _one_epoch(model: EarlyExitModel, trainer: BranchTrainer, train_src: ImageSource | FeatureCache,
+               val_src: ImageSource | FeatureCache, order: torch.Generator, epoch: int, cfg: TrainConfig,
+               device: torch.device, group: Group, sink: Sink) -> dict[str, Any]:
+    """Train the branches one pass over the training split, then score the calibration split;
+    returns the epoch's history record."""
+    t0 = time.perf_counter()
+    model.train()
+    meter = Meter()
+    with sink.task(f"epoch {epoch + 1}/{cfg.epochs}", len(train_src)) as task:
+        for out, y in train_src.batches(model, device, order, trainer.autocast):
+            meter.add(trainer.step(out, y), len(y))
+            task.advance(info=running_text(meter.means()))
+    meter.sums, meter.n = distributed.sum_arrays(meter.sums, meter.n, group)
+    val = evaluate_split(model, val_src, device, trainer.autocast, cfg.threshold, sink, group)
+    return {"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0, "train": meter.means(), "val": val}
+
+
+def _check_backbone_unchanged(model: EarlyExitModel) -> str:
+    """The backbone's hash, refused where training changed it (``save_checkpoint`` refuses this too;
+    never let it pass silently)."""
+    sha = module_sha256(model.backbone)
+    if sha != model.backbone_sha256:
+        raise PteenetError("the backbone changed during training", "this is a bug in pteenet: please report it")
+    return sha
+
+
 def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, sink: Sink = SILENT, *,
                 checkpoint_to: str | Path | None = None, resume_state: dict[str, torch.Tensor] | None = None,
                 source: str | None = None) -> dict[str, Any]:
@@ -102,78 +261,24 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
     one task per pass (feature caching, each epoch, the calibration split, the ensemble fit).
     Under ``torchrun`` (``pteenet.distributed``) every rank calls this; rank 0 writes the file.
     """
-    cfg = config
-    device = _device(cfg, data)
-    group, device = distributed.setup(device)
+    group, device = distributed.setup(_device(config, data))
     out_path = None if checkpoint_to is None else Path(checkpoint_to)
     with distributed.agreed(group):  # an error here stops every rank; rank 0 alone reports it
-        if cfg.resume and resume_state is None:
-            raise PteenetError("resume=True continues a run saved in a file, but no resume state was given",
-                               "call train_branches(..., resume=True), or pass resume_state=load_checkpoint(path).state")
-        resume = resume_state is not None
-        if resume and "epoch" not in resume_state:
-            raise PteenetError("the resume state holds no epoch counter", "pass the state of an unfinished run")
-        if resume:
-            distributed.check_resume_world(model.meta.get("training", {}), group)
-        if model.cost is None or model.num_exits < 1:
-            raise PteenetError(f"{source or 'the model'} has no exits to train",
-                               "create it with `pteenet attach BACKBONE --exits N`")
-        if out_path is not None:
-            check_parent_folder("output", out_path)
-            if not resume and (tr := unfinished_run(out_path)) is not None:
-                raise PteenetError(f"{out_path} holds an unfinished run "
-                                   f"(epoch {tr.get('epochs_done')} of {(tr.get('config') or tr).get('epochs')})",
-                                   "add --resume to continue it, or delete it / pick another -o to start over")
-        if cfg.amp and device.type != "cuda":  # only with --device auto: TrainConfig refuses the rest
-            sink.warn("--amp needs CUDA, which is not available: training in float32")
-            cfg = dataclasses.replace(cfg, amp=False)
-        settings = run_settings(cfg, data)
-        if not resume:
-            # Retraining a trained checkpoint: its ensemble and exit selection belong to the old heads.
-            model.set_ensemble(None)
-            model.set_active(None)
-        splits = load_splits(data, model.info.preprocess, model.info.num_classes)
-        distributed.check_shardable(len(splits.train), cfg.batch_size, group)  # type: ignore[arg-type]
-        unlabelled = [what for what, key in (("training", "labelled"), ("calibration", "calibration_labelled"))
-                      if not splits.split_info.get(key, True)]
-        if cfg.loss.targets == "labels" and unlabelled:
-            raise PteenetError(f"--targets labels needs labels, but the {' and '.join(unlabelled)} data has none",
-                               "use --targets soft or pseudo: they learn from the backbone's predictions, no labels needed")
-        skipped_before = SKIPPED.mark()
-        # The class names travel with the record, so that an export can name the classes of its file.
-        data_record = {**splits.split_info, "class_names": None if splits.class_names is None else list(splits.class_names)}
-        model.to(device)
-
-        start_epoch = int(resume_state["epoch"]) if resume_state is not None else 0
-        history: list[dict[str, Any]] = list(model.meta.get("history", [])) if resume else []
-        seconds_before = float(model.meta.get("training", {}).get("seconds", 0.0)) if resume else 0.0
-        started = time.perf_counter()
-        train_src: ImageSource | FeatureCache
-        val_src: ImageSource | FeatureCache
-        if cfg.cache_features:
-            train_src, val_src = _feature_caches(model, splits, data, cfg, device, group, sink)
-        else:
-            train_src = ImageSource(splits.train, cfg.batch_size, cfg.workers, cfg.seed, shuffle=True, group=group)
-            val_src = ImageSource(splits.val, cfg.batch_size, cfg.workers, cfg.seed, shuffle=False, group=group)
+        cfg = _check_run(model, config, device, group, out_path, resume_state, source, sink)
+        run, splits = _start_run(model, data, cfg, device, group, out_path, resume_state, source)
+        train_src, val_src = _sources(model, splits, data, cfg, device, group, sink)
     trainer = BranchTrainer(model, cfg, device, cfg.epochs * len(train_src), group)
     order = torch.Generator().manual_seed(cfg.seed)  # the data order, apart from torch's global RNG
-    last_saved = start_epoch if resume else None
-    epoch = start_epoch
-    training: dict[str, Any] = {}
+    start_epoch = run.epoch
     fit_after = cfg.ensemble and len(splits.val) > 0  # type: ignore[arg-type]
     if cfg.ensemble and not fit_after:
         sink.warn("no calibration split to fit the exit ensemble on: each exit answers with its own head")
 
-    def record(epochs_done: int, complete: bool) -> dict[str, Any]:
-        skipped = SKIPPED.since(skipped_before)
-        return {**settings, "device": str(device), "world_size": group.world, "epochs_done": epochs_done,
-                "complete": complete, "source": source, "seconds": seconds_before + time.perf_counter() - started,
-                "skipped_images": {"count": len(skipped), "files": skipped[:MAX_SKIPPED_LISTED]}}
+    def resume_point() -> dict[str, torch.Tensor]:
+        # Taken where an uninterrupted run goes on from, so a resume continues identically.
+        return {**trainer.state(), **rng_state(device, order), **distributed.rank_rng_states(device, group),
+                "epoch": torch.tensor(run.epoch + 1)}
 
-    def save(state: dict[str, torch.Tensor] | None) -> None:
-        if out_path is not None and group.main:
-            save_checkpoint(out_path, model, state)
-        distributed.barrier(group)  # no rank goes on (or stops) before the file is whole
     # fork_rng: seeding for reproducibility must not leak into the caller's global RNG.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + group.rank)  # each rank its own augmentation stream
@@ -185,55 +290,25 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
         try:
             with ddp_branches.branches_in_ddp(model, group, device):
                 for epoch in range(start_epoch, cfg.epochs):
-                    t0 = time.perf_counter()
-                    model.train()
-                    meter = Meter()
-                    with sink.task(f"epoch {epoch + 1}/{cfg.epochs}", len(train_src)) as task:
-                        for out, y in train_src.batches(model, device, order, trainer.autocast):
-                            meter.add(trainer.step(out, y), len(y))
-                            task.advance(info=running_text(meter.means()))
-                    meter.sums, meter.n = distributed.sum_arrays(meter.sums, meter.n, group)
-                    val = evaluate_split(model, val_src, device, trainer.autocast, cfg.threshold, sink, group)
-                    history.append({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"],
-                                    "seconds": time.perf_counter() - t0, "train": meter.means(), "val": val})
+                    run.epoch = epoch
+                    run.history.append(_one_epoch(model, trainer, train_src, val_src, order, epoch, cfg,
+                                                  device, group, sink))
                     # With an ensemble still to fit, the last epoch is saved resumable; the fit completes it.
-                    complete = epoch + 1 == cfg.epochs and not fit_after
-                    training = record(epoch + 1, complete)
-                    model.meta.update(training=training, history=history, data=data_record)
-                    if out_path is not None:
-                        # Taken where an uninterrupted run goes on from, so a resume continues identically.
-                        state = None if complete else {**trainer.state(), **rng_state(device, order),
-                                                       **distributed.rank_rng_states(device, group),
-                                                       "epoch": torch.tensor(epoch + 1)}
-                        save(state)
-                        last_saved = epoch + 1
-                    epochs_task.advance(info=epoch_text(history[-1]))
+                    run.save(epoch + 1, epoch + 1 == cfg.epochs and not fit_after, resume_point)
+                    epochs_task.advance(info=epoch_text(run.history[-1]))
             if fit_after:
                 model.set_ensemble(fit_ensemble_on(model, val_src, device, trainer.autocast,
                                                    cfg.loss.targets == "labels", sink, group))
-                training = record(cfg.epochs, True)
-                model.meta.update(training=training, history=history, data=data_record)
-                if out_path is not None:
-                    save(None)
+                run.save(cfg.epochs, True)
         except KeyboardInterrupt:
-            if out_path is None:
-                raise Interrupted(f"interrupted in epoch {epoch + 1}; the model holds its branches as they were",
-                                  "pass checkpoint_to to keep every finished epoch") from None
-            held = f"{out_path} holds epoch {last_saved}" if last_saved else f"{out_path} was not written"
-            raise Interrupted(f"interrupted in epoch {epoch + 1}; {held}",
-                              "continue with --resume" if last_saved else None) from None
+            raise run.stopped() from None
         except RuntimeError as e:  # a collective failed: under torchrun, another rank is gone
             if not (group.active and distributed.is_comm_error(e)):
                 raise
-            held = f"{out_path} holds epoch {last_saved}" if last_saved else "nothing was saved"
-            phase = "the ensemble fit" if last_saved == cfg.epochs else f"epoch {epoch + 1}"
-            raise distributed.lost_peer(phase, held) from None
+            raise run.lost_peer(cfg.epochs) from None
         finally:
             epochs_task.close()
-    sha = module_sha256(model.backbone)
-    if sha != model.backbone_sha256:  # save_checkpoint refuses this too; never let it pass silently
-        raise PteenetError("the backbone changed during training", "this is a bug in pteenet: please report it")
-    return _summary(history, out_path, training, sha, False)
+    return _summary(run.history, out_path, run.training, _check_backbone_unchanged(model), False)
 
 
 def _feature_caches(model: EarlyExitModel, splits: Any, data: DataConfig, cfg: TrainConfig, device: torch.device,
