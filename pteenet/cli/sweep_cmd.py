@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..data import DataRequest
 from ..sweep import CONFIDENCE, Point, SweepConfig, short_thresholds, sweep_threshold
+from ..sweep.guarantee import describe
 from .common import console, emit, handle_errors, progress_sink
 from .options import (
     ALL_POLICIES,
@@ -64,19 +65,7 @@ def _summary(doc: dict[str, Any]) -> str:
         text += f"; on test {metric} {100 * test[metric]:.2f}% at cost {test['cost']:.3f} " \
                 f"(backbone {100 * test['backbone'][metric]:.2f}%)"
     g = doc.get("guarantee")
-    return text if not g else text + "\n" + guarantee_text(g)
-
-
-def guarantee_text(g: dict[str, Any]) -> str:
-    """The certificate in two sentences: the bound beside the observed drop and the uncertified choice."""
-    free = g.get("without_guarantee")
-    text = (f"certified: {g['risk']} <= {g['target_points']:g} pt with confidence {g['confidence']:g} "
-            f"(its upper bound {g['bound_points']:.2f} pt, observed {g['observed_points']:.2f} pt on "
-            f"{g['samples']} images; {g['calibration_drop_points']:.2f} pt on the whole calibration split)")
-    if free:
-        text += (f"; without the guarantee: cost {free['cost']:.3f} at {free['calibration_drop_points']:.2f} pt "
-                 "on calibration")
-    return text + ". " + g["promise"]
+    return text if not g else text + "\n" + describe(g)
 
 
 @handle_errors

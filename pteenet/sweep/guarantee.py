@@ -186,3 +186,16 @@ def record(c: Certified, backbone: Point, uncertified: Point | None,
         **{k: v for k, v in uncertified.to_dict().items() if k in ("policy", "kind", "threshold", "cost")},
         "calibration_drop_points": _drop_points(uncertified, backbone), "active_exits": uncertified_active}
     return out
+
+
+def describe(g: dict[str, Any]) -> str:
+    """A ``record`` for a person: the bound beside the observed drop, today's choice, the promise."""
+    free = g.get("without_guarantee")
+    text = (f"Certified: {g['risk']} <= {g['target_points']:g} pt with confidence {g['confidence']:g} (upper bound "
+            f"{g['bound_points']:.2f} pt, observed {g['observed_points']:.2f} pt on {g['samples']} calibration images"
+            + (f", {g['structure_samples']} others chose the structure" if g.get("structure_samples") else "")
+            + f"; {g['calibration_drop_points']:.2f} pt on the whole calibration split)")
+    if free:
+        text += (f"; without the guarantee the same data allow cost {free['cost']:.3f} at "
+                 f"{free['calibration_drop_points']:.2f} pt on calibration, with no promise for new data")
+    return text + ". " + g["promise"]
