@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
+from typer.testing import CliRunner
 
+from pteenet.cli import app
 from pteenet.errors import PteenetError
 from pteenet.sweep import (
     ExitCache,
@@ -169,3 +171,21 @@ def test_cli_says_when_nothing_is_certified(trained: Path, tmp_path: Path) -> No
     assert code == 1 and "certified" in _error_line(stderr) and "--no-guarantee" in stderr
     code, _, stderr = _run(trained, "-o", tmp_path / "b", "--thresholds", GRID, "--max-drop", 1, "--no-guarantee")
     assert code == 0, stderr
+
+
+def test_report_states_the_certificate_of_the_exported_point(trained: Path, tmp_path: Path) -> None:  # noqa: F811
+    tuned = tmp_path / "tuned.safetensors"
+    code, _, stderr = _run(trained, "-o", tmp_path / "sw", "--thresholds", GRID, "--max-drop", 100,
+                           "--policy", "max-softmax", "--write", tuned)
+    assert code == 0, stderr
+    for args, certified in (([], True), (["--threshold", 0.55, "--policy", "entropy"], False)):
+        out = tmp_path / f"export{len(args)}"
+        result = CliRunner().invoke(app, ["export", str(tuned), "-o", str(out), *map(str, args)])
+        assert result.exit_code == 0, result.stderr
+        report = json.loads((out / "report.json").read_text())
+        md = (out / "report.md").read_text()
+        g = report["operating_point"]["guarantee"]
+        if certified:
+            assert g["confidence"] == 0.9 and "**Guarantee.** Certified:" in md and "exchangeable" in md
+        else:  # another point than the certified one carries no promise
+            assert g is None and "**No guarantee**" in md

@@ -255,6 +255,10 @@ def _sweep_md(sw: dict[str, Any] | None) -> list[str]:
 
 def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
     out = [f"Chosen as {op['how']}: policy `{op['policy']}`, thresholds {', '.join(f'{t:g}' for t in op['thresholds'])}."]
+    g = op.get("guarantee")
+    out += ["", f"**Guarantee.** {describe(g)}" if g else
+            "**No guarantee** for new data: this point was not certified (`pteenet sweep-threshold --max-drop P "
+            "--confidence C --write` certifies one)."]
     val = op.get("val")
     if not val:
         why = "The sweep did not evaluate this exact setting" if "val" in op else "No sweep was run"
@@ -269,10 +273,6 @@ def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
         tb = test.get("backbone") or {}
         out += ["", f"On the test split (not used to choose it): accuracy {_pct(test.get('accuracy'))} "
                 f"(backbone {_pct(tb.get('accuracy'))}), agreement {_pct(test.get('agreement'))}, mean cost {test['cost']:.3f}."]
-    g = op.get("guarantee")
-    out += ["", f"**Guarantee.** {describe(g)}" if g else
-            "**No guarantee** for new data: this point was not certified (`pteenet sweep-threshold --max-drop P "
-            "--confidence C --write` certifies one)."]
     labels = [str(k + 1) for k in range(n_exits)] + ["end"]
     out += ["", "Where the val images left:", ""]
     out += _table(labels, [[_pct(f) for f in val["exit_fractions"]]])
