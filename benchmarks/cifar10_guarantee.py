@@ -139,14 +139,16 @@ def modes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Each mode's policies and search, its number of splits (exit selection and per-exit
     thresholds are slow to search: fewer splits) and its agreement targets."""
     agree, sel = args.disagreement, args.select_splits
-    m = {f"global {p}": {"policies": [p], "select": False, "per_exit": False, "splits": args.splits, "agreement": agree}
-         for p in ("max-softmax", "entropy")}
-    m["global, every policy"] = {"policies": list(POLICIES), "select": False, "per_exit": False, "splits": args.splits,
-                                 "agreement": agree}
-    m["exit selection max-softmax"] = {"policies": ["max-softmax"], "select": True, "per_exit": False, "splits": sel,
-                                       "agreement": agree[-1:]}
-    m["per-exit max-softmax"] = {"policies": ["max-softmax"], "select": False, "per_exit": True,
-                                 "splits": args.per_exit_splits, "agreement": []}
+    m = {"global max-softmax": {"policies": ["max-softmax"], "select": False, "per_exit": False, "splits": args.splits,
+                                "agreement": agree},
+         "exit selection max-softmax": {"policies": ["max-softmax"], "select": True, "per_exit": False, "splits": sel,
+                                        "agreement": agree[-1:]},
+         "global entropy": {"policies": ["entropy"], "select": False, "per_exit": False, "splits": args.splits,
+                            "agreement": agree},
+         "global, every policy": {"policies": list(POLICIES), "select": False, "per_exit": False,
+                                  "splits": args.splits, "agreement": agree},
+         "per-exit max-softmax": {"policies": ["max-softmax"], "select": False, "per_exit": True,
+                                  "splits": args.per_exit_splits, "agreement": []}}
     return m
 
 
@@ -194,10 +196,31 @@ def bound_study(test: ExitCache, target: float, confidence: float, splits: int) 
     return out
 
 
+def table(doc: dict[str, Any]) -> str:
+    """The results file as the markdown table of docs/guarantee.md."""
+    rows = ["| risk, target | mode | rule | splits | drop mean | p90 | p95 | max | above target | MAC reduction | none certified |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for section, label in (("accuracy_drop", "accuracy drop"), ("disagreement", "disagreement")):
+        for name, r in doc.get(section, {}).items():
+            for rule in ("old", "certified"):
+                x = r[rule]
+                rows.append(f"| {label} <= {r['target']:g} pt | {name.split(' @ ')[0]} | "
+                            f"{'today (no guarantee)' if rule == 'old' else 'certified'} | {x['splits']} | "
+                            f"{x['drop_mean']:.2f} | {x['drop_p90']:.2f} | {x['drop_p95']:.2f} | {x['drop_max']:.2f} | "
+                            f"{100 * x['share_above_target']:.1f}% | {100 * x['reduction_mean']:.1f}% | {x['nothing_certified']} |")
+    study = doc.get("bound_study")
+    if study:
+        rows += ["", f"Bound study ({study['mode']}, accuracy drop <= {study['target']:g} pt):", "",
+                 "| bound | drop mean | p95 | above target | MAC reduction |", "|---|---|---|---|---|"]
+        rows += [f"| {k} | {v['drop_mean']:.2f} | {v['drop_p95']:.2f} | {100 * v['share_above_target']:.1f}% | "
+                 f"{100 * v['reduction_mean']:.1f}% |" for k, v in study.items() if isinstance(v, dict)]
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", type=Path, required=True, help="exit cache of the test split (.npz)")
-    ap.add_argument("--model", type=Path, required=True, help="the trained checkpoint (its cost table prices exit selection)")
+    ap.add_argument("--cache", type=Path, help="exit cache of the test split (.npz)")
+    ap.add_argument("--model", type=Path, help="the trained checkpoint (its cost table prices exit selection)")
     ap.add_argument("--splits", type=int, default=300)
     ap.add_argument("--select-splits", type=int, default=60, help="splits for exit selection (slow)")
     ap.add_argument("--per-exit-splits", type=int, default=30, help="splits for per-exit thresholds (slow)")
@@ -208,7 +231,11 @@ def main() -> None:
                     "paper's 97.15%% agreement; exit selection runs the last one only)")
     ap.add_argument("--only", nargs="*", help="run only these modes")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cifar10_guarantee.json"))
+    ap.add_argument("--table", action="store_true", help="print the results file --out as a markdown table and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     test, model = ExitCache.load(args.cache), load_checkpoint(args.model).model
     doc: dict[str, Any] = {
         "setup": {"cache": str(args.cache), "model": str(args.model), "samples": test.num_samples,
@@ -217,23 +244,27 @@ def main() -> None:
                   "grid": "0:1:0.01", "protocol": "B: seeded random halvings (seed 1000 + i) of the test cache; "
                   "calibrate on the first half, measure on the other", "loadavg": os.getloadavg()},
         "backbone_accuracy": backbone_point(test).accuracy, "accuracy_drop": {}, "disagreement": {}}
-    for name, mode in modes(args).items():
+    # The headline modes first (global max-softmax, exit selection), then the bound study, then the
+    # rest: the document is rewritten after each, so an interrupted run keeps what it finished.
+    steps = list(modes(args).items())
+    steps.insert(2, ("bounds", None))
+    for name, mode in steps:
         if args.only and name not in args.only:
             continue
-        doc["accuracy_drop"][name] = {"target": args.max_drop, **run_mode(test, mode, args.max_drop, args.confidence,
-                                                                          mode["splits"], model, True)}
-        print(name, json.dumps(doc["accuracy_drop"][name]), flush=True)
-        for target in mode["agreement"]:
-            key = f"{name} @ {target:g}"
-            doc["disagreement"][key] = {"target": target, **run_mode(test, mode, target, args.confidence, mode["splits"],
-                                                                     model, False)}
-            print(key, json.dumps(doc["disagreement"][key]), flush=True)
+        if mode is None:
+            doc["bound_study"] = {"mode": "global max-softmax", "target": args.max_drop,
+                                  **bound_study(test, args.max_drop, args.confidence, args.splits)}
+            print("bounds", json.dumps(doc["bound_study"]), flush=True)
+        else:
+            doc["accuracy_drop"][name] = {"target": args.max_drop, **run_mode(test, mode, args.max_drop, args.confidence,
+                                                                              mode["splits"], model, True)}
+            print(name, json.dumps(doc["accuracy_drop"][name]), flush=True)
+            for target in mode["agreement"]:
+                key = f"{name} @ {target:g}"
+                doc["disagreement"][key] = {"target": target, **run_mode(test, mode, target, args.confidence,
+                                                                         mode["splits"], model, False)}
+                print(key, json.dumps(doc["disagreement"][key]), flush=True)
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    if not args.only or "bounds" in args.only:
-        doc["bound_study"] = {"mode": "global max-softmax", "target": args.max_drop,
-                              **bound_study(test, args.max_drop, args.confidence, args.splits)}
-        print("bounds", json.dumps(doc["bound_study"]), flush=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":
