@@ -11,16 +11,21 @@ from pteenet.tracing.cost import PLACEMENTS, cumulative_macs, node_macs, place
 from pteenet.tracing.graph import candidates, trace
 
 
-@pytest.mark.parametrize("spec,size", [("cifar-resnet20", (3, 32, 32)), ("torchvision:resnet18", (3, 64, 64)),
-                                       ("torchvision:mobilenet_v3_small", (3, 64, 64))])
-def test_macs_agree_with_flop_counter(spec: str, size: tuple[int, int, int]) -> None:
+# Our count is FlopCounterMode's (every conv, linear and matmul) plus the elementwise work of norms,
+# pools and activations (thop's rules), which FlopCounterMode does not count: never below it, and
+# above it by that work only. Measured (torch 2.14.1): +1.87%, +0.55%, +7.52% (hardswish and
+# squeeze-excitation everywhere); the bounds leave a little room for other torch versions.
+@pytest.mark.parametrize("spec,size,excess", [("cifar-resnet20", (3, 32, 32), 0.025),
+                                              ("torchvision:resnet18", (3, 64, 64), 0.008),
+                                              ("torchvision:mobilenet_v3_small", (3, 64, 64), 0.085)])
+def test_macs_agree_with_flop_counter(spec: str, size: tuple[int, int, int], excess: float) -> None:
     backbone, info = load_backbone(spec, input_size=size)
     tb = trace(backbone, size)
     ours = cumulative_macs(tb, node_macs(tb, size))[-1]
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         backbone(torch.zeros(1, *size))
     reference = fc.get_total_flops() / 2  # FlopCounterMode counts 2 FLOPs per MAC
-    assert abs(ours - reference) / reference < 0.10
+    assert 0 <= (ours - reference) / reference < excess
 
 
 def test_thop_never_touches_the_backbone() -> None:
@@ -72,3 +77,12 @@ def test_cost_table_conventions() -> None:
     assert table.costs()[-1] == table.final_cost and table.costs_paper()[-1] == 1.0
     # a conv2 branch at 16 channels, 32x32: two 3x3 convs dominate
     assert table.exits[0].branch_macs >= 2 * 16 * 16 * 9 * 32 * 32
+
+
+def test_placement_fractions_are_the_documented_ones() -> None:
+    # exit i of n goes where the cumulative MACs reach these fractions of the backbone's (--placement)
+    by_hand = {"linear": [1 / 4, 2 / 4, 3 / 4], "fine": [0.05, 0.0975, 0.142625], "pareto": [0.2, 0.36, 0.488],
+               "golden": [1.618 ** -3, 1.618 ** -2, 1.618 ** -1]}
+    assert set(by_hand) == set(PLACEMENTS)
+    for rule, want in by_hand.items():
+        assert [PLACEMENTS[rule](i, 3) for i in range(3)] == pytest.approx(want, abs=1e-12), rule

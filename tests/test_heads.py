@@ -4,6 +4,7 @@ through a feature cache as from images, after a checkpoint round trip, and in to
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 import pteenet
 from pteenet.exits.chain import computed_heads, fit_ensemble
 from pteenet.export.programs import CondProgram
-from pteenet.sweep import evaluate, restrict, select_exits
+from pteenet.sweep import backbone_point, evaluate, restrict, select, select_exits, sweep_global
 from pteenet.training.batches import _stem_shapes
 from test_runtime import assert_logits_close, cache_of, make_images, perturb, random_thresholds, simulated_exits
 
@@ -141,6 +142,26 @@ def test_inactive_exits_never_decide_and_their_heads_are_skipped(chained: bool, 
     assert costs[-1] < model.cost.final_cost  # the heads after exit 4 are not paid for
 
 
+def _best(cache: Any, model: pteenet.EarlyExitModel, active: list[bool], grid: np.ndarray,
+          **criterion: float) -> Any:
+    """The point ``select`` picks with only ``active`` exits deciding (None: none qualifies)."""
+    assert model.cost is not None
+    points = sweep_global(restrict(cache, active, model.cost, model.chained), "max-softmax", grid)
+    try:
+        return select(points, backbone_point(cache), **criterion)
+    except pteenet.PteenetError:  # a budget below what these exits reach
+        return None
+
+
+def _assert_locally_optimal(cache: Any, model: pteenet.EarlyExitModel, active: list[bool], grid: np.ndarray,
+                            key: Any, **criterion: float) -> None:
+    """No single further removal is as good (the greedy search takes ties, so each must be worse)."""
+    here = key(_best(cache, model, active, grid, **criterion))
+    for k in [k for k, a in enumerate(active) if a]:
+        fewer = [a and j != k for j, a in enumerate(active)]
+        assert key(_best(cache, model, fewer, grid, **criterion)) > here, f"dropping exit {k} too would not hurt"
+
+
 def test_exit_selection_drops_exits_without_losing_the_point(images: torch.Tensor) -> None:
     model = build("pool-mlp", True, True, exits="all")
     x = make_images(200, seed=13)
@@ -149,18 +170,34 @@ def test_exit_selection_drops_exits_without_losing_the_point(images: torch.Tenso
     grid = np.linspace(0, 1, 51)
     assert model.cost is not None
     sel = select_exits(cache, model.cost, model.chained, "max-softmax", grid, max_drop=5.0)
-    full = select_exits(cache, model.cost, model.chained, "max-softmax", grid, max_drop=5.0)
-    assert sel.active == full.active  # deterministic
+    full = _best(cache, model, [True] * model.num_exits, grid, max_drop=5.0)  # every exit deciding
     assert sum(sel.active) < model.num_exits
+    assert sel.point.cost <= full.cost + 1e-12 and sel.point.accuracy >= 0.95 - 1e-9
+    _assert_locally_optimal(cache, model, sel.active, grid, lambda p: (np.inf,) if p is None else (p.cost, -p.metric),
+                            max_drop=5.0)
     restricted = restrict(cache, sel.active, model.cost, model.chained)
     again = evaluate(restricted, "max-softmax", sel.point.thresholds or [])
     assert again.cost == pytest.approx(sel.point.cost) and again.accuracy == pytest.approx(sel.point.accuracy)
-    assert sel.point.accuracy >= 0.95 - 1e-9
     # what the runtime then does with that selection is what the restricted cache says
     model.set_active(sel.active)
     pred = model.predict(x, sel.point.thresholds or [], "max-softmax")
     frac = np.bincount(pred.exit_index.numpy(), minlength=model.num_exits + 1) / len(x)
     np.testing.assert_allclose(frac, sel.point.exit_fractions)
+
+
+def test_exit_selection_by_budget_is_never_worse_than_every_exit() -> None:
+    model = build("pool-mlp", True, True, exits="all")
+    cache = cache_of(model, make_images(200, seed=13))
+    cache.labels = cache.preds[-1].astype(np.int64)
+    grid = np.linspace(0, 1, 51)
+    assert model.cost is not None
+    budget = 0.45
+    sel = select_exits(cache, model.cost, model.chained, "max-softmax", grid, budget=budget)
+    full = _best(cache, model, [True] * model.num_exits, grid, budget=budget)
+    assert sum(sel.active) < model.num_exits and sel.point.cost <= budget + 1e-9
+    assert (sel.point.metric, -sel.point.cost) >= (full.metric, -full.cost)
+    _assert_locally_optimal(cache, model, sel.active, grid,
+                            lambda p: (np.inf,) if p is None else (-p.metric, p.cost), budget=budget)
 
 
 def test_cond_program_with_ensemble_and_inactive_exits_equals_eager(images: torch.Tensor) -> None:
