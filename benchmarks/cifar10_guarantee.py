@@ -36,12 +36,12 @@ from scipy import stats
 from pteenet.errors import PteenetError
 from pteenet.runtime.checkpoint import load_checkpoint
 from pteenet.sweep import ExitCache, backbone_point, bounds, certify, evaluate, restrict, select, select_exits, sweep_global
-from pteenet.sweep import search_per_exit, pareto
+from pteenet.sweep import search_per_exit, pareto, parse_range
 from pteenet.sweep.engine import exit_indices
 from pteenet.sweep.guarantee import threshold_sequence
 
 POLICIES = ("confidence", "max-softmax", "entropy")
-GRID = np.round(np.arange(0, 1.0001, 0.01), 4)  # the CLI's default grid 0:1:0.01
+GRID = parse_range("0:1:0.01")  # the CLI's default grid; --grid replaces it
 
 
 def old_rule(cal: ExitCache, mode: dict[str, Any], max_drop: float, model: Any) -> tuple[str, list[float], list[bool] | None] | None:
@@ -231,17 +231,20 @@ def main() -> None:
                     "paper's 97.15%% agreement; exit selection runs the last one only)")
     ap.add_argument("--only", nargs="*", help="run only these modes")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cifar10_guarantee.json"))
+    ap.add_argument("--grid", default="0:1:0.01", help="threshold grid START:STOP:STEP (the CLI's --thresholds)")
     ap.add_argument("--table", action="store_true", help="print the results file --out as a markdown table and stop")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return
+    global GRID
+    GRID = parse_range(args.grid)
     test, model = ExitCache.load(args.cache), load_checkpoint(args.model).model
     doc: dict[str, Any] = {
         "setup": {"cache": str(args.cache), "model": str(args.model), "samples": test.num_samples,
                   "exits": test.num_exits, "splits": args.splits, "select_splits": args.select_splits,
                   "per_exit_splits": args.per_exit_splits, "confidence": args.confidence,
-                  "grid": "0:1:0.01", "protocol": "B: seeded random halvings (seed 1000 + i) of the test cache; "
+                  "grid": args.grid, "protocol": "B: seeded random halvings (seed 1000 + i) of the test cache; "
                   "calibrate on the first half, measure on the other", "loadavg": os.getloadavg()},
         "backbone_accuracy": backbone_point(test).accuracy, "accuracy_drop": {}, "disagreement": {}}
     # The headline modes first (global max-softmax, exit selection), then the bound study, then the
