@@ -28,16 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "mutation.json"
 
 P = "tests/test_promises.py"
-H = "tests/test_heads.py"
+H = "tests/test_branches.py"
 R = "tests/test_runtime.py"
 S = "tests/test_sweep.py"
 SCORES = f"{P}::test_scores_equal_the_formulas_of_the_readme"
 PUBLISHED = f"{P}::test_the_published_state_dict_module_format_loads"
-INACTIVE = (f"{H}::test_inactive_exits_never_decide_and_their_heads_are_skipped", f"{H}::test_attach_exits_all_and_head_costs")
+INACTIVE = (f"{H}::test_inactive_exits_never_decide_and_their_branches_are_skipped", f"{H}::test_attach_exits_all_and_branch_costs")
 SELECTION = (f"{H}::test_exit_selection_drops_exits_without_losing_the_point",
              f"{H}::test_exit_selection_by_budget_is_never_worse_than_every_exit")
-HEADS = f"{H}::test_runtime_equals_simulation_for_every_head"
-ROUND_TRIP = f"{H}::test_checkpoint_round_trip_keeps_heads_ensemble_and_active"
+HEADS = f"{H}::test_runtime_equals_simulation_for_every_branch_type"
+ROUND_TRIP = f"{H}::test_checkpoint_round_trip_keeps_branches_ensemble_and_active"
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ MUTANTS: list[Mutant] = [
       "return (p.cost, -p.metric)", "budget mode minimises cost instead of maximising accuracy", SELECTION),
     M("M21", "sweep/selection.py", "scores = {p: np.where(mask[:, None], s, np.nan).astype(np.float32)",
       "scores = {p: s.astype(np.float32)", "switched-off exits still decide in the simulation", SELECTION),
-    M("M22", "sweep/selection.py", "np.asarray(cost.costs(computed_heads(mask, chained)))", "np.asarray(cost.costs())",
+    M("M22", "sweep/selection.py", "np.asarray(cost.costs(computed_branches(mask, chained)))", "np.asarray(cost.costs())",
       "selection prices every head, computed or not", (*INACTIVE, *SELECTION)),
     M("M23", "sweep/engine.py", "target = backbone.metric - max_drop / 100.0", "target = backbone.metric - max_drop / 10.0",
       "max_drop read as tenths, not points", (S,)),

@@ -32,4 +32,4 @@ pteenet train-branches "$OUT/attached.safetensors" -o "$OUT/trained.safetensors"
 pteenet sweep-threshold "$OUT/trained.safetensors" -o "$OUT/sweep" --max-drop 1.0 --select-exits \
   --write "$OUT/tuned.safetensors" --json > "$OUT/sweep.json"
 pteenet export "$OUT/tuned.safetensors" -o "$OUT/export" --force --json > "$OUT/export.json"
-python examples/headline.py "$OUT" --seconds $(( $(date +%s) - start ))
+python examples/headline.py "$OUT" --seconds $(( $(date +%s) - start )) --save "$OUT/headline.json"

@@ -1,8 +1,14 @@
-"""Print the demo's headline from the sweep document: the chosen point on test vs the backbone."""
+"""Print the demo's headline from the sweep document: the chosen point on test vs the backbone.
+
+With ``--save FILE`` the same figures are also written as JSON (``make demo`` writes
+``runs/demo/headline.json``; ``benchmarks/results/demo.json`` is a copy of one such run).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 from pathlib import Path
 
 
@@ -10,6 +16,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--seconds", type=int, default=None)
+    ap.add_argument("--save", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
     doc = json.loads((args.out / "sweep.json").read_text())
     chosen = doc["chosen"]
@@ -30,6 +37,15 @@ def main() -> None:
     print(f"  model         {args.out / 'export' / 'model.safetensors'}  (pteenet.load(path))")
     if args.seconds is not None:
         print(f"  took {args.seconds} s")
+    if args.save is not None:
+        record = {"data": doc["data"]["spec"], "backbone_spec": report["backbone"]["spec"],
+                  "branch": report["branch"], "exits": len(report["exits"]), "deciding_exits": sum(active),
+                  "policy": chosen["policy"], "split": "test", "backbone_accuracy": bb["accuracy"],
+                  "accuracy": test["accuracy"], "agreement": test["agreement"], "cost": test["cost"],
+                  "guarantee": chosen.get("guarantee"), "seconds": args.seconds,
+                  "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
+                              "python": platform.python_version()}}
+        args.save.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,3 +27,16 @@ def unknown_name(kind: str, name: str, known: Iterable[str], limit: int = 12) ->
         shown = ", ".join(known[:limit]) + (f", ... ({len(known)} in all)" if len(known) > limit else "")
         hint = f"known {kind}s: {shown}" if known else f"there are no {kind}s to choose from"
     return PteenetError(f"unknown {kind} '{name}'", hint)
+
+
+def first_line(e: BaseException, width: int = 160) -> str:
+    """The first line of ``e``'s message, at most ``width`` characters ("" when it has none): an error
+    from a library can run over many lines, and ours are one line."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:width] if lines else ""
+
+
+def describe_error(e: BaseException, width: int = 160) -> str:
+    """``TypeName: first line of the message`` (only the type's name when the message is empty)."""
+    first = first_line(e, width)
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

@@ -45,3 +45,14 @@ class Sink:
 
 
 SILENT = Sink()  # stateless: one instance serves every caller that passes no sink
+
+
+def format_percent(v: float | None, digits: int = 2, unit: str = "%") -> str:
+    """A fraction as a percentage, "-" for None: ``format_percent(0.1234)`` is "12.34%" (the report's
+    and the CLI's one way to show a share)."""
+    return "-" if v is None else f"{100 * v:.{digits}f}{unit}"
+
+
+def format_macs(m: float | None) -> str:
+    """A MAC count in millions or billions, "-" for None: "40.81 M", "4.11 G"."""
+    return "-" if m is None else f"{m / 1e6:.2f} M" if m < 1e9 else f"{m / 1e9:.2f} G"

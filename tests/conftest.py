@@ -1,10 +1,12 @@
 """Shared fixtures: tiny models only, CPU, no downloads."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from pteenet import AttachConfig, attach
+from pteenet import AttachConfig, attach, save_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -17,3 +19,12 @@ def _seed_and_threads() -> None:
 def tiny_model():
     """cifar-resnet20 at 16x16 with 3 exits and random weights: the workhorse of the tests."""
     return attach(AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3, placement="linear"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An attached, untrained cifar-resnet20 at 16x16 with 2 exits, saved once: read it, never write it."""
+    torch.manual_seed(0)  # session fixtures run before the per-test seed: the branches' init must not depend on test order
+    path = tmp_path_factory.mktemp("tiny_checkpoint") / "attached.safetensors"
+    save_checkpoint(path, attach(AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=2)))
+    return path

@@ -6,14 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import pteenet
+from helpers import error_line, make_images, make_model, run_cli
 from pteenet.bench.run import BenchConfig, bench, verdict
 from pteenet.bench.timing import TimeProfile, profile
-from pteenet.cli import app
 from pteenet.runtime.checkpoint import read_metadata
-from test_runtime import make_images, make_model
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +72,18 @@ def test_time_profile_ratios() -> None:
     assert r["predicted_time_ratio"] == pytest.approx(0.5 * 1.5 / 4 + 0.5 * 5 / 4)
 
 
-def test_profile_times_every_stage_and_only_computed_heads() -> None:
+def test_profile_times_every_stage_and_only_computed_branches() -> None:
     model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3, cascade=False))
     model.set_active([False, True, False])  # not chained: only exit 1's head runs, nothing after it
     prof = profile(model, make_images(4), repeats=1)
-    computed = model.computed_heads()
+    computed = model.computed_branches()
     assert computed == [False, True, False]
     assert len(prof.stage_ms) == model.num_exits + 1 and all(t > 0 for t in prof.stage_ms)
     assert [t > 0 for t in prof.head_ms] == computed
 
 
 def _run(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, ["bench", *map(str, args)])
-    return result.exit_code, result.stdout, result.stderr
+    return run_cli("bench", *args)
 
 
 def test_cli_json_and_record(ckpt: Path) -> None:
@@ -110,8 +107,7 @@ def test_cli_json_and_record(ckpt: Path) -> None:
 ])
 def test_cli_bad_input(ckpt: Path, args: list[str], message: str) -> None:
     code, stdout, stderr = _run(ckpt, "--data", "synthetic", "--limit", 4, "--repeats", 1, *args)
-    lines = [line for line in stderr.splitlines() if line.startswith("Error:")]
-    assert code == 1 and len(lines) == 1 and message in lines[0], stderr
+    assert code == 1 and message in error_line(stderr)
     assert stdout == ""
 
 

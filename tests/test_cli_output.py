@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import typer.main
 from rich.console import Console
-from typer.testing import CliRunner
 
 import pteenet
+from helpers import run_cli
 from pteenet.bench.run import BenchConfig, bench, load_images
 from pteenet.cli import app
 from pteenet.cli.sink import RichSink
@@ -21,11 +21,6 @@ from pteenet.data import DataConfig, DataRequest
 from pteenet.progress import SILENT, Sink, Task
 
 SHARED = ("--device", "--data", "--data-dir", "--limit", "--policy", "--json")
-
-
-def run(*args: Any) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
          "--write", paths["tuned"], "--device", "cpu"),
     ]
     for args in steps:
-        code, stdout, stderr = run(*args)
+        code, stdout, stderr = run_cli(*args)
         assert code == 0, stderr
         assert stdout == "", f"{args[0]} wrote to stdout without --json"
     return paths
@@ -72,7 +67,7 @@ HUMAN = {"attach --list": "exit candidates", "attach": "exits on cifar-resnet20"
 @pytest.mark.parametrize("name", list(HUMAN))
 def test_json_is_one_document_on_stdout_and_nothing_else(files: dict[str, Path], tmp_path: Path, name: str) -> None:
     args = commands(files, tmp_path)[name]
-    code, stdout, stderr = run(*args, "--json")
+    code, stdout, stderr = run_cli(*args, "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)  # json.loads refuses anything after the document but white space
     assert isinstance(doc, dict) and doc
@@ -83,7 +78,7 @@ def test_json_is_one_document_on_stdout_and_nothing_else(files: dict[str, Path],
 @pytest.mark.parametrize("name", ["attach --list", "attach", "info", "sweep-threshold", "export"])
 def test_without_json_stdout_is_empty_and_the_table_is_on_stderr(files: dict[str, Path], tmp_path: Path,
                                                                   name: str) -> None:
-    code, stdout, stderr = run(*commands(files, tmp_path)[name])
+    code, stdout, stderr = run_cli(*commands(files, tmp_path)[name])
     assert code == 0, stderr
     assert stdout == "" and HUMAN[name] in stderr
 
@@ -115,7 +110,7 @@ def test_a_shared_choice_outside_its_list_is_a_usage_error(files: dict[str, Path
             continue
         if name == "train-branches" and option == "--policy":
             continue
-        code, stdout, stderr = run(*args, option, value)
+        code, stdout, stderr = run_cli(*args, option, value)
         assert code == 2 and stdout == "" and f"unknown {option[2:]} '{value}'" in stderr, (name, stderr)
 
 

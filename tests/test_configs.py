@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import StopAfter
 from pteenet import (
     AttachConfig,
     DataConfig,
@@ -31,7 +32,6 @@ from pteenet.exits.branches import BranchConfig
 from pteenet.runtime.checkpoint import META_KEY, read_metadata
 from pteenet.training.config import recorded_configs
 from pteenet.training.run import Interrupted, train_branches
-from test_train import StopAfter
 
 BAD: list[tuple[Callable[[], Any], str]] = [
     (lambda: TrainConfig(epochs=0), "epochs"),

@@ -123,7 +123,7 @@ def test_missing_files_is_a_pteenet_error(tmp_path: Path) -> None:
 
 
 def test_bad_val_split_and_limit() -> None:
-    with pytest.raises(PteenetError, match="val split"):
+    with pytest.raises(PteenetError, match="calibration split"):
         load_splits(DataConfig(spec="synthetic", val_split=1.0), RGB32)
     with pytest.raises(PteenetError, match="limit"):
         load_splits(DataConfig(spec="synthetic", limit=0), RGB32)

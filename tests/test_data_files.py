@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-import pteenet
+from helpers import error_line, run_cli
 from pteenet.backbones.specs import Preprocess
-from pteenet.cli import app
 from pteenet.data import SKIPPED, UNLABELLED, DataConfig, ImageSkipped, load_splits, make_loader, read_image
 from pteenet.errors import PteenetError
 
@@ -160,19 +158,13 @@ def test_a_batch_of_only_broken_files_is_left_out(tmp_path: Path) -> None:
     assert [len(y) for _, y in batches] == [1]
 
 
-def _cli(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def test_train_and_sweep_on_unlabelled_images_with_a_broken_file(tmp_path: Path) -> None:
+def test_train_and_sweep_on_unlabelled_images_with_a_broken_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     for i in range(40):
         _png(folder / f"day{i % 3}" / f"{i}.png", (6 * i, 255 - 6 * i, (37 * i) % 256), (20, 20))
     _broken_jpeg(folder / "day0" / "cut.jpg")
-    ckpt, trained = tmp_path / "a.safetensors", tmp_path / "t.safetensors"
-    pteenet.save_checkpoint(ckpt, pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=2)))
-    code, stdout, stderr = _cli("train-branches", ckpt, "-o", trained, "--data", f"images:{folder}", "--epochs", 1,
+    ckpt, trained = tiny_checkpoint, tmp_path / "t.safetensors"
+    code, stdout, stderr = run_cli("train-branches", ckpt, "-o", trained, "--data", f"images:{folder}", "--epochs", 1,
                                 "--batch-size", 8, "--val-split", 0.3, "--cache-features", "--json")
     assert code == 0, stderr
     cut = str(folder / "day0" / "cut.jpg")
@@ -181,18 +173,17 @@ def test_train_and_sweep_on_unlabelled_images_with_a_broken_file(tmp_path: Path)
     doc = json.loads(stdout)
     assert doc["final"]["skipped_images"] == {"count": 1, "files": [cut]}
     assert doc["final"]["val"]["accuracy"] is None and doc["final"]["val"]["agreement"] is not None
-    code, stdout, stderr = _cli("sweep-threshold", trained, "-o", tmp_path / "sweep", "--thresholds", "0:1:0.25",
+    code, stdout, stderr = run_cli("sweep-threshold", trained, "-o", tmp_path / "sweep", "--thresholds", "0:1:0.25",
                                 "--max-drop", 50, "--json")
     assert code == 0, stderr
     sweep = json.loads(stdout)
     assert sweep["metric"] == "agreement" and sweep["backbone"]["accuracy"] is None
     assert "no labels" in sweep["no_accuracy"] and "no labels" in " ".join(stderr.split())
-    code, _, stderr = _cli("train-branches", ckpt, "-o", trained, "--data", f"images:{folder}", "--targets", "labels")
+    code, _, stderr = run_cli("train-branches", ckpt, "-o", trained, "--data", f"images:{folder}", "--targets", "labels")
     assert code == 1 and "--targets labels needs labels" in stderr
-    code, _, stderr = _cli("train-branches", ckpt, "-o", tmp_path / "s.safetensors", "--data", f"images:{folder}",
+    code, _, stderr = run_cli("train-branches", ckpt, "-o", tmp_path / "s.safetensors", "--data", f"images:{folder}",
                            "--epochs", 1, "--strict-images")
-    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
-    assert code == 1 and len(errors) == 1 and "cut.jpg" in errors[0]
+    assert code == 1 and "cut.jpg" in error_line(stderr)
 
 
 def test_unlabelled_calibration_for_labelled_training(tmp_path: Path) -> None:
@@ -203,7 +194,7 @@ def test_unlabelled_calibration_for_labelled_training(tmp_path: Path) -> None:
     assert len(s.val) == 3 and s.val[0][1] == UNLABELLED and s.split_info["sizes"]["train"] == 500
 
 
-def test_feature_cache_dir_and_broken_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_feature_cache_dir_and_broken_files(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache built while a file was skipped names it when reused (and --strict-images stops at it);
     repairing the file gives that split another key, so its features are computed again."""
     from pteenet.data import loader
@@ -215,8 +206,7 @@ def test_feature_cache_dir_and_broken_files(tmp_path: Path, monkeypatch: pytest.
         _png(folder / f"{i}.png", (8 * i, 255 - 8 * i, (37 * i) % 256), (20, 20))
     cut = folder / "cut.jpg"
     _broken_jpeg(cut)
-    ckpt, store = tmp_path / "a.safetensors", tmp_path / "features"
-    pteenet.save_checkpoint(ckpt, pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=2)))
+    ckpt, store = tiny_checkpoint, tmp_path / "features"
     built: list[int] = []
     real = feature_store.build_feature_cache
     monkeypatch.setattr(feature_store, "build_feature_cache", lambda *a, **k: built.append(1) or real(*a, **k))

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import StopAfter  # Ctrl-C right after epoch n was saved (here on every rank)
 from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
 from pteenet.data import DataConfig, DataRequest
 from pteenet.distributed import ALONE, Group, ShardBatches, eval_rows, gather_rows, train_rows
@@ -24,7 +25,6 @@ from pteenet.errors import PteenetError
 from pteenet.progress import Sink, Task
 from pteenet.sweep import SweepConfig, sweep_threshold
 from pteenet.training.run import TrainConfig, train_branches
-from test_train import StopAfter  # Ctrl-C right after epoch n was saved (here on every rank)
 
 # Tolerance. The two-process run adds the same per-sample terms in another order (each rank sums its
 # half, the all-reduce adds the halves), so gradients differ by rounding. Adam divides each update by

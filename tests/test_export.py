@@ -13,16 +13,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from typer.testing import CliRunner
 
 import pteenet
+from helpers import assert_logits_close, cache_of, error_line, make_images, make_model, random_thresholds, run_cli
 from pteenet.bench.run import BenchConfig, bench
-from pteenet.cli import app
 from pteenet.exits import policies as pol
 from pteenet.export.run import FORMATS, ExportConfig, export
 from pteenet.runtime.checkpoint import read_metadata
 from pteenet.sweep import backbone_point, build_document, select, sweep_global, sweep_meta
-from test_runtime import assert_logits_close, cache_of, make_images, make_model, random_thresholds
 
 ALL_FORMATS = ("torch-export", "static-torch-export", "onnx", "static-onnx")
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
@@ -185,14 +183,12 @@ def test_export_error_is_one_line(ckpt: Path, tmp_path: Path, monkeypatch: pytes
 
 # -- the command line ------------------------------------------------------------------------------
 def _run(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, ["export", *map(str, args)])
-    return result.exit_code, result.stdout, result.stderr
+    return run_cli("export", *args)
 
 
 def _error(code: int, stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("Error:")]
-    assert code == 1 and len(lines) == 1, stderr
-    return lines[0]
+    assert code == 1, stderr
+    return error_line(stderr)
 
 
 def test_cli_happy_path_json_and_force(ckpt: Path, tmp_path: Path) -> None:

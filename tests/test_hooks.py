@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import pteenet
+from helpers import error_line, run_cli
 from pteenet import AttachConfig, PteenetError, attach, load_checkpoint, save_checkpoint
 from pteenet.bench.run import BenchConfig, bench
-from pteenet.cli import app
 from pteenet.exits.policies import never_exit_threshold
 from pteenet.tracing.hooks import NO_EARLY_EXIT
 
@@ -23,8 +22,8 @@ SPEC, SIZE = "tiny_models:branchy", (3, 16, 16)
 def test_untraceable_model_is_refused_with_the_fallback_named() -> None:
     with pytest.raises(PteenetError, match="--hooks"):
         attach(AttachConfig(backbone=SPEC, input_size=SIZE))
-    result = CliRunner().invoke(app, ["attach", SPEC, "--input-size", "3,16,16", "-o", "x.safetensors"])
-    assert result.exit_code == 1 and "--hooks" in result.output and "Traceback" not in result.output
+    code, _, stderr = run_cli("attach", SPEC, "--input-size", "3,16,16", "-o", "x.safetensors")
+    assert code == 1 and "--hooks" in error_line(stderr)
 
 
 def test_hooks_reproduce_logits_and_decide_as_the_simulation() -> None:
@@ -68,7 +67,7 @@ def test_checkpoint_round_trip_and_bench_say_so(tmp_path: Path) -> None:
     path = tmp_path / "a.safetensors"
     save_checkpoint(path, model)
     loaded = load_checkpoint(path).model
-    assert loaded.hooks and [p.name for p in loaded.exit_points] == [p.name for p in model.exit_points]
+    assert loaded.runtime == "hooks" and [p.name for p in loaded.exit_points] == [p.name for p in model.exit_points]
     x = torch.randn(4, *SIZE)
     assert torch.equal(loaded.predict(x, 0.5).logits, model.predict(x, 0.5).logits)
     doc = bench(loaded, x, BenchConfig(batch_sizes=(2,), repeats=1, warmup=1))
@@ -76,28 +75,27 @@ def test_checkpoint_round_trip_and_bench_say_so(tmp_path: Path) -> None:
 
 
 def test_cli_pipeline_trains_sweeps_and_labels_every_output(tmp_path: Path) -> None:
-    run = CliRunner().invoke
     a, t = tmp_path / "a.safetensors", tmp_path / "t.safetensors"
-    result = run(app, ["attach", SPEC, "--input-size", "3,16,16", "--hooks", "--exits", "2", "-o", str(a)])
-    assert result.exit_code == 0, result.output
-    assert "no real early exit" in result.output
-    result = run(app, ["attach", SPEC, "--input-size", "3,16,16", "--hooks", "--list", "--json"])
-    assert json.loads(result.stdout)["runtime"] == "hooks"
-    result = run(app, ["train-branches", str(a), "-o", str(t), "--data", "synthetic", "--limit", "96", "--epochs", "1",
-                       "--batch-size", "32", "--device", "cpu", "--cache-features"])
-    assert result.exit_code == 0, result.output
-    result = run(app, ["sweep-threshold", str(t), "-o", str(tmp_path / "sweep"), "--json"])
-    assert result.exit_code == 0, result.output
-    result = run(app, ["info", str(t)])
-    assert "no real early exit" in result.output
-    assert json.loads(run(app, ["info", str(t), "--json"]).stdout)["runtime"] == "hooks"
-    result = run(app, ["export", str(t), "-o", str(tmp_path / "prog"), "--format", "torch-export"])
-    assert result.exit_code == 1 and "no real early exit" in result.output and not (tmp_path / "prog").exists()
-    result = run(app, ["export", str(t), "-o", str(tmp_path / "out")])
-    assert result.exit_code == 0, result.output
-    assert "no real early exit" in result.output
+    code, out, err = run_cli("attach", SPEC, "--input-size", "3,16,16", "--hooks", "--exits", 2, "-o", a)
+    assert code == 0, err
+    assert "no real early exit" in out + err
+    code, out, err = run_cli("attach", SPEC, "--input-size", "3,16,16", "--hooks", "--list", "--json")
+    assert json.loads(out)["runtime"] == "hooks"
+    code, out, err = run_cli("train-branches", a, "-o", t, "--data", "synthetic", "--limit", 96, "--epochs", 1,
+                             "--batch-size", 32, "--device", "cpu", "--cache-features")
+    assert code == 0, err
+    code, out, err = run_cli("sweep-threshold", t, "-o", tmp_path / "sweep", "--json")
+    assert code == 0, err
+    code, out, err = run_cli("info", t)
+    assert "no real early exit" in out + err
+    assert json.loads(run_cli("info", t, "--json")[1])["runtime"] == "hooks"
+    code, out, err = run_cli("export", t, "-o", tmp_path / "prog", "--format", "torch-export")
+    assert code == 1 and "no real early exit" in out + err and not (tmp_path / "prog").exists()
+    code, out, err = run_cli("export", t, "-o", tmp_path / "out")
+    assert code == 0, err
+    assert "no real early exit" in out + err
     assert "no real early exit" in (tmp_path / "out" / "report.md").read_text()
-    assert pteenet.load(tmp_path / "out" / "model.safetensors").hooks
-    result = run(app, ["bench", str(t), "--limit", "8", "--batch-size", "4", "--repeats", "1"])
-    assert result.exit_code == 0, result.output
-    assert "no real early exit" in result.output
+    assert pteenet.load(tmp_path / "out" / "model.safetensors").runtime == "hooks"
+    code, out, err = run_cli("bench", t, "--limit", 8, "--batch-size", 4, "--repeats", 1)
+    assert code == 0, err
+    assert "no real early exit" in out + err

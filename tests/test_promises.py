@@ -12,20 +12,26 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import pteenet
 import pteenet.training.batches as batches_mod
+from helpers import (
+    assert_logits_close,
+    build,
+    cache_of,
+    make_images,
+    make_model,
+    random_thresholds,
+    run_cli,
+    simulated_exits,
+)
 from pteenet.backbones.specs import load_backbone
 from pteenet.backbones.weights import read_state_dict
-from pteenet.cli import app
 from pteenet.data import DataConfig, load_splits
 from pteenet.errors import PteenetError
 from pteenet.exits import policies as pol
 from pteenet.export.programs import exported_program
 from pteenet.training.run import TrainConfig, train_branches
-from test_heads import build
-from test_runtime import assert_logits_close, cache_of, make_images, make_model, random_thresholds, simulated_exits
 
 
 # -- real early exit: rows per stage ---------------------------------------------------------------
@@ -193,18 +199,18 @@ def test_the_published_state_dict_module_format_loads(tmp_path: Path) -> None:
 def test_pteenet_debug_shows_the_traceback_and_only_then(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           debug: bool) -> None:
     monkeypatch.setenv("PTEENET_DEBUG", "1" if debug else "")  # an empty value is off
-    result = CliRunner().invoke(app, ["info", str(tmp_path / "missing.safetensors")])
-    assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
-    assert [ln for ln in lines if ln.startswith("Error:")] and "missing.safetensors" in result.stderr
-    assert ("Traceback" in result.stderr) is debug, result.stderr
-    assert (len(lines) == 1) is not debug, result.stderr  # without it: one line, the error alone
+    code, _, stderr = run_cli("info", tmp_path / "missing.safetensors")
+    assert code == 1
+    lines = stderr.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("Error:")] and "missing.safetensors" in stderr
+    assert ("Traceback" in stderr) is debug, stderr
+    assert (len(lines) == 1) is not debug, stderr  # without it: one line, the error alone
 
 
 # -- export with an ensemble -------------------------------------------------------------------------
 def test_the_static_program_with_an_ensemble_equals_eager() -> None:
     """What ``export`` writes for the static formats (``exported_program``); the torch.cond program with
-    an ensemble is checked in test_heads."""
+    an ensemble is checked in test_branches."""
     model = build("pool-mlp", True, True)
     assert model.ensemble is not None
     x = make_images(12, seed=8)

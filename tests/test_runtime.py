@@ -1,7 +1,5 @@
 """The runtime's real early exit (``EarlyExitModel.predict``) against the sweep's cached simulation:
 same exit, same prediction, sample by sample, for every policy and batch sizes 1 and > 1.
-
-Other test files import ``make_model`` / ``make_images`` from here (pytest puts tests/ on sys.path).
 """
 from __future__ import annotations
 
@@ -13,95 +11,9 @@ import pytest
 import torch
 
 import pteenet
+from helpers import assert_logits_close, cache_of, make_images, make_model, perturb, random_thresholds, simulated_exits
 from pteenet.exits import policies as pol
-from pteenet.sweep import ExitCache, ExitCacheBuilder, evaluate
-
-TIE_GAP = 1e-4  # thresholds stay this far from every score: batch shape may move a score by an ulp
-
-
-def assert_logits_close(got: torch.Tensor, want: torch.Tensor, rel: float = 3e-4) -> None:
-    """Equal up to float32 noise: 3e-4 relative to the largest logit. The random backbone's logits
-    reach ~30, and a different batch shape may sum them in a different order (oneDNN picks kernels
-    by shape), which moves small logits by more than 1e-5 in absolute terms; the heads' BatchNorm
-    over pooled features of a random backbone (some nearly constant) amplifies that noise further."""
-    torch.testing.assert_close(got, want, atol=rel * max(1.0, float(want.abs().max())), rtol=0)
-
-
-def make_model(seed: int = 0) -> pteenet.EarlyExitModel:
-    """The tiny test model: cifar-resnet20 at 16x16 with 3 exits whose branches are randomised so
-    that the exits really differ (fresh branches all output about the same near-uniform logits)."""
-    # Seeded here: module-scoped fixtures run before conftest's per-test seed, so the global RNG
-    # (which initialises the heads) would otherwise depend on which tests ran first.
-    torch.manual_seed(seed)
-    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3))
-    perturb(model, seed)
-    return model
-
-
-def perturb(model: pteenet.EarlyExitModel, seed: int) -> None:
-    """Calibrate the branches' BN statistics on random images, then give each head random weights
-    scaled to its features, so every policy's scores spread over (0, 1) and differ per exit."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(64, *model.info.preprocess.input_size, generator=gen)
-    bns = [m for m in model.branches.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average: one pass gives the batch's statistics
-    pooled: dict[int, torch.Tensor] = {}
-    # What the heads read, whatever the branch type: the classifier's input.
-    hooks = [b.classifier.register_forward_pre_hook(lambda mod, args, k=k: pooled.__setitem__(k, args[0]))
-             for k, b in enumerate(model.branches)]
-    model.train()
-    with torch.no_grad():
-        model.forward_all(x)
-    model.eval()
-    for h in hooks:
-        h.remove()
-    for m in bns:
-        m.momentum = 0.1
-        # A random backbone leaves some pooled features constant; BatchNorm would then divide by
-        # sqrt(eps) and blow float noise up 300-fold. Floor the variance as training data would.
-        m.running_var.clamp_(min=1e-2 * float(m.running_var.mean()))
-    with torch.no_grad():
-        for k, b in enumerate(model.branches):
-            z = pooled[k]
-            mu, sd = z.mean(0), z.std(0) + 1e-3
-            for lin, spread in ((b.classifier, 1.0 + k), (b.confidence, 2.0)):
-                w = torch.randn(lin.weight.shape, generator=gen) * spread / (sd * z.shape[1] ** 0.5)
-                lin.weight.copy_(w)
-                lin.bias.copy_(-(w @ mu))
-
-
-def make_images(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def cache_of(model: pteenet.EarlyExitModel, x: torch.Tensor) -> ExitCache:
-    builder = ExitCacheBuilder()
-    with torch.no_grad():
-        a = model.forward_all(x)
-    builder.add(a.exit_logits, a.exit_conf, a.final_logits)
-    assert model.cost is not None
-    return builder.build(model.cost.costs(), model.cost.costs_paper())
-
-
-def simulated_exits(cache: ExitCache, policy: str, thresholds: list[float]) -> np.ndarray:
-    """First exit whose score passes (policies.passes), else E: what the sweep assumes."""
-    s = cache.scores[policy]
-    passed = np.stack([pol.passes(policy, s[k], float(t)) for k, t in enumerate(thresholds)])
-    return np.where(passed.any(0), passed.argmax(0), cache.num_exits)
-
-
-def random_thresholds(cache: ExitCache, policy: str, rng: np.random.Generator) -> list[float]:
-    """Per-exit thresholds inside each exit's score range, at least TIE_GAP from every score."""
-    out = []
-    for k in range(cache.num_exits):
-        s = np.sort(cache.scores[policy][k].astype(np.float64))
-        gaps = np.flatnonzero(np.diff(s) > 2 * TIE_GAP + 1e-6)
-        assert gaps.size, "scores too crowded to place a threshold between them"
-        i = rng.choice(gaps)
-        out.append(float(rng.uniform(s[i] + TIE_GAP, s[i + 1] - TIE_GAP)))
-    return out
+from pteenet.sweep import evaluate
 
 
 @pytest.fixture(scope="module")

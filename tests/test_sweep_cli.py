@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 import pteenet
-from pteenet.cli import app
+from helpers import error_line, run_cli
 from pteenet.data import DataConfig, DataRequest, load_splits, make_loader, resolve_data
 from pteenet.runtime.checkpoint import read_metadata
 from pteenet.sweep import ExitCacheBuilder, SweepConfig, build_cache, evaluate, sweep_threshold
@@ -54,14 +53,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, ["sweep-threshold", *map(str, args)])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def _error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
+    return run_cli("sweep-threshold", *args)
 
 
 def test_happy_path_writes_outputs_on_the_recorded_split(trained: Path, tmp_path: Path) -> None:
@@ -168,7 +160,7 @@ def test_budget_below_the_cheapest_reachable(trained: Path, tmp_path: Path) -> N
     first = pteenet.load(str(trained)).cost.costs()[0]
     code, _, stderr = _run(trained, "-o", tmp_path / "o", "--budget", 0.01)
     assert code == 1
-    line = _error_line(stderr)
+    line = error_line(stderr)
     assert "cheapest reachable cost" in line and f"{first:.4f}" in line
     assert not (tmp_path / "o").exists()  # refused before any data was read
 
@@ -185,13 +177,13 @@ def test_budget_below_the_cheapest_reachable(trained: Path, tmp_path: Path) -> N
 def test_bad_inputs_are_one_line_errors(trained: Path, tmp_path: Path, args: list[str], needle: str) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path / "o", *args)
     assert code == 1 and stdout == ""
-    assert needle in _error_line(stderr)
+    assert needle in error_line(stderr)
     assert "Traceback" not in stderr
 
 
 def test_missing_checkpoint_and_bad_choice(tmp_path: Path, trained: Path) -> None:
     code, _, stderr = _run(tmp_path / "nope.safetensors", "-o", tmp_path / "o")
-    assert code == 1 and "not found" in _error_line(stderr)
+    assert code == 1 and "not found" in error_line(stderr)
     code, _, _ = _run(trained, "-o", tmp_path / "o", "--policy", "nonsense")
     assert code == 2  # a usage error
     code, _, _ = _run(trained, "--policy", "entropy")  # -o is required
@@ -202,7 +194,7 @@ def test_untrained_checkpoint_warns_but_continues(tmp_path: Path) -> None:
     ckpt = tmp_path / "untrained.safetensors"
     pteenet.save_checkpoint(ckpt, _tiny())
     code, _, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID)
-    assert code == 1 and "pass --data" in _error_line(stderr)  # no recorded data and no --data
+    assert code == 1 and "pass --data" in error_line(stderr)  # no recorded data and no --data
     code, stdout, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID, "--data", "synthetic",
                                 "--limit", 40, "--json")
     assert code == 0, stderr
@@ -244,8 +236,8 @@ def test_a_setting_dearer_than_the_backbone_is_flagged(tmp_path: Path) -> None:
                                 "--limit", 40, "--max-drop", 0, "--no-guarantee", "--json")  # 0 points: never certified
     assert code == 0, stderr
     doc = json.loads(stdout)
-    assert doc["chosen"]["cost"] >= 1.0
-    assert any("costs more" in w or "does not pay" in w for w in doc["warnings"])
+    assert doc["nothing_pays"]["cheapest"]["cost"] >= 1.0 and doc["chosen"]["cost"] == 1.0  # the backbone alone
+    assert any(w.startswith("nothing pays: ") for w in doc["warnings"])  # tests/test_nothing_pays.py: the rest
 
 
 # -- --calibration: tune on other data than training's held-out split ---------------------------------
@@ -292,7 +284,7 @@ def test_bad_calibration_is_one_line_error(trained: Path, tmp_path: Path, calibr
         calibration = f"imagefolder:{tmp_path / 'val'}"
     code, stdout, stderr = _run(trained, "-o", tmp_path / "o", "--calibration", calibration)
     assert code == 1 and stdout == "" and "Traceback" not in stderr
-    assert needle in _error_line(stderr)
+    assert needle in error_line(stderr)
 
 
 def test_resolve_data_calibration_overrides_the_record() -> None:

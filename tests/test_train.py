@@ -9,27 +9,18 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import pteenet.training.step as trainer_mod
-from pteenet import AttachConfig, attach, load_checkpoint, save_checkpoint
+from helpers import StopAfter, error_line, run_cli
+from pteenet import AttachConfig, attach, load_checkpoint
 from pteenet.backbones.weights import module_sha256
-from pteenet.cli import app
 from pteenet.data import DataConfig, load_splits
 from pteenet.errors import PteenetError
-from pteenet.progress import Sink, Task
+from pteenet.progress import Sink
 from pteenet.runtime.checkpoint import META_KEY, read_metadata
 from pteenet.training import feature_cache as feature_store
 from pteenet.training.loss import LossConfig, LossOutput
 from pteenet.training.run import Interrupted, TrainConfig, train_branches
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = attach(AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=2))
-    path = tmp_path_factory.mktemp("train") / "attached.safetensors"
-    save_checkpoint(path, model)
-    return path
 
 
 def data(**kw: Any) -> DataConfig:
@@ -44,37 +35,16 @@ def branch_tensors(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith("branches.")}
 
 
-class StopAfter(Sink):
-    """Presses Ctrl-C right after epoch ``n`` was saved: the epochs task advances once an epoch's
-    checkpoint is written."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def task(self, description: str, total: int | None = None, completed: int = 0) -> Task:
-        return CtrlCAfter(self.n - completed) if description == "epochs" else Task()
-
-
-class CtrlCAfter(Task):
-    def __init__(self, steps: int) -> None:
-        self.left = steps
-
-    def advance(self, steps: int = 1, info: str | None = None) -> None:
-        self.left -= steps
-        if self.left == 0:
-            raise KeyboardInterrupt
-
-
-def test_trains_end_to_end_and_leaves_the_backbone_alone(ckpt: Path, tmp_path: Path) -> None:
+def test_trains_end_to_end_and_leaves_the_backbone_alone(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
-    doc = train_branches(ckpt, out, data(augment=False), cfg(epochs=4))
+    doc = train_branches(tiny_checkpoint, out, data(augment=False), cfg(epochs=4))
     losses = [r["train"]["loss"] for r in doc["epochs"]]
     assert len(losses) == 4 and losses[-1] < losses[0]
     val = doc["epochs"][-1]["val"]
     assert len(val["accuracy"]) == len(val["agreement"]) == len(val["mean_confidence"]) == 2
     assert {"accuracy", "agreement", "cost", "exit_fractions"} <= set(val["early_exit"])
     # Bit-identical backbone (BatchNorm running statistics included) and the recorded hash.
-    src, trained = load_checkpoint(ckpt).model, load_checkpoint(out)
+    src, trained = load_checkpoint(tiny_checkpoint).model, load_checkpoint(out)
     assert module_sha256(trained.model.backbone) == module_sha256(src.backbone) == doc["final"]["backbone_sha256"]
     for k, v in src.backbone.state_dict().items():
         assert torch.equal(v, trained.model.backbone.state_dict()[k]), k
@@ -89,41 +59,41 @@ def test_trains_end_to_end_and_leaves_the_backbone_alone(ckpt: Path, tmp_path: P
 
 
 @pytest.mark.parametrize("cache_features", [False, True])
-def test_resume_ends_where_an_uninterrupted_run_ends(ckpt: Path, tmp_path: Path, cache_features: bool) -> None:
+def test_resume_ends_where_an_uninterrupted_run_ends(tiny_checkpoint: Path, tmp_path: Path, cache_features: bool) -> None:
     # Augmented (global RNG) unless cached (cache needs it off); shuffled by the data-order generator.
     d, c = data(augment=not cache_features), cfg(cache_features=cache_features)
     straight, split = tmp_path / "straight.safetensors", tmp_path / "split.safetensors"
-    train_branches(ckpt, straight, d, c)
+    train_branches(tiny_checkpoint, straight, d, c)
     with pytest.raises(Interrupted, match="holds epoch 1"):
-        train_branches(ckpt, split, d, c, StopAfter(1))
+        train_branches(tiny_checkpoint, split, d, c, StopAfter(1))
     half = load_checkpoint(split)
     assert half.model.meta["training"]["complete"] is False and int(half.state["epoch"]) == 1
     assert {"step", "rng.cpu", "rng.order"} <= set(half.state)
     with pytest.raises(PteenetError, match="unfinished run"):  # no silent restart over an unfinished run
-        train_branches(ckpt, split, d, c)
+        train_branches(tiny_checkpoint, split, d, c)
     with pytest.raises(PteenetError, match="lr 0.5"):
-        train_branches(ckpt, split, d, cfg(cache_features=cache_features, lr=0.5, resume=True))
-    doc = train_branches(ckpt, split, d, cfg(cache_features=cache_features, resume=True))
+        train_branches(tiny_checkpoint, split, d, cfg(cache_features=cache_features, lr=0.5, resume=True))
+    doc = train_branches(tiny_checkpoint, split, d, cfg(cache_features=cache_features, resume=True))
     assert [r["epoch"] for r in doc["epochs"]] == [1, 2]
     a, b = branch_tensors(straight), branch_tensors(split)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     before = split.read_bytes()
-    done = train_branches(ckpt, split, d, cfg(cache_features=cache_features, resume=True))
+    done = train_branches(tiny_checkpoint, split, d, cfg(cache_features=cache_features, resume=True))
     assert done["final"]["already_complete"] and split.read_bytes() == before
 
 
-def test_views_need_an_augmented_feature_cache(ckpt: Path, tmp_path: Path) -> None:
+def test_views_need_an_augmented_feature_cache(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(PteenetError, match="--cache-features"):
-        train_branches(ckpt, tmp_path / "o.safetensors", data(augment=False), cfg(cache_features=True, views=2))
+        train_branches(tiny_checkpoint, tmp_path / "o.safetensors", data(augment=False), cfg(cache_features=True, views=2))
     with pytest.raises(PteenetError, match="--cache-features"):
-        train_branches(ckpt, tmp_path / "o.safetensors", data(), cfg(views=2))
+        train_branches(tiny_checkpoint, tmp_path / "o.safetensors", data(), cfg(views=2))
 
 
-def test_augmented_views_are_cached_and_reproducible(ckpt: Path, tmp_path: Path) -> None:
+def test_augmented_views_are_cached_and_reproducible(tiny_checkpoint: Path, tmp_path: Path) -> None:
     # Two augmented views of each image in the cache: twice the steps of one view, same result twice.
-    one = train_branches(ckpt, tmp_path / "a.safetensors", data(), cfg(cache_features=True, epochs=1, ensemble=False))
-    two = train_branches(ckpt, tmp_path / "b.safetensors", data(), cfg(cache_features=True, views=2, epochs=1, ensemble=False))
-    again = train_branches(ckpt, tmp_path / "c.safetensors", data(), cfg(cache_features=True, views=2, epochs=1, ensemble=False))
+    one = train_branches(tiny_checkpoint, tmp_path / "a.safetensors", data(), cfg(cache_features=True, epochs=1, ensemble=False))
+    two = train_branches(tiny_checkpoint, tmp_path / "b.safetensors", data(), cfg(cache_features=True, views=2, epochs=1, ensemble=False))
+    again = train_branches(tiny_checkpoint, tmp_path / "c.safetensors", data(), cfg(cache_features=True, views=2, epochs=1, ensemble=False))
     assert one["final"]["complete"] and two["final"]["complete"] and again["final"]["complete"]
     assert branch_tensors(tmp_path / "b.safetensors").keys() == branch_tensors(tmp_path / "c.safetensors").keys()
     b, c = branch_tensors(tmp_path / "b.safetensors"), branch_tensors(tmp_path / "c.safetensors")
@@ -132,7 +102,7 @@ def test_augmented_views_are_cached_and_reproducible(ckpt: Path, tmp_path: Path)
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_epoch(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_loss_stops_and_keeps_the_last_good_epoch(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out.safetensors"
     real, calls = trainer_mod.early_exit_loss, {"n": 0}
 
@@ -143,22 +113,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_epoch(ckpt: Path, tmp_path: Path
 
     monkeypatch.setattr(trainer_mod, "early_exit_loss", poisoned)  # 2 batches per epoch: epoch 2 fails
     with pytest.raises(PteenetError, match="loss became nan"):
-        train_branches(ckpt, out, data(limit=64), cfg(epochs=3))
+        train_branches(tiny_checkpoint, out, data(limit=64), cfg(epochs=3))
     kept = load_checkpoint(out)
     assert kept.model.meta["training"]["epochs_done"] == 1 and int(kept.state["epoch"]) == 1
 
 
 # -- the command -----------------------------------------------------------------------------------
-def run(*args: object) -> Any:
-    return CliRunner().invoke(app, ["train-branches", *map(str, args)])
+def run(*args: object) -> tuple[int, str, str]:
+    return run_cli("train-branches", *args)
 
 
-def test_cli_json_document(ckpt: Path, tmp_path: Path) -> None:
+def test_cli_json_document(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
-    r = run(ckpt, "-o", out, "--data", "synthetic", "--limit", 64, "--epochs", 1, "--batch-size", 32,
+    code, stdout, stderr = run(tiny_checkpoint, "-o", out, "--data", "synthetic", "--limit", 64, "--epochs", 1, "--batch-size", 32,
             "--device", "cpu", "--loss", "v1", "--lambda", 0.5, "--targets", "soft", "--temperature", 2, "--json")
-    assert r.exit_code == 0, r.output
-    doc = json.loads(r.stdout)
+    assert code == 0, stderr
+    doc = json.loads(stdout)
     assert set(doc) == {"epochs", "final"} and len(doc["epochs"]) == 1
     epoch = doc["epochs"][0]
     assert {"epoch", "lr", "seconds", "train", "val"} <= set(epoch)
@@ -167,18 +137,18 @@ def test_cli_json_document(ckpt: Path, tmp_path: Path) -> None:
     assert read_metadata(out)["training"]["config"]["loss"]["version"] == "v1"
 
 
-def test_cli_table_goes_to_stderr(ckpt: Path, tmp_path: Path) -> None:
-    r = run(ckpt, "-o", tmp_path / "o.safetensors", "--data", "synthetic", "--limit", 32, "--epochs", 1,
+def test_cli_table_goes_to_stderr(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    code, stdout, stderr = run(tiny_checkpoint, "-o", tmp_path / "o.safetensors", "--data", "synthetic", "--limit", 32, "--epochs", 1,
             "--no-augment", "--cache-features", "--device", "cpu")
-    assert r.exit_code == 0, r.output
-    assert r.stdout == "" and "cost@T" in r.stderr
+    assert code == 0, stderr
+    assert stdout == "" and "cost@T" in stderr
 
 
-def _no_exits(ckpt: Path, path: Path) -> Path:
-    with safe_open(str(ckpt), framework="pt") as f:
+def _no_exits(tiny_checkpoint: Path, path: Path) -> Path:
+    with safe_open(str(tiny_checkpoint), framework="pt") as f:
         meta = json.loads(f.metadata()[META_KEY])
     meta.update(exits=[], cost=None)
-    tensors = {k: v for k, v in load_file(str(ckpt)).items() if not k.startswith("branches.")}
+    tensors = {k: v for k, v in load_file(str(tiny_checkpoint)).items() if not k.startswith("branches.")}
     save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
     return path
 
@@ -195,10 +165,10 @@ def _three_class_folder(root: Path) -> str:
 
 @pytest.mark.parametrize("case", ["negative-lambda", "missing-folder", "class-mismatch", "no-exits", "views-no-cache",
                                   "amp-on-cpu", "empty-dataset"])
-def test_cli_bad_input_is_one_line_and_overwrites_nothing(ckpt: Path, tmp_path: Path, case: str) -> None:
+def test_cli_bad_input_is_one_line_and_overwrites_nothing(tiny_checkpoint: Path, tmp_path: Path, case: str) -> None:
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"precious")
-    src, spec, extra = ckpt, "synthetic", []
+    src, spec, extra = tiny_checkpoint, "synthetic", []
     if case == "negative-lambda":
         extra = ["--lambda", "-0.1"]
     elif case == "missing-folder":
@@ -206,7 +176,7 @@ def test_cli_bad_input_is_one_line_and_overwrites_nothing(ckpt: Path, tmp_path: 
     elif case == "class-mismatch":
         spec = _three_class_folder(tmp_path / "folder")
     elif case == "no-exits":
-        src = _no_exits(ckpt, tmp_path / "no_exits.safetensors")
+        src = _no_exits(tiny_checkpoint, tmp_path / "no_exits.safetensors")
     elif case == "views-no-cache":
         extra = ["--views", "2"]
     elif case == "amp-on-cpu":
@@ -215,47 +185,46 @@ def test_cli_bad_input_is_one_line_and_overwrites_nothing(ckpt: Path, tmp_path: 
         (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
         (tmp_path / "empty" / "test" / "a").mkdir(parents=True)
         spec = f"imagefolder:{tmp_path / 'empty'}"
-    r = run(src, "-o", out, "--data", spec, "--epochs", 1, "--device", "cpu", *extra)
-    assert r.exit_code == 1, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
-    assert r.stdout == ""
+    code, stdout, stderr = run(src, "-o", out, "--data", spec, "--epochs", 1, "--device", "cpu", *extra)
+    assert code == 1, stderr
+    error_line(stderr)
+    assert stdout == ""
     if out.parent.exists():
         assert out.read_bytes() == b"precious"
 
 
-def test_cli_calibration_replaces_the_carved_val_split(ckpt: Path, tmp_path: Path) -> None:
+def test_cli_calibration_replaces_the_carved_val_split(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
-    r = run(ckpt, "-o", out, "--data", "synthetic", "--limit", 40, "--epochs", 1, "--batch-size", 32,
+    code, stdout, stderr = run(tiny_checkpoint, "-o", out, "--data", "synthetic", "--limit", 40, "--epochs", 1, "--batch-size", 32,
             "--device", "cpu", "--no-augment", "--calibration", "synthetic#half=0", "--json")
-    assert r.exit_code == 0, r.output
+    assert code == 0, stderr
     meta = read_metadata(out)
     assert meta["data"]["calibration"] == "synthetic#half=0" and meta["training"]["data"]["calibration"] == "synthetic#half=0"
     assert meta["data"]["sizes"] == {"train": 40, "val": 40, "test": 40} and meta["data"]["test_half"] == 1
-    assert json.loads(r.stdout)["epochs"][0]["val"]  # the per-epoch report ran on the calibration data
+    assert json.loads(stdout)["epochs"][0]["val"]  # the per-epoch report ran on the calibration data
     # The calibration data is part of what a --resume must repeat.
     split = tmp_path / "split.safetensors"
     with pytest.raises(Interrupted):
-        train_branches(ckpt, split, data(calibration="synthetic#half=0"), cfg(), StopAfter(1))
+        train_branches(tiny_checkpoint, split, data(calibration="synthetic#half=0"), cfg(), StopAfter(1))
     with pytest.raises(PteenetError, match="calibration 'synthetic#half=1'"):
-        train_branches(ckpt, split, data(calibration="synthetic#half=1"), cfg(resume=True))
+        train_branches(tiny_checkpoint, split, data(calibration="synthetic#half=1"), cfg(resume=True))
 
 
-def test_feature_cache_dir_reuses_the_backbone_pass(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_feature_cache_dir_reuses_the_backbone_pass(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = tmp_path / "features"
     first = tmp_path / "a.safetensors"
-    train_branches(ckpt, first, data(augment=False), cfg(cache_features=True, cache_dir=str(store)))
+    train_branches(tiny_checkpoint, first, data(augment=False), cfg(cache_features=True, cache_dir=str(store)))
     assert len(list(store.glob("features-*.safetensors"))) == 2  # train and val
     calls = []
     real = feature_store.build_feature_cache
     monkeypatch.setattr(feature_store, "build_feature_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
     second = tmp_path / "b.safetensors"
-    train_branches(ckpt, second, data(augment=False), cfg(cache_features=True, cache_dir=str(store)))
+    train_branches(tiny_checkpoint, second, data(augment=False), cfg(cache_features=True, cache_dir=str(store)))
     assert calls == []  # both splits read from the store
     a, b = branch_tensors(first), branch_tensors(second)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # another seed (another split of the data) is another key: built, not read
-    train_branches(ckpt, tmp_path / "c.safetensors", data(augment=False, seed=3), cfg(cache_features=True, cache_dir=str(store)))
+    train_branches(tiny_checkpoint, tmp_path / "c.safetensors", data(augment=False, seed=3), cfg(cache_features=True, cache_dir=str(store)))
     assert calls and len(list(store.glob("features-*.safetensors"))) == 4
 
 
@@ -286,15 +255,15 @@ def test_feature_cache_on_disk_is_memory_mapped_safetensors_equal_to_memory(tmp_
     assert sorted(tmp_path.iterdir()) == [file.with_suffix(".json"), file]
 
 
-def test_interrupted_before_the_ensemble_fit_resumes_to_the_same_ensemble(ckpt: Path, tmp_path: Path) -> None:
+def test_interrupted_before_the_ensemble_fit_resumes_to_the_same_ensemble(tiny_checkpoint: Path, tmp_path: Path) -> None:
     d, c = data(augment=False), cfg(cache_features=True)
     straight, split = tmp_path / "straight.safetensors", tmp_path / "split.safetensors"
-    train_branches(ckpt, straight, d, c)
+    train_branches(tiny_checkpoint, straight, d, c)
     with pytest.raises(Interrupted, match="holds epoch 2"):  # every epoch done, the ensemble not yet fitted
-        train_branches(ckpt, split, d, c, StopAfter(2))
+        train_branches(tiny_checkpoint, split, d, c, StopAfter(2))
     half = load_checkpoint(split)
     assert half.model.ensemble is None and half.model.meta["training"]["complete"] is False
-    doc = train_branches(ckpt, split, d, cfg(cache_features=True, resume=True))
+    doc = train_branches(tiny_checkpoint, split, d, cfg(cache_features=True, resume=True))
     assert doc["final"]["complete"] and [r["epoch"] for r in doc["epochs"]] == [1, 2]
     a, b = load_file(str(straight)), load_file(str(split))
     ens = [k for k in a if k.startswith("ensemble.")]

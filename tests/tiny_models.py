@@ -81,3 +81,26 @@ class TimmStyle(nn.Module):
 
 def timm_style(num_classes: int = 10) -> nn.Module:
     return TimmStyle(num_classes)
+
+
+
+def tanh_stack(num_classes: int = 1000, blocks: int = 18, width: int = 16) -> nn.Module:
+    """``blocks`` [3x3 conv, tanh] at one resolution, global average pooling, BatchNorm and a linear
+    classifier: a 1,000-class backbone for tests. A random net answers nearly one class for every
+    input; the BatchNorm's statistics, set here on random blob images like ``synthetic``'s, centre
+    the pooled features, so that the random classifier's argmax spreads over many classes."""
+    gen = torch.Generator().manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.Tanh()]
+    for _ in range(blocks):
+        layers += [nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.Tanh())]
+    norm = nn.BatchNorm1d(width, momentum=None)
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), norm, nn.Linear(width, num_classes))
+    with torch.no_grad():
+        for m in net.modules():  # weights from ``gen``: the same backbone on every call
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (3 / m.weight[0].numel()) ** 0.5)
+                m.bias.zero_()
+        blobs = torch.rand(512, 3, 4, 4, generator=gen)
+        x = torch.nn.functional.interpolate(blobs, size=(8, 8), mode="bilinear") + 0.1 * torch.randn(512, 3, 8, 8, generator=gen)
+        net.train()(((x.clamp(0, 1) - 0.45) / 0.25))
+    return net.eval()

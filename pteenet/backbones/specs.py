@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import PteenetError, unknown_name
+from ..errors import PteenetError, describe_error, unknown_name
 from .cifar_resnet import DEPTHS, cifar_resnet
 from .timm_models import CROP_MODES, build_timm, timm_names
 from .weights import file_sha256, load_into, read_state_dict
@@ -273,7 +273,7 @@ def _num_outputs(model: nn.Module, pre: Preprocess) -> int:
             out = model(torch.zeros(2, *pre.input_size))
     except Exception as e:
         raise PteenetError(
-            f"the backbone cannot take inputs of size {','.join(map(str, pre.input_size))}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+            f"the backbone cannot take inputs of size {','.join(map(str, pre.input_size))}: {describe_error(e)}",
             "pass --input-size C,H,W that the model accepts",
         ) from e
     if not isinstance(out, torch.Tensor) or out.dim() != 2:

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import PteenetError, unknown_name
+from ..errors import PteenetError, describe_error, unknown_name
 
 CROP_MODES = ("center", "squash")  # timm's; its third, "border" (pad instead of crop), is not reproduced
 PRETRAINED = ("pretrained", "DEFAULT")  # --weights values that ask timm for the tag's published weights
@@ -58,12 +58,11 @@ def build_timm(name: str, weights: str | None, num_classes: int | None,
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         if pretrained:
-            raise PteenetError(f"cannot get timm's pretrained weights for {name}: {type(e).__name__}: {first}",
+            raise PteenetError(f"cannot get timm's pretrained weights for {name}: {describe_error(e)}",
                                "offline? download the weights file (model.safetensors of the timm/NAME repository "
                                "on the Hugging Face hub) elsewhere and pass it with --weights PATH") from e
-        raise PteenetError(f"timm cannot build {name} with these settings: {type(e).__name__}: {first}",
+        raise PteenetError(f"timm cannot build {name} with these settings: {describe_error(e)}",
                            "check --num-classes and --input-size") from e
     data = timm.data.resolve_model_data_config(model)
     c, h, w = input_size or data["input_size"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import PteenetError
+from ..errors import PteenetError, describe_error
 
 TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin", ".ckpt")
 
@@ -62,7 +62,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as e:  # corrupt, truncated or pickled-with-code files all land here
         raise PteenetError(
-            f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            f"cannot read weights file {path}: {describe_error(e)}",
             "is the file complete, and a plain state dict (no pickled code)?",
         ) from e
     for key in ("state_dict", "model", "model_state_dict"):

@@ -202,27 +202,27 @@ def _warnings(model: EarlyExitModel, load: float, cpus: int) -> list[str]:
     """What makes these timings less than they seem: a busy machine, or a model that cannot exit early."""
     warnings = [f"the machine was busy (load average {load:.1f} on {cpus} CPUs): other processes competed for the "
                 "CPU, so these timings are noisy; rerun on an idle machine"] if load > 0.75 * cpus else []
-    if model.hooks:
+    if model.runtime == "hooks":
         warnings.insert(0, NO_EARLY_EXIT)
     return warnings
 
 
-def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: Sink = SILENT) -> dict[str, Any]:
+def bench(model: EarlyExitModel, images: torch.Tensor, config: BenchConfig, sink: Sink = SILENT) -> dict[str, Any]:
     """Time ``model.backbone`` against ``model.predict`` on ``images`` (already preprocessed, in
     memory) at each batch size; returns the JSON-able results document (``meta["bench"]``). Progress
     goes to ``sink`` between timed passes (never inside one), and so do the document's warnings."""
     if images.shape[0] < 1:
         raise PteenetError("no images to measure on", "check the data split and --limit")
-    thresholds, policy = model.resolve_thresholds(model.thresholds if cfg.threshold is None else cfg.threshold, cfg.policy)
+    thresholds, policy = model.resolve_thresholds(model.thresholds if config.threshold is None else config.threshold, config.policy)
     model.eval()
     device = next(model.parameters()).device
     images = images.to(device)
     n = images.shape[0]
-    allocator = tune_allocator() if cfg.tune_allocator else None
+    allocator = tune_allocator() if config.tune_allocator else None
     load_before = _load_average()
-    with _thread_count(cfg.threads):
+    with _thread_count(config.threads):
         with torch.inference_mode():
-            results = [_one_batch_size(model, images, bs, thresholds, policy, cfg, sink) for bs in cfg.batch_sizes]
+            results = [_one_batch_size(model, images, bs, thresholds, policy, config, sink) for bs in config.batch_sizes]
         threads = torch.get_num_threads()
     first = results[0]
     # The load before the run: afterwards the 1-minute average mostly counts our own threads.
@@ -233,14 +233,14 @@ def bench(model: EarlyExitModel, images: torch.Tensor, cfg: BenchConfig, sink: S
         sink.warn(w)
     return {
         **_machine(device, threads),
-        "images": n, "input_size": list(images.shape[1:]), "repeats": cfg.repeats, "warmup_batches": cfg.warmup,
-        "policy": policy, "thresholds": thresholds, "runtime": "hooks" if model.hooks else "staged",
+        "images": n, "input_size": list(images.shape[1:]), "repeats": config.repeats, "warmup_batches": config.warmup,
+        "policy": policy, "thresholds": thresholds, "runtime": model.runtime,
         "backbone_macs": model.cost.backbone_macs if model.cost else None,
         "exit_fractions": first["exit_fractions"], "mean_macs": first["mean_macs"], "mac_ratio": first["mac_ratio"],
         "results": results,
         "overhead_eats_savings": any(r["time_ratio"] >= 1.0 for r in results),
         "load_average": load, "cpu_count": cpus, "warnings": warnings, "allocator": allocator,
-        **cfg.extra,
+        **config.extra,
     }
 
 

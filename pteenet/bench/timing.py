@@ -54,7 +54,7 @@ def profile(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: in
     earlier heads carry), for the batch ``x``: medians of ``repeats`` rounds, timed round-robin so
     that other load on the machine hits every part alike."""
     stages = model.stages.modules
-    computed = model.computed_heads()
+    computed = model.computed_branches()
     calls: list[tuple[str, int, Any]] = []
     with torch.inference_mode():
         state: tuple[Any, ...] = (x,)

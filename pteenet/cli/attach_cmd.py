@@ -8,16 +8,13 @@ import typer
 from rich.table import Table
 
 from ..errors import PteenetError
+from ..progress import format_macs
 from ..runtime.attach import AttachConfig, attach, list_candidates
 from ..runtime.checkpoint import backbone_hash, read_metadata, save_checkpoint
 from ..runtime.model import EarlyExitModel
 from ..tracing.hooks import NO_EARLY_EXIT
 from .common import console, emit, handle_errors, parse_floats, parse_size, split_names
 from .options import JsonOption
-
-
-def _fmt_macs(m: float) -> str:
-    return f"{m / 1e6:.2f}M" if m < 1e9 else f"{m / 1e9:.2f}G"
 
 
 @handle_errors
@@ -56,18 +53,18 @@ def attach_command(
     save_checkpoint(output, model)
     assert model.cost is not None
     doc = {**model.cost.to_dict(), "output": str(output), "branch": model.branch_config.name,
-           "layouts": [p.layout for p in model.exit_points], "runtime": "hooks" if model.hooks else "staged"}
+           "layouts": [p.layout for p in model.exit_points], "runtime": model.runtime}
     emit(doc, json_,
            lambda doc: _show_cost(model, cfg.backbone, output))
 
 
 def _show_candidates(doc: dict[str, Any]) -> None:
-    table = Table(title=f"exit candidates of {doc['backbone']} ({_fmt_macs(doc['backbone_macs'])} MACs)")
+    table = Table(title=f"exit candidates of {doc['backbone']} ({format_macs(doc['backbone_macs'])} MACs)")
     for col in ("#", "name", "node", "shape", "layout", "cumulative MACs", "share"):
         table.add_column(col, justify="right" if col in ("#", "cumulative MACs", "share") else "left")
     for i, r in enumerate(doc["candidates"]):
         table.add_row(str(i), r["name"], r["node"], "x".join(map(str, r["shape"])), r["layout"],
-                      _fmt_macs(r["prefix_macs"]), f"{r['share']:.3f}")
+                      format_macs(r["prefix_macs"]), f"{r['share']:.3f}")
     console.print(table)
     _note_hooks(doc["runtime"] == "hooks")
 
@@ -79,13 +76,13 @@ def _note_hooks(hooks: bool) -> None:
 
 def _show_cost(model: EarlyExitModel, backbone: str, path: Path) -> None:
     assert model.cost is not None
-    _note_hooks(model.hooks)
-    table = Table(title=f"{len(model.cost.exits)} exits on {backbone} ({_fmt_macs(model.cost.backbone_macs)} MACs) -> {path}")
+    _note_hooks(model.runtime == "hooks")
+    table = Table(title=f"{len(model.cost.exits)} exits on {backbone} ({format_macs(model.cost.backbone_macs)} MACs) -> {path}")
     for col in ("exit", "point", "prefix MACs", "branch MACs", "cost (cumulative)", "cost (paper)"):
         table.add_column(col, justify="left" if col == "point" else "right")
     for i, e in enumerate(model.cost.exits):
-        table.add_row(str(i), e.name, _fmt_macs(e.prefix_macs), _fmt_macs(e.branch_macs), f"{e.cost:.3f}", f"{e.cost_paper:.3f}")
-    table.add_row("end", "backbone output", _fmt_macs(model.cost.backbone_macs), "", f"{model.cost.final_cost:.3f}", "1.000")
+        table.add_row(str(i), e.name, format_macs(e.prefix_macs), format_macs(e.branch_macs), f"{e.cost:.3f}", f"{e.cost_paper:.3f}")
+    table.add_row("end", "backbone output", format_macs(model.cost.backbone_macs), "", f"{model.cost.final_cost:.3f}", "1.000")
     console.print(table)
 
 

@@ -10,6 +10,7 @@ from rich.table import Table
 from ..bench.run import BenchConfig, bench, load_images
 from ..devices import resolve_device
 from ..export.report import batch_label
+from ..progress import format_percent
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from .common import console, emit, handle_errors, progress_sink
 from .options import DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, PolicyOption
@@ -73,7 +74,7 @@ def print_bench(doc: dict) -> None:
                       f"{r['time_ratio']:.3f}", mac, lat["backbone"], lat["early_exit"])
     console.print(table)
     fr = doc["exit_fractions"]
-    console.print("exits taken: " + ", ".join(f"{k + 1}: {100 * f:.1f}%" for k, f in enumerate(fr[:-1]))
-                  + f", end: {100 * fr[-1]:.1f}%")
+    console.print("exits taken: " + ", ".join(f"{k + 1}: {format_percent(f, 1)}" for k, f in enumerate(fr[:-1]))
+                  + f", end: {format_percent(fr[-1], 1)}")
     for r in doc["results"]:
         console.print(r["verdict"], style="bold red" if r["time_ratio"] >= 1 else None, markup=False)

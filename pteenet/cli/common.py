@@ -19,7 +19,7 @@ from rich.console import Console
 
 from ..data import SKIPPED, ImageSkipped
 from ..distributed import is_main_process
-from ..errors import PteenetError
+from ..errors import PteenetError, describe_error
 from .sink import RichSink
 
 console = Console(stderr=True)
@@ -77,8 +77,7 @@ def handle_errors(fn: F) -> F:
         except Exception as e:  # an unexpected failure is still one line, with a way to see more
             if debug:
                 raise
-            first = str(e).splitlines()[0][:200] if str(e) else ""
-            fail(f"{type(e).__name__}: {first} (hint: rerun with PTEENET_DEBUG=1 for the traceback)")
+            fail(f"{describe_error(e)} (hint: rerun with PTEENET_DEBUG=1 for the traceback)")
             raise typer.Exit(1) from None
         finally:
             if skipped := SKIPPED.since(mark):  # the count at the end, however the command ended

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from ..export.run import FORMATS, ExportConfig, export
+from ..progress import format_percent
 from .common import console, emit, handle_errors, progress_sink
 from .options import JsonOption, PolicyOption
 
@@ -40,8 +41,8 @@ def _show(doc: dict[str, Any]) -> None:
     table.add_column("value")
     table.add_row("operating point", f"{op['policy']} T={', '.join(f'{t:g}' for t in op['thresholds'])} ({op['how']})")
     if val:
-        acc = "-" if val.get("accuracy") is None else f"{100 * val['accuracy']:.2f}%"
-        table.add_row("val", f"accuracy {acc}, agreement {100 * val['agreement']:.2f}%, mean cost {val['cost']:.3f}")
+        table.add_row("calibration", f"accuracy {format_percent(val.get('accuracy'))}, agreement {format_percent(val['agreement'])}, "
+                      f"mean cost {val['cost']:.3f}")
     for name, what in doc["files"].items():
         table.add_row(name, what)
     console.print(table)

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ..data import DataRequest
+from ..progress import format_percent
 from ..sweep import CONFIDENCE, Point, SweepConfig, short_thresholds, sweep_threshold
 from ..sweep.guarantee import describe
 from .common import console, emit, handle_errors, progress_sink
@@ -58,12 +59,12 @@ def _summary(doc: dict[str, Any]) -> str:
         return f"swept {len(doc['points'])} settings; pass --budget or --max-drop to choose one"
     metric = doc["metric"]
     text = (f"chosen: {chosen['policy']} ({chosen['kind']}) threshold {chosen['threshold']}: "
-            f"{metric} {100 * chosen[metric]:.2f}% at cost {chosen['cost']:.3f} on {doc['split']} "
-            f"(backbone {100 * doc['backbone'][metric]:.2f}%)")
+            f"{metric} {format_percent(chosen[metric])} at cost {chosen['cost']:.3f} on {doc['split']} "
+            f"(backbone {format_percent(doc['backbone'][metric])})")
     test = chosen.get("test")
     if test:
-        text += f"; on test {metric} {100 * test[metric]:.2f}% at cost {test['cost']:.3f} " \
-                f"(backbone {100 * test['backbone'][metric]:.2f}%)"
+        text += f"; on test {metric} {format_percent(test[metric])} at cost {test['cost']:.3f} " \
+                f"(backbone {format_percent(test['backbone'][metric])})"
     g = doc.get("guarantee")
     return text if not g else text + "\n" + describe(g)
 

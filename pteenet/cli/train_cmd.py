@@ -5,11 +5,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from ..data import DataConfig
 from ..training.loss import LossConfig
 from ..training.run import Interrupted, TrainConfig, train_branches
+from ..training.step import exit_summary, short_number
 from .common import console, emit, fail, handle_errors, progress_sink
 from .options import DataDirOption, DataOption, DeviceOption, JsonOption, LimitOption, StrictImagesOption
 
@@ -18,20 +20,22 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def _exits(values: list[float] | None) -> str:
-    return "-" if not values else " ".join(f"{100 * v:.0f}" for v in values)
-
-
 def epoch_table(doc: dict[str, Any]) -> Table:
-    table = Table(title=f"{doc['final']['output']}: per exit and at T = 0.5, in % on the calibration split",
-                  caption="agr = agreement with the backbone; cost@T = mean cost / backbone's")
-    for col in ("epoch", "loss", "train agr", "acc", "agr", "conf", "acc@T", "agr@T", "cost@T", "s"):
-        table.add_column(col, justify="right")
+    """One row an epoch, narrow enough for 80 columns whatever the number of exits: per-exit
+    columns show first/median/last exit beyond 3 exits (``--json`` has every exit)."""
+    n = len(doc["epochs"][0]["train"]["agreement"]) if doc["epochs"] else 0
+    per_exit = "per exit" if n <= 3 else f"first/median/last of {n} exits"
+    table = Table(title=f"{doc['final']['output']}: {per_exit} and at T = 0.5, in % on the calibration split",
+                  caption="agr = agreement with the backbone (trn: on the training batches); cost@T = mean cost / backbone's; --json: every exit and the exits' mean confidence",
+                  box=box.SIMPLE_HEAD)
+    # The exits' mean confidence is in --json only: ten columns of this width do not fit in 80.
+    for col in ("epoch", "loss", "trn agr", "acc", "agr", "acc@T", "agr@T", "cost@T", "s"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in doc["epochs"]:
         v = r["val"] or {}
         ee = v.get("early_exit") or {}
-        table.add_row(str(r["epoch"]), f"{r['train']['loss']:.4f}", _exits(r["train"]["agreement"]),
-                      _exits(v.get("accuracy")), _exits(v.get("agreement")), _exits(v.get("mean_confidence")),
+        table.add_row(str(r["epoch"]), short_number(r["train"]["loss"]), exit_summary(r["train"]["agreement"]),
+                      exit_summary(v.get("accuracy")), exit_summary(v.get("agreement")),
                       _pct(ee.get("accuracy")), _pct(ee.get("agreement")),
                       "-" if not ee else f"{ee['cost']:.3f}", f"{r['seconds']:.0f}")
     return table
@@ -45,12 +49,13 @@ def train_command(
     data_dir: DataDirOption = None,
     limit: LimitOption = None,
     no_augment: bool = typer.Option(False, "--no-augment", help="no random crops/flips on the train split"),
-    val_split: float = typer.Option(0.1, "--val-split", help="fraction of train held out for calibration"),
+    calibration_split: float = typer.Option(0.1, "--calibration-split", "--val-split",
+                                            help="fraction of train held out as the calibration split (--val-split: its old name)"),
     test_split: float = typer.Option(DataConfig.test_split, "--test-split", help="of a single folder (imagefolder:PATH of class folders, images:PATH), the seeded fraction held out as test"),
     strict_images: StrictImagesOption = False,
     calibration: Optional[str] = typer.Option(
         None, "--calibration", metavar="SPEC",
-        help="calibrate (the per-epoch report, --ensemble) on this data instead of a --val-split of train, which "
+        help="the calibration split (the per-epoch report, --ensemble) from this data instead of a --calibration-split of train, which "
              "then all trains: a dataset spec (its test split), imagefolder:PATH of class folders, images:PATH, any + "
              "#half=0|1 for a seeded half. Use it when the backbone was fine-tuned on these training images"),
     targets: str = typer.Option(LossConfig.targets, "--targets", help="pseudo (backbone argmax) | soft (backbone softmax) | labels"),
@@ -74,7 +79,7 @@ def train_command(
     json_: JsonOption = False,
 ) -> None:
     """Train the exit branches (only them) on the frozen backbone, saving OUTPUT after every epoch."""
-    data_cfg = DataConfig(spec=data, data_dir=data_dir, limit=limit, augment=not no_augment, val_split=val_split,
+    data_cfg = DataConfig(spec=data, data_dir=data_dir, limit=limit, augment=not no_augment, val_split=calibration_split,
                           seed=seed, calibration=calibration, test_split=test_split, strict_images=strict_images)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
                       workers=workers, amp=amp, resume=resume, cache_features=cache_features, views=views, cache_dir=cache_dir,

@@ -46,11 +46,14 @@ class DataConfig(Config):
     data_dir: str | None = setting(None, resume="free")  # where the files are: may move between runs
     limit: int | None = None
     augment: bool = True
+    # The calibration split: ``val_split`` of train held out (``--calibration-split``), or, with
+    # ``calibration``, data from that spec instead (``--calibration SPEC``). The field names stay:
+    # they are keys of the checkpoints' data records, which must keep loading.
     val_split: float = 0.1
     seed: int = 0
     download: bool = setting(True, resume="free")
     crop_padding: int | None = None  # random-crop padding; None: 4 px at 32 px, scaled with the image size
-    calibration: str | None = None  # val from this spec (splits.py) instead of carved from train
+    calibration: str | None = None  # the calibration split from this spec (splits.py) instead of carved from train
     test_split: float = DEFAULT_TEST_SPLIT  # of a single folder, the share that is test (splits.py)
     # An image file that cannot be decoded is an error, not skipped: how a run reacts, not what it computes.
     strict_images: bool = setting(False, resume="free")
@@ -60,7 +63,7 @@ class DataConfig(Config):
             raise unknown_name("dataset", str(self.spec), KNOWN_SPECS)
         check_int("limit", self.limit, 1, "leave it out to use all the data", optional=True)
         check_number("val_split", self.val_split, 0, 1, high_open=True,
-                     hint="the val split is a fraction of train, e.g. --val-split 0.1")
+                     hint="the calibration split is a fraction of train, e.g. --calibration-split 0.1")
         check_number("test_split", self.test_split, 0, 1, low_open=True, high_open=True,
                      hint="the share of a single folder held out as test, e.g. --test-split 0.1")
         check_int("seed", self.seed, None)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..errors import PteenetError
+from ..errors import PteenetError, describe_error
 from .loader import Undecodable
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -71,8 +71,7 @@ class ImageFiles(Dataset):
         try:
             img = read_image(path, self.channels)
         except Exception as e:  # truncated, corrupt, not an image at all, too large: all the same to the run
-            detail = (str(e).strip().splitlines() or [""])[0][:120]
-            return Undecodable(path, f"{type(e).__name__}: {detail}" if detail else type(e).__name__, self.strict)
+            return Undecodable(path, describe_error(e), self.strict)
         return self.transform(img), label
 
 

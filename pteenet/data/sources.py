@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..backbones.specs import Preprocess
-from ..errors import PteenetError, unknown_name
+from ..errors import PteenetError, first_line, unknown_name
 from .config import FOLDER_PREFIXES, KNOWN_SPECS, DataConfig
 from .config import TORCHVISION_FILES as _TORCHVISION
 from .files import ImageFiles, labelled_samples, unlabelled_samples
@@ -108,7 +108,7 @@ def _load_torchvision(spec: str, cfg: DataConfig) -> tuple[Any, Any, list[str]]:
         raise
     except Exception as e:  # torchvision raises RuntimeError, URLError, ... for missing or unreachable files
         folder, files = _TORCHVISION[spec]
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:120].rstrip(":")
+        detail = (first_line(e) or type(e).__name__).rstrip(":")
         # torchvision's own "use download=True" advice means nothing to a CLI user, so it is left out.
         reason = f"download failed: {detail}" if cfg.download else "downloads are off"
         raise PteenetError(

@@ -40,11 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configs import Config, check_int
+from ..configs import Config, check_choice, check_int
 from ..errors import PteenetError
 from . import fold
+from .cascade import CASCADE_INPUTS, cascade_features
 
 MAX_CONVS = 3
+BRANCH_SCHEMA = 2  # 2: cascade_input (1: the cascade read log-probabilities)
+CASCADE_WORDS = {"zscore": "standardised logits", "logprob": "log-probabilities"}
 KINDS = ("conv", "pool", "pool-mlp", "conv-lite")
 NAMES = "conv0, conv1, conv2, conv3, pool, pool-mlp, conv-lite"
 
@@ -55,7 +58,8 @@ class BranchConfig(Config):
     convs: int = 2  # X in ConvX (kind conv only); 0 is the pool-only branch
     grid: int = 4  # G of the G x G pooling (pool, pool-mlp, conv-lite)
     hidden: int = 128  # hidden width (pool-mlp)
-    cascade: bool = False  # each head also reads the previous exit's logits
+    cascade: bool = False  # each head also reads the previous exit's logits ...
+    cascade_input: str = "zscore"  # ... in this form (cascade.py; schema-1 files: logprob)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -65,6 +69,7 @@ class BranchConfig(Config):
             raise PteenetError(f"conv branches take 0..{MAX_CONVS} convs, got {self.convs}", f"known branch types: {NAMES}")
         check_int("grid", self.grid, 1, "e.g. --grid 4")
         check_int("hidden", self.hidden, 1, "e.g. --hidden 128")
+        check_choice("cascade_input", self.cascade_input, CASCADE_INPUTS)
 
     @property
     def name(self) -> str:
@@ -79,7 +84,8 @@ class BranchConfig(Config):
                 "pool-mlp": f"average and max pooling to {g}, BatchNorm and one hidden layer of {self.hidden}",
                 "conv-lite": f"a strided 3x3 conv halving the channels, average and max pooling to {g}"}[self.kind]
         return (f"{self.name}: {body}, then a classifier and a confidence head"
-                + (", each head also reading the previous exit's log-probabilities (cascade)" if self.cascade else ""))
+                + (f", each head also reading the previous exit's {CASCADE_WORDS[self.cascade_input]} (cascade)"
+                   if self.cascade else ""))
 
     @property
     def cacheable_stem(self) -> bool:
@@ -98,15 +104,22 @@ class BranchConfig(Config):
         raise PteenetError(f"unknown branch type '{text}'", f"known branch types: {NAMES}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.name, **super().to_dict()}  # "type": the name users know, for readers of the file
+        # "type": the name users know, for readers of the file; "branch_schema": 2 since cascade_input.
+        return {"type": self.name, "branch_schema": BRANCH_SCHEMA, **super().to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BranchConfig":
-        """Checkpoints before the new heads (schema 1) wrote only ``{"type": "convX", "convs": X}``."""
+        """Checkpoints before the new heads wrote only ``{"type": "convX", "convs": X}``; before
+        branch schema 2, cascades read log-probabilities (and the record has no ``cascade_input``)."""
         d = dict(d)
         name = str(d.pop("type", ""))
+        schema = d.pop("branch_schema", 1)
+        if not isinstance(schema, int) or schema > BRANCH_SCHEMA:
+            raise PteenetError(f"branch schema {schema!r} is newer than this pteenet's ({BRANCH_SCHEMA})", "upgrade pteenet")
         if "kind" not in d:
             d["kind"] = "conv" if name.startswith("conv") and name != "conv-lite" else name
+        if schema < 2 and d.get("cascade"):  # without a cascade the input form means nothing: the default
+            d.setdefault("cascade_input", "logprob")
         return super().from_dict(d)
 
 
@@ -140,9 +153,12 @@ def _pool_nhwc(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch
 
 
 # Equal-window pooling has several formulations with the same values (to float rounding) whose
-# speed depends on the shape and the CPU by 2-3x either way (measured: benchmarks/head_cost.py).
+# speed depends on the shape and the CPU by 2-3x either way (measured: benchmarks/branch_cost.py).
 # Pooling is most of a pooled head's time at large batches, so the first large batch of each
-# shape times them all and every later call uses the fastest (one choice per process).
+# shape times them all and every later call uses the fastest (one choice per process). The choice
+# depends on timing, so on a busy machine two processes may choose differently, and "rows" rounds
+# its averages differently from the others: a resumed training run therefore reuses the choices
+# its first process made (``pin_plans``, recorded by training in ``meta["training"]["pool_plans"]``).
 def _pool_2d(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain pooling kernels with the window as kernel and stride: the fastest at batch 1 (half
     the adaptive kernels' time), any batch size, and what torch.export and ONNX get."""
@@ -150,13 +166,13 @@ def _pool_2d(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.T
 
 
 POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "rows": _pool_rows, "nhwc": _pool_nhwc}
-_chosen_plan: dict[tuple[Any, ...], str] = {}
+_chosen_plan: dict[str, str] = {}  # plan_key -> plan name
 _forced = threading.local()
 
 
 @contextlib.contextmanager
 def pool_plan(name: str) -> Iterator[None]:
-    """Every ``GridPool`` uses plan ``name`` while inside (for comparisons: ``benchmarks/head_cost.py``)."""
+    """Every ``GridPool`` uses plan ``name`` while inside (for comparisons: ``benchmarks/branch_cost.py``)."""
     if name not in POOL_PLANS:
         raise ValueError(f"unknown pooling plan {name!r}: one of {', '.join(POOL_PLANS)}")
     before = getattr(_forced, "plan", None)
@@ -167,18 +183,31 @@ def pool_plan(name: str) -> Iterator[None]:
         _forced.plan = before
 
 
-def chosen_plans() -> dict[tuple[Any, ...], str]:
-    """The plan timed fastest for each (shape, window, batch class, dtype, device, threads) so far."""
+def chosen_plans() -> dict[str, str]:
+    """The plan chosen for each ``plan_key`` so far (timed fastest, or pinned)."""
     return dict(_chosen_plan)
+
+
+def pin_plans(plans: dict[str, str]) -> None:
+    """Use these plans (``chosen_plans()`` of another process) for their keys from now on."""
+    unknown = sorted(set(plans.values()) - set(POOL_PLANS))
+    if unknown:
+        raise PteenetError(f"unknown pooling plan {unknown[0]!r} recorded", "upgrade pteenet, or start the run over")
+    _chosen_plan.update(plans)
+
+
+def plan_key(x: torch.Tensor, k: tuple[int, int]) -> str:
+    """(shape, window, batch-size class, dtype, device, threads) as text, so a record can be JSON.
+    Per batch-size class: at batch 1 the fixed cost of each op decides, at 256 memory traffic."""
+    rows = "1" if x.shape[0] == 1 else "<16" if x.shape[0] < 16 else ">=16"
+    return f"{tuple(x.shape[1:])} {tuple(k)} {rows} {x.dtype} {x.device.type} {torch.get_num_threads()}"
 
 
 def _fastest_plan(x: torch.Tensor, k: tuple[int, int]) -> str:
     forced = getattr(_forced, "plan", None)
     if forced is not None:
         return forced
-    # Per batch-size class too: at batch 1 the fixed cost of each op decides, at 256 memory traffic.
-    rows = "1" if x.shape[0] == 1 else "<16" if x.shape[0] < 16 else ">=16"
-    key = (tuple(x.shape[1:]), k, rows, x.dtype, x.device.type, torch.get_num_threads())
+    key = plan_key(x, k)
     plan = _chosen_plan.get(key)
     if plan is None:
         plan = _chosen_plan[key] = _time_plans(x, k)
@@ -219,7 +248,7 @@ class GridPool(nn.Module):
         if self.windows is None:
             return torch.cat([self.avg(x).flatten(1), self.max(x).flatten(1)], 1)
         # PyTorch's adaptive CPU kernels are slow, at batch 256 and at batch 1
-        # (benchmarks/results/head_cost.json). While torch.export traces, the plain kernels: timing
+        # (benchmarks/results/branch_cost.json). While torch.export traces, the plain kernels: timing
         # would pin the dynamic batch dimension, and they export to ONNX's AveragePool/MaxPool.
         plan = "pool2d" if torch.compiler.is_compiling() or torch.jit.is_tracing() else _fastest_plan(x, self.windows)
         avg, mx = POOL_PLANS[plan](x, self.windows)
@@ -315,6 +344,7 @@ class Branch(nn.Module):
         super().__init__()
         self.stem, self.body, width = _body_and_width(in_shape, cfg, layout)
         self.cascade = cfg.cascade
+        self.cascade_input = cfg.cascade_input
         head_in = width + (num_classes if cfg.cascade else 0)
         self.classifier = nn.Linear(head_in, num_classes)
         self.confidence = nn.Linear(head_in, 1)
@@ -338,9 +368,9 @@ class Branch(nn.Module):
         if self.cascade:
             if prev is None:
                 prev = z.new_zeros(z.shape[0], self.classifier.out_features)
-            # Detached: a head learns to use its predecessor's answer, never to change it. As
-            # log-probabilities: logits' free offset and scale would make the input drift.
-            z = torch.cat([z, torch.log_softmax(prev.detach().float(), 1).to(z.dtype)], 1)
+            # Detached: a head learns to use its predecessor's answer, never to change it.
+            # Standardised (cascade.py): logits' free offset and scale would make the input drift.
+            z = torch.cat([z, cascade_features(prev, self.cascade_input).to(z.dtype)], 1)
         return self.classifier(z), self.confidence(z).squeeze(1)
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

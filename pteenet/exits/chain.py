@@ -62,9 +62,9 @@ class Ensemble(nn.Module):
         return acc[0] + self.bias[k].to(logp.dtype), (acc[1:] if acc.shape[0] > 1 else None)
 
 
-def computed_heads(active: Sequence[bool], chained: bool) -> list[bool]:
-    """Per exit, whether the runtime computes its head when only ``active`` exits decide: an active
-    exit's head, and with a cascade or an ensemble (``chained``) every head before the last active
+def computed_branches(active: Sequence[bool], chained: bool) -> list[bool]:
+    """Per exit, whether the runtime computes its branch when only ``active`` exits decide: an active
+    exit's branch, and with a cascade or an ensemble (``chained``) every branch before the last active
     exit too, since later exits read them; nothing after the last active exit."""
     last = max((k for k, a in enumerate(active) if a), default=-1)
     return [k <= last and (bool(a) or chained) for k, a in enumerate(active)]
@@ -111,7 +111,7 @@ def fit_ensemble(head_logits: list[torch.Tensor], targets: torch.Tensor, steps: 
     (the backbone's argmax) or [N, K] probabilities. Full batch Adam: E*E + E*K parameters only."""
     e = len(head_logits)
     if e == 0 or head_logits[0].shape[0] == 0:
-        raise PteenetError("no samples to fit the exit ensemble on", "train with a calibration split (--val-split > 0)")
+        raise PteenetError("no samples to fit the exit ensemble on", "train with a calibration split (--calibration-split > 0, or --calibration SPEC)")
     k = head_logits[0].shape[1]
     ens = Ensemble(e, k)
     stacked = torch.stack([torch.log_softmax(h.detach().float(), 1) for h in head_logits])  # [E, N, K]

@@ -4,7 +4,7 @@ In eval mode a BatchNorm is an affine map, so it folds into the convolution or l
 to it (a conv followed by BN becomes one conv with a bias; BN followed by a linear layer becomes
 one linear layer), and the classifier and the confidence head read the same vector, so they are one
 (K+1)-output linear layer. At batch 1 a pooled MLP head drops from 7 ops to 4 this way, and every
-op costs about as much as its arithmetic there (measured: ``benchmarks/head_cost.py``).
+op costs about as much as its arithmetic there (measured: ``benchmarks/branch_cost.py``).
 
 The folded tensors are derived from the branch's parameters, never stored: ``FoldedBranch`` is
 rebuilt whenever a parameter or buffer is replaced or changed in place, so a checkpoint holds the
@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cascade import cascade_features
 
 Op = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,7 +71,7 @@ class FoldedBranch:
     body: list[Op]
     head_w: torch.Tensor  # [K+1, width (+K with a cascade)]
     head_b: torch.Tensor
-    cascade: bool
+    cascade: str | None  # the cascade's input form (cascade.py), None without a cascade
 
     def current(self) -> bool:
         """False once a parameter or buffer was changed in place (training, load_state_dict).
@@ -83,7 +85,7 @@ class FoldedBranch:
         if self.cascade:
             if prev is None:
                 prev = z.new_zeros(z.shape[0], self.head_w.shape[0] - 1)
-            z = torch.cat([z, torch.log_softmax(prev.float(), 1).to(z.dtype)], 1)
+            z = torch.cat([z, cascade_features(prev, self.cascade).to(z.dtype)], 1)
         out = F.linear(z, self.head_w, self.head_b)
         return out[:, :-1], out[:, -1]
 
@@ -116,7 +118,8 @@ def fold(branch: Any) -> FoldedBranch:
     if pending is not None:
         w, b = _affine_linear(*pending, w, b, pending[0].shape[0])
     tensors = [*branch.parameters(), *branch.buffers()]
-    return FoldedBranch(tensors, tuple(t._version for t in tensors), ops, w, b, bool(branch.cascade))
+    return FoldedBranch(tensors, tuple(t._version for t in tensors), ops, w, b,
+                        branch.cascade_input if branch.cascade else None)
 
 
 _off = threading.local()

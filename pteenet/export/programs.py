@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..errors import PteenetError
+from ..errors import PteenetError, describe_error
 from ..exits import policies
 from ..exits.chain import Carry, exit_step
 from ..runtime.model import EarlyExitModel
@@ -34,7 +34,7 @@ class CondProgram(nn.Module):
         self.ensemble = model.ensemble
         self.policy = policy
         self.active = list(model.active)
-        self.computed = model.computed_heads()
+        self.computed = model.computed_branches()
 
     def forward(self, x: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._from(0, thresholds, (x,), Carry())
@@ -98,9 +98,8 @@ def exported_program(model: EarlyExitModel, static: bool) -> torch.export.Export
         thresholds = torch.tensor(model.thresholds, dtype=torch.float32, device=device)
         return torch.export.export(CondProgram(model, model.policy).eval(), (torch.zeros(1, c, h, w, device=device), thresholds))
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise PteenetError(f"torch.export cannot export this model {'statically' if static else 'with torch.cond'}: "
-                           f"{type(e).__name__}: {first}",
+                           f"{describe_error(e)}",
                            "export --format safetensors (always works) and run it with pteenet.load") from e
 
 
@@ -135,6 +134,5 @@ def write_program(model: EarlyExitModel, fmt: str, path: Path, cache: dict[bool,
                               input_names=["x"] if static else ["x", "thresholds"],
                               output_names=output_names(model, static))
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise PteenetError(f"torch.onnx cannot convert this model ({fmt}): {type(e).__name__}: {first}",
+        raise PteenetError(f"torch.onnx cannot convert this model ({fmt}): {describe_error(e)}",
                            "export --format safetensors or torch-export instead") from e

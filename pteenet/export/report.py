@@ -9,6 +9,7 @@ from typing import Any
 
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..exits import policies
+from ..progress import format_macs, format_percent
 from ..runtime.model import EarlyExitModel
 from ..sweep import Point, curve_figure, pareto, threshold_list
 from ..sweep.guarantee import describe
@@ -29,7 +30,7 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
         "backbone": {**model.info.to_dict(), "sha256": model.backbone_sha256,
                      "macs": cost.backbone_macs if cost else None},
         "branch": model.branch_config.name,
-        "no_real_early_exit": NO_EARLY_EXIT if model.hooks else None,
+        "no_real_early_exit": NO_EARLY_EXIT if model.runtime == "hooks" else None,
         "branch_description": model.branch_config.description,
         "ensemble": model.ensemble is not None,
         "active_exits": list(model.active),
@@ -41,7 +42,8 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
                      "final_epoch": history[-1] if history else None} if model.meta.get("training") or history else None,
         "data": model.meta.get("data"),
         "sweep": None if not sweep else {k: sweep.get(k) for k in ("metric", "samples", "backbone", "oracle", "criterion", "points",
-                                                                "no_accuracy")},
+                                                                "no_accuracy", "nothing_pays")},
+        "nothing_pays": nothing_pays(model),
         "operating_point": {**point, "rule": _rule(point["policy"]), "guarantee": _guarantee(sweep, point, model.num_exits),
                             "reduction": None if not val else 1.0 - val["cost"],
                             "reduction_paper": None if not val else 1.0 - val["cost_paper"]},
@@ -57,6 +59,16 @@ def _guarantee(sweep: dict[str, Any] | None, point: dict[str, Any], n_exits: int
     same = g and g.get("bound_points") is not None and chosen.get("policy") == point["policy"] and ts is not None \
         and len(ts) == len(point["thresholds"]) and all(abs(a - b) < 1e-9 for a, b in zip(ts, point["thresholds"]))
     return g if same else None
+
+
+def nothing_pays(model: EarlyExitModel) -> str | None:
+    """Where no exit takes decisions, the sentence that says the model is the backbone alone, and
+    why (the sweep's reason, when it chose so); None otherwise."""
+    if any(model.active):
+        return None
+    why = ((model.meta.get("sweep") or {}).get("nothing_pays") or {}).get("reason")
+    return ("no exit takes decisions: the model runs the backbone alone (cost 1.000, no branch computed)"
+            + (f", because early exit did not pay: {why}" if why else ""))
 
 
 def _rule(policy: str | None) -> str | None:
@@ -95,14 +107,6 @@ def _write_curve(path: Path, sweep: dict[str, Any], point: dict[str, Any]) -> bo
 
 def _t(ts: list[float]) -> float | list[float]:
     return ts[0] if len(set(ts)) == 1 else ts
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
-
-
-def _macs(m: float | None) -> str:
-    return "-" if m is None else f"{m / 1e6:.2f} M" if m < 1e9 else f"{m / 1e9:.2f} G"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -157,7 +161,8 @@ def _intro_md(r: dict[str, Any]) -> list[str]:
                if r.get("active_exits") and not all(r["active_exits"]) else "") + ". "
             f"At run time a sample leaves at the first exit where **{op['rule']}** (policy `{op['policy']}`, thresholds {ts}); "
             "otherwise it runs the whole backbone and gets the backbone's own answer. The backbone's weights are unchanged.", "",
-            *([f"**Note: {r['no_real_early_exit']}.**", ""] if r.get("no_real_early_exit") else [])]
+            *([f"**Note: {r['no_real_early_exit']}.**", ""] if r.get("no_real_early_exit") else []),
+            *([f"**Note: {r['nothing_pays']}.**", ""] if r.get("nothing_pays") else [])]
 
 
 def _inputs_md(bb: dict[str, Any]) -> str:
@@ -186,12 +191,12 @@ def _classes_md(bb: dict[str, Any]) -> list[str]:
 def _exits_md(r: dict[str, Any]) -> list[str]:
     """Where each exit sits and what a sample leaving there paid, in both cost conventions."""
     bb = r["backbone"]
-    out = [f"The plain backbone costs {_macs(bb['macs'])} MACs per image. Costs are fractions of that: **cumulative** counts "
+    out = [f"The plain backbone costs {format_macs(bb['macs'])} MACs per image. Costs are fractions of that: **cumulative** counts "
            "the backbone up to the exit plus every branch evaluated on the way (what a sample leaving there really paid); "
            "**paper** counts the backbone up to the exit plus that exit's own branch (the PTEENet paper's convention).", ""]
-    rows = [[k["index"] + 1, f"`{k['name']}`", _macs(k.get("prefix_macs")), _macs(k.get("branch_macs")),
+    rows = [[k["index"] + 1, f"`{k['name']}`", format_macs(k.get("prefix_macs")), format_macs(k.get("branch_macs")),
              f"{k['cost']:.3f}" if "cost" in k else "-", f"{k['cost_paper']:.3f}" if "cost_paper" in k else "-"] for k in r["exits"]]
-    rows.append(["end", "backbone output", _macs(bb["macs"]), "", f"{r['final_cost']:.3f}" if r["final_cost"] else "-", "1.000"])
+    rows.append(["end", "backbone output", format_macs(bb["macs"]), "", f"{r['final_cost']:.3f}" if r["final_cost"] else "-", "1.000"])
     return out + _table(["exit", "attached at", "backbone MACs so far", "branch MACs", "cost (cumulative)", "cost (paper)"], rows)
 
 
@@ -242,10 +247,10 @@ def _sweep_md(sw: dict[str, Any] | None) -> list[str]:
     front = pareto([Point.from_dict(p, n_exits) for p in points])
     out = [f"Every policy and threshold was evaluated on {sw.get('samples')} held-out calibration (val) images; "
            f"{metric} is against the {'labels' if metric == 'accuracy' else 'backbone'}. Backbone alone: "
-           f"{metric} {_pct((sw.get('backbone') or {}).get(metric))} at cost 1. Oracle (each image leaves at the first right exit): "
-           f"{_pct((sw.get('oracle') or {}).get(metric))} at cost {(sw.get('oracle') or {}).get('cost', float('nan')):.3f}. "
+           f"{metric} {format_percent((sw.get('backbone') or {}).get(metric))} at cost 1. Oracle (each image leaves at the first right exit): "
+           f"{format_percent((sw.get('oracle') or {}).get(metric))} at cost {(sw.get('oracle') or {}).get('cost', float('nan')):.3f}. "
            f"{len(points)} points were swept; the best trade-offs (Pareto front) are:", ""]
-    rows = [[p.policy, p.kind, ", ".join(f"{t:g}" for t in sorted(set(p.thresholds or [])))[:40], _pct(p.metric),
+    rows = [[p.policy, p.kind, ", ".join(f"{t:g}" for t in sorted(set(p.thresholds or [])))[:40], format_percent(p.metric),
              f"{p.cost:.3f}", f"{p.cost_paper:.3f}"] for p in front]
     out += _table(["policy", "kind", "threshold", metric, "cost", "cost (paper)"], rows)
     if sw.get("no_accuracy"):
@@ -265,17 +270,17 @@ def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
         return out + ["", f"{why}, so its accuracy and cost are not known here."]
     change = 1 - val["cost"]
     saving = f"{100 * change:.1f}% fewer MACs" if change >= 0 else f"{-100 * change:.1f}% MORE MACs than the backbone"
-    out += ["", f"On the calibration (val) split: accuracy {_pct(val.get('accuracy'))}, agreement with the backbone "
-            f"{_pct(val.get('agreement'))}, mean cost {val['cost']:.3f} of the backbone ({saving}; "
+    out += ["", f"On the calibration split: accuracy {format_percent(val.get('accuracy'))}, agreement with the backbone "
+            f"{format_percent(val.get('agreement'))}, mean cost {val['cost']:.3f} of the backbone ({saving}; "
             f"paper convention {val['cost_paper']:.3f})."]
     test = op.get("test")
     if test:
         tb = test.get("backbone") or {}
-        out += ["", f"On the test split (not used to choose it): accuracy {_pct(test.get('accuracy'))} "
-                f"(backbone {_pct(tb.get('accuracy'))}), agreement {_pct(test.get('agreement'))}, mean cost {test['cost']:.3f}."]
+        out += ["", f"On the test split (not used to choose it): accuracy {format_percent(test.get('accuracy'))} "
+                f"(backbone {format_percent(tb.get('accuracy'))}), agreement {format_percent(test.get('agreement'))}, mean cost {test['cost']:.3f}."]
     labels = [str(k + 1) for k in range(n_exits)] + ["end"]
-    out += ["", "Where the val images left:", ""]
-    out += _table(labels, [[_pct(f) for f in val["exit_fractions"]]])
+    out += ["", "Where the calibration images left:", ""]
+    out += _table(labels, [[format_percent(f) for f in val["exit_fractions"]]])
     return out
 
 

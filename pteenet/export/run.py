@@ -37,7 +37,7 @@ from ..runtime.model import EarlyExitModel
 from ..sweep import Point, select, threshold_list
 from ..tracing.hooks import NO_EARLY_EXIT
 from .programs import write_program
-from .report import build_report, write_report
+from .report import build_report, nothing_pays, write_report
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,9 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
         assert best.thresholds is not None and best.policy is not None
         model.set_thresholds(best.thresholds, best.policy)
         # The swept curve was measured with every exit deciding: an exit selection made for another
-        # point does not hold for this one.
-        model.set_active(None)
+        # point does not hold for this one. Where even the cheapest costs the backbone or more,
+        # no exit decides (no branch is computed): the backbone alone, as sweep-threshold does.
+        model.set_active(None if best.cost < 1.0 else [False] * model.num_exits)
         how = (f"the most accurate swept point within a mean cost of {cfg.budget}" if cfg.budget is not None else
                f"the cheapest swept point within {cfg.max_drop} accuracy points of the backbone")
     else:
@@ -183,22 +184,24 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)  # also onto an existing empty folder
 
 
-def export_model(model: EarlyExitModel, cfg: ExportConfig, sink: Sink = SILENT, *,
+def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILENT, *,
                  source: str | Path | None = None) -> dict[str, Any]:
-    """Write ``cfg.output`` (model.safetensors, report.md/json, curve.png, the asked formats) from a
-    model in memory, after setting on it the operating point ``cfg`` asks for (its own thresholds
-    when ``cfg`` names none). Everything is written into a temp folder beside it and renamed at the
+    """Write ``config.output`` (model.safetensors, report.md/json, curve.png, the asked formats) from a
+    model in memory, after setting on it the operating point ``config`` asks for (its own thresholds
+    when ``config`` names none). Everything is written into a temp folder beside it and renamed at the
     end, so a failure leaves no half-written folder. Returns a summary document. ``source`` names the
     checkpoint the model came from, for the report. Progress goes to ``sink``: one step per file
     written, the slow programs (torch.export, ONNX) named while they are built."""
-    formats = _check_environment(source, cfg)
-    if model.hooks and len(formats) > 1:
+    formats = _check_environment(source, config)
+    if model.runtime == "hooks" and len(formats) > 1:
         raise PteenetError(f"--format {formats[1]} needs a backbone split into stages, and {NO_EARLY_EXIT}",
                            "export only model.safetensors (the default), or attach a traceable backbone")
-    if model.hooks:
+    if model.runtime == "hooks":
         sink.warn(NO_EARLY_EXIT)
     model.eval()
-    point = choose_point(model, cfg)
+    point = choose_point(model, config)
+    if (alone := nothing_pays(model)) is not None:
+        sink.warn(alone + "; the report says so too")
     data = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}
     if model.info.class_names is None and data.get("class_names"):
         model.info.class_names = list(data["class_names"])  # so the exported file names its classes
@@ -206,7 +209,7 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, sink: Sink = SILENT, 
     source_name = None if source is None else Path(source).name
     model.meta["export"] = {"exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                             "source": source_name, "operating_point": point, "formats": formats}
-    out = Path(cfg.output).resolve()
+    out = Path(config.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -226,11 +229,11 @@ def export_model(model: EarlyExitModel, cfg: ExportConfig, sink: Sink = SILENT, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"output": str(cfg.output), "files": files, "operating_point": point, "formats": formats,
-            "no_real_early_exit": NO_EARLY_EXIT if model.hooks else None}
+    return {"output": str(config.output), "files": files, "operating_point": point, "formats": formats,
+            "no_real_early_exit": NO_EARLY_EXIT if model.runtime == "hooks" else None}
 
 
-def export(checkpoint: str | Path, cfg: ExportConfig, sink: Sink = SILENT) -> dict[str, Any]:
+def export(checkpoint: str | Path, config: ExportConfig, sink: Sink = SILENT) -> dict[str, Any]:
     """``pteenet export``: ``export_model`` on the model of a checkpoint file."""
-    _check_environment(checkpoint, cfg)  # before the checkpoint is read
-    return export_model(load_checkpoint(checkpoint).model, cfg, sink, source=checkpoint)
+    _check_environment(checkpoint, config)  # before the checkpoint is read
+    return export_model(load_checkpoint(checkpoint).model, config, sink, source=checkpoint)

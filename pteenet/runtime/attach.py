@@ -6,15 +6,14 @@ cascade=False``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..backbones.specs import load_backbone
 from ..configs import Config, check_choice, check_int
 from ..errors import PteenetError
 from ..exits.branches import BranchConfig
-from ..tracing import hooks
-from ..tracing.cost import PLACEMENTS, cost_table, cumulative_macs, module_macs, node_macs, place
-from ..tracing.graph import ExitPoint, candidates, resolve, trace
+from ..tracing.cost import PLACEMENTS, cost_table, module_macs, place
+from ..tracing.probe import Probe, probe
 from .model import EarlyExitModel
 
 
@@ -34,6 +33,11 @@ class AttachConfig(Config):
     grid: int = 4  # G of the G x G pooling of pool / pool-mlp / conv-lite heads
     hidden: int = 128  # hidden width of pool-mlp heads
     hooks: bool = False  # untraceable backbones: exits on forward hooks, no real early exit (hooks.py)
+
+    @property
+    def runtime(self) -> str:
+        """The runtime the model will have: "hooks" with ``hooks``, else "staged" (tracing/probe.py)."""
+        return "hooks" if self.hooks else "staged"
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, str) or not self.backbone.strip():
@@ -69,60 +73,40 @@ class AttachConfig(Config):
 DEFAULT_EXITS = "all"  # cheap heads make every block a candidate; the sweep decides which ones pay
 
 
-@dataclass
-class _Probed:
-    """A backbone's exit candidates, shapes and cumulative MACs: from its fx graph, or with ``hooks``
-    from a dry run with forward hooks (see hooks.py)."""
-
-    backbone: Any
-    info: Any
-    candidates: list[ExitPoint]
-    shapes: dict[str, Any]  # ExitPoint.node -> tap shape without batch
-    cum: list[int]  # cumulative MACs indexed by ExitPoint.position; cum[-1]: the whole backbone
-    resolve: Callable[[list[str]], list[ExitPoint]]
+def _load(config: AttachConfig) -> tuple[Any, Any, Probe]:
+    backbone, info = load_backbone(config.backbone, config.weights, config.num_classes, config.input_size, config.mean, config.std)
+    return backbone, info, probe(backbone, info.preprocess.input_size, config.runtime)
 
 
-def _load(cfg: AttachConfig) -> _Probed:
-    backbone, info = load_backbone(cfg.backbone, cfg.weights, cfg.num_classes, cfg.input_size, cfg.mean, cfg.std)
-    size = info.preprocess.input_size
-    if cfg.hooks:
-        hb = hooks.probe(backbone, size)
-        return _Probed(backbone, info, hooks.candidates(hb), hb.shapes, hb.cum, lambda names: hooks.resolve(hb, names))
-    tb = trace(backbone, size)
-    cum = cumulative_macs(tb, node_macs(tb, size))
-    return _Probed(backbone, info, candidates(tb), tb.shapes, cum, lambda names: resolve(tb, names))
-
-
-def list_candidates(cfg: AttachConfig) -> dict[str, Any]:
+def list_candidates(config: AttachConfig) -> dict[str, Any]:
     """The default exit candidates with their cumulative share of the backbone's MACs."""
-    pb = _load(cfg)
+    _, info, pb = _load(config)
     cum = pb.cum
     rows = [
         {"name": c.name, "node": c.node, "shape": list(pb.shapes[c.node] or ()), "layout": c.layout,
          "prefix_macs": cum[c.position], "share": cum[c.position] / cum[-1]}
         for c in pb.candidates
     ]
-    return {"backbone": pb.info.spec, "backbone_macs": cum[-1], "candidates": rows,
-            "runtime": "hooks" if cfg.hooks else "staged"}
+    return {"backbone": info.spec, "backbone_macs": cum[-1], "candidates": rows, "runtime": pb.runtime}
 
 
-def attach(cfg: AttachConfig) -> EarlyExitModel:
+def attach(config: AttachConfig) -> EarlyExitModel:
     """Build the early-exit model (untrained branches) with its cost table."""
-    branch = cfg.branch_config()
-    pb = _load(cfg)
+    branch = config.branch_config()
+    backbone, info, pb = _load(config)
     cum = pb.cum
-    if cfg.at:
-        points = pb.resolve(cfg.at)
+    if config.at:
+        points = pb.resolve(config.at)
     else:
         cands = pb.candidates
         if not cands:
-            raise PteenetError(f"found no candidate exit points in {cfg.backbone}",
+            raise PteenetError(f"found no candidate exit points in {config.backbone}",
                                "name them with --at (module paths or node names)")
-        n = cfg.exits if cfg.exits is not None else DEFAULT_EXITS
-        points = cands if n == "all" else place(cands, cum, int(n), cfg.placement)
-    model = EarlyExitModel(pb.backbone, pb.info, [p.name for p in points], branch, hooks=cfg.hooks)
+        n = config.exits if config.exits is not None else DEFAULT_EXITS
+        points = cands if n == "all" else place(cands, cum, int(n), config.placement)
+    model = EarlyExitModel(backbone, info, [p.name for p in points], branch, runtime=pb.runtime)
     branch_macs = [module_macs(b, model.tap_shapes[k]) for k, b in enumerate(model.branches)]
     model.cost = cost_table(model.exit_points, cum, branch_macs)
-    placement = None if cfg.at or isinstance(cfg.exits or DEFAULT_EXITS, str) else cfg.placement
-    model.meta["attach"] = {"placement": placement, "requested": cfg.at or cfg.exits or DEFAULT_EXITS}
+    placement = None if config.at or isinstance(config.exits or DEFAULT_EXITS, str) else config.placement
+    model.meta["attach"] = {"placement": placement, "requested": config.at or config.exits or DEFAULT_EXITS}
     return model

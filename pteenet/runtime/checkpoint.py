@@ -22,7 +22,7 @@ import torch
 from ..atomic import atomic_write
 from ..backbones.specs import BackboneInfo, drop_absent_aux_heads, load_backbone
 from ..backbones.weights import load_state, module_sha256, tensors_sha256
-from ..errors import PteenetError
+from ..errors import PteenetError, describe_error
 from ..exits.branches import BranchConfig
 from ..exits.chain import Ensemble
 from ..tracing.cost import CostTable
@@ -48,7 +48,7 @@ def describe(model: EarlyExitModel) -> dict[str, Any]:
         "backbone_sha256": model.backbone_sha256,
         "exits": [{"name": p.name, "node": p.node, "layout": p.layout} for p in model.exit_points],
         # "hooks": no stages, every exit computed on a whole backbone pass (hooks.py); no real early exit
-        "runtime": "hooks" if model.hooks else "staged",
+        "runtime": model.runtime,
         "branch": model.branch_config.to_dict(),
         "ensemble": model.ensemble is not None,
         "active_exits": model.active,
@@ -86,7 +86,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
     except Exception as e:
-        raise PteenetError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:120]}",
+        raise PteenetError(f"cannot read checkpoint {path}: {describe_error(e)}",
                            "the file is corrupt or truncated; write it again") from e
     if raw is None:
         raise PteenetError(f"{path} is a safetensors file but not a pteenet checkpoint", "create one with `pteenet attach`")
@@ -134,7 +134,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise PteenetError(f"unknown branch type {meta['branch'].get('type')!r} in {path}", "upgrade pteenet") from e
     cost = CostTable.from_dict(meta["cost"]) if meta.get("cost") else None
     model = EarlyExitModel(backbone, info, [e["name"] for e in meta["exits"]], branch, cost,
-                           hooks=meta.get("runtime") == "hooks")
+                           runtime=meta.get("runtime") or "staged")
     model.branches.load_state_dict({k[len("branches."):]: v for k, v in tensors.items() if k.startswith("branches.")})
     if meta.get("ensemble"):
         ens = Ensemble(model.num_exits, info.num_classes)

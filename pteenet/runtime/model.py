@@ -16,14 +16,15 @@ from torch import nn
 
 from ..backbones.specs import BackboneInfo
 from ..backbones.weights import module_sha256
+from ..configs import check_choice
 from ..errors import PteenetError
 from ..exits import policies
 from ..exits.branches import Branch, BranchConfig
-from ..exits.chain import Carry, Ensemble, computed_heads, exit_step
+from ..exits.chain import Carry, Ensemble, computed_branches, exit_step
 from ..exits.policies import check_policy
-from ..tracing import hooks
 from ..tracing.cost import CostTable
-from ..tracing.graph import ExitPoint, Stages, resolve, split, trace
+from ..tracing.graph import ExitPoint, Stages
+from ..tracing.probe import RUNTIMES, probe
 
 
 @dataclass
@@ -50,15 +51,18 @@ class EarlyExitModel(nn.Module):
     ``state_dict`` holds each tensor once; the stages are fx GraphModules that read their parameters
     from ``backbone``.
 
-    ``active[k]`` says whether exit k takes decisions (exit selection). An inactive exit's head is
+    ``active[k]`` says whether exit k takes decisions (exit selection). An inactive exit's branch is
     still computed when a later active exit needs it (cascade or ensemble: ``chained``), else never;
     nothing after the last active exit is computed. ``cost_for_active`` prices exactly that."""
 
     def __init__(self, backbone: nn.Module, info: BackboneInfo, exits: Sequence[str], branch: BranchConfig,
-                 cost: CostTable | None = None, hooks: bool = False) -> None:
+                 cost: CostTable | None = None, runtime: str = "staged") -> None:
         super().__init__()
         self.backbone = backbone
-        self.hooks = hooks  # the fallback for untraceable backbones (hooks.py): no real early exit
+        check_choice("runtime", runtime, RUNTIMES)
+        # "staged": the fx graph cut into stages; "hooks": the fallback for untraceable backbones
+        # (tracing/hooks.py), no real early exit.
+        self.runtime = runtime
         self.info = info
         self.branch_config = branch
         self.cost = cost
@@ -77,15 +81,9 @@ class EarlyExitModel(nn.Module):
 
     # -- structure -------------------------------------------------------------------------------
     def _build_stages(self, exits: list[str]) -> None:
-        size = self.info.preprocess.input_size
-        if self.hooks:
-            hb = hooks.probe(self.backbone, size, count_macs=False)
-            points = hooks.resolve(hb, exits)
-            stages, shapes = hooks.hook_stages(self.backbone, points), [hb.shapes[p.node] for p in points]
-        else:
-            tb = trace(self.backbone, size)
-            points = resolve(tb, exits)
-            stages, shapes = split(tb, points, self.backbone), [tb.shapes[p.node] for p in points]
+        pb = probe(self.backbone, self.info.preprocess.input_size, self.runtime, count_macs=False)
+        points = pb.resolve(exits)
+        stages, shapes = pb.stages(points), [pb.shapes[p.node] for p in points]
         # Plain attributes, not submodules: they share the backbone's parameters.
         self.exit_points: list[ExitPoint] = points  # a plain list: nn.Module registers no submodule for it
         object.__setattr__(self, "_stages", stages)
@@ -134,9 +132,9 @@ class EarlyExitModel(nn.Module):
             raise PteenetError(f"{len(mask)} active flags given for {self.num_exits} exits", "give one per exit")
         self.active = mask
 
-    def computed_heads(self, active: Sequence[bool] | None = None) -> list[bool]:
-        """Per exit, whether the runtime computes its head under ``active`` (default: the model's)."""
-        return computed_heads(self.active if active is None else active, self.chained)
+    def computed_branches(self, active: Sequence[bool] | None = None) -> list[bool]:
+        """Per exit, whether the runtime computes its branch under ``active`` (default: the model's)."""
+        return computed_branches(self.active if active is None else active, self.chained)
 
     # -- thresholds ------------------------------------------------------------------------------
     def set_thresholds(self, thresholds: float | Sequence[float], policy: str | None = None) -> None:
@@ -206,7 +204,7 @@ class EarlyExitModel(nn.Module):
         """Batch size 1, the latency case: no index bookkeeping at all."""
         state: tuple[Any, ...] = (x,)
         carry = Carry()
-        computed = self.computed_heads()
+        computed = self.computed_branches()
         for k, stage in enumerate(self.stages.modules[:-1]):
             out = stage(*state)
             state = out[:-1]
@@ -226,7 +224,7 @@ class EarlyExitModel(nn.Module):
         pending = torch.ones(n, dtype=torch.bool, device=x.device)  # rows still waiting for an answer
         state: tuple[Any, ...] = (x,)
         carry = Carry()
-        computed = self.computed_heads()
+        computed = self.computed_branches()
         for k, stage in enumerate(self.stages.modules[:-1]):
             out = stage(*state)
             state = out[:-1]
@@ -248,7 +246,7 @@ class EarlyExitModel(nn.Module):
             if self.stages.shrinkable:
                 flags = self.stages.batched[k + 1]
                 # index_select, not a boolean mask: on the CPU masking a large activation map is
-                # slower (CIFAR ResNet-56 stage 1, batch 256: benchmarks/results/head_cost.json).
+                # slower (CIFAR ResNet-56 stage 1, batch 256: benchmarks/results/branch_cost.json).
                 keep = pending.nonzero().squeeze(1)
                 state = tuple(v.index_select(0, keep) if b else v for v, b in zip(state, flags))
                 carry = carry.select(keep)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..data import DataConfig, Splits, load_splits
-from ..errors import PteenetError
+from ..errors import PteenetError, describe_error
 from ..runtime.model import EarlyExitModel
 from .engine import below_cheapest
 
@@ -41,11 +41,11 @@ def read_splits(model: EarlyExitModel, data_cfg: DataConfig, split: str) -> Spli
     except PteenetError:
         raise
     except Exception as e:  # a corrupt file or folder: still one line, naming the data
-        raise PteenetError(f"cannot read the data {data_cfg.spec}: {type(e).__name__}: {str(e)[:120]}",
+        raise PteenetError(f"cannot read the data {data_cfg.spec}: {describe_error(e)}",
                            "check --data and --data-dir") from None
     if split == "val" and len(splits.val) == 0:  # type: ignore[arg-type]
-        raise PteenetError("the calibration (val) split is empty: the branches were trained without one",
-                           "retrain with a val split, or pass --split test (selection then uses test)")
+        raise PteenetError("the calibration split is empty: the branches were trained without one",
+                           "retrain with --calibration-split > 0 or --calibration SPEC, or pass --split test (selection then uses test)")
     return splits
 
 

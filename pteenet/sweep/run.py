@@ -37,7 +37,7 @@ from .engine import Point, backbone_point, pareto, parse_range, search_per_exit,
 from .guarantee import CONFIDENCE, certify, record
 from .outputs import build_document, write_sweep_outputs
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
-from .selection import Selection, restrict, select_exits
+from .selection import Selection, backbone_only, restrict, select_exits
 
 SPLITS = ("val", "test")
 PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along the global front
@@ -340,14 +340,19 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
         sink.note(NO_LABELS)
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
     chosen, active, guarantee = _choose(cache, points, model, policies, grid, cfg)
-    test_cache = _test_cache(model, splits.test, chosen, active, cfg, run)
+    nothing = None
     if chosen is not None and chosen.cost >= 1.0:
-        # Branches are work too: a setting that rarely exits costs more than the plain backbone.
-        warn(f"the chosen setting costs {chosen.cost:.3f} x the plain backbone: at this accuracy, early exit "
-             "does not pay with these exits; use the backbone as is, or try fewer, later or cheaper exits")
+        assert model.cost is not None
+        chosen, active, nothing = backbone_only(cache, chosen, model.cost, model.chained)
+        warn(f"nothing pays: {nothing.reason()}; "
+             + (f"{cfg.write} gets" if cfg.write else "the chosen setting is")
+             + " the backbone alone (no exit decides, no branch is computed: cost 1.000); to save compute, "
+             "train the exits longer or on more images, or attach fewer, later or cheaper exits")
+    test_cache = _test_cache(model, splits.test, chosen, active, cfg, run)
     doc = _document(cache, points, chosen, test_cache, active, cfg, source=source, split_info=splits.split_info,
                     policies=policies, grid=grid, budgets=budgets, choosing=choosing, notes=notes,
                     warnings=warnings, skipped=SKIPPED.since(skipped_before), guarantee=guarantee)
+    doc["nothing_pays"] = None if nothing is None else nothing.to_dict()
     if cfg.outdir is not None and group.main:  # under torchrun every rank has the document; rank 0 writes
         skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)
         if skipped:
@@ -375,17 +380,17 @@ def sweep_model(model: EarlyExitModel, data: DataRequest | DataConfig | None = N
     return _sweep(model, data, config, sink, None)
 
 
-def sweep_threshold(ckpt_path: str | Path, data: DataRequest, cfg: SweepConfig,
+def sweep_threshold(checkpoint: str | Path, data: DataRequest, config: SweepConfig,
                     sink: Sink = SILENT) -> dict[str, Any]:
-    """The whole command: load, sweep (``sweep_model``'s work) and write ``cfg.write`` with the
+    """The whole command: load, sweep (``sweep_model``'s work) and write ``config.write`` with the
     chosen setting and the file's training state; returns the document (the same one as sweep.json)."""
-    if cfg.write:
-        check_parent_folder("--write", cfg.write)  # before the checkpoint is read
-    group, device = distributed.setup(resolve_device(cfg.device))
+    if config.write:
+        check_parent_folder("--write", config.write)  # before the checkpoint is read
+    group, device = distributed.setup(resolve_device(config.device))
     with distributed.agreed(group):  # a bad file stops every rank; rank 0 alone reports it
-        ckpt = load_checkpoint(ckpt_path, device)
-    doc = _sweep(ckpt.model, data, cfg, sink, str(ckpt_path))
-    if cfg.write and doc["chosen"] is not None and doc["chosen"].get("policy") and group.main:
-        save_checkpoint(cfg.write, ckpt.model, ckpt.state)
+        ckpt = load_checkpoint(checkpoint, device)
+    doc = _sweep(ckpt.model, data, config, sink, str(checkpoint))
+    if config.write and doc["chosen"] is not None and doc["chosen"].get("policy") and group.main:
+        save_checkpoint(config.write, ckpt.model, ckpt.state)
     distributed.barrier(group)  # every rank ends once the files are whole
     return doc

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PteenetError
-from ..exits.chain import computed_heads
+from ..exits.chain import computed_branches
 from ..tracing.cost import CostTable
 from .cache import ExitCache
-from .engine import Point, backbone_point, select, sweep_global
+from .engine import Point, backbone_point, evaluate, select, sweep_global
 
 
 def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable, chained: bool) -> ExitCache:
@@ -31,7 +31,7 @@ def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable, chained:
     if mask.shape != (cache.num_exits,):
         raise PteenetError(f"{mask.size} active flags for {cache.num_exits} exits", "give one per exit")
     scores = {p: np.where(mask[:, None], s, np.nan).astype(np.float32) for p, s in cache.scores.items()}
-    return ExitCache(cache.preds, scores, cache.labels, np.asarray(cost.costs(computed_heads(mask, chained))),
+    return ExitCache(cache.preds, scores, cache.labels, np.asarray(cost.costs(computed_branches(mask, chained))),
                      cache.costs_paper)
 
 
@@ -84,3 +84,37 @@ def select_exits(cache: ExitCache, cost: CostTable, chained: bool, policy: str, 
         raise PteenetError("no setting meets the criterion with any set of exits",
                            "raise --max-drop or --budget")
     return Selection(active, current, rounds)
+
+
+@dataclass
+class NothingPays:
+    """Why no setting saves compute: the cheapest one meeting the criterion, and how often the
+    best exit agrees with the backbone on the calibration images."""
+
+    cheapest: Point
+    best_exit: int
+    best_agreement: float
+    samples: int
+
+    def reason(self) -> str:
+        return (f"the cheapest setting that meets the criterion costs {self.cheapest.cost:.3f} x the backbone; "
+                f"the exits agree with the backbone on at most {100 * self.best_agreement:.1f}% of the "
+                f"{self.samples} calibration images (exit {self.best_exit})")
+
+    def to_dict(self) -> dict:
+        return {"cheapest": self.cheapest.to_dict(), "best_exit": self.best_exit,
+                "best_agreement": self.best_agreement, "reason": self.reason()}
+
+
+def backbone_only(cache: ExitCache, chosen: Point, cost: CostTable, chained: bool) -> tuple[Point, list[bool], NothingPays]:
+    """Where the chosen setting costs at least the backbone (branches are work too, so a setting
+    that rarely exits costs more): the same policy and thresholds with no exit active, so that the
+    runtime computes no branch and the cost is exactly 1.0. Returns that point, the active flags
+    (all off) and why."""
+    agree = [(cache.preds[k] == cache.preds[-1]).mean() for k in range(cache.num_exits)]
+    best = int(np.argmax(agree))
+    active = [False] * cache.num_exits
+    ts = chosen.thresholds or [1.0] * cache.num_exits
+    point = evaluate(restrict(cache, active, cost, chained), chosen.policy or "confidence",
+                     ts[0] if chosen.kind == "global" else ts)
+    return point, active, NothingPays(chosen, best, float(agree[best]), cache.num_samples)

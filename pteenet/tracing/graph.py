@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import PteenetError, unknown_name
+from ..errors import PteenetError, describe_error, unknown_name
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 # In a container of plain layers (VGG's ``features``) the block boundaries are activations and pools.
@@ -75,7 +75,7 @@ def trace(backbone: nn.Module, input_size: tuple[int, ...]) -> TracedBackbone:
         gm = fx.GraphModule(backbone, graph)
     except Exception as e:
         raise PteenetError(
-            f"torch.fx cannot trace {type(backbone).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
+            f"torch.fx cannot trace {type(backbone).__name__}: {describe_error(e)}",
             "pteenet needs a traceable forward (no Python control flow on tensor values) to split it into "
             "real stages; wrap the untraceable part in a leaf module, or attach with --hooks (forward hooks: "
             "exits trained and measured, but no real early exit)",

@@ -132,3 +132,23 @@ def unfinished_run(out_path: Path) -> dict[str, Any] | None:
     except PteenetError:
         return None  # not ours, or unreadable: nothing to protect
     return tr if tr and not tr.get("complete", True) else None
+
+
+# Fewer training images than this per class of the backbone and the exits learn little: a head is a
+# linear classifier over hundreds to thousands of pooled features, and distilling K classes needs
+# examples of each (the backbone's answers spread over up to K classes, labelled or not). 20 is the
+# usual floor of few-shot linear probes; issue 18's 800 images for 1,000 classes (0.8 a class)
+# trained nothing, while CIFAR-10's thousands a class train exits that pay.
+MIN_IMAGES_PER_CLASS = 20
+
+
+def small_data_warning(n_train: int, num_classes: int, labelled: bool) -> str | None:
+    """The warning for a training split too small for the exits to learn, with its numbers; None
+    when it is large enough."""
+    if num_classes < 2 or n_train >= MIN_IMAGES_PER_CLASS * num_classes:
+        return None
+    what = "training images" if labelled else "unlabelled training images"
+    return (f"{n_train} {what} for a {num_classes}-class backbone ({n_train / num_classes:.1f} per class): the exits "
+            f"learn little from fewer than about {MIN_IMAGES_PER_CLASS} per class "
+            f"({MIN_IMAGES_PER_CLASS * num_classes} images); use more images if you can, keep augmentation on, "
+            "and train more epochs from the feature cache (--cache-features --views 4)")

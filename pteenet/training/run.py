@@ -3,11 +3,14 @@ memory, ``train_branches`` from one checkpoint file to another (``pteenet train-
 
 Each batch runs the backbone once under ``no_grad`` (in eval mode: BatchNorm statistics frozen) and
 the branches with gradients; Adam updates branch parameters only, on a cosine schedule over all
-steps. After every epoch the calibration (val) split is scored through the sweep engine at the
+steps. After every epoch the calibration split is scored through the sweep engine at the
 confidence threshold T = 0.5 and the output checkpoint is rewritten atomically, with everything a
 ``--resume`` needs under ``state.*``: optimizer moments, step and epoch counters, the torch RNG state
-(augmentation) and the data-order generator state. Resuming therefore ends, on the CPU, bit-identical
-to a run that was never interrupted. When training completes the final checkpoint drops ``state.*``
+(augmentation) and the data-order generator state; ``training.pool_plans`` records the pooling
+kernels the run chose by timing, which a resume reuses (another process on a busy machine may time
+them otherwise, and they round differently). Resuming therefore ends, on the CPU with the same
+thread count, bit-identical to a run that was never interrupted, wherever the run was stopped
+(tests/test_resume_anywhere.py). When training completes the final checkpoint drops ``state.*``
 (a finished cosine schedule has nothing left to resume) and records ``training.complete = true``.
 
 ``--cache-features`` runs the backbone once over the train and val splits (``views`` passes over
@@ -34,14 +37,25 @@ from ..data import SKIPPED, DataConfig, Splits, load_splits
 from ..devices import resolve_device
 from ..distributed import ALONE, Group
 from ..errors import PteenetError
+from ..exits import branches as branch_mod
 from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from ..runtime.model import EarlyExitModel
 from . import ddp as ddp_branches
 from . import feature_cache as feature_store
 from .batches import Autocast, FeatureCache, ImageSource, fit_ensemble_on
-from .config import Interrupted, TrainConfig, check_resume, run_settings, unfinished_run
-from .step import BranchTrainer, Meter, cache_metrics, epoch_text, rng_state, running_text, set_rng_state
+from .config import Interrupted, TrainConfig, check_resume, run_settings, small_data_warning, unfinished_run
+from .step import (
+    BranchTrainer,
+    Meter,
+    cache_metrics,
+    check_diverged,
+    epoch_text,
+    pin_recorded_plans,
+    rng_state,
+    running_text,
+    set_rng_state,
+)
 
 MAX_SKIPPED_LISTED = 100  # undecodable image files named in the checkpoint (all are counted)
 
@@ -95,6 +109,7 @@ def _check_run(model: EarlyExitModel, cfg: TrainConfig, device: torch.device, gr
         raise PteenetError("the resume state holds no epoch counter", "pass the state of an unfinished run")
     if resume:
         distributed.check_resume_world(model.meta.get("training", {}), group)
+        pin_recorded_plans(model, group, sink)
     if model.cost is None or model.num_exits < 1:
         raise PteenetError(f"{source or 'the model'} has no exits to train",
                            "create it with `pteenet attach BACKBONE --exits N`")
@@ -158,6 +173,8 @@ class _RunRecord:
         return {**self.settings, "device": str(self.device), "world_size": self.group.world, "epochs_done": epochs_done,
                 "complete": complete, "source": self.source,
                 "seconds": self.seconds_before + time.perf_counter() - self.started,
+                "pool_plans": distributed.gather_objects(branch_mod.chosen_plans(), self.group),
+                "threads": torch.get_num_threads(),
                 "skipped_images": {"count": len(skipped), "files": skipped[:MAX_SKIPPED_LISTED]}}
 
     def save(self, epochs_done: int, complete: bool,
@@ -173,6 +190,10 @@ class _RunRecord:
             save_checkpoint(self.out_path, self.model, snapshot)
         distributed.barrier(self.group)  # no rank goes on (or stops) before the file is whole
         self.last_saved = epochs_done
+
+    def kept(self) -> str:
+        """What the output holds, for an error that stops the run."""
+        return f"{self.out_path} keeps epoch {self.last_saved}, the last good one" if self.last_saved else "nothing was saved"
 
     def stopped(self) -> Interrupted:
         """The error for Ctrl-C: which epoch it hit and what the output file still holds."""
@@ -217,9 +238,9 @@ def _start_run(model: EarlyExitModel, data: DataConfig, cfg: TrainConfig, device
 
 def _one_epoch(model: EarlyExitModel, trainer: BranchTrainer, train_src: ImageSource | FeatureCache,
                val_src: ImageSource | FeatureCache, order: torch.Generator, epoch: int, cfg: TrainConfig,
-               device: torch.device, group: Group, sink: Sink) -> dict[str, Any]:
+               device: torch.device, group: Group, sink: Sink, kept: str) -> dict[str, Any]:
     """Train the branches one pass over the training split, then score the calibration split;
-    returns the epoch's history record."""
+    returns the epoch's history record. Stops a diverged run (``kept``: what the output holds)."""
     t0 = time.perf_counter()
     model.train()
     meter = Meter()
@@ -228,6 +249,7 @@ def _one_epoch(model: EarlyExitModel, trainer: BranchTrainer, train_src: ImageSo
             meter.add(trainer.step(out, y), len(y))
             task.advance(info=running_text(meter.means()))
     meter.sums, meter.n = distributed.sum_arrays(meter.sums, meter.n, group)
+    check_diverged(meter.means(), model.info.num_classes, epoch + 1, kept)
     val = evaluate_split(model, val_src, device, trainer.autocast, cfg.threshold, sink, group)
     return {"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - t0, "train": meter.means(), "val": val}
@@ -266,6 +288,9 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
     with distributed.agreed(group):  # an error here stops every rank; rank 0 alone reports it
         cfg = _check_run(model, config, device, group, out_path, resume_state, source, sink)
         run, splits = _start_run(model, data, cfg, device, group, out_path, resume_state, source)
+        if (few := small_data_warning(len(splits.train), model.info.num_classes,  # type: ignore[arg-type]
+                                      splits.split_info.get("labelled", True))) is not None:
+            sink.warn(few)
         train_src, val_src = _sources(model, splits, data, cfg, device, group, sink)
     trainer = BranchTrainer(model, cfg, device, cfg.epochs * len(train_src), group)
     order = torch.Generator().manual_seed(cfg.seed)  # the data order, apart from torch's global RNG
@@ -292,7 +317,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
                 for epoch in range(start_epoch, cfg.epochs):
                     run.epoch = epoch
                     run.history.append(_one_epoch(model, trainer, train_src, val_src, order, epoch, cfg,
-                                                  device, group, sink))
+                                                  device, group, sink, run.kept()))
                     # With an ensemble still to fit, the last epoch is saved resumable; the fit completes it.
                     run.save(epoch + 1, epoch + 1 == cfg.epochs and not fit_after, resume_point)
                     epochs_task.advance(info=epoch_text(run.history[-1]))
@@ -333,10 +358,10 @@ def _feature_caches(model: EarlyExitModel, splits: Any, data: DataConfig, cfg: T
     return caches[0], caches[1]
 
 
-def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataConfig, cfg: TrainConfig,
+def train_branches(checkpoint: str | Path, out_path: str | Path, data: DataConfig, config: TrainConfig,
                    sink: Sink = SILENT) -> dict[str, Any]:
-    """Train the branches of ``ckpt_path`` and write ``out_path`` after every epoch
-    (``pteenet train-branches``): ``train_exits`` on the loaded checkpoint, plus ``cfg.resume``,
+    """Train the branches of ``checkpoint`` and write ``out_path`` after every epoch
+    (``pteenet train-branches``): ``train_exits`` on the loaded checkpoint, plus ``config.resume``,
     which continues the unfinished run in ``out_path`` after checking that it ran from this
     checkpoint with these settings.
 
@@ -344,21 +369,21 @@ def train_branches(ckpt_path: str | Path, out_path: str | Path, data_cfg: DataCo
     ``meta["history"]``. Raises ``Interrupted`` on Ctrl-C (the output keeps the last complete epoch).
     """
     out_path = Path(out_path)
-    group, _ = distributed.setup(_device(cfg, data_cfg))  # the checks come before any file is read
+    group, _ = distributed.setup(_device(config, data))  # the checks come before any file is read
     with distributed.agreed(group):  # every rank reads the same files: one error, from rank 0
         check_parent_folder("output", out_path)
-        src_meta = read_metadata(ckpt_path)
+        src_meta = read_metadata(checkpoint)
         if not src_meta.get("exits") or not src_meta.get("cost"):
-            raise PteenetError(f"{ckpt_path} has no exits to train", "create it with `pteenet attach BACKBONE --exits N`")
-        meta = check_resume(out_path, src_meta, cfg, data_cfg) if cfg.resume else None
+            raise PteenetError(f"{checkpoint} has no exits to train", "create it with `pteenet attach BACKBONE --exits N`")
+        meta = check_resume(out_path, src_meta, config, data) if config.resume else None
         if meta is not None and not meta["training"].get("complete"):
             distributed.check_resume_world(meta["training"], group)
         if meta is None or not meta["training"].get("complete"):
-            ck = load_checkpoint(out_path if cfg.resume else ckpt_path, "cpu")
-            if cfg.resume and "epoch" not in ck.state:
+            ck = load_checkpoint(out_path if config.resume else checkpoint, "cpu")
+            if config.resume and "epoch" not in ck.state:
                 raise PteenetError(f"{out_path} has no resume state", "drop --resume to start over")
     if meta is not None and meta["training"].get("complete"):
         sink.warn(f"{out_path} is already complete ({meta['training'].get('epochs_done')} epochs): nothing to do")
         return _summary(meta.get("history", []), out_path, meta["training"], meta["backbone_sha256"], True)
-    return train_exits(ck.model, data_cfg, cfg, sink, checkpoint_to=out_path,
-                       resume_state=ck.state if cfg.resume else None, source=str(ckpt_path))
+    return train_exits(ck.model, data, config, sink, checkpoint_to=out_path,
+                       resume_state=ck.state if config.resume else None, source=str(checkpoint))

@@ -9,10 +9,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import distributed, sweep
 from ..distributed import ALONE, Group
 from ..errors import PteenetError
+from ..exits import branches as branch_mod
+from ..progress import Sink
 from ..runtime.model import AllExits, EarlyExitModel
 from .batches import Autocast
 from .config import TrainConfig
@@ -61,10 +64,45 @@ class Meter:
         return {k: (v / max(self.n, 1)).tolist() for k, v in self.sums.items()}
 
 
+def short_number(v: float) -> str:
+    """A loss in at most 7 characters: 0.1234, 12.34, 123.4, 1.1e+04 (a diverged run's)."""
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.1e}"
+
+
+def exit_summary(values: list[float] | None) -> str:
+    """Per-exit fractions in %, in a width that does not grow with the exits: every value up to 3
+    exits, else first/median/last exit (``--json`` keeps them all)."""
+    if not values:
+        return "-"
+    pct = [f"{100 * v:.0f}" for v in values]
+    if len(pct) <= 3:
+        return " ".join(pct)
+    return f"{pct[0]}/{100 * float(np.median(values)):.0f}/{pct[-1]}"
+
+
 def running_text(means: dict[str, Any]) -> str:
-    """The running figures shown beside the epoch's progress bar."""
-    agree = " ".join(f"{100 * v:.0f}" for v in means["agreement"])
-    return f"loss {means['loss']:.4f}  agree/exit % {agree}  cost@T {means['ee_cost']:.3f}"
+    """The running figures shown beside the epoch's progress bar (a few dozen characters)."""
+    agree = exit_summary(means["agreement"])
+    return f"loss {short_number(means['loss'])} agree% {agree} cost@T {means['ee_cost']:.3f}"
+
+
+DIVERGED = 10.0  # an exit whose cross-entropy passes this many times ln K (a uniform guess's) diverged
+
+
+def check_diverged(means: dict[str, Any], num_classes: int, epoch: int, held: str) -> None:
+    """Stop a run whose heads diverged (issue 18: with 1,000 classes a cascade of log-probabilities
+    took the loss from 11,006 to 79,349 while every exit agreed with the backbone on under 1%):
+    an exit's mean cross-entropy against the backbone's answer above ``DIVERGED`` x ln K is not
+    learning, only growing. A learning head starts near ln K (a uniform guess) and goes down."""
+    ce = means.get("exit_ce") or []
+    limit = DIVERGED * math.log(max(num_classes, 2))
+    worst = max(range(len(ce)), key=ce.__getitem__, default=None)
+    if worst is None or ce[worst] <= limit:
+        return
+    raise PteenetError(f"training diverged in epoch {epoch}: exit {worst}'s cross-entropy against the backbone is "
+                       f"{ce[worst]:.3g} (a uniform guess: {math.log(max(num_classes, 2)):.2g}; loss {means['loss']:.3g}); "
+                       f"{held}", "lower --lr; a checkpoint whose cascade reads log-probabilities (attached before "
+                       "branch schema 2) diverges with many classes: attach it again, or with --no-cascade")
 
 
 def epoch_text(record: dict[str, Any]) -> str:
@@ -108,7 +146,10 @@ class BranchTrainer:
         self.step_count += 1
         m = cache_metrics(exit_cache_of(out, labels, self.model), self.cfg.threshold)
         ee = m["early_exit"]
-        return {"loss": loss, "nll": res.nll, "head_cost": res.cost, "agreement": m["agreement"],
+        with torch.no_grad():  # each head's cross-entropy against the backbone's answer: the divergence guard's
+            answer = out.final_logits.argmax(1)
+            exit_ce = [float(F.cross_entropy(h.float(), answer)) for h in out.heads]
+        return {"loss": loss, "nll": res.nll, "head_cost": res.cost, "agreement": m["agreement"], "exit_ce": exit_ce,
                 "accuracy": m["accuracy"], "ee_accuracy": ee["accuracy"], "ee_agreement": ee["agreement"],
                 "ee_cost": ee["cost"]}
 
@@ -148,3 +189,19 @@ def set_rng_state(st: dict[str, torch.Tensor], device: torch.device, order: torc
     order.set_state(st["rng.order"])
     if device.type == "cuda" and "rng.cuda" in st:
         torch.cuda.set_rng_state(st["rng.cuda"], device)
+
+
+def pin_recorded_plans(model: EarlyExitModel, group: Group, sink: Sink) -> None:
+    """Before anything computes, the pooling plans the run being resumed chose (each rank its own):
+    they are chosen by timing, which differs between processes on a busy machine, and one of them
+    rounds averages differently, so a resume that timed them again would not continue identically.
+    Runs recorded before this have no record: their resume times the plans again."""
+    training = model.meta.get("training", {})
+    was = training.get("threads")
+    if was is not None and was != torch.get_num_threads():
+        # Reductions split by thread count round differently: the resume is then close, not exact.
+        sink.warn(f"the run being resumed used {was} CPU threads, this one {torch.get_num_threads()}: "
+                  "its result may differ from an uninterrupted run's in the last bits")
+    plans = training.get("pool_plans") or []
+    if group.rank < len(plans):
+        branch_mod.pin_plans(plans[group.rank])

@@ -1,8 +1,9 @@
-"""The exit heads beyond ConvX (pool, pool-mlp, conv-lite), cascade, the fitted ensemble and exit
+"""The branch types beyond ConvX (pool, pool-mlp, conv-lite), cascade, the fitted ensemble and exit
 selection: every one runs the same in the runtime as in the sweep's simulation, batched as one by one,
 through a feature cache as from images, after a checkpoint round trip, and in torch.export."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,29 +12,25 @@ import pytest
 import torch
 
 import pteenet
-from pteenet.exits.chain import computed_heads, fit_ensemble
+from helpers import (
+    assert_logits_close,
+    build,
+    cache_of,
+    error_line,
+    make_images,
+    random_thresholds,
+    run_cli,
+    simulated_exits,
+)
+from pteenet.exits.chain import computed_branches, fit_ensemble
 from pteenet.export.programs import CondProgram
 from pteenet.sweep import backbone_point, evaluate, restrict, select, select_exits, sweep_global
 from pteenet.training.batches import _stem_shapes
-from test_runtime import assert_logits_close, cache_of, make_images, perturb, random_thresholds, simulated_exits
 
 VARIANTS = [  # (branch, cascade, ensemble)
     ("pool", False, False), ("pool-mlp", True, True), ("pool-mlp", False, True), ("conv-lite", True, False),
     ("conv1", False, True),
 ]
-
-
-def build(branch: str, cascade: bool, ensemble: bool, exits: int | str = 3, seed: int = 0) -> pteenet.EarlyExitModel:
-    torch.manual_seed(seed)
-    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=exits, branch=branch,
-                                                cascade=cascade))
-    perturb(model, seed)
-    if ensemble:
-        x = make_images(64, seed=5)
-        with torch.no_grad():
-            out = model.forward_all(x)
-        model.set_ensemble(fit_ensemble(out.heads, out.final_logits.argmax(1), steps=30))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +39,7 @@ def images() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("branch,cascade,ensemble", VARIANTS)
-def test_runtime_equals_simulation_for_every_head(branch: str, cascade: bool, ensemble: bool, images: torch.Tensor) -> None:
+def test_runtime_equals_simulation_for_every_branch_type(branch: str, cascade: bool, ensemble: bool, images: torch.Tensor) -> None:
     model = build(branch, cascade, ensemble)
     cache = cache_of(model, images)
     with torch.no_grad():
@@ -100,7 +97,7 @@ def test_ensemble_is_fitted_non_negative_and_helps(images: torch.Tensor) -> None
     assert_logits_close(fitted.exit_logits[0], torch.log_softmax(out.heads[0], 1) * w[0, 0] + ens.bias[0])
 
 
-def test_checkpoint_round_trip_keeps_heads_ensemble_and_active(tmp_path: Path, images: torch.Tensor) -> None:
+def test_checkpoint_round_trip_keeps_branches_ensemble_and_active(tmp_path: Path, images: torch.Tensor) -> None:
     model = build("pool-mlp", True, True)
     model.set_active([True, False, True])
     path = tmp_path / "m.safetensors"
@@ -114,7 +111,7 @@ def test_checkpoint_round_trip_keeps_heads_ensemble_and_active(tmp_path: Path, i
 
 
 @pytest.mark.parametrize("chained", [False, True])
-def test_inactive_exits_never_decide_and_their_heads_are_skipped(chained: bool, images: torch.Tensor) -> None:
+def test_inactive_exits_never_decide_and_their_branches_are_skipped(chained: bool, images: torch.Tensor) -> None:
     model = build("pool-mlp", chained, False, exits="all")
     e = model.num_exits
     active = [k in (1, 4) for k in range(e)]
@@ -136,8 +133,8 @@ def test_inactive_exits_never_decide_and_their_heads_are_skipped(chained: bool, 
     assert point.exit_fractions[1] == 1.0
     # heads run: exit 0 only when a later head reads it (cascade); nothing after the last active exit
     assert calls[0] == (1 if chained else 0) and calls[1] == 1 and all(c == 0 for c in calls[2:])
-    assert computed_heads(active, chained)[0] == chained
-    costs = model.cost.costs(computed_heads(active, chained))
+    assert computed_branches(active, chained)[0] == chained
+    costs = model.cost.costs(computed_branches(active, chained))
     assert sim.costs[1] == costs[1] < model.cost.costs()[1] + 1e-12
     assert costs[-1] < model.cost.final_cost  # the heads after exit 4 are not paid for
 
@@ -214,7 +211,7 @@ def test_cond_program_with_ensemble_and_inactive_exits_equals_eager(images: torc
         assert_logits_close(logits, want.logits)
 
 
-def test_attach_exits_all_and_head_costs() -> None:
+def test_attach_exits_all_and_branch_costs() -> None:
     model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits="all", branch="pool",
                                                 cascade=False))
     assert model.num_exits == 9  # every block of the three stages
@@ -229,28 +226,22 @@ def test_attach_exits_all_and_head_costs() -> None:
 
 
 def test_sweep_cli_select_exits_writes_the_active_exits(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from pteenet.cli import app
-
     model = build("pool-mlp", True, True, exits="all")
     model.meta.update(training={"complete": True, "epochs_done": 1},
                       data={"spec": "synthetic", "val_split": 0.2, "seed": 1, "limit": 60})
     ckpt, tuned = tmp_path / "m.safetensors", tmp_path / "tuned.safetensors"
     pteenet.save_checkpoint(ckpt, model)
-    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw"), "--thresholds", "0:1:0.05", "--max-drop", "100",
-                                 "--select-exits", "--policy", "max-softmax", "--write", str(tuned), "--json"])
-    assert r.exit_code == 0, r.stderr
-    import json
-
-    chosen = json.loads(r.stdout)["chosen"]
+    code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw", "--thresholds", "0:1:0.05", "--max-drop", "100",
+                                   "--select-exits", "--policy", "max-softmax", "--write", tuned, "--json")
+    assert code == 0, stderr
+    chosen = json.loads(stdout)["chosen"]
     active = chosen["active_exits"]
     assert active is not None and sum(active) < model.num_exits
     assert pteenet.load(str(tuned)).active == active
     assert chosen["test"]["exit_fractions"][:-1] == pytest.approx(
         [f if a else 0.0 for f, a in zip(chosen["test"]["exit_fractions"][:-1], active)])
-    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--select-exits"])
-    assert r.exit_code == 1 and r.stderr.startswith("Error: --select-exits needs")
+    code, _, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw2", "--select-exits")
+    assert code == 1 and error_line(stderr).startswith("Error: --select-exits needs")
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (16, 12), (7, 7)])

@@ -1,13 +1,13 @@
-"""Where the early-exit model's time goes, head by head, against the backbone.
+"""Where the early-exit model's time goes, branch by branch, against the backbone.
 
-For a trained checkpoint: the backbone's time at batch 256 and 1, every head on its tap (all exits
+For a trained checkpoint: the backbone's time at batch 256 and 1, every branch on its tap (all exits
 computed, as the sweep does) at both batch sizes, in the inference form (``pteenet/exits/fold.py``) and
-as trained, the heads' pooling alone with PyTorch's adaptive kernels and with each of ``GridPool``'s
-equal-window plans, the heads' share of the MACs, and the runtime's row compaction of the first
+as trained, the branches' pooling alone with PyTorch's adaptive kernels and with each of ``GridPool``'s
+equal-window plans, the branches' share of the MACs, and the runtime's row compaction of the first
 tap two ways (boolean mask, index_select). Medians of ``--repeats`` runs timed
-round-robin after warm-up, ``--threads`` threads, glibc allocator tuned (as ``pteenet bench``). Writes ``benchmarks/results/head_cost.json``.
+round-robin after warm-up, ``--threads`` threads, glibc allocator tuned (as ``pteenet bench``). Writes ``benchmarks/results/branch_cost.json``.
 
-    python benchmarks/head_cost.py CHECKPOINT [--threads 2] [--repeats 7]
+    python benchmarks/branch_cost.py CHECKPOINT [--threads 2] [--repeats 7]
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def planned_pools(model: pteenet.EarlyExitModel, taps: list[torch.Tensor], plan:
 
 
 def trained_layers(model: pteenet.EarlyExitModel, taps: list[torch.Tensor], final: torch.Tensor) -> None:
-    """The heads as trained (BatchNorm run, two head matmuls), pooling as before the timed plans."""
+    """The branches as trained (BatchNorm run, two head matmuls), pooling as before the timed plans."""
     with fold.unfolded(), branches.pool_plan("nchw"):
         model.branch_outputs(taps, final)
 
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("checkpoint")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "head_cost.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "branch_cost.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     allocator = tune_allocator()
