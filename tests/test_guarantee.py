@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
+from helpers import error_line
 from pteenet.cli import app
 from pteenet.errors import PteenetError
 from pteenet.sweep import (
@@ -28,7 +29,7 @@ from pteenet.sweep import (
     sweep_global,
 )
 from pteenet.tracing.cost import CostTable, ExitCost
-from test_sweep_cli import GRID, _error_line, _run, trained  # noqa: F401 - the trained tiny checkpoint fixture
+from test_sweep_cli import GRID, _run, trained  # noqa: F401 - the trained tiny checkpoint fixture
 
 E = 3
 COST = CostTable(100, [ExitCost(f"e{k}", f"n{k}", p, 5, (p + 5 * (k + 1)) / 100, (p + 5) / 100)
@@ -168,7 +169,7 @@ def test_cli_confidence_reaches_the_document(trained: Path, tmp_path: Path) -> N
 def test_cli_says_when_nothing_is_certified(trained: Path, tmp_path: Path) -> None:  # noqa: F811
     """100 calibration images cannot certify a 1-point drop; without the guarantee a setting is found."""
     code, _, stderr = _run(trained, "-o", tmp_path / "a", "--thresholds", GRID, "--max-drop", 1)
-    assert code == 1 and "certified" in _error_line(stderr) and "--no-guarantee" in stderr
+    assert code == 1 and "certified" in error_line(stderr) and "--no-guarantee" in stderr
     code, _, stderr = _run(trained, "-o", tmp_path / "b", "--thresholds", GRID, "--max-drop", 1, "--no-guarantee")
     assert code == 0, stderr
 
