@@ -2,6 +2,8 @@
 the one check of a one-line error, and a sink that presses Ctrl-C (no test module imports another)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from typer.testing import CliRunner
@@ -149,3 +151,13 @@ class CtrlCAfter(Task):
         self.left -= steps
         if self.left == 0:
             raise KeyboardInterrupt
+
+
+def swept_checkpoint(folder: Path) -> tuple[pteenet.EarlyExitModel, Path]:
+    """An exit after every block (pool-mlp, cascade, ensemble) saved with a training and data record,
+    ready for ``sweep-threshold`` on synthetic data: (the model, the checkpoint's path)."""
+    model = build("pool-mlp", True, True, exits="all")
+    model.meta.update(training={"complete": True, "epochs_done": 1},
+                      data={"spec": "synthetic", "val_split": 0.2, "seed": 1, "limit": 60})
+    pteenet.save_checkpoint(folder / "m.safetensors", model)
+    return model, folder / "m.safetensors"

@@ -10,8 +10,8 @@ import torch
 import pteenet
 from helpers import error_line, make_images, make_model, run_cli
 from pteenet.bench.run import BenchConfig, bench, verdict
-from pteenet.bench.timing import TimeProfile, profile
 from pteenet.runtime.checkpoint import read_metadata
+from pteenet.runtime.timing import TimeProfile, profile
 
 
 @pytest.fixture(scope="module")

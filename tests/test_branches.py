@@ -21,6 +21,7 @@ from helpers import (
     random_thresholds,
     run_cli,
     simulated_exits,
+    swept_checkpoint,
 )
 from pteenet.exits.chain import computed_branches, fit_ensemble
 from pteenet.export.programs import CondProgram
@@ -226,11 +227,8 @@ def test_attach_exits_all_and_branch_costs() -> None:
 
 
 def test_sweep_cli_select_exits_writes_the_active_exits(tmp_path: Path) -> None:
-    model = build("pool-mlp", True, True, exits="all")
-    model.meta.update(training={"complete": True, "epochs_done": 1},
-                      data={"spec": "synthetic", "val_split": 0.2, "seed": 1, "limit": 60})
-    ckpt, tuned = tmp_path / "m.safetensors", tmp_path / "tuned.safetensors"
-    pteenet.save_checkpoint(ckpt, model)
+    model, ckpt = swept_checkpoint(tmp_path)
+    tuned = tmp_path / "tuned.safetensors"
     code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw", "--thresholds", "0:1:0.05", "--max-drop", "100",
                                    "--select-exits", "--policy", "max-softmax", "--write", tuned, "--json")
     assert code == 0, stderr

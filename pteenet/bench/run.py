@@ -25,9 +25,9 @@ from ..data import DataRequest, load_splits, make_loader, resolve_data
 from ..errors import PteenetError
 from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
+from ..runtime import timing
 from ..runtime.model import EarlyExitModel
 from ..tracing.hooks import NO_EARLY_EXIT
-from . import timing
 
 # Time ratio above the MAC ratio by more than this (relative) counts as "overhead eats part of the
 # savings"; below it the two agree within what run-to-run noise on a busy machine allows.

@@ -64,14 +64,15 @@ def print_bench(doc: dict) -> None:
     threads = f"{doc['threads']} thread{'s' if doc['threads'] != 1 else ''}"
     table = Table(title=f"{doc['images']} images on {doc['device']} ({doc['cpu']}), {threads}, "
                         f"{doc['policy']} T={','.join(f'{t:g}' for t in doc['thresholds'])}")
-    for col in ("batch", "backbone img/s", "early-exit img/s", "time ratio", "MAC ratio",
+    for col in ("batch", "backbone img/s", "early-exit img/s", "time ratio", "predicted", "MAC ratio",
                 "backbone p50/p95 ms", "early-exit p50/p95 ms"):
         table.add_column(col, justify="right")
     for r in doc["results"]:
         lat = {k: f"{r[k]['latency_ms']['p50']:.2f} / {r[k]['latency_ms']['p95']:.2f}" for k in ("backbone", "early_exit")}
         mac = "-" if r["mac_ratio"] is None else f"{r['mac_ratio']:.3f}"
         table.add_row(batch_label(r), f"{r['backbone']['images_per_s']:.1f}", f"{r['early_exit']['images_per_s']:.1f}",
-                      f"{r['time_ratio']:.3f}", mac, lat["backbone"], lat["early_exit"])
+                      f"{r['time_ratio']:.3f}", f"{r.get('predicted_time_ratio', float('nan')):.3f}", mac,
+                      lat["backbone"], lat["early_exit"])
     console.print(table)
     fr = doc["exit_fractions"]
     console.print("exits taken: " + ", ".join(f"{k + 1}: {format_percent(f, 1)}" for k, f in enumerate(fr[:-1]))

@@ -93,6 +93,9 @@ def sweep_command(
     no_guarantee: bool = typer.Option(False, "--no-guarantee", help="with --max-drop: the cheapest setting within P points on the calibration data only (no promise for new data)"),
     write: Optional[Path] = typer.Option(None, help="write the checkpoint with the chosen setting (may be CHECKPOINT)"),
     batch_size: int = typer.Option(256, help="images per batch"),
+    cost: str = typer.Option("macs", help="a point's cost: macs, or time (predicted from stages and heads timed here)"),
+    deploy_batch_size: int = typer.Option(1, "--deploy-batch-size", help="with --cost time: the batch size to predict time for"),
+    max_tail: Optional[float] = typer.Option(None, "--max-tail", help="with --select-exits: a sample that takes no exit costs at most F x the backbone (e.g. 1.2)"),
     device: DeviceOption = "auto",
     workers: int = typer.Option(0, help="data loader worker processes"),
     strict_images: StrictImagesOption = False,
@@ -106,6 +109,7 @@ def sweep_command(
                       per_exit=per_exit, select_exits=select_exits, budget=budget, max_drop=max_drop,
                       confidence=0.0 if no_guarantee else confidence,
                       write=None if write is None else str(write), batch_size=batch_size,
+                      cost=cost, deploy_batch_size=deploy_batch_size, max_tail=max_tail,
                       device=device, workers=workers)
     with progress_sink() as sink:
         doc = sweep_threshold(checkpoint, DataRequest(spec=data, data_dir=data_dir, limit=limit, calibration=calibration,

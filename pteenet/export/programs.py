@@ -4,6 +4,9 @@
   (ONNX ``If``); inputs ``x`` and ``thresholds``, outputs ``logits`` and ``exit_index``.
 - ``StaticProgram`` (``model_static.pt2``, ``model_static.onnx``): no control flow, any batch
   size; every exit's logits and confidence h, then the final logits.
+- ``staged.py`` (``staged_pt2/``, ``staged_onnx/``): the early exit as one program per computed exit
+  and a driver, any batch size and any number of exits (nested conditionals stop exporting at a few
+  dozen exits: RecursionError in Dynamo at the default 27).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from ..errors import PteenetError, describe_error
 from ..exits import policies
 from ..exits.chain import Carry, exit_step
 from ..runtime.model import EarlyExitModel
+from .staged import export_pieces
 
 
 class CondProgram(nn.Module):
@@ -100,7 +104,8 @@ def exported_program(model: EarlyExitModel, static: bool) -> torch.export.Export
     except Exception as e:
         raise PteenetError(f"torch.export cannot export this model {'statically' if static else 'with torch.cond'}: "
                            f"{describe_error(e)}",
-                           "export --format safetensors (always works) and run it with pteenet.load") from e
+                           "export --format staged-onnx or staged-torch-export (one program per exit, any number "
+                           "of exits), or safetensors and run it with pteenet.load") from e
 
 
 @contextlib.contextmanager
@@ -118,6 +123,9 @@ def _quiet(*loggers: str) -> Iterator[None]:
 def write_program(model: EarlyExitModel, fmt: str, path: Path, cache: dict[bool, Any]) -> None:
     """Write format ``fmt`` (a key of ``run.FORMATS`` other than safetensors) to ``path``; ``cache``
     keeps each kind's ``torch.export`` program for the next format of that kind."""
+    if fmt.startswith("staged"):  # a folder of pieces (staged.py)
+        export_pieces(model, path, onnx=fmt.endswith("onnx"))
+        return
     static = fmt.startswith("static")
     if static not in cache:  # torch-export and onnx of one kind share one (slow) torch.export
         cache[static] = exported_program(model, static)

@@ -230,6 +230,13 @@ def _usage_md(files: dict[str, str], n_exits: int) -> list[str]:
         out += [f"`model.onnx` (batch size 1): inputs `x` [1, C, H, W] and `thresholds` [{n_exits}] (float32); outputs "
                 "`logits` [1, K] and `exit_index` [1] (int64; "
                 f"{n_exits} means the backbone's end). Only the exits up to the one taken are computed.", ""]
+    for folder in ("staged_onnx", "staged_pt2"):
+        if folder in files:
+            out += [f"`{folder}/` (any batch size, real early exit): one program per computed exit; "
+                    f"`from run_staged import StagedModel; logits, exit_index = StagedModel('{folder}'"
+                    + ("" if folder == "staged_onnx" else ", torch_runner") + ").run(x)` (numpy in and out; "
+                    "`run_staged.py` is in the folder, `torch_runner` in `pteenet.export.staged`). Only the rows "
+                    "still in flight run on.", ""]
     if "model_static.onnx" in files:
         out += ["`model_static.onnx` (any batch size): input `x`; outputs `exitK_logits`, `exitK_confidence` (h) for each "
                 "exit K and `final_logits`. Every exit is computed: apply the rule above to the outputs to get the same "
@@ -269,7 +276,9 @@ def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
         why = "The sweep did not evaluate this exact setting" if "val" in op else "No sweep was run"
         return out + ["", f"{why}, so its accuracy and cost are not known here."]
     change = 1 - val["cost"]
-    saving = f"{100 * change:.1f}% fewer MACs" if change >= 0 else f"{-100 * change:.1f}% MORE MACs than the backbone"
+    cm = op.get("cost_model") or {}
+    unit = f"predicted time at batch {cm.get('batch_size')}" if cm.get("kind") == "time" else "MACs"
+    saving = f"{100 * change:.1f}% less {unit}" if change >= 0 else f"{-100 * change:.1f}% MORE {unit} than the backbone"
     out += ["", f"On the calibration split: accuracy {format_percent(val.get('accuracy'))}, agreement with the backbone "
             f"{format_percent(val.get('agreement'))}, mean cost {val['cost']:.3f} of the backbone ({saving}; "
             f"paper convention {val['cost_paper']:.3f})."]

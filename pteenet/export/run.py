@@ -54,6 +54,11 @@ FORMATS = {
     "static-torch-export": Format("model_static.pt2", None, (), "torch.export program returning every exit's outputs, any batch size"),
     "onnx": Format("model.onnx", "onnx", ("onnx", "onnxscript"), "ONNX with real early exit (If), batch size 1"),
     "static-onnx": Format("model_static.onnx", "onnx", ("onnx", "onnxscript"), "ONNX returning every exit's outputs, any batch size"),
+    "staged-torch-export": Format("staged_pt2", None, (), "one torch.export program per exit with real early exit, "
+                                  "any batch size, and run_staged.py, the driver (staged.py)"),
+    "staged-onnx": Format("staged_onnx", "onnx", ("onnx", "onnxscript", "onnxruntime"),
+                          "one ONNX program per exit with real early exit, any batch size; run_staged.py drives them "
+                          "with ONNX Runtime (staged.py)"),
 }
 
 
@@ -140,6 +145,8 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
     if sweep:
         point.update(_sweep_numbers(sweep, model.num_exits, model.policy, model.thresholds))
         point["metric"] = sweep.get("metric")
+        cm = sweep.get("cost_model") or {"kind": "macs"}
+        point["cost_model"] = {k: cm.get(k) for k in ("kind", "batch_size")}  # what "cost" means: MACs or time
     return point
 
 

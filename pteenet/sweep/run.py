@@ -37,9 +37,11 @@ from .engine import Point, backbone_point, pareto, parse_range, search_per_exit,
 from .guarantee import CONFIDENCE, certify, record
 from .outputs import build_document, write_sweep_outputs
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
+from .pricing import Pricing, both_costs, pricing_for
 from .selection import Selection, backbone_only, restrict, select_exits
 
 SPLITS = ("val", "test")
+COSTS = ("macs", "time")
 PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along the global front
 
 
@@ -56,6 +58,9 @@ class SweepConfig(Config):
     confidence: float = CONFIDENCE  # with max_drop: certify it holds on new data with this probability; 0: off
     write: str | None = None  # checkpoint to write with the chosen setting
     batch_size: int = 256
+    cost: str = "macs"  # what a point's cost is: MACs, or predicted time measured here (runtime/timing.py)
+    deploy_batch_size: int = 1  # with cost "time": the batch size the time is predicted for
+    max_tail: float | None = None  # exit selection: a sample that takes no exit costs at most this x the backbone
     device: str = "auto"
     workers: int = 0
     plots: bool = True
@@ -75,6 +80,10 @@ class SweepConfig(Config):
             raise PteenetError("--write needs a chosen setting", "pass --budget F or --max-drop P")
         check_int("batch_size", self.batch_size, 1, "e.g. --batch-size 256")
         check_int("workers", self.workers, 0, "0 loads data in the main process")
+        check_choice("cost", self.cost, COSTS)
+        check_int("deploy_batch_size", self.deploy_batch_size, 1, "e.g. --deploy-batch-size 1")
+        if self.max_tail is not None and not (isinstance(self.max_tail, (int, float)) and self.max_tail >= 1.0):
+            raise PteenetError(f"max_tail must be a number >= 1, got {self.max_tail!r}", "e.g. --max-tail 1.2")
 
     @property
     def policies(self) -> list[str]:
@@ -182,14 +191,13 @@ def sweep_meta(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str], grid: np.ndarray,
-                    cfg: SweepConfig, chosen: Point | None) -> tuple[Point | None, list[bool] | None]:
+                    cfg: SweepConfig, chosen: Point | None, pricing: Pricing) -> tuple[Point | None, list[bool] | None]:
     """The chosen point again with exit selection, per policy (global thresholds); kept unless
     ``chosen`` beats it (is cheaper within max_drop, or more accurate within budget)."""
-    assert model.cost is not None
     best: Selection | None = None
     for policy in policies:
         try:
-            sel = select_exits(cache, model.cost, model.chained, policy, grid, cfg.max_drop, cfg.budget)
+            sel = select_exits(cache, pricing, model.chained, policy, grid, cfg.max_drop, cfg.budget, cfg.max_tail)
         except PteenetError:
             continue
         if best is None or _better(sel.point, best.point, cfg.budget is not None):
@@ -236,32 +244,30 @@ def _place(model: EarlyExitModel, cfg: SweepConfig) -> tuple[Group, torch.device
 
 
 def _choose(cache: ExitCache, points: list[Point], model: EarlyExitModel, policies: list[str], grid: np.ndarray,
-            cfg: SweepConfig) -> tuple[Point | None, list[bool] | None, dict[str, Any] | None]:
+            cfg: SweepConfig, pricing: Pricing) -> tuple[Point | None, list[bool] | None, dict[str, Any] | None]:
     """The point the criterion picks (None without one, or where none meets it), with
     ``--select-exits`` the exits that stay active, and with ``--max-drop`` at a confidence the
     certified choice instead and its record (``guarantee.record``, today's choice beside it)."""
     chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
     active = None
     if cfg.select_exits:
-        chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen)
+        chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen, pricing)
     if cfg.max_drop is None or not cfg.confidence:
         return chosen, active, None
     cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit,
-                   cost=model.cost if cfg.select_exits else None, chained=model.chained)
+                   cost=pricing if cfg.select_exits else None, chained=model.chained)
     return cert.point, cert.active, record(cert, backbone_point(cache), chosen, active)
 
 
 def _test_cache(model: EarlyExitModel, test: Dataset, chosen: Point | None, active: list[bool] | None,
-                cfg: SweepConfig, run: Callable[[Dataset, str], ExitCache]) -> ExitCache | None:
+                cfg: SweepConfig, run: Callable[[Dataset, str], ExitCache], pricing: Pricing) -> ExitCache | None:
     """The test split's pass, to report a setting chosen on the calibration split on other images
-    (restricted to the active exits); None when nothing was chosen or it was chosen on test."""
+    (restricted to the active exits, priced as the calibration split); None when nothing was
+    chosen or it was chosen on test."""
     if chosen is None or cfg.split != "val":
         return None
     test_cache = run(test, "test")
-    if active is not None:
-        assert model.cost is not None
-        test_cache = restrict(test_cache, active, model.cost, model.chained)
-    return test_cache
+    return restrict(test_cache, active or [True] * test_cache.num_exits, pricing, model.chained)
 
 
 def _document(cache: ExitCache, points: list[Point], chosen: Point | None, test_cache: ExitCache | None,
@@ -319,7 +325,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
         sink.warn(text)
 
     policies, grid = cfg.policies, parse_range(cfg.thresholds)
-    check_sweepable(model, cfg.budget, name)
+    check_sweepable(model, cfg.budget if cfg.cost == "macs" else None, name)  # a time budget is checked once priced
     training_warnings(model, name, warn)
     data_cfg, notes = _data_config(data, model.meta.get("data"), warn)
     for note in notes:
@@ -336,22 +342,26 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
 
     skipped_before = SKIPPED.mark()
     cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
+    pricing, cost_model = pricing_for(model, cfg.cost, cfg.deploy_batch_size, device)
+    cache = restrict(cache, [True] * cache.num_exits, pricing, model.chained)  # the costs in the chosen unit
     if cache.labels is None:
         sink.note(NO_LABELS)
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
-    chosen, active, guarantee = _choose(cache, points, model, policies, grid, cfg)
+    chosen, active, guarantee = _choose(cache, points, model, policies, grid, cfg, pricing)
     nothing = None
     if chosen is not None and chosen.cost >= 1.0:
-        assert model.cost is not None
-        chosen, active, nothing = backbone_only(cache, chosen, model.cost, model.chained)
+        chosen, active, nothing = backbone_only(cache, chosen, pricing, model.chained)
         warn(f"nothing pays: {nothing.reason()}; "
              + (f"{cfg.write} gets" if cfg.write else "the chosen setting is")
              + " the backbone alone (no exit decides, no branch is computed: cost 1.000); to save compute, "
              "train the exits longer or on more images, or attach fewer, later or cheaper exits")
-    test_cache = _test_cache(model, splits.test, chosen, active, cfg, run)
+    test_cache = _test_cache(model, splits.test, chosen, active, cfg, run, pricing)
     doc = _document(cache, points, chosen, test_cache, active, cfg, source=source, split_info=splits.split_info,
                     policies=policies, grid=grid, budgets=budgets, choosing=choosing, notes=notes,
                     warnings=warnings, skipped=SKIPPED.since(skipped_before), guarantee=guarantee)
+    if chosen is not None and doc["chosen"] is not None:
+        doc["chosen"].update(both_costs(chosen, model, pricing, active))
+    doc["cost_model"] = cost_model
     doc["nothing_pays"] = None if nothing is None else nothing.to_dict()
     if cfg.outdir is not None and group.main:  # under torchrun every rank has the document; rank 0 writes
         skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)

@@ -20,13 +20,15 @@ import numpy as np
 
 from ..errors import PteenetError
 from ..exits.chain import computed_branches
+from ..runtime.timing import TimeProfile
 from ..tracing.cost import CostTable
 from .cache import ExitCache
 from .engine import Point, backbone_point, evaluate, select, sweep_global
 
 
-def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable, chained: bool) -> ExitCache:
-    """The cache as the runtime sees it with only ``active`` exits deciding."""
+def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable | TimeProfile, chained: bool) -> ExitCache:
+    """The cache as the runtime sees it with only ``active`` exits deciding, priced by ``cost``:
+    MACs (``CostTable``) or measured time (``TimeProfile``), both through ``costs(computed)``."""
     mask = np.asarray(active, dtype=bool)
     if mask.shape != (cache.num_exits,):
         raise PteenetError(f"{mask.size} active flags for {cache.num_exits} exits", "give one per exit")
@@ -49,9 +51,11 @@ def _objective(p: Point | None, by_budget: bool) -> tuple[float, float]:
     return (-p.metric, p.cost) if by_budget else (p.cost, -p.metric)
 
 
-def select_exits(cache: ExitCache, cost: CostTable, chained: bool, policy: str, grid: np.ndarray,
-                 max_drop: float | None = None, budget: float | None = None) -> Selection:
-    """Greedy backward elimination of exits for one policy with a global threshold."""
+def select_exits(cache: ExitCache, cost: CostTable | TimeProfile, chained: bool, policy: str, grid: np.ndarray,
+                 max_drop: float | None = None, budget: float | None = None, max_tail: float | None = None) -> Selection:
+    """Greedy backward elimination of exits for one policy with a global threshold. With
+    ``max_tail``, exits are then dropped (the least harmful first) until a sample that leaves at no
+    exit costs at most ``max_tail`` x the backbone: the mean must not hide a slow tail."""
     if (max_drop is None) == (budget is None):
         raise PteenetError("exit selection needs a criterion", "pass either --max-drop or --budget")
     backbone = backbone_point(cache)
@@ -80,6 +84,16 @@ def select_exits(cache: ExitCache, cost: CostTable, chained: bool, policy: str, 
             break
         active[k] = False
         current = best(active)
+    def tail(active: list[bool]) -> float:
+        return cost.costs(computed_branches(active, chained))[-1]
+
+    while max_tail is not None and any(active) and tail(active) > max_tail + 1e-12:
+        # Only removals that shorten the tail count (with a cascade or ensemble: the last active exit).
+        trials = [(_objective(best(t), by_budget), k) for k, t in
+                  ((k, [a and j != k for j, a in enumerate(active)]) for k, a in enumerate(active) if a)
+                  if tail(t) < tail(active) - 1e-12]
+        active[min(trials)[1]] = False
+        current = best(active)
     if current is None:
         raise PteenetError("no setting meets the criterion with any set of exits",
                            "raise --max-drop or --budget")
@@ -106,7 +120,7 @@ class NothingPays:
                 "best_agreement": self.best_agreement, "reason": self.reason()}
 
 
-def backbone_only(cache: ExitCache, chosen: Point, cost: CostTable, chained: bool) -> tuple[Point, list[bool], NothingPays]:
+def backbone_only(cache: ExitCache, chosen: Point, cost: CostTable | TimeProfile, chained: bool) -> tuple[Point, list[bool], NothingPays]:
     """Where the chosen setting costs at least the backbone (branches are work too, so a setting
     that rarely exits costs more): the same policy and thresholds with no exit active, so that the
     runtime computes no branch and the cost is exactly 1.0. Returns that point, the active flags

@@ -1,0 +1,173 @@
+"""A measured cost model: where one batch's time goes, and what each exit costs on the clock.
+
+The MAC ratio is what early exit would save if every MAC took the same time. They do not: on a
+CPU a ResNet's first, high-resolution stage takes more time per MAC than its last (measured:
+``best_resnet56.timing`` in benchmarks/results/cifar10_resnet.json), so leaving early saves less time than MACs; and a pooled head that costs 0.1% of the MACs takes a few
+percent of the time (pooling reads the whole tap, and is memory-bound), at batch 1 more (each op's
+fixed cost). ``profile`` measures, for one batch size, every backbone stage, every computed head,
+one decision (score, comparison, the one value read back) and, at batch > 1, the row compaction
+after an exit, with the machine it ran on. ``TimeProfile.costs`` then prices a sample that leaves
+at exit k in predicted time as a fraction of the plain backbone's, exactly as ``CostTable.costs``
+prices it in MACs, so the sweep and exit selection can price points in time (``--cost time``) and
+``bench`` can split the gap between the MAC ratio and the measured time ratio.
+
+The prediction scales every part linearly with the rows still in flight, which holds at large
+batches; at batch 1 it is the mean time over samples, not a latency percentile.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..exits import policies
+from ..exits.chain import Carry, exit_step
+from .model import EarlyExitModel
+
+
+def machine() -> dict[str, Any]:
+    """What a profile was measured on: its prices hold there only."""
+    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "runtime": "eager"}
+
+
+@dataclass
+class TimeProfile:
+    batch_size: int
+    stage_ms: list[float]  # the E+1 stages, each on the whole batch
+    head_ms: list[float]  # per exit; 0.0 for a head the runtime does not compute
+    backbone_ms: float | None = None  # the plain backbone on the same batch, one call (not a reference)
+    decision_ms: float = 0.0  # one exit's decision: score, comparison, the value read back
+    compaction_ms: list[float] = field(default_factory=list)  # per exit: selecting the rows that stay (batch > 1)
+    machine: dict[str, Any] = field(default_factory=dict)
+    load_average: float | None = None
+
+    @property
+    def reference_ms(self) -> float:
+        """What ratios divide by: the stages' sum, timed the same way as the heads (short calls,
+        round-robin). The whole backbone timed as one long call (``backbone_ms``, recorded to show
+        what splitting costs) is not comparable on a shared machine: a 20 ms call is preempted by
+        other processes far more often than a 0.3 ms one, which would make every exit look cheap."""
+        return sum(self.stage_ms)
+
+    def costs(self, computed: Sequence[bool] | None = None) -> list[float]:
+        """Per exit, then the end: the predicted time of a sample that leaves there, as a fraction
+        of the plain backbone's (``CostTable.costs`` in time). A computed head costs its head, its
+        decision and, at batch > 1, the compaction after it; ``computed`` None: the heads profiled."""
+        flags = [h > 0 for h in self.head_ms] if computed is None else list(computed)
+        ref, out, passed, before = self.reference_ms, [], 0.0, 0.0
+        for k, c in enumerate(flags):
+            before += self.stage_ms[k]
+            if c:
+                passed += self.head_ms[k] + self.decision_ms
+            out.append((before + passed) / ref)
+            if c and self.compaction_ms:
+                passed += self.compaction_ms[k]  # paid only by the rows that go on
+        return out + [(before + self.stage_ms[-1] + passed) / ref]
+
+    def costs_paper(self) -> list[float]:
+        """The paper's convention (prefix and the exit's own head only), in time."""
+        ref, prefix = self.reference_ms, list(itertools.accumulate(self.stage_ms))
+        return [(prefix[k] + h + self.decision_ms) / ref for k, h in enumerate(self.head_ms)] + [prefix[-1] / ref]
+
+    def ratios(self, fractions: Sequence[float]) -> dict[str, float]:
+        """Time ratios to the whole backbone for exit ``fractions`` (E+1, the last: ran to the end):
+        with free exits (``ideal``) and with every part priced (``predicted``)."""
+        ref, prefix = self.reference_ms, list(itertools.accumulate(self.stage_ms))
+        ideal = sum(f * p for f, p in zip(fractions, prefix)) / ref
+        predicted = sum(f * c for f, c in zip(fractions, self.costs()))
+        return {"ideal_time_ratio": ideal, "predicted_time_ratio": predicted}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "stage_ms": self.stage_ms, "head_ms": self.head_ms,
+                "backbone_ms": self.backbone_ms, "decision_ms": self.decision_ms,
+                "compaction_ms": self.compaction_ms, "machine": self.machine, "load_average": self.load_average}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TimeProfile":
+        return cls(int(d["batch_size"]), list(d["stage_ms"]), list(d["head_ms"]), d.get("backbone_ms"),
+                   float(d.get("decision_ms", 0.0)), list(d.get("compaction_ms") or []), dict(d.get("machine") or {}),
+                   d.get("load_average"))
+
+
+def _round_robin(calls: dict[Any, Callable[[], Any]], repeats: int, warmup: int) -> dict[Any, float]:
+    """Median ms of each call over ``repeats`` rounds, taking turns, so that other load on the
+    machine hits every part alike."""
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for r in range(warmup + repeats):
+        for key, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    return {key: 1e3 * statistics.median(v) for key, v in times.items()}
+
+
+def _full_pass(model: EarlyExitModel, x: torch.Tensor, computed: list[bool],
+               segments: dict[tuple[str, int], list[float]]) -> None:
+    """One pass through every stage and computed head in the runtime's order, each segment timed
+    where it runs: a head then finds its weights as cold as in a real pass (timed alone and
+    repeated, 27 heads' weights stay in cache and look cheaper than they are at batch 1)."""
+    state: tuple[Any, ...] = (x,)
+    carry = Carry()
+    stages = model.stages.modules
+    for k, stage in enumerate(stages[:-1]):
+        t0 = time.perf_counter()
+        out = stage(*state)
+        t1 = time.perf_counter()
+        state = out[:-1]
+        segments[("stage", k)].append(t1 - t0)
+        if computed[k]:
+            _, _, _, carry = exit_step(model.branches[k], model.ensemble, k, out[-1], carry)
+            segments[("head", k)].append(time.perf_counter() - t1)
+    t0 = time.perf_counter()
+    stages[-1](*state)
+    segments[("stage", len(stages) - 1)].append(time.perf_counter() - t0)
+
+
+def profile(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> TimeProfile:
+    """Time the plain backbone, each stage of ``model`` and each computed head (inside full passes,
+    ``_full_pass``), one decision and, at batch > 1, the compaction after each exit (keeping 90% of
+    the rows), for the batch ``x``: medians over ``repeats`` rounds, taken in turns."""
+    stages = model.stages.modules
+    computed = model.computed_branches()
+    policy, threshold = model.policy, model.thresholds[0] if model.thresholds else 0.5
+    segments: dict[tuple[str, int], list[float]] = {("stage", k): [] for k in range(len(stages))}
+    segments.update({("head", k): [] for k, c in enumerate(computed) if c})
+    calls: dict[Any, Callable[[], Any]] = {("backbone", 0): lambda: model.backbone(x),
+                                           ("pass", 0): lambda: _full_pass(model, x, computed, segments)}
+    n = x.shape[0]
+    keep = torch.arange(n, device=x.device)[: max(1, (9 * n) // 10)]
+    with torch.inference_mode():
+        state: tuple[Any, ...] = (x,)
+        carry = Carry()
+        for k, stage in enumerate(stages[:-1]):
+            out = stage(*state)
+            state = out[:-1]
+            if computed[k]:
+                _, logits, conf, carry = exit_step(model.branches[k], model.ensemble, k, out[-1], carry)
+                if ("decision", 0) not in calls:
+                    calls[("decision", 0)] = lambda logits=logits, conf=conf: bool(
+                        policies.passes(policy, policies.score(policy, logits, conf), threshold).any())
+            if n > 1:
+                flags = model.stages.batched[k + 1]
+                calls[("compaction", k)] = lambda state=state, flags=flags, carry=carry: (
+                    tuple(v.index_select(0, keep) if b else v for v, b in zip(state, flags)), carry.select(keep))
+        med = _round_robin(calls, repeats, warmup)
+    med.update({key: 1e3 * statistics.median(v[warmup:]) for key, v in segments.items()})
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    return TimeProfile(n, [med[("stage", k)] for k in range(len(stages))],
+                       [med.get(("head", k), 0.0) for k in range(model.num_exits)], med[("backbone", 0)],
+                       med.get(("decision", 0), 0.0),
+                       [med.get(("compaction", k), 0.0) for k in range(model.num_exits)] if n > 1 else [],
+                       machine(), load)

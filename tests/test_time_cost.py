@@ -1,0 +1,111 @@
+"""The measured cost model (``runtime/timing.py``): time prices, exit selection priced in time, and
+``sweep-threshold --cost time``. Prices here are given, not measured (no timed test), except where
+only their presence and shape are checked."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import pteenet
+from helpers import build, cache_of, make_images, simulated_exits, swept_checkpoint
+from pteenet.cli import app
+from pteenet.runtime.timing import TimeProfile, profile
+from pteenet.sweep import ExitCache, restrict, select_exits
+
+
+def test_time_costs_price_heads_decisions_and_compaction() -> None:
+    prof = TimeProfile(batch_size=8, stage_ms=[1.0, 2.0, 2.0], head_ms=[0.5, 0.25], backbone_ms=4.0,
+                       decision_ms=0.1, compaction_ms=[0.2, 0.3])
+    # exit 0: stage 0 + head 0 + decision; exit 1 adds the compaction after exit 0, stage 1, head 1, decision
+    # (ratios to the stages' sum, 5 ms: backbone_ms, one long call, is only recorded)
+    assert prof.costs() == pytest.approx([1.6 / 5, (1.6 + 0.2 + 2.0 + 0.35) / 5, (1.6 + 0.2 + 2.35 + 0.3 + 2.0) / 5])
+    # head 0 not computed: neither its head, its decision nor a compaction after it
+    assert prof.costs([False, True]) == pytest.approx([1.0 / 5, 3.35 / 5, 5.65 / 5])
+    assert TimeProfile.from_dict(json.loads(json.dumps(prof.to_dict()))) == prof
+    assert prof.ratios([0.5, 0.0, 0.5])["predicted_time_ratio"] == pytest.approx(0.5 * 1.6 / 5 + 0.5 * 6.45 / 5)
+
+
+def test_profile_records_the_machine_and_every_part() -> None:
+    model = build("pool-mlp", True, True)
+    prof = profile(model, make_images(4), repeats=1)
+    assert prof.backbone_ms and prof.backbone_ms > 0 and prof.decision_ms > 0
+    assert len(prof.compaction_ms) == model.num_exits and all(t > 0 for t in prof.compaction_ms)
+    assert {"cpu", "threads", "torch", "runtime"} <= set(prof.machine)
+    assert profile(model, make_images(1), repeats=1).compaction_ms == []  # batch 1 never compacts
+
+
+def test_time_priced_selection_drops_the_exits_that_cost_more_than_they_save() -> None:
+    model = build("pool-mlp", False, False, exits="all")
+    x = make_images(200, seed=13)
+    cache = cache_of(model, x)
+    cache.labels = cache.preds[-1].astype(np.int64)
+    grid = np.linspace(0, 1, 51)
+    e = model.num_exits
+    # Stages of 1 ms; heads cheap except at exits 2, 5 and 6, which cost as much as 3 stages.
+    slow = {2, 5, 6}
+    prof = TimeProfile(batch_size=1, stage_ms=[1.0] * (e + 1), head_ms=[3.0 if k in slow else 0.01 for k in range(e)],
+                       backbone_ms=float(e + 1))
+    sel = select_exits(cache, prof, model.chained, "max-softmax", grid, max_drop=5.0)
+    assert not any(sel.active[k] for k in slow)
+    by_macs = select_exits(cache, model.cost, model.chained, "max-softmax", grid, max_drop=5.0)
+    assert by_macs.active != sel.active
+    # The runtime with that selection takes the exits the time-priced simulation says.
+    model.set_active(sel.active)
+    for batch in (x, x[:1], x[1:2]):
+        pred = model.predict(batch, sel.point.thresholds or [], "max-softmax")
+        sim = restrict(cache_of(model, batch), sel.active, prof, model.chained)
+
+        np.testing.assert_array_equal(pred.exit_index.numpy(), simulated_exits(sim, "max-softmax", sel.point.thresholds or []))
+    frac = np.bincount(model.predict(x, sel.point.thresholds or [], "max-softmax").exit_index.numpy(), minlength=e + 1) / len(x)
+    np.testing.assert_allclose(frac, sel.point.exit_fractions)
+    assert sel.point.cost == pytest.approx(float(np.dot(frac, prof.costs(model.computed_branches()))))
+
+
+def test_sweep_cli_cost_time_records_the_batch_size_and_both_costs(tmp_path: Path) -> None:
+    model, ckpt = swept_checkpoint(tmp_path)
+    tuned = tmp_path / "tuned.safetensors"
+    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw"), "--thresholds", "0:1:0.05",
+                                 "--max-drop", "100", "--select-exits", "--policy", "max-softmax", "--cost", "time",
+                                 "--deploy-batch-size", "4", "--write", str(tuned), "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    cm = doc["cost_model"]
+    assert cm["kind"] == "time" and cm["batch_size"] == 4 and cm["profile"]["batch_size"] == 4
+    assert len(cm["profile"]["head_ms"]) == model.num_exits and cm["profile"]["machine"]["torch"]
+    chosen = doc["chosen"]
+    assert chosen["time_cost"] == pytest.approx(chosen["cost"]) and 0 < chosen["mac_cost"] != chosen["cost"]
+    saved = pteenet.load(str(tuned))
+    assert saved.meta["sweep"]["cost_model"]["batch_size"] == 4 and saved.active == chosen["active_exits"]
+    r = CliRunner().invoke(app, ["export", str(tuned), "-o", str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.stderr
+    assert "less predicted time at batch 4" in (tmp_path / "exp" / "report.md").read_text()  # the report says which
+    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--cost", "watts"])
+    assert r.exit_code == 1 and "cost" in r.stderr
+
+
+def test_max_tail_bounds_what_a_sample_that_never_leaves_pays() -> None:
+    # Four exits, each the only one sure (and right) about its own fifth of the samples; the last
+    # fifth runs to the end. Every exit pays for itself on the mean, so selection keeps all four,
+    # and a sample that never leaves pays all four heads: 1.24x.
+    e, n = 4, 500
+    group = np.arange(n) % (e + 1)
+    preds = np.ones((e + 1, n), dtype=np.int64)
+    preds[-1] = 0
+    scores = np.full((e, n), 0.1, dtype=np.float32)
+    for k in range(e):
+        preds[k, group == k] = 0
+        scores[k, group == k] = 0.99
+    prof = TimeProfile(batch_size=1, stage_ms=[1.0] * (e + 1), head_ms=[0.3] * e, backbone_ms=float(e + 1))
+    cost = ExitCache(preds, {"max-softmax": scores}, np.zeros(n), prof.costs(), prof.costs_paper())
+    grid = np.linspace(0, 1, 51)
+    free = select_exits(cost, prof, False, "max-softmax", grid, max_drop=0.5)
+    assert free.active == [True] * e and prof.costs()[-1] == pytest.approx(1.24)
+    sel = select_exits(cost, prof, False, "max-softmax", grid, max_drop=0.5, max_tail=1.15)
+    assert sel.active.count(True) == 2 and prof.costs(sel.active)[-1] <= 1.15
+    assert sel.point.accuracy == 1.0  # what leaves still leaves right
+    with pytest.raises(pteenet.PteenetError, match="no setting meets"):  # only the backbone has no tail
+        select_exits(cost, prof, False, "max-softmax", grid, max_drop=0.5, max_tail=1.0)
