@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..configs import check_number
 from ..errors import PteenetError
 from ..exits import policies as pol
 from ..tracing.cost import CostTable
@@ -78,6 +79,13 @@ class Certified:
     point: Point | None  # the chosen setting on the whole calibration cache; None: nothing certified
     active: list[bool] | None  # exits that decide (exit selection), None: all
     guarantee: Guarantee
+
+
+def check_confidence(value: float) -> None:
+    """0 (no guarantee) or a confidence in [0.5, 1)."""
+    if value != 0:
+        check_number("confidence", value, 0.5, 1, high_open=True,
+                     hint="e.g. --confidence 0.9; 0 (or --no-guarantee) chooses without a guarantee")
 
 
 def risk_counts(cache: ExitCache, exits: np.ndarray) -> tuple[int, int]:

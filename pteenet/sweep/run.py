@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .. import distributed
-from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_number, check_parent_folder
+from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_parent_folder
 from ..data import NO_LABELS, SKIPPED, DataConfig, DataRequest, make_loader, resolve_data
 from ..devices import resolve_device
 from ..distributed import Group
@@ -34,7 +34,7 @@ from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
 from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
 from .engine import Point, backbone_point, pareto, parse_range, search_per_exit, select, sweep_global
-from .guarantee import CONFIDENCE, certify, record
+from .guarantee import CONFIDENCE, certify, check_confidence, record
 from .outputs import build_document, write_sweep_outputs
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .pricing import Pricing, both_costs, pricing_for
@@ -71,9 +71,7 @@ class SweepConfig(Config):
         check_policy(self.policy, also=("all",))
         parse_range(self.thresholds)
         check_criterion(self.budget, self.max_drop)
-        if self.confidence != 0:
-            check_number("confidence", self.confidence, 0.5, 1, high_open=True,
-                         hint="e.g. --confidence 0.9; 0 (or --no-guarantee) chooses without a guarantee")
+        check_confidence(self.confidence)
         if self.select_exits and self.budget is None and self.max_drop is None:
             raise PteenetError("--select-exits needs a criterion", "pass --budget F or --max-drop P")
         if self.write and self.budget is None and self.max_drop is None:
@@ -245,17 +243,14 @@ def _place(model: EarlyExitModel, cfg: SweepConfig) -> tuple[Group, torch.device
 
 def _choose(cache: ExitCache, points: list[Point], model: EarlyExitModel, policies: list[str], grid: np.ndarray,
             cfg: SweepConfig, pricing: Pricing) -> tuple[Point | None, list[bool] | None, dict[str, Any] | None]:
-    """The point the criterion picks (None without one, or where none meets it), with
-    ``--select-exits`` the exits that stay active, and with ``--max-drop`` at a confidence the
-    certified choice instead and its record (``guarantee.record``, today's choice beside it)."""
+    """The point the criterion picks (None: none meets it), the exits that stay active (``--select-exits``),
+    and with a confidence the certified choice instead and its record (today's choice beside it)."""
     chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
-    active = None
-    if cfg.select_exits:
-        chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen, pricing)
+    chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen, pricing) if cfg.select_exits \
+        else (chosen, None)
     if cfg.max_drop is None or not cfg.confidence:
         return chosen, active, None
-    cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit,
-                   cost=pricing if cfg.select_exits else None, chained=model.chained)
+    cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit, cost=pricing if cfg.select_exits else None, chained=model.chained)
     return cert.point, cert.active, record(cert, backbone_point(cache), chosen, active)
 
 
@@ -273,8 +268,7 @@ def _test_cache(model: EarlyExitModel, test: Dataset, chosen: Point | None, acti
 def _document(cache: ExitCache, points: list[Point], chosen: Point | None, test_cache: ExitCache | None,
               active: list[bool] | None, cfg: SweepConfig, *, source: str | None, split_info: dict[str, Any],
               policies: list[str], grid: np.ndarray, budgets: dict[str, list[float]], choosing: bool,
-              notes: list[str], warnings: list[str], skipped: list[Any],
-              guarantee: dict[str, Any] | None = None) -> dict[str, Any]:
+              notes: list[str], warnings: list[str], skipped: list[Any], guarantee: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sweep's document (sweep.json): the curve, the choice and how they were made."""
     doc = build_document(cache, points, chosen, test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
     if doc["chosen"] is not None:
