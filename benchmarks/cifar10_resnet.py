@@ -106,8 +106,7 @@ def budgets(points: list[Point], n: int = 12) -> list[float]:
 
 def subset(cache: ExitCache, idx: Any) -> ExitCache:
     """The cache restricted to some samples (for calibrating on one half of a split, reporting on the other)."""
-    return ExitCache(cache.preds[:, idx], {k: v[:, idx] for k, v in cache.scores.items()},
-                     None if cache.labels is None else cache.labels[idx], cache.costs, cache.costs_paper)
+    return cache.take(idx)
 
 
 def report_half(n: int, which: int = 1) -> np.ndarray:

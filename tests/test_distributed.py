@@ -64,7 +64,7 @@ class Die(Task):
 
 
 def sweep_cfg(outdir: Path) -> SweepConfig:
-    return SweepConfig(outdir=str(outdir), max_drop=5.0, device="cpu", batch_size=16, plots=False)
+    return SweepConfig(outdir=str(outdir), max_drop=5.0, confidence=0.0, device="cpu", batch_size=16, plots=False)
 
 
 def _outcome(fn: Any) -> dict[str, Any]:

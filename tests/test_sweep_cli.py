@@ -208,7 +208,7 @@ def test_untrained_checkpoint_warns_but_continues(tmp_path: Path) -> None:
 
 def test_choosing_on_test_is_labelled(trained: Path, tmp_path: Path) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--split", "test",
-                                "--max-drop", 5, "--json")
+                                "--max-drop", 5, "--no-guarantee", "--json")  # 100 images certify no 5-point drop
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc["split"] == doc["selection_split"] == "test" and "test" not in doc["chosen"]
@@ -233,7 +233,7 @@ def test_a_setting_dearer_than_the_backbone_is_flagged(tmp_path: Path) -> None:
     ckpt = tmp_path / "untrained.safetensors"
     pteenet.save_checkpoint(ckpt, _tiny())
     code, stdout, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID, "--data", "synthetic",
-                                "--limit", 40, "--max-drop", 0, "--json")
+                                "--limit", 40, "--max-drop", 0, "--no-guarantee", "--json")  # 0 points: never certified
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc["nothing_pays"]["cheapest"]["cost"] >= 1.0 and doc["chosen"]["cost"] == 1.0  # the backbone alone

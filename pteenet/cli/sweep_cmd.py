@@ -11,7 +11,8 @@ from rich.table import Table
 
 from ..data import DataRequest
 from ..progress import format_percent
-from ..sweep import Point, SweepConfig, short_thresholds, sweep_threshold
+from ..sweep import CONFIDENCE, Point, SweepConfig, short_thresholds, sweep_threshold
+from ..sweep.guarantee import describe
 from .common import console, emit, handle_errors, progress_sink
 from .options import (
     ALL_POLICIES,
@@ -64,7 +65,8 @@ def _summary(doc: dict[str, Any]) -> str:
     if test:
         text += f"; on test {metric} {format_percent(test[metric])} at cost {test['cost']:.3f} " \
                 f"(backbone {format_percent(test['backbone'][metric])})"
-    return text
+    g = doc.get("guarantee")
+    return text if not g else text + "\n" + describe(g)
 
 
 @handle_errors
@@ -86,7 +88,9 @@ def sweep_command(
     per_exit: bool = typer.Option(False, "--per-exit", help="also search one threshold per exit at a set of budgets"),
     select_exits: bool = typer.Option(False, "--select-exits", help="also choose which exits decide at all (greedy; needs --budget or --max-drop); unused heads are not computed"),
     budget: Optional[float] = typer.Option(None, help="choose the most accurate setting with mean cost <= F x backbone"),
-    max_drop: Optional[float] = typer.Option(None, help="choose the cheapest setting at most P points below the backbone"),
+    max_drop: Optional[float] = typer.Option(None, help="choose the cheapest setting at most P points below the backbone (accuracy; agreement without labels), certified for new data"),
+    confidence: float = typer.Option(CONFIDENCE, metavar="C", help="with --max-drop: the drop stays within P points on new data from the same distribution with probability >= C (Learn-then-Test); 0 = no guarantee"),
+    no_guarantee: bool = typer.Option(False, "--no-guarantee", help="with --max-drop: the cheapest setting within P points on the calibration data only (no promise for new data)"),
     write: Optional[Path] = typer.Option(None, help="write the checkpoint with the chosen setting (may be CHECKPOINT)"),
     batch_size: int = typer.Option(256, help="images per batch"),
     cost: str = typer.Option("macs", help="a point's cost: macs, or time (predicted from stages and heads timed here)"),
@@ -103,6 +107,7 @@ def sweep_command(
     """
     cfg = SweepConfig(outdir=str(output), split=split.value, policy=policy, thresholds=thresholds,
                       per_exit=per_exit, select_exits=select_exits, budget=budget, max_drop=max_drop,
+                      confidence=0.0 if no_guarantee else confidence,
                       write=None if write is None else str(write), batch_size=batch_size,
                       cost=cost, deploy_batch_size=deploy_batch_size, max_tail=max_tail,
                       device=device, workers=workers)

@@ -11,7 +11,8 @@ from ..atomic import atomic_write_bytes, atomic_write_text
 from ..exits import policies
 from ..progress import format_macs, format_percent
 from ..runtime.model import EarlyExitModel
-from ..sweep import Point, curve_figure, pareto
+from ..sweep import Point, curve_figure, pareto, threshold_list
+from ..sweep.guarantee import describe
 from ..tracing.hooks import NO_EARLY_EXIT
 from ..version import __version__
 
@@ -43,12 +44,21 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
         "sweep": None if not sweep else {k: sweep.get(k) for k in ("metric", "samples", "backbone", "oracle", "criterion", "points",
                                                                 "no_accuracy", "nothing_pays")},
         "nothing_pays": nothing_pays(model),
-        "operating_point": {**point, "rule": _rule(point["policy"]),
+        "operating_point": {**point, "rule": _rule(point["policy"]), "guarantee": _guarantee(sweep, point, model.num_exits),
                             "reduction": None if not val else 1.0 - val["cost"],
                             "reduction_paper": None if not val else 1.0 - val["cost_paper"]},
         "bench": model.meta.get("bench"),
         "files": files,
     }
+
+
+def _guarantee(sweep: dict[str, Any] | None, point: dict[str, Any], n_exits: int) -> dict[str, Any] | None:
+    """The sweep's certificate when the exported point is the setting it certified, else None."""
+    g, chosen = (sweep or {}).get("guarantee"), (sweep or {}).get("chosen") or {}
+    ts = threshold_list(chosen.get("threshold"), n_exits)
+    same = g and g.get("bound_points") is not None and chosen.get("policy") == point["policy"] and ts is not None \
+        and len(ts) == len(point["thresholds"]) and all(abs(a - b) < 1e-9 for a, b in zip(ts, point["thresholds"]))
+    return g if same else None
 
 
 def nothing_pays(model: EarlyExitModel) -> str | None:
@@ -257,6 +267,10 @@ def _sweep_md(sw: dict[str, Any] | None) -> list[str]:
 
 def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
     out = [f"Chosen as {op['how']}: policy `{op['policy']}`, thresholds {', '.join(f'{t:g}' for t in op['thresholds'])}."]
+    g = op.get("guarantee")
+    out += ["", f"**Guarantee.** {describe(g)}" if g else
+            "**No guarantee** for new data: this point was not certified (`pteenet sweep-threshold --max-drop P "
+            "--confidence C --write` certifies one)."]
     val = op.get("val")
     if not val:
         why = "The sweep did not evaluate this exact setting" if "val" in op else "No sweep was run"

@@ -58,6 +58,11 @@ class ExitCache:
     def num_samples(self) -> int:
         return self.preds.shape[1]
 
+    def take(self, idx: np.ndarray) -> ExitCache:
+        """The cache of some of its samples (``idx``: indices or a boolean mask)."""
+        return ExitCache(self.preds[:, idx], {k: v[:, idx] for k, v in self.scores.items()},
+                         None if self.labels is None else self.labels[idx], self.costs, self.costs_paper)
+
     def save(self, path: str | os.PathLike) -> None:
         """Save as .npz (no pickles), atomically."""
         arrays = {"format": np.array(_FORMAT), "preds": self.preds, "costs": self.costs,

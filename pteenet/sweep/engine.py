@@ -110,9 +110,7 @@ def _point_from_exits(cache: ExitCache, exit_idx: np.ndarray, thresholds: list[f
                        policy, kind)
 
 
-def evaluate(cache: ExitCache, policy: str, thresholds: float | Sequence[float]) -> Point:
-    """One setting: a global threshold (float) or one threshold per exit."""
-    s = _policy_scores(cache, policy)
+def _setting(cache: ExitCache, thresholds: float | Sequence[float]) -> tuple[list[float], str]:
     if np.ndim(thresholds) == 0:
         ts, kind = [float(thresholds)] * cache.num_exits, "global"  # type: ignore[arg-type]
     else:
@@ -120,7 +118,19 @@ def evaluate(cache: ExitCache, policy: str, thresholds: float | Sequence[float])
     if len(ts) != cache.num_exits:
         raise PteenetError(f"{len(ts)} thresholds given for {cache.num_exits} exits",
                            "give one threshold per exit, or a single global one")
-    return _point_from_exits(cache, _first_index(_passmat(policy, s, ts)), ts, policy, kind)
+    return ts, kind
+
+
+def exit_indices(cache: ExitCache, policy: str, thresholds: float | Sequence[float]) -> np.ndarray:
+    """[N] where each sample leaves under a setting (E: it runs to the end)."""
+    ts, _ = _setting(cache, thresholds)
+    return _first_index(_passmat(policy, _policy_scores(cache, policy), ts))
+
+
+def evaluate(cache: ExitCache, policy: str, thresholds: float | Sequence[float]) -> Point:
+    """One setting: a global threshold (float) or one threshold per exit."""
+    ts, kind = _setting(cache, thresholds)
+    return _point_from_exits(cache, exit_indices(cache, policy, ts), ts, policy, kind)
 
 
 def backbone_point(cache: ExitCache) -> Point:

@@ -34,6 +34,7 @@ from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
 from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
 from .engine import Point, backbone_point, pareto, parse_range, search_per_exit, select, sweep_global
+from .guarantee import CONFIDENCE, certify, check_confidence, record
 from .outputs import build_document, write_sweep_outputs
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .pricing import Pricing, both_costs, pricing_for
@@ -54,6 +55,7 @@ class SweepConfig(Config):
     select_exits: bool = False  # also search which exits should decide at all (needs budget or max_drop)
     budget: float | None = None  # mean cumulative cost <= budget x backbone
     max_drop: float | None = None  # percentage points below the backbone
+    confidence: float = CONFIDENCE  # with max_drop: certify it holds on new data with this probability; 0: off
     write: str | None = None  # checkpoint to write with the chosen setting
     batch_size: int = 256
     cost: str = "macs"  # what a point's cost is: MACs, or predicted time measured here (runtime/timing.py)
@@ -69,6 +71,7 @@ class SweepConfig(Config):
         check_policy(self.policy, also=("all",))
         parse_range(self.thresholds)
         check_criterion(self.budget, self.max_drop)
+        check_confidence(self.confidence)
         if self.select_exits and self.budget is None and self.max_drop is None:
             raise PteenetError("--select-exits needs a criterion", "pass --budget F or --max-drop P")
         if self.write and self.budget is None and self.max_drop is None:
@@ -239,13 +242,16 @@ def _place(model: EarlyExitModel, cfg: SweepConfig) -> tuple[Group, torch.device
 
 
 def _choose(cache: ExitCache, points: list[Point], model: EarlyExitModel, policies: list[str], grid: np.ndarray,
-            cfg: SweepConfig, pricing: Pricing) -> tuple[Point | None, list[bool] | None]:
-    """The point the criterion picks (None without one, or where none meets it) and, with
-    ``--select-exits``, the exits that stay active."""
+            cfg: SweepConfig, pricing: Pricing) -> tuple[Point | None, list[bool] | None, dict[str, Any] | None]:
+    """The point the criterion picks (None: none meets it), the exits that stay active (``--select-exits``),
+    and with a confidence the certified choice instead and its record (today's choice beside it)."""
     chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
-    if cfg.select_exits:
-        return _with_selection(cache, model, policies, grid, cfg, chosen, pricing)
-    return chosen, None
+    chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen, pricing) if cfg.select_exits \
+        else (chosen, None)
+    if cfg.max_drop is None or not cfg.confidence:
+        return chosen, active, None
+    cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit, cost=pricing if cfg.select_exits else None, chained=model.chained)
+    return cert.point, cert.active, record(cert, backbone_point(cache), chosen, active)
 
 
 def _test_cache(model: EarlyExitModel, test: Dataset, chosen: Point | None, active: list[bool] | None,
@@ -262,7 +268,7 @@ def _test_cache(model: EarlyExitModel, test: Dataset, chosen: Point | None, acti
 def _document(cache: ExitCache, points: list[Point], chosen: Point | None, test_cache: ExitCache | None,
               active: list[bool] | None, cfg: SweepConfig, *, source: str | None, split_info: dict[str, Any],
               policies: list[str], grid: np.ndarray, budgets: dict[str, list[float]], choosing: bool,
-              notes: list[str], warnings: list[str], skipped: list[Any]) -> dict[str, Any]:
+              notes: list[str], warnings: list[str], skipped: list[Any], guarantee: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sweep's document (sweep.json): the curve, the choice and how they were made."""
     doc = build_document(cache, points, chosen, test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
     if doc["chosen"] is not None:
@@ -272,7 +278,7 @@ def _document(cache: ExitCache, points: list[Point], chosen: Point | None, test_
         "selection_split": cfg.split if choosing else None,
         "data": split_info,
         "policies": policies, "grid": {"range": cfg.thresholds, "count": int(grid.size)},
-        "per_exit_budgets": budgets,
+        "per_exit_budgets": budgets, "guarantee": guarantee,
         "pareto": _front_indices(points, policies),
         "notes": notes, "warnings": warnings, "written": cfg.write, "outdir": cfg.outdir,
         "no_accuracy": NO_LABELS if cache.labels is None else None,
@@ -285,6 +291,11 @@ def _apply_choice(model: EarlyExitModel, doc: dict[str, Any], chosen: Point | No
                   cfg: SweepConfig, choosing: bool) -> None:
     """Set the chosen point on the model (thresholds, policy, active exits, ``meta["sweep"]``);
     refuse where a criterion was given and no swept setting meets it."""
+    g = doc.get("guarantee")
+    if choosing and chosen is None and g is not None:
+        raise PteenetError(f"no swept setting is certified within {cfg.max_drop} points at confidence "
+                           f"{cfg.confidence:g} on {g['samples']} calibration images",
+                           "raise --max-drop, calibrate on more images, lower --confidence, or --no-guarantee")
     if choosing and chosen is None:
         raise PteenetError(f"no swept setting is within {cfg.max_drop} points of the backbone"
                            + (f" (the curve is in {cfg.outdir})" if cfg.outdir else ""),
@@ -330,7 +341,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     if cache.labels is None:
         sink.note(NO_LABELS)
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
-    chosen, active = _choose(cache, points, model, policies, grid, cfg, pricing)
+    chosen, active, guarantee = _choose(cache, points, model, policies, grid, cfg, pricing)
     nothing = None
     if chosen is not None and chosen.cost >= 1.0:
         chosen, active, nothing = backbone_only(cache, chosen, pricing, model.chained)
@@ -341,7 +352,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     test_cache = _test_cache(model, splits.test, chosen, active, cfg, run, pricing)
     doc = _document(cache, points, chosen, test_cache, active, cfg, source=source, split_info=splits.split_info,
                     policies=policies, grid=grid, budgets=budgets, choosing=choosing, notes=notes,
-                    warnings=warnings, skipped=SKIPPED.since(skipped_before))
+                    warnings=warnings, skipped=SKIPPED.since(skipped_before), guarantee=guarantee)
     if chosen is not None and doc["chosen"] is not None:
         doc["chosen"].update(both_costs(chosen, model, pricing, active))
     doc["cost_model"] = cost_model
