@@ -25,7 +25,7 @@ from helpers import (
 )
 from pteenet.exits.chain import computed_branches, fit_ensemble
 from pteenet.export.programs import CondProgram
-from pteenet.sweep import backbone_point, evaluate, restrict, select, select_exits, sweep_global
+from pteenet.sweep import ExitCache, backbone_point, evaluate, restrict, select, select_exits, sweep_global
 from pteenet.training.batches import _stem_shapes
 
 VARIANTS = [  # (branch, cascade, ensemble)
@@ -196,6 +196,36 @@ def test_exit_selection_by_budget_is_never_worse_than_every_exit() -> None:
     assert (sel.point.metric, -sel.point.cost) >= (full.metric, -full.cost)
     _assert_locally_optimal(cache, model, sel.active, grid,
                             lambda p: (np.inf,) if p is None else (-p.metric, p.cost), budget=budget)
+
+
+class _HandCosts:
+    """Costs of two non-chained exits as CostTable.costs(computed) prices them: the prefix up to the
+    exit plus every computed branch passed; the second branch is dear (0.3 of the backbone)."""
+
+    prefix, branch = np.array([0.2, 0.5]), np.array([0.05, 0.3])
+
+    def costs(self, computed: list[bool]) -> list[float]:
+        paid = np.cumsum(np.where(computed, self.branch, 0.0))
+        return [*(self.prefix + paid), 1.0 + paid[-1]]
+
+
+def test_exit_selection_by_budget_keeps_accuracy_before_cost() -> None:
+    """A dear exit that corrects the backbone: dropping it is the cheapest removal but costs accuracy,
+    so within the budget selection must drop the useless exit instead (accuracy first, then cost)."""
+    n, wrong = 100, np.arange(80, 100)  # the backbone is wrong on the last 20 samples; only exit 1 is right there
+    labels = np.zeros(n, dtype=np.int64)
+    backbone = labels.copy()
+    backbone[wrong] = 1
+    preds = np.stack([backbone, 1 - labels, backbone])  # exit 1 says 1 everywhere but where it is sure
+    preds[1, wrong] = 0
+    scores = np.zeros((2, n), dtype=np.float32)  # exit 0 never passes; exit 1 passes on the 20 it corrects
+    scores[1] = 0.1
+    scores[1, wrong] = 0.9
+    cache = ExitCache(preds, {"max-softmax": scores}, labels, _HandCosts().costs([True, True]),
+                      _HandCosts().costs([True, True]))
+    sel = select_exits(cache, _HandCosts(), False, "max-softmax", np.linspace(0, 1, 11), budget=1.3)
+    assert sel.active == [False, True]
+    assert sel.point.metric == pytest.approx(1.0) and sel.point.cost == pytest.approx(0.2 * 0.8 + 0.8 * 1.3)
 
 
 def test_cond_program_with_ensemble_and_inactive_exits_equals_eager(images: torch.Tensor) -> None:
