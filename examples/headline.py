@@ -32,6 +32,10 @@ def main() -> None:
     print(f"  early exit    accuracy {pct(test['accuracy'])}  agreement {pct(test['agreement'])}  "
           f"mean cost {test['cost']:.3f} ({pct(abs(1 - test['cost']))} {'fewer' if test['cost'] <= 1 else 'MORE'} MACs)  [test split; "
           f"{chosen['policy']} threshold chosen on the calibration split]")
+    if doc.get("guarantee"):
+        g = doc["guarantee"]
+        print(f"  guarantee     certified bound on the drop {g['bound_points']:.2f} pt "
+              f"(target {g['target_points']:g} pt, {g['confidence']:.0%} confidence)")
     print(f"  report        {args.out / 'export' / 'report.md'}")
     print(f"  plots         {args.out / 'sweep' / 'curve.png'}, {args.out / 'sweep' / 'exits.png'}")
     print(f"  model         {args.out / 'export' / 'model.safetensors'}  (pteenet.load(path))")
@@ -42,7 +46,7 @@ def main() -> None:
                   "branch": report["branch"], "exits": len(report["exits"]), "deciding_exits": sum(active),
                   "policy": chosen["policy"], "split": "test", "backbone_accuracy": bb["accuracy"],
                   "accuracy": test["accuracy"], "agreement": test["agreement"], "cost": test["cost"],
-                  "guarantee": chosen.get("guarantee"), "seconds": args.seconds,
+                  "guarantee": doc.get("guarantee"), "seconds": args.seconds,
                   "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
                               "python": platform.python_version()}}
         args.save.write_text(json.dumps(record, indent=2) + "\n")

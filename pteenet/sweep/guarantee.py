@@ -64,7 +64,7 @@ class Guarantee:
     def promise(self) -> str:
         """One sentence: what the guarantee promises and what it assumes."""
         return (f"With probability at least {self.confidence:.0%} the chosen setting's {self.risk} on new data "
-                f"is at most {100 * self.target:g} points, provided {ASSUMPTION}.")
+                f"is at most {100 * self.target:g} point{'' if 100 * self.target == 1 else 's'}, provided {ASSUMPTION}.")
 
     def to_dict(self) -> dict[str, Any]:
         pts = (lambda v: None if v is None else 100 * v)  # noqa: E731 - percentage points, as --max-drop
