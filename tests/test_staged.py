@@ -126,3 +126,23 @@ def test_exit_selection_drops_pieces(tmp_path: Path, chained: bool) -> None:
         assert_logits_close(torch.from_numpy(logits), want_pred.logits, rel=1e-3)
         seen.update(exit_index.tolist())
     assert len(seen) >= 2
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime/onnxscript not installed")
+def test_uneven_pooling_windows_export_to_onnx(tmp_path: Path) -> None:
+    """A 14x14 input makes 14, 7 and 4-pixel maps: pooled to 4x4 the first two have unequal windows
+    (ImageNet's 14x14 and 7x7 taps do too), which ONNX's adaptive pooling cannot express."""
+    torch.manual_seed(3)
+    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 14, 14), exits="all"))
+    perturb(model, 3)
+    model.eval()
+    assert any(b.windows is None and not b.whole for b in model.modules() if hasattr(b, "bins"))
+    x = torch.randn(8, 3, 14, 14, generator=torch.Generator().manual_seed(9))
+    model.set_thresholds(settings(model, x)[0], "max-softmax")
+    export_model(model, ExportConfig(output=tmp_path / "o", formats=("staged-onnx",)))
+    staged = _driver(tmp_path / "o" / "staged_onnx").StagedModel(tmp_path / "o" / "staged_onnx")
+    for batch in (x, x[:1], x[5:6]):
+        want = model.predict(batch)
+        logits, exit_index = staged.run(batch.numpy())
+        assert exit_index.tolist() == want.exit_index.tolist()
+        assert_logits_close(torch.from_numpy(logits), want.logits, rel=1e-3)

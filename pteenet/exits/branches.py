@@ -229,6 +229,11 @@ def _time_plans(x: torch.Tensor, k: tuple[int, int], rounds: int = 5) -> str:
     return min(best, key=best.__getitem__)
 
 
+def _bins(n: int, g: int) -> list[tuple[int, int]]:
+    """The windows of adaptive pooling from n to g cells: [floor(i*n/g), ceil((i+1)*n/g))."""
+    return [((i * n) // g, -((-(i + 1) * n) // g)) for i in range(g)]
+
+
 class GridPool(nn.Module):
     """Average- and max-pool to at most G x G, concatenated and flattened: (B, C, H, W) -> (B, 2*C*g*g).
     A map no larger than the grid is passed through flattened: both pools would be the identity."""
@@ -241,11 +246,20 @@ class GridPool(nn.Module):
         self.avg, self.max = nn.AdaptiveAvgPool2d(size), nn.AdaptiveMaxPool2d(size)
         # Equal windows: the same pooling through faster kernels (see forward).
         self.windows = (hw[0] // size[0], hw[1] // size[1]) if hw[0] % size[0] == 0 and hw[1] % size[1] == 0 else None
+        # Unequal windows (a 14x14 or 7x7 map on a 4x4 grid): ONNX has no adaptive pooling with
+        # uneven bins, so exported programs pool each bin of the adaptive rule (start floor(i*H/g),
+        # end ceil((i+1)*H/g)) by slicing, the same windows as eager's adaptive kernels.
+        self.bins = [(h0, h1, w0, w1) for h0, h1 in _bins(hw[0], size[0]) for w0, w1 in _bins(hw[1], size[1])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.whole:
             return x.flatten(1)
         if self.windows is None:
+            if torch.compiler.is_compiling() or torch.jit.is_tracing():
+                cells = [x[:, :, h0:h1, w0:w1] for h0, h1, w0, w1 in self.bins]
+                avg = torch.stack([c.mean((2, 3)) for c in cells], 2)  # (B, C, g*g): the adaptive order
+                mx = torch.stack([c.amax((2, 3)) for c in cells], 2)
+                return torch.cat([avg.flatten(1), mx.flatten(1)], 1)
             return torch.cat([self.avg(x).flatten(1), self.max(x).flatten(1)], 1)
         # PyTorch's adaptive CPU kernels are slow, at batch 256 and at batch 1
         # (benchmarks/results/branch_cost.json). While torch.export traces, the plain kernels: timing
