@@ -1,1 +1,1 @@
-"""Measured speed: bench (batch sizes, threads, the machine record) and the per-stage timing profile."""
+"""Measured speed: bench (batch sizes, threads, the machine record, predicted against measured time; the profile itself is runtime/timing.py)."""
