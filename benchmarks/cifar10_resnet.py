@@ -325,7 +325,8 @@ def main() -> None:
     ap.add_argument("--backbones", type=Path, required=True, help="folder with resnet*_cifar10jpeg.safetensors")
     ap.add_argument("--grid", choices=sorted(GRIDS), default="heads")
     ap.add_argument("--only", nargs="*", help="run only these configuration names")
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=lambda v: None if v == "auto" else int(v), default=20,
+                    help="N, or auto: the tool's default, sized from the training split (training.config.auto_epochs)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--train-limit", type=int, default=None, help="training images for the branches (of 45,000; default all)")
     ap.add_argument("--eval-limit", type=int, default=None, help="cap on calibration/test images (smoke runs only)")
@@ -336,7 +337,9 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse trained checkpoints and caches found in --work")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--bench-images", type=int, default=2048)
+    ap.add_argument("--bench-images", type=int, default=2048, help="0: no timing")
+    ap.add_argument("--plain-from", type=Path, help="a results JSON of this script on the same test images: its plain "
+                                                    "models' points instead of evaluating them again")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/pteenet/bench-cifar10")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -355,14 +358,16 @@ def main() -> None:
         doc["setup"].update({k: str(getattr(args, k)) for k in ("bench_images", "threads", "repeats")})
     else:
         doc = {"setup": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
-               "plain": plain_points(args), "configs": []}
+               "plain": json.loads(args.plain_from.read_text())["plain"] if args.plain_from else plain_points(args),
+               "configs": []}
         for c in configs:
             doc["configs"].append(run_config(c, args, args.work, grid))
             (args.out / f"cifar10_resnet{args.tag}.json").write_text(json.dumps(doc, indent=1))
     r56 = [r for r in doc["configs"] if r["backbone"] == "resnet56" and best_b(r)]
     if r56:
         best = max(r56, key=lambda r: best_b(r)[1]["test_cost_reduction"])
-        doc["best_resnet56"] = {"name": best["name"], "timing": timing(best, args, args.work)}
+        if args.bench_images:
+            doc["best_resnet56"] = {"name": best["name"], "timing": timing(best, args, args.work)}
         (args.out / f"cifar10_summary{args.tag}.json").write_text(json.dumps(summary(doc, best), indent=1))
     (args.out / f"cifar10_resnet{args.tag}.json").write_text(json.dumps(doc, indent=1))
     plot(doc, args.out / f"cifar10_resnet{args.tag}.png")

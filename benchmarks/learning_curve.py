@@ -9,11 +9,15 @@ run's protocol-B point (one global threshold chosen on one half of test, reporte
 with the setup and the load average.
 
     python benchmarks/learning_curve.py --data DIR --backbones DIR [--config r56-default]
-        [--sizes 1000 2000 5000 10000 20000 45000] [--epochs 20] [--tag ""]
+        [--sizes 1000 2000 5000 10000 20000 45000] [--epochs auto] [--compare-epochs 10 --compare-sizes 1000 2000 5000]
+        [--plain-from results/cifar10_resnet-zscore.json] [--tag ""]
 
-On 2 CPU cores the full curve on ResNet-56 takes many hours (the backbone pass over 45,000 images
-alone is about an hour); ``--config r20-default`` with small ``--sizes`` and ``--epochs`` is a
-cheaper look, and the results file records which was run.
+``--epochs auto`` (the default) is what ``train-branches`` does without ``--epochs``: with the
+feature cache, 10 epochs for 45,000 images and more for smaller sets (``auto_epochs``).
+``--compare-epochs N --compare-sizes ...`` adds a row at a fixed N epochs for those sizes, so the
+file shows what the sized default buys. ``--plain-from`` skips re-evaluating the plain ResNets; runs
+skip the wall-clock timing (``--bench-images 0``). On 2 CPU cores a size of 20,000 takes about 20
+minutes; the results file records what was run.
 """
 from __future__ import annotations
 
@@ -32,17 +36,19 @@ sys.path.insert(0, str(HERE))
 from cifar10_resnet import best_b  # noqa: E402  (the benchmark's own reading of its results)
 
 
-def one_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
-    tag = f"-lc{size}{args.tag}"
+def one_size(size: int, epochs: str, args: argparse.Namespace) -> dict[str, Any]:
+    tag = f"-lc{size}-e{epochs}{args.tag}"
     cmd = [sys.executable, str(HERE / "cifar10_resnet.py"), "--data", str(args.data), "--backbones", str(args.backbones),
-           "--only", args.config, "--train-limit", str(size), "--epochs", str(args.epochs), "--tag", tag,
-           "--out", str(args.work / "runs"), "--work", str(args.work / f"work{size}"), "--threads", str(args.threads)]
+           "--only", args.config, "--train-limit", str(size), "--epochs", epochs, f"--tag={tag}",
+           "--out", str(args.work / "runs"), "--work", str(args.work / f"work{size}"), "--threads", str(args.threads),
+           "--bench-images", "0"] + (["--plain-from", str(args.plain_from)] if args.plain_from else [])
     load_before, t0 = os.getloadavg(), time.perf_counter()
     subprocess.run(cmd, check=True)
     doc = json.loads((args.work / "runs" / f"cifar10_resnet{tag}.json").read_text())
     run = next(r for r in doc["configs"] if r["name"] == args.config)
     b = best_b(run)
-    return {"train_images": size, "epochs": args.epochs, "seconds": time.perf_counter() - t0,
+    return {"train_images": size, "epochs": epochs, "epochs_run": (run.get("training") or {}).get("config", {}).get("epochs"),
+            "seconds": time.perf_counter() - t0,
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "mac_reduction_at_1pt": None if b is None else b[1]["test_cost_reduction"],
             "drop_points": None if b is None else b[1]["test_drop_points"],
@@ -55,7 +61,10 @@ def main() -> None:
     ap.add_argument("--backbones", type=Path, required=True, help="folder with resnet*_cifar10jpeg.safetensors")
     ap.add_argument("--config", default="r56-default", help="a configuration of cifar10_resnet.py's grid")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 5000, 10000, 20000, 45000])
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", default="auto", help="N, or auto (train-branches without --epochs)")
+    ap.add_argument("--compare-epochs", help="also run these sizes at this fixed number of epochs")
+    ap.add_argument("--compare-sizes", type=int, nargs="*", default=[])
+    ap.add_argument("--plain-from", type=Path, help="cifar10_resnet.py results with the plain models' points")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/pteenet/learning-curve")
@@ -64,11 +73,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     result = args.out / f"learning_curve{args.tag}.json"
     doc = {"setup": {k: str(v) for k, v in vars(args).items()}, "protocol": "B (cifar10_resnet.best_b)", "rows": []}
-    for size in args.sizes:
-        doc["rows"].append(one_size(size, args))
-        result.write_text(json.dumps(doc, indent=1))  # one line a size, kept as each finishes
+    runs = [(size, args.epochs) for size in args.sizes] + [(size, args.compare_epochs) for size in args.compare_sizes]
+    for size, epochs in runs:
+        doc["rows"].append(one_size(size, epochs, args))
+        result.write_text(json.dumps(doc, indent=1))  # one line a run, kept as each finishes
         row = doc["rows"][-1]
-        print(f"{size:>6} images: MAC reduction {row['mac_reduction_at_1pt']} at drop {row['drop_points']} pt")
+        print(f"{size:>6} images, {row['epochs_run']} epochs: MAC reduction {row['mac_reduction_at_1pt']} "
+              f"at drop {row['drop_points']} pt", flush=True)
 
 
 if __name__ == "__main__":

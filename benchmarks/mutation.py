@@ -31,6 +31,7 @@ P = "tests/test_promises.py"
 H = "tests/test_branches.py"
 R = "tests/test_runtime.py"
 S = "tests/test_sweep.py"
+G = "tests/test_guarantee.py"
 SCORES = f"{P}::test_scores_equal_the_formulas_of_the_readme"
 PUBLISHED = f"{P}::test_the_published_state_dict_module_format_loads"
 INACTIVE = (f"{H}::test_inactive_exits_never_decide_and_their_branches_are_skipped", f"{H}::test_attach_exits_all_and_branch_costs")
@@ -159,11 +160,30 @@ MUTANTS: list[Mutant] = [
       ("tests/test_train.py",)),
     M("M45", "training/run.py", 'start_epoch = int(resume_state["epoch"]) if resume_state is not None else 0',
       "start_epoch = 0", "a resume starts over from epoch 0", ("tests/test_train.py",)),
-    M("M46", "training/config.py", 'diffs = cfg.resume_diffs(was_cfg) + data_cfg.resume_diffs(was_data, "data.")',
+    M("M46", "training/config.py", 'diffs = with_epochs(cfg, 0, tr).resume_diffs(was_cfg) + data_cfg.resume_diffs(was_data, "data.")',
       "diffs = []", "a resume with other settings is accepted", ("tests/test_train.py",)),
     # -- export with an ensemble --
     M("M47", "export/programs.py", "for logits, conf in zip(a.exit_logits, a.exit_conf):",
       "for logits, conf in zip(a.heads, a.exit_conf):", "the static program answers with each head, not the ensemble", (f"{P}::test_the_static_program_with_an_ensemble_equals_eager",)),
+    # -- the guarantee (issue 17): p-values, the fixed sequence, the structure split, the choice --
+    M("M48", "sweep/guarantee.py", "target, delta, cache.labels is not None) > delta:\n            return i",
+      "target, delta, cache.labels is not None) > delta:\n            continue",
+      "fixed-sequence testing goes on past a hypothesis it could not reject", (G,)),
+    M("M49", "sweep/guarantee.py", "part, rest = cache.take(np.sort(perm[:k])), cache.take(np.sort(perm[k:]))",
+      "part, rest = cache, cache", "the structure is chosen on the samples that certify it", (G,)),
+    M("M50", "sweep/bounds.py", "tail = max(_trinomial_tail(", "tail = min(_trinomial_tail(",
+      "the drop's p-value takes the least conservative discordance rate", (G,)),
+    M("M51", "sweep/bounds.py", "return float(special.bdtr(k, n, target)) if n else 1.0",
+      "return float(special.bdtr(k, n, 1.5 * target)) if n else 1.0",
+      "the disagreement p-value tests a target half again as large", (G,)),
+    M("M52", "sweep/bounds.py", "special.betaincinv(k + 1, n - k, 1.0 - alpha)", "special.betaincinv(k + 1, n - k, alpha)",
+      "the upper Clopper-Pearson bound is the lower one", (G,)),
+    M("M53", "sweep/guarantee.py", "key=lambda i: (-priced[i][0], i))", "key=lambda i: (priced[i][0], i))",
+      "the sequence tests the cheapest (most aggressive) settings first", (G,)),
+    M("M54", "sweep/guarantee.py", "i = min(range(done), key=lambda i: (points[i].cost, -points[i].metric, i))",
+      "i = 0", "the most conservative certified setting is chosen, not the cheapest", (G,)),
+    M("M55", "sweep/bounds.py", "return min(1.0, gamma + tail)", "return min(1.0, tail)",
+      "the drop's p-value forgets what the discordance bound spent", (G,)),
 ]
 
 # Survivors that are equivalent: the same observable behaviour, so no test can kill them.

@@ -29,9 +29,12 @@ def main() -> None:
     print(f"pteenet demo: {doc['data']['spec']}, {report['backbone']['spec']} backbone, "
           f"{len(report['exits'])} {report['branch']} exits; {sum(active)} decide, at {exits}")
     print(f"  backbone      accuracy {pct(bb['accuracy'])}  cost 1.000")
+    macs = test.get("mac_cost", test["cost"])
+    timed = test.get("time_cost")
     print(f"  early exit    accuracy {pct(test['accuracy'])}  agreement {pct(test['agreement'])}  "
-          f"mean cost {test['cost']:.3f} ({pct(abs(1 - test['cost']))} {'fewer' if test['cost'] <= 1 else 'MORE'} MACs)  [test split; "
-          f"{chosen['policy']} threshold chosen on the calibration split]")
+          f"mean MACs {macs:.3f} ({pct(abs(1 - macs))} {'fewer' if macs <= 1 else 'MORE'})"
+          + ("" if timed is None else f", predicted time {timed:.3f} at batch {doc['cost_model']['batch_size']}")
+          + f"  [test split; {chosen['policy']} threshold chosen on the calibration split]")
     if doc.get("guarantee"):
         g = doc["guarantee"]
         print(f"  guarantee     certified bound on the drop {g['bound_points']:.2f} pt "
@@ -45,7 +48,8 @@ def main() -> None:
         record = {"data": doc["data"]["spec"], "backbone_spec": report["backbone"]["spec"],
                   "branch": report["branch"], "exits": len(report["exits"]), "deciding_exits": sum(active),
                   "policy": chosen["policy"], "split": "test", "backbone_accuracy": bb["accuracy"],
-                  "accuracy": test["accuracy"], "agreement": test["agreement"], "cost": test["cost"],
+                  "accuracy": test["accuracy"], "agreement": test["agreement"], "cost": macs, "time_cost": timed,
+                  "cost_model": {k: doc.get("cost_model", {}).get(k) for k in ("kind", "batch_size", "max_tail")},
                   "guarantee": doc.get("guarantee"), "seconds": args.seconds,
                   "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
                               "python": platform.python_version()}}

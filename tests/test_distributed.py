@@ -63,8 +63,10 @@ class Die(Task):
         os._exit(3)
 
 
-def sweep_cfg(outdir: Path) -> SweepConfig:
-    return SweepConfig(outdir=str(outdir), max_drop=5.0, confidence=0.0, device="cpu", batch_size=16, plots=False)
+def sweep_cfg(outdir: Path, **kw: Any) -> SweepConfig:
+    # MACs: compared with one process's sweep, and a time profile differs run to run
+    return SweepConfig(**{"outdir": str(outdir), "max_drop": 5.0, "confidence": 0.0, "device": "cpu", "batch_size": 16,
+                          "plots": False, "cost": "macs", **kw})
 
 
 def _outcome(fn: Any) -> dict[str, Any]:
@@ -101,6 +103,10 @@ def _rank(rank: int, port: int, folder: str) -> None:
     results["uneven"] = _outcome(lambda: train_branches(ck, d / "uneven.safetensors", data(), cfg(batch_size=15)))
     results["sweep"] = _outcome(lambda: {"final": {"complete": True}, **sweep_threshold(
         d / "straight2.safetensors", DataRequest(), sweep_cfg(d / "sweep2"))})
+    # The defaults (time priced, the guarantee, exit selection): every rank must take rank 0's choice.
+    doc = sweep_threshold(d / "straight2.safetensors", DataRequest(), SweepConfig(
+        max_drop=50.0, select_exits=True, device="cpu", batch_size=16, plots=False))
+    results["sweep_defaults"] = {k: doc[k] for k in ("chosen", "guarantee", "cost_model")}
     save()
     results["died"] = _outcome(lambda: train_branches(ck, d / "died.safetensors", data(), cfg(epochs=3), DieIn(2)))
     save()
@@ -218,6 +224,13 @@ def test_the_sweeps_cache_pass_sharded_gives_the_single_process_sweep(two_ranks:
     one = json.loads((tmp_path / "sweep.json").read_text())
     two = json.loads((folder / "sweep2" / "sweep.json").read_text())  # written by rank 0 alone
     assert {k: v for k, v in one.items() if k != "outdir"} == {k: v for k, v in two.items() if k != "outdir"}
+
+
+def test_the_default_sweep_under_two_processes_chooses_one_setting_on_every_rank(two_ranks: Any) -> None:
+    _, res = two_ranks
+    a, b = res[0]["sweep_defaults"], res[1]["sweep_defaults"]
+    assert a["cost_model"]["kind"] == "time" and a["guarantee"]["confidence"] == 0.9
+    assert a == b  # rank 0's time profile prices every rank's points: one choice, one certificate
 
 
 def test_shards_make_up_the_batches_of_one_process() -> None:

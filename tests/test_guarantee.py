@@ -153,7 +153,7 @@ def test_cli_confidence_reaches_the_document(trained: Path, tmp_path: Path) -> N
     docs = {}
     for name, extra in (("default", []), ("c80", ["--confidence", 0.8]), ("off", ["--no-guarantee"])):
         code, stdout, stderr = _run(trained, "-o", tmp_path / name, "--thresholds", GRID, "--max-drop", 100,
-                                    "--policy", "max-softmax", *extra, "--json")
+                                    "--policy", "max-softmax", "--cost", "macs", *extra, "--json")  # same costs each run
         assert code == 0, stderr
         docs[name] = json.loads(stdout)
         assert docs[name] == json.loads((tmp_path / name / "sweep.json").read_text())

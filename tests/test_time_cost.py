@@ -87,6 +87,21 @@ def test_sweep_cli_cost_time_records_the_batch_size_and_both_costs(tmp_path: Pat
     assert r.exit_code == 1 and "cost" in r.stderr
 
 
+def test_the_default_prices_in_time_at_batch_1_and_says_so(tmp_path: Path) -> None:
+    _, ckpt = swept_checkpoint(tmp_path)
+    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw"), "--thresholds", "0:1:0.05",
+                                 "--max-drop", "100", "--select-exits", "--policy", "max-softmax", "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["cost_model"]["kind"] == "time" and doc["cost_model"]["batch_size"] == 1
+    assert doc["chosen"]["time_cost"] == pytest.approx(doc["chosen"]["cost"])
+    assert doc["cost_model"]["max_tail"] == 1.2  # the default bound on what a sample that never leaves pays
+    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--thresholds", "0:1:0.05",
+                                 "--max-drop", "100", "--policy", "max-softmax"])
+    assert r.exit_code == 0, r.stderr
+    assert "predicted time at batch 1 on this machine" in " ".join(r.stderr.split())  # the table's reader is told
+
+
 def test_max_tail_bounds_what_a_sample_that_never_leaves_pays() -> None:
     # Four exits, each the only one sure (and right) about its own fifth of the samples; the last
     # fifth runs to the end. Every exit pays for itself on the mean, so selection keeps all four,

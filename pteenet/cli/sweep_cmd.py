@@ -65,6 +65,10 @@ def _summary(doc: dict[str, Any]) -> str:
     if test:
         text += f"; on test {metric} {format_percent(test[metric])} at cost {test['cost']:.3f} " \
                 f"(backbone {format_percent(test['backbone'][metric])})"
+    if "time_cost" in chosen:
+        text += f"; MACs {chosen['mac_cost']:.3f}"
+    if note := (doc.get("cost_model") or {}).get("note"):
+        text += "\n" + note
     g = doc.get("guarantee")
     return text if not g else text + "\n" + describe(g)
 
@@ -93,9 +97,9 @@ def sweep_command(
     no_guarantee: bool = typer.Option(False, "--no-guarantee", help="with --max-drop: the cheapest setting within P points on the calibration data only (no promise for new data)"),
     write: Optional[Path] = typer.Option(None, help="write the checkpoint with the chosen setting (may be CHECKPOINT)"),
     batch_size: int = typer.Option(256, help="images per batch"),
-    cost: str = typer.Option("macs", help="a point's cost: macs, or time (predicted from stages and heads timed here)"),
-    deploy_batch_size: int = typer.Option(1, "--deploy-batch-size", help="with --cost time: the batch size to predict time for"),
-    max_tail: Optional[float] = typer.Option(None, "--max-tail", help="with --select-exits: a sample that takes no exit costs at most F x the backbone (e.g. 1.2)"),
+    cost: str = typer.Option(SweepConfig.cost, help="a point's cost: time (predicted from the stages and heads timed on this machine at --deploy-batch-size) or macs"),
+    deploy_batch_size: int = typer.Option(SweepConfig.deploy_batch_size, "--deploy-batch-size", help="with --cost time: the batch size you deploy at, which time is predicted for"),
+    max_tail: Optional[float] = typer.Option(SweepConfig.max_tail, "--max-tail", help="with --select-exits: a sample that takes no exit costs at most F x the backbone"),
     device: DeviceOption = "auto",
     workers: int = typer.Option(0, help="data loader worker processes"),
     strict_images: StrictImagesOption = False,

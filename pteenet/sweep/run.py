@@ -58,9 +58,9 @@ class SweepConfig(Config):
     confidence: float = CONFIDENCE  # with max_drop: certify it holds on new data with this probability; 0: off
     write: str | None = None  # checkpoint to write with the chosen setting
     batch_size: int = 256
-    cost: str = "macs"  # what a point's cost is: MACs, or predicted time measured here (runtime/timing.py)
+    cost: str = "time"  # predicted time measured here at deploy_batch_size (runtime/timing.py), or "macs"
     deploy_batch_size: int = 1  # with cost "time": the batch size the time is predicted for
-    max_tail: float | None = None  # exit selection: a sample that takes no exit costs at most this x the backbone
+    max_tail: float | None = 1.2  # exit selection: a sample that takes no exit costs at most this x the backbone
     device: str = "auto"
     workers: int = 0
     plots: bool = True
@@ -336,7 +336,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
 
     skipped_before = SKIPPED.mark()
     cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
-    pricing, cost_model = pricing_for(model, cfg.cost, cfg.deploy_batch_size, device)
+    pricing, cost_model = pricing_for(model, cfg.cost, cfg.deploy_batch_size, device, group)
     cache = restrict(cache, [True] * cache.num_exits, pricing, model.chained)  # the costs in the chosen unit
     if cache.labels is None:
         sink.note(NO_LABELS)
@@ -353,9 +353,9 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     doc = _document(cache, points, chosen, test_cache, active, cfg, source=source, split_info=splits.split_info,
                     policies=policies, grid=grid, budgets=budgets, choosing=choosing, notes=notes,
                     warnings=warnings, skipped=SKIPPED.since(skipped_before), guarantee=guarantee)
-    if chosen is not None and doc["chosen"] is not None:
-        doc["chosen"].update(both_costs(chosen, model, pricing, active))
-    doc["cost_model"] = cost_model
+    for point in filter(None, (doc["chosen"], (doc["chosen"] or {}).get("test"))):  # both units, calibration and test
+        point.update(both_costs(point["exit_fractions"], model, pricing, active))
+    doc["cost_model"] = {**cost_model, "max_tail": cfg.max_tail if cfg.select_exits else None}  # the tail bound used
     doc["nothing_pays"] = None if nothing is None else nothing.to_dict()
     if cfg.outdir is not None and group.main:  # under torchrun every rank has the document; rank 0 writes
         skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)

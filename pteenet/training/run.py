@@ -44,7 +44,15 @@ from ..runtime.model import EarlyExitModel
 from . import ddp as ddp_branches
 from . import feature_cache as feature_store
 from .batches import Autocast, FeatureCache, ImageSource, fit_ensemble_on
-from .config import Interrupted, TrainConfig, check_resume, run_settings, small_data_warning, unfinished_run
+from .config import (
+    Interrupted,
+    TrainConfig,
+    check_resume,
+    run_settings,
+    small_data_warning,
+    unfinished_run,
+    with_epochs,
+)
 from .step import (
     BranchTrainer,
     Meter,
@@ -213,16 +221,18 @@ class _RunRecord:
 
 def _start_run(model: EarlyExitModel, data: DataConfig, cfg: TrainConfig, device: torch.device, group: Group,
                out_path: Path | None, resume_state: dict[str, torch.Tensor] | None,
-               source: str | None) -> tuple[_RunRecord, Splits]:
+               source: str | None) -> tuple[_RunRecord, Splits, TrainConfig]:
     """Read the splits and open the run's record (a fresh one, or the resumed run's history and
-    time); the model moves to ``device``. Returns the record and the splits."""
+    time); the model moves to ``device``. Returns the record, the splits and the config with its
+    epochs resolved from the training split's size."""
     resume = resume_state is not None
-    settings = run_settings(cfg, data)
     if not resume:
         # Retraining a trained checkpoint: its ensemble and exit selection belong to the old heads.
         model.set_ensemble(None)
         model.set_active(None)
     splits = _load_training_splits(model, data, cfg, group)
+    cfg = with_epochs(cfg, len(splits.train), model.meta.get("training") if resume else None)  # type: ignore[arg-type]
+    settings = run_settings(cfg, data)
     skipped_before = SKIPPED.mark()
     # The class names travel with the record, so that an export can name the classes of its file.
     data_record = {**splits.split_info, "class_names": None if splits.class_names is None else list(splits.class_names)}
@@ -233,7 +243,7 @@ def _start_run(model: EarlyExitModel, data: DataConfig, cfg: TrainConfig, device
                      history=list(model.meta.get("history", [])) if resume else [],
                      seconds_before=float(model.meta.get("training", {}).get("seconds", 0.0)) if resume else 0.0,
                      epoch=start_epoch, last_saved=start_epoch if resume else None, started=time.perf_counter())
-    return run, splits
+    return run, splits, cfg
 
 
 def _one_epoch(model: EarlyExitModel, trainer: BranchTrainer, train_src: ImageSource | FeatureCache,
@@ -287,7 +297,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
     out_path = None if checkpoint_to is None else Path(checkpoint_to)
     with distributed.agreed(group):  # an error here stops every rank; rank 0 alone reports it
         cfg = _check_run(model, config, device, group, out_path, resume_state, source, sink)
-        run, splits = _start_run(model, data, cfg, device, group, out_path, resume_state, source)
+        run, splits, cfg = _start_run(model, data, cfg, device, group, out_path, resume_state, source)
         if (few := small_data_warning(len(splits.train), model.info.num_classes,  # type: ignore[arg-type]
                                       splits.split_info.get("labelled", True))) is not None:
             sink.warn(few)
