@@ -58,6 +58,9 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         cfg("r56-no-cascade", cascade=False),
         cfg("r56-pseudo", loss={"targets": "pseudo", "temperature": 1.0}),
         cfg("r56-pool-linear", branch="pool", cascade=False, ensemble=False),
+        # No chain (no cascade, no ensemble): a head is computed only where its exit decides, which
+        # exit selection priced in time at batch 1 needs (benchmarks/cifar10_time.py).
+        cfg("r56-unchained", cascade=False, ensemble=False),
         cfg("r20-default", backbone="resnet20"),
         # Three augmented views of every training image in the cache; 5 epochs over them are as
         # many steps as 15 over one view.

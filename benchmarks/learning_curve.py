@@ -36,6 +36,23 @@ sys.path.insert(0, str(HERE))
 from cifar10_resnet import best_b  # noqa: E402  (the benchmark's own reading of its results)
 
 
+def row_of(run: dict[str, Any], size: int, epochs: str) -> dict[str, Any]:
+    """One line of the curve from a configuration's results in ``cifar10_resnet.py``'s file."""
+    b = best_b(run)
+    return {"train_images": size, "epochs": epochs, "epochs_run": (run.get("training") or {}).get("config", {}).get("epochs"),
+            "mac_reduction_at_1pt": None if b is None else b[1]["test_cost_reduction"],
+            "drop_points": None if b is None else b[1]["test_drop_points"],
+            "with_exit_selection": None if b is None else b[0] == "drop1_select"}
+
+
+def from_results(spec: str, config: str) -> dict[str, Any]:
+    """``SIZE=FILE``: a line from a run made earlier by ``cifar10_resnet.py`` (e.g. the full training split)."""
+    size, path = spec.split("=", 1)
+    doc = json.loads(Path(path).read_text())
+    run = next(r for r in doc["configs"] if r["name"] == config)
+    return {**row_of(run, int(size), doc["setup"]["epochs"]), "from": path, "seconds": run.get("seconds")}
+
+
 def one_size(size: int, epochs: str, args: argparse.Namespace) -> dict[str, Any]:
     tag = f"-lc{size}-e{epochs}{args.tag}"
     cmd = [sys.executable, str(HERE / "cifar10_resnet.py"), "--data", str(args.data), "--backbones", str(args.backbones),
@@ -46,13 +63,8 @@ def one_size(size: int, epochs: str, args: argparse.Namespace) -> dict[str, Any]
     subprocess.run(cmd, check=True)
     doc = json.loads((args.work / "runs" / f"cifar10_resnet{tag}.json").read_text())
     run = next(r for r in doc["configs"] if r["name"] == args.config)
-    b = best_b(run)
-    return {"train_images": size, "epochs": epochs, "epochs_run": (run.get("training") or {}).get("config", {}).get("epochs"),
-            "seconds": time.perf_counter() - t0,
-            "load_average_before": load_before, "load_average_after": os.getloadavg(),
-            "mac_reduction_at_1pt": None if b is None else b[1]["test_cost_reduction"],
-            "drop_points": None if b is None else b[1]["test_drop_points"],
-            "with_exit_selection": None if b is None else b[0] == "drop1_select"}
+    return {**row_of(run, size, epochs), "seconds": time.perf_counter() - t0,
+            "load_average_before": load_before, "load_average_after": os.getloadavg()}
 
 
 def main() -> None:
@@ -60,10 +72,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="unpacked cifar10-jpeg-q75 folder (train/, test/)")
     ap.add_argument("--backbones", type=Path, required=True, help="folder with resnet*_cifar10jpeg.safetensors")
     ap.add_argument("--config", default="r56-default", help="a configuration of cifar10_resnet.py's grid")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 5000, 10000, 20000, 45000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1000, 2000, 5000, 10000, 20000, 45000])
     ap.add_argument("--epochs", default="auto", help="N, or auto (train-branches without --epochs)")
     ap.add_argument("--compare-epochs", help="also run these sizes at this fixed number of epochs")
     ap.add_argument("--compare-sizes", type=int, nargs="*", default=[])
+    ap.add_argument("--from-results", nargs="*", default=[], metavar="SIZE=FILE",
+                    help="lines from earlier cifar10_resnet.py results files instead of running those sizes")
     ap.add_argument("--plain-from", type=Path, help="cifar10_resnet.py results with the plain models' points")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="")
@@ -73,6 +87,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     result = args.out / f"learning_curve{args.tag}.json"
     doc = {"setup": {k: str(v) for k, v in vars(args).items()}, "protocol": "B (cifar10_resnet.best_b)", "rows": []}
+    doc["rows"] += [from_results(spec, args.config) for spec in args.from_results]
     runs = [(size, args.epochs) for size in args.sizes] + [(size, args.compare_epochs) for size in args.compare_sizes]
     for size, epochs in runs:
         doc["rows"].append(one_size(size, epochs, args))

@@ -120,6 +120,26 @@ def test_drop_pvalue_is_valid_at_the_boundary(p_plus: float, p_minus: float) -> 
     assert (p <= 0.5).mean() > 0.3  # and it is not trivially large
 
 
+def test_drop_pvalue_pays_for_the_discordance_bound() -> None:
+    """Berger-Boos: the p-value is what the bound on the discordance rate spent plus the tail, so
+    it never falls below that share of delta, even where the data show no drop at all."""
+    delta = 0.1
+    gamma = bounds.NUISANCE_SHARE * delta
+    assert bounds.drop_pvalue(0, 0, 1000, 0.05, delta) == pytest.approx(gamma)
+    for a, b in ((3, 40), (10, 10), (25, 5)):
+        assert bounds.drop_pvalue(a, b, 1000, 0.02, delta) >= gamma
+
+
+def test_the_cheapest_certified_setting_is_chosen(populations: dict[bool, ExitCache]) -> None:
+    cal = populations[True].take(np.arange(3000))
+    c = certify(cal, ["max-softmax"], GRID_TS, 100 * TARGET, 1 - DELTA)
+    assert c.point is not None and c.guarantee.certified > 1
+    # every threshold the fixed sequence certified, conservative first: the chosen is the cheapest
+    ts = np.sort(np.unique(GRID_TS))[::-1][:c.guarantee.certified]
+    costs = [evaluate(cal, "max-softmax", [float(t)] * E).cost for t in ts]
+    assert c.point.cost == pytest.approx(min(costs)) and c.point.cost < costs[0]
+
+
 def test_disagreement_pvalue_is_the_binomial_tail() -> None:
     assert bounds.disagreement_pvalue(7, 500, 0.02) == pytest.approx(stats.binom.cdf(7, 500, 0.02))
     assert bounds.binomial_upper(7, 500, 0.1) == pytest.approx(stats.beta.ppf(0.9, 8, 493))
