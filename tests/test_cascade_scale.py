@@ -25,7 +25,7 @@ CFG = TrainConfig(epochs=8, batch_size=32, lr=1e-3, device="cpu", cache_features
 
 def model_reading(form: str) -> object:
     torch.manual_seed(0)
-    m = attach(AttachConfig(backbone="tiny_models:tanh_stack", num_classes=1000, input_size=(3, 8, 8), exits=8))
+    m = attach(AttachConfig(backbone="tiny_models:tanh_stack", num_classes=1000, input_size=(3, 8, 8), exits=8, cascade=True))
     if form != m.branch_config.cascade_input:
         m.branch_config = dataclasses.replace(m.branch_config, cascade_input=form)
         for b in m.branches:

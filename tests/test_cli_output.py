@@ -162,7 +162,7 @@ def test_training_sweep_export_and_bench_report_every_pass_to_the_sink(tmp_path:
                                                 placement="linear"))
     rec = Recorder()
     pteenet.train_exits(model, DataConfig(spec="synthetic", limit=64), pteenet.TrainConfig(
-        epochs=2, batch_size=32, device="cpu", cache_features=True), rec)
+        epochs=2, batch_size=32, device="cpu", cache_features=True, ensemble=True), rec)
     rec.check_all_finished()
     assert [t.total for t in rec.named("epochs")] == [2]
     assert len(rec.named("caching train features")) == len(rec.named("caching val features")) == 1

@@ -45,7 +45,7 @@ def data(**kw: Any) -> DataConfig:
 
 
 def cfg(**kw: Any) -> TrainConfig:
-    return TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": LR, "device": "cpu", **kw})
+    return TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": LR, "device": "cpu", "ensemble": True, **kw})
 
 
 class DieIn(Sink):

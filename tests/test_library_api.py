@@ -18,7 +18,7 @@ from pteenet.sweep import sweep_threshold
 from pteenet.training.run import train_branches
 
 DATA = pteenet.DataConfig(spec="synthetic", limit=96, augment=False)
-TRAIN = pteenet.TrainConfig(epochs=2, batch_size=32, lr=1e-2, device="cpu")
+TRAIN = pteenet.TrainConfig(epochs=2, batch_size=32, lr=1e-2, device="cpu", ensemble=True)
 
 
 def sweep_cfg(**kw: Any) -> pteenet.SweepConfig:

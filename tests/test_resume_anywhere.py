@@ -29,7 +29,7 @@ from pteenet.progress import Sink, Task
 from pteenet.training.run import Interrupted, TrainConfig, train_branches
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = dict(epochs=3, batch_size=16, lr=1e-2, device="cpu", seed=1)
+ARGS = dict(epochs=3, batch_size=16, lr=1e-2, device="cpu", seed=1, ensemble=True)  # stopped in its fit too
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_sigkilled_subprocess_resumes_bit_identical(ckpt: Path, tmp_path: Path, 
         out = tmp_path / f"{kill}.safetensors"
         cmd = [sys.executable, str(driver), kill, str(out), "train-branches", str(ckpt), "-o", str(out),
                "--data", "synthetic", "--limit", "64", "--val-split", "0.04", "--epochs", "3", "--batch-size", "16", "--lr", "1e-2",
-               "--seed", "1", "--device", "cpu"]
+               "--seed", "1", "--device", "cpu", "--ensemble"]
         procs[kill] = (out, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     out, proc = procs["outside"]
     deadline = time.monotonic() + 120

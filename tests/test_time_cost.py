@@ -124,3 +124,11 @@ def test_max_tail_bounds_what_a_sample_that_never_leaves_pays() -> None:
     assert sel.point.accuracy == 1.0  # what leaves still leaves right
     with pytest.raises(pteenet.PteenetError, match="no setting meets"):  # only the backbone has no tail
         select_exits(cost, prof, False, "max-softmax", grid, max_drop=0.5, max_tail=1.0)
+
+
+def test_the_default_model_computes_only_the_heads_that_decide() -> None:
+    # Unchained by default (no cascade, no ensemble): exit selection priced in time can drop any head.
+    model = pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits="all"))
+    active = [k % 3 == 0 for k in range(model.num_exits)]
+    model.set_active(active)
+    assert not model.chained and model.computed_branches() == active

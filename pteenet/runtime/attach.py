@@ -1,8 +1,9 @@
 """``pteenet attach``: load a backbone, choose exit points, build the exit branches and the cost table.
 
-The default is what measured best on CIFAR-10 ResNet-56 (docs/benchmarks.md): a cheap pooled MLP head
-after every block, cascaded. The paper's setting is ``exits=4, placement="fine", branch="conv2",
-cascade=False``."""
+The default is what measured best on the clock on CIFAR-10 ResNet-56 (docs/speed.md): a cheap pooled
+MLP head after every block, each on its own (no cascade), so that a head is computed only where its
+exit decides. ``cascade=True`` (with the ensemble) saves more MACs and measures better at batch 256.
+The paper's setting is ``exits=4, placement="fine", branch="conv2"``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,10 @@ class AttachConfig(Config):
     exits: int | str | None = None  # ... or this many, placed by `placement`, or "all" candidates
     placement: str = "linear"  # fine | pareto | linear | golden
     branch: str = "pool-mlp"  # conv0..conv3 | pool | pool-mlp | conv-lite
-    cascade: bool = True  # each head also reads the previous exit's logits
+    # Each head also reads the previous exit's logits. Off by default: a chain makes every head up to
+    # the last deciding exit run, which at batch 1 costs more than it saves (benchmarks/cifar10_time.py:
+    # 0.82 against 0.91 of the backbone's mean latency at <= 1 pt, docs/speed.md).
+    cascade: bool = False
     grid: int = 4  # G of the G x G pooling of pool / pool-mlp / conv-lite heads
     hidden: int = 128  # hidden width of pool-mlp heads
     hooks: bool = False  # untraceable backbones: exits on forward hooks, no real early exit (hooks.py)

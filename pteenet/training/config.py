@@ -47,7 +47,9 @@ class TrainConfig(Config):
     views: int = 1  # augmented views of each training image in the feature cache (with augmentation)
     # keep feature caches here and reuse them across runs (``feature_store``)
     cache_dir: str | None = setting(None, resume="free")
-    ensemble: bool = True  # fit an exit ensemble on the calibration split after training
+    # Fit an exit ensemble on the calibration split after training. Off by default, for the cascade's
+    # reason (runtime/attach.py): exit i's answer would need heads 0..i computed.
+    ensemble: bool = False
     loss: LossConfig = setting(default_factory=LossConfig, decode=LossConfig.from_dict)
     # the confidence threshold of the per-epoch early-exit metrics (monitoring only)
     threshold: float = setting(0.5, resume="free")
