@@ -55,7 +55,7 @@ class Mutant:
 M = Mutant
 MUTANTS: list[Mutant] = [
     # -- runtime (real early exit) --
-    M("M01", "runtime/model.py", "if self.stages.shrinkable:", "if False:",
+    M("M01", "runtime/model.py", "if stages.shrinkable:", "if False:",
       "the batch never shrinks: every row runs every stage", (f"{P}::test_samples_that_leave_stop_computing",)),
     M("M02", "runtime/model.py", "if self.active[k] and bool(policies.passes(", "if bool(policies.passes(",
       "batch 1: inactive exits decide too",
@@ -165,6 +165,8 @@ MUTANTS: list[Mutant] = [
     # -- export with an ensemble --
     M("M47", "export/programs.py", "for logits, conf in zip(a.exit_logits, a.exit_conf):",
       "for logits, conf in zip(a.heads, a.exit_conf):", "the static program answers with each head, not the ensemble", (f"{P}::test_the_static_program_with_an_ensemble_equals_eager",)),
+    M("M56", "runtime/model.py", 'if all(computed) or self.runtime != "staged":', "if True:",
+      "the backbone is cut at every exit, computed or not", (f"{P}::test_the_runtime_cuts_the_backbone_only_where_a_branch_is_computed",)),
     # -- the guarantee (issue 17): p-values, the fixed sequence, the structure split, the choice --
     M("M48", "sweep/guarantee.py", "target, delta, cache.labels is not None) > delta:\n            return i",
       "target, delta, cache.labels is not None) > delta:\n            continue",

@@ -36,13 +36,15 @@ from pteenet.training.run import TrainConfig, train_branches
 
 # -- real early exit: rows per stage ---------------------------------------------------------------
 def _rows_per_stage(model: pteenet.EarlyExitModel, x: torch.Tensor, ts: list[float], bs: int) -> list[int]:
-    """How many rows each stage received over ``x`` run in batches of ``bs`` (forward pre-hooks)."""
-    counts = [0] * len(model.stages.modules)
+    """How many rows each stage the runtime runs (``run_plan``) received over ``x`` run in batches of
+    ``bs`` (forward pre-hooks)."""
+    stages = model.run_plan()[1].modules
+    counts = [0] * len(stages)
 
     def hook(k: int) -> Any:
         return lambda mod, args: counts.__setitem__(k, counts[k] + int(args[0].shape[0]))
 
-    handles = [m.register_forward_pre_hook(hook(k)) for k, m in enumerate(model.stages.modules)]
+    handles = [m.register_forward_pre_hook(hook(k)) for k, m in enumerate(stages)]
     try:
         for i in range(0, len(x), bs):
             model.predict(x[i:i + bs], ts, "max-softmax")
@@ -71,7 +73,24 @@ def test_an_inactive_last_exit_computes_nothing_after_the_last_decision() -> Non
     model.set_active([True, True, False])
     x = make_images(16)
     counts = _rows_per_stage(model, x, [0.0, 0.0, 0.0], 16)  # max-softmax >= 0: all leave at exit 0
-    assert counts == [16, 0, 0, 0]
+    # Unchained, exit 2's branch is not computed, so the backbone is not even cut there.
+    assert model.run_plan()[0] == ([0, 1, 2] if model.chained else [0, 1])
+    assert counts == ([16, 0, 0, 0] if model.chained else [16, 0, 0])
+
+
+def test_the_runtime_cuts_the_backbone_only_where_a_branch_is_computed() -> None:
+    model = make_model()  # unchained, the default
+    assert not model.chained
+    model.set_active([False, True, False])
+    idx, stages = model.run_plan()
+    assert idx == [1] and len(stages.modules) == 2  # one cut, at exit 1, and the end
+    x = make_images(24)
+    full = model.backbone(x)
+    for bs in (1, 24):  # the rows that stay get the backbone's own logits from the merged stages
+        pred = torch.cat([model.predict(x[i:i + bs], [2.0] * 3, "max-softmax").logits for i in range(0, 24, bs)])
+        torch.testing.assert_close(pred, full)
+    model.set_active(None)
+    assert model.run_plan()[1] is model.stages
 
 
 # -- policies: scores by hand ------------------------------------------------------------------------

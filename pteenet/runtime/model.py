@@ -88,6 +88,7 @@ class EarlyExitModel(nn.Module):
         self.exit_points: list[ExitPoint] = points  # a plain list: nn.Module registers no submodule for it
         object.__setattr__(self, "_stages", stages)
         object.__setattr__(self, "_tap_shapes", shapes)
+        object.__setattr__(self, "_plans", {})  # computed-branch flags -> (exit indices, stages)
 
     @property
     def tap_shapes(self) -> list[tuple[int, ...]]:
@@ -101,6 +102,21 @@ class EarlyExitModel(nn.Module):
     @property
     def stages(self) -> Stages:
         return self._stages  # type: ignore[return-value]
+
+    def run_plan(self) -> tuple[list[int], Stages]:
+        """The stages inference runs: the backbone cut only where a branch is computed, with the exit
+        each cut serves. Every stage call costs Python work (about 25 us on a CPU at batch 1, 0.7 of
+        ResNet-56's 7.4 ms over 28 stages: benchmarks/results/cifar10_time_summary.json), so after
+        exit selection the uncomputed exits are not cut at all."""
+        computed = tuple(self.computed_branches())
+        if all(computed) or self.runtime != "staged":
+            return list(range(self.num_exits)), self.stages
+        plans: dict[tuple[bool, ...], tuple[list[int], Stages]] = self._plans  # type: ignore[attr-defined]
+        if computed not in plans:
+            idx = [k for k, c in enumerate(computed) if c]
+            pb = probe(self.backbone, self.info.preprocess.input_size, self.runtime, count_macs=False)
+            plans[computed] = (idx, pb.stages(pb.resolve([self.exit_points[k].name for k in idx])))
+        return plans[computed]
 
     def _apply(self, fn: Any, recurse: bool = True) -> "EarlyExitModel":
         # .to()/.half() may replace buffer tensors; rebuild the stages so they read the new ones.
@@ -204,16 +220,14 @@ class EarlyExitModel(nn.Module):
         """Batch size 1, the latency case: no index bookkeeping at all."""
         state: tuple[Any, ...] = (x,)
         carry = Carry()
-        computed = self.computed_branches()
-        for k, stage in enumerate(self.stages.modules[:-1]):
+        idx, stages = self.run_plan()
+        for k, stage in zip(idx, stages.modules[:-1]):
             out = stage(*state)
             state = out[:-1]
-            if not computed[k]:
-                continue
             _, logits, conf, carry = exit_step(self.branches[k], self.ensemble, k, out[-1], carry)
             if self.active[k] and bool(policies.passes(policy, policies.score(policy, logits, conf), thresholds[k])):
                 return Prediction(logits, logits.argmax(1), torch.tensor([k], device=x.device))
-        logits = self.stages.modules[-1](*state)
+        logits = stages.modules[-1](*state)
         return Prediction(logits, logits.argmax(1), torch.tensor([self.num_exits], device=x.device))
 
     def _predict_batch(self, x: torch.Tensor, thresholds: list[float], policy: str) -> Prediction:
@@ -224,12 +238,10 @@ class EarlyExitModel(nn.Module):
         pending = torch.ones(n, dtype=torch.bool, device=x.device)  # rows still waiting for an answer
         state: tuple[Any, ...] = (x,)
         carry = Carry()
-        computed = self.computed_branches()
-        for k, stage in enumerate(self.stages.modules[:-1]):
+        idx, stages = self.run_plan()
+        for j, (k, stage) in enumerate(zip(idx, stages.modules[:-1])):
             out = stage(*state)
             state = out[:-1]
-            if not computed[k]:
-                continue
             _, logits, conf, carry = exit_step(self.branches[k], self.ensemble, k, out[-1], carry)
             if not self.active[k]:
                 continue
@@ -243,14 +255,14 @@ class EarlyExitModel(nn.Module):
                 return Prediction(out_logits, out_logits.argmax(1), exit_index)
             # Only the rows still pending run on. If a carried value depends on the batch size the
             # batch cannot shrink: rows that left ride along and their later results are ignored.
-            if self.stages.shrinkable:
-                flags = self.stages.batched[k + 1]
+            if stages.shrinkable:
+                flags = stages.batched[j + 1]
                 # index_select, not a boolean mask: on the CPU masking a large activation map is
                 # slower (CIFAR ResNet-56 stage 1, batch 256: benchmarks/results/branch_cost.json).
                 keep = pending.nonzero().squeeze(1)
                 state = tuple(v.index_select(0, keep) if b else v for v, b in zip(state, flags))
                 carry = carry.select(keep)
                 rows, pending = rows.index_select(0, keep), pending.index_select(0, keep)
-        final = self.stages.modules[-1](*state)
+        final = stages.modules[-1](*state)
         out_logits[rows[pending]] = final[pending].to(out_logits.dtype)
         return Prediction(out_logits, out_logits.argmax(1), exit_index)
