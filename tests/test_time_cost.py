@@ -80,6 +80,8 @@ def test_sweep_cli_cost_time_records_the_batch_size_and_both_costs(tmp_path: Pat
     assert chosen["time_cost"] == pytest.approx(chosen["cost"]) and 0 < chosen["mac_cost"] != chosen["cost"]
     saved = pteenet.load(str(tuned))
     assert saved.meta["sweep"]["cost_model"]["batch_size"] == 4 and saved.active == chosen["active_exits"]
+    r = CliRunner().invoke(app, ["info", str(tuned)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "predicted time at batch 4" in r.stdout + r.stderr  # info says which the file holds
     r = CliRunner().invoke(app, ["export", str(tuned), "-o", str(tmp_path / "exp")])
     assert r.exit_code == 0, r.stderr
     assert "less predicted time at batch 4" in (tmp_path / "exp" / "report.md").read_text()  # the report says which

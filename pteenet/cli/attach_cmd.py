@@ -117,6 +117,8 @@ def _show_metadata(meta: dict[str, Any], checkpoint: Path, actual: str) -> None:
     if meta.get("runtime") == "hooks":
         table.add_row("runtime", f"forward hooks: {NO_EARLY_EXIT}")
     table.add_row("policy / thresholds", f"{meta['policy']} {', '.join(f'{t:.3f}' for t in meta['thresholds'])}")
+    if cm := (meta.get("sweep") or {}).get("cost_model"):  # what the chosen setting was priced in
+        table.add_row("chosen for", f"predicted time at batch {cm.get('batch_size')}" if cm.get("kind") == "time" else "MACs")
     active = meta.get("active_exits")
     for i, e in enumerate((meta.get("cost") or {}).get("exits", [])):
         idle = "" if not active or active[i] else "; takes no decision (exit selection)"
