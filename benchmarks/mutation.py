@@ -160,7 +160,7 @@ MUTANTS: list[Mutant] = [
       ("tests/test_train.py",)),
     M("M45", "training/run.py", 'start_epoch = int(resume_state["epoch"]) if resume_state is not None else 0',
       "start_epoch = 0", "a resume starts over from epoch 0", ("tests/test_train.py",)),
-    M("M46", "training/config.py", 'diffs = with_epochs(cfg, 0, tr).resume_diffs(was_cfg) + data_cfg.resume_diffs(was_data, "data.")',
+    M("M46", "training/config.py", 'diffs = asked.resume_diffs(was_cfg) + data_cfg.resume_diffs(was_data, "data.")',
       "diffs = []", "a resume with other settings is accepted", ("tests/test_train.py",)),
     # -- export with an ensemble --
     M("M47", "export/programs.py", "for logits, conf in zip(a.exit_logits, a.exit_conf):",

@@ -3,7 +3,7 @@ measured here, ``runtime/timing.py``); both have ``costs(computed)``, so the eng
 selection take either."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ def pricing_for(model: EarlyExitModel, cost: str, batch_size: int, device: torch
                           "plain backbone's (another batch size: --deploy-batch-size; MACs: --cost macs)"}
 
 
-def both_costs(exit_fractions: Any, model: EarlyExitModel, pricing: Pricing, active: list[bool] | None) -> dict[str, float]:
+def both_costs(exit_fractions: Sequence[float], model: EarlyExitModel, pricing: Pricing, active: list[bool] | None) -> dict[str, float]:
     """A point with these exit fractions priced both ways (MACs always; time where it was measured)."""
     assert model.cost is not None
     computed = computed_branches(active or [True] * model.num_exits, model.chained)

@@ -124,7 +124,8 @@ def check_resume(out_path: Path, src_meta: dict[str, Any], cfg: TrainConfig, dat
     if tr.get("complete"):
         return meta
     was_cfg, was_data = recorded_configs(tr)
-    diffs = with_epochs(cfg, 0, tr).resume_diffs(was_cfg) + data_cfg.resume_diffs(was_data, "data.")
+    asked = cfg if cfg.epochs is not None else dataclasses.replace(cfg, epochs=was_cfg.epochs)  # none: the run's own
+    diffs = asked.resume_diffs(was_cfg) + data_cfg.resume_diffs(was_data, "data.")
     if diffs:
         raise PteenetError("--resume with settings that differ from the run being resumed: " + ", ".join(diffs),
                            "repeat the original options, or drop --resume to start over")
@@ -183,6 +184,6 @@ def with_epochs(cfg: TrainConfig, n_train: int, resumed: dict[str, Any] | None =
     (a ``meta["training"]``), that run's own number; else ``auto_epochs``."""
     if cfg.epochs is not None:
         return cfg
-    if resumed:
-        return dataclasses.replace(cfg, epochs=recorded_configs(resumed)[0].epochs)
-    return dataclasses.replace(cfg, epochs=auto_epochs(n_train, cfg.cache_features, cfg.views))
+    recorded = recorded_configs(resumed)[0].epochs if resumed else None
+    return dataclasses.replace(cfg, epochs=recorded if recorded is not None
+                               else auto_epochs(n_train, cfg.cache_features, cfg.views))
