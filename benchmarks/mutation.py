@@ -167,6 +167,8 @@ MUTANTS: list[Mutant] = [
       "for logits, conf in zip(a.heads, a.exit_conf):", "the static program answers with each head, not the ensemble", (f"{P}::test_the_static_program_with_an_ensemble_equals_eager",)),
     M("M56", "runtime/model.py", 'if all(computed) or self.runtime != "staged":', "if True:",
       "the backbone is cut at every exit, computed or not", (f"{P}::test_the_runtime_cuts_the_backbone_only_where_a_branch_is_computed",)),
+    M("M57", "sweep/guarantee.py", "max_drop=max_drop, max_tail=max_tail)", "max_drop=max_drop)",
+      "the certified exit selection ignores --max-tail", ("tests/test_time_cost.py::test_max_tail_bounds_what_a_sample_that_never_leaves_pays",)),
     # -- the guarantee (issue 17): p-values, the fixed sequence, the structure split, the choice --
     M("M48", "sweep/guarantee.py", "target, delta, cache.labels is not None) > delta:\n            return i",
       "target, delta, cache.labels is not None) > delta:\n            continue",

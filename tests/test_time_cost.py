@@ -14,7 +14,7 @@ import pteenet
 from helpers import build, cache_of, make_images, simulated_exits, swept_checkpoint
 from pteenet.cli import app
 from pteenet.runtime.timing import TimeProfile, profile
-from pteenet.sweep import ExitCache, restrict, select_exits
+from pteenet.sweep import ExitCache, certify, restrict, select_exits
 
 
 def test_time_costs_price_heads_decisions_and_compaction() -> None:
@@ -126,6 +126,13 @@ def test_max_tail_bounds_what_a_sample_that_never_leaves_pays() -> None:
     assert sel.point.accuracy == 1.0  # what leaves still leaves right
     with pytest.raises(pteenet.PteenetError, match="no setting meets"):  # only the backbone has no tail
         select_exits(cost, prof, False, "max-softmax", grid, max_drop=0.5, max_tail=1.0)
+    # The certified choice (the default, --confidence 0.9) selects its exits on part of the data:
+    # the same bound holds there, or the README's commands would ship a 1.24x tail.
+    loose = certify(cost, ["max-softmax"], grid, 2.0, 0.9, cost=prof)
+    assert loose.active == [True] * e
+    cert = certify(cost, ["max-softmax"], grid, 2.0, 0.9, cost=prof, max_tail=1.15)
+    assert cert.point is not None and cert.active is not None and cert.active.count(True) == 2
+    assert prof.costs(cert.active)[-1] <= 1.15 and cert.point.accuracy == 1.0
 
 
 def test_the_default_model_computes_only_the_heads_that_decide() -> None:

@@ -118,7 +118,7 @@ def _view(cache: ExitCache, active: list[bool] | None, cost: CostTable | None, c
 
 
 def _structure(part: ExitCache, policies: Sequence[str], grid: np.ndarray, max_drop: float, per_exit: bool,
-               cost: CostTable | None, chained: bool) -> tuple[list[bool] | None, list[Candidate]]:
+               cost: CostTable | None, chained: bool, max_tail: float | None = None) -> tuple[list[bool] | None, list[Candidate]]:
     """On the structure part: the policy (and, with ``cost``, the exits) today's rule would pick,
     and that structure's candidates ordered by their cost on this part, dearest first."""
     best: tuple[float, str, list[bool] | None] = (float("inf"), policies[0], None)
@@ -126,7 +126,7 @@ def _structure(part: ExitCache, policies: Sequence[str], grid: np.ndarray, max_d
         active, point = None, select(sweep_global(part, policy, grid), backbone_point(part), max_drop=max_drop)
         if cost is not None:
             try:
-                sel = select_exits(part, cost, chained, policy, grid, max_drop=max_drop)
+                sel = select_exits(part, cost, chained, policy, grid, max_drop=max_drop, max_tail=max_tail)
                 active, point = sel.active, sel.point
             except PteenetError:  # nothing meets the criterion on this part: keep every exit
                 pass
@@ -147,16 +147,17 @@ def _structure(part: ExitCache, policies: Sequence[str], grid: np.ndarray, max_d
 
 def certify(cache: ExitCache, policies: Sequence[str], grid: np.ndarray, max_drop: float, confidence: float, *,
             per_exit: bool = False, cost: CostTable | None = None, chained: bool = False,
-            seed: int = SPLIT_SEED) -> Certified:
+            seed: int = SPLIT_SEED, max_tail: float | None = None) -> Certified:
     """The cheapest setting certified to keep the accuracy drop (the disagreement without labels)
-    within ``max_drop`` points with probability >= ``confidence``. ``cost`` turns exit selection on."""
+    within ``max_drop`` points with probability >= ``confidence``. ``cost`` turns exit selection on;
+    ``max_tail`` bounds what a sample that takes no exit pays there, as ``select_exits`` does."""
     delta, target = 1.0 - confidence, max_drop / 100.0
     n = cache.num_samples
     if len(policies) > 1 or per_exit or cost is not None:
         perm = np.random.default_rng(seed).permutation(n)
         k = int(round(STRUCTURE_SHARE * n))
         part, rest = cache.take(np.sort(perm[:k])), cache.take(np.sort(perm[k:]))
-        active, candidates = _structure(part, policies, grid, max_drop, per_exit, cost, chained)
+        active, candidates = _structure(part, policies, grid, max_drop, per_exit, cost, chained, max_tail)
     else:
         part, rest, active = None, cache, None
         candidates = threshold_sequence(policies[0], grid, cache.num_exits)

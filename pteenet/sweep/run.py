@@ -38,7 +38,7 @@ from .guarantee import CONFIDENCE, certify, check_confidence, record
 from .outputs import build_document, write_sweep_outputs
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .pricing import Pricing, both_costs, pricing_for
-from .selection import Selection, backbone_only, restrict, select_exits
+from .selection import Selection, backbone_only, better, restrict, select_exits
 
 SPLITS = ("val", "test")
 COSTS = ("macs", "time")
@@ -198,17 +198,12 @@ def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str]
             sel = select_exits(cache, pricing, model.chained, policy, grid, cfg.max_drop, cfg.budget, cfg.max_tail)
         except PteenetError:
             continue
-        if best is None or _better(sel.point, best.point, cfg.budget is not None):
+        if best is None or better(sel.point, best.point, cfg.budget is not None):
             best = sel
     # At equal cost and accuracy the selection still wins: fewer exits are fewer decisions at run time.
-    if best is None or (chosen is not None and _better(chosen, best.point, cfg.budget is not None)):
+    if best is None or (chosen is not None and better(chosen, best.point, cfg.budget is not None)):
         return chosen, None
     return best.point, best.active
-
-
-def _better(a: Point, b: Point, by_budget: bool) -> bool:
-    key = (lambda p: (-p.metric, p.cost)) if by_budget else (lambda p: (p.cost, -p.metric))
-    return key(a) < key(b)
 
 
 def _data_config(data: DataRequest | DataConfig | None, recorded: dict[str, Any] | None,
@@ -250,7 +245,8 @@ def _choose(cache: ExitCache, points: list[Point], model: EarlyExitModel, polici
         else (chosen, None)
     if cfg.max_drop is None or not cfg.confidence:
         return chosen, active, None
-    cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit, cost=pricing if cfg.select_exits else None, chained=model.chained)
+    cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit,
+                   cost=pricing if cfg.select_exits else None, chained=model.chained, max_tail=cfg.max_tail)
     return cert.point, cert.active, record(cert, backbone_point(cache), chosen, active)
 
 

@@ -51,6 +51,11 @@ def _objective(p: Point | None, by_budget: bool) -> tuple[float, float]:
     return (-p.metric, p.cost) if by_budget else (p.cost, -p.metric)
 
 
+def better(a: Point, b: Point, by_budget: bool) -> bool:
+    """Whether ``a`` beats ``b``: cheaper within max_drop, or more accurate within a budget."""
+    return _objective(a, by_budget) < _objective(b, by_budget)
+
+
 def select_exits(cache: ExitCache, cost: CostTable | TimeProfile, chained: bool, policy: str, grid: np.ndarray,
                  max_drop: float | None = None, budget: float | None = None, max_tail: float | None = None) -> Selection:
     """Greedy backward elimination of exits for one policy with a global threshold. With
