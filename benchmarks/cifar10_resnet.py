@@ -61,6 +61,9 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "heads": [
         cfg("r56-default"),
         cfg("r56-chained", **CHAINED),
+        # Lighter heads for batch 1, where each head is a matrix-vector product that reads all its
+        # weights: the hidden layer at 32 wide instead of 128 (a quarter of the weights).
+        cfg("r56-hidden32", hidden=32),
         cfg("r56-no-ensemble", cascade=True, ensemble=False),
         cfg("r56-no-cascade", cascade=False, ensemble=True),
         cfg("r56-pseudo", loss={"targets": "pseudo", "temperature": 1.0}, **CHAINED),

@@ -170,8 +170,8 @@ MUTANTS: list[Mutant] = [
     M("M57", "sweep/guarantee.py", "max_drop=max_drop, max_tail=max_tail)", "max_drop=max_drop)",
       "the certified exit selection ignores --max-tail", ("tests/test_time_cost.py::test_max_tail_bounds_what_a_sample_that_never_leaves_pays",)),
     # -- the guarantee (issue 17): p-values, the fixed sequence, the structure split, the choice --
-    M("M48", "sweep/guarantee.py", "target, delta, cache.labels is not None) > delta:\n            return i",
-      "target, delta, cache.labels is not None) > delta:\n            continue",
+    M("M48", "sweep/guarantee.py", "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            return i",
+      "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            continue",
       "fixed-sequence testing goes on past a hypothesis it could not reject", (G,)),
     M("M49", "sweep/guarantee.py", "part, rest = cache.take(np.sort(perm[:k])), cache.take(np.sort(perm[k:]))",
       "part, rest = cache, cache", "the structure is chosen on the samples that certify it", (G,)),
@@ -184,10 +184,15 @@ MUTANTS: list[Mutant] = [
       "the upper Clopper-Pearson bound is the lower one", (G,)),
     M("M53", "sweep/guarantee.py", "key=lambda i: (-priced[i][0], i))", "key=lambda i: (priced[i][0], i))",
       "the sequence tests the cheapest (most aggressive) settings first", (G,)),
-    M("M54", "sweep/guarantee.py", "i = min(range(done), key=lambda i: (points[i].cost, -points[i].metric, i))",
+    M("M54", "sweep/guarantee.py", "i = min(range(done), key=lambda i: (tested[i][0].cost, -tested[i][0].metric, i))",
       "i = 0", "the most conservative certified setting is chosen, not the cheapest", (G,)),
     M("M55", "sweep/bounds.py", "return min(1.0, gamma + tail)", "return min(1.0, tail)",
       "the drop's p-value forgets what the discordance bound spent", (G,)),
+    M("M58", "sweep/guarantee.py", "target=max_drop / 100.0, bound=None,", 'target=float(rec["target_points"]) / 100.0, bound=None,',
+      "export --max-drop re-tests the sweep's sequence at the sweep's target, not its own", (G,)),
+    M("M59", "export/run.py", "    certified = _recertified(model, sweep, cfg)\n", "    certified = None\n",
+      "export --max-drop picks without the guarantee although the sweep stored its sequence",
+      (f"{G}::test_report_states_the_certificate_of_the_exported_point",)),
 ]
 
 # Survivors that are equivalent: the same observable behaviour, so no test can kill them.

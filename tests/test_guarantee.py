@@ -23,6 +23,7 @@ from pteenet.sweep import (
     bounds,
     certify,
     evaluate,
+    recertify,
     restrict,
     select,
     select_exits,
@@ -140,6 +141,38 @@ def test_the_cheapest_certified_setting_is_chosen(populations: dict[bool, ExitCa
     assert c.point.cost == pytest.approx(min(costs)) and c.point.cost < costs[0]
 
 
+def test_recertify_from_the_record_equals_certifying_from_the_data(populations: dict[bool, ExitCache]) -> None:
+    """``export --max-drop`` tests the sweep's stored sequence again at another target: from the
+    counts alone it must reach what certify reaches on the data (same structure, same sequence)."""
+    for labelled in (True, False):
+        cal = populations[labelled].take(np.arange(3000))
+        bb = backbone_point(cal)
+        rec = _record(certify(cal, ["max-softmax"], GRID_TS, 100 * TARGET, 1 - DELTA), bb)
+        rec = json.loads(json.dumps(rec))  # as the checkpoint stores it
+        for target in (0.5, 1.0, 3.0, 100 * TARGET):
+            direct = certify(cal, ["max-softmax"], GRID_TS, target, 1 - DELTA)
+            again, again_rec = recertify(rec, target, E)
+            assert again.guarantee.certified == direct.guarantee.certified
+            assert again.guarantee.bound == pytest.approx(direct.guarantee.bound) if direct.point else again.point is None
+            if direct.point is not None and again.point is not None:
+                assert again.point.thresholds == direct.point.thresholds and again.point.cost == pytest.approx(direct.point.cost)
+                assert again_rec["target_points"] == pytest.approx(target) and again_rec["bound_points"] <= target
+    # With a structure (every policy, exit selection), the same target reproduces the sweep's choice.
+    cal = populations[True].take(np.arange(3000))
+    c = certify(cal, ["max-softmax", "entropy"], GRID_TS, 100 * TARGET, 1 - DELTA, cost=COST)
+    again, _ = recertify(json.loads(json.dumps(_record(c, backbone_point(cal)))), 100 * TARGET, E)
+    assert c.point is not None and again.point is not None and again.active == c.active
+    assert again.point.thresholds == c.point.thresholds and again.point.policy == c.point.policy
+    assert again.guarantee.structure_samples == c.guarantee.structure_samples > 0
+    with pytest.raises(PteenetError, match="no certified sequence"):
+        recertify({k: v for k, v in rec.items() if k != "sequence"}, 1.0, E)
+
+
+def _record(c, backbone):  # noqa: ANN001, ANN202 - the sweep document's guarantee section
+    from pteenet.sweep.guarantee import record
+    return record(c, backbone, None, None)
+
+
 def test_disagreement_pvalue_is_the_binomial_tail() -> None:
     assert bounds.disagreement_pvalue(7, 500, 0.02) == pytest.approx(stats.binom.cdf(7, 500, 0.02))
     assert bounds.binomial_upper(7, 500, 0.1) == pytest.approx(stats.beta.ppf(0.9, 8, 493))
@@ -210,3 +243,21 @@ def test_report_states_the_certificate_of_the_exported_point(trained: Path, tmp_
             assert g["confidence"] == 0.9 and "**Guarantee.** Certified:" in md and "exchangeable" in md
         else:  # another point than the certified one carries no promise
             assert g is None and "**No guarantee**" in md
+    # export --max-drop tests the sweep's stored sequence again at its own target: still certified
+    for drop, ok in ((60, True), (0.001, False)):
+        out = tmp_path / f"drop{drop}"
+        result = CliRunner().invoke(app, ["export", str(tuned), "-o", str(out), "--max-drop", str(drop)])
+        if not ok:  # 100 images cannot certify a 0.001-point drop: one error line, nothing written
+            assert result.exit_code == 1 and "certified" in error_line(result.stderr) and not out.exists()
+            continue
+        assert result.exit_code == 0, result.stderr
+        op = json.loads((out / "report.json").read_text())["operating_point"]
+        assert op["guarantee"]["target_points"] == 60 and op["guarantee"]["bound_points"] <= 60
+        assert "certified" in op["how"] and "**Guarantee.** Certified:" in (out / "report.md").read_text()
+    # a sweep without the guarantee stores no sequence: export --max-drop picks, and says it is not certified
+    free = tmp_path / "free.safetensors"
+    code, _, stderr = _run(trained, "-o", tmp_path / "sw2", "--thresholds", GRID, "--max-drop", 100,
+                           "--policy", "max-softmax", "--no-guarantee", "--write", free)
+    assert code == 0, stderr
+    result = CliRunner().invoke(app, ["export", str(free), "-o", str(tmp_path / "free"), "--max-drop", "60"])
+    assert result.exit_code == 0 and "**No guarantee**" in (tmp_path / "free" / "report.md").read_text()

@@ -19,7 +19,7 @@ def export_command(
     output: Path = typer.Option(..., "-o", "--output", help="output folder (created; must not exist or be empty)"),
     threshold: Optional[float] = typer.Option(None, help="global threshold in [0, 1]"),
     budget: Optional[float] = typer.Option(None, help="pick from the stored sweep: most accurate within this mean cost"),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="pick from the stored sweep: cheapest within P accuracy points"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="pick from the stored sweep: cheapest within P accuracy points, certified again at P where the sweep was certified"),
     policy: PolicyOption = None,
     format_: Optional[list[str]] = typer.Option(None, "--format", help=f"repeat for several: {' | '.join(FORMATS)}"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),

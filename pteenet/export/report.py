@@ -53,7 +53,10 @@ def build_report(model: EarlyExitModel, point: dict[str, Any], files: dict[str, 
 
 
 def _guarantee(sweep: dict[str, Any] | None, point: dict[str, Any], n_exits: int) -> dict[str, Any] | None:
-    """The sweep's certificate when the exported point is the setting it certified, else None."""
+    """The sweep's certificate when the exported point is the setting it certified (or export
+    certified it again at its own --max-drop), else None."""
+    if point.get("guarantee"):
+        return point["guarantee"]
     g, chosen = (sweep or {}).get("guarantee"), (sweep or {}).get("chosen") or {}
     ts = threshold_list(chosen.get("threshold"), n_exits)
     same = g and g.get("bound_points") is not None and chosen.get("policy") == point["policy"] and ts is not None \

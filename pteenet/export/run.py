@@ -34,7 +34,7 @@ from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
-from ..sweep import Point, select, threshold_list
+from ..sweep import Point, recertify, select, threshold_list
 from ..tracing.hooks import NO_EARLY_EXIT
 from .programs import write_program
 from .report import build_report, nothing_pays, write_report
@@ -106,12 +106,37 @@ def _sweep_numbers(sweep: dict[str, Any], n_exits: int, policy: str, thresholds:
     return out
 
 
+def _recertified(model: EarlyExitModel, sweep: dict[str, Any] | None, cfg: ExportConfig) -> dict[str, Any] | None:
+    """``--max-drop`` on a sweep that certified its choice: the sweep's fixed sequence tested again
+    at this target (``recertify``), so the exported point keeps a guarantee. None where the sweep
+    stored no sequence (``--no-guarantee``, older files) or ``--policy`` asks for another policy."""
+    g = (sweep or {}).get("guarantee") or {}
+    cands = (g.get("sequence") or {}).get("candidates")
+    if cfg.max_drop is None or not cands or (cfg.policy is not None and any(c.get("policy") != cfg.policy for c in cands)):
+        return None
+    cert, rec = recertify(g, cfg.max_drop, model.num_exits)
+    p = cert.point
+    if p is None or p.thresholds is None or p.policy is None:
+        raise PteenetError(f"no stored setting is certified to keep the {rec['risk']} within {cfg.max_drop:g} points at "
+                           f"confidence {rec['confidence']:g} ({rec['tested']} tested on {rec['samples']} calibration images)",
+                           "allow a larger --max-drop, or certify on more images (pteenet sweep-threshold --max-drop P --write)")
+    model.set_thresholds(p.thresholds, p.policy)
+    # As below: where even the cheapest certified setting costs the backbone or more, no exit decides.
+    model.set_active(cert.active if p.cost < 1.0 else [False] * model.num_exits)
+    return {"how": f"the cheapest setting certified to keep the {rec['risk']} within {cfg.max_drop:g} points "
+                   "(the sweep's fixed sequence, tested again at this target)", "guarantee": rec,
+            "val": {k: v for k, v in p.to_dict().items() if k not in ("threshold", "policy", "kind")}}
+
+
 def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
     """Set the model's thresholds from ``cfg`` and describe the operating point they make."""
     sweep = model.meta.get("sweep") if isinstance(model.meta.get("sweep"), dict) else None
+    certified = _recertified(model, sweep, cfg)
     if cfg.threshold is not None:
         model.set_thresholds(cfg.threshold, cfg.policy)
         how = f"threshold set directly ({cfg.threshold})"
+    elif certified is not None:
+        how = certified["how"]
     elif cfg.budget is not None or cfg.max_drop is not None:
         if not sweep or not sweep.get("points"):
             raise PteenetError("the checkpoint holds no threshold sweep to pick an operating point from",
@@ -144,6 +169,8 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
              "criterion": {"threshold": cfg.threshold, "budget": cfg.budget, "max_drop": cfg.max_drop}}
     if sweep:
         point.update(_sweep_numbers(sweep, model.num_exits, model.policy, model.thresholds))
+        if certified is not None:  # its numbers with its own exits, and its certificate at this target
+            point.update(val=certified["val"], guarantee=certified["guarantee"])
         point["metric"] = sweep.get("metric")
         cm = sweep.get("cost_model") or {"kind": "macs"}
         point["cost_model"] = {k: cm.get(k) for k in ("kind", "batch_size")}  # what "cost" means: MACs or time

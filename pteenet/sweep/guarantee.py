@@ -19,6 +19,7 @@ The promise assumes that the calibration images and the images the model will se
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ METHOD = ("fixed-sequence testing from conservative to aggressive settings (Lear
           "exact binomial tail (disagreement)")
 
 Candidate = tuple[str, list[float]]  # (policy, one threshold per exit)
+# A candidate on the whole calibration split, with its (n_plus, n_minus) on the certifying samples.
+Tested = tuple[Point, tuple[int, int]]
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Certified:
     point: Point | None  # the chosen setting on the whole calibration cache; None: nothing certified
     active: list[bool] | None  # exits that decide (exit selection), None: all
     guarantee: Guarantee
+    tested: list[Tested] = dataclasses.field(default_factory=list)  # the whole sequence, in order
 
 
 def check_confidence(value: float) -> None:
@@ -97,13 +101,13 @@ def risk_counts(cache: ExitCache, exits: np.ndarray) -> tuple[int, int]:
     return int((backbone & ~exit_ok).sum()), int((~backbone & exit_ok).sum())
 
 
-def fixed_sequence(cache: ExitCache, candidates: Sequence[Candidate], target: float, delta: float) -> int:
-    """How many candidates, in order, are certified: the test stops at the first p-value > delta."""
-    for i, (policy, ts) in enumerate(candidates):
-        counts = risk_counts(cache, exit_indices(cache, policy, ts))
-        if bounds.pvalue(counts, cache.num_samples, target, delta, cache.labels is not None) > delta:
+def fixed_sequence(counts: Sequence[tuple[int, int]], n: int, target: float, delta: float, labelled: bool) -> int:
+    """How many candidates, in order, are certified: the test stops at the first p-value > delta.
+    ``counts``: each candidate's ``risk_counts`` on the ``n`` certifying samples."""
+    for i, c in enumerate(counts):
+        if bounds.pvalue(c, n, target, delta, labelled) > delta:
             return i
-    return len(candidates)
+    return len(counts)
 
 
 def threshold_sequence(policy: str, grid: np.ndarray, num_exits: int) -> list[Candidate]:
@@ -151,8 +155,7 @@ def certify(cache: ExitCache, policies: Sequence[str], grid: np.ndarray, max_dro
     """The cheapest setting certified to keep the accuracy drop (the disagreement without labels)
     within ``max_drop`` points with probability >= ``confidence``. ``cost`` turns exit selection on;
     ``max_tail`` bounds what a sample that takes no exit pays there, as ``select_exits`` does."""
-    delta, target = 1.0 - confidence, max_drop / 100.0
-    n = cache.num_samples
+    target, n = max_drop / 100.0, cache.num_samples
     if len(policies) > 1 or per_exit or cost is not None:
         perm = np.random.default_rng(seed).permutation(n)
         k = int(round(STRUCTURE_SHARE * n))
@@ -162,23 +165,51 @@ def certify(cache: ExitCache, policies: Sequence[str], grid: np.ndarray, max_dro
         part, rest, active = None, cache, None
         candidates = threshold_sequence(policies[0], grid, cache.num_exits)
     rest_view, full_view = _view(rest, active, cost, chained), _view(cache, active, cost, chained)
-    done = fixed_sequence(rest_view, candidates, target, delta)
+    tested = []
+    for policy, ts in candidates:
+        point = evaluate(full_view, policy, ts)
+        if len(set(ts)) == 1:
+            point.kind = "global"
+        tested.append((point, risk_counts(rest_view, exit_indices(rest_view, policy, ts))))
     risk = "accuracy drop" if cache.labels is not None else "disagreement"
-    g = Guarantee(confidence=confidence, risk=risk, target=target, bound=None, observed=None,
-                  samples=rest.num_samples, structure_samples=0 if part is None else part.num_samples,
-                  tested=min(done + 1, len(candidates)), certified=done)
+    return _certified(Guarantee(confidence=confidence, risk=risk, target=target, bound=None, observed=None,
+                                samples=rest.num_samples, structure_samples=0 if part is None else part.num_samples,
+                                tested=0, certified=0), tested, active)
+
+
+def _certified(g: Guarantee, tested: list[Tested], active: list[bool] | None) -> Certified:
+    """Fixed-sequence testing of ``tested`` at ``g``'s target and confidence, and the cheapest
+    certified setting (its cost and metric on the whole calibration split)."""
+    labelled, delta = g.risk == "accuracy drop", 1.0 - g.confidence
+    done = fixed_sequence([c for _, c in tested], g.samples, g.target, delta, labelled)
+    g.tested, g.certified = min(done + 1, len(tested)), done
     if done == 0:
-        return Certified(None, active, g)
-    points = [evaluate(full_view, policy, ts) for policy, ts in candidates[:done]]
-    i = min(range(done), key=lambda i: (points[i].cost, -points[i].metric, i))
-    chosen = points[i]
-    if len(set(chosen.thresholds or [])) == 1:
-        chosen.kind = "global"
-    counts = risk_counts(rest_view, exit_indices(rest_view, *candidates[i]))
-    m = max(rest.num_samples, 1)
-    g.observed = (counts[0] - counts[1]) / m
-    g.bound = bounds.upper_bound(counts, rest.num_samples, delta, cache.labels is not None)
-    return Certified(chosen, active, g)
+        return Certified(None, active, g, tested)
+    i = min(range(done), key=lambda i: (tested[i][0].cost, -tested[i][0].metric, i))
+    chosen, counts = tested[i]
+    g.observed = (counts[0] - counts[1]) / max(g.samples, 1)
+    g.bound = bounds.upper_bound(counts, g.samples, delta, labelled)
+    return Certified(dataclasses.replace(chosen), active, g, tested)
+
+
+def recertify(rec: dict[str, Any], max_drop: float, n_exits: int) -> tuple[Certified, dict[str, Any]]:
+    """The same fixed sequence tested again at another target, from a sweep's ``record`` (the
+    candidates' risk counts on the certifying samples): ``export --max-drop`` keeps the guarantee
+    without the data. The structure was chosen on other samples than those that certify, so any
+    target may be tested on them. Returns the choice and its record, as ``record`` writes it."""
+    seq = rec.get("sequence")
+    if not seq:
+        raise PteenetError("the sweep stored no certified sequence to test another --max-drop on",
+                           "re-run pteenet sweep-threshold --max-drop P --write (its guarantee records it)")
+    tested = [(Point.from_dict(d, n_exits), (int(d["counts"][0]), int(d["counts"][1]))) for d in seq["candidates"]]
+    g = Guarantee(confidence=float(rec["confidence"]), risk=rec["risk"], target=max_drop / 100.0, bound=None,
+                  observed=None, samples=int(rec["samples"]), structure_samples=int(rec["structure_samples"]),
+                  tested=0, certified=0)
+    c = _certified(g, tested, seq.get("active_exits"))
+    m, labelled = float(seq["backbone_metric"]), g.risk == "accuracy drop"
+    bb = Point(None, m if labelled else None, 1.0 if labelled else m, 1.0, 1.0, [], None, "backbone")
+    free = [p for p, _ in tested if _drop_points(p, bb) <= max_drop + 1e-9]
+    return c, record(c, bb, min(free, key=lambda p: (p.cost, -p.metric)) if free else None, seq.get("active_exits"))
 
 
 def _drop_points(p: Point, backbone: Point) -> float:
@@ -194,6 +225,9 @@ def record(c: Certified, backbone: Point, uncertified: Point | None,
     out["without_guarantee"] = None if uncertified is None else {
         **{k: v for k, v in uncertified.to_dict().items() if k in ("policy", "kind", "threshold", "cost")},
         "calibration_drop_points": _drop_points(uncertified, backbone), "active_exits": uncertified_active}
+    # Every candidate tested, in order, with its counts on the certifying samples (``recertify``).
+    out["sequence"] = {"active_exits": c.active, "backbone_metric": backbone.metric,
+                       "candidates": [{**p.to_dict(), "counts": list(n)} for p, n in c.tested]}
     return out
 
 
