@@ -8,7 +8,8 @@ certified one (``pteenet.sweep.certify`` at ``--confidence``): the realised drop
 (accuracy points below the backbone; for the agreement target, disagreement with the backbone with
 the calibration labels removed), its mean, median, 90th and 95th percentiles, maximum, the share
 of splits above the target (on the unseen half, and on the whole 10,000 images the halves are drawn from:
-the population the guarantee speaks of), the mean MAC reduction (1 - mean cumulative cost on the unseen half),
+the population the guarantee speaks of), the mean reduction (1 - mean cumulative cost on the unseen half:
+MACs, or predicted time from a ``TimeProfile`` with ``--profile``, exit selection then priced the same way),
 and how often nothing could be certified (then the backbone runs: reduction 0, drop 0).
 
 Modes: one global threshold of one policy (max-softmax, entropy); every policy (the policy chosen
@@ -29,6 +30,7 @@ import math
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -36,6 +38,7 @@ from scipy import stats
 
 from pteenet.errors import PteenetError
 from pteenet.runtime.checkpoint import load_checkpoint
+from pteenet.runtime.timing import TimeProfile
 from pteenet.sweep import ExitCache, backbone_point, bounds, certify, evaluate, restrict, select, select_exits, sweep_global
 from pteenet.sweep import search_per_exit, pareto, parse_range
 from pteenet.sweep.engine import exit_indices
@@ -43,6 +46,7 @@ from pteenet.sweep.guarantee import threshold_sequence
 
 POLICIES = ("confidence", "max-softmax", "entropy")
 GRID = parse_range("0:1:0.01")  # the CLI's default grid; --grid replaces it
+MAX_TAIL: float | None = None  # exit selection's bound on the no-exit tail (--max-tail)
 
 
 def old_rule(cal: ExitCache, mode: dict[str, Any], max_drop: float, model: Any) -> tuple[str, list[float], list[bool] | None] | None:
@@ -52,7 +56,7 @@ def old_rule(cal: ExitCache, mode: dict[str, Any], max_drop: float, model: Any) 
         sels = []
         for policy in mode["policies"]:
             try:
-                sels.append(select_exits(cal, model.cost, model.chained, policy, GRID, max_drop=max_drop))
+                sels.append(select_exits(cal, model.cost, model.chained, policy, GRID, max_drop=max_drop, max_tail=MAX_TAIL))
             except PteenetError:
                 pass
         if not sels:
@@ -169,7 +173,7 @@ def run_mode(test: ExitCache, mode: dict[str, Any], target: float, confidence: f
             cal = ExitCache(cal.preds, cal.scores, None, cal.costs, cal.costs_paper)
             rep = ExitCache(rep.preds, rep.scores, None, rep.costs, rep.costs_paper)
         c = certify(cal, mode["policies"], GRID, target, confidence, per_exit=mode["per_exit"],
-                    cost=model.cost if mode["select"] else None, chained=model.chained)
+                    cost=model.cost if mode["select"] else None, chained=model.chained, max_tail=MAX_TAIL)
         cert = None if c.point is None else (c.point.policy or "", c.point.thresholds or [], c.active)
         if c.guarantee.bound is not None:
             bounds_seen.append(100 * c.guarantee.bound)
@@ -203,7 +207,9 @@ def bound_study(test: ExitCache, target: float, confidence: float, splits: int) 
 
 def table(doc: dict[str, Any]) -> str:
     """The results file as the markdown table of docs/guarantee.md."""
-    rows = ["| risk, target | mode | rule | splits | drop mean | p90 | p95 | max | above target | whole set above | MAC reduction | none certified |",
+    pricing = doc.get("setup", {}).get("pricing") or {"kind": "macs"}
+    unit = "MAC" if pricing["kind"] == "macs" else f"time (predicted, batch {pricing['batch_size']})"
+    rows = [f"| risk, target | mode | rule | splits | drop mean | p90 | p95 | max | above target | whole set above | {unit} reduction | none certified |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for section, label in (("accuracy_drop", "accuracy drop"), ("disagreement", "disagreement")):
         for name, r in doc.get(section, {}).items():
@@ -217,7 +223,7 @@ def table(doc: dict[str, Any]) -> str:
     study = doc.get("bound_study")
     if study:
         rows += ["", f"Bound study ({study['mode']}, accuracy drop <= {study['target']:g} pt):", "",
-                 "| bound | drop mean | p95 | above target | MAC reduction |", "|---|---|---|---|---|"]
+                 f"| bound | drop mean | p95 | above target | {unit} reduction |", "|---|---|---|---|---|"]
         rows += [f"| {k} | {v['drop_mean']:.2f} | {v['drop_p95']:.2f} | {100 * v['share_above_target']:.1f}% | "
                  f"{100 * v['reduction_mean']:.1f}% |" for k, v in study.items() if isinstance(v, dict)]
     return "\n".join(rows)
@@ -239,17 +245,29 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cifar10_guarantee.json"))
     ap.add_argument("--grid", default="0:1:0.01", help="threshold grid START:STOP:STEP (the CLI's --thresholds)")
     ap.add_argument("--table", action="store_true", help="print the results file --out as a markdown table and stop")
+    ap.add_argument("--profile", type=Path, help="price in predicted time: a TimeProfile JSON, or a cifar10_time.py "
+                    "summary (its profile at --deploy-batch-size); default: MACs")
+    ap.add_argument("--deploy-batch-size", type=int, default=1)
+    ap.add_argument("--max-tail", type=float, default=None, help="exit selection: bound the no-exit tail (the CLI's 1.2)")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return
-    global GRID
-    GRID = parse_range(args.grid)
+    global GRID, MAX_TAIL
+    GRID, MAX_TAIL = parse_range(args.grid), args.max_tail
     test, model = ExitCache.load(args.cache), load_checkpoint(args.model).model
+    pricing: dict[str, Any] = {"kind": "macs"}
+    if args.profile:  # every cost below (the cache's, exit selection's) becomes predicted time
+        raw = json.loads(args.profile.read_text())
+        prof = TimeProfile.from_dict(raw["profiles"][str(args.deploy_batch_size)] if "profiles" in raw else raw)
+        model = SimpleNamespace(cost=prof, chained=model.chained)
+        test = restrict(test, [True] * test.num_exits, prof, model.chained)
+        pricing = {"kind": "time", "batch_size": prof.batch_size, "profile": str(args.profile), "machine": prof.machine}
     doc: dict[str, Any] = {
         "setup": {"cache": str(args.cache), "model": str(args.model), "samples": test.num_samples,
                   "exits": test.num_exits, "splits": args.splits, "select_splits": args.select_splits,
-                  "per_exit_splits": args.per_exit_splits, "confidence": args.confidence,
+                  "per_exit_splits": args.per_exit_splits, "confidence": args.confidence, "pricing": pricing,
+                  "max_tail": args.max_tail,
                   "grid": args.grid, "protocol": "B: seeded random halvings (seed 1000 + i) of the test cache; "
                   "calibrate on the first half, measure on the other", "loadavg": os.getloadavg()},
         "backbone_accuracy": backbone_point(test).accuracy, "accuracy_drop": {}, "disagreement": {}}

@@ -10,8 +10,10 @@ of test and reported on the other. For each deployment setting the operating poi
 within 1 accuracy point of the backbone on the calibration half, priced in predicted time from a
 ``TimeProfile`` measured here (``runtime/timing.py``) at that batch size, with time-priced exit
 selection (batch 1 also with ``max_tail`` 1.2: a sample that takes no exit pays at most 1.2x); the
-MAC-priced choice (``sweep-threshold --cost macs``) is timed beside it. Then, on report-half images
-preloaded in memory, the models take turns batch by batch (order rotated each repeat), after a warm-up:
+MAC-priced choice (``sweep-threshold --cost macs``) is timed beside it, and so is the CLI's default
+rule: the cheapest setting certified at confidence 0.9 (``pteenet.sweep.certify``: every policy, exit
+selection on 30% of the calibration half, the no-exit tail bounded at 1.2x), for each batch size. Then, on report-half images
+preloaded in memory, the models take turns batch by batch (a seeded random order for each batch), after a warm-up:
 eager batch 256, eager batch 1 (mean, p50, p99 per image), ONNX Runtime batch 1 (the plain models
 exported whole, the early-exit model as staged pieces driven by ``run_staged.py``). Ratios are to
 plain ResNet-56 in the same runtime and run; ``os.getloadavg()`` is recorded before and after.
@@ -47,7 +49,7 @@ from pteenet.exits.chain import computed_branches  # noqa: E402
 from pteenet.export.driver import StagedModel, onnx_runner  # noqa: E402
 from pteenet.export.staged import export_pieces  # noqa: E402
 from pteenet.runtime.timing import TimeProfile, profile  # noqa: E402
-from pteenet.sweep import ExitCache, backbone_point, evaluate, pareto, restrict, select, select_exits, sweep_global  # noqa: E402
+from pteenet.sweep import ExitCache, backbone_point, certify, evaluate, pareto, restrict, select, select_exits, sweep_global  # noqa: E402
 
 POLICIES = ("confidence", "max-softmax", "entropy")
 PLAIN = ("resnet20", "resnet32", "resnet44", "resnet56")
@@ -69,19 +71,35 @@ def choose(cal: ExitCache, report: ExitCache, model: Any, pricing: Any, max_tail
             continue
     def tail(active: list[bool]) -> float:
         return pricing.costs(computed_branches(active, model.chained))[-1]
-
     # Where no selection keeps the tail under max_tail within 1 pt, say so and take the cheapest.
     meets = [c for c in cands if max_tail is None or tail(c[1]) <= max_tail + 1e-9]
     point, active = min(meets or cands, key=lambda c: (c[0].cost, -c[0].metric))
+    return {**measured(point, active, report, model, pricing), "max_tail": max_tail,
+            "max_tail_met": bool(meets) if max_tail is not None else None}
+
+
+def certified(cal: ExitCache, report: ExitCache, model: Any, pricing: Any, max_tail: float | None) -> dict[str, Any]:
+    """What ``sweep-threshold --max-drop 1 --select-exits`` chooses by default: the cheapest setting
+    certified at confidence 0.9 (every policy, exits chosen on 30% of ``cal``), on ``report``."""
+    c = certify(cal, POLICIES, GRID, 1.0, 0.9, cost=pricing, chained=model.chained, max_tail=max_tail)
+    if c.point is None:
+        raise SystemExit("nothing certified on the calibration half")
+    active = c.active or [True] * model.num_exits
+    return {**measured(c.point, active, report, model, pricing), "max_tail": max_tail,
+            "certified_bound_pt": 100 * (c.guarantee.bound or 0.0), "confidence": 0.9}
+
+
+def measured(point: Any, active: list[bool], report: ExitCache, model: Any, pricing: Any) -> dict[str, Any]:
+    """A setting chosen on the calibration half, and its numbers on ``report``."""
     rep = evaluate(restrict(report, active, pricing, model.chained), point.policy, point.thresholds)
-    macs = model.cost.costs(computed_branches(active, model.chained))
+    computed = computed_branches(active, model.chained)
+    timed_ = isinstance(pricing, TimeProfile)
     return {"policy": point.policy, "thresholds": point.thresholds, "active_exits": active,
             "n_active": sum(active), "predicted_time_ratio_cal": point.cost,
-            "predicted_time_ratio": rep.cost if isinstance(pricing, TimeProfile) else None,
-            "mac_ratio": float(np.dot(rep.exit_fractions, macs)), "accuracy": rep.accuracy,
+            "predicted_time_ratio": rep.cost if timed_ else None,
+            "mac_ratio": float(np.dot(rep.exit_fractions, model.cost.costs(computed))), "accuracy": rep.accuracy,
             "drop_pt": 100 * (backbone_point(report).accuracy - rep.accuracy), "exit_fractions": rep.exit_fractions,
-            "no_exit_predicted": tail(active) if isinstance(pricing, TimeProfile) else None,
-            "max_tail": max_tail, "max_tail_met": bool(meets) if max_tail is not None else None}
+            "no_exit_predicted": pricing.costs(computed)[-1] if timed_ else None}
 
 
 def front(report: ExitCache, model: Any, prof: TimeProfile, active: list[bool]) -> list[dict[str, Any]]:
@@ -92,19 +110,22 @@ def front(report: ExitCache, model: Any, prof: TimeProfile, active: list[bool]) 
 
 
 def timed(runs: dict[str, Callable[[Any], Any]], batches: list[Any], repeats: int) -> dict[str, Any]:
-    """Seconds per batch for every run, the runs taking turns batch by batch (order rotated each
-    repeat), so that a burst of other load on the shared machine hits every model alike."""
+    """Seconds per batch for every run, the runs taking turns batch by batch, so that a burst of other
+    load on the shared machine hits every model alike. The order is a fresh seeded permutation for
+    every batch: what ran just before decides which weights are still in the CPU's caches, and a fixed
+    order would give each model the same predecessor every time (one setting timed twice in a rotated
+    order differed by 0.04 of the backbone's time at batch 1)."""
     names = list(runs)
     per: dict[str, list[float]] = {n: [] for n in names}
     totals: dict[str, list[float]] = {n: [] for n in names}
     for name in names:  # warm-up
         for b in batches[:3]:
             runs[name](b)
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+    rng = np.random.default_rng(0)
+    for _ in range(repeats):
         round_s = dict.fromkeys(names, 0.0)
         for b in batches:
-            for name in order:
+            for name in rng.permutation(names):
                 t0 = time.perf_counter()
                 runs[name](b)
                 dt = time.perf_counter() - t0
@@ -172,7 +193,9 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     settings = {"eager_b256": choose(cal, report, model, profs[256], None),
                 "eager_b1": choose(cal, report, model, profs[1], 1.2),
                 "eager_b1_mean_only": choose(cal, report, model, profs[1], None),
-                "macs": choose(cal, report, model, model.cost, None)}
+                "macs": choose(cal, report, model, model.cost, None),
+                "eager_b256_certified": certified(cal, report, model, profs[256], 1.2),
+                "eager_b1_certified": certified(cal, report, model, profs[1], 1.2)}
     plain = {bb: load_backbone(f"cifar-{bb}", str(backbone_file(args.backbones, bb)))[0].eval() for bb in PLAIN}
     acc_plain = plain_accuracy(plain, splits, n)
     mac_plain = plain_macs(plain)
@@ -188,11 +211,12 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     results: dict[str, Any] = {}
     with torch.inference_mode():
         b256 = list(images[: args.images_256].split(256))
-        runs = {**plain, "early_exit": ee(settings["eager_b256"]), "early_exit_macs_choice": ee(settings["macs"])}
+        runs = {**plain, "early_exit": ee(settings["eager_b256"]), "early_exit_macs_choice": ee(settings["macs"]),
+                "early_exit_certified": ee(settings["eager_b256_certified"])}
         results["eager_b256"] = summarise(timed(runs, b256, args.repeats), len(b256) * 256)
         b1 = list(images[: args.images_1].split(1))
         runs = {**plain, "early_exit": ee(settings["eager_b1"]), "early_exit_mean_only": ee(settings["eager_b1_mean_only"]),
-                "early_exit_macs_choice": ee(settings["macs"]),
+                "early_exit_macs_choice": ee(settings["macs"]), "early_exit_certified": ee(settings["eager_b1_certified"]),
                 "no_exit_selected": ee(settings["eager_b1"], True),
                 "no_exit_all_27": ee({**settings["eager_b1"], "active_exits": [True] * model.num_exits}, True)}
         results["eager_b1"] = summarise(timed(runs, b1, args.repeats), len(b1))
@@ -288,6 +312,12 @@ def build(settings: dict[str, Any], results: dict[str, Any], profs: dict[int, Ti
                                    "time_ratio_eager_b256": results["eager_b256"]["early_exit_macs_choice"]["time_ratio"],
                                    "time_ratio_eager_b1": results["eager_b1"]["early_exit_macs_choice"]["time_ratio"]}
     chosen["eager_b1"]["no_exit_time_ratio_all_27_exits"] = results["eager_b1"]["no_exit_all_27"]["time_ratio"]
+    for k in ("eager_b256", "eager_b1"):  # the CLI's default rule: certified at confidence 0.9
+        s, r = settings[f"{k}_certified"], results[k]["early_exit_certified"]
+        chosen[f"{k}_certified"] = {"time_ratio": r["time_ratio"], "p50_ratio": r["p50_ratio"],
+                                    **{f: s[f] for f in ("mac_ratio", "accuracy", "drop_pt", "predicted_time_ratio",
+                                                         "no_exit_predicted", "policy", "certified_bound_pt")},
+                                    "n_active_exits": s["n_active"]}
     plain = {rt: {bb: {"time_ratio": res[bb]["time_ratio"], "p50_ratio": res[bb]["p50_ratio"], "accuracy": acc_plain[bb]}
                   for bb in PLAIN} for rt, res in results.items()}
     fronts = {f"predicted_{k}": front(report, model, profs[bs], settings[k]["active_exits"])
@@ -316,11 +346,15 @@ def table(doc: dict[str, Any]) -> str:
                     f"{p['onnxruntime_b1']['time_ratio']:.3f} |")
     c = doc["chosen"]
     for rt, label in (("eager_b256", "priced for batch 256"), ("eager_b1", "priced for batch 1, no-exit tail <= 1.2x"),
-                      ("eager_b1_mean_only", "priced for batch 1, mean only")):
+                      ("eager_b1_mean_only", "priced for batch 1, mean only"),
+                      ("eager_b256_certified", "certified (the CLI's default), priced for batch 256"),
+                      ("eager_b1_certified", "certified (the CLI's default), priced for batch 1, tail <= 1.2x")):
+        if rt not in c:  # a summary written before the certified rows
+            continue
         x = c[rt]
         head = (f"| early exit, {label} ({x['n_active_exits']} exits decide) | {100 * x['accuracy']:.2f}% "
                 f"({x['drop_pt']:.2f} pt drop) | {x['mac_ratio']:.3f} | ")
-        if rt == "eager_b256":
+        if rt.startswith("eager_b256"):
             rows.append(head + f"**{x['time_ratio']:.3f}** | - | - | - |")
         else:
             ort = f"**{c['onnxruntime_b1']['time_ratio']:.3f}**" if rt == "eager_b1" else "-"
@@ -348,6 +382,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.plot([p["cost"] for p in f], [100 * p["accuracy"] for p in f], "-", label="early exit, predicted time")
         c = doc["chosen"][rt]
         ax.plot([c["time_ratio"]], [100 * c["accuracy"]], "r*", ms=12, label="chosen point, measured")
+        cert = doc["chosen"].get(f"{rt}_certified")
+        if cert:
+            ax.plot([cert["time_ratio"]], [100 * cert["accuracy"]], "gD", ms=8, label="certified point (the CLI's default), measured")
         pl = doc["plain"][rt]
         ax.plot([pl[b]["time_ratio"] for b in PLAIN], [100 * pl[b]["accuracy"] for b in PLAIN], "ks--",
                 label="plain ResNet-20/32/44/56, measured")
