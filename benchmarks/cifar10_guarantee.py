@@ -42,6 +42,7 @@ from pteenet.runtime.timing import TimeProfile
 from pteenet.sweep import ExitCache, backbone_point, bounds, certify, evaluate, restrict, select, select_exits, sweep_global
 from pteenet.sweep import search_per_exit, pareto, parse_range
 from pteenet.sweep.engine import exit_indices
+from pteenet.sweep import guarantee
 from pteenet.sweep.guarantee import threshold_sequence
 
 POLICIES = ("confidence", "max-softmax", "entropy")
@@ -249,12 +250,15 @@ def main() -> None:
                     "summary (its profile at --deploy-batch-size); default: MACs")
     ap.add_argument("--deploy-batch-size", type=int, default=1)
     ap.add_argument("--max-tail", type=float, default=None, help="exit selection: bound the no-exit tail (the CLI's 1.2)")
+    ap.add_argument("--structure-share", type=float, default=guarantee.STRUCTURE_SHARE,
+                    help="share of the calibration half that chooses the structure (policy, exits)")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return
     global GRID, MAX_TAIL
     GRID, MAX_TAIL = parse_range(args.grid), args.max_tail
+    guarantee.STRUCTURE_SHARE = args.structure_share  # read by certify at each call
     test, model = ExitCache.load(args.cache), load_checkpoint(args.model).model
     pricing: dict[str, Any] = {"kind": "macs"}
     if args.profile:  # every cost below (the cache's, exit selection's) becomes predicted time
@@ -262,12 +266,13 @@ def main() -> None:
         prof = TimeProfile.from_dict(raw["profiles"][str(args.deploy_batch_size)] if "profiles" in raw else raw)
         model = SimpleNamespace(cost=prof, chained=model.chained)
         test = restrict(test, [True] * test.num_exits, prof, model.chained)
-        pricing = {"kind": "time", "batch_size": prof.batch_size, "profile": str(args.profile), "machine": prof.machine}
+        pricing = {"kind": "time", "batch_size": prof.batch_size, "profile": str(args.profile),
+                   "profile_dict": prof.to_dict()}  # the file may change: keep what priced this run
     doc: dict[str, Any] = {
         "setup": {"cache": str(args.cache), "model": str(args.model), "samples": test.num_samples,
                   "exits": test.num_exits, "splits": args.splits, "select_splits": args.select_splits,
                   "per_exit_splits": args.per_exit_splits, "confidence": args.confidence, "pricing": pricing,
-                  "max_tail": args.max_tail,
+                  "max_tail": args.max_tail, "structure_share": args.structure_share,
                   "grid": args.grid, "protocol": "B: seeded random halvings (seed 1000 + i) of the test cache; "
                   "calibrate on the first half, measure on the other", "loadavg": os.getloadavg()},
         "backbone_accuracy": backbone_point(test).accuracy, "accuracy_drop": {}, "disagreement": {}}
