@@ -5,7 +5,8 @@ on the first report-half test images at batch 1, 1 thread: the plain backbone, `
 and an instrumented copy of its loop (``EarlyExitModel._predict_one``: the stages of ``run_plan``,
 each computed head, each decision) take turns image by image, in every order in turn. Written:
 each one's time as a ratio to the backbone's, the instrumented loop split into stages, heads and
-decisions, the ``TimeProfile`` prediction for the same images, and where the images left. This
+decisions, the ``TimeProfile`` prediction for the same images, where the images left, and each
+computed head timed alone twice: called repeatedly, and right after a pass of the plain backbone. This
 tells what limits the batch-1 mean: the stages the samples run through, or what the exits add.
 
     python benchmarks/batch1_breakdown.py --model r56-default.safetensors --data /tmp/cifar \\
@@ -65,6 +66,38 @@ def instrumented(model: Any, policy: str, ts: list[float], parts: dict[str, floa
     return run
 
 
+def head_times(model: Any, x: torch.Tensor, repeats: int = 50) -> dict[str, list[float]]:
+    """Per computed exit, ms for its head and decision on one tap: called again and again (its
+    weights stay in the CPU's caches) and right after a pass of the plain backbone (as in a run)."""
+    taps, _ = model.backbone_taps(x)
+    out: dict[str, list[Any]] = {"exit": [], "warm_ms": [], "after_backbone_ms": []}
+    policy, ts = model.policy, model.thresholds
+    tiny = torch.zeros(1, 10)
+    # "add": one elementwise op on 10 numbers, timed the same two ways: what the CPU's cold state
+    # after the convolutions costs any small op, whatever weights it reads.
+    for k in [*model.run_plan()[0], "add"]:
+        def head(k: Any = k) -> None:
+            if k == "add":
+                tiny.add(1.0)
+                return
+            _, z, c, _ = exit_step(model.branches[k], model.ensemble, k, taps[k], Carry())
+            bool(pol.passes(policy, pol.score(policy, z, c), ts[k]))
+        warm, cold = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            head()
+            warm.append(time.perf_counter() - t0)
+        for _ in range(repeats):
+            model.backbone(x)
+            t0 = time.perf_counter()
+            head()
+            cold.append(time.perf_counter() - t0)
+        out["exit"].append(k)
+        out["warm_ms"].append(1e3 * float(np.median(warm)))
+        out["after_backbone_ms"].append(1e3 * float(np.median(cold)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -107,6 +140,7 @@ def main() -> None:
                     totals[name] += time.perf_counter() - t0
                     if name == "instrumented" and r == 0:
                         exits.append(int(out))
+        heads = head_times(model, images[:1])
     bb = totals["backbone"]
     costs = prof.costs(model.computed_branches())
     doc = {"setup": {"model": str(args.model), "summary": str(args.summary), "images": args.images,
@@ -115,13 +149,13 @@ def main() -> None:
            "time_ratio": {name: t / bb for name, t in totals.items()},
            "instrumented_parts_ratio": {k: v / bb for k, v in parts.items()},
            "predicted_time_ratio": float(np.mean([costs[k] for k in exits])),
-           "profile": prof.to_dict(),
+           "heads": heads, "profile": prof.to_dict(),
            "exit_fractions": (np.bincount(exits, minlength=model.num_exits + 1) / len(exits)).tolist(),
            "backbone_ms": 1e3 * bb / (args.repeats * args.images)}
     load["after"] = os.getloadavg()
     doc["load_average"] = load
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(json.dumps({k: doc[k] for k in ("time_ratio", "instrumented_parts_ratio", "predicted_time_ratio")}, indent=1))
+    print(json.dumps({k: doc[k] for k in ("time_ratio", "instrumented_parts_ratio", "predicted_time_ratio", "heads")}, indent=1))
 
 
 if __name__ == "__main__":
