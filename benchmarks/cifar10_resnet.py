@@ -66,6 +66,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         cfg("r56-hidden32", hidden=32),
         cfg("r56-hidden256", hidden=256),  # and wider: better exits for heads that cost more
         cfg("r56-grid2", grid=2),  # a 2x2 pooling grid: a quarter of the first layer's weights
+        cfg("r56-epochs20", epochs=20),  # twice the sized number of epochs (10 for 45,000 images)
         cfg("r56-no-ensemble", cascade=True, ensemble=False),
         cfg("r56-no-cascade", cascade=False, ensemble=True),
         cfg("r56-pseudo", loss={"targets": "pseudo", "temperature": 1.0}, **CHAINED),
