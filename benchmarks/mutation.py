@@ -169,6 +169,9 @@ MUTANTS: list[Mutant] = [
       "the backbone is cut at every exit, computed or not", (f"{P}::test_the_runtime_cuts_the_backbone_only_where_a_branch_is_computed",)),
     M("M57", "sweep/guarantee.py", "max_drop=max_drop, max_tail=max_tail)", "max_drop=max_drop)",
       "the certified exit selection ignores --max-tail", ("tests/test_time_cost.py::test_max_tail_bounds_what_a_sample_that_never_leaves_pays",)),
+    M("M60", "sweep/guarantee.py", "                    active = [False] * part.num_exits", "                    pass",
+      "where no set of exits keeps the tail bound, the certified choice keeps every exit",
+      ("tests/test_time_cost.py::test_max_tail_bounds_what_a_sample_that_never_leaves_pays",)),
     # -- the guarantee (issue 17): p-values, the fixed sequence, the structure split, the choice --
     M("M48", "sweep/guarantee.py", "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            return i",
       "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            continue",

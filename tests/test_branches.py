@@ -260,7 +260,7 @@ def test_sweep_cli_select_exits_writes_the_active_exits(tmp_path: Path) -> None:
     model, ckpt = swept_checkpoint(tmp_path)
     tuned = tmp_path / "tuned.safetensors"
     code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw", "--thresholds", "0:1:0.05", "--max-drop", "100",
-                                   "--select-exits", "--policy", "max-softmax", "--write", tuned, "--json")
+                                   "--select-exits", "--policy", "max-softmax", "--cost", "macs", "--write", tuned, "--json")
     assert code == 0, stderr
     chosen = json.loads(stdout)["chosen"]
     active = chosen["active_exits"]

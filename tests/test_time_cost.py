@@ -133,6 +133,9 @@ def test_max_tail_bounds_what_a_sample_that_never_leaves_pays() -> None:
     cert = certify(cost, ["max-softmax"], grid, 2.0, 0.9, cost=prof, max_tail=1.15)
     assert cert.point is not None and cert.active is not None and cert.active.count(True) == 2
     assert prof.costs(cert.active)[-1] <= 1.15 and cert.point.accuracy == 1.0
+    # Where no set of exits keeps the bound, the certified choice runs none (not all of them).
+    none = certify(cost, ["max-softmax"], grid, 2.0, 0.9, cost=prof, max_tail=1.0)
+    assert none.active == [False] * e and none.point is not None and none.point.cost == pytest.approx(1.0)
 
 
 def test_the_default_model_computes_only_the_heads_that_decide() -> None:

@@ -33,7 +33,7 @@ from ..tracing.cost import CostTable
 from . import bounds
 from .cache import ExitCache
 from .engine import Point, backbone_point, evaluate, exit_indices, pareto, search_per_exit, select, sweep_global
-from .selection import restrict, select_exits
+from .selection import restrict, select_exits, tail_breaks
 
 CONFIDENCE = 0.9  # the default 1 - delta
 STRUCTURE_SHARE = 0.3  # of the calibration samples, when a structure has to be chosen first
@@ -132,8 +132,10 @@ def _structure(part: ExitCache, policies: Sequence[str], grid: np.ndarray, max_d
             try:
                 sel = select_exits(part, cost, chained, policy, grid, max_drop=max_drop, max_tail=max_tail)
                 active, point = sel.active, sel.point
-            except PteenetError:  # nothing meets the criterion on this part: keep every exit
-                pass
+            except PteenetError:  # nothing meets the criterion on this part: keep every exit, unless a
+                # sample that takes none would then pay over max_tail: then no exit (the backbone alone)
+                if tail_breaks(cost, [True] * part.num_exits, chained, max_tail):
+                    active = [False] * part.num_exits
         if point is not None and point.cost < best[0]:
             best = (point.cost, policy, active)
     _, policy, active = best

@@ -38,7 +38,7 @@ from .guarantee import CONFIDENCE, certify, check_confidence, record
 from .outputs import build_document, write_sweep_outputs
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .pricing import Pricing, both_costs, pricing_for
-from .selection import Selection, backbone_only, better, restrict, select_exits
+from .selection import Selection, backbone_only, better, restrict, select_exits, tail_breaks
 
 SPLITS = ("val", "test")
 COSTS = ("macs", "time")
@@ -200,6 +200,8 @@ def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str]
             continue
         if best is None or better(sel.point, best.point, cfg.budget is not None):
             best = sel
+    if best is None and chosen is not None and tail_breaks(pricing, [True] * cache.num_exits, model.chained, cfg.max_tail):
+        return backbone_only(cache, chosen, pricing, model.chained)[:2]  # no set of exits keeps the tail bound
     # At equal cost and accuracy the selection still wins: fewer exits are fewer decisions at run time.
     if best is None or (chosen is not None and better(chosen, best.point, cfg.budget is not None)):
         return chosen, None

@@ -51,6 +51,11 @@ def _objective(p: Point | None, by_budget: bool) -> tuple[float, float]:
     return (-p.metric, p.cost) if by_budget else (p.cost, -p.metric)
 
 
+def tail_breaks(cost: CostTable | TimeProfile, active: list[bool], chained: bool, max_tail: float | None) -> bool:
+    """Whether a sample that takes no exit would pay more than ``max_tail`` x the backbone."""
+    return max_tail is not None and cost.costs(computed_branches(active, chained))[-1] > max_tail + 1e-12
+
+
 def better(a: Point, b: Point, by_budget: bool) -> bool:
     """Whether ``a`` beats ``b``: cheaper within max_drop, or more accurate within a budget."""
     return _objective(a, by_budget) < _objective(b, by_budget)
@@ -92,7 +97,7 @@ def select_exits(cache: ExitCache, cost: CostTable | TimeProfile, chained: bool,
     def tail(active: list[bool]) -> float:
         return cost.costs(computed_branches(active, chained))[-1]
 
-    while max_tail is not None and any(active) and tail(active) > max_tail + 1e-12:
+    while any(active) and tail_breaks(cost, active, chained, max_tail):
         # Only removals that shorten the tail count (with a cascade or ensemble: the last active exit).
         trials = [(_objective(best(t), by_budget), k) for k, t in
                   ((k, [a and j != k for j, a in enumerate(active)]) for k, a in enumerate(active) if a)
