@@ -106,6 +106,12 @@ def _sweep_numbers(sweep: dict[str, Any], n_exits: int, policy: str, thresholds:
     return out
 
 
+def _set_exits(model: EarlyExitModel, active: list[bool] | None, cost: float) -> None:
+    """The exits that decide at the picked point; where even it costs the backbone or more, none
+    (no branch is computed): the backbone alone, as sweep-threshold does."""
+    model.set_active(active if cost < 1.0 else [False] * model.num_exits)
+
+
 def _recertified(model: EarlyExitModel, sweep: dict[str, Any] | None, cfg: ExportConfig) -> dict[str, Any] | None:
     """``--max-drop`` on a sweep that certified its choice: the sweep's fixed sequence tested again
     at this target (``recertify``), so the exported point keeps a guarantee. None where the sweep
@@ -121,8 +127,7 @@ def _recertified(model: EarlyExitModel, sweep: dict[str, Any] | None, cfg: Expor
                            f"confidence {rec['confidence']:g} ({rec['tested']} tested on {rec['samples']} calibration images)",
                            "allow a larger --max-drop, or certify on more images (pteenet sweep-threshold --max-drop P --write)")
     model.set_thresholds(p.thresholds, p.policy)
-    # As below: where even the cheapest certified setting costs the backbone or more, no exit decides.
-    model.set_active(cert.active if p.cost < 1.0 else [False] * model.num_exits)
+    _set_exits(model, cert.active, p.cost)
     return {"how": f"the cheapest setting certified to keep the {rec['risk']} within {cfg.max_drop:g} points "
                    "(the sweep's fixed sequence, tested again at this target)", "guarantee": rec,
             "val": {k: v for k, v in p.to_dict().items() if k not in ("threshold", "policy", "kind")}}
@@ -155,9 +160,8 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
         assert best.thresholds is not None and best.policy is not None
         model.set_thresholds(best.thresholds, best.policy)
         # The swept curve was measured with every exit deciding: an exit selection made for another
-        # point does not hold for this one. Where even the cheapest costs the backbone or more,
-        # no exit decides (no branch is computed): the backbone alone, as sweep-threshold does.
-        model.set_active(None if best.cost < 1.0 else [False] * model.num_exits)
+        # point does not hold for this one.
+        _set_exits(model, None, best.cost)
         how = (f"the most accurate swept point within a mean cost of {cfg.budget}" if cfg.budget is not None else
                f"the cheapest swept point within {cfg.max_drop} accuracy points of the backbone")
     else:
