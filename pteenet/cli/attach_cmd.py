@@ -12,6 +12,7 @@ from ..progress import format_macs
 from ..runtime.attach import AttachConfig, attach, list_candidates
 from ..runtime.checkpoint import backbone_hash, read_metadata, save_checkpoint
 from ..runtime.model import EarlyExitModel
+from ..sweep.pricing import unit as cost_unit
 from ..tracing.hooks import NO_EARLY_EXIT
 from .common import console, emit, handle_errors, parse_floats, parse_size, split_names
 from .options import JsonOption
@@ -118,7 +119,7 @@ def _show_metadata(meta: dict[str, Any], checkpoint: Path, actual: str) -> None:
         table.add_row("runtime", f"forward hooks: {NO_EARLY_EXIT}")
     table.add_row("policy / thresholds", f"{meta['policy']} {', '.join(f'{t:.3f}' for t in meta['thresholds'])}")
     if cm := (meta.get("sweep") or {}).get("cost_model"):  # what the chosen setting was priced in
-        table.add_row("chosen for", f"predicted time at batch {cm.get('batch_size')}" if cm.get("kind") == "time" else "MACs")
+        table.add_row("chosen for", cost_unit(cm))
     active = meta.get("active_exits")
     for i, e in enumerate((meta.get("cost") or {}).get("exits", [])):
         idle = "" if not active or active[i] else "; takes no decision (exit selection)"

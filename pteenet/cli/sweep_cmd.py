@@ -99,6 +99,7 @@ def sweep_command(
     batch_size: int = typer.Option(256, help="images per batch"),
     cost: str = typer.Option(SweepConfig.cost, help="a point's cost: time (predicted from the stages and heads timed on this machine at --deploy-batch-size) or macs"),
     deploy_batch_size: int = typer.Option(SweepConfig.deploy_batch_size, "--deploy-batch-size", help="with --cost time: the batch size you deploy at, which time is predicted for"),
+    deploy_runtime: str = typer.Option(SweepConfig.deploy_runtime, "--deploy-runtime", help="with --cost time: where you run the model, eager (pteenet.load) or onnxruntime (export --format staged-onnx); time is measured there"),
     max_tail: Optional[float] = typer.Option(SweepConfig.max_tail, "--max-tail", help="with --select-exits: a sample that takes no exit costs at most F x the backbone"),
     device: DeviceOption = "auto",
     workers: int = typer.Option(0, help="data loader worker processes"),
@@ -113,7 +114,7 @@ def sweep_command(
                       per_exit=per_exit, select_exits=select_exits, budget=budget, max_drop=max_drop,
                       confidence=0.0 if no_guarantee else confidence,
                       write=None if write is None else str(write), batch_size=batch_size,
-                      cost=cost, deploy_batch_size=deploy_batch_size, max_tail=max_tail,
+                      cost=cost, deploy_batch_size=deploy_batch_size, deploy_runtime=deploy_runtime, max_tail=max_tail,
                       device=device, workers=workers)
     with progress_sink() as sink:
         doc = sweep_threshold(checkpoint, DataRequest(spec=data, data_dir=data_dir, limit=limit, calibration=calibration,

@@ -13,6 +13,7 @@ from ..progress import format_macs, format_percent
 from ..runtime.model import EarlyExitModel
 from ..sweep import Point, curve_figure, pareto, threshold_list
 from ..sweep.guarantee import describe
+from ..sweep.pricing import unit as cost_unit
 from ..tracing.hooks import NO_EARLY_EXIT
 from ..version import __version__
 
@@ -280,7 +281,7 @@ def _point_md(op: dict[str, Any], n_exits: int) -> list[str]:
         return out + ["", f"{why}, so its accuracy and cost are not known here."]
     change = 1 - val["cost"]
     cm = op.get("cost_model") or {}
-    unit = f"predicted time at batch {cm.get('batch_size')}" if cm.get("kind") == "time" else "MACs"
+    unit = cost_unit(cm)
     saving = f"{100 * change:.1f}% less {unit}" if change >= 0 else f"{-100 * change:.1f}% MORE {unit} than the backbone"
     out += ["", f"On the calibration split: accuracy {format_percent(val.get('accuracy'))}, agreement with the backbone "
             f"{format_percent(val.get('agreement'))}, mean cost {val['cost']:.3f} of the backbone ({saving}; "

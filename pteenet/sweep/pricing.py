@@ -1,6 +1,7 @@
 """How a sweep prices its points: MACs (the cost table) or predicted time (a ``TimeProfile``
-measured here, ``runtime/timing.py``); both have ``costs(computed)``, so the engine and exit
-selection take either."""
+measured here, in eager PyTorch by ``runtime/timing.py`` or in ONNX Runtime by
+``export/ort_profile.py``); both have ``costs(computed)``, so the engine and exit selection take
+either."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -8,8 +9,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..configs import check_choice
 from ..distributed import ALONE, Group, from_main
 from ..exits.chain import computed_branches
+from ..export.ort_profile import DEPLOY_RUNTIMES, profile_onnx
 from ..runtime import timing
 from ..runtime.model import EarlyExitModel
 from ..runtime.timing import TimeProfile
@@ -18,12 +21,22 @@ from ..tracing.cost import CostTable
 Pricing = CostTable | TimeProfile
 
 
+def unit(cost_model: dict[str, Any]) -> str:
+    """What a point's cost is measured in, for reports (``cost_model`` as ``pricing_for`` returns it)."""
+    if cost_model.get("kind") != "time":
+        return "MACs"
+    where = " in ONNX Runtime" if cost_model.get("runtime") == "onnxruntime" else ""
+    return f"predicted time{where} at batch {cost_model.get('batch_size')}"
+
+
 def pricing_for(model: EarlyExitModel, cost: str, batch_size: int, device: torch.device,
-                group: Group = ALONE) -> tuple[Pricing, dict[str, Any]]:
+                group: Group = ALONE, runtime: str = "eager") -> tuple[Pricing, dict[str, Any]]:
     """MACs (the cost table), or time measured here on ``deploy_batch_size`` images with every head
-    computed (exit selection then prices each one), recorded with the machine it was measured on.
+    computed (exit selection then prices each one), in eager PyTorch or in ONNX Runtime
+    (``runtime``, one of ``DEPLOY_RUNTIMES``), recorded with the machine it was measured on.
     Under torchrun rank 0's profile prices every rank's points, so that all choose the same."""
     assert model.cost is not None
+    check_choice("deploy_runtime", runtime, DEPLOY_RUNTIMES)
     if cost == "macs":
         return model.cost, {"kind": "macs", "note": "costs are MACs as a fraction of the backbone's (--cost time: "
                                                     "predicted time on this machine)"}
@@ -32,13 +45,16 @@ def pricing_for(model: EarlyExitModel, cost: str, batch_size: int, device: torch
     try:
         x = torch.randn(batch_size, *model.info.preprocess.input_size, device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
-        prof = timing.profile(model, x, repeats=7, warmup=2)
+        if runtime == "onnxruntime":
+            prof = profile_onnx(model, x, repeats=7, warmup=2, threads=torch.get_num_threads())
+        else:
+            prof = timing.profile(model, x, repeats=7, warmup=2)
     finally:
         model.set_active(saved)
     prof = TimeProfile.from_dict(from_main(prof.to_dict(), group))
-    return prof, {"kind": "time", "batch_size": batch_size, "profile": prof.to_dict(),
-                  "note": f"costs are predicted time at batch {batch_size} on this machine, as a fraction of the "
-                          "plain backbone's (another batch size: --deploy-batch-size; MACs: --cost macs)"}
+    cm = {"kind": "time", "batch_size": batch_size, "runtime": runtime, "profile": prof.to_dict()}
+    return prof, {**cm, "note": f"costs are {unit(cm)} on this machine, as a fraction of the plain backbone's "
+                                "(another batch size: --deploy-batch-size; runtime: --deploy-runtime; MACs: --cost macs)"}
 
 
 def both_costs(exit_fractions: Sequence[float], model: EarlyExitModel, pricing: Pricing, active: list[bool] | None) -> dict[str, float]:

@@ -37,7 +37,7 @@ from .engine import Point, backbone_point, pareto, parse_range, search_per_exit,
 from .guarantee import CONFIDENCE, certify, check_confidence, record
 from .outputs import build_document, write_sweep_outputs
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
-from .pricing import Pricing, both_costs, pricing_for
+from .pricing import DEPLOY_RUNTIMES, Pricing, both_costs, pricing_for
 from .selection import Selection, backbone_only, better, restrict, select_exits, tail_breaks
 
 SPLITS = ("val", "test")
@@ -60,6 +60,7 @@ class SweepConfig(Config):
     batch_size: int = 256
     cost: str = "time"  # predicted time measured here at deploy_batch_size (runtime/timing.py), or "macs"
     deploy_batch_size: int = 1  # with cost "time": the batch size the time is predicted for
+    deploy_runtime: str = "eager"  # with cost "time": eager (pteenet.load) or onnxruntime (export --format staged-onnx)
     max_tail: float | None = 1.2  # exit selection: a sample that takes no exit costs at most this x the backbone
     device: str = "auto"
     workers: int = 0
@@ -80,6 +81,7 @@ class SweepConfig(Config):
         check_int("workers", self.workers, 0, "0 loads data in the main process")
         check_choice("cost", self.cost, COSTS)
         check_int("deploy_batch_size", self.deploy_batch_size, 1, "e.g. --deploy-batch-size 1")
+        check_choice("deploy_runtime", self.deploy_runtime, DEPLOY_RUNTIMES)
         if self.max_tail is not None and not (isinstance(self.max_tail, (int, float)) and self.max_tail >= 1.0):
             raise PteenetError(f"max_tail must be a number >= 1, got {self.max_tail!r}", "e.g. --max-tail 1.2")
 
@@ -334,7 +336,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
 
     skipped_before = SKIPPED.mark()
     cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
-    pricing, cost_model = pricing_for(model, cfg.cost, cfg.deploy_batch_size, device, group)
+    pricing, cost_model = pricing_for(model, cfg.cost, cfg.deploy_batch_size, device, group, cfg.deploy_runtime)
     cache = restrict(cache, [True] * cache.num_exits, pricing, model.chained)  # the costs in the chosen unit
     if cache.labels is None:
         sink.note(NO_LABELS)

@@ -1,0 +1,195 @@
+"""Where time goes in ONNX Runtime: the same ``TimeProfile`` as the eager one (runtime/timing.py),
+measured on the programs a user deploys (``sweep-threshold --deploy-runtime onnxruntime``).
+
+ONNX Runtime runs the plain ResNet-56 at batch 1 in about 0.3 of eager PyTorch's time on a CPU, so
+the heads and the calls between pieces weigh far more there, and exits chosen on eager prices are
+not the ones that pay in ONNX Runtime. A staged program (``staged.py``) makes one call per deciding
+exit, holding the backbone stages since the previous one, the exit's head and its decision. To price
+any exit selection, every backbone stage and every computed head with its decision is exported here
+as a program of its own, at the profiled batch size, and timed in full passes in the runtime's
+order (as ``timing._full_pass`` does in eager, so a head meets the caches a real pass leaves). A
+call's fixed cost, timed on an empty program, is taken out of every stage: a head keeps it, since
+each deciding exit adds one call. At batch > 1 the driver's row compaction (``np.take``) is timed
+too. Exits without a cascade or an ensemble only (the default): a chained head reads the previous
+heads' outputs, which this profile does not carry.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import PteenetError, describe_error
+from ..exits import policies
+from ..runtime.model import EarlyExitModel
+from ..runtime.timing import TimeProfile, machine
+
+DEPLOY_RUNTIMES = ("eager", "onnxruntime")  # what --deploy-runtime prices in
+
+
+class _Stage(nn.Module):
+    """Backbone stage k alone: its input values in, (values out..., tap) out."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.stage(*state)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+class _Head(nn.Module):
+    """Exit k's head and decision, as a staged piece ends: (tap, threshold) -> (logits, leave)."""
+
+    def __init__(self, branch: nn.Module, policy: str) -> None:
+        super().__init__()
+        self.branch, self.policy = branch, policy
+
+    def forward(self, tap: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, conf = self.branch(tap)
+        return logits.clone(), policies.passes(self.policy, policies.score(self.policy, logits, conf), threshold[0])
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.onnx prints progress on stdout (which belongs to --json) and its optimiser logs."""
+    loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _session(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, threads: int | None) -> Any:
+    """``module`` exported at the shapes of ``args`` and opened in ONNX Runtime (CPU)."""
+    import onnxruntime as ort
+
+    names = [f"in{i}" for i in range(len(args))]
+    try:
+        with _quiet():
+            ep = torch.export.export(module.eval(), args)
+            torch.onnx.export(ep, f=str(path), dynamo=True, verbose=False, external_data=False, input_names=names)
+    except Exception as e:
+        raise PteenetError(f"cannot export a piece to ONNX for timing: {describe_error(e)}",
+                           "price in eager time (--deploy-runtime eager) or in MACs (--cost macs)") from e
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _empty_session(threads: int | None) -> Any:
+    """A program that only passes one number through: what any call costs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    io_ = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("a", "b")]
+    graph = helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "empty", io_[:1], io_[1:])
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(helper.make_model(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _check(model: EarlyExitModel) -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise PteenetError("pricing in ONNX Runtime time needs onnx and onnxruntime",
+                           "pip install 'pteenet[onnx]', or price in eager time (--deploy-runtime eager)") from None
+    if model.chained or model.runtime != "staged":
+        why = "a cascade or an ensemble" if model.chained else "a backbone that could not be traced"
+        raise PteenetError(f"ONNX Runtime pricing does not support {why}",
+                           "price in eager time (--deploy-runtime eager), or attach without --cascade and train without --ensemble")
+
+
+def _timed(fn: Callable[[], Any], into: list[float]) -> Any:
+    t0 = time.perf_counter()
+    out = fn()
+    into.append(time.perf_counter() - t0)
+    return out
+
+
+def profile_onnx(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: int = 1,
+                 threads: int | None = None) -> TimeProfile:
+    """``runtime.timing.profile`` in ONNX Runtime: each stage and each computed head (with its
+    decision) as its own program at ``x``'s shape, timed in full passes; medians over ``repeats``.
+    ``threads``: ONNX Runtime's intra-op threads (None: its default)."""
+    _check(model)
+    stages, computed = model.stages.modules, model.computed_branches()
+    thresholds = [np.asarray([t], dtype=np.float32) for t in model.thresholds]
+    x = x.detach().float().cpu()
+    with tempfile.TemporaryDirectory(prefix="pteenet-ort-") as tmp, torch.no_grad():
+        work = Path(tmp)
+        state: tuple[torch.Tensor, ...] = (x,)
+        stage_s, head_s = [], {}
+        for k, stage in enumerate(stages):
+            stage_s.append(_session(_Stage(stage), state, work / f"stage{k}.onnx", threads))
+            out = _Stage(stage)(*state)
+            if k < len(stages) - 1:
+                if computed[k]:
+                    head_s[k] = _session(_Head(model.branches[k], model.policy),
+                                         (out[-1], torch.tensor([0.5])), work / f"head{k}.onnx", threads)
+                state = out[:-1]
+        backbone = _session(model.backbone, (x,), work / "backbone.onnx", threads)
+        empty = _empty_session(threads)
+        times = _passes(stage_s, head_s, thresholds, x.numpy(), backbone, empty, repeats + warmup)
+    med = {key: 1e3 * statistics.median(v[warmup:]) for key, v in times.items()}
+    call = med[("call", 0)]
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    import onnxruntime as ort
+
+    return TimeProfile(
+        x.shape[0], [max(med[("stage", k)] - call, 0.0) for k in range(len(stages))],
+        [med.get(("head", k), 0.0) for k in range(model.num_exits)], med[("backbone", 0)], 0.0,
+        [med.get(("compaction", k), 0.0) for k in range(model.num_exits)] if x.shape[0] > 1 else [],
+        {**machine(), "runtime": "onnxruntime", "onnxruntime": ort.__version__,
+         "threads": threads if threads is not None else "onnxruntime default",
+         "note": "each deciding exit's head includes its decision and one call's fixed cost"}, load)
+
+
+def _passes(stage_s: Sequence[Any], head_s: dict[int, Any], thresholds: Sequence[np.ndarray], x: np.ndarray,
+            backbone: Any, empty: Any, rounds: int) -> dict[tuple[str, int], list[float]]:
+    """``rounds`` full passes (stage, head, stage, ... as the staged program runs them), each call
+    timed where it runs, with the whole backbone and an empty call between passes."""
+    times: dict[tuple[str, int], list[float]] = {}
+    one = np.zeros(1, dtype=np.float32)
+    keep = np.arange(max(1, (9 * x.shape[0]) // 10))
+    for _ in range(rounds):
+        values = [x]
+        for k, sess in enumerate(stage_s):
+            feeds = {f"in{i}": v for i, v in enumerate(values)}
+            out = _timed(lambda: sess.run(None, feeds), times.setdefault(("stage", k), []))
+            if k == len(stage_s) - 1:
+                break
+            values = out[:-1]
+            if k in head_s:
+                tap = out[-1]
+                _timed(lambda: head_s[k].run(None, {"in0": tap, "in1": thresholds[k]}), times.setdefault(("head", k), []))
+                if x.shape[0] > 1:
+                    _timed(lambda: [np.take(v, keep, axis=0) for v in values], times.setdefault(("compaction", k), []))
+        _timed(lambda: backbone.run(None, {"in0": x}), times.setdefault(("backbone", 0), []))
+        _timed(lambda: empty.run(None, {"a": one}), times.setdefault(("call", 0), []))
+    return times

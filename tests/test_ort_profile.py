@@ -1,0 +1,59 @@
+"""Pricing in ONNX Runtime (``export/ort_profile.py``, ``sweep-threshold --deploy-runtime onnxruntime``):
+the staged program's parts exported and timed where the user runs them. Only the presence, shape and
+bookkeeping of the prices are checked here (no timed test)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import pteenet
+from helpers import build, make_images
+from pteenet.cli import app
+from pteenet.errors import PteenetError
+
+pytest.importorskip("onnxruntime")
+from pteenet.export.ort_profile import profile_onnx  # noqa: E402
+
+
+def test_the_onnx_runtime_profile_times_each_stage_and_each_computed_head() -> None:
+    model = build("pool-mlp", False, False, exits=2)
+    model.set_active([False, True])  # exit 0 takes no decision: no head program, no price
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    prof = profile_onnx(model, make_images(3), repeats=1, threads=1)
+    assert prof.batch_size == 3 and len(prof.stage_ms) == 3 and all(t >= 0 for t in prof.stage_ms)
+    assert prof.head_ms[0] == 0.0 and prof.head_ms[1] > 0 and prof.backbone_ms and prof.backbone_ms > 0
+    assert len(prof.compaction_ms) == 2 and prof.compaction_ms[0] == 0.0 < prof.compaction_ms[1]
+    assert prof.machine["runtime"] == "onnxruntime" and prof.machine["onnxruntime"] and prof.machine["threads"] == 1
+    # The head carries the call it adds; the costs price exactly the computed head.
+    assert prof.costs()[0] == pytest.approx(prof.stage_ms[0] / sum(prof.stage_ms))
+    assert prof.costs()[1] == pytest.approx((prof.stage_ms[0] + prof.stage_ms[1] + prof.head_ms[1]) / sum(prof.stage_ms))
+    assert profile_onnx(model, make_images(1), repeats=1).compaction_ms == []  # batch 1 never compacts
+    assert all(v.equal(model.backbone.state_dict()[k]) for k, v in before.items())
+
+
+def test_onnx_runtime_pricing_refuses_chained_exits_with_a_hint() -> None:
+    with pytest.raises(PteenetError, match="cascade or an ensemble") as e:
+        profile_onnx(build("pool-mlp", True, False, exits=2), make_images(1), repeats=1)
+    assert "--deploy-runtime eager" in (e.value.hint or "")
+
+
+def test_sweep_cli_prices_in_onnx_runtime_and_every_report_says_so(tmp_path: Path) -> None:
+    model = build("pool-mlp", False, False, exits=2)
+    model.meta.update(training={"complete": True, "epochs_done": 1},
+                      data={"spec": "synthetic", "val_split": 0.2, "seed": 1, "limit": 40})
+    ckpt, tuned = tmp_path / "m.safetensors", tmp_path / "tuned.safetensors"
+    pteenet.save_checkpoint(ckpt, model)
+    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw"), "--thresholds", "0:1:0.1",
+                                 "--max-drop", "100", "--no-guarantee", "--policy", "max-softmax",
+                                 "--deploy-runtime", "onnxruntime", "--write", str(tuned), "--json"])
+    assert r.exit_code == 0, r.stderr
+    cm = json.loads(r.stdout)["cost_model"]
+    assert cm["kind"] == "time" and cm["runtime"] == "onnxruntime" and cm["profile"]["machine"]["runtime"] == "onnxruntime"
+    assert "predicted time in ONNX Runtime at batch 1" in cm["note"]
+    r = CliRunner().invoke(app, ["info", str(tuned)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "predicted time in ONNX Runtime at batch 1" in r.stdout + r.stderr
+    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--deploy-runtime", "tvm"])
+    assert r.exit_code == 1 and "deploy_runtime" in r.stderr and "onnxruntime" in r.stderr
