@@ -15,8 +15,11 @@ rule: the cheapest setting certified at confidence 0.9 (``pteenet.sweep.certify`
 selection on 30% of the calibration half, the no-exit tail bounded at 1.2x), for each batch size. Then, on report-half images
 preloaded in memory, the models take turns batch by batch (a seeded random order for each batch), after a warm-up:
 eager batch 256, eager batch 1 (mean, p50, p99 per image), ONNX Runtime batch 1 (the plain models
-exported whole, the early-exit model as staged pieces driven by ``run_staged.py``). Ratios are to
-plain ResNet-56 in the same runtime and run; ``os.getloadavg()`` is recorded before and after.
+exported whole, the early-exit model as staged pieces driven by ``run_staged.py``, with the exits
+chosen on eager prices and on a profile measured in ONNX Runtime, ``runtime/ort_timing.py``). At batch
+1 each model is also timed back to back (alone over all images: warm caches, a process that serves
+only this model). Ratios are to plain ResNet-56 in the same runtime and run; ``os.getloadavg()`` is
+recorded before and after; glibc's allocator is tuned as ``pteenet bench`` does (``--no-tune-allocator``).
 
     python benchmarks/cifar10_time.py --model M.safetensors --test-cache M-test.npz --data /tmp/cifar \
         --backbones ../shared/data/backbones/cifar10-jpeg [--threads 1] [--out benchmarks/results]
@@ -43,12 +46,13 @@ from cifar10_resnet import backbone_file, eval_data, pareto_dicts, report_half, 
 
 from pteenet import load_checkpoint  # noqa: E402
 from pteenet.backbones.specs import load_backbone  # noqa: E402
+from pteenet.runtime.timing import tune_allocator  # noqa: E402
 from pteenet.data import load_splits  # noqa: E402
 from pteenet.exits import policies as pol  # noqa: E402
 from pteenet.exits.chain import computed_branches  # noqa: E402
 from pteenet.export.driver import StagedModel, onnx_runner  # noqa: E402
 from pteenet.export.staged import export_pieces  # noqa: E402
-from pteenet.export.ort_profile import profile_onnx  # noqa: E402
+from pteenet.runtime.ort_timing import profile_onnx  # noqa: E402
 from pteenet.runtime.timing import TimeProfile, profile  # noqa: E402
 from pteenet.sweep import ExitCache, backbone_point, certify, evaluate, pareto, restrict, select, select_exits, sweep_global  # noqa: E402
 
@@ -192,12 +196,17 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--no-tune-allocator", action="store_true", help="leave glibc's malloc thresholds as they are")
     ap.add_argument("--table-only", action="store_true", help="print the markdown table of OUT's summary and stop")
     args = ap.parse_args()
     if args.table_only:
         print(table(json.loads((args.out / "cifar10_time_summary.json").read_text())))
         return
     torch.set_num_threads(args.threads)
+    # As `pteenet bench` does (both models alike): glibc's mmap/munmap of every large activation
+    # makes batch-256 stage times erratic (one block type measured 45-117 ms in one pass) and the
+    # profile, and so the exits chosen, noisy with it (bench/run.py, tune_allocator).
+    allocator = None if args.no_tune_allocator else tune_allocator()
     load = {"before": os.getloadavg()}
     model = load_checkpoint(args.model).model.eval()
     cache = ExitCache.load(args.test_cache)
@@ -243,14 +252,17 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         runs = {**plain, "early_exit": ee(settings["eager_b1"]), "early_exit_mean_only": ee(settings["eager_b1_mean_only"]),
                 "early_exit_macs_choice": ee(settings["macs"]), "early_exit_certified": ee(settings["eager_b1_certified"]),
                 "no_exit_selected": ee(settings["eager_b1"], True),
+                "no_exit_certified": ee(settings["eager_b1_certified"], True),
                 "no_exit_all_27": ee({**settings["eager_b1"], "active_exits": [True] * model.num_exits}, True)}
         results["eager_b1"] = summarise(timed(runs, b1, args.repeats), len(b1))
-        runs = {**plain, "early_exit": ee(settings["eager_b1"]), "early_exit_certified": ee(settings["eager_b1_certified"])}
+        runs = {**plain, "early_exit": ee(settings["eager_b1"]), "early_exit_certified": ee(settings["eager_b1_certified"]),
+                "no_exit_selected": ee(settings["eager_b1"], True)}
         results["eager_b1_alone"] = summarise(timed_alone(runs, b1, args.repeats), len(b1))
     results.update(ort_times(model, plain, settings, images[: args.images_1], args))
     load["after"] = os.getloadavg()
     doc = build(settings, results, profs, acc_plain, report, model, load, args)
     doc["profiles"]["onnxruntime_1"] = prof_ort.to_dict()
+    doc["allocator"] = allocator
     for rt in doc["plain"].values():
         for bb, v in rt.items():
             v["mac_ratio"] = mac_plain[bb]
@@ -356,7 +368,10 @@ def build(settings: dict[str, Any], results: dict[str, Any], profs: dict[int, Ti
                                                            "no_exit_predicted", "policy")},
                                       "n_active_exits": o["n_active"], "selection_priced_for": "onnxruntime_b1"}
     chosen["eager_b1_alone_certified"] = {"time_ratio": results["eager_b1_alone"]["early_exit_certified"]["time_ratio"]}
+    chosen["eager_b1_alone"]["no_exit_time_ratio"] = results["eager_b1_alone"]["no_exit_selected"]["time_ratio"]
     chosen["eager_b1"]["no_exit_time_ratio_all_27_exits"] = results["eager_b1"]["no_exit_all_27"]["time_ratio"]
+    chosen["eager_b1_certified_no_exit"] = {"time_ratio": results["eager_b1"]["no_exit_certified"]["time_ratio"],
+                                            "predicted": settings["eager_b1_certified"]["no_exit_predicted"]}
     for k in ("eager_b256", "eager_b1"):  # the CLI's default rule: certified at confidence 0.9
         s, r = settings[f"{k}_certified"], results[k]["early_exit_certified"]
         chosen[f"{k}_certified"] = {"time_ratio": r["time_ratio"], "p50_ratio": r["p50_ratio"],
@@ -410,11 +425,16 @@ def table(doc: dict[str, Any]) -> str:
                     f"| {100 * x['accuracy']:.2f}% ({x['drop_pt']:.2f} pt drop) | {x['mac_ratio']:.3f} | - | - | - "
                     f"| **{x['time_ratio']:.3f}** |")
     rows.append("")
+    if "eager_b1_certified_no_exit" in c:
+        t = c["eager_b1_certified_no_exit"]
+        rows.append(f"- no exit taken, batch 1: the old rule's exits {c['eager_b1']['no_exit_time_ratio']:.3f} (predicted "
+                    f"{c['eager_b1']['no_exit_predicted']:.3f}), the certified choice's (what the README's commands give) "
+                    f"{t['time_ratio']:.3f} (predicted {t['predicted']:.3f})")
     if "eager_b1_alone" in c:
         pa, po = doc["plain"]["eager_b1_alone"], doc["plain"]["onnxruntime_b1_alone"]
         rows.append(f"- back to back (each model alone over the images, warm caches), batch 1: eager early exit "
                     f"{c['eager_b1_alone']['time_ratio']:.3f} (certified {c['eager_b1_alone_certified']['time_ratio']:.3f}), "
-                    f"plain ResNet-32 {pa['resnet32']['time_ratio']:.3f}, ResNet-20 {pa['resnet20']['time_ratio']:.3f}; "
+                    f"no exit taken {c['eager_b1_alone']['no_exit_time_ratio']:.3f}, plain ResNet-32 {pa['resnet32']['time_ratio']:.3f}, ResNet-20 {pa['resnet20']['time_ratio']:.3f}; "
                     f"ONNX Runtime early exit {c['onnxruntime_b1_alone']['time_ratio']:.3f} (priced for ONNX Runtime "
                     f"{c['onnxruntime_b1_alone_ort_priced']['time_ratio']:.3f}), plain ResNet-32 {po['resnet32']['time_ratio']:.3f}")
     for k, bs in (("eager_b256", "256"), ("eager_b1", "1"), ("eager_b1_mean_only", "1")):

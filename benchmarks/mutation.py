@@ -172,6 +172,12 @@ MUTANTS: list[Mutant] = [
     M("M60", "sweep/guarantee.py", "                    active = [False] * part.num_exits", "                    pass",
       "where no set of exits keeps the tail bound, the certified choice keeps every exit",
       ("tests/test_time_cost.py::test_max_tail_bounds_what_a_sample_that_never_leaves_pays",)),
+    # -- ONNX Runtime pricing (issue 20): the profile of the staged program's parts --
+    M("M61", "runtime/ort_timing.py", "max(med[(\"stage\", k)] - call, 0.0)", "med[(\"stage\", k)]",
+      "the ONNX Runtime profile leaves every call's fixed cost in the stages (the reference grows by one call per stage)",
+      ("tests/test_ort_profile.py",)),
+    M("M62", "runtime/ort_timing.py", "                if computed[k]:\n                    head_s[k]", "                if True:\n                    head_s[k]",
+      "the ONNX Runtime profile prices heads that the runtime never computes", ("tests/test_ort_profile.py",)),
     # -- the guarantee (issue 17): p-values, the fixed sequence, the structure split, the choice --
     M("M48", "sweep/guarantee.py", "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            return i",
       "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            continue",

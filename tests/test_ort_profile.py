@@ -1,4 +1,4 @@
-"""Pricing in ONNX Runtime (``export/ort_profile.py``, ``sweep-threshold --deploy-runtime onnxruntime``):
+"""Pricing in ONNX Runtime (``runtime/ort_timing.py``, ``sweep-threshold --deploy-runtime onnxruntime``):
 the staged program's parts exported and timed where the user runs them. Only the presence, shape and
 bookkeeping of the prices are checked here (no timed test)."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pteenet.cli import app
 from pteenet.errors import PteenetError
 
 pytest.importorskip("onnxruntime")
-from pteenet.export.ort_profile import profile_onnx  # noqa: E402
+from pteenet.runtime.ort_timing import profile_onnx  # noqa: E402
 
 
 def test_the_onnx_runtime_profile_times_each_stage_and_each_computed_head() -> None:
@@ -57,3 +57,42 @@ def test_sweep_cli_prices_in_onnx_runtime_and_every_report_says_so(tmp_path: Pat
     assert r.exit_code == 0 and "predicted time in ONNX Runtime at batch 1" in r.stdout + r.stderr
     r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--deploy-runtime", "tvm"])
     assert r.exit_code == 1 and "deploy_runtime" in r.stderr and "onnxruntime" in r.stderr
+
+
+def test_the_call_cost_leaves_the_stages_and_stays_with_the_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bookkeeping on given times (not measured): what each part of the profile is made of."""
+    from pteenet.runtime import ort_timing as ort_profile
+
+    model = build("pool-mlp", False, False, exits=2)
+    given = {("stage", 0): [1.0e-3], ("stage", 1): [2.0e-3], ("stage", 2): [0.5e-3], ("head", 0): [0.3e-3],
+             ("head", 1): [0.4e-3], ("compaction", 0): [0.1e-3], ("compaction", 1): [0.2e-3],
+             ("backbone", 0): [3.2e-3], ("call", 0): [0.05e-3]}
+    monkeypatch.setattr(ort_profile, "_passes", lambda *a: {k: list(v) * a[-1] for k, v in given.items()})
+    prof = profile_onnx(model, make_images(2), repeats=1, warmup=0)
+    assert prof.stage_ms == pytest.approx([0.95, 1.95, 0.45])  # one call's fixed cost out of every stage
+    assert prof.head_ms == pytest.approx([0.3, 0.4]) and prof.decision_ms == 0.0  # a head keeps the call it adds
+    assert prof.compaction_ms == pytest.approx([0.1, 0.2]) and prof.backbone_ms == pytest.approx(3.2)
+
+
+def test_bench_in_onnx_runtime_takes_the_eager_exits_and_prices_them_there(tmp_path: Path) -> None:
+    from pteenet.bench.run import BenchConfig, bench
+
+    model = build("pool-mlp", False, False, exits=2, seed=3)
+    x = make_images(6)
+    cfg = BenchConfig(batch_sizes=(1, 4), threshold=0.5, policy="max-softmax", threads=1, repeats=1, warmup=0,
+                      runtime="onnxruntime")
+    doc = bench(model, x, cfg)
+    assert doc["deploy_runtime"] == "onnxruntime" and model.policy == "confidence"  # the model's own policy is back
+    want = model.predict(x, 0.5, "max-softmax").exit_index
+    for r in doc["results"]:  # the exported program's exits are the eager model's, at batch 1 and 4
+        assert r["exit_fractions"] == pytest.approx((want.bincount(minlength=3).double() / 6).tolist())
+        assert r["time_profile"]["machine"]["runtime"] == "onnxruntime" and r["predicted_time_ratio"] > 0
+    r = CliRunner().invoke(app, ["bench", str(_saved(tmp_path)), "--runtime", "tvm"])
+    assert r.exit_code == 1 and "onnxruntime" in r.stderr
+
+
+def _saved(folder: Path) -> Path:
+    model = build("pool-mlp", False, False, exits=2)
+    model.meta.update(data={"spec": "synthetic", "val_split": 0.2, "seed": 1, "limit": 20})
+    pteenet.save_checkpoint(folder / "b.safetensors", model)
+    return folder / "b.safetensors"

@@ -14,8 +14,10 @@ import datetime
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -27,7 +29,10 @@ from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
 from ..runtime import timing
 from ..runtime.model import EarlyExitModel
+from ..runtime.ort_timing import DEPLOY_RUNTIMES, profile_onnx
+from ..runtime.timing import tune_allocator
 from ..tracing.hooks import NO_EARLY_EXIT
+from .onnx_runs import onnx_runs
 
 # Time ratio above the MAC ratio by more than this (relative) counts as "overhead eats part of the
 # savings"; below it the two agree within what run-to-run noise on a busy machine allows.
@@ -44,6 +49,7 @@ class BenchConfig(Config):
     warmup: int = 3  # untimed batches per model and batch size
     extra: dict[str, Any] = field(default_factory=dict)  # recorded as is (data spec, split, ...)
     tune_allocator: bool = True  # see tune_allocator(); applies to both models alike
+    runtime: str = "eager"  # eager (pteenet.load) | onnxruntime (both models exported: bench/onnx_runs.py)
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(self.batch_sizes)
@@ -59,27 +65,7 @@ class BenchConfig(Config):
         check_int("threads", self.threads, 1, optional=True)
         check_int("repeats", self.repeats, 1, "e.g. --repeats 5")
         check_int("warmup", self.warmup, 0)
-
-
-def tune_allocator() -> str | None:
-    """Keep freed activation memory in the process instead of returning it to the OS.
-
-    glibc serves large blocks (a 256-image activation of 16 MB) with mmap and frees them with munmap,
-    so every new activation pays page faults. On CIFAR ResNet-56 at batch 256 on this project's CPU
-    machine that slowed eager inference, and a traced graph, whose frees come in a slightly
-    different order, more (``benchmarks/stage_profile.py`` measures both: ``benchmarks/results/stage_profile.json``). Raising glibc's mmap and trim thresholds removes both
-    effects. It changes this process only; returns a description, or None where glibc is absent.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30):
-        return "glibc mallopt: mmap threshold 32 MiB, trim threshold 1 GiB"
-    return None
+        check_choice("runtime", self.runtime, DEPLOY_RUNTIMES)
 
 
 def _load_average() -> float | None:
@@ -158,14 +144,13 @@ def _thread_count(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _one_batch_size(model: EarlyExitModel, images: torch.Tensor, bs: int, thresholds: list[float], policy: str,
+def _one_batch_size(model: EarlyExitModel, images: torch.Tensor, bs: int, runs: dict[str, Callable[[torch.Tensor], Any]],
                     cfg: BenchConfig, sink: Sink) -> dict[str, Any]:
     """Both models at one batch size: warm-up, then repeats interleaved A B / B A, then where the time
-    goes on one batch (``timing.profile``); the exits taken come from the first early-exit pass."""
+    goes on one batch (``timing.profile``, or ``profile_onnx`` in ONNX Runtime); the exits taken come
+    from the first early-exit pass."""
     device, n = images.device, images.shape[0]
     batches = list(images.split(bs))
-    runs: dict[str, Callable[[torch.Tensor], Any]] = {
-        "backbone": model.backbone, "early_exit": lambda x: model.predict(x, thresholds, policy)}
     for fn in runs.values():
         for b in (batches * cfg.warmup)[:cfg.warmup]:
             fn(b)
@@ -184,7 +169,10 @@ def _one_batch_size(model: EarlyExitModel, images: torch.Tensor, bs: int, thresh
                 task.advance()
     assert exit_index is not None
     # Where the time goes, on one batch of this size: splits the gap to the MACs (see timing.py).
-    prof = timing.profile(model, batches[0], repeats=cfg.repeats, warmup=min(cfg.warmup, 1))
+    if cfg.runtime == "onnxruntime":
+        prof = profile_onnx(model, batches[0], repeats=cfg.repeats, warmup=min(cfg.warmup, 1), threads=torch.get_num_threads())
+    else:
+        prof = timing.profile(model, batches[0], repeats=cfg.repeats, warmup=min(cfg.warmup, 1))
     return _result(bs, len(batches), n, totals, per_batch, exit_index, model, prof)
 
 
@@ -220,9 +208,9 @@ def bench(model: EarlyExitModel, images: torch.Tensor, config: BenchConfig, sink
     n = images.shape[0]
     allocator = tune_allocator() if config.tune_allocator else None
     load_before = _load_average()
-    with _thread_count(config.threads):
+    with _thread_count(config.threads), _runs(model, thresholds, policy, config, device) as runs:
         with torch.inference_mode():
-            results = [_one_batch_size(model, images, bs, thresholds, policy, config, sink) for bs in config.batch_sizes]
+            results = [_one_batch_size(model, images, bs, runs, config, sink) for bs in config.batch_sizes]
         threads = torch.get_num_threads()
     first = results[0]
     # The load before the run: afterwards the 1-minute average mostly counts our own threads.
@@ -234,7 +222,7 @@ def bench(model: EarlyExitModel, images: torch.Tensor, config: BenchConfig, sink
     return {
         **_machine(device, threads),
         "images": n, "input_size": list(images.shape[1:]), "repeats": config.repeats, "warmup_batches": config.warmup,
-        "policy": policy, "thresholds": thresholds, "runtime": model.runtime,
+        "policy": policy, "thresholds": thresholds, "runtime": model.runtime, "deploy_runtime": config.runtime,
         "backbone_macs": model.cost.backbone_macs if model.cost else None,
         "exit_fractions": first["exit_fractions"], "mean_macs": first["mean_macs"], "mac_ratio": first["mac_ratio"],
         "results": results,
@@ -242,6 +230,25 @@ def bench(model: EarlyExitModel, images: torch.Tensor, config: BenchConfig, sink
         "load_average": load, "cpu_count": cpus, "warnings": warnings, "allocator": allocator,
         **config.extra,
     }
+
+
+@contextlib.contextmanager
+def _runs(model: EarlyExitModel, thresholds: list[float], policy: str, cfg: BenchConfig, device: torch.device
+          ) -> Iterator[dict[str, Callable[[torch.Tensor], Any]]]:
+    """The two timed calls: eager (``model.backbone`` and ``model.predict``), or both models exported
+    and run in ONNX Runtime (``onnx_runs``: the staged program holds the policy, set here for the export)."""
+    if cfg.runtime == "eager":
+        yield {"backbone": model.backbone, "early_exit": lambda x: model.predict(x, thresholds, policy)}
+        return
+    if device.type != "cpu":
+        raise PteenetError(f"bench --runtime onnxruntime runs on the CPU, not {device}", "pass --device cpu")
+    saved = model.thresholds, model.policy
+    model.set_thresholds(thresholds, policy)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pteenet-bench-") as tmp, onnx_runs(model, Path(tmp), thresholds, torch.get_num_threads()) as runs:
+            yield runs
+    finally:
+        model.set_thresholds(*saved)
 
 
 def _result(bs: int, n_batches: int, n: int, totals: dict[str, list[float]], per_batch: dict[str, list[float]],

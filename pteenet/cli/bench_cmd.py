@@ -33,6 +33,8 @@ def bench_command(
     device: DeviceOption = "cpu",  # the CPU unless asked: on CUDA the timings are CUDA events
     tune_allocator: bool = typer.Option(True, "--tune-allocator/--no-tune-allocator",
                                         help="keep freed activation memory in-process (glibc), for both models alike"),
+    runtime: str = typer.Option("eager", help="eager (pteenet.load) or onnxruntime (both models exported, the early exit as "
+                                              "the staged program of export --format staged-onnx)"),
     record: bool = typer.Option(False, "--record", help="store the results in the checkpoint (meta['bench'])"),
     json_: JsonOption = False,
 ) -> None:
@@ -40,7 +42,7 @@ def bench_command(
     images preloaded into memory."""
     # Built first: its checks (threshold, policy, sizes) run before any file is read.
     cfg = BenchConfig(batch_sizes=tuple(batch_size or (1, 256)), threshold=threshold, policy=policy, threads=threads,
-                      repeats=repeats, tune_allocator=tune_allocator)
+                      repeats=repeats, tune_allocator=tune_allocator, runtime=runtime)
     ck = load_checkpoint(checkpoint, resolve_device(device))
     model = ck.model
     spec = data or (model.meta.get("data") or {}).get("spec")
@@ -62,7 +64,8 @@ def bench_command(
 def print_bench(doc: dict) -> None:
     """The results as a table and a verdict per batch size (the warnings were shown as they came)."""
     threads = f"{doc['threads']} thread{'s' if doc['threads'] != 1 else ''}"
-    table = Table(title=f"{doc['images']} images on {doc['device']} ({doc['cpu']}), {threads}, "
+    where = " in ONNX Runtime" if doc.get("deploy_runtime") == "onnxruntime" else ""
+    table = Table(title=f"{doc['images']} images{where} on {doc['device']} ({doc['cpu']}), {threads}, "
                         f"{doc['policy']} T={','.join(f'{t:g}' for t in doc['thresholds'])}")
     for col in ("batch", "backbone img/s", "early-exit img/s", "time ratio", "predicted", "MAC ratio",
                 "backbone p50/p95 ms", "early-exit p50/p95 ms"):

@@ -32,6 +32,27 @@ from ..exits.chain import Carry, exit_step
 from .model import EarlyExitModel
 
 
+def tune_allocator() -> str | None:
+    """Keep freed activation memory in the process instead of returning it to the OS.
+
+    glibc serves large blocks (a 256-image activation of 16 MB) with mmap and frees them with munmap,
+    so every new activation pays page faults. On CIFAR ResNet-56 at batch 256 on this project's CPU
+    machine that slowed eager inference, and a traced graph, whose frees come in a slightly
+    different order, more (``benchmarks/stage_profile.py`` measures both: ``benchmarks/results/stage_profile.json``). Raising glibc's mmap and trim thresholds removes both
+    effects. It changes this process only; returns a description, or None where glibc is absent.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30):
+        return "glibc mallopt: mmap threshold 32 MiB, trim threshold 1 GiB"
+    return None
+
+
 def machine() -> dict[str, Any]:
     """What a profile was measured on: its prices hold there only."""
     return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),

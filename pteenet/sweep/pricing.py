@@ -1,6 +1,6 @@
 """How a sweep prices its points: MACs (the cost table) or predicted time (a ``TimeProfile``
 measured here, in eager PyTorch by ``runtime/timing.py`` or in ONNX Runtime by
-``export/ort_profile.py``); both have ``costs(computed)``, so the engine and exit selection take
+``runtime/ort_timing.py``); both have ``costs(computed)``, so the engine and exit selection take
 either."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from ..configs import check_choice
 from ..distributed import ALONE, Group, from_main
 from ..exits.chain import computed_branches
-from ..export.ort_profile import DEPLOY_RUNTIMES, profile_onnx
 from ..runtime import timing
 from ..runtime.model import EarlyExitModel
-from ..runtime.timing import TimeProfile
+from ..runtime.ort_timing import DEPLOY_RUNTIMES, profile_onnx
+from ..runtime.timing import TimeProfile, tune_allocator
 from ..tracing.cost import CostTable
 
 Pricing = CostTable | TimeProfile
@@ -33,13 +33,17 @@ def pricing_for(model: EarlyExitModel, cost: str, batch_size: int, device: torch
                 group: Group = ALONE, runtime: str = "eager") -> tuple[Pricing, dict[str, Any]]:
     """MACs (the cost table), or time measured here on ``deploy_batch_size`` images with every head
     computed (exit selection then prices each one), in eager PyTorch or in ONNX Runtime
-    (``runtime``, one of ``DEPLOY_RUNTIMES``), recorded with the machine it was measured on.
+    (``runtime``, one of ``DEPLOY_RUNTIMES``), recorded with the machine it was measured on. At
+    batch > 1 this process's allocator is tuned first, as ``pteenet bench`` does (``tune_allocator``).
     Under torchrun rank 0's profile prices every rank's points, so that all choose the same."""
     assert model.cost is not None
     check_choice("deploy_runtime", runtime, DEPLOY_RUNTIMES)
     if cost == "macs":
         return model.cost, {"kind": "macs", "note": "costs are MACs as a fraction of the backbone's (--cost time: "
                                                     "predicted time on this machine)"}
+    # At batch > 1, as `pteenet bench` measures (bench/run.py): with glibc's default thresholds every
+    # large activation is mmapped and unmapped, and stage times vary twofold from pass to pass.
+    allocator = tune_allocator() if batch_size > 1 else None
     saved = model.active
     model.set_active(None)
     try:
@@ -52,7 +56,7 @@ def pricing_for(model: EarlyExitModel, cost: str, batch_size: int, device: torch
     finally:
         model.set_active(saved)
     prof = TimeProfile.from_dict(from_main(prof.to_dict(), group))
-    cm = {"kind": "time", "batch_size": batch_size, "runtime": runtime, "profile": prof.to_dict()}
+    cm = {"kind": "time", "batch_size": batch_size, "runtime": runtime, "allocator": allocator, "profile": prof.to_dict()}
     return prof, {**cm, "note": f"costs are {unit(cm)} on this machine, as a fraction of the plain backbone's "
                                 "(another batch size: --deploy-batch-size; runtime: --deploy-runtime; MACs: --cost macs)"}
 

@@ -1,9 +1,10 @@
 """Where time goes in ONNX Runtime: the same ``TimeProfile`` as the eager one (runtime/timing.py),
 measured on the programs a user deploys (``sweep-threshold --deploy-runtime onnxruntime``).
 
-ONNX Runtime runs the plain ResNet-56 at batch 1 in about 0.3 of eager PyTorch's time on a CPU, so
-the heads and the calls between pieces weigh far more there, and exits chosen on eager prices are
-not the ones that pay in ONNX Runtime. A staged program (``staged.py``) makes one call per deciding
+ONNX Runtime runs the plain ResNet-56 at batch 1 in about a quarter of eager PyTorch's time on a CPU,
+and every part gets cheaper by its own factor, so exits priced in eager need not be the ones that pay
+in the exported program (on CIFAR-10 ResNet-56 they were close: docs/speed.md). A staged program
+(``staged.py``) makes one call per deciding
 exit, holding the backbone stages since the previous one, the exit's head and its decision. To price
 any exit selection, every backbone stage and every computed head with its decision is exported here
 as a program of its own, at the profiled batch size, and timed in full passes in the runtime's
@@ -32,8 +33,8 @@ from torch import nn
 
 from ..errors import PteenetError, describe_error
 from ..exits import policies
-from ..runtime.model import EarlyExitModel
-from ..runtime.timing import TimeProfile, machine
+from .model import EarlyExitModel
+from .timing import TimeProfile, machine
 
 DEPLOY_RUNTIMES = ("eager", "onnxruntime")  # what --deploy-runtime prices in
 
