@@ -61,7 +61,7 @@ class SweepConfig(Config):
     cost: str = "time"  # predicted time measured here at deploy_batch_size (runtime/timing.py), or "macs"
     deploy_batch_size: int = 1  # with cost "time": the batch size the time is predicted for
     deploy_runtime: str = "eager"  # with cost "time": eager (pteenet.load) or onnxruntime (export --format staged-onnx)
-    max_tail: float | None = 1.2  # exit selection: a sample that takes no exit costs at most this x the backbone
+    max_tail: float | None = 1.2  # exit selection: a sample that takes no exit costs at most this x (predicted; docs/speed.md)
     device: str = "auto"
     workers: int = 0
     plots: bool = True
