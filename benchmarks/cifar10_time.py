@@ -208,7 +208,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         return
     torch.set_num_threads(args.threads)
     # As `pteenet bench` does (both models alike): glibc's mmap/munmap of every large activation
-    # makes batch-256 stage times erratic (one block type measured 45-117 ms in one pass) and the
+    # makes batch-256 stage times erratic (the eight stage-1 blocks, the same work, took 34-86 ms in the batch-256 profile of the summary before this change) and the
     # profile, and so the exits chosen, noisy with it (bench/run.py, tune_allocator).
     allocator = None if args.no_tune_allocator else tune_allocator()
     load = {"before": os.getloadavg()}
