@@ -208,8 +208,9 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         return
     torch.set_num_threads(args.threads)
     # As `pteenet bench` does (both models alike): glibc's mmap/munmap of every large activation
-    # makes batch-256 stage times erratic (the eight stage-1 blocks, the same work, took 34-86 ms in the batch-256 profile of the summary before this change) and the
-    # profile, and so the exits chosen, noisy with it (bench/run.py, tune_allocator).
+    # makes batch-256 stage times erratic (the eight stage-1 blocks, the same work, took 34-86 ms
+    # in the batch-256 profile of the summary before this change) and the profile, and so the
+    # exits chosen, noisy with it (runtime/timing.py, tune_allocator).
     allocator = None if args.no_tune_allocator else tune_allocator()
     load = {"before": os.getloadavg()}
     model = load_checkpoint(args.model).model.eval()
