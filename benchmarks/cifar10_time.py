@@ -460,9 +460,12 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), sharey=True)
     for ax, rt in zip(axes, ("eager_b256", "eager_b1", "onnxruntime_b1")):
-        key = "predicted_eager_b256" if rt == "eager_b256" else "predicted_eager_b1"
-        f = doc["pareto_predicted_time"][key]
-        ax.plot([p["cost"] for p in f], [100 * p["accuracy"] for p in f], "-", label="early exit, predicted time")
+        if rt != "onnxruntime_b1":  # the fronts are predicted in eager time only
+            f = doc["pareto_predicted_time"][f"predicted_{rt}"]
+            ax.plot([p["cost"] for p in f], [100 * p["accuracy"] for p in f], "-", label="early exit, predicted time")
+        ort = doc["chosen"].get("onnxruntime_b1_ort_priced") if rt == "onnxruntime_b1" else None
+        if ort:
+            ax.plot([ort["time_ratio"]], [100 * ort["accuracy"]], "b^", ms=9, label="exits priced in ONNX Runtime, measured")
         c = doc["chosen"][rt]
         ax.plot([c["time_ratio"]], [100 * c["accuracy"]], "r*", ms=12, label="chosen point, measured")
         cert = doc["chosen"].get(f"{rt}_certified")
