@@ -481,6 +481,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel("accuracy, report half of CIFAR-10 JPEG test (%)")
     axes[0].set_ylim(84, 91)
     axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
