@@ -144,3 +144,25 @@ def test_the_default_model_computes_only_the_heads_that_decide() -> None:
     active = [k % 3 == 0 for k in range(model.num_exits)]
     model.set_active(active)
     assert not model.chained and model.computed_branches() == active
+
+
+def test_sweep_cli_prices_with_a_profile_measured_before_and_chooses_the_same(tmp_path: Path) -> None:
+    _, ckpt = swept_checkpoint(tmp_path)
+    args = ["sweep-threshold", str(ckpt), "--thresholds", "0:1:0.05", "--max-drop", "100", "--select-exits",
+            "--policy", "max-softmax", "--json"]
+    first = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.stderr
+    saved = tmp_path / "a" / "sweep.json"
+    again = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b"), "--profile", str(saved)])
+    assert again.exit_code == 0, again.stderr
+    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    assert b["cost_model"]["profile_file"] == str(saved) and b["cost_model"]["profile"] == a["cost_model"]["profile"]
+    assert b["chosen"] == a["chosen"]  # the same prices give the same choice: nothing was timed the second time
+    assert str(saved) in b["cost_model"]["note"]  # the reader is told where the prices come from
+    wrong = tmp_path / "two_exits.json"
+    wrong.write_text(json.dumps(TimeProfile(1, [1.0, 1.0, 1.0], [0.1, 0.1]).to_dict()))
+    for extra, words in ((["--profile", str(wrong)], "this model has"), (["--profile", str(saved), "--cost", "macs"], "prices in time"),
+                         (["--profile", str(saved), "--deploy-batch-size", "4"], "measured at batch 1"),
+                         (["--profile", str(tmp_path / "none.json")], "no profile file")):
+        r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "c"), *extra])
+        assert r.exit_code == 1 and "Error:" in r.stderr and words in " ".join(r.stderr.split()), (extra, r.stderr)

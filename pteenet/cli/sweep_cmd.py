@@ -100,6 +100,8 @@ def sweep_command(
     cost: str = typer.Option(SweepConfig.cost, help="a point's cost: time (predicted from the stages and heads timed on this machine at --deploy-batch-size) or macs"),
     deploy_batch_size: int = typer.Option(SweepConfig.deploy_batch_size, "--deploy-batch-size", help="with --cost time: the batch size you deploy at, which time is predicted for"),
     deploy_runtime: str = typer.Option(SweepConfig.deploy_runtime, "--deploy-runtime", help="with --cost time: where you run the model, eager (pteenet.load) or onnxruntime (export --format staged-onnx); time is measured there"),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="with --cost time: price with a profile measured before (sweep.json "
+                                                                  "of an earlier sweep, e.g. on the machine you deploy on) instead of timing here"),
     max_tail: Optional[float] = typer.Option(SweepConfig.max_tail, "--max-tail", help="with --select-exits: a sample that takes no exit costs at most F x the backbone"),
     device: DeviceOption = "auto",
     workers: int = typer.Option(0, help="data loader worker processes"),
@@ -115,6 +117,7 @@ def sweep_command(
                       confidence=0.0 if no_guarantee else confidence,
                       write=None if write is None else str(write), batch_size=batch_size,
                       cost=cost, deploy_batch_size=deploy_batch_size, deploy_runtime=deploy_runtime, max_tail=max_tail,
+                      profile=None if profile is None else str(profile),
                       device=device, workers=workers)
     with progress_sink() as sink:
         doc = sweep_threshold(checkpoint, DataRequest(spec=data, data_dir=data_dir, limit=limit, calibration=calibration,

@@ -118,6 +118,41 @@ class TimeProfile:
                    d.get("load_average"))
 
 
+def read_profile(path: str, num_exits: int, batch_size: int) -> TimeProfile:
+    """A ``TimeProfile`` from a file: the profile itself (``to_dict``), or a document that holds
+    one: a sweep's ``sweep.json`` (``cost_model.profile``) or a ``cifar10_time.py`` summary
+    (``profiles``, the one for ``batch_size``). It must price every stage and every head of a
+    model with ``num_exits`` exits, for ``batch_size``: exit selection would take an unpriced
+    head for free."""
+    import json
+    from pathlib import Path
+
+    from ..errors import PteenetError
+
+    hint = "give sweep.json of a sweep that measured it, or a TimeProfile JSON (TimeProfile.to_dict)"
+    try:
+        raw = json.loads(Path(path).read_text())
+        if "cost_model" in raw:
+            raw = raw["cost_model"]["profile"]
+        elif "profiles" in raw:
+            raw = raw["profiles"][str(batch_size)]
+        prof = TimeProfile.from_dict(raw)
+    except FileNotFoundError:
+        raise PteenetError(f"no profile file {path}", hint) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PteenetError(f"{path} holds no time profile ({type(e).__name__}: {e})", hint) from None
+    if len(prof.stage_ms) != num_exits + 1 or len(prof.head_ms) != num_exits:
+        raise PteenetError(f"{path} prices {len(prof.head_ms)} exits; this model has {num_exits}",
+                           "profile the same attached model")
+    if prof.batch_size != batch_size:
+        raise PteenetError(f"{path} was measured at batch {prof.batch_size}, not {batch_size}",
+                           f"pass --deploy-batch-size {prof.batch_size}, or a profile measured at {batch_size}")
+    if unpriced := [k for k, h in enumerate(prof.head_ms) if h <= 0]:
+        raise PteenetError(f"{path} does not price the heads of exits {unpriced}",
+                           "use a profile measured with every head computed (the sweep's own, in sweep.json)")
+    return prof
+
+
 def _round_robin(calls: dict[Any, Callable[[], Any]], repeats: int, warmup: int) -> dict[Any, float]:
     """Median ms of each call over ``repeats`` rounds, taking turns, so that other load on the
     machine hits every part alike."""

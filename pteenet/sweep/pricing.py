@@ -11,11 +11,12 @@ import torch
 
 from ..configs import check_choice
 from ..distributed import ALONE, Group, from_main
+from ..errors import PteenetError
 from ..exits.chain import computed_branches
 from ..runtime import timing
 from ..runtime.model import EarlyExitModel
 from ..runtime.ort_timing import DEPLOY_RUNTIMES, profile_onnx
-from ..runtime.timing import TimeProfile, tune_allocator
+from ..runtime.timing import TimeProfile, read_profile, tune_allocator
 from ..tracing.cost import CostTable
 
 Pricing = CostTable | TimeProfile
@@ -30,17 +31,27 @@ def unit(cost_model: dict[str, Any]) -> str:
 
 
 def pricing_for(model: EarlyExitModel, cost: str, batch_size: int, device: torch.device,
-                group: Group = ALONE, runtime: str = "eager") -> tuple[Pricing, dict[str, Any]]:
+                group: Group = ALONE, runtime: str = "eager", profile: str | None = None) -> tuple[Pricing, dict[str, Any]]:
     """MACs (the cost table), or time measured here on ``deploy_batch_size`` images with every head
     computed (exit selection then prices each one), in eager PyTorch or in ONNX Runtime
     (``runtime``, one of ``DEPLOY_RUNTIMES``), recorded with the machine it was measured on. At
     batch > 1 this process's allocator is tuned first, as ``pteenet bench`` does (``tune_allocator``).
-    Under torchrun rank 0's profile prices every rank's points, so that all choose the same."""
+    Under torchrun rank 0's profile prices every rank's points, so that all choose the same.
+    ``profile``: a file holding a profile measured before, e.g. on the machine that will run the
+    model (``timing.read_profile``); nothing is timed here then, and the choice is reproducible."""
     assert model.cost is not None
     check_choice("deploy_runtime", runtime, DEPLOY_RUNTIMES)
+    if profile is not None and cost != "time":
+        raise PteenetError("--profile is a time profile: it prices in time", "drop --cost macs, or drop --profile")
     if cost == "macs":
         return model.cost, {"kind": "macs", "note": "costs are MACs as a fraction of the backbone's (--cost time: "
                                                     "predicted time on this machine)"}
+    if profile is not None:
+        prof = read_profile(profile, model.num_exits, batch_size)
+        cm = {"kind": "time", "batch_size": batch_size, "runtime": prof.machine.get("runtime", runtime),
+              "profile_file": profile, "profile": prof.to_dict()}
+        return prof, {**cm, "note": f"costs are {unit(cm)} as measured in {profile} (on {prof.machine.get('cpu', 'a machine')} "
+                                    f"it records), as a fraction of the plain backbone's (MACs: --cost macs)"}
     # At batch > 1, as `pteenet bench` measures (bench/run.py): with glibc's default thresholds every
     # large activation is mmapped and unmapped, and stage times vary twofold from pass to pass.
     allocator = tune_allocator() if batch_size > 1 else None

@@ -61,6 +61,7 @@ class SweepConfig(Config):
     cost: str = "time"  # predicted time measured here at deploy_batch_size (runtime/timing.py), or "macs"
     deploy_batch_size: int = 1  # with cost "time": the batch size the time is predicted for
     deploy_runtime: str = "eager"  # with cost "time": eager (pteenet.load) or onnxruntime (export --format staged-onnx)
+    profile: str | None = None  # with cost "time": a TimeProfile measured before (timing.read_profile), not measured here
     max_tail: float | None = 1.2  # exit selection: a sample that takes no exit costs at most this x (predicted; docs/speed.md)
     device: str = "auto"
     workers: int = 0
@@ -116,9 +117,8 @@ def build_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256,
 def _run_exits(model: EarlyExitModel, dataset: Dataset, batch_size: int, device: str | torch.device, workers: int,
                sink: Sink, description: str) -> ExitCacheBuilder:
     model.eval()
-    device = torch.device(device)
     loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
-    builder = ExitCacheBuilder()
+    builder, device = ExitCacheBuilder(), torch.device(device)
     with sink.task(f"{description} ({len(dataset)} images)", len(loader)) as task, torch.no_grad():  # type: ignore[arg-type]
         for batch in loader:
             x, y = _unpack(batch)
@@ -336,7 +336,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
 
     skipped_before = SKIPPED.mark()
     cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
-    pricing, cost_model = pricing_for(model, cfg.cost, cfg.deploy_batch_size, device, group, cfg.deploy_runtime)
+    pricing, cost_model = pricing_for(model, cfg.cost, cfg.deploy_batch_size, device, group, cfg.deploy_runtime, cfg.profile)
     cache = restrict(cache, [True] * cache.num_exits, pricing, model.chained)  # the costs in the chosen unit
     if cache.labels is None:
         sink.note(NO_LABELS)
