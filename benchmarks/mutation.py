@@ -178,6 +178,10 @@ MUTANTS: list[Mutant] = [
       ("tests/test_ort_profile.py",)),
     M("M62", "runtime/ort_timing.py", "                if computed[k]:\n                    head_s[k]", "                if True:\n                    head_s[k]",
       "the ONNX Runtime profile prices heads that the runtime never computes", ("tests/test_ort_profile.py",)),
+    M("M63", "runtime/timing.py", "if unpriced := [k for k, h in enumerate(prof.head_ms) if h <= 0]:",
+      "if unpriced := [k for k, h in enumerate(prof.head_ms) if h < 0]:",
+      "--profile accepts a profile that leaves a head unpriced (exit selection takes it as free)",
+      ("tests/test_time_cost.py::test_sweep_cli_prices_with_a_profile_measured_before_and_chooses_the_same",)),
     # -- the guarantee (issue 17): p-values, the fixed sequence, the structure split, the choice --
     M("M48", "sweep/guarantee.py", "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            return i",
       "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            continue",

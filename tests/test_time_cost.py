@@ -161,7 +161,9 @@ def test_sweep_cli_prices_with_a_profile_measured_before_and_chooses_the_same(tm
     assert str(saved) in b["cost_model"]["note"]  # the reader is told where the prices come from
     wrong = tmp_path / "two_exits.json"
     wrong.write_text(json.dumps(TimeProfile(1, [1.0, 1.0, 1.0], [0.1, 0.1]).to_dict()))
-    for extra, words in ((["--profile", str(wrong)], "this model has"), (["--profile", str(saved), "--cost", "macs"], "prices in time"),
+    free = tmp_path / "free_head.json"  # a head left unpriced would look free to exit selection
+    free.write_text(json.dumps({**a["cost_model"]["profile"], "head_ms": [0.0] + a["cost_model"]["profile"]["head_ms"][1:]}))
+    for extra, words in ((["--profile", str(wrong)], "this model has"), (["--profile", str(free)], "does not price the heads of exits [0]"), (["--profile", str(saved), "--cost", "macs"], "prices in time"),
                          (["--profile", str(saved), "--deploy-batch-size", "4"], "measured at batch 1"),
                          (["--profile", str(tmp_path / "none.json")], "no profile file")):
         r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "c"), *extra])
