@@ -10,7 +10,6 @@ plain backbone exported the same way, not eager's.
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import PteenetError, describe_error
+from ..errors import PteenetError
 from ..export.driver import StagedModel, onnx_runner
 from ..export.staged import export_pieces
 from ..runtime.model import EarlyExitModel
+from ..runtime.ort_timing import export_session, require_onnxruntime
 
 
 class OnnxPrediction:
@@ -31,36 +31,18 @@ class OnnxPrediction:
         self.logits, self.exit_index = torch.from_numpy(logits), torch.from_numpy(exit_index)
 
 
-def _plain_session(model: EarlyExitModel, path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    c, h, w = model.info.preprocess.input_size
-    x = torch.zeros(2, c, h, w)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx prints progress; stdout belongs to --json
-            ep = torch.export.export(model.backbone.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-            torch.onnx.export(ep, f=str(path), dynamo=True, verbose=False, external_data=False, input_names=["x"])
-    except Exception as e:
-        raise PteenetError(f"cannot export the backbone to ONNX: {describe_error(e)}", "bench in eager time (--runtime eager)") from e
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 @contextlib.contextmanager
 def onnx_runs(model: EarlyExitModel, work: Path, thresholds: list[float], threads: int
               ) -> Iterator[dict[str, Callable[[torch.Tensor], Any]]]:
     """{"backbone", "early_exit"} as ONNX Runtime calls on CPU tensors (programs written under
     ``work``); ``threads``: ONNX Runtime's intra-op threads, as torch's for eager."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise PteenetError("bench --runtime onnxruntime needs onnx and onnxruntime", "pip install 'pteenet[onnx]'") from None
+    require_onnxruntime("bench --runtime onnxruntime")
     if model.runtime != "staged":
         raise PteenetError("a model run by forward hooks has no staged program", "bench in eager time (--runtime eager)")
-    plain = _plain_session(model, work / "backbone.onnx", threads)
+    c, h, w = model.info.preprocess.input_size
+    plain = export_session(model.backbone, (torch.zeros(2, c, h, w),), work / "backbone.onnx", threads, dynamic_batch=True,
+                           hint="bench in eager time (--runtime eager)")
     export_pieces(model, work / "staged", onnx=True)
     staged = StagedModel(work / "staged", onnx_runner(threads))
-    yield {"backbone": lambda x: plain.run(None, {"x": x.numpy()}),
+    yield {"backbone": lambda x: plain.run(None, {"in0": x.numpy()}),
            "early_exit": lambda x: OnnxPrediction(*staged.run(x.numpy(), thresholds))}

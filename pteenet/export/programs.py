@@ -10,11 +10,8 @@
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +20,7 @@ from ..errors import PteenetError, describe_error
 from ..exits import policies
 from ..exits.chain import Carry, exit_step
 from ..runtime.model import EarlyExitModel
+from ..runtime.ort_timing import quiet_onnx_export
 from .staged import export_pieces
 
 
@@ -108,18 +106,6 @@ def exported_program(model: EarlyExitModel, static: bool) -> torch.export.Export
                            "of exits), or safetensors and run it with pteenet.load") from e
 
 
-@contextlib.contextmanager
-def _quiet(*loggers: str) -> Iterator[None]:
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
-    for lg, _ in saved:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in saved:
-            lg.setLevel(level)
-
-
 def write_program(model: EarlyExitModel, fmt: str, path: Path, cache: dict[bool, Any]) -> None:
     """Write format ``fmt`` (a key of ``run.FORMATS`` other than safetensors) to ``path``; ``cache``
     keeps each kind's ``torch.export`` program for the next format of that kind."""
@@ -137,7 +123,7 @@ def write_program(model: EarlyExitModel, fmt: str, path: Path, cache: dict[bool,
     try:
         # torch.onnx prints progress on stdout, which belongs to --json, and its optimiser logs
         # notes about its own initialisers that mean nothing to a user.
-        with contextlib.redirect_stdout(io.StringIO()), _quiet("onnx_ir", "onnxscript"):
+        with quiet_onnx_export():
             torch.onnx.export(ep, f=str(path), dynamo=True, verbose=False, external_data=n_bytes > 1_800_000_000,
                               input_names=["x"] if static else ["x", "thresholds"],
                               output_names=output_names(model, static))

@@ -15,8 +15,6 @@ of every value the driver compacts.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from ..errors import PteenetError, describe_error
 from ..exits import policies
 from ..exits.chain import Carry, exit_step
 from ..runtime.model import EarlyExitModel
+from ..runtime.ort_timing import quiet_onnx_export
 from . import driver
 
 
@@ -153,8 +152,7 @@ def export_pieces(model: EarlyExitModel, folder: Path, onnx: bool) -> list[str]:
         try:
             ep = torch.export.export(Piece(model, spec).eval(), args, dynamic_shapes=(shapes,))
             if onnx:
-                # torch.onnx prints progress on stdout, which belongs to --json.
-                with contextlib.redirect_stdout(io.StringIO()):
+                with quiet_onnx_export():
                     torch.onnx.export(ep, f=str(folder / file), dynamo=True, verbose=False, external_data=False,
                                       input_names=names, output_names=_output_names(spec, nxt))
             else:

@@ -64,8 +64,9 @@ class _Head(nn.Module):
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """torch.onnx prints progress on stdout (which belongs to --json) and its optimiser logs."""
+def quiet_onnx_export() -> Iterator[None]:
+    """torch.onnx prints progress on stdout (which belongs to --json) and its optimiser logs: both
+    silenced for the export (every ONNX export in pteenet runs under this)."""
     loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -78,45 +79,53 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _session(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, threads: int | None) -> Any:
-    """``module`` exported at the shapes of ``args`` and opened in ONNX Runtime (CPU)."""
-    import onnxruntime as ort
-
-    names = [f"in{i}" for i in range(len(args))]
-    try:
-        with _quiet():
-            ep = torch.export.export(module.eval(), args)
-            torch.onnx.export(ep, f=str(path), dynamo=True, verbose=False, external_data=False, input_names=names)
-    except Exception as e:
-        raise PteenetError(f"cannot export a piece to ONNX for timing: {describe_error(e)}",
-                           "price in eager time (--deploy-runtime eager) or in MACs (--cost macs)") from e
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads is not None:
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _empty_session(threads: int | None) -> Any:
-    """A program that only passes one number through: what any call costs."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    io_ = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("a", "b")]
-    graph = helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "empty", io_[:1], io_[1:])
-    opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(helper.make_model(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def _check(model: EarlyExitModel) -> None:
+def require_onnxruntime(what: str, hint: str = "pip install 'pteenet[onnx]'") -> None:
+    """A one-line error naming ``what`` needs onnx and onnxruntime, where they are missing."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise PteenetError("pricing in ONNX Runtime time needs onnx and onnxruntime",
-                           "pip install 'pteenet[onnx]', or price in eager time (--deploy-runtime eager)") from None
+        raise PteenetError(f"{what} needs onnx and onnxruntime", hint) from None
+
+
+def ort_session(source: str | bytes, threads: int | None) -> Any:
+    """An ONNX Runtime CPU session on a file or a serialised model; ``threads``: intra-op threads
+    (None: ONNX Runtime's default), one inter-op thread."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # the exporter leaves unused initialisers that ORT warns about
+    if threads is not None:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def export_session(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, threads: int | None,
+                   dynamic_batch: bool = False, hint: str = "price in eager time (--deploy-runtime eager) or in MACs (--cost macs)") -> Any:
+    """``module`` exported to ONNX at the shapes of ``args`` (the batch axis of every input dynamic
+    with ``dynamic_batch``), inputs named in0.., and opened with ``ort_session``."""
+    names = [f"in{i}" for i in range(len(args))]
+    shapes = tuple({0: torch.export.Dim("batch", min=1)} for _ in args) if dynamic_batch else None
+    try:
+        with quiet_onnx_export():
+            ep = torch.export.export(module.eval(), args, dynamic_shapes=shapes)
+            torch.onnx.export(ep, f=str(path), dynamo=True, verbose=False, external_data=False, input_names=names)
+    except Exception as e:
+        raise PteenetError(f"cannot export {type(module).__name__} to ONNX: {describe_error(e)}", hint) from e
+    return ort_session(str(path), threads)
+
+
+def _empty_session(threads: int | None) -> Any:
+    """A program that only passes one number through: what any call costs."""
+    from onnx import TensorProto, helper
+
+    io_ = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("a", "b")]
+    graph = helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "empty", io_[:1], io_[1:])
+    return ort_session(helper.make_model(graph).SerializeToString(), threads)
+
+
+def _check(model: EarlyExitModel) -> None:
+    require_onnxruntime("pricing in ONNX Runtime time", "pip install 'pteenet[onnx]', or price in eager time (--deploy-runtime eager)")
     if model.chained or model.runtime != "staged":
         why = "a cascade or an ensemble" if model.chained else "a backbone that could not be traced"
         raise PteenetError(f"ONNX Runtime pricing does not support {why}",
@@ -144,14 +153,14 @@ def profile_onnx(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmu
         state: tuple[torch.Tensor, ...] = (x,)
         stage_s, head_s = [], {}
         for k, stage in enumerate(stages):
-            stage_s.append(_session(_Stage(stage), state, work / f"stage{k}.onnx", threads))
+            stage_s.append(export_session(_Stage(stage), state, work / f"stage{k}.onnx", threads))
             out = _Stage(stage)(*state)
             if k < len(stages) - 1:
                 if computed[k]:
-                    head_s[k] = _session(_Head(model.branches[k], model.policy),
+                    head_s[k] = export_session(_Head(model.branches[k], model.policy),
                                          (out[-1], torch.tensor([0.5])), work / f"head{k}.onnx", threads)
                 state = out[:-1]
-        backbone = _session(model.backbone, (x,), work / "backbone.onnx", threads)
+        backbone = export_session(model.backbone, (x,), work / "backbone.onnx", threads)
         empty = _empty_session(threads)
         times = _passes(stage_s, head_s, thresholds, x.numpy(), backbone, empty, repeats + warmup)
     med = {key: 1e3 * statistics.median(v[warmup:]) for key, v in times.items()}

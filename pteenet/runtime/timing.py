@@ -17,16 +17,19 @@ batches; at batch 1 it is the mean time over samples, not a latency percentile.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ..errors import PteenetError
 from ..exits import policies
 from ..exits.chain import Carry, exit_step
 from .model import EarlyExitModel
@@ -124,11 +127,6 @@ def read_profile(path: str, num_exits: int, batch_size: int) -> TimeProfile:
     (``profiles``, the one for ``batch_size``). It must price every stage and every head of a
     model with ``num_exits`` exits, for ``batch_size``: exit selection would take an unpriced
     head for free."""
-    import json
-    from pathlib import Path
-
-    from ..errors import PteenetError
-
     hint = "give sweep.json of a sweep that measured it, or a TimeProfile JSON (TimeProfile.to_dict)"
     try:
         raw = json.loads(Path(path).read_text())
