@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -225,3 +226,37 @@ def profile(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: in
                        med.get(("decision", 0), 0.0),
                        [med.get(("compaction", k), 0.0) for k in range(model.num_exits)] if n > 1 else [],
                        machine(), load)
+
+
+def measure_tail(model: EarlyExitModel, x: torch.Tensor, active: Sequence[bool], budget_s: float = 3.0,
+                 min_rounds: int = 5, max_rounds: int = 300) -> dict[str, Any]:
+    """What a batch that takes no exit pays on the clock: ``model`` with ``active`` exits deciding
+    and thresholds at which nothing leaves (every computed head and decision runs, on the cut
+    backbone of ``run_plan``), against the plain backbone, for about ``budget_s`` seconds; the
+    ratio of the medians. The two take turns in a seeded random order, as the benchmarks time them:
+    what ran just before decides which weights are still in the CPU's caches. A profile predicts
+    this tail from parts timed one by one, which misses part of what running them together costs:
+    measured on ResNet-56 at batch 1, 1.247x against 1.157x predicted
+    (``benchmarks/results/cifar10_time_summary.json``)."""
+    saved = model.active
+    never = [policies.never_exit_threshold(model.policy)] * model.num_exits
+    model.set_active(active)
+    calls = {"backbone": lambda: model.backbone(x), "tail": lambda: model.predict(x, never)}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    order = random.Random(0)
+    try:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for fn in calls.values():  # warm-up, and the time of one round
+                fn()
+            rounds = int(min(max_rounds, max(min_rounds, budget_s / max(time.perf_counter() - t0, 1e-9))))
+            for _ in range(rounds):
+                for key in order.sample(list(calls), len(calls)):
+                    t1 = time.perf_counter()
+                    calls[key]()
+                    times[key].append(time.perf_counter() - t1)
+    finally:
+        model.active = saved
+    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return {"ratio": med["tail"] / med["backbone"], "backbone_ms": med["backbone"], "tail_ms": med["tail"],
+            "rounds": rounds, "batch_size": int(x.shape[0])}

@@ -33,12 +33,13 @@ from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
 from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
-from .engine import Point, backbone_point, pareto, parse_range, search_per_exit, select, sweep_global
-from .guarantee import CONFIDENCE, certify, check_confidence, record
+from .choice import choose_checked, tail_meter
+from .engine import Point, pareto, parse_range, search_per_exit, sweep_global
+from .guarantee import CONFIDENCE, check_confidence
 from .outputs import build_document, write_sweep_outputs
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .pricing import DEPLOY_RUNTIMES, Pricing, both_costs, pricing_for
-from .selection import Selection, backbone_only, better, restrict, select_exits, tail_breaks
+from .selection import backbone_only, restrict
 
 SPLITS = ("val", "test")
 COSTS = ("macs", "time")
@@ -190,26 +191,6 @@ def sweep_meta(doc: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str], grid: np.ndarray,
-                    cfg: SweepConfig, chosen: Point | None, pricing: Pricing) -> tuple[Point | None, list[bool] | None]:
-    """The chosen point again with exit selection, per policy (global thresholds); kept unless
-    ``chosen`` beats it (is cheaper within max_drop, or more accurate within budget)."""
-    best: Selection | None = None
-    for policy in policies:
-        try:
-            sel = select_exits(cache, pricing, model.chained, policy, grid, cfg.max_drop, cfg.budget, cfg.max_tail)
-        except PteenetError:
-            continue
-        if best is None or better(sel.point, best.point, cfg.budget is not None):
-            best = sel
-    if best is None and chosen is not None and tail_breaks(pricing, [True] * cache.num_exits, model.chained, cfg.max_tail):
-        return backbone_only(cache, chosen, pricing, model.chained)[:2]  # no set of exits keeps the tail bound
-    # At equal cost and accuracy the selection still wins: fewer exits are fewer decisions at run time.
-    if best is None or (chosen is not None and better(chosen, best.point, cfg.budget is not None)):
-        return chosen, None
-    return best.point, best.active
-
-
 def _data_config(data: DataRequest | DataConfig | None, recorded: dict[str, Any] | None,
                  warn: Callable[[str], None]) -> tuple[DataConfig, list[str]]:
     """The split to sweep: a ``DataRequest`` (or None) resolved against the model's record of its
@@ -238,20 +219,6 @@ def _place(model: EarlyExitModel, cfg: SweepConfig) -> tuple[Group, torch.device
     if here.type != device.type or (device.index is not None and here != device):
         model.to(device)  # a checkpoint is loaded onto the device already: moving re-traces the stages
     return group, next(model.parameters()).device
-
-
-def _choose(cache: ExitCache, points: list[Point], model: EarlyExitModel, policies: list[str], grid: np.ndarray,
-            cfg: SweepConfig, pricing: Pricing) -> tuple[Point | None, list[bool] | None, dict[str, Any] | None]:
-    """The point the criterion picks (None: none meets it), the exits that stay active (``--select-exits``),
-    and with a confidence the certified choice instead and its record (today's choice beside it)."""
-    chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
-    chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen, pricing) if cfg.select_exits \
-        else (chosen, None)
-    if cfg.max_drop is None or not cfg.confidence:
-        return chosen, active, None
-    cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit,
-                   cost=pricing if cfg.select_exits else None, chained=model.chained, max_tail=cfg.max_tail)
-    return cert.point, cert.active, record(cert, backbone_point(cache), chosen, active)
 
 
 def _test_cache(model: EarlyExitModel, test: Dataset, chosen: Point | None, active: list[bool] | None,
@@ -306,6 +273,23 @@ def _apply_choice(model: EarlyExitModel, doc: dict[str, Any], chosen: Point | No
         model.meta["sweep"] = sweep_meta(doc)
 
 
+def _tail_notes(tail: dict[str, Any], sink: Sink, warn: Callable[[str], None]) -> None:
+    """What the no-exit tail measured, and the predicted bound it took (``choice.guard_tail``)."""
+    timed = [a for a in tail["attempts"] if a["measured"] is not None]
+    if not timed:
+        return
+    first, last = timed[0], tail["attempts"][-1]
+    text = (f"a sample that takes no exit measured {first['measured']:.3f}x the backbone here "
+            f"(predicted {first['predicted']:.3f}x, bound {tail['max_tail']:g}x)")
+    if len(tail["attempts"]) > 1:
+        text += (f"; with the predicted bound tightened to {last['bound']:.3f}x, "
+                 + (f"{last['measured']:.3f}x" if last["measured"] is not None else "no exit computed (the backbone alone)"))
+    sink.note(text)
+    if not tail["held"]:
+        warn(f"the no-exit path still measures {last['measured']:.3f}x the backbone, over --max-tail "
+             f"{tail['max_tail']:g} after {len(tail['attempts'])} tries; pass a lower --max-tail or attach fewer exits")
+
+
 def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: SweepConfig, sink: Sink,
            source: str | None) -> dict[str, Any]:
     """Everything but reading and writing the checkpoint: check, run the split(s) once, sweep,
@@ -341,7 +325,10 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     if cache.labels is None:
         sink.note(NO_LABELS)
     points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
-    chosen, active, guarantee = _choose(cache, points, model, policies, grid, cfg, pricing)
+    meter = tail_meter(model, cfg, cost_model, device, group)
+    (chosen, active, guarantee), tail = choose_checked(cache, points, model, policies, grid, cfg, pricing, meter)
+    if tail is not None and tail["attempts"]:
+        _tail_notes(tail, sink, warn)
     nothing = None
     if chosen is not None and chosen.cost >= 1.0:
         chosen, active, nothing = backbone_only(cache, chosen, pricing, model.chained)
@@ -355,7 +342,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
                     warnings=warnings, skipped=SKIPPED.since(skipped_before), guarantee=guarantee)
     for point in filter(None, (doc["chosen"], (doc["chosen"] or {}).get("test"))):  # both units, calibration and test
         point.update(both_costs(point["exit_fractions"], model, pricing, active))
-    doc["cost_model"] = {**cost_model, "max_tail": cfg.max_tail if cfg.select_exits else None}  # the tail bound used
+    doc["cost_model"] = {**cost_model, "max_tail": cfg.max_tail if cfg.select_exits else None, "tail_check": tail}
     doc["nothing_pays"] = None if nothing is None else nothing.to_dict()
     if cfg.outdir is not None and group.main:  # under torchrun every rank has the document; rank 0 writes
         skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)
