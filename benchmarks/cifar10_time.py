@@ -9,7 +9,8 @@ Protocol B (as ``cifar10_resnet.py``): thresholds and exit selection are chosen 
 of test and reported on the other. For each deployment setting the operating point is the cheapest
 within 1 accuracy point of the backbone on the calibration half, priced in predicted time from a
 ``TimeProfile`` measured here (``runtime/timing.py``) at that batch size, with time-priced exit
-selection (batch 1 also with the CLI's default ``max_tail``: a sample that takes no exit pays at most that, predicted); the
+selection (batch 1 also with the CLI's default ``max_tail``: a sample that takes no exit pays at most that, measured
+here and the predicted bound tightened until it holds, as ``sweep-threshold`` does: ``sweep/choice.py``); the
 MAC-priced choice (``sweep-threshold --cost macs``) is timed beside it, and so is the CLI's default
 rule: the cheapest setting certified at confidence 0.9 (``pteenet.sweep.certify``: every policy, exit
 selection on 30% of the calibration half, the no-exit tail bounded the same way), for each batch size. Then, on report-half images
@@ -53,7 +54,8 @@ from pteenet.exits.chain import computed_branches  # noqa: E402
 from pteenet.export.driver import StagedModel, onnx_runner  # noqa: E402
 from pteenet.export.staged import export_pieces  # noqa: E402
 from pteenet.runtime.ort_timing import profile_onnx  # noqa: E402
-from pteenet.runtime.timing import TimeProfile, profile  # noqa: E402
+from pteenet.runtime.timing import TimeProfile, measure_tail, profile  # noqa: E402
+from pteenet.sweep.choice import guard_tail  # noqa: E402
 from pteenet.sweep import ExitCache, SweepConfig, backbone_point, certify, evaluate, pareto, restrict, select, select_exits, sweep_global  # noqa: E402
 
 POLICIES = ("confidence", "max-softmax", "entropy")
@@ -92,6 +94,23 @@ def certified(cal: ExitCache, report: ExitCache, model: Any, pricing: Any, max_t
     active = c.active or [True] * model.num_exits
     return {**measured(c.point, active, report, model, pricing), "max_tail": max_tail,
             "certified_bound_pt": 100 * (c.guarantee.bound or 0.0), "confidence": 0.9}
+
+
+def tail_checked(rule: Callable[..., dict[str, Any]], cal: ExitCache, report: ExitCache, model: Any, prof: TimeProfile,
+                 max_tail: float | None, x: torch.Tensor) -> dict[str, Any]:
+    """``rule`` (``choose`` or ``certified``) with the no-exit tail measured and the predicted bound
+    tightened while it is over ``max_tail``, as ``sweep-threshold`` does (``sweep.choice.guard_tail``)."""
+    if max_tail is None:
+        return rule(cal, report, model, prof, None)
+
+    def pick(bound: float) -> Any:
+        d = rule(cal, report, model, prof, bound)
+        return d, d["active_exits"], d  # never None: guard_tail measures every pick
+
+    def tail(active: list[bool]) -> float:
+        return float(measure_tail(model, x, active)["ratio"])
+    (_, _, d), record = guard_tail(pick, tail, prof, model.chained, model.num_exits, max_tail)
+    return {**d, "tail_check": record}
 
 
 def measured(point: Any, active: list[bool], report: ExitCache, model: Any, pricing: Any) -> dict[str, Any]:
@@ -229,11 +248,11 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     profs = {bs: profile(model, images[:bs], repeats=7, warmup=2) for bs in (1, 256)}
     prof_ort = profile_onnx(model, images[:1], repeats=7, warmup=2, threads=args.threads)
     settings = {"eager_b256": choose(cal, report, model, profs[256], None),
-                "eager_b1": choose(cal, report, model, profs[1], args.max_tail),
+                "eager_b1": tail_checked(choose, cal, report, model, profs[1], args.max_tail, images[:1]),
                 "eager_b1_mean_only": choose(cal, report, model, profs[1], None),
                 "macs": choose(cal, report, model, model.cost, None),
                 "eager_b256_certified": certified(cal, report, model, profs[256], args.max_tail),
-                "eager_b1_certified": certified(cal, report, model, profs[1], args.max_tail),
+                "eager_b1_certified": tail_checked(certified, cal, report, model, profs[1], args.max_tail, images[:1]),
                 "onnxruntime_b1": choose(cal, report, model, prof_ort, args.max_tail)}
     plain = {bb: load_backbone(f"cifar-{bb}", str(backbone_file(args.backbones, bb)))[0].eval() for bb in PLAIN}
     acc_plain = plain_accuracy(plain, splits, n)

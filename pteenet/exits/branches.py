@@ -183,6 +183,11 @@ def pool_plan(name: str) -> Iterator[None]:
         _forced.plan = before
 
 
+def forced_plan() -> str | None:
+    """The plan ``pool_plan`` forces in this thread now, or None."""
+    return getattr(_forced, "plan", None)
+
+
 def chosen_plans() -> dict[str, str]:
     """The plan chosen for each ``plan_key`` so far (timed fastest, or pinned)."""
     return dict(_chosen_plan)
@@ -203,7 +208,8 @@ def plan_key(x: torch.Tensor, k: tuple[int, int]) -> str:
     return f"{tuple(x.shape[1:])} {tuple(k)} {rows} {x.dtype} {x.device.type} {torch.get_num_threads()}"
 
 
-def _fastest_plan(x: torch.Tensor, k: tuple[int, int]) -> str:
+def fastest_plan(x: torch.Tensor, k: tuple[int, int]) -> str:
+    """The plan every ``GridPool`` uses for ``x`` with windows ``k``: forced, pinned, or timed on first use."""
     forced = getattr(_forced, "plan", None)
     if forced is not None:
         return forced
@@ -264,7 +270,7 @@ class GridPool(nn.Module):
         # PyTorch's adaptive CPU kernels are slow, at batch 256 and at batch 1
         # (benchmarks/results/branch_cost.json). While torch.export traces, the plain kernels: timing
         # would pin the dynamic batch dimension, and they export to ONNX's AveragePool/MaxPool.
-        plan = "pool2d" if torch.compiler.is_compiling() or torch.jit.is_tracing() else _fastest_plan(x, self.windows)
+        plan = "pool2d" if torch.compiler.is_compiling() or torch.jit.is_tracing() else fastest_plan(x, self.windows)
         avg, mx = POOL_PLANS[plan](x, self.windows)
         return torch.cat([avg.flatten(1), mx.flatten(1)], 1)
 

@@ -18,7 +18,7 @@ from ..backbones.specs import BackboneInfo
 from ..backbones.weights import module_sha256
 from ..configs import check_choice
 from ..errors import PteenetError
-from ..exits import policies
+from ..exits import lean, policies
 from ..exits.branches import Branch, BranchConfig
 from ..exits.chain import Carry, Ensemble, computed_branches, exit_step
 from ..exits.policies import check_policy
@@ -89,6 +89,7 @@ class EarlyExitModel(nn.Module):
         object.__setattr__(self, "_stages", stages)
         object.__setattr__(self, "_tap_shapes", shapes)
         object.__setattr__(self, "_plans", {})  # computed-branch flags -> (exit indices, stages)
+        object.__setattr__(self, "_lean", {})  # exit -> (what it depends on, its lean batch-1 step or None, the fold)
 
     @property
     def tap_shapes(self) -> list[tuple[int, ...]]:
@@ -216,16 +217,34 @@ class EarlyExitModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x).logits
 
+    def step_one(self, k: int, tap: torch.Tensor, carry: Carry, context: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, Carry]:
+        """Exit k on a batch-1 tap: (logits, confidence logit, carry). Unchained, the lean step
+        (``exits/lean.py``: the same ops and values, none of the Python between them), rebuilt
+        when ``context`` (``lean.context()``, taken once per prediction) or the branch changes."""
+        if not self.chained:
+            hit = self._lean.get(k)  # type: ignore[attr-defined]
+            branch = self.branches[k]
+            if hit is None or hit[0] != (context, lean.key(branch, tap)):
+                step = lean.lean_step(branch, tap)
+                # The folded form is kept with it: alive, its id (in the key) cannot be reused.
+                hit = self._lean[k] = ((context, lean.key(branch, tap)), step, branch._folded)  # type: ignore[attr-defined]
+            if hit[1] is not None:
+                logits, conf = hit[1](tap)
+                return logits, conf, carry
+        _, logits, conf, carry = exit_step(self.branches[k], self.ensemble, k, tap, carry)
+        return logits, conf, carry
+
     def _predict_one(self, x: torch.Tensor, thresholds: list[float], policy: str) -> Prediction:
         """Batch size 1, the latency case: no index bookkeeping at all."""
         state: tuple[Any, ...] = (x,)
         carry = Carry()
         idx, stages = self.run_plan()
+        rule, context = policies.get(policy), lean.context()
         for k, stage in zip(idx, stages.modules[:-1]):
             out = stage(*state)
             state = out[:-1]
-            _, logits, conf, carry = exit_step(self.branches[k], self.ensemble, k, out[-1], carry)
-            if self.active[k] and bool(policies.passes(policy, policies.score(policy, logits, conf), thresholds[k])):
+            logits, conf, carry = self.step_one(k, out[-1], carry, context)
+            if self.active[k] and bool(rule.passes(rule.score(logits, conf), thresholds[k])):
                 return Prediction(logits, logits.argmax(1), torch.tensor([k], device=x.device))
         logits = stages.modules[-1](*state)
         return Prediction(logits, logits.argmax(1), torch.tensor([self.num_exits], device=x.device))

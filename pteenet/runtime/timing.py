@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import PteenetError
-from ..exits import policies
+from ..exits import lean, policies
 from ..exits.chain import Carry, exit_step
 from .model import EarlyExitModel
 
@@ -173,6 +173,7 @@ def _full_pass(model: EarlyExitModel, x: torch.Tensor, computed: list[bool],
     state: tuple[Any, ...] = (x,)
     carry = Carry()
     stages = model.stages.modules
+    context = lean.context()
     for k, stage in enumerate(stages[:-1]):
         t0 = time.perf_counter()
         out = stage(*state)
@@ -180,7 +181,10 @@ def _full_pass(model: EarlyExitModel, x: torch.Tensor, computed: list[bool],
         state = out[:-1]
         segments[("stage", k)].append(t1 - t0)
         if computed[k]:
-            _, _, _, carry = exit_step(model.branches[k], model.ensemble, k, out[-1], carry)
+            if x.shape[0] == 1:  # as the runtime runs it (``EarlyExitModel.step_one``)
+                _, _, carry = model.step_one(k, out[-1], carry, context)
+            else:
+                _, _, _, carry = exit_step(model.branches[k], model.ensemble, k, out[-1], carry)
             segments[("head", k)].append(time.perf_counter() - t1)
     t0 = time.perf_counter()
     stages[-1](*state)

@@ -12,7 +12,7 @@ much it does not.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -28,15 +28,26 @@ from .guarantee import certify, record
 from .pricing import Pricing
 from .selection import Selection, backbone_only, better, select_exits, tail_breaks
 
-if TYPE_CHECKING:
-    from .run import SweepConfig
+
+class SweepConfig(Protocol):
+    """What choosing reads of ``run.SweepConfig`` (which imports this module, so not imported here)."""
+
+    max_drop: float | None
+    budget: float | None
+    confidence: float
+    per_exit: bool
+    select_exits: bool
+    max_tail: float | None
+    profile: str | None
+    deploy_runtime: str
+    deploy_batch_size: int
 
 Choice = tuple[Point | None, list[bool] | None, dict[str, Any] | None]
 TAIL_TRIES = 4  # measurements at most; each takes about 3 s (timing.measure_tail)
 
 
 def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str], grid: np.ndarray,
-                    cfg: "SweepConfig", chosen: Point | None, pricing: Pricing) -> tuple[Point | None, list[bool] | None]:
+                    cfg: SweepConfig, chosen: Point | None, pricing: Pricing) -> tuple[Point | None, list[bool] | None]:
     """The chosen point again with exit selection, per policy (global thresholds); kept unless
     ``chosen`` beats it (is cheaper within max_drop, or more accurate within budget)."""
     best: Selection | None = None
@@ -58,7 +69,7 @@ def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str]
 
 
 def choose(cache: ExitCache, points: list[Point], model: EarlyExitModel, policies: list[str], grid: np.ndarray,
-           cfg: "SweepConfig", pricing: Pricing) -> Choice:
+           cfg: SweepConfig, pricing: Pricing) -> Choice:
     """The point the criterion picks (None: none meets it), the exits that stay active (``--select-exits``),
     and with a confidence the certified choice instead and its record (today's choice beside it)."""
     chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
@@ -99,7 +110,7 @@ def guard_tail(pick: Callable[[float], Choice], measure: Callable[[list[bool]], 
     return choice, {"max_tail": max_tail, "attempts": attempts, "held": held}
 
 
-def tail_meter(model: EarlyExitModel, cfg: "SweepConfig", cost_model: dict[str, Any], device: torch.device,
+def tail_meter(model: EarlyExitModel, cfg: SweepConfig, cost_model: dict[str, Any], device: torch.device,
                group: Group = ALONE) -> Callable[[list[bool]], float] | str | None:
     """How this sweep measures a choice's no-exit tail (``timing.measure_tail`` at the deploy batch
     size, rank 0's figure on every rank), or why it cannot: a sentence for the record. None: no
@@ -121,7 +132,7 @@ def tail_meter(model: EarlyExitModel, cfg: "SweepConfig", cost_model: dict[str, 
 
 
 def choose_checked(cache: ExitCache, points: list[Point], model: EarlyExitModel, policies: list[str], grid: np.ndarray,
-                   cfg: "SweepConfig", pricing: Pricing, meter: Callable[[list[bool]], float] | str | None) -> tuple[Choice, dict[str, Any] | None]:
+                   cfg: SweepConfig, pricing: Pricing, meter: Callable[[list[bool]], float] | str | None) -> tuple[Choice, dict[str, Any] | None]:
     """``choose``, with the no-exit tail measured and the bound tightened where it does not hold
     (``guard_tail``); the record says what was measured, or why nothing was (``tail_meter``)."""
     if meter is None or isinstance(meter, str):
