@@ -37,6 +37,18 @@ def test_staged_model_reproduces_backbone(spec: str, size: tuple[int, int, int])
     assert module_sha256(model.backbone) == before
 
 
+def test_stages_call_the_backbones_own_modules_from_the_top_level(tiny_model) -> None:
+    # Flat: fx's code for a nested target reads each level of its path on every call (graph._flat_module).
+    backbone = dict(tiny_model.backbone.named_modules())
+    for stage in tiny_model.stages.modules:
+        calls = [n.target for n in stage.graph.nodes if n.op == "call_module"]
+        assert calls and all("." not in t for t in calls)
+        for t in calls:  # the very module objects: the stages share the backbone's weights
+            assert any(getattr(stage, t) is m for m in backbone.values())
+    assert not any(p.data_ptr() not in {q.data_ptr() for q in tiny_model.backbone.parameters()}
+                   for s in tiny_model.stages.modules for p in s.parameters())
+
+
 def test_every_sample_leaves_at_first_exit_with_zero_threshold(tiny_model) -> None:
     tiny_model.set_thresholds(0.0, "max-softmax")
     x = torch.randn(5, 3, 16, 16)

@@ -3,8 +3,9 @@
 At batch 1 every line of Python between two ops costs about as much as an op, and more right after
 a backbone stage has run (its code evicted the head's from the CPU's caches): a pooled MLP head
 through ``exit_step`` (module calls, the pooling plan's lookup, the fold's freshness check, the
-carry) took 0.11-0.13 ms after a backbone pass on CIFAR ResNet-56, the same ops called directly
-0.07-0.10 ms (``benchmarks/batch1_breakdown.py``). ``lean_step`` returns, for an unchained pooled
+carry) took 0.11-0.13 ms right after a backbone pass on CIFAR ResNet-56, the same ops called
+directly 0.07-0.10 ms (timed when this was written; ``benchmarks/cifar10_time.py`` measures the
+whole path). ``lean_step`` returns, for an unchained pooled
 branch, a function of the tap that runs exactly the ops ``Branch.forward`` runs in inference (the
 same pooling plan, the folded layers, ReLU as its in-place function), so its logits are the
 same to the bit; anything else gets None and the caller uses ``exit_step``.
