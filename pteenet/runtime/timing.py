@@ -241,7 +241,7 @@ def measure_tail(model: EarlyExitModel, x: torch.Tensor, active: Sequence[bool],
     what ran just before decides which weights are still in the CPU's caches. A profile predicts
     this tail from parts timed one by one, which misses part of what running them together costs:
     measured on ResNet-56 at batch 1, 1.247x against 1.157x predicted
-    (``benchmarks/results/cifar10_time_summary.json``)."""
+    (``benchmarks/results/cifar10_time_summary-stop24.json``)."""
     saved = model.active
     never = [policies.never_exit_threshold(model.policy)] * model.num_exits
     model.set_active(active)
