@@ -32,7 +32,8 @@ from cifar10_resnet import eval_data, report_half  # noqa: E402
 from pteenet import load_checkpoint  # noqa: E402
 from pteenet.data import load_splits  # noqa: E402
 from pteenet.exits import policies as pol  # noqa: E402
-from pteenet.exits.chain import Carry, exit_step  # noqa: E402
+from pteenet.exits import lean  # noqa: E402
+from pteenet.exits.chain import Carry  # noqa: E402
 from pteenet.runtime.timing import profile  # noqa: E402
 
 PARTS = ("stages", "heads", "decisions")
@@ -45,12 +46,13 @@ def instrumented(model: Any, policy: str, ts: list[float], parts: dict[str, floa
     def run(x: torch.Tensor) -> int:
         state: tuple[Any, ...] = (x,)
         carry = Carry()
+        context = lean.context()
         for k, stage in zip(idx, stages.modules[:-1]):
             a = time.perf_counter()
             out = stage(*state)
             b = time.perf_counter()
             state = out[:-1]
-            _, logits, conf, carry = exit_step(model.branches[k], model.ensemble, k, out[-1], carry)
+            logits, conf, carry = model.step_one(k, out[-1], carry, context)  # as _predict_one runs it
             c = time.perf_counter()
             leave = model.active[k] and bool(pol.passes(policy, pol.score(policy, logits, conf), ts[k]))
             d = time.perf_counter()
@@ -80,7 +82,7 @@ def head_times(model: Any, x: torch.Tensor, repeats: int = 50) -> dict[str, list
             if k == "add":
                 tiny.add(1.0)
                 return
-            _, z, c, _ = exit_step(model.branches[k], model.ensemble, k, taps[k], Carry())
+            z, c, _ = model.step_one(k, taps[k], Carry(), lean.context())
             bool(pol.passes(policy, pol.score(policy, z, c), ts[k]))
         warm, cold = [], []
         for _ in range(repeats):
