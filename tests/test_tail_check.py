@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import pteenet
-from helpers import make_images, make_model, swept_checkpoint
+from helpers import four_exit_cache, make_images, make_model, swept_checkpoint
 from pteenet.cli import app
 from pteenet.exits.chain import computed_branches
 from pteenet.runtime import timing
@@ -22,21 +22,6 @@ from pteenet.runtime.timing import TimeProfile, measure_tail
 from pteenet.sweep import ExitCache, SweepConfig
 from pteenet.sweep.choice import choose, guard_tail
 from pteenet.sweep.run import sweep_points
-
-
-def _four_exits() -> tuple[ExitCache, TimeProfile]:
-    """Four exits, each the only one sure (and right) about its own fifth of the samples, every one
-    paying for itself on the mean; heads of 0.3 ms on 1 ms stages: all four predict a 1.24x tail."""
-    e, n = 4, 500
-    group = np.arange(n) % (e + 1)
-    preds = np.ones((e + 1, n), dtype=np.int64)
-    preds[-1] = 0
-    scores = np.full((e, n), 0.1, dtype=np.float32)
-    for k in range(e):
-        preds[k, group == k] = 0
-        scores[k, group == k] = 0.99
-    prof = TimeProfile(batch_size=1, stage_ms=[1.0] * (e + 1), head_ms=[0.3] * e, backbone_ms=float(e + 1))
-    return ExitCache(preds, {"max-softmax": scores}, np.zeros(n), prof.costs(), prof.costs_paper()), prof
 
 
 def _picker(cache: ExitCache, prof: TimeProfile, confidence: float = 0.0) -> Any:
@@ -51,7 +36,7 @@ def _picker(cache: ExitCache, prof: TimeProfile, confidence: float = 0.0) -> Any
 
 
 def test_a_tail_measured_over_the_bound_tightens_it_until_it_holds() -> None:
-    cache, prof = _four_exits()
+    cache, prof = four_exit_cache()
     measured: list[int] = []
 
     def measure(active: list[bool]) -> float:  # the overhead runs 1.5x what the profile predicts
@@ -69,14 +54,14 @@ def test_a_tail_measured_over_the_bound_tightens_it_until_it_holds() -> None:
 
 
 def test_a_tail_measured_as_predicted_keeps_the_first_choice() -> None:
-    cache, prof = _four_exits()
+    cache, prof = four_exit_cache()
     pick = _picker(cache, prof)
     (point, active, _), rec = guard_tail(pick, lambda a: prof.costs(a)[-1], prof, False, 4, 1.2)
     assert len(rec["attempts"]) == 1 and rec["held"] and active == pick(1.2)[1]
 
 
 def test_a_tail_that_never_fits_ends_with_the_backbone_or_says_it_does_not_hold() -> None:
-    cache, prof = _four_exits()
+    cache, prof = four_exit_cache()
     # Any computed head measures 1.5x: no exit fits, the bound falls until none is computed.
     (point, active, _), rec = guard_tail(_picker(cache, prof), lambda a: 1.5 if any(a) else 1.0, prof, False, 4, 1.2)
     assert rec["held"] and rec["attempts"][-1]["computed"] == 0 and not any(active or [True])

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 import pteenet
-from helpers import build, cache_of, make_images, simulated_exits, swept_checkpoint
+from helpers import build, cache_of, four_exit_cache, make_images, simulated_exits, swept_checkpoint
 from pteenet.cli import app
 from pteenet.runtime.timing import TimeProfile, profile
-from pteenet.sweep import ExitCache, certify, restrict, select_exits
+from pteenet.sweep import certify, restrict, select_exits
 
 
 def test_time_costs_price_heads_decisions_and_compaction() -> None:
@@ -108,16 +108,8 @@ def test_max_tail_bounds_what_a_sample_that_never_leaves_pays() -> None:
     # Four exits, each the only one sure (and right) about its own fifth of the samples; the last
     # fifth runs to the end. Every exit pays for itself on the mean, so selection keeps all four,
     # and a sample that never leaves pays all four heads: 1.24x.
-    e, n = 4, 500
-    group = np.arange(n) % (e + 1)
-    preds = np.ones((e + 1, n), dtype=np.int64)
-    preds[-1] = 0
-    scores = np.full((e, n), 0.1, dtype=np.float32)
-    for k in range(e):
-        preds[k, group == k] = 0
-        scores[k, group == k] = 0.99
-    prof = TimeProfile(batch_size=1, stage_ms=[1.0] * (e + 1), head_ms=[0.3] * e, backbone_ms=float(e + 1))
-    cost = ExitCache(preds, {"max-softmax": scores}, np.zeros(n), prof.costs(), prof.costs_paper())
+    cost, prof = four_exit_cache()
+    e = cost.num_exits
     grid = np.linspace(0, 1, 51)
     free = select_exits(cost, prof, False, "max-softmax", grid, max_drop=0.5)
     assert free.active == [True] * e and prof.costs()[-1] == pytest.approx(1.24)
