@@ -210,7 +210,7 @@ def plan_key(x: torch.Tensor, k: tuple[int, int]) -> str:
 
 def fastest_plan(x: torch.Tensor, k: tuple[int, int]) -> str:
     """The plan every ``GridPool`` uses for ``x`` with windows ``k``: forced, pinned, or timed on first use."""
-    forced = getattr(_forced, "plan", None)
+    forced = forced_plan()
     if forced is not None:
         return forced
     key = plan_key(x, k)

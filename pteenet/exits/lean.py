@@ -1,14 +1,14 @@
 """The batch-1 exit step as its ops and nothing else: the latency path's head.
 
 At batch 1 every line of Python between two ops costs about as much as an op, and more right after
-a backbone stage has run (its code evicted the head's from the CPU's caches): a pooled MLP head
-through ``exit_step`` (module calls, the pooling plan's lookup, the fold's freshness check, the
-carry) took 0.11-0.13 ms right after a backbone pass on CIFAR ResNet-56, the same ops called
-directly 0.07-0.10 ms (timed when this was written; ``benchmarks/cifar10_time.py`` measures the
-whole path). ``lean_step`` returns, for an unchained pooled
-branch, a function of the tap that runs exactly the ops ``Branch.forward`` runs in inference (the
-same pooling plan, the folded layers, ReLU as its in-place function), so its logits are the
-same to the bit; anything else gets None and the caller uses ``exit_step``.
+a backbone stage has run (its code evicted the head's from the CPU's caches). Through
+``exit_step`` a pooled MLP head also pays module calls, the pooling plan's lookup, the fold's
+freshness check and the carry; without them the batch-1 mean on CIFAR ResNet-56 fell from 0.640 to
+0.627 of the backbone's time and the no-exit tail from 1.156x to 1.132x, 6 exits deciding
+(``benchmarks/batch1_ab.py`` → ``benchmarks/results/batch1_ab.json``). ``lean_step`` returns, for
+an unchained pooled branch, a function of the tap that runs exactly the ops ``Branch.forward``
+runs in inference (the same pooling plan, the folded layers, ReLU as its in-place function), so its
+logits are the same to the bit; anything else gets None and the caller uses ``exit_step``.
 """
 from __future__ import annotations
 

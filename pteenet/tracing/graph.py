@@ -287,9 +287,9 @@ def split(tb: TracedBackbone, points: list[ExitPoint], root: nn.Module) -> Stage
 def _flat_module(root: nn.Module, g: fx.Graph, name: str) -> fx.GraphModule:
     """A GraphModule whose submodules sit at the top level (``layer1_0_conv1``, the same module
     objects as ``root``'s): fx's code for a nested target reads every level of the path through
-    ``nn.Module.__getattr__`` on each call: about 800 lookups a pass on CIFAR ResNet-56 nested, 530
-    flat. Measured interleaved (``benchmarks/batch1_ab.py``) it saves little: 0.001 of the
-    backbone's time at the batch-1 setting, 0.002 with no exit taken."""
+    ``nn.Module.__getattr__`` on each call. Measured interleaved on CIFAR ResNet-56 it saves little:
+    0.001 of the backbone's time at the batch-1 setting, 0.002 with no exit taken
+    (``benchmarks/batch1_ab.py``)."""
     owners: dict[str, Any] = {}
     for n in g.nodes:
         if n.op == "call_module":
