@@ -6,7 +6,10 @@ and an instrumented copy of its loop (``EarlyExitModel._predict_one``: the stage
 each computed head, each decision) take turns image by image, in every order in turn. Written:
 each one's time as a ratio to the backbone's, the instrumented loop split into stages, heads and
 decisions, the ``TimeProfile`` prediction for the same images, where the images left, and each
-computed head timed alone twice: called repeatedly, and right after a pass of the plain backbone. This
+computed head timed alone twice: called repeatedly, and right after a pass of the plain backbone,
+alone, with the runtime's decision (``Policy.leaves_one``: Python floats) and with the tensor
+score's decision it replaced. Also: the share of the report half's decisions (every computed exit,
+every image) close enough to the threshold for ``leaves_one`` to hand them to the tensor ops. This
 tells what limits the batch-1 mean: the stages the samples run through, or what the exits add.
 
     python benchmarks/batch1_breakdown.py --model r56-default.safetensors --data /tmp/cifar \\
@@ -42,6 +45,7 @@ PARTS = ("stages", "heads", "decisions")
 def instrumented(model: Any, policy: str, ts: list[float], parts: dict[str, float]) -> Callable[[torch.Tensor], int]:
     """``_predict_one``'s loop with a clock around each part; returns the exit taken."""
     idx, stages = model.run_plan()
+    rule = pol.get(policy)
 
     def run(x: torch.Tensor) -> int:
         state: tuple[Any, ...] = (x,)
@@ -54,7 +58,7 @@ def instrumented(model: Any, policy: str, ts: list[float], parts: dict[str, floa
             state = out[:-1]
             logits, conf, carry = model.step_one(k, out[-1], carry, context)  # as _predict_one runs it
             c = time.perf_counter()
-            leave = model.active[k] and bool(pol.passes(policy, pol.score(policy, logits, conf), ts[k]))
+            leave = model.active[k] and rule.leaves_one(logits, conf, ts[k])  # as _predict_one decides
             d = time.perf_counter()
             parts["stages"] += b - a
             parts["heads"] += c - b
@@ -68,36 +72,61 @@ def instrumented(model: Any, policy: str, ts: list[float], parts: dict[str, floa
     return run
 
 
-def head_times(model: Any, x: torch.Tensor, repeats: int = 50) -> dict[str, list[float]]:
-    """Per computed exit, ms for its head and decision on one tap: called again and again (its
-    weights stay in the CPU's caches) and right after a pass of the plain backbone (as in a run)."""
+def head_times(model: Any, x: torch.Tensor, repeats: int = 50) -> dict[str, Any]:
+    """Per computed exit, ms for its head on one tap: called again and again (its weights stay in
+    the CPU's caches) and right after a pass of the plain backbone (as in a run), alone and with
+    either decision."""
     taps, _ = model.backbone_taps(x)
-    out: dict[str, list[Any]] = {"exit": [], "warm_ms": [], "after_backbone_ms": []}
-    policy, ts = model.policy, model.thresholds
+    rule, ts = pol.get(model.policy), model.thresholds
     tiny = torch.zeros(1, 10)
+
+    def head(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return model.step_one(k, taps[k], Carry(), lean.context())[:2]
+    ways: dict[str, Callable[[int], Any]] = {
+        "head": head,
+        "head_and_decision": lambda k: rule.leaves_one(*head(k), ts[k]),
+        "head_and_tensor_decision": lambda k: bool(rule.passes(rule.score(*head(k)), ts[k]))}
+    out: dict[str, Any] = {"exit": [], "warm_ms": [], **{f"after_backbone_{w}_ms": [] for w in ways}}
     # "add": one elementwise op on 10 numbers, timed the same two ways: what the CPU's cold state
     # after the convolutions costs any small op, whatever weights it reads.
     for k in [*model.run_plan()[0], "add"]:
-        def head(k: Any = k) -> None:
+        def call(way: str, k: Any = k) -> None:
             if k == "add":
                 tiny.add(1.0)
-                return
-            z, c, _ = model.step_one(k, taps[k], Carry(), lean.context())
-            bool(pol.passes(policy, pol.score(policy, z, c), ts[k]))
-        warm, cold = [], []
+            else:
+                ways[way](k)
+        warm = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            head()
+            call("head_and_decision")
             warm.append(time.perf_counter() - t0)
-        for _ in range(repeats):
-            model.backbone(x)
-            t0 = time.perf_counter()
-            head()
-            cold.append(time.perf_counter() - t0)
         out["exit"].append(k)
         out["warm_ms"].append(1e3 * float(np.median(warm)))
-        out["after_backbone_ms"].append(1e3 * float(np.median(cold)))
+        for way in ways:
+            cold = []
+            for _ in range(repeats):
+                model.backbone(x)
+                t0 = time.perf_counter()
+                call(way)
+                cold.append(time.perf_counter() - t0)
+            out[f"after_backbone_{way}_ms"].append(1e3 * float(np.median(cold)))
     return out
+
+
+def handed_back(model: Any, images: torch.Tensor) -> dict[str, Any]:
+    """How many of the decisions the computed exits take on ``images`` ``leaves_one`` leaves to the
+    tensor ops (its float64 score within ``_host_margin`` of the threshold)."""
+    rule, ts = pol.get(model.policy), model.thresholds
+    close = total = 0
+    for xb in images.split(256):
+        outs = model.forward_all(xb)
+        for k, c in enumerate(model.computed_branches()):
+            if not c or rule.host is None:
+                continue
+            for z, h in zip(outs.exit_logits[k].tolist(), outs.exit_conf[k].tolist()):
+                total += 1
+                close += abs(rule.host(z, h) - ts[k]) <= pol._host_margin(z, h)
+    return {"decisions": total, "to_tensor_ops": close, "share": close / max(total, 1)}
 
 
 def main() -> None:
@@ -143,6 +172,8 @@ def main() -> None:
                     if name == "instrumented" and r == 0:
                         exits.append(int(out))
         heads = head_times(model, images[:1])
+        report = torch.stack([splits.test[int(i)][0] for i in report_half(len(splits.test), 1)])
+        back = handed_back(model, report)
     bb = totals["backbone"]
     costs = prof.costs(model.computed_branches())
     doc = {"setup": {"model": str(args.model), "summary": str(args.summary), "images": args.images,
@@ -151,13 +182,14 @@ def main() -> None:
            "time_ratio": {name: t / bb for name, t in totals.items()},
            "instrumented_parts_ratio": {k: v / bb for k, v in parts.items()},
            "predicted_time_ratio": float(np.mean([costs[k] for k in exits])),
-           "heads": heads, "profile": prof.to_dict(),
+           "heads": heads, "decisions_to_tensor_ops": back, "profile": prof.to_dict(),
            "exit_fractions": (np.bincount(exits, minlength=model.num_exits + 1) / len(exits)).tolist(),
            "backbone_ms": 1e3 * bb / (args.repeats * args.images)}
     load["after"] = os.getloadavg()
     doc["load_average"] = load
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(json.dumps({k: doc[k] for k in ("time_ratio", "instrumented_parts_ratio", "predicted_time_ratio", "heads")}, indent=1))
+    print(json.dumps({k: doc[k] for k in ("time_ratio", "instrumented_parts_ratio", "predicted_time_ratio", "heads",
+                                          "decisions_to_tensor_ops")}, indent=1))
 
 
 if __name__ == "__main__":

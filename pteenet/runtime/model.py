@@ -244,7 +244,7 @@ class EarlyExitModel(nn.Module):
             out = stage(*state)
             state = out[:-1]
             logits, conf, carry = self.step_one(k, out[-1], carry, context)
-            if self.active[k] and bool(rule.passes(rule.score(logits, conf), thresholds[k])):
+            if self.active[k] and rule.leaves_one(logits, conf, thresholds[k]):  # no tensor ops, mostly
                 return Prediction(logits, logits.argmax(1), torch.tensor([k], device=x.device))
         logits = stages.modules[-1](*state)
         return Prediction(logits, logits.argmax(1), torch.tensor([self.num_exits], device=x.device))

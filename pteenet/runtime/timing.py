@@ -191,13 +191,21 @@ def _full_pass(model: EarlyExitModel, x: torch.Tensor, computed: list[bool],
     segments[("stage", len(stages) - 1)].append(time.perf_counter() - t0)
 
 
+def _decision(rule: policies.Policy, logits: torch.Tensor, conf: torch.Tensor, threshold: float) -> Callable[[], bool]:
+    """One decision as the runtime takes it: at batch 1 from Python floats (``Policy.leaves_one``),
+    else the tensor score, compared, and read back."""
+    if logits.shape[0] == 1:
+        return lambda: rule.leaves_one(logits, conf, threshold)
+    return lambda: bool(rule.passes(rule.score(logits, conf), threshold).any())
+
+
 def profile(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> TimeProfile:
     """Time the plain backbone, each stage of ``model`` and each computed head (inside full passes,
     ``_full_pass``), one decision and, at batch > 1, the compaction after each exit (keeping 90% of
     the rows), for the batch ``x``: medians over ``repeats`` rounds, taken in turns."""
     stages = model.stages.modules
     computed = model.computed_branches()
-    policy, threshold = model.policy, model.thresholds[0] if model.thresholds else 0.5
+    rule, threshold = policies.get(model.policy), model.thresholds[0] if model.thresholds else 0.5
     segments: dict[tuple[str, int], list[float]] = {("stage", k): [] for k in range(len(stages))}
     segments.update({("head", k): [] for k, c in enumerate(computed) if c})
     calls: dict[Any, Callable[[], Any]] = {("backbone", 0): lambda: model.backbone(x),
@@ -213,8 +221,7 @@ def profile(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: in
             if computed[k]:
                 _, logits, conf, carry = exit_step(model.branches[k], model.ensemble, k, out[-1], carry)
                 if ("decision", 0) not in calls:
-                    calls[("decision", 0)] = lambda logits=logits, conf=conf: bool(
-                        policies.passes(policy, policies.score(policy, logits, conf), threshold).any())
+                    calls[("decision", 0)] = _decision(rule, logits, conf, threshold)
             if n > 1:
                 flags = model.stages.batched[k + 1]
                 calls[("compaction", k)] = lambda state=state, flags=flags, carry=carry: (
