@@ -115,7 +115,7 @@ def head_times(model: Any, x: torch.Tensor, repeats: int = 50) -> dict[str, Any]
 
 def handed_back(model: Any, images: torch.Tensor) -> dict[str, Any]:
     """How many of the decisions the computed exits take on ``images`` ``leaves_one`` leaves to the
-    tensor ops (its float64 score within ``_host_margin`` of the threshold)."""
+    tensor ops (its float64 score within ``_margin`` of the threshold)."""
     rule, ts = pol.get(model.policy), model.thresholds
     close = total = 0
     for xb in images.split(256):
@@ -125,7 +125,8 @@ def handed_back(model: Any, images: torch.Tensor) -> dict[str, Any]:
                 continue
             for z, h in zip(outs.exit_logits[k].tolist(), outs.exit_conf[k].tolist()):
                 total += 1
-                close += abs(rule.host(z, h) - ts[k]) <= pol._host_margin(z, h)
+                score, size = rule.host(z, h)
+                close += abs(score - ts[k]) <= pol._margin(len(z), size)
     return {"decisions": total, "to_tensor_ops": close, "share": close / max(total, 1)}
 
 

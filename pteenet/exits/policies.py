@@ -9,7 +9,7 @@ Works on torch tensors and numpy arrays alike.
 At batch 1 a decision through tensor ops costs as much as the head before it (the entropy's nine
 ops took 60-150 us right after a stage of CIFAR ResNet-56, against 60-180 us for the head), so
 ``Policy.leaves_one`` reads the K numbers once and scores them in Python floats (``host``), and
-lets the tensor score decide only where the two could disagree (``_host_margin``): the decision is
+lets the tensor score decide only where the two could disagree (``_margin``): the decision is
 the tensor score's, always.
 """
 from __future__ import annotations
@@ -40,8 +40,9 @@ class Policy:
     never_exit: float  # a threshold at which no sample ever leaves (the staged model equals the backbone)
     rule: str  # what the report prints: "a sample leaves at the first exit where {rule}"
     # The same score of one sample in float64 from its logits and confidence logit as Python
-    # floats, or None (batch-1 decisions then use ``score``).
-    host: Callable[[list[float], float], float] | None = None
+    # floats, with the largest magnitude it read (for ``_margin``), or None (batch-1 decisions
+    # then use ``score``).
+    host: Callable[[list[float], float], tuple[float, float]] | None = None
     host_reads_conf: bool = False  # whether ``host`` reads the confidence logit (one more read)
 
     def __post_init__(self) -> None:
@@ -65,15 +66,15 @@ class Policy:
     def leaves_one(self, logits: torch.Tensor, conf_logit: torch.Tensor, threshold: float) -> bool:
         """``bool(passes(score(logits, conf_logit), threshold))`` for one sample ([1, K], [1]),
         without tensor ops where the float64 score is clear of the threshold: the float32 score
-        differs from the exact one by far less than ``_host_margin``, so both lie on the same side."""
+        differs from the exact one by far less than ``_margin``, so both lie on the same side."""
         if self.host is not None and logits.shape[1] <= HOST_MAX_CLASSES:
             z = logits.tolist()[0]
             c = float(conf_logit) if self.host_reads_conf else 0.0
             try:
-                s = self.host(z, c)
+                s, size = self.host(z, c)
             except (OverflowError, ValueError):  # inf or nan among the logits: the tensor ops decide
-                s = math.nan
-            if abs(s - threshold) > _host_margin(z, c):  # False for nan
+                s, size = math.nan, 0.0
+            if abs(s - threshold) > _margin(len(z), size):  # False for nan
                 return bool(_COMPARISONS[self.compare](s, threshold))
         return bool(self.passes(self.score(logits, conf_logit), threshold))
 
@@ -100,35 +101,34 @@ def _entropy(logits: torch.Tensor, conf_logit: torch.Tensor) -> torch.Tensor:
 HOST_MAX_CLASSES = 64
 
 
-def _host_margin(z: list[float], c: float) -> float:
-    """How far the float64 score must be from a threshold for the float32 tensor score to lie on
-    the same side. A float32 op rounds by 6e-8 of what it handles, so the tensor score can be off
-    by a few of those per term of its sums (K) and per unit of the logits' size, where a kernel
-    subtracts large logits; the scores lie in [0, 1]. 1e-6 per class and per unit of size is 8
-    times that; measured, the two scores differ by at most 3.3e-7 for 2-64 classes and logits up
-    to 1e5 (``tests/test_policies.py``), and at 10 classes of size 20 the margin is 3.4e-5 of a
-    threshold step of 0.01, so the tensor ops decide about one sample in 10,000."""
-    size = max(abs(max(z)), abs(min(z)), abs(c)) if z else abs(c)
-    return 1e-6 * (len(z) + 4 + size)
+def _margin(k: int, size: float) -> float:
+    """How far the float64 score of K logits of at most ``size`` in magnitude must be from a
+    threshold for the float32 tensor score to lie on the same side. A float32 op rounds by 6e-8 of
+    what it handles, so the tensor score can be off by a few of those per term of its sums (K) and
+    per unit of the logits' size, where a kernel subtracts large logits; the scores lie in [0, 1].
+    1e-6 per class and per unit of size is 8 times that; measured, the two scores differ by at most
+    3.3e-7 for 2-64 classes and logits up to 1e5 (``tests/test_policies.py``)."""
+    return 1e-6 * (k + 4 + size)
 
 
-def _host_log_softmax(z: list[float]) -> list[float]:
-    m = max(z)
-    lse = m + math.log(math.fsum(math.exp(v - m) for v in z))
-    return [v - lse for v in z]
+# Each ``host`` returns (score, the size of what it read) in as few Python operations as it can:
+# right after a backbone stage every one of them runs from a cold CPU cache.
+def _host_confidence(z: list[float], c: float) -> tuple[float, float]:
+    return (1.0 / (1.0 + math.exp(-c)) if c >= 0 else math.exp(c) / (1.0 + math.exp(c))), abs(c)
 
 
-def _host_confidence(z: list[float], c: float) -> float:
-    return 1.0 / (1.0 + math.exp(-c)) if c >= 0 else math.exp(c) / (1.0 + math.exp(c))
+def _host_max_softmax(z: list[float], c: float) -> tuple[float, float]:
+    mx = max(z)  # the top probability is 1 / sum(exp(z - max))
+    return 1.0 / sum([math.exp(v - mx) for v in z]), max(mx, -min(z))
 
 
-def _host_max_softmax(z: list[float], c: float) -> float:
-    return math.exp(max(_host_log_softmax(z)))
-
-
-def _host_entropy(z: list[float], c: float) -> float:
-    ent = -math.fsum(math.exp(lp) * lp for lp in _host_log_softmax(z)) / math.log(max(len(z), 2))
-    return min(max(ent, 0.0), 1.0)
+def _host_entropy(z: list[float], c: float) -> tuple[float, float]:
+    mx = max(z)
+    d = [v - mx for v in z]
+    e = list(map(math.exp, d))
+    s = sum(e)  # entropy = log s - sum(e * d) / s, with p = e / s and log p = d - log s
+    ent = (math.log(s) - sum(map(operator.mul, e, d)) / s) / math.log(max(len(z), 2))
+    return min(max(ent, 0.0), 1.0), max(mx, -min(z))
 
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
