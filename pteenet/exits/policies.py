@@ -6,8 +6,9 @@ the exit cache (``scores``) and the sweep engine all read the registry and decid
 ``Policy.passes``, so a threshold means the same thing everywhere. Adding a policy is one entry.
 Works on torch tensors and numpy arrays alike.
 
-At batch 1 a decision through tensor ops costs as much as the head before it (the entropy's nine
-ops took 60-150 us right after a stage of CIFAR ResNet-56, against 60-180 us for the head), so
+At batch 1 a decision through tensor ops costs about half as much again as the head before it
+(CIFAR ResNet-56 right after a backbone pass: a head 0.13-0.22 ms, with the entropy's nine tensor
+ops 0.23-0.29 ms, with ``leaves_one`` 0.15-0.26 ms; ``benchmarks/results/batch1_breakdown.json``), so
 ``Policy.leaves_one`` reads the K numbers once and scores them in Python floats (``host``), and
 lets the tensor score decide only where the two could disagree (``_margin``): the decision is
 the tensor score's, always.
