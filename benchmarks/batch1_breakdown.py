@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cifar10_resnet import eval_data, report_half  # noqa: E402
@@ -74,15 +75,27 @@ def instrumented(model: Any, policy: str, ts: list[float], parts: dict[str, floa
 
 def head_times(model: Any, x: torch.Tensor, repeats: int = 50) -> dict[str, Any]:
     """Per computed exit, ms for its head on one tap: called again and again (its weights stay in
-    the CPU's caches) and right after a pass of the plain backbone (as in a run), alone and with
-    either decision."""
+    the CPU's caches) and right after a pass of the plain backbone (as in a run): its parts (each
+    pooling kernel, the folded layers), the whole head, and the head with either decision."""
     taps, _ = model.backbone_taps(x)
     rule, ts = pol.get(model.policy), model.thresholds
     tiny = torch.zeros(1, 10)
 
     def head(k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return model.step_one(k, taps[k], Carry(), lean.context())[:2]
+    pooled = {k: model.branches[k].stem(taps[k]) for k in model.run_plan()[0]}
+    folded = {k: model.branches[k].folded() for k in pooled}
+
+    def mlp(k: int) -> torch.Tensor:  # the folded layers after the pooling, on that pooling's output
+        z, f = pooled[k], folded[k]
+        for op in f.body:
+            z = op(z)
+        return F.linear(z, f.head_w, f.head_b)
     ways: dict[str, Callable[[int], Any]] = {
+        # the head's parts: its two pooling kernels (the plain ones the batch-1 plan uses) and the rest
+        "avg_pool": lambda k: F.avg_pool2d(taps[k], model.branches[k].stem.windows),
+        "max_pool": lambda k: F.max_pool2d(taps[k], model.branches[k].stem.windows),
+        "folded_layers": mlp,
         "head": head,
         "head_and_decision": lambda k: rule.leaves_one(*head(k), ts[k]),
         "head_and_tensor_decision": lambda k: bool(rule.passes(rule.score(*head(k)), ts[k]))}

@@ -7,8 +7,8 @@ the exit cache (``scores``) and the sweep engine all read the registry and decid
 Works on torch tensors and numpy arrays alike.
 
 At batch 1 a decision through tensor ops costs about half as much again as the head before it
-(CIFAR ResNet-56 right after a backbone pass: a head 0.13-0.22 ms, with the entropy's nine tensor
-ops 0.23-0.29 ms, with ``leaves_one`` 0.15-0.26 ms; ``benchmarks/results/batch1_breakdown.json``), so
+(CIFAR ResNet-56 right after a backbone pass: a head 0.17-0.24 ms, with the entropy's nine tensor
+ops 0.25-0.33 ms, with ``leaves_one`` 0.20-0.28 ms; ``benchmarks/results/batch1_breakdown.json``), so
 ``Policy.leaves_one`` reads the K numbers once and scores them in Python floats (``host``), and
 lets the tensor score decide only where the two could disagree (``_margin``): the decision is
 the tensor score's, always.
