@@ -32,10 +32,9 @@ import torch
 import torch.fx as fx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cifar10_resnet import eval_data, report_half  # noqa: E402
+from cifar10_resnet import report_images  # noqa: E402
 
 from pteenet import load_checkpoint  # noqa: E402
-from pteenet.data import load_splits  # noqa: E402
 from pteenet.exits import policies as pol  # noqa: E402
 from pteenet.exits.chain import exit_step  # noqa: E402
 from pteenet.tracing import graph  # noqa: E402
@@ -79,10 +78,7 @@ def main() -> None:
     setting = json.loads(args.summary.read_text())["settings"]["eager_b1"]
     models = {v: build(args.model, setting, v) for v in ("current", "tensor_decision", "exit_step", "nested")}
     first = models["current"]
-    splits = load_splits(eval_data(argparse.Namespace(data=args.data, eval_limit=None)), first.info.preprocess,
-                         first.info.num_classes)
-    idx = report_half(len(splits.test), 1)[: args.images]
-    images = list(torch.stack([splits.test[int(i)][0] for i in idx]).split(1))
+    images = list(report_images(args.data, first.info, args.images).split(1))
     never = [pol.never_exit_threshold(setting["policy"])] * first.num_exits
     runs: dict[str, Callable[[torch.Tensor], Any]] = {"backbone": first.backbone}
     for v, m in models.items():

@@ -31,10 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cifar10_resnet import eval_data, report_half  # noqa: E402
+from cifar10_resnet import report_images  # noqa: E402
 
 from pteenet import load_checkpoint  # noqa: E402
-from pteenet.data import load_splits  # noqa: E402
 from pteenet.exits import policies as pol  # noqa: E402
 from pteenet.exits import lean  # noqa: E402
 from pteenet.exits.chain import Carry  # noqa: E402
@@ -160,10 +159,8 @@ def main() -> None:
     policy, ts = setting["policy"], list(setting["thresholds"])
     model.set_active(setting["active_exits"])
     model.set_thresholds(ts, policy)
-    splits = load_splits(eval_data(argparse.Namespace(data=args.data, eval_limit=None)), model.info.preprocess,
-                         model.info.num_classes)
-    idx = report_half(len(splits.test), 1)[: args.images]
-    images = torch.stack([splits.test[int(i)][0] for i in idx])
+    report = report_images(args.data, model.info)  # the whole half: ``handed_back`` reads every image
+    images = report[: args.images]
     prof = profile(model, images[:1], repeats=7, warmup=2)
     parts = dict.fromkeys(PARTS, 0.0)
     runs: dict[str, Callable[[torch.Tensor], Any]] = {
@@ -186,7 +183,6 @@ def main() -> None:
                     if name == "instrumented" and r == 0:
                         exits.append(int(out))
         heads = head_times(model, images[:1])
-        report = torch.stack([splits.test[int(i)][0] for i in report_half(len(splits.test), 1)])
         back = handed_back(model, report)
     bb = totals["backbone"]
     costs = prof.costs(model.computed_branches())

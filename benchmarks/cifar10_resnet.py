@@ -128,6 +128,14 @@ def report_half(n: int, which: int = 1) -> np.ndarray:
     return perm[n // 2:] if which else perm[: n // 2]
 
 
+def report_images(data: Path, info: Any, limit: int | None = None, eval_limit: int | None = None) -> torch.Tensor:
+    """The first ``limit`` images of protocol B's report half of the CIFAR-10 test split in ``data``
+    (all of them with None), preprocessed for the backbone ``info`` describes, as one tensor."""
+    splits = load_splits(eval_data(argparse.Namespace(data=data, eval_limit=eval_limit)), info.preprocess, info.num_classes)
+    idx = report_half(len(splits.test), 1)[:limit]
+    return torch.stack([splits.test[int(i)][0] for i in idx])
+
+
 def pick(cal: ExitCache, report: ExitCache, grid: Any, model: Any) -> dict[str, Any]:
     """Operating points chosen on ``cal`` (global and per-exit thresholds, every policy), measured on
     ``report``; ``drop1_select`` adds exit selection (global thresholds, each policy) to ``drop1``."""

@@ -28,10 +28,9 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cifar10_resnet import eval_data, report_half  # noqa: E402
+from cifar10_resnet import report_images  # noqa: E402
 
 from pteenet import load_checkpoint  # noqa: E402
-from pteenet.data import load_splits  # noqa: E402
 from pteenet.runtime.timing import tune_allocator  # noqa: E402
 
 
@@ -63,10 +62,7 @@ def main() -> None:
     model = load_checkpoint(args.model).model.eval()
     setting = json.loads(args.summary.read_text())["settings"]["eager_b256"]
     model.set_active(setting["active_exits"])
-    splits = load_splits(eval_data(argparse.Namespace(data=args.data, eval_limit=None)), model.info.preprocess,
-                         model.info.num_classes)
-    idx = report_half(len(splits.test), 1)[: args.batch_size]
-    x = torch.stack([splits.test[int(i)][0] for i in idx])
+    x = report_images(args.data, model.info, args.batch_size)
     exits, stages = model.run_plan()
     rows: list[dict[str, Any]] = []
     with torch.inference_mode():
