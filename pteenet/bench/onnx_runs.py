@@ -21,7 +21,7 @@ from ..errors import PteenetError
 from ..export.driver import StagedModel, onnx_runner
 from ..export.staged import export_pieces
 from ..runtime.model import EarlyExitModel
-from ..runtime.ort_timing import export_session, require_onnxruntime
+from ..runtime.onnx import export_session, require_onnxruntime
 
 
 class OnnxPrediction:

@@ -28,7 +28,7 @@ from ..errors import PteenetError, describe_error
 from ..exits import policies
 from ..exits.chain import Carry, exit_step
 from ..runtime.model import EarlyExitModel
-from ..runtime.ort_timing import quiet_onnx_export
+from ..runtime.onnx import quiet_onnx_export
 from . import driver
 
 
