@@ -1,7 +1,7 @@
 """What the batch-1 decision from Python floats, the lean exit step and the flat stages buy, each
 measured against the code before it.
 
-For the batch-1 setting of a ``cifar10_time_summary.json`` (policy, thresholds, exits that decide),
+For the batch-1 setting of a ``cifar10_time.json`` (policy, thresholds, exits that decide),
 four builds of the same checkpoint take turns image by image with the plain backbone (a seeded
 random order for every image, 1 thread, medians of per-image times over repeats): ``current`` (flat
 stages, ``exits/lean.py``'s step, ``Policy.leaves_one``'s decision), ``tensor_decision`` (the same,
@@ -13,7 +13,7 @@ leaving (the no-exit tail), as ratios to the plain backbone in the same run. All
 exits (checked).
 
     python benchmarks/batch1_ab.py --model r56-default.safetensors --data /tmp/cifar \\
-        [--summary benchmarks/results/cifar10_time_summary.json] [--out benchmarks/results/batch1_ab.json]
+        [--summary benchmarks/results/cifar10_time.json] [--out benchmarks/results/batch1_ab.json]
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--summary", type=Path, default=Path(__file__).parent / "results" / "cifar10_time_summary.json")
+    ap.add_argument("--summary", type=Path, default=Path(__file__).parent / "results" / "cifar10_time.json")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)

@@ -1,6 +1,6 @@
 """Where a batch-1 early-exit pass spends its time, at the setting ``cifar10_time.py`` chose.
 
-For the batch-1 setting of a ``cifar10_time_summary.json`` (policy, thresholds, exits that decide),
+For the batch-1 setting of a ``cifar10_time.json`` (policy, thresholds, exits that decide),
 on the first report-half test images at batch 1, 1 thread: the plain backbone, ``model.predict``
 and an instrumented copy of its loop (``EarlyExitModel._predict_one``: the stages of ``run_plan``,
 each computed head, each decision) take turns image by image, in every order in turn. Written:
@@ -13,7 +13,7 @@ every image) close enough to the threshold for ``leaves_one`` to hand them to th
 tells what limits the batch-1 mean: the stages the samples run through, or what the exits add.
 
     python benchmarks/batch1_breakdown.py --model r56-default.safetensors --data /tmp/cifar \\
-        [--summary benchmarks/results/cifar10_time_summary.json] [--out benchmarks/results/batch1_breakdown.json]
+        [--summary benchmarks/results/cifar10_time.json] [--out benchmarks/results/batch1_breakdown.json]
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True, help="unpacked CIFAR-10 JPEG folder (train/, test/)")
-    ap.add_argument("--summary", type=Path, default=Path(__file__).parent / "results" / "cifar10_time_summary.json")
+    ap.add_argument("--summary", type=Path, default=Path(__file__).parent / "results" / "cifar10_time.json")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)

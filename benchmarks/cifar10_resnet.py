@@ -80,8 +80,8 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         # 22 GiB in float16 for the training set; five exits take 3.5 GiB.
         cfg("r56-conv-lite-mixed5", branch="conv-lite", **MIXED, **CHAINED),
     ],
-    # The earlier study's ConvX grid (results/cifar10_resnet-paper.json and -45k.json, written by an
-    # earlier version of this script: conv2 branches, 20,000 images and 5 epochs, or 45,000 and 10).
+    # The ConvX grid (results/cifar10_resnet-paper.json, written by an earlier version of this
+    # script: conv2 branches, 20,000 images and 5 epochs).
     "paper": [
         cfg("r56-paper-fine4", exits=4, placement="fine", **{**PAPER, "loss": {**PAPER["loss"], "exit_ce": 0.0}}),
         cfg("r56-mixed-ce", **MIXED, **PAPER),
@@ -234,7 +234,7 @@ def best_b(r: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
 
 
 def summary(doc: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
-    """``cifar10_summary.json``: the best ResNet-56 configuration under protocol B, the plain models,
+    """``cifar10_resnet-summary.json``: the best ResNet-56 configuration under protocol B, the plain models,
     and that configuration's Pareto front on the half of test the thresholds never saw."""
     key, c = best_b(best)  # type: ignore[misc]
     return {
@@ -351,7 +351,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--train-limit", type=int, default=None, help="training images for the branches (of 45,000; default all)")
     ap.add_argument("--eval-limit", type=int, default=None, help="cap on calibration/test images (smoke runs only)")
-    ap.add_argument("--tag", default="", help="suffix of the results files (cifar10_resnet{TAG}.json/.png)")
+    ap.add_argument("--tag", default="", help="suffix of the results files (cifar10_resnet{TAG}.json/.png, cifar10_resnet{TAG}-summary.json)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the results JSON and stop")
     ap.add_argument("--finish-only", action="store_true",
                     help="from the results JSON of a run stopped early: time the best configuration, write the summary and plot")
@@ -389,7 +389,7 @@ def main() -> None:
         best = max(r56, key=lambda r: best_b(r)[1]["test_cost_reduction"])
         if args.bench_images:
             doc["best_resnet56"] = {"name": best["name"], "timing": timing(best, args, args.work)}
-        (args.out / f"cifar10_summary{args.tag}.json").write_text(json.dumps(summary(doc, best), indent=1))
+        (args.out / f"cifar10_resnet{args.tag}-summary.json").write_text(json.dumps(summary(doc, best), indent=1))
     (args.out / f"cifar10_resnet{args.tag}.json").write_text(json.dumps(doc, indent=1))
     plot(doc, args.out / f"cifar10_resnet{args.tag}.png")
     print(json.dumps({r["name"]: {k: (v and {"test_cost_reduction": v["test_cost_reduction"],

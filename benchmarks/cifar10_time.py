@@ -23,7 +23,7 @@ only this model). Ratios are to plain ResNet-56 in the same runtime and run; ``o
 recorded before and after; glibc's allocator is tuned as ``pteenet bench`` does (``--no-tune-allocator``).
 
     python benchmarks/cifar10_time.py --model M.safetensors --test-cache M-test.npz --data /tmp/cifar \
-        --backbones ../shared/data/backbones/cifar10-jpeg [--threads 1] [--out benchmarks/results]
+        --backbones ../shared/data/backbones/cifar10-jpeg [--threads 1] [--out benchmarks/results] [--tag -NAME]
 """
 from __future__ import annotations
 
@@ -215,15 +215,16 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--tag", default="", help="suffix of the results files (cifar10_time{TAG}.json/.png), e.g. -chained")
     ap.add_argument("--max-tail", type=float, default=SweepConfig.max_tail,
                     help="the bound on the predicted no-exit tail (default: the CLI's)")
     ap.add_argument("--no-tune-allocator", action="store_true", help="leave glibc's malloc thresholds as they are")
     ap.add_argument("--table-only", action="store_true", help="print the markdown table of OUT's summary, redraw its plot, and stop")
     args = ap.parse_args()
     if args.table_only:
-        doc = json.loads((args.out / "cifar10_time_summary.json").read_text())
+        doc = json.loads((args.out / f"cifar10_time{args.tag}.json").read_text())
         print(table(doc))
-        plot(doc, args.out / "cifar10_time.png")
+        plot(doc, args.out / f"cifar10_time{args.tag}.png")
         return
     torch.set_num_threads(args.threads)
     # As `pteenet bench` does (both models alike): glibc's mmap/munmap of every large activation
@@ -291,8 +292,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         for bb, v in rt.items():
             v["mac_ratio"] = mac_plain[bb]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cifar10_time_summary.json").write_text(json.dumps(doc, indent=1))
-    plot(doc, args.out / "cifar10_time.png")
+    (args.out / f"cifar10_time{args.tag}.json").write_text(json.dumps(doc, indent=1))
+    plot(doc, args.out / f"cifar10_time{args.tag}.png")
     print(json.dumps({k: doc[k] for k in ("chosen", "load_average")}, indent=1))
 
 

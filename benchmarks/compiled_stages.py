@@ -1,7 +1,7 @@
 """What compiling the stages would buy at batch 256: each stage with and without its exit's pooling,
 eager and compiled with ``torch.compile`` (inductor, CPU), beside the plain backbone both ways.
 
-For the batch-256 setting of a ``cifar10_time_summary.json`` (the exits that decide), on one batch of
+For the batch-256 setting of a ``cifar10_time.json`` (the exits that decide), on one batch of
 report-half test images, 1 thread, glibc's allocator tuned: every stage of ``run_plan`` timed four
 ways in turns (rounds of all calls, medians): eager stage; eager stage then the exit's pooled
 features (``GridPool``, what a head reads first); the stage compiled alone; the stage and the pooling
@@ -12,7 +12,7 @@ differently, so a compiled runtime would not match the sweep's eager simulation 
 Nothing in pteenet compiles; this measures whether a compiled runtime would be worth building.
 
     python benchmarks/compiled_stages.py --model r56-default.safetensors --data /tmp/cifar \\
-        [--summary benchmarks/results/cifar10_time_summary.json] [--out benchmarks/results/compiled_stages.json]
+        [--summary benchmarks/results/cifar10_time.json] [--out benchmarks/results/compiled_stages.json]
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True, help="unpacked CIFAR-10 JPEG folder (train/, test/)")
-    ap.add_argument("--summary", type=Path, default=Path(__file__).parent / "results" / "cifar10_time_summary.json")
+    ap.add_argument("--summary", type=Path, default=Path(__file__).parent / "results" / "cifar10_time.json")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)

@@ -10,7 +10,7 @@ with the setup and the load average.
 
     python benchmarks/learning_curve.py --data DIR --backbones DIR [--config r56-default]
         [--sizes 1000 2000 5000 10000 20000 45000] [--epochs auto] [--compare-epochs 10 --compare-sizes 1000 2000 5000]
-        [--plain-from results/cifar10_resnet-zscore.json] [--tag ""]
+        [--plain-from results/cifar10_resnet-chained.json] [--tag ""]
 
 ``--epochs auto`` (the default) is what ``train-branches`` does without ``--epochs``: with the
 feature cache, 10 epochs for 45,000 images and more for smaller sets (``auto_epochs``).

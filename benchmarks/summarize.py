@@ -76,7 +76,7 @@ def cifar(doc: dict[str, Any], name: str) -> None:
 
 
 def main() -> None:
-    paths = [Path(p) for p in sys.argv[1:]] or sorted(RESULTS.glob("cifar10_resnet*.json"))
+    paths = [Path(p) for p in sys.argv[1:]] or sorted(p for p in RESULTS.glob("cifar10_resnet*.json") if not p.stem.endswith("-summary"))
     for path in paths:
         cifar(json.loads(path.read_text()), path.name)
         print()

@@ -19,7 +19,7 @@ the backbone's input size) and a step from the --cache-features cache, which ski
 50 calibration images a epoch) with the machine's CPU threads split between the N processes
 (``OMP_NUM_THREADS`` = threads / N). The rate is (train + calibration images) / epoch seconds, from
 the command's own per-epoch record, first epoch left out (warm-up); written to
-``results/train_speed_processes.json``. With ``--device cuda`` each process takes one GPU.
+``results/train_speed-processes.json``. With ``--device cuda`` each process takes one GPU.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def processes(counts: list[int], args: argparse.Namespace) -> None:
               "batch_size": args.batch_size, "epochs": args.epochs, "device": args.device, "threads": threads,
               "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "load_average_before": load, "load_average_after": os.getloadavg(), "summary": summary, "runs": runs}
-    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("train_speed_processes.json")
+    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("train_speed-processes.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
 

@@ -106,8 +106,9 @@ class EarlyExitModel(nn.Module):
 
     def run_plan(self) -> tuple[list[int], Stages]:
         """The stages inference runs: the backbone cut only where a branch is computed, with the exit
-        each cut serves. Every stage call costs Python work (about 25 us on a CPU at batch 1, 0.7 of
-        ResNet-56's 7.3 ms over 28 stages: benchmarks/results/cifar10_time_summary-stop24.json), so after
+        each cut serves. Every stage call costs Python work (on a CPU at batch 1, ResNet-56's 28 stages
+        timed one by one sum to 8.1 ms against 7.7 ms for the whole backbone: ``profiles["1"]`` in
+        benchmarks/results/cifar10_time.json), so after
         exit selection the uncomputed exits are not cut at all."""
         computed = tuple(self.computed_branches())
         if all(computed) or self.runtime != "staged":

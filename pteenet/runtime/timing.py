@@ -247,8 +247,8 @@ def measure_tail(model: EarlyExitModel, x: torch.Tensor, active: Sequence[bool],
     ratio of the medians. The two take turns in a seeded random order, as the benchmarks time them:
     what ran just before decides which weights are still in the CPU's caches. A profile predicts
     this tail from parts timed one by one, which misses part of what running them together costs:
-    measured on ResNet-56 at batch 1, 1.247x against 1.157x predicted
-    (``benchmarks/results/cifar10_time_summary-stop24.json``)."""
+    measured on ResNet-56 at batch 1 with 8 exits computed, 1.200x against 1.157x predicted
+    (``settings.eager_b1.tail_check`` in ``benchmarks/results/cifar10_time.json``)."""
     saved = model.active
     never = [policies.never_exit_threshold(model.policy)] * model.num_exits
     model.set_active(active)

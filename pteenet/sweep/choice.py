@@ -2,8 +2,8 @@
 no-exit tail checked on the clock.
 
 A profile prices a sample that takes no exit from parts timed one by one; run together they cost
-more (measured on CIFAR ResNet-56 at batch 1: 1.247x against 1.157x predicted, over the 1.2 bound
-the prediction kept: ``benchmarks/results/cifar10_time_summary-stop24.json``). So where the sweep timed its own profile, the chosen model's no-exit path is
+more (measured on CIFAR ResNet-56 at batch 1: 1.200x against 1.157x predicted, over the 1.2 bound
+the prediction kept: ``settings.eager_b1.tail_check`` in ``benchmarks/results/cifar10_time.json``). So where the sweep timed its own profile, the chosen model's no-exit path is
 then measured against the plain backbone (``timing.measure_tail``), and while it pays more than
 ``max_tail`` the predicted bound is tightened by the ratio of measured to predicted overhead and
 the choice is made again. The bound then holds as measured on this machine, or the sweep says by how
