@@ -19,6 +19,8 @@ from pteenet.sweep import (
     ExitCacheBuilder,
     backbone_point,
     build_document,
+    cost_axis_label,
+    curve_figure,
     evaluate,
     oracle_point,
     pareto,
@@ -266,3 +268,21 @@ def test_write_sweep_outputs(tmp_path, labels: bool) -> None:
         assert warning and "pteenet[plots]" in warning
     assert not list(out.glob("*.tmp"))
     print_points(points[:3], title="points")  # smoke: renders to stderr
+
+
+def test_curve_axis_says_what_the_cost_is() -> None:
+    # curve.png's x-axis names the sweep's pricing: predicted time at the deploy batch size (eager or
+    # ONNX Runtime) or MACs; a sweep.json written before time pricing has no cost_model and was MACs.
+    time_b1 = {"cost_model": {"kind": "time", "batch_size": 1, "runtime": "eager"}}
+    assert "predicted time at batch 1" in cost_axis_label(time_b1)
+    assert "predicted time in ONNX Runtime at batch 256" in cost_axis_label(
+        {"cost_model": {"kind": "time", "batch_size": 256, "runtime": "onnxruntime"}})
+    assert "MACs" in cost_axis_label({"cost_model": {"kind": "macs"}}) and "MACs" in cost_axis_label({})
+    assert "time" not in cost_axis_label({})
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    from matplotlib.figure import Figure
+    val = make_cache(seed=1)
+    points = sweep_global(val, "max-softmax", parse_range("0:1:0.25"))
+    doc = {**build_document(val, points, None, None), **time_b1}
+    assert curve_figure(Figure(), doc).axes[0].get_xlabel() == cost_axis_label(time_b1)

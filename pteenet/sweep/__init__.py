@@ -31,12 +31,12 @@ from .engine import (
            threshold_list,
 )
 from .guarantee import CONFIDENCE, Certified, Guarantee, certify, recertify
-from .outputs import PLOTS_WARNING, build_document, curve_figure, short_thresholds, write_sweep_outputs
+from .outputs import PLOTS_WARNING, build_document, cost_axis_label, curve_figure, short_thresholds, write_sweep_outputs
 from .run import SweepConfig, build_cache, sweep_meta, sweep_model, sweep_points, sweep_threshold
 from .selection import Selection, restrict, select_exits
 
 __all__ = ["CONFIDENCE", "Certified", "Guarantee", "certify", "recertify", "PLOTS_WARNING", "ExitCache", "ExitCacheBuilder", "Point", "SweepConfig", "backbone_point",
-           "below_cheapest", "build_cache", "build_document", "curve_figure", "evaluate", "gather_exit_cache",
+           "below_cheapest", "build_cache", "build_document", "cost_axis_label", "curve_figure", "evaluate", "gather_exit_cache",
            "oracle_point", "pareto", "parse_range", "restrict", "search_per_exit", "select", "select_exits",
            "Selection", "short_thresholds", "sweep_global", "sweep_meta", "sweep_model", "sweep_points", "sweep_threshold",
            "threshold_list", "write_sweep_outputs"]

@@ -16,6 +16,7 @@ from typing import Any
 from ..atomic import atomic_write_bytes
 from .cache import ExitCache
 from .engine import Point, backbone_point, evaluate, oracle_point
+from .pricing import unit
 
 PLOTS_WARNING = "matplotlib is not installed: skipped curve.png and exits.png " \
                 "(pip install 'pteenet[plots]')"
@@ -113,6 +114,12 @@ def write_sweep_outputs(outdir: str | os.PathLike, document: dict[str, Any],
     return None
 
 
+def cost_axis_label(doc: dict[str, Any]) -> str:
+    """The curve's x-axis: what a point's cost is, from the document's ``cost_model`` (predicted time
+    at the deploy batch size, or MACs); documents written before time pricing priced in MACs."""
+    return f"mean cumulative cost: {unit(doc.get('cost_model') or {'kind': 'macs'})} (fraction of the backbone's)"
+
+
 def curve_figure(fig: Any, doc: dict[str, Any]) -> Any:
     """Accuracy (or agreement) against cost for every policy and kind in a sweep document, with the
     backbone, the oracle and the chosen point marked; drawn on ``fig`` (a matplotlib Figure)."""
@@ -141,7 +148,7 @@ def curve_figure(fig: Any, doc: dict[str, Any]) -> Any:
                     textcoords="offset points", fontsize=8,
                     bbox={"boxstyle": "round", "fc": "white", "alpha": 0.9},
                     arrowprops={"arrowstyle": "->", "color": "green"})
-    ax.set_xlabel("mean cumulative cost (fraction of the backbone)")
+    ax.set_xlabel(cost_axis_label(doc))
     ax.set_ylabel(f"{metric} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: no overlap
