@@ -432,10 +432,11 @@ def table(doc: dict[str, Any]) -> str:
     c = doc["chosen"]
     b1 = doc["settings"]["eager_b1"]  # the bound asked for (the sweep may have tightened max_tail to meet it)
     mt = f'{(b1.get("tail_check") or {}).get("max_tail", b1.get("max_tail")):g}'
-    for rt, label in (("eager_b256", "priced for batch 256"), ("eager_b1", f"priced for batch 1, no-exit tail <= {mt}x"),
-                      ("eager_b1_mean_only", "priced for batch 1, mean only"),
-                      ("eager_b256_certified", "certified (the CLI's default), priced for batch 256"),
-                      ("eager_b1_certified", f"certified (the CLI's default), priced for batch 1, tail <= {mt}x")):
+    for rt, label in (("eager_b256", "--no-guarantee, priced for batch 256"),
+                      ("eager_b1", f"--no-guarantee, priced for batch 1, no-exit tail <= {mt}x"),
+                      ("eager_b1_mean_only", "--no-guarantee, priced for batch 1, mean only"),
+                      ("eager_b256_certified", "certified (the default), priced for batch 256"),
+                      ("eager_b1_certified", f"certified (the default), priced for batch 1, tail <= {mt}x")):
         if rt not in c:  # a summary written before the certified rows
             continue
         x = c[rt]
@@ -448,14 +449,14 @@ def table(doc: dict[str, Any]) -> str:
             rows.append(head + f"- | **{x['time_ratio']:.3f}** | {x['p50_ratio']:.3f} | {ort} |")
     if "onnxruntime_b1_ort_priced" in c:  # a summary written before ONNX Runtime pricing
         x = c["onnxruntime_b1_ort_priced"]
-        rows.append(f"| early exit, priced for ONNX Runtime batch 1, tail <= {mt}x ({x['n_active_exits']} exits decide) "
+        rows.append(f"| early exit, --no-guarantee, priced for ONNX Runtime batch 1, tail <= {mt}x ({x['n_active_exits']} exits decide) "
                     f"| {100 * x['accuracy']:.2f}% ({x['drop_pt']:.2f} pt drop) | {x['mac_ratio']:.3f} | - | - | - "
                     f"| **{x['time_ratio']:.3f}** |")
     rows.append("")
     if "eager_b1_certified_no_exit" in c:
         t = c["eager_b1_certified_no_exit"]
-        rows.append(f"- no exit taken, batch 1: the old rule's exits {c['eager_b1']['no_exit_time_ratio']:.3f} (predicted "
-                    f"{c['eager_b1']['no_exit_predicted']:.3f}), the certified choice's (what the README's commands give) "
+        rows.append(f"- no exit taken, batch 1: the --no-guarantee exits {c['eager_b1']['no_exit_time_ratio']:.3f} (predicted "
+                    f"{c['eager_b1']['no_exit_predicted']:.3f}), the certified choice's (the default) "
                     f"{t['time_ratio']:.3f} (predicted {t['predicted']:.3f})")
     if "eager_b1_alone" in c:
         pa, po = doc["plain"]["eager_b1_alone"], doc["plain"]["onnxruntime_b1_alone"]
@@ -473,6 +474,10 @@ def table(doc: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+TITLES = {"eager_b256": "PyTorch eager, batch 256", "eager_b1": "PyTorch eager, batch 1",
+          "onnxruntime_b1": "ONNX Runtime, batch 1"}
+
+
 def plot(doc: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -488,14 +493,14 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         if ort:
             ax.plot([ort["time_ratio"]], [100 * ort["accuracy"]], "b^", ms=9, label="exits priced in ONNX Runtime, measured")
         c = doc["chosen"][rt]
-        ax.plot([c["time_ratio"]], [100 * c["accuracy"]], "r*", ms=12, label="chosen point, measured")
+        ax.plot([c["time_ratio"]], [100 * c["accuracy"]], "r*", ms=12, label="--no-guarantee point, measured")
         cert = doc["chosen"].get(f"{rt}_certified")
         if cert:
-            ax.plot([cert["time_ratio"]], [100 * cert["accuracy"]], "gD", ms=8, label="certified point (the CLI's default), measured")
+            ax.plot([cert["time_ratio"]], [100 * cert["accuracy"]], "gD", ms=8, label="certified point (the default), measured")
         pl = doc["plain"][rt]
         ax.plot([pl[b]["time_ratio"] for b in PLAIN], [100 * pl[b]["accuracy"] for b in PLAIN], "ks--",
                 label="plain ResNet-20/32/44/56, measured")
-        ax.set_title(rt)
+        ax.set_title(TITLES.get(rt, rt))
         ax.set_xlabel("time, share of plain ResNet-56 (same runtime)")
         ax.grid(alpha=0.3)
         ax.set_xlim(0.2, 1.3)
