@@ -1,6 +1,8 @@
 """The README and docs/ point at things that exist: relative links, the repository paths they name
 (modules move; a stale path sends a reader nowhere), the ``pteenet.`` names the README's Python
-calls, and the README stays a newcomer's page (under 16 KB). Offline, no model is run."""
+calls, and the README stays a newcomer's page (under 10 KB). They describe the product as it is:
+process language (issue numbers, numbered development runs and their results files, "today's rule")
+fails; history belongs in CHANGELOG.md and git. Offline, no model is run."""
 from __future__ import annotations
 
 import glob
@@ -14,8 +16,21 @@ import pteenet
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# Process language: what a reader of the docs cannot act on. Issue numbers ("issue 17", "issue #17",
+# "the issue's goal"), numbered development runs ("stop 25", "stop-24", "stop24", "this stop") and
+# wording that dates the text ("today's rule", "the old rule", "the earlier default", "the defaults
+# when it ran", a "What changed" section). Results files of development runs may be named only
+# inside benchmarks/results/archive/, where such runs are kept with their machine and date.
+PROCESS = re.compile(
+    r"\bissue(?:'s)?\s*#?\d+|\b(?:the|this|that) issue\b"
+    r"|\bstops?[\s_-]?\d+\b|\b(?:this|the last|the previous) stop\b|\bthat stop's"
+    r"|\b(?:today's|the old|the earlier|the new) (?:rule|default|code)\b|\bthe defaults when it ran\b"
+    r"|\b(?:this|the earlier|an earlier|the last|the previous) run\b"
+    r"|^#+\s*what changed\b",
+    re.I | re.M)
+ARCHIVED = re.compile(r"benchmarks/results/archive/[\w.*-]+")
 # A repository path in backticks: starts at a top-level folder of the repository, ends in a file
-# extension; ``*`` may stand for part of a name (``train_speed_processes*.json``).
+# extension; ``*`` may stand for part of a name (``train_speed-processes*.json``).
 PATH = re.compile(r"`((?:pteenet|benchmarks|examples|tests|docs)/[\w./*-]+\.(?:py|json|png|md|sh|safetensors))`")
 
 
@@ -64,6 +79,29 @@ def test_readme_python_names_exist() -> None:
     assert not [m for m in methods if not hasattr(pteenet.EarlyExitModel, m)]
 
 
+def process_language(text: str) -> list[str]:
+    """The phrases of ``text`` that tell the history of its own development (archived paths aside)."""
+    return [m.group(0) for m in PROCESS.finditer(ARCHIVED.sub("", text))]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_docs_describe_the_product_not_its_history(doc: Path) -> None:
+    found = process_language(doc.read_text(encoding="utf-8"))
+    assert not found, f"{doc.name}: process language (history goes to CHANGELOG.md): {found}"
+
+
+def test_process_language_is_recognised() -> None:
+    # The forms the docs used; each must be caught, and ordinary words must not.
+    caught = ["see issue 17", "issue #17", "the issue's goal", "Item 3 of the issue", "stop 25's run",
+              "stop-24 code", "`-stop24.json`", "cifar10_time_summary-stop26-run1.json", "this stop's run",
+              "today's rule", "the old rule", "the earlier default", "the defaults when it ran",
+              "## What changed", "in the earlier run", "unlike this run"]
+    assert [s for s in caught if not process_language(s)] == []
+    fine = ["samples that stop computing", "a diverging run stops", "stop at the first p-value",
+            "`benchmarks/results/archive/cifar10_time_summary-stop25.json`", "Ctrl-C stops the run", "no exit"]
+    assert [s for s in fine if process_language(s)] == []
+
+
 def test_readme_is_short() -> None:
     size = (ROOT / "README.md").stat().st_size
-    assert size < 16 * 1024, f"README.md is {size} bytes; move detail to docs/"
+    assert size <= 10 * 1024, f"README.md is {size} bytes; move detail to docs/"
