@@ -3,7 +3,7 @@
 From ONE exit cache of the 10,000 CIFAR-10 test images (the default ResNet-56 model of
 ``cifar10_resnet.py``: ``r56-default-test.npz``), each of ``--splits`` seeded random halvings
 calibrates on one half and measures the chosen setting on the other. For each search mode it
-records, for today's rule (the cheapest setting within the target on the calibration half) and the
+records, for the ``--no-guarantee`` rule (the cheapest setting within the target on the calibration half) and the
 certified one (``pteenet.sweep.certify`` at ``--confidence``): the realised drop on the unseen half
 (accuracy points below the backbone; for the agreement target, disagreement with the backbone with
 the calibration labels removed), its mean, median, 90th and 95th percentiles, maximum, the share
@@ -217,7 +217,7 @@ def table(doc: dict[str, Any]) -> str:
             for rule in ("old", "certified"):
                 x = r[rule]
                 rows.append(f"| {label} <= {r['target']:g} pt | {name.split(' @ ')[0]} | "
-                            f"{'today (no guarantee)' if rule == 'old' else 'certified'} | {x['splits']} | "
+                            f"{'--no-guarantee' if rule == 'old' else 'certified'} | {x['splits']} | "
                             f"{x['drop_mean']:.2f} | {x['drop_p90']:.2f} | {x['drop_p95']:.2f} | {x['drop_max']:.2f} | "
                             f"{100 * x['share_above_target']:.1f}% | {100 * x.get('share_whole_above_target', float('nan')):.1f}% | "
                             f"{100 * x['reduction_mean']:.1f}% | {x['nothing_certified']} |")
