@@ -51,7 +51,7 @@ MAX_TAIL: float | None = None  # exit selection's bound on the no-exit tail (--m
 
 
 def old_rule(cal: ExitCache, mode: dict[str, Any], max_drop: float, model: Any) -> tuple[str, list[float], list[bool] | None] | None:
-    """Today's choice: the cheapest setting within max_drop on the calibration half."""
+    """The --no-guarantee choice: the cheapest setting within max_drop on the calibration half."""
     bb = backbone_point(cal)
     if mode["select"]:
         sels = []

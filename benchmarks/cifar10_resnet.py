@@ -49,8 +49,8 @@ def cfg(name: str, backbone: str = "resnet56", loss: dict[str, Any] | None = Non
     return {"name": name, "backbone": backbone, "loss": loss or {}, **kw}
 
 
-# The chain of the earlier default: each head reads the previous exit's logits, and exit i answers
-# with an ensemble of heads 0..i. Results files before the unchained default call this r56-default.
+# The chained configuration (r56-chained): each branch reads the previous exit's logits, and exit i answers
+# with an ensemble of branches 0..i. In cifar10_resnet.json (the grid) and learning_curve.json it is named r56-default.
 CHAINED = {"cascade": True, "ensemble": True}
 
 # Each lever against the chained configuration (pool-mlp heads after all 27 blocks, cascade, ensemble

@@ -1,6 +1,6 @@
 """A learned exit gate against max-softmax, on the exit caches the CIFAR-10 benchmark wrote.
 
-The gate (issue 10, item 8): per exit, a logistic regression that reads the exit's scores (top
+The gate: per exit, a logistic regression that reads the exit's scores (top
 probability, normalised entropy, confidence head h), whether its prediction agrees with the previous
 exit's, and predicts whether the exit agrees with the backbone. It is fitted on the calibration half
 of the test split (protocol B), and its probability is swept like any policy's score (a sample

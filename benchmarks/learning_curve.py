@@ -1,5 +1,5 @@
 """How much training data the exits need: MAC reduction at <= 1 point on CIFAR-10 against the
-number of training images the branches see (issue 18, item 3).
+number of training images the branches see.
 
 For each size, ``cifar10_resnet.py`` runs one configuration (``r56-default``: the defaults on the
 fine-tuned ResNet-56, or ``r20-default``) with ``--train-limit SIZE``; the calibration split (10% of

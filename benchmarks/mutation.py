@@ -172,7 +172,7 @@ MUTANTS: list[Mutant] = [
     M("M60", "sweep/guarantee.py", "                    active = [False] * part.num_exits", "                    pass",
       "where no set of exits keeps the tail bound, the certified choice keeps every exit",
       ("tests/test_time_cost.py::test_max_tail_bounds_what_a_sample_that_never_leaves_pays",)),
-    # -- ONNX Runtime pricing (issue 20): the profile of the staged program's parts --
+    # -- ONNX Runtime pricing: the profile of the staged program's parts --
     M("M61", "runtime/ort_timing.py", "max(med[(\"stage\", k)] - call, 0.0)", "med[(\"stage\", k)]",
       "the ONNX Runtime profile leaves every call's fixed cost in the stages (the reference grows by one call per stage)",
       ("tests/test_ort_profile.py",)),
@@ -182,7 +182,7 @@ MUTANTS: list[Mutant] = [
       "if unpriced := [k for k, h in enumerate(prof.head_ms) if h < 0]:",
       "--profile accepts a profile that leaves a head unpriced (exit selection takes it as free)",
       ("tests/test_time_cost.py::test_sweep_cli_prices_with_a_profile_measured_before_and_chooses_the_same",)),
-    # -- the measured tail, the lean batch-1 step, flat stages (issue 20, this stop) --
+    # -- the measured tail, the lean batch-1 step, flat stages --
     M("M64", "sweep/choice.py", "if measured <= max_tail or predicted <= 1.0 or attempt == tries - 1:",
       "if True:", "the sweep measures the tail but never tightens the bound when it is over",
       ("tests/test_tail_check.py",)),
@@ -204,7 +204,7 @@ MUTANTS: list[Mutant] = [
     M("M71", "exits/policies.py", "return (1.0 / (1.0 + math.exp(-c)) if c >= 0 else math.exp(c) / (1.0 + math.exp(c))), abs(c)",
       "return (1.0 / (1.0 + math.exp(-c)) if c >= 0 else 1.0 / (1.0 + math.exp(c))), abs(c)",
       "the batch-1 confidence score is wrong for negative logits", ("tests/test_policies.py",)),
-    # -- the guarantee (issue 17): p-values, the fixed sequence, the structure split, the choice --
+    # -- the guarantee: p-values, the fixed sequence, the structure split, the choice --
     M("M48", "sweep/guarantee.py", "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            return i",
       "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            continue",
       "fixed-sequence testing goes on past a hypothesis it could not reject", (G,)),

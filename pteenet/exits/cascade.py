@@ -8,7 +8,7 @@ for the trainable branch and its folded inference form.
   logits of about unit size, whatever K.
 - ``logprob``: the previous head's log-probabilities, what schema-1 checkpoints were trained with
   (read back unchanged). With 1,000 classes they reach -7 (uniform) to -100s (confident) on every
-  class, dominate the head's input and compound along the exits: training diverged (issue 18).
+  class, dominate the head's input and compound along the exits: training diverged.
 """
 from __future__ import annotations
 

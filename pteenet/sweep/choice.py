@@ -71,7 +71,7 @@ def _with_selection(cache: ExitCache, model: EarlyExitModel, policies: list[str]
 def choose(cache: ExitCache, points: list[Point], model: EarlyExitModel, policies: list[str], grid: np.ndarray,
            cfg: SweepConfig, pricing: Pricing) -> Choice:
     """The point the criterion picks (None: none meets it), the exits that stay active (``--select-exits``),
-    and with a confidence the certified choice instead and its record (today's choice beside it)."""
+    and with a confidence the certified choice instead and its record (the --no-guarantee choice beside it)."""
     chosen = select(points, backbone_point(cache), cfg.budget, cfg.max_drop)
     chosen, active = _with_selection(cache, model, policies, grid, cfg, chosen, pricing) if cfg.select_exits \
         else (chosen, None)

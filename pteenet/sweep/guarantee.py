@@ -123,7 +123,7 @@ def _view(cache: ExitCache, active: list[bool] | None, cost: CostTable | None, c
 
 def _structure(part: ExitCache, policies: Sequence[str], grid: np.ndarray, max_drop: float, per_exit: bool,
                cost: CostTable | None, chained: bool, max_tail: float | None = None) -> tuple[list[bool] | None, list[Candidate]]:
-    """On the structure part: the policy (and, with ``cost``, the exits) today's rule would pick,
+    """On the structure part: the policy (and, with ``cost``, the exits) the --no-guarantee rule would pick,
     and that structure's candidates ordered by their cost on this part, dearest first."""
     best: tuple[float, str, list[bool] | None] = (float("inf"), policies[0], None)
     for policy in policies:
@@ -221,7 +221,7 @@ def _drop_points(p: Point, backbone: Point) -> float:
 def record(c: Certified, backbone: Point, uncertified: Point | None,
            uncertified_active: list[bool] | None) -> dict[str, Any]:
     """The sweep document's ``guarantee``: the certificate, the chosen setting's drop on the whole
-    calibration split, and what today's rule (no guarantee) would have chosen from the same data."""
+    calibration split, and what the --no-guarantee rule would have chosen from the same data."""
     out = c.guarantee.to_dict()
     out["calibration_drop_points"] = None if c.point is None else _drop_points(c.point, backbone)
     out["without_guarantee"] = None if uncertified is None else {
@@ -234,7 +234,7 @@ def record(c: Certified, backbone: Point, uncertified: Point | None,
 
 
 def describe(g: dict[str, Any]) -> str:
-    """A ``record`` for a person: the bound beside the observed drop, today's choice, the promise."""
+    """A ``record`` for a person: the bound beside the observed drop, the --no-guarantee choice, the promise."""
     free = g.get("without_guarantee")
     text = (f"Certified: {g['risk']} <= {g['target_points']:g} pt with confidence {g['confidence']:g} (upper bound "
             f"{g['bound_points']:.2f} pt, observed {g['observed_points']:.2f} pt on {g['samples']} calibration images"

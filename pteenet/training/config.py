@@ -145,7 +145,7 @@ def unfinished_run(out_path: Path) -> dict[str, Any] | None:
 # Fewer training images than this per class of the backbone and the exits learn little: a head is a
 # linear classifier over hundreds to thousands of pooled features, and distilling K classes needs
 # examples of each (the backbone's answers spread over up to K classes, labelled or not). 20 is the
-# usual floor of few-shot linear probes; issue 18's 800 images for 1,000 classes (0.8 a class)
+# usual floor of few-shot linear probes; 800 images for 1,000 classes (0.8 a class)
 # trained nothing, while CIFAR-10's thousands a class train exits that pay.
 MIN_IMAGES_PER_CLASS = 20
 

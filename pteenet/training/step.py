@@ -90,7 +90,7 @@ DIVERGED = 10.0  # an exit whose cross-entropy passes this many times ln K (a un
 
 
 def check_diverged(means: dict[str, Any], num_classes: int, epoch: int, held: str) -> None:
-    """Stop a run whose heads diverged (issue 18: with 1,000 classes a cascade of log-probabilities
+    """Stop a run whose heads diverged (with 1,000 classes a cascade of log-probabilities
     took the loss from 11,006 to 79,349 while every exit agreed with the backbone on under 1%):
     an exit's mean cross-entropy against the backbone's answer above ``DIVERGED`` x ln K is not
     learning, only growing. A learning head starts near ln K (a uniform guess) and goes down."""
