@@ -2,7 +2,8 @@
 (modules move; a stale path sends a reader nowhere), the ``pteenet.`` names the README's Python
 calls, and the README stays a newcomer's page (under 10 KB). They describe the product as it is:
 process language (issue numbers, numbered development runs and their results files, "today's rule")
-fails; history belongs in CHANGELOG.md and git. Offline, no model is run."""
+fails; history belongs in CHANGELOG.md and git. Results files are named by the script that wrote
+them and docs/benchmarks.md maps every script. Offline, no model is run."""
 from __future__ import annotations
 
 import glob
@@ -107,3 +108,29 @@ def test_process_language_is_recognised() -> None:
 def test_readme_is_short() -> None:
     size = (ROOT / "README.md").stat().st_size
     assert size <= 10 * 1024, f"README.md is {size} bytes; move detail to docs/"
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def benchmark_scripts() -> list[Path]:
+    """The scripts in benchmarks/ (a helper module without a ``__main__`` block is not one)."""
+    return [p for p in sorted((ROOT / "benchmarks").glob("*.py")) if "__main__" in p.read_text(encoding="utf-8")]
+
+
+def test_results_are_named_by_what_they_measure() -> None:
+    # <script>[-<configuration>].json/.png: the name says which script wrote it; development runs
+    # (numbered, "-run1") and other replaced results live in results/archive/ only.
+    scripts = {p.stem for p in benchmark_scripts()} | {"demo"}  # demo: examples/demo.sh's headline
+    files = [p for p in RESULTS.iterdir() if p.is_file()]
+    assert files
+    unnamed = [p.name for p in files if not any(p.stem == s or p.stem.startswith(s + "-") for s in scripts)]
+    assert not unnamed, f"results files not named <script>[-<configuration>]: {unnamed}"
+    development = [p.name for p in files if re.search(r"-(?:stop|run)\d", p.stem)]
+    assert not development, f"development runs outside benchmarks/results/archive/: {development}"
+
+
+def test_every_benchmark_script_is_mapped_to_its_results() -> None:
+    text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    missing = [p.name for p in benchmark_scripts() if f"`benchmarks/{p.name}`" not in text]
+    assert not missing, f"docs/benchmarks.md does not map these scripts: {missing}"
