@@ -134,3 +134,10 @@ def test_every_benchmark_script_is_mapped_to_its_results() -> None:
     text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
     missing = [p.name for p in benchmark_scripts() if f"`benchmarks/{p.name}`" not in text]
     assert not missing, f"docs/benchmarks.md does not map these scripts: {missing}"
+
+
+def test_readme_first_screen_shows_the_commands_and_the_call() -> None:
+    first = "\n".join((ROOT / "README.md").read_text(encoding="utf-8").splitlines()[:40])
+    for needle in ("make demo", "make test", "pteenet attach ", "pteenet train-branches ", "pteenet sweep-threshold ",
+                   "pteenet export ", "```python", "pteenet.attach(", "pteenet.export_model("):
+        assert needle in first, f"the README's first 40 lines lack {needle!r}"
