@@ -94,7 +94,7 @@ ATTACH_KEYS = ("at", "exits", "placement", "branch", "cascade", "grid", "hidden"
 
 def eval_data(args: argparse.Namespace) -> DataConfig:
     """The calibration and test splits, exactly as training held them out (same seed and fraction)."""
-    return DataConfig(spec=f"imagefolder:{args.data}", limit=args.eval_limit, augment=False, val_split=0.1, seed=0)
+    return DataConfig(spec=f"imagefolder:{args.data}", limit=args.eval_limit, augment=False, calibration_split=0.1, seed=0)
 
 
 def backbone_file(folder: Path, name: str) -> Path:
@@ -190,7 +190,7 @@ def run_config(c: dict[str, Any], args: argparse.Namespace, work: Path, grid: An
                                     **{k: c[k] for k in ATTACH_KEYS if k in c}))
         save_checkpoint(attached, model)
         data_cfg = DataConfig(spec=f"imagefolder:{args.data}", limit=args.train_limit, augment=c.get("augment", False),
-                              val_split=0.1, seed=0)
+                              calibration_split=0.1, seed=0)
         tcfg = TrainConfig(epochs=c.get("epochs", args.epochs), batch_size=128, lr=args.lr, cache_features=True,
                            cache_dir=str(work / "features"),
                            views=c.get("views", 1), ensemble=c.get("ensemble", TrainConfig.ensemble),
@@ -199,7 +199,7 @@ def run_config(c: dict[str, Any], args: argparse.Namespace, work: Path, grid: An
         train_branches(attached, trained, data_cfg, tcfg)
         model = load_checkpoint(trained).model
         splits = load_splits(eval_data(args), model.info.preprocess, model.info.num_classes)
-        build_cache(model, splits.val, batch_size=256).save(val_npz)
+        build_cache(model, splits.calibration, batch_size=256).save(val_npz)
         build_cache(model, splits.test, batch_size=256).save(test_npz)
     model = load_checkpoint(trained).model
     val, test = ExitCache.load(val_npz), ExitCache.load(test_npz)

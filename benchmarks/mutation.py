@@ -178,9 +178,9 @@ MUTANTS: list[Mutant] = [
       ("tests/test_ort_profile.py",)),
     M("M62", "runtime/ort_timing.py", "                if computed[k]:\n                    head_s[k]", "                if True:\n                    head_s[k]",
       "the ONNX Runtime profile prices heads that the runtime never computes", ("tests/test_ort_profile.py",)),
-    M("M63", "runtime/timing.py", "if unpriced := [k for k, h in enumerate(prof.head_ms) if h <= 0]:",
-      "if unpriced := [k for k, h in enumerate(prof.head_ms) if h < 0]:",
-      "--profile accepts a profile that leaves a head unpriced (exit selection takes it as free)",
+    M("M63", "runtime/timing.py", "if unpriced := [k for k, h in enumerate(prof.branch_ms) if h <= 0]:",
+      "if unpriced := [k for k, h in enumerate(prof.branch_ms) if h < 0]:",
+      "--profile accepts a profile that leaves a branch unpriced (exit selection takes it as free)",
       ("tests/test_time_cost.py::test_sweep_cli_prices_with_a_profile_measured_before_and_chooses_the_same",)),
     # -- the measured tail, the lean batch-1 step, flat stages --
     M("M64", "sweep/choice.py", "if measured <= max_tail or predicted <= 1.0 or attempt == tries - 1:",

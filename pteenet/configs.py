@@ -9,7 +9,8 @@
   ``schema_version``. ``from_dict`` fills defaults for missing keys (older records) and refuses
   unknown ones. Field metadata, set with ``setting``, marks what is not saved (``saved=False``),
   what a training resume may change (``resume="free"``), and how a nested value is read back
-  (``decode``).
+  (``decode``). A field renamed since records were written keeps its old key readable through
+  ``RENAMED``.
 
 Checks that need the file system or another config (an output folder, views against
 augmentation) stay where the config is used, through the same validators.
@@ -57,6 +58,8 @@ def _encode(value: Any) -> Any:
 class Config:
     """What every config dataclass shares: the JSON round trip and the field-wise comparison."""
 
+    RENAMED: dict[str, str] = {}  # old key -> field, for records written before the field was renamed
+
     def fields_dict(self) -> dict[str, Any]:
         """The saved fields as JSON values (nested configs as dicts, tuples as lists, paths as str)."""
         return {f.name: _encode(getattr(self, f.name)) for f in dataclasses.fields(self)  # type: ignore[arg-type]
@@ -68,7 +71,7 @@ class Config:
     @classmethod
     def from_dict(cls: type[C], d: dict[str, Any]) -> C:
         """The config a ``to_dict`` (or an older one, missing keys) describes; unknown keys are refused."""
-        d = dict(d)
+        d = {cls.RENAMED.get(k, k): v for k, v in d.items() if not (k in cls.RENAMED and cls.RENAMED[k] in d)}
         version = d.pop(VERSION_KEY, SCHEMA_VERSION)
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise PteenetError(f"{cls.__name__} has schema version {version!r}; this pteenet reads up to {SCHEMA_VERSION}",

@@ -176,5 +176,5 @@ def four_exit_cache() -> tuple[ExitCache, TimeProfile]:
     for k in range(e):
         preds[k, group == k] = 0
         scores[k, group == k] = 0.99
-    prof = TimeProfile(batch_size=1, stage_ms=[1.0] * (e + 1), head_ms=[0.3] * e, backbone_ms=float(e + 1))
+    prof = TimeProfile(batch_size=1, stage_ms=[1.0] * (e + 1), branch_ms=[0.3] * e, backbone_ms=float(e + 1))
     return ExitCache(preds, {"max-softmax": scores}, np.zeros(n), prof.costs(), prof.costs_paper()), prof

@@ -9,7 +9,7 @@ import torch
 
 import pteenet
 from helpers import error_line, make_images, make_model, run_cli
-from pteenet.bench.run import BenchConfig, bench, verdict
+from pteenet.bench.run import BenchConfig, bench, load_images, verdict
 from pteenet.runtime.checkpoint import read_metadata
 from pteenet.runtime.timing import TimeProfile, profile
 
@@ -29,7 +29,7 @@ def _check_document(doc: dict, model_exits: int, batch_sizes: list[int]) -> None
         assert {"backbone", "early_exit", "time_ratio", "mac_ratio", "mac_ratio_paper", "verdict",
                 "ideal_time_ratio", "predicted_time_ratio", "time_profile"} <= set(r)
         assert 0 < r["ideal_time_ratio"] <= r["predicted_time_ratio"]
-        assert len(r["time_profile"]["stage_ms"]) == model_exits + 1 and len(r["time_profile"]["head_ms"]) == model_exits
+        assert len(r["time_profile"]["stage_ms"]) == model_exits + 1 and len(r["time_profile"]["branch_ms"]) == model_exits
         for side in ("backbone", "early_exit"):
             assert {"images_per_s", "time_s", "latency_ms"} <= set(r[side])
             assert set(r[side]["latency_ms"]) == {"p50", "p95"}
@@ -66,7 +66,7 @@ def test_verdict_is_honest() -> None:
 
 def test_time_profile_ratios() -> None:
     # Stages of 1, 2, 1 ms; heads of 0.5 ms. Half the samples leave at exit 0, the rest run to the end.
-    prof = TimeProfile(batch_size=8, stage_ms=[1.0, 2.0, 1.0], head_ms=[0.5, 0.5])
+    prof = TimeProfile(batch_size=8, stage_ms=[1.0, 2.0, 1.0], branch_ms=[0.5, 0.5])
     r = prof.ratios([0.5, 0.0, 0.5])
     assert r["ideal_time_ratio"] == pytest.approx(0.5 * 1 / 4 + 0.5)
     assert r["predicted_time_ratio"] == pytest.approx(0.5 * 1.5 / 4 + 0.5 * 5 / 4)
@@ -79,7 +79,7 @@ def test_profile_times_every_stage_and_only_computed_branches() -> None:
     computed = model.computed_branches()
     assert computed == [False, True, False]
     assert len(prof.stage_ms) == model.num_exits + 1 and all(t > 0 for t in prof.stage_ms)
-    assert [t > 0 for t in prof.head_ms] == computed
+    assert [t > 0 for t in prof.branch_ms] == computed
 
 
 def _run(*args: object) -> tuple[int, str, str]:
@@ -98,6 +98,13 @@ def test_cli_json_and_record(ckpt: Path) -> None:
     recorded = read_metadata(ckpt)["bench"]
     _check_document(recorded, 3, [1, 4])
     assert recorded["data"] == "synthetic" and recorded["split"] == "test"
+
+
+def test_split_val_is_the_calibration_split(ckpt: Path) -> None:
+    model = pteenet.load(str(ckpt))
+    cal, _ = load_images(model, "synthetic", split="calibration", limit=4)
+    val, _ = load_images(model, "synthetic", split="val", limit=4)  # the split's earlier name, still accepted
+    assert torch.equal(cal, val) and not torch.equal(cal, load_images(model, "synthetic", split="test", limit=4)[0])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -176,7 +176,7 @@ def test_training_sweep_export_and_bench_report_every_pass_to_the_sink(tmp_path:
     doc = pteenet.sweep_model(model, None, pteenet.SweepConfig(thresholds="0:1:0.25", max_drop=100, device="cpu"),
                               sink=rec)
     rec.check_all_finished()
-    assert [t.description.split()[0] for t in rec.tasks] == ["val", "test"]  # one pass each
+    assert [t.description.split()[0] for t in rec.tasks] == ["calibration", "test"]  # one pass each
     assert [t.total for t in rec.tasks] == [-(-doc["samples"] // 256), 1]
     assert rec.warnings == doc["warnings"] == []
 

@@ -56,7 +56,7 @@ BAD: list[tuple[Callable[[], Any], str]] = [
     (lambda: LossConfig(exit_ce=-1.0), "exit_ce"),
     (lambda: DataConfig(spec="cifar11"), "dataset 'cifar11'"),
     (lambda: DataConfig(spec="synthetic", limit=0), "limit"),
-    (lambda: DataConfig(spec="synthetic", val_split=1.0), "val_split"),
+    (lambda: DataConfig(spec="synthetic", calibration_split=1.0), "calibration_split"),
     (lambda: DataConfig(spec="synthetic", seed="1"), "seed"),
     (lambda: DataConfig(spec="synthetic", crop_padding=-1), "crop_padding"),
     (lambda: DataConfig(spec="synthetic", calibration="cifar11"), "calibration"),
@@ -123,7 +123,7 @@ EVERY: list[Config] = [
                 cache_features=True, views=2, cache_dir="/tmp/features", ensemble=False, threshold=0.7,
                 loss=LossConfig(version="v2", lam=0.5, targets="labels", exit_ce=0.25, temperature=3.0)),
     LossConfig(version="v1", lam=0.1),
-    DataConfig(spec="imagefolder:/data", data_dir="/d", limit=64, augment=False, val_split=0.2, seed=3, download=False,
+    DataConfig(spec="imagefolder:/data", data_dir="/d", limit=64, augment=False, calibration_split=0.2, seed=3, download=False,
                crop_padding=2, calibration="synthetic#half=1"),
     AttachConfig(backbone="cifar-resnet20", weights="w.th", num_classes=10, input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5),
                  std=(0.25, 0.25, 0.25), at=["layer1", "layer2"], placement="fine", branch="conv2", cascade=False,
@@ -171,6 +171,17 @@ def test_from_dict_fills_defaults_and_refuses_unknown_or_newer() -> None:
         TrainConfig.from_dict({"epochs": 0})  # checked like any other construction
 
 
+def test_the_calibration_split_reads_its_earlier_name_val_split() -> None:
+    new = DataConfig(spec="synthetic", calibration_split=0.3)
+    record = {k: v for k, v in new.to_dict().items() if k != "calibration_split"}
+    assert DataConfig.from_dict({**record, "val_split": 0.3}) == new  # a checkpoint's data config before the rename
+    assert DataConfig.from_dict({**record, "val_split": 0.5, "calibration_split": 0.3}) == new  # the new key wins
+    assert "val_split" not in new.to_dict() and dataclasses.replace(new, seed=1).calibration_split == 0.3
+    with pytest.warns(DeprecationWarning, match="calibration_split"):
+        assert DataConfig(spec="synthetic", val_split=0.3) == new
+    assert DataConfig(spec="synthetic") == DataConfig(spec="synthetic", calibration_split=0.1)
+
+
 def test_resume_diffs_come_from_the_field_metadata() -> None:
     base = TrainConfig(epochs=2, device="cpu")
     free = dataclasses.replace(base, device="auto", workers=3, cache_dir="/elsewhere", threshold=0.9, resume=True)
@@ -191,7 +202,7 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
             "seed": c["seed"], "cache_features": c["cache_features"], "views": c["views"], "ensemble": c["ensemble"],
             "loss": loss["version"], "lambda": loss["lam"], "targets": loss["targets"],
             "temperature": loss["temperature"], "exit_ce": loss["exit_ce"], "data": d["spec"], "limit": d["limit"],
-            "augment": d["augment"], "val_split": d["val_split"], "data_seed": d["seed"],
+            "augment": d["augment"], "val_split": d["calibration_split"], "data_seed": d["seed"],
             "calibration": d["calibration"], "threshold": c["threshold"], "device": record["device"],
             "amp": c["amp"], "workers": c["workers"], "epochs_done": record["epochs_done"],
             "complete": record["complete"], "source": record["source"], "seconds": record["seconds"]}
@@ -221,6 +232,8 @@ def test_a_schema_2_unfinished_run_resumes_to_the_same_branches(tmp_path: Path) 
     with pytest.raises(Interrupted):
         train_branches(src, old, data, cfg, StopAfter(1))
     record = read_metadata(old)["training"]
+    renamed = {**record, "data": {("val_split" if k == "calibration_split" else k): v for k, v in record["data"].items()}}
+    assert recorded_configs(renamed) == (cfg, data)  # a schema 3 record written before calibration_split was named
     _rewrite(old, _as_schema_2)
     assert recorded_configs(record) == (cfg, data)
     old_cfg, old_data = recorded_configs(read_metadata(old)["training"])

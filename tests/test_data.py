@@ -21,8 +21,8 @@ def _indices(subset: torch.utils.data.Subset) -> set[int]:
 def test_synthetic_sizes_and_no_overlap() -> None:
     s = load_splits(DataConfig(spec="synthetic"), RGB32, num_classes=10)
     assert s.split_info["sizes"] == {"train": 450, "val": 50, "test": 100}
-    assert (len(s.train), len(s.val), len(s.test)) == (450, 50, 100)
-    assert not _indices(s.train) & _indices(s.val)
+    assert (len(s.train), len(s.calibration), len(s.test)) == (450, 50, 100)
+    assert not _indices(s.train) & _indices(s.calibration)
     assert s.class_names == [f"class{i}" for i in range(10)]
     x, y = s.train[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
@@ -31,18 +31,18 @@ def test_synthetic_sizes_and_no_overlap() -> None:
 def test_synthetic_is_deterministic_and_val_is_not_augmented() -> None:
     a = load_splits(DataConfig(spec="synthetic", seed=3), RGB32)
     b = load_splits(DataConfig(spec="synthetic", seed=3), RGB32)
-    assert a.val.indices == b.val.indices and a.train.indices == b.train.indices
-    assert torch.equal(a.val[0][0], b.val[0][0]) and torch.equal(a.test[5][0], b.test[5][0])
-    assert torch.equal(a.val[0][0], a.val[0][0])  # no randomness in the calibration split
+    assert a.calibration.indices == b.calibration.indices and a.train.indices == b.train.indices
+    assert torch.equal(a.calibration[0][0], b.calibration[0][0]) and torch.equal(a.test[5][0], b.test[5][0])
+    assert torch.equal(a.calibration[0][0], a.calibration[0][0])  # no randomness in the calibration split
     c = load_splits(DataConfig(spec="synthetic", seed=4), RGB32)
-    assert c.val.indices != a.val.indices
+    assert c.calibration.indices != a.calibration.indices
 
 
 def test_limit_caps_every_split_and_keeps_val() -> None:
     full = load_splits(DataConfig(spec="synthetic"), RGB32)
     s = load_splits(DataConfig(spec="synthetic", limit=20), RGB32)
     assert s.split_info["sizes"] == {"train": 20, "val": 20, "test": 20}
-    assert s.val.indices == full.val.indices[:20]  # calibration images do not depend on the cap
+    assert s.calibration.indices == full.calibration.indices[:20]  # calibration images do not depend on the cap
     assert DataConfig.from_split_info(s.split_info).limit == 20
 
 
@@ -87,13 +87,13 @@ def _write_imagefolder(root: Path, split: str, classes: list[str], per_class: in
 def test_imagefolder(tmp_path: Path) -> None:
     _write_imagefolder(tmp_path, "train", ["cat", "dog"], 5, (20, 12))
     _write_imagefolder(tmp_path, "val", ["cat", "dog"], 2, (20, 12))
-    s = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}", val_split=0.2), RGB32, num_classes=2)
+    s = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}", calibration_split=0.2), RGB32, num_classes=2)
     assert s.class_names == ["cat", "dog"]
     assert s.split_info["sizes"] == {"train": 8, "val": 2, "test": 4}
     x, y = s.test[3]
     assert x.shape == (3, 32, 32) and y == 1
     gray = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}"), Preprocess((1, 16, 16), (0.5,), (0.5,)))
-    assert gray.val[0][0].shape == (1, 16, 16)
+    assert gray.calibration[0][0].shape == (1, 16, 16)
     xb, yb = next(iter(make_loader(s.train, 4, shuffle=True, seed=1)))
     assert xb.shape == (4, 3, 32, 32) and yb.dtype == torch.long
 
@@ -124,7 +124,7 @@ def test_missing_files_is_a_pteenet_error(tmp_path: Path) -> None:
 
 def test_bad_val_split_and_limit() -> None:
     with pytest.raises(PteenetError, match="calibration split"):
-        load_splits(DataConfig(spec="synthetic", val_split=1.0), RGB32)
+        load_splits(DataConfig(spec="synthetic", calibration_split=1.0), RGB32)
     with pytest.raises(PteenetError, match="limit"):
         load_splits(DataConfig(spec="synthetic", limit=0), RGB32)
 
@@ -152,8 +152,8 @@ def test_calibration_from_another_folder_takes_val_from_it_and_carves_nothing(tm
     cfg = DataConfig(spec=f"imagefolder:{tmp_path / 'data'}", calibration=f"imagefolder:{tmp_path / 'labelled'}")
     s = load_splits(cfg, RGB32, num_classes=2)
     assert s.split_info["sizes"] == {"train": 10, "val": 6, "test": 4}  # all of train is train
-    assert Path(s.val.dataset.root) == tmp_path / "labelled"
-    assert sorted(s.val.indices) == list(range(6)) and s.val[0][0].shape == (3, 32, 32)
+    assert Path(s.calibration.dataset.root) == tmp_path / "labelled"
+    assert sorted(s.calibration.indices) == list(range(6)) and s.calibration[0][0].shape == (3, 32, 32)
     info = s.split_info
     assert info["calibration"] == cfg.calibration and info["source_sizes"]["calibration"] == 6
     assert info["calibration_overlap"] is None and info["test_half"] is None
@@ -166,24 +166,24 @@ def test_calibration_spec_means_its_test_split(tmp_path: Path) -> None:
     _write_imagefolder(tmp_path / "other", "train", ["a", "b"], 4, (8, 8))
     _write_imagefolder(tmp_path / "other", "val", ["a", "b"], 3, (8, 8))
     s = load_splits(DataConfig(spec="synthetic", calibration=f"imagefolder:{tmp_path / 'other'}"), RGB32, num_classes=2)
-    assert Path(s.val.dataset.root) == tmp_path / "other" / "val" and len(s.val) == 6
+    assert Path(s.calibration.dataset.root) == tmp_path / "other" / "val" and len(s.calibration) == 6
     # `synthetic` as calibration for `synthetic` data: exactly its test images, flagged as such.
     same = load_splits(DataConfig(spec="synthetic", calibration="synthetic"), RGB32, num_classes=10)
-    assert same.val.dataset is same.test.dataset and sorted(same.val.indices) == sorted(same.test.indices)
+    assert same.calibration.dataset is same.test.dataset and sorted(same.calibration.indices) == sorted(same.test.indices)
     assert same.split_info["calibration_overlap"] == "test"
     # ... and for other data, the same images `synthetic` gives as --data (same seed).
     _write_imagefolder(tmp_path / "two", "train", ["a", "b"], 2, (8, 8))
     _write_imagefolder(tmp_path / "two", "test", ["a", "b"], 1, (8, 8))
     other = load_splits(DataConfig(spec=f"imagefolder:{tmp_path / 'two'}", seed=4, calibration="synthetic"), RGB32, 2)
     plain = load_splits(DataConfig(spec="synthetic", seed=4), RGB32, 2)
-    assert len(other.val) == 100 and torch.equal(other.val.dataset.images, plain.test.dataset.images)
+    assert len(other.calibration) == 100 and torch.equal(other.calibration.dataset.images, plain.test.dataset.images)
 
 
 def test_halves_are_deterministic_disjoint_and_cover_the_set() -> None:
     def halves(seed: int) -> tuple[list[int], list[int], list[int]]:
         h0 = load_splits(DataConfig(spec="synthetic", seed=seed, calibration="synthetic#half=0"), RGB32)
         h1 = load_splits(DataConfig(spec="synthetic", seed=seed, calibration="synthetic#half=1"), RGB32)
-        return h0.val.indices, h0.test.indices, h1.val.indices
+        return h0.calibration.indices, h0.test.indices, h1.calibration.indices
 
     val0, test0, val1 = halves(5)
     assert halves(5) == (val0, test0, val1)
@@ -202,7 +202,7 @@ def test_calibration_round_trips_through_split_info() -> None:
     again = DataConfig.from_split_info(s.split_info)
     assert again.calibration == "synthetic#half=1" and (again.seed, again.limit) == (2, 30)
     t = load_splits(again, RGB32)
-    assert (t.val.indices, t.test.indices, t.train.indices) == (s.val.indices, s.test.indices, s.train.indices)
+    assert (t.calibration.indices, t.test.indices, t.train.indices) == (s.calibration.indices, s.test.indices, s.train.indices)
     old = {k: v for k, v in s.split_info.items() if k not in ("calibration", "test_half", "calibration_overlap")}
     assert DataConfig.from_split_info(old).calibration is None  # records from before calibration load
 

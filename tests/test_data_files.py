@@ -45,17 +45,17 @@ def _paths(split: torch.utils.data.Subset) -> list[str]:
 
 def test_one_folder_of_class_folders_is_split_three_ways(tmp_path: Path) -> None:
     _class_folders(tmp_path, ["cat", "dog"], 10)
-    cfg = DataConfig(spec=f"imagefolder:{tmp_path}", val_split=0.25, test_split=0.2, seed=3)
+    cfg = DataConfig(spec=f"imagefolder:{tmp_path}", calibration_split=0.25, test_split=0.2, seed=3)
     s = load_splits(cfg, RGB16, num_classes=2)
     assert s.class_names == ["cat", "dog"] and s.split_info["labelled"] is True
     assert s.split_info["test_split"] == 0.2 and s.split_info["source_sizes"] == {"train": 16, "test": 4}
     assert s.split_info["sizes"] == {"train": 12, "val": 4, "test": 4}
-    train, val, test = (_paths(d) for d in (s.train, s.val, s.test))
+    train, val, test = (_paths(d) for d in (s.train, s.calibration, s.test))
     assert not set(test) & (set(train) | set(val)) and not set(train) & set(val)  # disjoint
     assert len(set(test) | set(train) | set(val)) == 20  # together the whole folder
     again = load_splits(DataConfig.from_split_info(s.split_info), RGB16, num_classes=2)
     assert [int(y) for _, y in again.test] == [int(y) for _, y in s.test]  # the record rebuilds it
-    other = load_splits(DataConfig(spec=cfg.spec, val_split=0.25, test_split=0.2, seed=4), RGB16, num_classes=2)
+    other = load_splits(DataConfig(spec=cfg.spec, calibration_split=0.25, test_split=0.2, seed=4), RGB16, num_classes=2)
     assert _paths(other.test) != test  # seeded
 
 
@@ -67,7 +67,7 @@ def test_images_without_labels_at_any_depth(tmp_path: Path) -> None:
             p.write_text("not an image")
         else:
             Image.new("RGB", (9, 9), (1, 2, 3)).save(p)
-    s = load_splits(DataConfig(spec=f"images:{tmp_path}", val_split=0.25, test_split=0.2), RGB16, num_classes=10)
+    s = load_splits(DataConfig(spec=f"images:{tmp_path}", calibration_split=0.25, test_split=0.2), RGB16, num_classes=10)
     assert s.class_names is None and s.split_info["labelled"] is False and s.split_info["num_classes"] == 10
     assert sum(s.split_info["sizes"].values()) == 5  # the hidden file and the text file are not images
     x, y = s.train[0]
@@ -124,7 +124,7 @@ def _folder_with_broken_files(root: Path) -> list[str]:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_broken_images_are_skipped_and_named(tmp_path: Path, workers: int) -> None:
     broken = _folder_with_broken_files(tmp_path)
-    s = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}", val_split=0.0, test_split=0.1, augment=False), RGB16, 2)
+    s = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}", calibration_split=0.0, test_split=0.1, augment=False), RGB16, 2)
     whole = torch.utils.data.ConcatDataset([s.train, s.test])
     mark = SKIPPED.mark()
     with warnings.catch_warnings(record=True) as caught:
@@ -140,7 +140,7 @@ def test_broken_images_are_skipped_and_named(tmp_path: Path, workers: int) -> No
 @pytest.mark.parametrize("workers", [0, 1])
 def test_strict_images_makes_a_broken_file_an_error(tmp_path: Path, workers: int) -> None:
     _folder_with_broken_files(tmp_path)
-    s = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}", val_split=0.0, strict_images=True), RGB16, 2)
+    s = load_splits(DataConfig(spec=f"imagefolder:{tmp_path}", calibration_split=0.0, strict_images=True), RGB16, 2)
     whole = torch.utils.data.ConcatDataset([s.train, s.test])
     with pytest.raises(PteenetError, match=r"cannot decode image .*(cut\.jpg|empty\.png).*--strict-images"):
         for _ in make_loader(whole, 4, shuffle=False, workers=workers):
@@ -151,7 +151,7 @@ def test_a_batch_of_only_broken_files_is_left_out(tmp_path: Path) -> None:
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"not a png")
     _png(tmp_path / "z.png")
-    s = load_splits(DataConfig(spec=f"images:{tmp_path}", val_split=0.0, test_split=0.25, augment=False), RGB16, 10)
+    s = load_splits(DataConfig(spec=f"images:{tmp_path}", calibration_split=0.0, test_split=0.25, augment=False), RGB16, 10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageSkipped)
         batches = list(make_loader(torch.utils.data.ConcatDataset([s.train, s.test]), 3, shuffle=False))
@@ -191,7 +191,7 @@ def test_unlabelled_calibration_for_labelled_training(tmp_path: Path) -> None:
         _png(tmp_path / "shots" / f"{i}.png", (40 * i, 0, 0))
     s = load_splits(DataConfig(spec="synthetic", calibration=f"images:{tmp_path / 'shots'}#half=0"), RGB16, 10)
     assert s.split_info["calibration_labelled"] is False and s.split_info["labelled"] is True
-    assert len(s.val) == 3 and s.val[0][1] == UNLABELLED and s.split_info["sizes"]["train"] == 500
+    assert len(s.calibration) == 3 and s.calibration[0][1] == UNLABELLED and s.split_info["sizes"]["train"] == 500
 
 
 def test_feature_cache_dir_and_broken_files(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,7 +217,7 @@ def test_feature_cache_dir_and_broken_files(tiny_checkpoint: Path, tmp_path: Pat
         monkeypatch.setattr(loader.SKIPPED, "met", [])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = train_branches(ckpt, tmp_path / name, DataConfig(spec=f"images:{folder}", val_split=0.3, augment=False, **kw),
+            out = train_branches(ckpt, tmp_path / name, DataConfig(spec=f"images:{folder}", calibration_split=0.3, augment=False, **kw),
                                  TrainConfig(epochs=1, batch_size=8, device="cpu", cache_features=True, cache_dir=str(store)))
         return [str(w.message) for w in caught if issubclass(w.category, ImageSkipped)], out["final"]["skipped_images"]["files"]
 

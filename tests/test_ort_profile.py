@@ -24,12 +24,12 @@ def test_the_onnx_runtime_profile_times_each_stage_and_each_computed_head() -> N
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     prof = profile_onnx(model, make_images(3), repeats=1, threads=1)
     assert prof.batch_size == 3 and len(prof.stage_ms) == 3 and all(t >= 0 for t in prof.stage_ms)
-    assert prof.head_ms[0] == 0.0 and prof.head_ms[1] > 0 and prof.backbone_ms and prof.backbone_ms > 0
+    assert prof.branch_ms[0] == 0.0 and prof.branch_ms[1] > 0 and prof.backbone_ms and prof.backbone_ms > 0
     assert len(prof.compaction_ms) == 2 and prof.compaction_ms[0] == 0.0 < prof.compaction_ms[1]
     assert prof.machine["runtime"] == "onnxruntime" and prof.machine["onnxruntime"] and prof.machine["threads"] == 1
     # The head carries the call it adds; the costs price exactly the computed head.
     assert prof.costs()[0] == pytest.approx(prof.stage_ms[0] / sum(prof.stage_ms))
-    assert prof.costs()[1] == pytest.approx((prof.stage_ms[0] + prof.stage_ms[1] + prof.head_ms[1]) / sum(prof.stage_ms))
+    assert prof.costs()[1] == pytest.approx((prof.stage_ms[0] + prof.stage_ms[1] + prof.branch_ms[1]) / sum(prof.stage_ms))
     assert profile_onnx(model, make_images(1), repeats=1).compaction_ms == []  # batch 1 never compacts
     assert all(v.equal(model.backbone.state_dict()[k]) for k, v in before.items())
 
@@ -70,7 +70,7 @@ def test_the_call_cost_leaves_the_stages_and_stays_with_the_heads(monkeypatch: p
     monkeypatch.setattr(ort_profile, "_passes", lambda *a: {k: list(v) * a[-1] for k, v in given.items()})
     prof = profile_onnx(model, make_images(2), repeats=1, warmup=0)
     assert prof.stage_ms == pytest.approx([0.95, 1.95, 0.45])  # one call's fixed cost out of every stage
-    assert prof.head_ms == pytest.approx([0.3, 0.4]) and prof.decision_ms == 0.0  # a head keeps the call it adds
+    assert prof.branch_ms == pytest.approx([0.3, 0.4]) and prof.decision_ms == 0.0  # a head keeps the call it adds
     assert prof.compaction_ms == pytest.approx([0.1, 0.2]) and prof.backbone_ms == pytest.approx(3.2)
 
 

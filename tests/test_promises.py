@@ -171,7 +171,7 @@ def test_the_ensemble_is_fitted_on_the_calibration_split(tmp_path: Path, monkeyp
     heads, targets = seen[0]
     trained = pteenet.load(str(tmp_path / "trained.safetensors"))
     splits = load_splits(data, trained.info.preprocess, trained.info.num_classes)
-    val = torch.stack([splits.val[i][0] for i in range(len(splits.val))])
+    val = torch.stack([splits.calibration[i][0] for i in range(len(splits.calibration))])
     assert 0 < len(val) < len(splits.train)
     with torch.no_grad():
         want = trained.forward_all(val)

@@ -43,7 +43,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def data() -> DataConfig:
     # 64 training images (4 steps an epoch), 20 calibration images (a batch of 16 and one of 4).
-    return DataConfig(spec="synthetic", limit=64, val_split=0.04, seed=1)
+    return DataConfig(spec="synthetic", limit=64, calibration_split=0.04, seed=1)
 
 
 def trained(path: Path) -> dict[str, torch.Tensor]:

@@ -62,7 +62,7 @@ def test_a_run_without_epochs_records_the_sized_number_and_a_resume_keeps_it(tmp
     model = attach(AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=1))
     ckpt, out = tmp_path / "a.safetensors", tmp_path / "t.safetensors"
     save_checkpoint(ckpt, model)
-    data = DataConfig(spec="synthetic", limit=40, augment=False, val_split=0.5)
+    data = DataConfig(spec="synthetic", limit=40, augment=False, calibration_split=0.5)
     cfg = TrainConfig(batch_size=64, device="cpu", ensemble=False, cache_features=True)
     doc = train_branches(ckpt, out, data, cfg)
     assert len(doc["epochs"]) == auto_epochs(20, True) == 100  # 20 training images after the split

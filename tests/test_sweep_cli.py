@@ -34,7 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     training and data records that `pteenet train` leaves."""
     torch.set_num_threads(1)
     model = _tiny()
-    splits = load_splits(DataConfig(spec="synthetic", val_split=0.2, seed=1, augment=False),
+    splits = load_splits(DataConfig(spec="synthetic", calibration_split=0.2, seed=1, augment=False),
                          model.info.preprocess, model.info.num_classes)
     opt = torch.optim.Adam(model.branches.parameters(), 1e-2)
     model.train()
@@ -69,7 +69,7 @@ def test_happy_path_writes_outputs_on_the_recorded_split(trained: Path, tmp_path
     doc = json.loads((out / "sweep.json").read_text())
     # The calibration split training held out, rebuilt from the checkpoint's record.
     assert doc["data"]["val_split"] == 0.2 and doc["data"]["seed"] == 1 and doc["samples"] == 100
-    assert doc["split"] == doc["selection_split"] == "val" and doc["notes"] == [] and doc["warnings"] == []
+    assert doc["split"] == doc["selection_split"] == "calibration" and doc["notes"] == [] and doc["warnings"] == []
     assert doc["policies"] == ["confidence", "max-softmax", "entropy"] and len(doc["points"]) == 3 * 21
     chosen = doc["chosen"]
     assert chosen["cost"] <= 0.8 + 1e-9
@@ -131,11 +131,11 @@ def test_per_exit_never_worse_than_global_at_the_budget(trained: Path, tmp_path:
 
 def test_build_cache_equals_a_direct_forward_all_loop(trained: Path) -> None:
     model = pteenet.load(str(trained))
-    splits = load_splits(DataConfig(spec="synthetic", val_split=0.2, seed=1), model.info.preprocess, 10)
-    cache = build_cache(model, splits.val, batch_size=32)
+    splits = load_splits(DataConfig(spec="synthetic", calibration_split=0.2, seed=1), model.info.preprocess, 10)
+    cache = build_cache(model, splits.calibration, batch_size=32)
     builder = ExitCacheBuilder()
     with torch.no_grad():
-        for x, y in make_loader(splits.val, 32, shuffle=False):
+        for x, y in make_loader(splits.calibration, 32, shuffle=False):
             out = model.forward_all(x)
             builder.add(out.exit_logits, out.exit_conf, out.final_logits, y)
     want = builder.build(model.cost.costs(), model.cost.costs_paper())
@@ -143,10 +143,20 @@ def test_build_cache_equals_a_direct_forward_all_loop(trained: Path) -> None:
     assert all(np.array_equal(cache.scores[p], want.scores[p]) for p in want.scores)
     assert np.array_equal(cache.costs, want.costs) and cache.num_samples == 100
     # And the cache agrees with the model's own early-exit runtime at a threshold.
-    xs = torch.stack([splits.val[i][0] for i in range(len(splits.val))])
+    xs = torch.stack([splits.calibration[i][0] for i in range(len(splits.calibration))])
     pred = model.predict(xs, 0.5, "max-softmax")
     counts = np.bincount(pred.exit_index.numpy(), minlength=4) / 100
     assert evaluate(cache, "max-softmax", 0.5).exit_fractions == pytest.approx(counts.tolist())
+
+
+def test_split_val_is_the_calibration_split(trained: Path, tmp_path: Path) -> None:
+    args = [trained, "--thresholds", GRID, "--policy", "entropy", "--cost", "macs", "--json"]
+    code, new, stderr = _run(*args, "-o", tmp_path / "calibration", "--split", "calibration")
+    assert code == 0, stderr
+    code, old, stderr = _run(*args, "-o", tmp_path / "val", "--split", "val")  # the split's earlier name
+    assert code == 0, stderr
+    assert json.loads(old)["split"] == "calibration" and json.loads(old)["points"] == json.loads(new)["points"]
+    assert SweepConfig(split="val").split == "calibration"
 
 
 def test_library_call_returns_the_document(trained: Path, tmp_path: Path) -> None:
@@ -219,10 +229,10 @@ def test_choosing_on_test_is_labelled(trained: Path, tmp_path: Path) -> None:
 def test_resolve_data_keeps_the_recorded_split() -> None:
     rec = {"spec": "synthetic", "val_split": 0.3, "seed": 7, "limit": 50}
     cfg, notes = resolve_data(DataRequest(data_dir="/d"), rec)
-    assert (cfg.spec, cfg.val_split, cfg.seed, cfg.limit, cfg.data_dir) == ("synthetic", 0.3, 7, 50, "/d")
+    assert (cfg.spec, cfg.calibration_split, cfg.seed, cfg.limit, cfg.data_dir) == ("synthetic", 0.3, 7, 50, "/d")
     assert notes == []
     cfg, notes = resolve_data(DataRequest(spec="synthetic", limit=20), rec)
-    assert cfg.limit == 20 and cfg.val_split == 0.3 and "--limit 20" in notes[0]
+    assert cfg.limit == 20 and cfg.calibration_split == 0.3 and "--limit 20" in notes[0]
     cfg, notes = resolve_data(DataRequest(spec="imagefolder:/new"), {**rec, "spec": "imagefolder:/old"})
     assert cfg.spec == "imagefolder:/new" and "imagefolder:/old" in notes[0]
 
@@ -253,7 +263,7 @@ def test_calibration_on_a_test_half_reports_on_the_other_half(trained: Path, tmp
     # The chosen setting's test numbers come from the other half of the test split.
     model = pteenet.load(str(trained))
     other = load_splits(DataConfig(spec="synthetic", seed=1, calibration="synthetic#half=1"), model.info.preprocess, 10)
-    xs, ys = map(torch.cat, zip(*make_loader(other.val, 64, shuffle=False)))
+    xs, ys = map(torch.cat, zip(*make_loader(other.calibration, 64, shuffle=False)))
     with torch.no_grad():
         backbone_acc = (model.forward_all(xs).final_logits.argmax(1) == ys).float().mean().item()
     assert doc["chosen"]["test"]["backbone"]["accuracy"] == pytest.approx(backbone_acc)

@@ -18,7 +18,7 @@ from pteenet.sweep import certify, restrict, select_exits
 
 
 def test_time_costs_price_heads_decisions_and_compaction() -> None:
-    prof = TimeProfile(batch_size=8, stage_ms=[1.0, 2.0, 2.0], head_ms=[0.5, 0.25], backbone_ms=4.0,
+    prof = TimeProfile(batch_size=8, stage_ms=[1.0, 2.0, 2.0], branch_ms=[0.5, 0.25], backbone_ms=4.0,
                        decision_ms=0.1, compaction_ms=[0.2, 0.3])
     # exit 0: stage 0 + head 0 + decision; exit 1 adds the compaction after exit 0, stage 1, head 1, decision
     # (ratios to the stages' sum, 5 ms: backbone_ms, one long call, is only recorded)
@@ -47,7 +47,7 @@ def test_time_priced_selection_drops_the_exits_that_cost_more_than_they_save() -
     e = model.num_exits
     # Stages of 1 ms; heads cheap except at exits 2, 5 and 6, which cost as much as 3 stages.
     slow = {2, 5, 6}
-    prof = TimeProfile(batch_size=1, stage_ms=[1.0] * (e + 1), head_ms=[3.0 if k in slow else 0.01 for k in range(e)],
+    prof = TimeProfile(batch_size=1, stage_ms=[1.0] * (e + 1), branch_ms=[3.0 if k in slow else 0.01 for k in range(e)],
                        backbone_ms=float(e + 1))
     sel = select_exits(cache, prof, model.chained, "max-softmax", grid, max_drop=5.0)
     assert not any(sel.active[k] for k in slow)
@@ -75,7 +75,7 @@ def test_sweep_cli_cost_time_records_the_batch_size_and_both_costs(tmp_path: Pat
     doc = json.loads(r.stdout)
     cm = doc["cost_model"]
     assert cm["kind"] == "time" and cm["batch_size"] == 4 and cm["profile"]["batch_size"] == 4
-    assert len(cm["profile"]["head_ms"]) == model.num_exits and cm["profile"]["machine"]["torch"]
+    assert len(cm["profile"]["branch_ms"]) == model.num_exits and cm["profile"]["machine"]["torch"]
     chosen = doc["chosen"]
     assert chosen["time_cost"] == pytest.approx(chosen["cost"]) and 0 < chosen["mac_cost"] != chosen["cost"]
     saved = pteenet.load(str(tuned))
@@ -151,11 +151,17 @@ def test_sweep_cli_prices_with_a_profile_measured_before_and_chooses_the_same(tm
     assert b["cost_model"]["profile_file"] == str(saved) and b["cost_model"]["profile"] == a["cost_model"]["profile"]
     assert b["chosen"] == a["chosen"]  # the same prices give the same choice: nothing was timed the second time
     assert str(saved) in b["cost_model"]["note"]  # the reader is told where the prices come from
+    legacy = {k: v for k, v in a["cost_model"]["profile"].items() if k != "branch_ms"}
+    legacy["head_ms"] = a["cost_model"]["profile"]["branch_ms"]  # profiles written before the key was branch_ms
+    (tmp_path / "old_profile.json").write_text(json.dumps(legacy))
+    old = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "old"), "--profile", str(tmp_path / "old_profile.json")])
+    assert old.exit_code == 0, old.stderr
+    assert json.loads(old.stdout)["chosen"] == a["chosen"]
     wrong = tmp_path / "two_exits.json"
     wrong.write_text(json.dumps(TimeProfile(1, [1.0, 1.0, 1.0], [0.1, 0.1]).to_dict()))
     free = tmp_path / "free_head.json"  # a head left unpriced would look free to exit selection
-    free.write_text(json.dumps({**a["cost_model"]["profile"], "head_ms": [0.0] + a["cost_model"]["profile"]["head_ms"][1:]}))
-    for extra, words in ((["--profile", str(wrong)], "this model has"), (["--profile", str(free)], "does not price the heads of exits [0]"), (["--profile", str(saved), "--cost", "macs"], "prices in time"),
+    free.write_text(json.dumps({**a["cost_model"]["profile"], "branch_ms": [0.0] + a["cost_model"]["profile"]["branch_ms"][1:]}))
+    for extra, words in ((["--profile", str(wrong)], "this model has"), (["--profile", str(free)], "does not price the branches of exits [0]"), (["--profile", str(saved), "--cost", "macs"], "prices in time"),
                          (["--profile", str(saved), "--deploy-batch-size", "4"], "measured at batch 1"),
                          (["--profile", str(tmp_path / "none.json")], "no profile file")):
         r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "c"), *extra])

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..configs import Config, check_choice, check_int, check_thresholds
-from ..data import DataRequest, load_splits, make_loader, resolve_data
+from ..data import SPLITS, DataRequest, load_splits, make_loader, resolve_data, split_name
 from ..errors import PteenetError
 from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
@@ -271,14 +271,12 @@ def _result(bs: int, n_batches: int, n: int, totals: dict[str, list[float]], per
     }
 
 
-SPLITS = ("train", "val", "test")
-
-
 def load_images(model: EarlyExitModel, spec: str | None = None, data_dir: str | None = None, split: str = "test",
                 limit: int | None = None, sink: Sink = SILENT) -> tuple[torch.Tensor, list[str]]:
     """One split, preprocessed for the backbone and stacked in memory so that the timed loops never
     wait for data; the split is rebuilt from the checkpoint's data record as the sweep does (``spec``
     None: the recorded data). Returns the images and notes on what was assumed."""
+    split = split_name(split)
     check_choice("split", split, SPLITS)
     cfg, notes = resolve_data(DataRequest(spec=spec, data_dir=data_dir, limit=limit), model.meta.get("data"))
     ds = getattr(load_splits(cfg, model.info.preprocess, model.info.num_classes), split)

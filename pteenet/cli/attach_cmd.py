@@ -31,9 +31,9 @@ def attach_command(
     exits: Optional[str] = typer.Option(None, help="number of exits placed by cost, or 'all' candidates (default all)"),
     placement: str = typer.Option(AttachConfig.placement, help="fine | pareto | linear | golden"),
     branch: str = typer.Option(AttachConfig.branch, help="branch type: pool-mlp | pool | conv-lite | conv0..conv3 (the paper's)"),
-    cascade: bool = typer.Option(AttachConfig.cascade, "--cascade/--no-cascade", help="each head also reads the previous exit's logits"),
+    cascade: bool = typer.Option(AttachConfig.cascade, "--cascade/--no-cascade", help="each branch also reads the previous exit's logits"),
     grid: int = typer.Option(AttachConfig.grid, help="G of the G x G average+max pooling (pool, pool-mlp, conv-lite)"),
-    hidden: int = typer.Option(AttachConfig.hidden, help="hidden width of pool-mlp heads"),
+    hidden: int = typer.Option(AttachConfig.hidden, help="hidden width of pool-mlp branches"),
     hooks: bool = typer.Option(False, "--hooks", help="for backbones torch.fx cannot trace: exits on forward hooks "
                                "(trained, swept and reported; NO real early exit: every sample runs the whole backbone)"),
     list_: bool = typer.Option(False, "--list", help="list candidate exit points and their cumulative MAC share"),

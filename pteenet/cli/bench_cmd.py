@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from ..bench.run import BenchConfig, bench, load_images
+from ..data import split_name
 from ..devices import resolve_device
 from ..export.report import batch_label
 from ..progress import format_percent
@@ -23,7 +24,7 @@ def bench_command(
     checkpoint: Path = typer.Argument(..., help="a pteenet checkpoint"),
     data: DataOption = None,
     data_dir: DataDirOption = None,
-    split: str = typer.Option("test", help="train | val | test"),
+    split: str = typer.Option("test", help="train | calibration | test (val: calibration)"),
     limit: LimitOption = DEFAULT_LIMIT,
     batch_size: Optional[list[int]] = typer.Option(None, "--batch-size", help="repeat for several (default: 1 and 256)"),
     threshold: Optional[float] = typer.Option(None, help="global threshold (default: the checkpoint's thresholds)"),
@@ -46,11 +47,12 @@ def bench_command(
     ck = load_checkpoint(checkpoint, resolve_device(device))
     model = ck.model
     spec = data or (model.meta.get("data") or {}).get("spec")
+    split = split_name(split)
     cfg.extra.update(data=spec, split=split)
     with progress_sink() as sink:
         images, notes = load_images(model, data, data_dir, split, limit, sink)
         # The notes are about which images form the calibration split; other splits do not depend on it.
-        for note in notes if split == "val" else []:
+        for note in notes if split == "calibration" else []:
             sink.note(note)
         doc = bench(model, images, cfg, sink)
     if record:

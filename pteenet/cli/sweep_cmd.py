@@ -29,8 +29,9 @@ TABLE_ROWS_PER_POLICY = 12  # a front can hold dozens of points; the table shows
 
 
 class SplitChoice(str, Enum):
-    val = "val"
+    calibration = "calibration"
     test = "test"
+    val = "val"  # calibration's earlier name, still accepted
 
 
 def _table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -86,18 +87,18 @@ def sweep_command(
              "imagefolder:PATH of class folders, images:PATH (no labels: agreement only), any + #half=0|1 for a seeded half (a half of test: report "
              "on the other half). Use it when the backbone was fine-tuned on the training images, which it "
              "has memorised; held-out training images are fine otherwise"),
-    split: SplitChoice = typer.Option(SplitChoice.val, help="val: tune on training's calibration split, report the choice on test; test: sweep test only"),
+    split: SplitChoice = typer.Option(SplitChoice.calibration, help="calibration: tune on training's calibration split, report the choice on test; test: sweep test only (val: calibration)"),
     policy: PolicyOption = ALL_POLICIES,
     thresholds: str = typer.Option("0:1:0.01", help="threshold grid START:STOP:STEP (or one value)"),
     per_exit: bool = typer.Option(False, "--per-exit", help="also search one threshold per exit at a set of budgets"),
-    select_exits: bool = typer.Option(False, "--select-exits", help="also choose which exits decide at all (greedy; needs --budget or --max-drop); unused heads are not computed"),
+    select_exits: bool = typer.Option(False, "--select-exits", help="also choose which exits decide at all (greedy; needs --budget or --max-drop); unused branches are not computed"),
     budget: Optional[float] = typer.Option(None, help="choose the most accurate setting with mean cost <= F x backbone"),
     max_drop: Optional[float] = typer.Option(None, help="choose the cheapest setting at most P points below the backbone (accuracy; agreement without labels), certified for new data"),
     confidence: float = typer.Option(CONFIDENCE, metavar="C", help="with --max-drop: the drop stays within P points on new data from the same distribution with probability >= C (Learn-then-Test); 0 = no guarantee"),
     no_guarantee: bool = typer.Option(False, "--no-guarantee", help="with --max-drop: the cheapest setting within P points on the calibration data only (no promise for new data)"),
     write: Optional[Path] = typer.Option(None, help="write the checkpoint with the chosen setting (may be CHECKPOINT)"),
     batch_size: int = typer.Option(256, help="images per batch"),
-    cost: str = typer.Option(SweepConfig.cost, help="a point's cost: time (predicted from the stages and heads timed on this machine at --deploy-batch-size) or macs"),
+    cost: str = typer.Option(SweepConfig.cost, help="a point's cost: time (predicted from the stages and branches timed on this machine at --deploy-batch-size) or macs"),
     deploy_batch_size: int = typer.Option(SweepConfig.deploy_batch_size, "--deploy-batch-size", help="with --cost time: the batch size you deploy at, which time is predicted for"),
     deploy_runtime: str = typer.Option(SweepConfig.deploy_runtime, "--deploy-runtime", help="with --cost time: where you run the model, eager (pteenet.load) or onnxruntime (export --format staged-onnx); time is measured there"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="with --cost time: price with a profile measured before (sweep.json "

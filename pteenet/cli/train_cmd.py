@@ -77,11 +77,11 @@ def train_command(
     cache_features: bool = typer.Option(False, "--cache-features", help="run the backbone once (per view) and train from cached exit features"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="save feature caches here and reuse them in later runs on the same backbone, exits and data"),
     views: int = typer.Option(TrainConfig.views, "--views", help="augmented views of each training image in the feature cache (needs --cache-features, augmentation on)"),
-    ensemble: bool = typer.Option(TrainConfig.ensemble, "--ensemble/--no-ensemble", help="after training, fit an ensemble of the heads on the calibration split"),
+    ensemble: bool = typer.Option(TrainConfig.ensemble, "--ensemble/--no-ensemble", help="after training, fit an ensemble of the exits on the calibration split"),
     json_: JsonOption = False,
 ) -> None:
     """Train the exit branches (only them) on the frozen backbone, saving OUTPUT after every epoch."""
-    data_cfg = DataConfig(spec=data, data_dir=data_dir, limit=limit, augment=not no_augment, val_split=calibration_split,
+    data_cfg = DataConfig(spec=data, data_dir=data_dir, limit=limit, augment=not no_augment, calibration_split=calibration_split,
                           seed=seed, calibration=calibration, test_split=test_split, strict_images=strict_images)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
                       workers=workers, amp=amp, resume=resume, cache_features=cache_features, views=views, cache_dir=cache_dir,

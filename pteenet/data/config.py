@@ -3,8 +3,9 @@ dataset specs exist (``sources.py`` loads them)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+import warnings
+from dataclasses import InitVar, dataclass
+from typing import Any, ClassVar
 
 from ..configs import Config, check_int, check_number, setting
 from ..errors import PteenetError, unknown_name
@@ -46,10 +47,11 @@ class DataConfig(Config):
     data_dir: str | None = setting(None, resume="free")  # where the files are: may move between runs
     limit: int | None = None
     augment: bool = True
-    # The calibration split: ``val_split`` of train held out (``--calibration-split``), or, with
-    # ``calibration``, data from that spec instead (``--calibration SPEC``). The field names stay:
-    # they are keys of the checkpoints' data records, which must keep loading.
-    val_split: float = 0.1
+    # The calibration split: ``calibration_split`` of train held out (``--calibration-split``), or, with
+    # ``calibration``, data from that spec instead (``--calibration SPEC``). Records written before
+    # the rename call it ``val_split`` (``RENAMED``; ``split_info`` keeps that key).
+    RENAMED: ClassVar[dict[str, str]] = {"val_split": "calibration_split"}
+    calibration_split: float = 0.1
     seed: int = 0
     download: bool = setting(True, resume="free")
     crop_padding: int | None = None  # random-crop padding; None: 4 px at 32 px, scaled with the image size
@@ -57,12 +59,19 @@ class DataConfig(Config):
     test_split: float = DEFAULT_TEST_SPLIT  # of a single folder, the share that is test (splits.py)
     # An image file that cannot be decoded is an error, not skipped: how a run reacts, not what it computes.
     strict_images: bool = setting(False, resume="free")
+    # calibration_split's old keyword, deprecated; an argument only (reading ``.val_split`` is not supported:
+    # ``dataclasses.replace`` would pass it back in)
+    val_split: InitVar[float | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, val_split: float | None) -> None:
+        if val_split is not None:
+            warnings.warn("DataConfig(val_split=...) is now DataConfig(calibration_split=...)", DeprecationWarning,
+                          stacklevel=3)
+            self.calibration_split = val_split
         if not isinstance(self.spec, str) or not is_known(self.spec):
             raise unknown_name("dataset", str(self.spec), KNOWN_SPECS)
         check_int("limit", self.limit, 1, "leave it out to use all the data", optional=True)
-        check_number("val_split", self.val_split, 0, 1, high_open=True,
+        check_number("calibration_split", self.calibration_split, 0, 1, high_open=True,
                      hint="the calibration split is a fraction of train, e.g. --calibration-split 0.1")
         check_number("test_split", self.test_split, 0, 1, low_open=True, high_open=True,
                      hint="the share of a single folder held out as test, e.g. --test-split 0.1")
@@ -77,7 +86,7 @@ class DataConfig(Config):
     def from_split_info(cls, info: dict[str, Any], data_dir: str | None = None, download: bool = True,
                         strict_images: bool = False) -> "DataConfig":
         """The config that rebuilds the split recorded in a checkpoint (``Splits.split_info``); records
-        older than ``calibration`` have no such key and carved val from train."""
-        return cls(spec=info["spec"], data_dir=data_dir, limit=info["limit"], val_split=info["val_split"],
+        older than ``calibration`` have no such key and carved the calibration split from train."""
+        return cls(spec=info["spec"], data_dir=data_dir, limit=info["limit"], calibration_split=info["val_split"],
                    seed=info["seed"], download=download, calibration=info.get("calibration"),
                    test_split=info.get("test_split") or DEFAULT_TEST_SPLIT, strict_images=strict_images)

@@ -9,7 +9,8 @@ from ..configs import check_int
 from ..errors import PteenetError
 from .config import DataConfig
 
-DEFAULT_VAL_SPLIT = 0.1  # only for checkpoints that record no split (training's default)
+DEFAULT_CALIBRATION_SPLIT = 0.1  # only for checkpoints that record no split (training's default)
+DEFAULT_VAL_SPLIT = DEFAULT_CALIBRATION_SPLIT  # its earlier name
 
 
 @dataclass(kw_only=True)
@@ -51,7 +52,7 @@ def resolve_data(request: DataRequest, recorded: dict[str, Any] | None) -> tuple
             cfg = replace(cfg, spec=request.spec)
             notes.append(f"data read from {request.spec}, assumed to hold the same images as the recorded {rec}")
         if request.limit is not None and request.limit != cfg.limit:
-            # Val is carved before the cap, so any limit keeps it inside the held-out images.
+            # The calibration split is carved before the cap, so any limit keeps it inside the held-out images.
             notes.append(f"--limit {request.limit} replaces the recorded limit {cfg.limit}")
             cfg = replace(cfg, limit=request.limit)
         if request.calibration is not None and request.calibration != cfg.calibration:
@@ -62,10 +63,10 @@ def resolve_data(request: DataRequest, recorded: dict[str, Any] | None) -> tuple
     else:
         if request.spec is None:
             raise PteenetError("the checkpoint records no training data", "pass --data SPEC")
-        cfg = DataConfig(spec=request.spec, data_dir=request.data_dir, limit=request.limit, val_split=DEFAULT_VAL_SPLIT,
+        cfg = DataConfig(spec=request.spec, data_dir=request.data_dir, limit=request.limit, calibration_split=DEFAULT_CALIBRATION_SPLIT,
                          download=request.download, calibration=request.calibration, strict_images=request.strict_images)
         if request.calibration is None:
-            notes.append(f"the checkpoint records no data split: calibrated on a fresh val_split "
-                         f"{DEFAULT_VAL_SPLIT} (seed 0), which may overlap the images the branches were trained on")
-    # Only val and test are used, and they are never augmented; this is for clarity.
+            notes.append(f"the checkpoint records no data split: calibrated on a fresh calibration split "
+                         f"{DEFAULT_CALIBRATION_SPLIT} (seed 0), which may overlap the images the branches were trained on")
+    # Only calibration and test are used, and they are never augmented; this is for clarity.
     return replace(cfg, augment=False), notes

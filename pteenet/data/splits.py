@@ -1,12 +1,12 @@
-"""Train / calibration (val) / test splits of a dataset spec (``sources.py``), preprocessed for the backbone.
+"""Train / calibration / test splits of a dataset spec (``sources.py``), preprocessed for the backbone.
 
 A source with its own test split (torchvision's datasets, ``imagefolder:PATH`` with ``PATH/train``
 and ``PATH/test``, ``synthetic``) keeps it. A single folder (``imagefolder:PATH`` of class folders,
 ``images:PATH``) is split in two first: a seeded random ``test_split`` of its images (seed
 ``DataConfig.seed``; 10% by default) is test, and the rest is the training data.
 
-Calibration (``DataConfig.calibration``): by default val is a seeded ``val_split`` carved out of the
-training data. A calibration spec takes val from other data instead, and then all of it trains:
+Calibration (``DataConfig.calibration``): by default the calibration split is a seeded
+``calibration_split`` carved out of the training data. A calibration spec takes it from other data instead, and then all of it trains:
 
 - ``SPEC``, any dataset spec: that dataset's test split (``imagefolder:PATH`` with ``PATH/train``:
   ``PATH/test``, else ``PATH/val``);
@@ -25,6 +25,7 @@ says whether the split has labels, and without them only agreement with the back
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,20 +41,34 @@ from .transform import ImageTransform
 # Left/right mirroring changes what a digit means; clothes and objects survive it.
 _NO_FLIP = {"mnist", "svhn"}
 
+SPLITS = ("train", "calibration", "test")  # the names users pick a split by (``Splits`` fields)
+SPLIT_ALIASES = {"val": "calibration"}  # the calibration split's earlier name, still accepted
+
+
+def split_name(name: str) -> str:
+    """The split ``name`` stands for (``val`` is ``calibration``); unknown names pass through for the caller's check."""
+    return SPLIT_ALIASES.get(name, name)
+
 
 @dataclass
 class Splits:
-    """``train`` is augmented (if asked); ``val`` (calibration: carved from train, or ``calibration``)
-    and ``test`` are not. ``class_names`` None: the data has no labels.
+    """``train`` is augmented (if asked); ``calibration`` (carved from train, or from
+    ``DataConfig.calibration``) and ``test`` are not. ``class_names`` None: the data has no labels.
 
     ``split_info`` is JSON-able and, with the same data, rebuilds the same split (``DataConfig.from_split_info``).
     """
 
     train: Dataset
-    val: Dataset
+    calibration: Dataset
     test: Dataset
     class_names: list[str] | None
     split_info: dict[str, Any]
+
+    @property
+    def val(self) -> Dataset:
+        """The calibration split by its earlier name."""
+        warnings.warn("Splits.val is Splits.calibration", DeprecationWarning, stacklevel=2)
+        return self.calibration
 
 
 def _cap(n: int, limit: int | None, gen: torch.Generator) -> list[int]:
@@ -152,8 +167,8 @@ def _carve_test(train_aug: Dataset, train_plain: Dataset, fraction: float, seed:
 
 
 def load_splits(cfg: DataConfig, preprocess: Preprocess, num_classes: int | None = None) -> Splits:
-    """Load ``cfg.spec`` preprocessed for the backbone and split it into train, calibration (val) and
-    test: val carved from train, or taken from ``cfg.calibration`` (module docstring)."""
+    """Load ``cfg.spec`` preprocessed for the backbone and split it into train, calibration and
+    test: calibration carved from train, or taken from ``cfg.calibration`` (module docstring)."""
     spec = cfg.spec
     cal_base, half = parse_calibration(cfg.calibration) if cfg.calibration is not None else (None, None)
     aug_tf = ImageTransform(preprocess, cfg.augment, spec not in _NO_FLIP, cfg.crop_padding)
@@ -167,12 +182,12 @@ def load_splits(cfg: DataConfig, preprocess: Preprocess, num_classes: int | None
     if test is None:
         train_aug, train_plain, test = _carve_test(train_aug, train_plain, cfg.test_split, cfg.seed)
     n_train, n_test = len(train_aug), len(test)  # type: ignore[arg-type]
-    # Val is carved from the full train set before the cap, so the calibration images do not depend on limit.
+    # Calibration is carved from the full train set before the cap, so the calibration images do not depend on limit.
     perm = torch.randperm(n_train, generator=gen).tolist()
     source_sizes = {"train": n_train, "test": n_test}
     extra: dict[str, Any] = {"calibration": None}
     if cal_base is None:
-        n_val = min(n_train - 1, max(1, round(cfg.val_split * n_train))) if cfg.val_split > 0 and n_train > 1 else 0
+        n_val = min(n_train - 1, max(1, round(cfg.calibration_split * n_train))) if cfg.calibration_split > 0 and n_train > 1 else 0
         val, train_idx = Subset(train_plain, perm[:n_val][:cfg.limit]), perm[n_val:][:cfg.limit]
         test_idx = _cap(n_test, cfg.limit, gen)
     else:
@@ -184,7 +199,7 @@ def load_splits(cfg: DataConfig, preprocess: Preprocess, num_classes: int | None
         raise PteenetError(f"dataset {spec} is empty (train {len(train_idx)}, test {len(test_idx)} images)",
                            "check the data folder")
     info = {
-        "spec": spec, "val_split": cfg.val_split, "seed": cfg.seed, "limit": cfg.limit,
+        "spec": spec, "val_split": cfg.calibration_split, "seed": cfg.seed, "limit": cfg.limit,
         "num_classes": len(class_names) if class_names is not None else num_classes,
         "labelled": class_names is not None,
         "test_split": cfg.test_split if carved else None,
@@ -192,7 +207,7 @@ def load_splits(cfg: DataConfig, preprocess: Preprocess, num_classes: int | None
         "sizes": {"train": len(train_idx), "val": len(val), "test": len(test_idx)},  # type: ignore[arg-type]
         **extra,
     }
-    return Splits(train=Subset(train_aug, train_idx), val=val, test=Subset(test, test_idx),
+    return Splits(train=Subset(train_aug, train_idx), calibration=val, test=Subset(test, test_idx),
                   class_names=class_names, split_info=info)
 
 

@@ -84,7 +84,7 @@ class BranchConfig(Config):
                 "pool-mlp": f"average and max pooling to {g}, BatchNorm and one hidden layer of {self.hidden}",
                 "conv-lite": f"a strided 3x3 conv halving the channels, average and max pooling to {g}"}[self.kind]
         return (f"{self.name}: {body}, then a classifier and a confidence head"
-                + (f", each head also reading the previous exit's {CASCADE_WORDS[self.cascade_input]} (cascade)"
+                + (f", each branch also reading the previous exit's {CASCADE_WORDS[self.cascade_input]} (cascade)"
                    if self.cascade else ""))
 
     @property

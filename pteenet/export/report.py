@@ -256,7 +256,7 @@ def _sweep_md(sw: dict[str, Any] | None) -> list[str]:
     points = [p for p in sw.get("points") or [] if p.get("threshold") is not None]
     n_exits = len(points[0]["exit_fractions"]) - 1 if points else 0
     front = pareto([Point.from_dict(p, n_exits) for p in points])
-    out = [f"Every policy and threshold was evaluated on {sw.get('samples')} held-out calibration (val) images; "
+    out = [f"Every policy and threshold was evaluated on {sw.get('samples')} held-out calibration images; "
            f"{metric} is against the {'labels' if metric == 'accuracy' else 'backbone'}. Backbone alone: "
            f"{metric} {format_percent((sw.get('backbone') or {}).get(metric))} at cost 1. Oracle (each image leaves at the first right exit): "
            f"{format_percent((sw.get('oracle') or {}).get(metric))} at cost {(sw.get('oracle') or {}).get('cost', float('nan')):.3f}. "

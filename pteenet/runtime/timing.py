@@ -2,9 +2,9 @@
 
 The MAC ratio is what early exit would save if every MAC took the same time. They do not: on a
 CPU a ResNet's first, high-resolution stage takes more time per MAC than its last (measured:
-``best_resnet56.timing`` in benchmarks/results/cifar10_resnet.json), so leaving early saves less time than MACs; and a pooled head that costs 0.1% of the MACs takes a few
+``best_resnet56.timing`` in benchmarks/results/cifar10_resnet.json), so leaving early saves less time than MACs; and a pooled branch that costs 0.1% of the MACs takes a few
 percent of the time (pooling reads the whole tap, and is memory-bound), at batch 1 more (each op's
-fixed cost). ``profile`` measures, for one batch size, every backbone stage, every computed head,
+fixed cost). ``profile`` measures, for one batch size, every backbone stage, every computed branch,
 one decision (score, comparison, the one value read back) and, at batch > 1, the row compaction
 after an exit, with the machine it ran on. ``TimeProfile.costs`` then prices a sample that leaves
 at exit k in predicted time as a fraction of the plain backbone's, exactly as ``CostTable.costs``
@@ -67,7 +67,7 @@ def machine() -> dict[str, Any]:
 class TimeProfile:
     batch_size: int
     stage_ms: list[float]  # the E+1 stages, each on the whole batch
-    head_ms: list[float]  # per exit; 0.0 for a head the runtime does not compute
+    branch_ms: list[float]  # per exit; 0.0 for a branch the runtime does not compute
     backbone_ms: float | None = None  # the plain backbone on the same batch, one call (not a reference)
     decision_ms: float = 0.0  # one exit's decision: score, comparison, the value read back
     compaction_ms: list[float] = field(default_factory=list)  # per exit: selecting the rows that stay (batch > 1)
@@ -76,7 +76,7 @@ class TimeProfile:
 
     @property
     def reference_ms(self) -> float:
-        """What ratios divide by: the stages' sum, timed the same way as the heads (short calls,
+        """What ratios divide by: the stages' sum, timed the same way as the branches (short calls,
         round-robin). The whole backbone timed as one long call (``backbone_ms``, recorded to show
         what splitting costs) is not comparable on a shared machine: a 20 ms call is preempted by
         other processes far more often than a 0.3 ms one, which would make every exit look cheap."""
@@ -84,23 +84,23 @@ class TimeProfile:
 
     def costs(self, computed: Sequence[bool] | None = None) -> list[float]:
         """Per exit, then the end: the predicted time of a sample that leaves there, as a fraction
-        of the plain backbone's (``CostTable.costs`` in time). A computed head costs its head, its
-        decision and, at batch > 1, the compaction after it; ``computed`` None: the heads profiled."""
-        flags = [h > 0 for h in self.head_ms] if computed is None else list(computed)
+        of the plain backbone's (``CostTable.costs`` in time). A computed branch costs its branch, its
+        decision and, at batch > 1, the compaction after it; ``computed`` None: the branches profiled."""
+        flags = [h > 0 for h in self.branch_ms] if computed is None else list(computed)
         ref, out, passed, before = self.reference_ms, [], 0.0, 0.0
         for k, c in enumerate(flags):
             before += self.stage_ms[k]
             if c:
-                passed += self.head_ms[k] + self.decision_ms
+                passed += self.branch_ms[k] + self.decision_ms
             out.append((before + passed) / ref)
             if c and self.compaction_ms:
                 passed += self.compaction_ms[k]  # paid only by the rows that go on
         return out + [(before + self.stage_ms[-1] + passed) / ref]
 
     def costs_paper(self) -> list[float]:
-        """The paper's convention (prefix and the exit's own head only), in time."""
+        """The paper's convention (prefix and the exit's own branch only), in time."""
         ref, prefix = self.reference_ms, list(itertools.accumulate(self.stage_ms))
-        return [(prefix[k] + h + self.decision_ms) / ref for k, h in enumerate(self.head_ms)] + [prefix[-1] / ref]
+        return [(prefix[k] + h + self.decision_ms) / ref for k, h in enumerate(self.branch_ms)] + [prefix[-1] / ref]
 
     def ratios(self, fractions: Sequence[float]) -> dict[str, float]:
         """Time ratios to the whole backbone for exit ``fractions`` (E+1, the last: ran to the end):
@@ -111,13 +111,15 @@ class TimeProfile:
         return {"ideal_time_ratio": ideal, "predicted_time_ratio": predicted}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "stage_ms": self.stage_ms, "head_ms": self.head_ms,
+        return {"batch_size": self.batch_size, "stage_ms": self.stage_ms, "branch_ms": self.branch_ms,
                 "backbone_ms": self.backbone_ms, "decision_ms": self.decision_ms,
                 "compaction_ms": self.compaction_ms, "machine": self.machine, "load_average": self.load_average}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TimeProfile":
-        return cls(int(d["batch_size"]), list(d["stage_ms"]), list(d["head_ms"]), d.get("backbone_ms"),
+        """Reads profiles written before ``branch_ms`` was named, whose key is ``head_ms``."""
+        branch_ms = d["branch_ms"] if "branch_ms" in d else d["head_ms"]
+        return cls(int(d["batch_size"]), list(d["stage_ms"]), list(branch_ms), d.get("backbone_ms"),
                    float(d.get("decision_ms", 0.0)), list(d.get("compaction_ms") or []), dict(d.get("machine") or {}),
                    d.get("load_average"))
 
@@ -125,9 +127,9 @@ class TimeProfile:
 def read_profile(path: str, num_exits: int, batch_size: int) -> TimeProfile:
     """A ``TimeProfile`` from a file: the profile itself (``to_dict``), or a document that holds
     one: a sweep's ``sweep.json`` (``cost_model.profile``) or a ``cifar10_time.py`` summary
-    (``profiles``, the one for ``batch_size``). It must price every stage and every head of a
+    (``profiles``, the one for ``batch_size``). It must price every stage and every branch of a
     model with ``num_exits`` exits, for ``batch_size``: exit selection would take an unpriced
-    head for free."""
+    branch for free."""
     hint = "give sweep.json of a sweep that measured it, or a TimeProfile JSON (TimeProfile.to_dict)"
     try:
         raw = json.loads(Path(path).read_text())
@@ -140,15 +142,15 @@ def read_profile(path: str, num_exits: int, batch_size: int) -> TimeProfile:
         raise PteenetError(f"no profile file {path}", hint) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PteenetError(f"{path} holds no time profile ({type(e).__name__}: {e})", hint) from None
-    if len(prof.stage_ms) != num_exits + 1 or len(prof.head_ms) != num_exits:
-        raise PteenetError(f"{path} prices {len(prof.head_ms)} exits; this model has {num_exits}",
+    if len(prof.stage_ms) != num_exits + 1 or len(prof.branch_ms) != num_exits:
+        raise PteenetError(f"{path} prices {len(prof.branch_ms)} exits; this model has {num_exits}",
                            "profile the same attached model")
     if prof.batch_size != batch_size:
         raise PteenetError(f"{path} was measured at batch {prof.batch_size}, not {batch_size}",
                            f"pass --deploy-batch-size {prof.batch_size}, or a profile measured at {batch_size}")
-    if unpriced := [k for k, h in enumerate(prof.head_ms) if h <= 0]:
-        raise PteenetError(f"{path} does not price the heads of exits {unpriced}",
-                           "use a profile measured with every head computed (the sweep's own, in sweep.json)")
+    if unpriced := [k for k, h in enumerate(prof.branch_ms) if h <= 0]:
+        raise PteenetError(f"{path} does not price the branches of exits {unpriced}",
+                           "use a profile measured with every branch computed (the sweep's own, in sweep.json)")
     return prof
 
 
@@ -167,9 +169,9 @@ def _round_robin(calls: dict[Any, Callable[[], Any]], repeats: int, warmup: int)
 
 def _full_pass(model: EarlyExitModel, x: torch.Tensor, computed: list[bool],
                segments: dict[tuple[str, int], list[float]]) -> None:
-    """One pass through every stage and computed head in the runtime's order, each segment timed
-    where it runs: a head then finds its weights as cold as in a real pass (timed alone and
-    repeated, 27 heads' weights stay in cache and look cheaper than they are at batch 1)."""
+    """One pass through every stage and computed branch in the runtime's order, each segment timed
+    where it runs: a branch then finds its weights as cold as in a real pass (timed alone and
+    repeated, 27 branches' weights stay in cache and look cheaper than they are at batch 1)."""
     state: tuple[Any, ...] = (x,)
     carry = Carry()
     stages = model.stages.modules
@@ -200,7 +202,7 @@ def _decision(rule: policies.Policy, logits: torch.Tensor, conf: torch.Tensor, t
 
 
 def profile(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> TimeProfile:
-    """Time the plain backbone, each stage of ``model`` and each computed head (inside full passes,
+    """Time the plain backbone, each stage of ``model`` and each computed branch (inside full passes,
     ``_full_pass``), one decision and, at batch > 1, the compaction after each exit (keeping 90% of
     the rows), for the batch ``x``: medians over ``repeats`` rounds, taken in turns."""
     stages = model.stages.modules
@@ -242,7 +244,7 @@ def profile(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: in
 def measure_tail(model: EarlyExitModel, x: torch.Tensor, active: Sequence[bool], budget_s: float = 3.0,
                  min_rounds: int = 5, max_rounds: int = 300) -> dict[str, Any]:
     """What a batch that takes no exit pays on the clock: ``model`` with ``active`` exits deciding
-    and thresholds at which nothing leaves (every computed head and decision runs, on the cut
+    and thresholds at which nothing leaves (every computed branch and decision runs, on the cut
     backbone of ``run_plan``), against the plain backbone, for about ``budget_s`` seconds; the
     ratio of the medians. The two take turns in a seeded random order, as the benchmarks time them:
     what ran just before decides which weights are still in the CPU's caches. A profile predicts

@@ -32,7 +32,7 @@ def _summary(p: Point, full: bool = False) -> dict[str, Any]:
 def build_document(cache: ExitCache, points: Sequence[Point], chosen: Point | None,
                    test_cache: ExitCache | None = None, *, budget: float | None = None,
                    max_drop: float | None = None) -> dict[str, Any]:
-    """The sweep's JSON document: backbone and oracle on ``cache`` (val), every swept point
+    """The sweep's JSON document: backbone and oracle on ``cache`` (the swept split), every swept point
     (global and per-exit, all policies), the chosen point, and - with ``test_cache`` - the chosen
     setting re-evaluated on test (under ``chosen["test"]``) so its numbers are not val-tuned."""
     backbone = backbone_point(cache)

@@ -43,7 +43,7 @@ def read_splits(model: EarlyExitModel, data_cfg: DataConfig, split: str) -> Spli
     except Exception as e:  # a corrupt file or folder: still one line, naming the data
         raise PteenetError(f"cannot read the data {data_cfg.spec}: {describe_error(e)}",
                            "check --data and --data-dir") from None
-    if split == "val" and len(splits.val) == 0:  # type: ignore[arg-type]
+    if split == "calibration" and len(splits.calibration) == 0:  # type: ignore[arg-type]
         raise PteenetError("the calibration split is empty: the branches were trained without one",
                            "retrain with --calibration-split > 0 or --calibration SPEC, or pass --split test (selection then uses test)")
     return splits
@@ -53,12 +53,12 @@ def calibration_warnings(split_info: dict[str, Any], split: str, choosing: bool,
     """Warn where the split a setting is chosen on makes its reported numbers optimistic."""
     if choosing and split == "test":
         warn("the setting is chosen on the test split, so its test numbers are optimistic "
-             "(--split val chooses on the calibration split and reports test separately)")
+             "(--split calibration chooses on the calibration split and reports test separately)")
     calibration, overlap = split_info.get("calibration"), split_info.get("calibration_overlap")
-    if choosing and split == "val" and overlap == "test":
+    if choosing and split == "calibration" and overlap == "test":
         warn(f"the calibration data {calibration} is the test split: the setting is chosen on the images it is "
              f"reported on, so its test numbers are optimistic (--calibration {calibration}#half=0 "
              "calibrates on one half and reports on the other)")
-    if split == "val" and overlap == "train":
+    if split == "calibration" and overlap == "train":
         warn(f"the calibration data {calibration} is the training split: the branches were trained on it, and a "
              "backbone fine-tuned on it has memorised it (calibrate on images neither has seen)")

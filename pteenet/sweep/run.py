@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 
 from .. import distributed
 from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_parent_folder
-from ..data import NO_LABELS, SKIPPED, DataConfig, DataRequest, make_loader, resolve_data
+from ..data import NO_LABELS, SKIPPED, SPLITS, DataConfig, DataRequest, make_loader, resolve_data, split_name
 from ..devices import resolve_device
 from ..distributed import Group
 from ..errors import PteenetError
@@ -41,7 +41,6 @@ from .preflight import calibration_warnings, check_sweepable, read_splits, train
 from .pricing import DEPLOY_RUNTIMES, Pricing, both_costs, pricing_for
 from .selection import backbone_only, restrict
 
-SPLITS = ("val", "test")
 COSTS = ("macs", "time")
 PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along the global front
 
@@ -49,7 +48,7 @@ PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along
 @dataclass(kw_only=True)
 class SweepConfig(Config):
     outdir: str | None = None  # sweep.json, sweep.csv, curve.png, exits.png; None writes nothing
-    split: str = "val"  # val: tune on calibration (and report the choice on test) | test
+    split: str = "calibration"  # calibration: tune there (and report the choice on test) | test; "val" is read as calibration
     policy: str = "all"  # one of policies.POLICIES, or all three side by side
     thresholds: str = "0:1:0.01"  # START:STOP:STEP (parse_range)
     per_exit: bool = False
@@ -70,7 +69,8 @@ class SweepConfig(Config):
 
     def __post_init__(self) -> None:
         check_device(self.device)
-        check_choice("split", self.split, SPLITS)
+        self.split = split_name(self.split)
+        check_choice("split", self.split, SPLITS[1:])  # never the training split
         check_policy(self.policy, also=("all",))
         parse_range(self.thresholds)
         check_criterion(self.budget, self.max_drop)
@@ -203,7 +203,7 @@ def _data_config(data: DataRequest | DataConfig | None, recorded: dict[str, Any]
             rec = DataConfig.from_split_info(recorded)
         except (KeyError, TypeError):
             rec = None
-        fields = ("spec", "limit", "val_split", "seed", "calibration")
+        fields = ("spec", "limit", "calibration_split", "seed", "calibration")
         diffs = [f"{k} {getattr(data, k)!r} (recorded {getattr(rec, k)!r})" for k in fields
                  if rec is not None and getattr(data, k) != getattr(rec, k)]
         if diffs:
@@ -226,7 +226,7 @@ def _test_cache(model: EarlyExitModel, test: Dataset, chosen: Point | None, acti
     """The test split's pass, to report a setting chosen on the calibration split on other images
     (restricted to the active exits, priced as the calibration split); None when nothing was
     chosen or it was chosen on test."""
-    if chosen is None or cfg.split != "val":
+    if chosen is None or cfg.split != "calibration":
         return None
     test_cache = run(test, "test")
     return restrict(test_cache, active or [True] * test_cache.num_exits, pricing, model.chained)
@@ -319,7 +319,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
         return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name)
 
     skipped_before = SKIPPED.mark()
-    cache = run(splits.val if cfg.split == "val" else splits.test, cfg.split)
+    cache = run(getattr(splits, cfg.split), cfg.split)
     pricing, cost_model = pricing_for(model, cfg.cost, cfg.deploy_batch_size, device, group, cfg.deploy_runtime, cfg.profile)
     cache = restrict(cache, [True] * cache.num_exits, pricing, model.chained)  # the costs in the chosen unit
     if cache.labels is None:

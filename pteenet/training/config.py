@@ -86,7 +86,7 @@ _FLAT_RECORD = {"epochs": ("train", "epochs"), "batch_size": ("train", "batch_si
                 "ensemble": ("train", "ensemble"), "threshold": ("train", "threshold"), "loss": ("loss", "version"),
                 "lambda": ("loss", "lam"), "targets": ("loss", "targets"), "temperature": ("loss", "temperature"),
                 "exit_ce": ("loss", "exit_ce"), "data": ("data", "spec"), "limit": ("data", "limit"),
-                "augment": ("data", "augment"), "val_split": ("data", "val_split"), "data_seed": ("data", "seed"),
+                "augment": ("data", "augment"), "val_split": ("data", "calibration_split"), "data_seed": ("data", "seed"),
                 "calibration": ("data", "calibration")}
 
 

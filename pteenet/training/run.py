@@ -13,7 +13,7 @@ thread count, bit-identical to a run that was never interrupted, wherever the ru
 (tests/test_resume_anywhere.py). When training completes the final checkpoint drops ``state.*``
 (a finished cosine schedule has nothing left to resume) and records ``training.complete = true``.
 
-``--cache-features`` runs the backbone once over the train and val splits (``views`` passes over
+``--cache-features`` runs the backbone once over the train and calibration splits (``views`` passes over
 train when it is augmented), keeps what the branches read in memory as float16 and trains every
 epoch from it: the backbone, the floor of every other mode, then costs one pass per view instead of
 one per epoch.
@@ -152,7 +152,7 @@ def _sources(model: EarlyExitModel, splits: Splits, data: DataConfig, cfg: Train
     if cfg.cache_features:
         return _feature_caches(model, splits, data, cfg, device, group, sink)
     return (ImageSource(splits.train, cfg.batch_size, cfg.workers, cfg.seed, shuffle=True, group=group),
-            ImageSource(splits.val, cfg.batch_size, cfg.workers, cfg.seed, shuffle=False, group=group))
+            ImageSource(splits.calibration, cfg.batch_size, cfg.workers, cfg.seed, shuffle=False, group=group))
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -305,7 +305,7 @@ def train_exits(model: EarlyExitModel, data: DataConfig, config: TrainConfig, si
     trainer = BranchTrainer(model, cfg, device, cfg.epochs * len(train_src), group)
     order = torch.Generator().manual_seed(cfg.seed)  # the data order, apart from torch's global RNG
     start_epoch = run.epoch
-    fit_after = cfg.ensemble and len(splits.val) > 0  # type: ignore[arg-type]
+    fit_after = cfg.ensemble and len(splits.calibration) > 0  # type: ignore[arg-type]
     if cfg.ensemble and not fit_after:
         sink.warn("no calibration split to fit the exit ensemble on: each exit answers with its own head")
 
@@ -352,7 +352,7 @@ def _feature_caches(model: EarlyExitModel, splits: Any, data: DataConfig, cfg: T
     training shard at the global batch's share per rank)."""
     caches = []
     for name in ("train", "val"):
-        ds = splits.train if name == "train" else splits.val
+        ds = splits.train if name == "train" else splits.calibration
         rows = None
         if group.active:
             n = len(ds)
