@@ -153,7 +153,7 @@ def test_sweep_cli_prices_with_a_profile_measured_before_and_chooses_the_same(tm
     assert str(saved) in b["cost_model"]["note"]  # the reader is told where the prices come from
     legacy = {k: v for k, v in a["cost_model"]["profile"].items() if k != "branch_ms"}
     legacy["head_ms"] = a["cost_model"]["profile"]["branch_ms"]  # profiles written before the key was branch_ms
-    (tmp_path / "old_profile.json").write_text(json.dumps(legacy))
+    (tmp_path / "old_profile.json").write_text(json.dumps({**a, "split": "val", "cost_model": {"profile": legacy}}))  # an old sweep.json
     old = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "old"), "--profile", str(tmp_path / "old_profile.json")])
     assert old.exit_code == 0, old.stderr
     assert json.loads(old.stdout)["chosen"] == a["chosen"]
