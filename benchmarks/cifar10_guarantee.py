@@ -41,7 +41,7 @@ from pteenet.runtime.checkpoint import load_checkpoint
 from pteenet.runtime.timing import TimeProfile
 from pteenet.sweep import ExitCache, backbone_point, bounds, certify, evaluate, restrict, select, select_exits, sweep_global
 from pteenet.sweep import search_per_exit, pareto, parse_range
-from pteenet.sweep.engine import exit_indices
+from pteenet.evaluation import exit_indices
 from pteenet.sweep import guarantee
 from pteenet.sweep.guarantee import threshold_sequence
 

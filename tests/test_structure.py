@@ -102,8 +102,8 @@ def _private(name: str) -> bool:
 
 def test_the_parser_sees_the_package() -> None:
     graph = _graph()
-    assert {"pteenet", "pteenet.exits.policies", "pteenet.sweep", "pteenet.sweep.engine", "pteenet.cli"} <= set(graph)
-    assert "pteenet.sweep.cache" in graph["pteenet.sweep.engine"]  # relative imports resolve
+    assert {"pteenet", "pteenet.exits.policies", "pteenet.sweep", "pteenet.evaluation.engine", "pteenet.cli"} <= set(graph)
+    assert "pteenet.evaluation.cache" in graph["pteenet.evaluation.engine"]  # relative imports resolve
     assert "pteenet.exits.policies" in graph["pteenet.runtime.model"]  # ``from . import policies``
 
 
@@ -156,7 +156,9 @@ def test_rich_lives_in_the_cli_only() -> None:
 # The packages from the bottom up: each imports only from itself, the base and the packages before it.
 # The base is the top-level modules (errors, configs, progress, devices, atomic writes, distributed,
 # version); it imports nothing above itself. ``pteenet/__init__.py`` (the public API) and ``__main__`` may import anything.
-LAYERS = ("backbones", "exits", "tracing", "data", "runtime", "sweep", "training", "export", "bench", "cli")
+# The order is the pipeline's: ``evaluation`` (the exit cache and the engine over it) sits below training,
+# which scores its calibration split with it, and the sweep above training.
+LAYERS = ("backbones", "exits", "tracing", "data", "runtime", "evaluation", "training", "sweep", "export", "bench", "cli")
 
 
 def _layer(module: str) -> int:
@@ -211,3 +213,28 @@ def test_modules_and_functions_stay_short() -> None:
     long_modules = [f"{m}: {n} lines" for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 400]
     assert not long_modules, "modules over 400 lines: " + ", ".join(long_modules)
     assert not _long_functions(), "functions over 60 lines: " + ", ".join(_long_functions())
+
+
+TESTS = Path(__file__).parent
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The ``test_*`` modules that the test file ``path`` imports."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return [n for n in names if n.split(".")[0].startswith("test_")]
+
+
+def test_no_test_module_imports_another(tmp_path: Path) -> None:
+    """Shared helpers live in tests/helpers.py and fixtures in tests/conftest.py, not in a test module
+    another one reaches into (its private names and fixtures then change under it)."""
+    bad = [f"{p.name} imports {', '.join(found)}" for p in sorted(TESTS.glob("*.py")) if (found := imported_test_modules(p))]
+    assert not bad, "test modules importing test modules:\n" + "\n".join(bad)
+    sneaky = tmp_path / "test_x.py"
+    sneaky.write_text("import pytest\nfrom test_sweep_cli import trained\nif True:\n    import test_data as d\n")
+    assert imported_test_modules(sneaky) == ["test_sweep_cli", "test_data"]  # the check sees both forms, anywhere
+

@@ -1,10 +1,9 @@
 """The threshold sweep: one pass over a split into an exit cache, then every policy and threshold
 evaluated from it, the choice, and the outputs.
 
-- ``cache``: ``ExitCache`` and ``ExitCacheBuilder``, the one way model outputs become a cache
-  (training's metrics, the sweep and the benchmarks all use it).
-- ``engine``: pure numpy over a cache: ``evaluate``, ``sweep_global``, ``search_per_exit``,
-  ``pareto``, ``select``.
+- The exit cache and the engine over it (``evaluate``, ``sweep_global``, ``search_per_exit``,
+  ``pareto``, ``select``) live in ``pteenet.evaluation``, below training, which uses them too;
+  they are re-exported here, where the sweep's users have always found them.
 - ``run``: the sweep of a model in memory (``sweep_model``), ``pteenet sweep-threshold`` on a
   checkpoint file (``sweep_threshold``), and ``build_cache``.
 - ``preflight``: what a sweep checks and warns about before its pass over the data.
@@ -16,12 +15,14 @@ The policies themselves live in ``pteenet.exits.policies``.
 """
 from __future__ import annotations
 
-from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
-from .engine import (
+from ..evaluation import (
+           ExitCache,
+           ExitCacheBuilder,
            Point,
            backbone_point,
            below_cheapest,
            evaluate,
+           gather_exit_cache,
            oracle_point,
            pareto,
            parse_range,

@@ -19,11 +19,11 @@ import torch
 
 from ..distributed import ALONE, Group, from_main
 from ..errors import PteenetError
+from ..evaluation.cache import ExitCache
+from ..evaluation.engine import Point, backbone_point, select
 from ..exits.chain import computed_branches
 from ..runtime import timing
 from ..runtime.model import EarlyExitModel
-from .cache import ExitCache
-from .engine import Point, backbone_point, select
 from .guarantee import certify, record
 from .pricing import Pricing
 from .selection import Selection, backbone_only, better, select_exits, tail_breaks

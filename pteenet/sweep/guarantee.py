@@ -28,11 +28,20 @@ import numpy as np
 
 from ..configs import check_number
 from ..errors import PteenetError
+from ..evaluation.cache import ExitCache
+from ..evaluation.engine import (
+    Point,
+    backbone_point,
+    evaluate,
+    exit_indices,
+    pareto,
+    search_per_exit,
+    select,
+    sweep_global,
+)
 from ..exits import policies as pol
 from ..tracing.cost import CostTable
 from . import bounds
-from .cache import ExitCache
-from .engine import Point, backbone_point, evaluate, exit_indices, pareto, search_per_exit, select, sweep_global
 from .selection import restrict, select_exits, tail_breaks
 
 CONFIDENCE = 0.9  # the default 1 - delta

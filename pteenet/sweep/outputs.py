@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_bytes
-from .cache import ExitCache
-from .engine import Point, backbone_point, evaluate, oracle_point
+from ..evaluation.cache import ExitCache
+from ..evaluation.engine import Point, backbone_point, evaluate, oracle_point
 from .pricing import unit
 
 PLOTS_WARNING = "matplotlib is not installed: skipped curve.png and exits.png " \

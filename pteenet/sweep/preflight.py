@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 from ..data import DataConfig, Splits, load_splits
 from ..errors import PteenetError, describe_error
+from ..evaluation.engine import below_cheapest
 from ..runtime.model import EarlyExitModel
-from .engine import below_cheapest
 
 
 def check_sweepable(model: EarlyExitModel, budget: float | None, name: str) -> None:

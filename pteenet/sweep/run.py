@@ -27,14 +27,14 @@ from ..data import NO_LABELS, SKIPPED, SPLITS, DataConfig, DataRequest, make_loa
 from ..devices import resolve_device
 from ..distributed import Group
 from ..errors import PteenetError
+from ..evaluation.cache import ExitCache, ExitCacheBuilder, gather_exit_cache
+from ..evaluation.engine import Point, pareto, parse_range, search_per_exit, sweep_global
 from ..exits import policies as pol
 from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
-from .cache import ExitCache, ExitCacheBuilder, gather_exit_cache
 from .choice import choose_checked, tail_meter
-from .engine import Point, pareto, parse_range, search_per_exit, sweep_global
 from .guarantee import CONFIDENCE, check_confidence
 from .outputs import build_document, write_sweep_outputs
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PteenetError
+from ..evaluation.cache import ExitCache
+from ..evaluation.engine import Point, backbone_point, evaluate, select, sweep_global
 from ..exits.chain import computed_branches
 from ..runtime.timing import TimeProfile
 from ..tracing.cost import CostTable
-from .cache import ExitCache
-from .engine import Point, backbone_point, evaluate, select, sweep_global
 
 
 def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable | TimeProfile, chained: bool) -> ExitCache:

@@ -3,7 +3,7 @@ memory, ``train_branches`` from one checkpoint file to another (``pteenet train-
 
 Each batch runs the backbone once under ``no_grad`` (in eval mode: BatchNorm statistics frozen) and
 the branches with gradients; Adam updates branch parameters only, on a cosine schedule over all
-steps. After every epoch the calibration split is scored through the sweep engine at the
+steps. After every epoch the calibration split is scored through the evaluation engine at the
 confidence threshold T = 0.5 and the output checkpoint is rewritten atomically, with everything a
 ``--resume`` needs under ``state.*``: optimizer moments, step and epoch counters, the torch RNG state
 (augmentation) and the data-order generator state; ``training.pool_plans`` records the pooling
@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import distributed, sweep
+from .. import distributed, evaluation
 from ..backbones.weights import module_sha256
 from ..configs import check_parent_folder
 from ..data import SKIPPED, DataConfig, Splits, load_splits
@@ -75,14 +75,14 @@ def evaluate_split(model: EarlyExitModel, source: ImageSource | FeatureCache, de
     if not group.active and len(source) == 0:
         return None
     model.eval()
-    builder = sweep.ExitCacheBuilder()
+    builder = evaluation.ExitCacheBuilder()
     with sink.task("calibration split", len(source)) as task, torch.no_grad():
         for out, y in source.batches(model, device, torch.Generator(), autocast):
             builder.add_outputs(out, y)
             task.advance()
     if not group.active:
         return cache_metrics(builder.build_for(model), threshold)
-    cache = sweep.gather_exit_cache(builder, source.rows or [], model, group, to_main_only=False)
+    cache = evaluation.gather_exit_cache(builder, source.rows or [], model, group, to_main_only=False)
     return None if cache is None else cache_metrics(cache, threshold)
 
 

@@ -1,6 +1,6 @@
 """One optimisation step of the branches (``BranchTrainer``: Adam over branch parameters only, the
 cosine schedule, AMP, and the state a ``--resume`` needs), the figures it reports, and the RNG
-state that makes a resumed run bit-identical. Every metric goes through the sweep engine.
+state that makes a resumed run bit-identical. Every metric goes through the evaluation engine (``pteenet.evaluation``).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import distributed, sweep
+from .. import distributed, evaluation
 from ..distributed import ALONE, Group
 from ..errors import PteenetError
 from ..exits import branches as branch_mod
@@ -27,7 +27,7 @@ def cosine_lr(base: float, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
 
-def cache_metrics(cache: sweep.ExitCache, threshold: float) -> dict[str, Any]:
+def cache_metrics(cache: evaluation.ExitCache, threshold: float) -> dict[str, Any]:
     """Per-exit accuracy / agreement / mean confidence and the early-exit model at ``threshold``."""
     preds, e = cache.preds, cache.num_exits
     labels = cache.labels
@@ -37,12 +37,12 @@ def cache_metrics(cache: sweep.ExitCache, threshold: float) -> dict[str, Any]:
         "agreement": [float((preds[k] == preds[e]).mean()) for k in range(e)],
         "mean_confidence": [float(cache.scores["confidence"][k].mean()) for k in range(e)],
         "backbone_accuracy": None if labels is None else float((preds[e] == labels).mean()),
-        "early_exit": sweep.evaluate(cache, "confidence", threshold).to_dict(),
+        "early_exit": evaluation.evaluate(cache, "confidence", threshold).to_dict(),
     }
 
 
-def exit_cache_of(out: AllExits, labels: torch.Tensor, model: EarlyExitModel) -> sweep.ExitCache:
-    b = sweep.ExitCacheBuilder()
+def exit_cache_of(out: AllExits, labels: torch.Tensor, model: EarlyExitModel) -> evaluation.ExitCache:
+    b = evaluation.ExitCacheBuilder()
     b.add_outputs(out, labels)
     return b.build_for(model)
 

@@ -1,4 +1,4 @@
-"""Sweep engine: evaluate exit policies and thresholds from a cache of per-exit outputs.
+"""The engine: evaluate exit policies and thresholds from a cache of per-exit outputs.
 
 One pass over a split stores every exit's prediction and every policy's score (``ExitCache``, in
 ``cache.py``); everything below is pure numpy over that cache, so trying a thousand thresholds
