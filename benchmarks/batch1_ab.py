@@ -17,7 +17,6 @@ exits (checked).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -32,7 +31,7 @@ import torch
 import torch.fx as fx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cifar10_resnet import report_images  # noqa: E402
+from common import arguments, chosen_setting, report_images  # noqa: E402
 
 from pteenet import load_checkpoint  # noqa: E402
 from pteenet.exits import policies as pol  # noqa: E402
@@ -64,18 +63,12 @@ def build(path: Path, setting: dict[str, Any], variant: str) -> Any:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--summary", type=Path, default=Path(__file__).parent / "results" / "cifar10_time.json")
+    ap = arguments(__doc__, "batch1_ab.json", repeats=4, data=True, summary=True)
     ap.add_argument("--images", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch1_ab.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    setting = json.loads(args.summary.read_text())["settings"]["eager_b1"]
+    setting = chosen_setting(args.summary, "eager_b1")
     models = {v: build(args.model, setting, v) for v in ("current", "tensor_decision", "exit_step", "nested")}
     first = models["current"]
     images = list(report_images(args.data, first.info, args.images).split(1))

@@ -17,7 +17,6 @@ tells what limits the batch-1 mean: the stages the samples run through, or what 
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -31,9 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cifar10_resnet import report_images  # noqa: E402
+from common import arguments, chosen_setting, report_images, start  # noqa: E402
 
-from pteenet import load_checkpoint  # noqa: E402
 from pteenet.exits import policies as pol  # noqa: E402
 from pteenet.exits import lean  # noqa: E402
 from pteenet.exits.chain import Carry  # noqa: E402
@@ -143,19 +141,11 @@ def handed_back(model: Any, images: torch.Tensor) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True, help="unpacked CIFAR-10 JPEG folder (train/, test/)")
-    ap.add_argument("--summary", type=Path, default=Path(__file__).parent / "results" / "cifar10_time.json")
+    ap = arguments(__doc__, "batch1_breakdown.json", repeats=4, data=True, summary=True)
     ap.add_argument("--images", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch1_breakdown.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    load = {"before": os.getloadavg()}
-    model = load_checkpoint(args.model).model.eval()
-    setting = json.loads(args.summary.read_text())["settings"]["eager_b1"]
+    model, load = start(args)
+    setting = chosen_setting(args.summary, "eager_b1")
     policy, ts = setting["policy"], list(setting["thresholds"])
     model.set_active(setting["active_exits"])
     model.set_thresholds(ts, policy)

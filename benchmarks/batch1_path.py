@@ -13,33 +13,25 @@ random one of the right shape is set.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from pteenet import load_checkpoint
+from common import arguments, start
 from pteenet.exits import policies as pol
 from pteenet.exits.chain import Ensemble
 from pteenet.runtime.timing import profile
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = arguments(__doc__, "batch1_path.json", repeats=5)
     ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch1_path.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    model = load_checkpoint(args.model).model.eval()
+    model, load = start(args)
     if model.ensemble is None:
         model.set_ensemble(Ensemble(model.num_exits, model.info.num_classes))
     e = model.num_exits
@@ -61,7 +53,7 @@ def main() -> None:
         times = interleaved(runs, list(images.split(1)), args.repeats)
     ref = statistics.median(times["backbone"])
     doc = {"threads": args.threads, "images": args.images, "repeats": args.repeats, "torch": torch.__version__,
-           "load_average": {"before": load_before, "after": os.getloadavg()}, "cpu_count": os.cpu_count(),
+           "load_average": {**load, "after": os.getloadavg()}, "cpu_count": os.cpu_count(),
            "backbone_ms_p50": 1e3 * ref, "profile": prof.to_dict(),
            "no_exit": {k: {"measured_p50_ratio": statistics.median(times[k]) / ref,
                            "measured_mean_ratio": statistics.fmean(times[k]) / statistics.fmean(times["backbone"]),

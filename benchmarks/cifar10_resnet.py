@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import backbone_file, best_b, eval_data, pareto_dicts, report_half
 from pteenet import AttachConfig, load_checkpoint, save_checkpoint
 from pteenet import attach
 from pteenet.bench.run import BenchConfig, bench
@@ -92,15 +93,6 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
 ATTACH_KEYS = ("at", "exits", "placement", "branch", "cascade", "grid", "hidden")
 
 
-def eval_data(args: argparse.Namespace) -> DataConfig:
-    """The calibration and test splits, exactly as training held them out (same seed and fraction)."""
-    return DataConfig(spec=f"imagefolder:{args.data}", limit=args.eval_limit, augment=False, calibration_split=0.1, seed=0)
-
-
-def backbone_file(folder: Path, name: str) -> Path:
-    return folder / f"{name}_cifar10jpeg.safetensors"
-
-
 def curve(cache: ExitCache, grid: Any) -> dict[str, list[dict[str, Any]]]:
     """Global-threshold Pareto front per policy, plus per-exit thresholds along it."""
     out = {}
@@ -115,25 +107,6 @@ def budgets(points: list[Point], n: int = 12) -> list[float]:
     """Costs spread along the Pareto front: where the per-exit search looks for better settings."""
     front = pareto(points)
     return sorted({p.cost for p in front[:: max(1, len(front) // n)]})
-
-
-def subset(cache: ExitCache, idx: Any) -> ExitCache:
-    """The cache restricted to some samples (for calibrating on one half of a split, reporting on the other)."""
-    return cache.take(idx)
-
-
-def report_half(n: int, which: int = 1) -> np.ndarray:
-    """Protocol B's halves of the test split: 0 calibrates, 1 reports (a fixed random permutation)."""
-    perm = np.random.default_rng(0).permutation(n)
-    return perm[n // 2:] if which else perm[: n // 2]
-
-
-def report_images(data: Path, info: Any, limit: int | None = None, eval_limit: int | None = None) -> torch.Tensor:
-    """The first ``limit`` images of protocol B's report half of the CIFAR-10 test split in ``data``
-    (all of them with None), preprocessed for the backbone ``info`` describes, as one tensor."""
-    splits = load_splits(eval_data(argparse.Namespace(data=data, eval_limit=eval_limit)), info.preprocess, info.num_classes)
-    idx = report_half(len(splits.test), 1)[:limit]
-    return torch.stack([splits.test[int(i)][0] for i in idx])
 
 
 def pick(cal: ExitCache, report: ExitCache, grid: Any, model: Any) -> dict[str, Any]:
@@ -209,8 +182,8 @@ def run_config(c: dict[str, Any], args: argparse.Namespace, work: Path, grid: An
     # Protocol B: the fine-tuned backbone was trained on that split too (97% accuracy there, 89.5% on
     # test), so it is easier than new data. Calibrate on a random half of test instead and report on
     # the other half: thresholds never see the images they are measured on.
-    report = subset(test, report_half(test.num_samples))
-    chosen_test_halves = pick(subset(test, report_half(test.num_samples, 0)), report, grid, model)
+    report = test.take(report_half(test.num_samples))
+    chosen_test_halves = pick(test.take(report_half(test.num_samples, 0)), report, grid, model)
     front = pareto([p for pol in POLICIES for p in sweep_global(report, pol, grid)])
     return {
         "name": name, "backbone": bb, "config": c, "exits": [e.name for e in model.exit_points],
@@ -224,13 +197,6 @@ def run_config(c: dict[str, Any], args: argparse.Namespace, work: Path, grid: An
         "backbone_report_half": backbone_point(report).to_dict(),
         "seconds": time.time() - t0,
     }
-
-
-def best_b(r: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """Protocol B's cheapest point at <= 1 pt drop (one global threshold chosen on one test half),
-    with or without exit selection."""
-    cands = [(k, r["chosen_test_halves"][k]) for k in ("drop1", "drop1_select") if r["chosen_test_halves"].get(k)]
-    return max(cands, key=lambda kc: kc[1]["test_cost_reduction"]) if cands else None
 
 
 def summary(doc: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
@@ -329,15 +295,6 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def pareto_dicts(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    best, out = -1.0, []
-    for p in sorted(points, key=lambda p: (p["cost"], -p["accuracy"])):
-        if p["accuracy"] > best:
-            out.append(p)
-            best = p["accuracy"]
-    return out
 
 
 def main() -> None:

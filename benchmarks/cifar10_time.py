@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cifar10_resnet import backbone_file, eval_data, pareto_dicts, report_half, subset  # noqa: E402
+from common import backbone_file, eval_data, pareto_dicts, report_half  # noqa: E402
 
 from pteenet import load_checkpoint  # noqa: E402
 from pteenet.backbones.specs import load_backbone  # noqa: E402
@@ -236,7 +236,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     model = load_checkpoint(args.model).model.eval()
     cache = ExitCache.load(args.test_cache)
     n = cache.num_samples
-    cal, report = subset(cache, report_half(n, 0)), subset(cache, report_half(n, 1))
+    cal, report = cache.take(report_half(n, 0)), cache.take(report_half(n, 1))
     splits = load_splits(eval_data(argparse.Namespace(data=args.data, eval_limit=args.eval_limit)),
                          model.info.preprocess, model.info.num_classes)
     idx = report_half(n, 1)[: max(args.images_256, args.images_1)]

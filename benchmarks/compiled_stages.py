@@ -16,7 +16,6 @@ Nothing in pteenet compiles; this measures whether a compiled runtime would be w
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,10 +27,8 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cifar10_resnet import report_images  # noqa: E402
+from common import arguments, chosen_setting, report_images, start  # noqa: E402
 
-from pteenet import load_checkpoint  # noqa: E402
-from pteenet.runtime.timing import tune_allocator  # noqa: E402
 
 
 def rounds(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -47,20 +44,11 @@ def rounds(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True, help="unpacked CIFAR-10 JPEG folder (train/, test/)")
-    ap.add_argument("--summary", type=Path, default=Path(__file__).parent / "results" / "cifar10_time.json")
+    ap = arguments(__doc__, "compiled_stages.json", repeats=7, data=True, summary=True)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "compiled_stages.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    tune_allocator()
-    load = {"before": os.getloadavg()}
-    model = load_checkpoint(args.model).model.eval()
-    setting = json.loads(args.summary.read_text())["settings"]["eager_b256"]
+    model, load = start(args, allocator=True)
+    setting = chosen_setting(args.summary, "eager_b256")
     model.set_active(setting["active_exits"])
     x = report_images(args.data, model.info, args.batch_size)
     exits, stages = model.run_plan()

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar10_resnet import report_half, subset
+from common import report_half
 from pteenet.sweep import ExitCache, backbone_point, evaluate, pareto, select, sweep_global
 
 GRID = np.round(np.linspace(0, 1, 201), 4)
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gate_study.json")
     args = ap.parse_args()
     test = ExitCache.load(args.work / f"{args.config}-test.npz")
-    cal, rep = subset(test, report_half(test.num_samples, 0)), subset(test, report_half(test.num_samples, 1))
+    cal, rep = test.take(report_half(test.num_samples, 0)), test.take(report_half(test.num_samples, 1))
     w = fit_gate(cal)
     g_cal, g_rep = with_gate(cal, w), with_gate(rep, w)
     costs = [0.4, 0.5, 0.6, 0.7]

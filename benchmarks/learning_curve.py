@@ -5,7 +5,7 @@ For each size, ``cifar10_resnet.py`` runs one configuration (``r56-default``: th
 fine-tuned ResNet-56, or ``r20-default``) with ``--train-limit SIZE``; the calibration split (10% of
 train) and the test split are the same for every size, so only the training images change. Each
 run's protocol-B point (one global threshold chosen on one half of test, reported on the other;
-``cifar10_resnet.best_b``) is collected, one line a size, into ``results/learning_curve{TAG}.json``
+``common.best_b``) is collected, one line a size, into ``results/learning_curve{TAG}.json``
 with the setup and the load average.
 
     python benchmarks/learning_curve.py --data DIR --backbones DIR [--config r56-default]
@@ -33,7 +33,7 @@ from typing import Any
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from cifar10_resnet import best_b  # noqa: E402  (the benchmark's own reading of its results)
+from common import best_b  # noqa: E402  (cifar10_resnet.py's reading of its own results)
 
 
 def row_of(run: dict[str, Any], size: int, epochs: str) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     result = args.out / f"learning_curve{args.tag}.json"
-    doc = {"setup": {k: str(v) for k, v in vars(args).items()}, "protocol": "B (cifar10_resnet.best_b)", "rows": []}
+    doc = {"setup": {k: str(v) for k, v in vars(args).items()}, "protocol": "B (common.best_b)", "rows": []}
     doc["rows"] += [from_results(spec, args.config) for spec in args.from_results]
     runs = [(size, args.epochs) for size in args.sizes] + [(size, args.compare_epochs) for size in args.compare_sizes]
     for size, epochs in runs:

@@ -8,16 +8,15 @@ reported, so slow drifts of a shared machine hit both alike.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from pteenet import load_checkpoint
+from common import arguments, start
 from pteenet.bench.run import tune_allocator
 from pteenet.tracing.graph import trace
 from pteenet.exits.policies import never_exit_threshold
@@ -37,15 +36,10 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, fl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint")
+    ap = arguments(__doc__, "stage_profile.json", repeats=8, threads=2, positional=True)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "stage_profile.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model = load_checkpoint(args.checkpoint).model.eval()
+    model, load = start(args)  # the allocator is tuned half-way, on purpose
     cost = model.cost
     assert cost is not None
     size = model.info.preprocess.input_size
@@ -73,7 +67,7 @@ def main() -> None:
     stage_macs = [b - a for a, b in zip([0] + prefixes[:-1], prefixes)]
     total_stage_ms = sum(parts[f"stage{k}"] for k in range(len(stage_macs)))
     doc = {
-        "checkpoint": args.checkpoint, "batch": args.batch, "threads": args.threads, "torch": torch.__version__,
+        "checkpoint": str(args.model), "batch": args.batch, "threads": args.threads, "torch": torch.__version__,
         "whole_backbone_ms_default_allocator": whole_default,
         "traced_over_eager_default_allocator": whole_default["traced"] / whole_default["eager"],
         "allocator": allocator, "whole_backbone_ms": whole, "traced_over_eager": whole["traced"] / whole["eager"],
@@ -85,6 +79,7 @@ def main() -> None:
         "batch1_ratios": {"all_exits": batch1["all_exits"] / batch1["backbone"],
                           "early_exit_no_exit_taken": batch1["early_exit_no_exit_taken"] / batch1["backbone"],
                           "mac_all_exits": cost.final_cost},
+        "load_average": {**load, "after": os.getloadavg()},
     }
     args.out.write_text(json.dumps(doc, indent=1))
     print(json.dumps(doc, indent=1))
