@@ -5,8 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from helpers import conv2_model
 from pteenet import AttachConfig, attach, save_checkpoint
+from pteenet.data import DataConfig, load_splits, make_loader
 from pteenet.runtime import timing
 
 
@@ -36,4 +39,28 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)  # session fixtures run before the per-test seed: the branches' init must not depend on test order
     path = tmp_path_factory.mktemp("tiny_checkpoint") / "attached.safetensors"
     save_checkpoint(path, attach(AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=2)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``conv2_model``'s branches fitted for a few steps (random branches make flat, degenerate
+    curves), with the training and data records that `pteenet train` leaves: read it, never write it."""
+    torch.set_num_threads(1)
+    model = conv2_model()
+    splits = load_splits(DataConfig(spec="synthetic", calibration_split=0.2, seed=1, augment=False),
+                         model.info.preprocess, model.info.num_classes)
+    opt = torch.optim.Adam(model.branches.parameters(), 1e-2)
+    model.train()
+    for _, (x, y) in zip(range(30), make_loader(splits.train, 64, True)):
+        out = model.forward_all(x)
+        loss = sum(F.cross_entropy(lg, y) + F.binary_cross_entropy_with_logits(c, (lg.argmax(1) == y).float())
+                   for lg, c in zip(out.exit_logits, out.exit_conf))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.meta.update(training={"complete": True, "epochs_done": 1}, data=splits.split_info)
+    path = tmp_path_factory.mktemp("ckpt") / "trained.safetensors"
+    save_checkpoint(path, model)
     return path

@@ -1,5 +1,6 @@
 """What several test modules share: the tiny test model and its simulated exits, the CLI runner,
-the one check of a one-line error, and a sink that presses Ctrl-C (no test module imports another)."""
+the one check of a one-line error, and a sink that presses Ctrl-C (no test module imports another;
+fixtures are in conftest.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,10 +18,21 @@ from pteenet.runtime.timing import TimeProfile
 from pteenet.sweep import ExitCache, ExitCacheBuilder
 
 
-def run_cli(*args: object) -> tuple[int, str, str]:
-    """``pteenet ARGS...`` in-process: (exit code, stdout, stderr)."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
+def run_cli(*args: object, columns: int | None = None) -> tuple[int, str, str]:
+    """``pteenet ARGS...`` in-process: (exit code, stdout, stderr); ``columns``: the terminal's width."""
+    result = CliRunner().invoke(app, [str(a) for a in args], env=None if columns is None else {"COLUMNS": str(columns)})
     return result.exit_code, result.stdout, result.stderr
+
+
+GRID = "0:1:0.05"  # a coarse threshold grid keeps every sweep fast
+
+
+def conv2_model(seed: int = 0) -> pteenet.EarlyExitModel:
+    """cifar-resnet20 at 16x16 with 3 of the paper's conv2 branches: dear enough that the sweep's
+    budget and cost checks have work to do."""
+    torch.manual_seed(seed)
+    return pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3, branch="conv2",
+                                               cascade=False))
 
 
 def error_line(stderr: str) -> str:

@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
-from typer.testing import CliRunner
 
-from helpers import error_line
-from pteenet.cli import app
+from helpers import GRID, error_line, run_cli
 from pteenet.errors import PteenetError
 from pteenet.sweep import (
     ExitCache,
@@ -30,7 +28,6 @@ from pteenet.sweep import (
     sweep_global,
 )
 from pteenet.tracing.cost import CostTable, ExitCost
-from test_sweep_cli import GRID, _run, trained  # noqa: F401 - the trained tiny checkpoint fixture
 
 E = 3
 COST = CostTable(100, [ExitCost(f"e{k}", f"n{k}", p, 5, (p + 5 * (k + 1)) / 100, (p + 5) / 100)
@@ -202,10 +199,10 @@ def test_confidence_is_checked_and_on_by_default() -> None:
             SweepConfig(confidence=bad)
 
 
-def test_cli_confidence_reaches_the_document(trained: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_cli_confidence_reaches_the_document(trained: Path, tmp_path: Path) -> None:
     docs = {}
     for name, extra in (("default", []), ("c80", ["--confidence", 0.8]), ("off", ["--no-guarantee"])):
-        code, stdout, stderr = _run(trained, "-o", tmp_path / name, "--thresholds", GRID, "--max-drop", 100,
+        code, stdout, stderr = run_cli("sweep-threshold", trained, "-o", tmp_path / name, "--thresholds", GRID, "--max-drop", 100,
                                     "--policy", "max-softmax", "--cost", "macs", *extra, "--json")  # same costs each run
         assert code == 0, stderr
         docs[name] = json.loads(stdout)
@@ -215,27 +212,27 @@ def test_cli_confidence_reaches_the_document(trained: Path, tmp_path: Path) -> N
         g = docs[name]["guarantee"]
         assert g["confidence"] == conf and g["target_points"] == 100 and "exchangeable" in g["promise"]
         assert g["bound_points"] >= g["observed_points"] and g["without_guarantee"]["cost"] == docs["off"]["chosen"]["cost"]
-    code, _, stderr = _run(trained, "-o", tmp_path / "txt", "--thresholds", GRID, "--max-drop", 100)
+    code, _, stderr = run_cli("sweep-threshold", trained, "-o", tmp_path / "txt", "--thresholds", GRID, "--max-drop", 100)
     assert code == 0 and "Certified:" in stderr and "exchangeable" in stderr
 
 
-def test_cli_says_when_nothing_is_certified(trained: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_cli_says_when_nothing_is_certified(trained: Path, tmp_path: Path) -> None:
     """100 calibration images cannot certify a 1-point drop; without the guarantee a setting is found."""
-    code, _, stderr = _run(trained, "-o", tmp_path / "a", "--thresholds", GRID, "--max-drop", 1)
+    code, _, stderr = run_cli("sweep-threshold", trained, "-o", tmp_path / "a", "--thresholds", GRID, "--max-drop", 1)
     assert code == 1 and "certified" in error_line(stderr) and "--no-guarantee" in stderr
-    code, _, stderr = _run(trained, "-o", tmp_path / "b", "--thresholds", GRID, "--max-drop", 1, "--no-guarantee")
+    code, _, stderr = run_cli("sweep-threshold", trained, "-o", tmp_path / "b", "--thresholds", GRID, "--max-drop", 1, "--no-guarantee")
     assert code == 0, stderr
 
 
-def test_report_states_the_certificate_of_the_exported_point(trained: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_report_states_the_certificate_of_the_exported_point(trained: Path, tmp_path: Path) -> None:
     tuned = tmp_path / "tuned.safetensors"
-    code, _, stderr = _run(trained, "-o", tmp_path / "sw", "--thresholds", GRID, "--max-drop", 100,
+    code, _, stderr = run_cli("sweep-threshold", trained, "-o", tmp_path / "sw", "--thresholds", GRID, "--max-drop", 100,
                            "--policy", "max-softmax", "--write", tuned)
     assert code == 0, stderr
     for args, certified in (([], True), (["--threshold", 0.55, "--policy", "entropy"], False)):
         out = tmp_path / f"export{len(args)}"
-        result = CliRunner().invoke(app, ["export", str(tuned), "-o", str(out), *map(str, args)])
-        assert result.exit_code == 0, result.stderr
+        code, _, stderr = run_cli("export", tuned, "-o", out, *args)
+        assert code == 0, stderr
         report = json.loads((out / "report.json").read_text())
         md = (out / "report.md").read_text()
         g = report["operating_point"]["guarantee"]
@@ -246,18 +243,18 @@ def test_report_states_the_certificate_of_the_exported_point(trained: Path, tmp_
     # export --max-drop tests the sweep's stored sequence again at its own target: still certified
     for drop, ok in ((60, True), (0.001, False)):
         out = tmp_path / f"drop{drop}"
-        result = CliRunner().invoke(app, ["export", str(tuned), "-o", str(out), "--max-drop", str(drop)])
+        code, _, stderr = run_cli("export", tuned, "-o", out, "--max-drop", drop)
         if not ok:  # 100 images cannot certify a 0.001-point drop: one error line, nothing written
-            assert result.exit_code == 1 and "certified" in error_line(result.stderr) and not out.exists()
+            assert code == 1 and "certified" in error_line(stderr) and not out.exists()
             continue
-        assert result.exit_code == 0, result.stderr
+        assert code == 0, stderr
         op = json.loads((out / "report.json").read_text())["operating_point"]
         assert op["guarantee"]["target_points"] == 60 and op["guarantee"]["bound_points"] <= 60
         assert "certified" in op["how"] and "**Guarantee.** Certified:" in (out / "report.md").read_text()
     # a sweep without the guarantee stores no sequence: export --max-drop picks, and says it is not certified
     free = tmp_path / "free.safetensors"
-    code, _, stderr = _run(trained, "-o", tmp_path / "sw2", "--thresholds", GRID, "--max-drop", 100,
+    code, _, stderr = run_cli("sweep-threshold", trained, "-o", tmp_path / "sw2", "--thresholds", GRID, "--max-drop", 100,
                            "--policy", "max-softmax", "--no-guarantee", "--write", free)
     assert code == 0, stderr
-    result = CliRunner().invoke(app, ["export", str(free), "-o", str(tmp_path / "free"), "--max-drop", "60"])
-    assert result.exit_code == 0 and "**No guarantee**" in (tmp_path / "free" / "report.md").read_text()
+    code, _, stderr = run_cli("export", free, "-o", tmp_path / "free", "--max-drop", 60)
+    assert code == 0 and "**No guarantee**" in (tmp_path / "free" / "report.md").read_text(), stderr

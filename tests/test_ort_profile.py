@@ -7,11 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import pteenet
-from helpers import build, make_images
-from pteenet.cli import app
+from helpers import build, make_images, run_cli
 from pteenet.errors import PteenetError
 
 pytest.importorskip("onnxruntime")
@@ -46,17 +44,17 @@ def test_sweep_cli_prices_in_onnx_runtime_and_every_report_says_so(tmp_path: Pat
                       data={"spec": "synthetic", "val_split": 0.2, "seed": 1, "limit": 40})
     ckpt, tuned = tmp_path / "m.safetensors", tmp_path / "tuned.safetensors"
     pteenet.save_checkpoint(ckpt, model)
-    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw"), "--thresholds", "0:1:0.1",
+    code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw", "--thresholds", "0:1:0.1",
                                  "--max-drop", "100", "--no-guarantee", "--policy", "max-softmax",
-                                 "--deploy-runtime", "onnxruntime", "--write", str(tuned), "--json"])
-    assert r.exit_code == 0, r.stderr
-    cm = json.loads(r.stdout)["cost_model"]
+                                 "--deploy-runtime", "onnxruntime", "--write", tuned, "--json")
+    assert code == 0, stderr
+    cm = json.loads(stdout)["cost_model"]
     assert cm["kind"] == "time" and cm["runtime"] == "onnxruntime" and cm["profile"]["machine"]["runtime"] == "onnxruntime"
     assert "predicted time in ONNX Runtime at batch 1" in cm["note"]
-    r = CliRunner().invoke(app, ["info", str(tuned)], env={"COLUMNS": "200"})
-    assert r.exit_code == 0 and "predicted time in ONNX Runtime at batch 1" in r.stdout + r.stderr
-    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--deploy-runtime", "tvm"])
-    assert r.exit_code == 1 and "deploy_runtime" in r.stderr and "onnxruntime" in r.stderr
+    code, stdout, stderr = run_cli("info", tuned, columns=200)
+    assert code == 0 and "predicted time in ONNX Runtime at batch 1" in stdout + stderr
+    code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw2", "--deploy-runtime", "tvm")
+    assert code == 1 and "deploy_runtime" in stderr and "onnxruntime" in stderr
 
 
 def test_the_call_cost_leaves_the_stages_and_stays_with_the_heads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,8 +85,8 @@ def test_bench_in_onnx_runtime_takes_the_eager_exits_and_prices_them_there(tmp_p
     for r in doc["results"]:  # the exported program's exits are the eager model's, at batch 1 and 4
         assert r["exit_fractions"] == pytest.approx((want.bincount(minlength=3).double() / 6).tolist())
         assert r["time_profile"]["machine"]["runtime"] == "onnxruntime" and r["predicted_time_ratio"] > 0
-    r = CliRunner().invoke(app, ["bench", str(_saved(tmp_path)), "--runtime", "tvm"])
-    assert r.exit_code == 1 and "onnxruntime" in r.stderr
+    code, stdout, stderr = run_cli("bench", _saved(tmp_path), "--runtime", "tvm")
+    assert code == 1 and "onnxruntime" in stderr
 
 
 def _saved(folder: Path) -> Path:

@@ -9,47 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pteenet
-from helpers import error_line, run_cli
+from helpers import GRID, conv2_model, error_line, run_cli
 from pteenet.data import DataConfig, DataRequest, load_splits, make_loader, resolve_data
 from pteenet.runtime.checkpoint import read_metadata
 from pteenet.sweep import ExitCacheBuilder, SweepConfig, build_cache, evaluate, sweep_threshold
 
-GRID = "0:1:0.05"  # a coarse grid keeps every run fast
 POINT_KEYS = {"threshold", "accuracy", "agreement", "cost", "cost_paper", "exit_fractions", "policy", "kind"}
-
-
-def _tiny(seed: int = 0) -> pteenet.EarlyExitModel:
-    torch.manual_seed(seed)
-    # The paper's conv2 branches: dear enough that the sweep's budget and cost checks have work to do.
-    return pteenet.attach(pteenet.AttachConfig(backbone="cifar-resnet20", input_size=(3, 16, 16), exits=3, branch="conv2",
-                                               cascade=False))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Branches fitted for a few steps (random branches make flat, degenerate curves), with the
-    training and data records that `pteenet train` leaves."""
-    torch.set_num_threads(1)
-    model = _tiny()
-    splits = load_splits(DataConfig(spec="synthetic", calibration_split=0.2, seed=1, augment=False),
-                         model.info.preprocess, model.info.num_classes)
-    opt = torch.optim.Adam(model.branches.parameters(), 1e-2)
-    model.train()
-    for _, (x, y) in zip(range(30), make_loader(splits.train, 64, True)):
-        out = model.forward_all(x)
-        loss = sum(F.cross_entropy(lg, y) + F.binary_cross_entropy_with_logits(c, (lg.argmax(1) == y).float())
-                   for lg, c in zip(out.exit_logits, out.exit_conf))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.meta.update(training={"complete": True, "epochs_done": 1}, data=splits.split_info)
-    path = tmp_path_factory.mktemp("ckpt") / "trained.safetensors"
-    pteenet.save_checkpoint(path, model)
-    return path
 
 
 def _run(*args: object) -> tuple[int, str, str]:
@@ -202,7 +169,7 @@ def test_missing_checkpoint_and_bad_choice(tmp_path: Path, trained: Path) -> Non
 
 def test_untrained_checkpoint_warns_but_continues(tmp_path: Path) -> None:
     ckpt = tmp_path / "untrained.safetensors"
-    pteenet.save_checkpoint(ckpt, _tiny())
+    pteenet.save_checkpoint(ckpt, conv2_model())
     code, _, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID)
     assert code == 1 and "pass --data" in error_line(stderr)  # no recorded data and no --data
     code, stdout, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID, "--data", "synthetic",
@@ -241,7 +208,7 @@ def test_a_setting_dearer_than_the_backbone_is_flagged(tmp_path: Path) -> None:
     # Random branches that never agree well: within a 0-point drop only "almost never exit" qualifies,
     # and that costs the backbone plus every branch.
     ckpt = tmp_path / "untrained.safetensors"
-    pteenet.save_checkpoint(ckpt, _tiny())
+    pteenet.save_checkpoint(ckpt, conv2_model())
     code, stdout, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID, "--data", "synthetic",
                                 "--limit", 40, "--max-drop", 0, "--no-guarantee", "--json")  # 0 points: never certified
     assert code == 0, stderr

@@ -11,11 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import pteenet
-from helpers import four_exit_cache, make_images, make_model, swept_checkpoint
-from pteenet.cli import app
+from helpers import four_exit_cache, make_images, make_model, run_cli, swept_checkpoint
 from pteenet.exits.chain import computed_branches
 from pteenet.runtime import timing
 from pteenet.runtime.timing import TimeProfile, measure_tail
@@ -86,22 +84,22 @@ def test_the_sweep_measures_the_tail_it_ships_and_tightens_the_bound(tmp_path: P
     tuned = tmp_path / "tuned.safetensors"
     args = ["sweep-threshold", str(ckpt), "--thresholds", "0:1:0.05", "--max-drop", "100", "--select-exits",
             "--policy", "max-softmax", "--confidence", "0", "--json"]
-    r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "sw"), "--write", str(tuned)])
-    assert r.exit_code == 0, r.stderr
-    doc = json.loads(r.stdout)
+    code, stdout, stderr = run_cli(*args, "-o", tmp_path / "sw", "--write", tuned)
+    assert code == 0, stderr
+    doc = json.loads(stdout)
     check = doc["cost_model"]["tail_check"]
     # The first choice computes heads and measures over the bound; tightened, none is computed.
     assert calls and calls[0] >= 1 and [a["computed"] for a in check["attempts"] if a["measured"] is not None] == calls
     assert check["held"] and check["attempts"][-1]["computed"] == 0 and check["attempts"][-1]["bound"] < 1.2
-    assert "measured 1.250x the backbone" in " ".join(r.stderr.split())  # the user is told what the tail measured
+    assert "measured 1.250x the backbone" in " ".join(stderr.split())  # the user is told what the tail measured
     saved = pteenet.load(str(tuned))
     assert sum(saved.computed_branches()) == 0 and doc["chosen"]["active_exits"] == saved.active  # what was measured ships
     # Priced in MACs or with a profile from elsewhere, nothing is measured here, and the record says why.
     for extra, words in ((["--cost", "macs"], "MACs"), (["--profile", str(tmp_path / "sw" / "sweep.json")], "profile")):
         calls.clear()
-        r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "sw2"), *extra])
-        assert r.exit_code == 0, r.stderr
-        check = json.loads(r.stdout)["cost_model"]["tail_check"]
+        code, stdout, stderr = run_cli(*args, "-o", tmp_path / "sw2", *extra)
+        assert code == 0, stderr
+        check = json.loads(stdout)["cost_model"]["tail_check"]
         assert not calls and check["attempts"] == [] and words in check["why"]
 
 

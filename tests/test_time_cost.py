@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import pteenet
-from helpers import build, cache_of, four_exit_cache, make_images, simulated_exits, swept_checkpoint
-from pteenet.cli import app
+from helpers import build, cache_of, four_exit_cache, make_images, run_cli, simulated_exits, swept_checkpoint
 from pteenet.runtime.timing import TimeProfile, profile
 from pteenet.sweep import certify, restrict, select_exits
 
@@ -68,11 +66,11 @@ def test_time_priced_selection_drops_the_exits_that_cost_more_than_they_save() -
 def test_sweep_cli_cost_time_records_the_batch_size_and_both_costs(tmp_path: Path) -> None:
     model, ckpt = swept_checkpoint(tmp_path)
     tuned = tmp_path / "tuned.safetensors"
-    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw"), "--thresholds", "0:1:0.05",
+    code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw", "--thresholds", "0:1:0.05",
                                  "--max-drop", "100", "--select-exits", "--policy", "max-softmax", "--cost", "time",
-                                 "--deploy-batch-size", "4", "--write", str(tuned), "--json"])
-    assert r.exit_code == 0, r.stderr
-    doc = json.loads(r.stdout)
+                                 "--deploy-batch-size", "4", "--write", tuned, "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
     cm = doc["cost_model"]
     assert cm["kind"] == "time" and cm["batch_size"] == 4 and cm["profile"]["batch_size"] == 4
     assert len(cm["profile"]["branch_ms"]) == model.num_exits and cm["profile"]["machine"]["torch"]
@@ -80,28 +78,28 @@ def test_sweep_cli_cost_time_records_the_batch_size_and_both_costs(tmp_path: Pat
     assert chosen["time_cost"] == pytest.approx(chosen["cost"]) and 0 < chosen["mac_cost"] != chosen["cost"]
     saved = pteenet.load(str(tuned))
     assert saved.meta["sweep"]["cost_model"]["batch_size"] == 4 and saved.active == chosen["active_exits"]
-    r = CliRunner().invoke(app, ["info", str(tuned)], env={"COLUMNS": "200"})
-    assert r.exit_code == 0 and "predicted time at batch 4" in r.stdout + r.stderr  # info says which the file holds
-    r = CliRunner().invoke(app, ["export", str(tuned), "-o", str(tmp_path / "exp")])
-    assert r.exit_code == 0, r.stderr
+    code, stdout, stderr = run_cli("info", tuned, columns=200)
+    assert code == 0 and "predicted time at batch 4" in stdout + stderr  # info says which the file holds
+    code, stdout, stderr = run_cli("export", tuned, "-o", tmp_path / "exp")
+    assert code == 0, stderr
     assert "less predicted time at batch 4" in (tmp_path / "exp" / "report.md").read_text()  # the report says which
-    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--cost", "watts"])
-    assert r.exit_code == 1 and "cost" in r.stderr
+    code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw2", "--cost", "watts")
+    assert code == 1 and "cost" in stderr
 
 
 def test_the_default_prices_in_time_at_batch_1_and_says_so(tmp_path: Path) -> None:
     _, ckpt = swept_checkpoint(tmp_path)
-    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw"), "--thresholds", "0:1:0.05",
-                                 "--max-drop", "100", "--select-exits", "--policy", "max-softmax", "--json"])
-    assert r.exit_code == 0, r.stderr
-    doc = json.loads(r.stdout)
+    code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw", "--thresholds", "0:1:0.05",
+                                 "--max-drop", "100", "--select-exits", "--policy", "max-softmax", "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
     assert doc["cost_model"]["kind"] == "time" and doc["cost_model"]["batch_size"] == 1
     assert doc["chosen"]["time_cost"] == pytest.approx(doc["chosen"]["cost"])
     assert doc["cost_model"]["max_tail"] == 1.2  # the default bound on what a sample that never leaves pays
-    r = CliRunner().invoke(app, ["sweep-threshold", str(ckpt), "-o", str(tmp_path / "sw2"), "--thresholds", "0:1:0.05",
-                                 "--max-drop", "100", "--policy", "max-softmax"])
-    assert r.exit_code == 0, r.stderr
-    assert "predicted time at batch 1 on this machine" in " ".join(r.stderr.split())  # the table's reader is told
+    code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw2", "--thresholds", "0:1:0.05",
+                                 "--max-drop", "100", "--policy", "max-softmax")
+    assert code == 0, stderr
+    assert "predicted time at batch 1 on this machine" in " ".join(stderr.split())  # the table's reader is told
 
 
 def test_max_tail_bounds_what_a_sample_that_never_leaves_pays() -> None:
@@ -142,21 +140,21 @@ def test_sweep_cli_prices_with_a_profile_measured_before_and_chooses_the_same(tm
     _, ckpt = swept_checkpoint(tmp_path)
     args = ["sweep-threshold", str(ckpt), "--thresholds", "0:1:0.05", "--max-drop", "100", "--select-exits",
             "--policy", "max-softmax", "--json"]
-    first = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a")])
-    assert first.exit_code == 0, first.stderr
+    first_code, first_stdout, first_stderr = run_cli(*args, "-o", tmp_path / "a")
+    assert first_code == 0, first_stderr
     saved = tmp_path / "a" / "sweep.json"
-    again = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b"), "--profile", str(saved)])
-    assert again.exit_code == 0, again.stderr
-    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    again_code, again_stdout, again_stderr = run_cli(*args, "-o", tmp_path / "b", "--profile", saved)
+    assert again_code == 0, again_stderr
+    a, b = json.loads(first_stdout), json.loads(again_stdout)
     assert b["cost_model"]["profile_file"] == str(saved) and b["cost_model"]["profile"] == a["cost_model"]["profile"]
     assert b["chosen"] == a["chosen"]  # the same prices give the same choice: nothing was timed the second time
     assert str(saved) in b["cost_model"]["note"]  # the reader is told where the prices come from
     legacy = {k: v for k, v in a["cost_model"]["profile"].items() if k != "branch_ms"}
     legacy["head_ms"] = a["cost_model"]["profile"]["branch_ms"]  # profiles written before the key was branch_ms
     (tmp_path / "old_profile.json").write_text(json.dumps({**a, "split": "val", "cost_model": {"profile": legacy}}))  # an old sweep.json
-    old = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "old"), "--profile", str(tmp_path / "old_profile.json")])
-    assert old.exit_code == 0, old.stderr
-    assert json.loads(old.stdout)["chosen"] == a["chosen"]
+    old_code, old_stdout, old_stderr = run_cli(*args, "-o", tmp_path / "old", "--profile", tmp_path / "old_profile.json")
+    assert old_code == 0, old_stderr
+    assert json.loads(old_stdout)["chosen"] == a["chosen"]
     wrong = tmp_path / "two_exits.json"
     wrong.write_text(json.dumps(TimeProfile(1, [1.0, 1.0, 1.0], [0.1, 0.1]).to_dict()))
     free = tmp_path / "free_head.json"  # a head left unpriced would look free to exit selection
@@ -164,5 +162,5 @@ def test_sweep_cli_prices_with_a_profile_measured_before_and_chooses_the_same(tm
     for extra, words in ((["--profile", str(wrong)], "this model has"), (["--profile", str(free)], "does not price the branches of exits [0]"), (["--profile", str(saved), "--cost", "macs"], "prices in time"),
                          (["--profile", str(saved), "--deploy-batch-size", "4"], "measured at batch 1"),
                          (["--profile", str(tmp_path / "none.json")], "no profile file")):
-        r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "c"), *extra])
-        assert r.exit_code == 1 and "Error:" in r.stderr and words in " ".join(r.stderr.split()), (extra, r.stderr)
+        code, stdout, stderr = run_cli(*args, "-o", tmp_path / "c", *extra)
+        assert code == 1 and "Error:" in stderr and words in " ".join(stderr.split()), (extra, stderr)
