@@ -15,29 +15,13 @@ The policies themselves live in ``pteenet.exits.policies``.
 """
 from __future__ import annotations
 
-from ..evaluation import (
-           ExitCache,
-           ExitCacheBuilder,
-           Point,
-           backbone_point,
-           below_cheapest,
-           evaluate,
-           gather_exit_cache,
-           oracle_point,
-           pareto,
-           parse_range,
-           search_per_exit,
-           select,
-           sweep_global,
-           threshold_list,
-)
+from ..evaluation import *  # noqa: F403  (the cache and the engine, re-exported: pteenet.evaluation.__all__)
+from ..evaluation import __all__ as _evaluation
 from .guarantee import CONFIDENCE, Certified, Guarantee, certify, recertify
 from .outputs import PLOTS_WARNING, build_document, cost_axis_label, curve_figure, short_thresholds, write_sweep_outputs
 from .run import SweepConfig, build_cache, sweep_meta, sweep_model, sweep_points, sweep_threshold
 from .selection import Selection, restrict, select_exits
 
-__all__ = ["CONFIDENCE", "Certified", "Guarantee", "certify", "recertify", "PLOTS_WARNING", "ExitCache", "ExitCacheBuilder", "Point", "SweepConfig", "backbone_point",
-           "below_cheapest", "build_cache", "build_document", "cost_axis_label", "curve_figure", "evaluate", "gather_exit_cache",
-           "oracle_point", "pareto", "parse_range", "restrict", "search_per_exit", "select", "select_exits",
-           "Selection", "short_thresholds", "sweep_global", "sweep_meta", "sweep_model", "sweep_points", "sweep_threshold",
-           "threshold_list", "write_sweep_outputs"]
+__all__ = [*_evaluation, "CONFIDENCE", "Certified", "Guarantee", "certify", "recertify", "PLOTS_WARNING", "SweepConfig",
+           "build_cache", "build_document", "cost_axis_label", "curve_figure", "restrict", "select_exits", "Selection",
+           "short_thresholds", "sweep_meta", "sweep_model", "sweep_points", "sweep_threshold", "write_sweep_outputs"]
