@@ -282,3 +282,23 @@ def test_grid_pool_fast_path_equals_adaptive_pooling(hw: tuple[int, int]) -> Non
                       torch.nn.functional.adaptive_max_pool2d(x, pool.max.output_size).flatten(1)], 1)
     torch.testing.assert_close(pool(x), want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(pool(x[:1]), want[:1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,grid", [((40, 16, 32, 32), 4), ((40, 8, 16, 16), 4), ((40, 32, 8, 8), 4),
+                                        ((20, 4, 14, 14), 2)])
+def test_every_pooling_plan_gives_the_same_bits_whatever_the_batch(shape: tuple[int, ...], grid: int) -> None:
+    """A plan chosen by a clock cannot change a value: every plan pools to the same bits, and a
+    sample's pooled values do not depend on the batch it came in (batch 1, odd sizes, the whole)."""
+    from pteenet.exits.branches import POOL_PLANS, GridPool, pool_plan
+
+    pool = GridPool(grid, shape[2:])
+    x = torch.randn(*shape) * 3 + 1
+    with pool_plan("pool2d"):
+        want = pool(x)
+    for plan in POOL_PLANS:
+        with pool_plan(plan):
+            assert torch.equal(pool(x), want), plan
+            for size in (1, 3, 17):
+                parts = torch.cat([pool(x[i:i + size]) for i in range(0, shape[0], size)])
+                assert torch.equal(parts, want), (plan, size)
+    assert torch.equal(torch.cat([pool(x[i:i + 1]) for i in range(shape[0])]), want)  # as timed, batch 1

@@ -269,3 +269,25 @@ def test_interrupted_before_the_ensemble_fit_resumes_to_the_same_ensemble(tiny_c
     a, b = load_file(str(straight)), load_file(str(split))
     ens = [k for k in a if k.startswith("ensemble.")]
     assert ens and all(torch.equal(a[k], b[k]) for k in ens)
+
+
+def test_the_pooling_plan_a_clock_picks_cannot_change_what_training_learns(
+        tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same command and seed, once timed as this machine times it, then with the timing step
+    forced to pick each plan in turn (as load on a busy machine can): bit-identical branches and
+    ensemble."""
+    from pteenet.exits import branches
+
+    def run(name: str) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(branches, "_chosen_plan", {})  # a fresh process: nothing timed yet
+        out = tmp_path / f"{name}.safetensors"
+        train_branches(tiny_checkpoint, out, data(augment=True), cfg(epochs=2, seed=3))
+        return {k: v for k, v in load_file(str(out)).items() if k.startswith(("branches.", "ensemble."))}
+
+    timed = run("timed")
+    assert any(k.startswith("ensemble.") for k in timed)
+    for plan in branches.POOL_PLANS:
+        monkeypatch.setattr(branches, "_time_plans", lambda x, k, rounds=5, plan=plan: plan)
+        forced = run(plan)
+        assert forced.keys() == timed.keys()
+        assert [k for k in timed if not torch.equal(timed[k], forced[k])] == [], plan

@@ -130,19 +130,10 @@ def grid_width(c: int, hw: tuple[int, int], grid: int) -> int:
 
 
 def _pool_nchw(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """avg_pool2d, and a max over the window's columns, then its rows."""
+    """avg_pool2d, and a max over the window's columns, then its rows (cheaper than max_pool2d)."""
     (kh, kw), (b, c, h, w) = k, x.shape
     mx = x.reshape(b, c, h, w // kw, kw).amax(4).reshape(b, c, h // kh, kh, w // kw).amax(3)
     return F.avg_pool2d(x, k), mx
-
-
-def _pool_rows(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduce the window's rows first, over whole contiguous image rows (vectorised along W), then
-    the columns: fast where windows are large (CIFAR ResNet stage 1, ImageNet maps)."""
-    (kh, kw), (b, c, h, w) = k, x.shape
-    rows = x.reshape(b, c, h // kh, kh, w)
-    s = rows.sum(3).reshape(b, c, h // kh, w // kw, kw).sum(4) / (kh * kw)
-    return s, rows.amax(3).reshape(b, c, h // kh, w // kw, kw).amax(4)
 
 
 def _pool_nhwc(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,20 +143,22 @@ def _pool_nhwc(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch
     return F.avg_pool2d(y, k), F.max_pool2d(y, k)
 
 
-# Equal-window pooling has several formulations with the same values (to float rounding) whose
-# speed depends on the shape and the CPU by 2-3x either way (measured: benchmarks/branch_cost.py).
-# Pooling is most of a pooled head's time at large batches, so the first large batch of each
-# shape times them all and every later call uses the fastest (one choice per process). The choice
-# depends on timing, so on a busy machine two processes may choose differently, and "rows" rounds
-# its averages differently from the others: a resumed training run therefore reuses the choices
-# its first process made (``pin_plans``, recorded by training in ``meta["training"]["pool_plans"]``).
+# Equal-window pooling has several formulations whose speed depends on the shape and the CPU by
+# 2-3x either way (measured: benchmarks/branch_cost.py). Pooling is most of a pooled head's time at
+# large batches, so the first large batch of each shape times them and every later call uses the
+# fastest (one choice per process). A choice made by a clock must not change a value: every plan
+# computes its average with PyTorch's avg_pool2d kernel (NCHW or channels-last: both add a window's
+# elements in the same row-major order from zero, then divide), and a maximum is exact in any order,
+# so all plans give the same bits for a given input, and a sample's pooled values do not depend on
+# the batch it came in (tests/test_branches.py). Summing whole rows first, as a faster formulation
+# for large windows would, rounds differently: it is not a plan (its price: docs/speed.md).
 def _pool_2d(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain pooling kernels with the window as kernel and stride: the fastest at batch 1 (half
     the adaptive kernels' time), any batch size, and what torch.export and ONNX get."""
     return F.avg_pool2d(x, k), F.max_pool2d(x, k)
 
 
-POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "rows": _pool_rows, "nhwc": _pool_nhwc}
+POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "nhwc": _pool_nhwc}
 _chosen_plan: dict[str, str] = {}  # plan_key -> plan name
 _forced = threading.local()
 
@@ -189,16 +182,8 @@ def forced_plan() -> str | None:
 
 
 def chosen_plans() -> dict[str, str]:
-    """The plan chosen for each ``plan_key`` so far (timed fastest, or pinned)."""
+    """The plan timed fastest for each ``plan_key`` so far (for benchmarks: the values are the same)."""
     return dict(_chosen_plan)
-
-
-def pin_plans(plans: dict[str, str]) -> None:
-    """Use these plans (``chosen_plans()`` of another process) for their keys from now on."""
-    unknown = sorted(set(plans.values()) - set(POOL_PLANS))
-    if unknown:
-        raise PteenetError(f"unknown pooling plan {unknown[0]!r} recorded", "upgrade pteenet, or start the run over")
-    _chosen_plan.update(plans)
 
 
 def plan_key(x: torch.Tensor, k: tuple[int, int]) -> str:
@@ -209,7 +194,7 @@ def plan_key(x: torch.Tensor, k: tuple[int, int]) -> str:
 
 
 def fastest_plan(x: torch.Tensor, k: tuple[int, int]) -> str:
-    """The plan every ``GridPool`` uses for ``x`` with windows ``k``: forced, pinned, or timed on first use."""
+    """The plan every ``GridPool`` uses for ``x`` with windows ``k``: forced, or timed on first use."""
     forced = forced_plan()
     if forced is not None:
         return forced

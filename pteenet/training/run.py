@@ -6,11 +6,12 @@ the branches with gradients; Adam updates branch parameters only, on a cosine sc
 steps. After every epoch the calibration split is scored through the evaluation engine at the
 confidence threshold T = 0.5 and the output checkpoint is rewritten atomically, with everything a
 ``--resume`` needs under ``state.*``: optimizer moments, step and epoch counters, the torch RNG state
-(augmentation) and the data-order generator state; ``training.pool_plans`` records the pooling
-kernels the run chose by timing, which a resume reuses (another process on a busy machine may time
-them otherwise, and they round differently). Resuming therefore ends, on the CPU with the same
-thread count, bit-identical to a run that was never interrupted, wherever the run was stopped
-(tests/test_resume_anywhere.py). When training completes the final checkpoint drops ``state.*``
+(augmentation) and the data-order generator state. No value depends on timing (the pooling kernels
+chosen by a clock give the same bits: exits/branches.py), so the same command and seed give the
+same bits whether the machine is idle or loaded, and a resumed run ends bit-identical to one that
+was never interrupted, wherever it was stopped (tests/test_resume_anywhere.py), on the same CPU,
+thread count and torch version: ``training`` records them, and a resume warns where one differs.
+When training completes the final checkpoint drops ``state.*``
 (a finished cosine schedule has nothing left to resume) and records ``training.complete = true``.
 
 ``--cache-features`` runs the backbone once over the train and calibration splits (``views`` passes over
@@ -37,7 +38,6 @@ from ..data import SKIPPED, DataConfig, Splits, load_splits
 from ..devices import resolve_device
 from ..distributed import ALONE, Group
 from ..errors import PteenetError
-from ..exits import branches as branch_mod
 from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from ..runtime.model import EarlyExitModel
@@ -59,10 +59,11 @@ from .step import (
     cache_metrics,
     check_diverged,
     epoch_text,
-    pin_recorded_plans,
+    numerics_record,
     rng_state,
     running_text,
     set_rng_state,
+    warn_numerics_changed,
 )
 
 MAX_SKIPPED_LISTED = 100  # undecodable image files named in the checkpoint (all are counted)
@@ -117,7 +118,7 @@ def _check_run(model: EarlyExitModel, cfg: TrainConfig, device: torch.device, gr
         raise PteenetError("the resume state holds no epoch counter", "pass the state of an unfinished run")
     if resume:
         distributed.check_resume_world(model.meta.get("training", {}), group)
-        pin_recorded_plans(model, group, sink)
+        warn_numerics_changed(model, sink)
     if model.cost is None or model.num_exits < 1:
         raise PteenetError(f"{source or 'the model'} has no exits to train",
                            "create it with `pteenet attach BACKBONE --exits N`")
@@ -181,8 +182,7 @@ class _RunRecord:
         return {**self.settings, "device": str(self.device), "world_size": self.group.world, "epochs_done": epochs_done,
                 "complete": complete, "source": self.source,
                 "seconds": self.seconds_before + time.perf_counter() - self.started,
-                "pool_plans": distributed.gather_objects(branch_mod.chosen_plans(), self.group),
-                "threads": torch.get_num_threads(),
+                **numerics_record(),
                 "skipped_images": {"count": len(skipped), "files": skipped[:MAX_SKIPPED_LISTED]}}
 
     def save(self, epochs_done: int, complete: bool,

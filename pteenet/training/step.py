@@ -5,6 +5,7 @@ state that makes a resumed run bit-identical. Every metric goes through the eval
 from __future__ import annotations
 
 import math
+import platform
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 from .. import distributed, evaluation
 from ..distributed import ALONE, Group
 from ..errors import PteenetError
-from ..exits import branches as branch_mod
 from ..progress import Sink
 from ..runtime.model import AllExits, EarlyExitModel
 from .batches import Autocast
@@ -191,17 +191,36 @@ def set_rng_state(st: dict[str, torch.Tensor], device: torch.device, order: torc
         torch.cuda.set_rng_state(st["rng.cuda"], device)
 
 
-def pin_recorded_plans(model: EarlyExitModel, group: Group, sink: Sink) -> None:
-    """Before anything computes, the pooling plans the run being resumed chose (each rank its own):
-    they are chosen by timing, which differs between processes on a busy machine, and one of them
-    rounds averages differently, so a resume that timed them again would not continue identically.
-    Runs recorded before this have no record: their resume times the plans again."""
+def cpu_name() -> str:
+    """The CPU's model name and the instruction set PyTorch's kernels dispatch to (which decides how
+    their vector loops round)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def numerics_record() -> dict[str, Any]:
+    """What besides the command, the seed and the data decides a run's bits (docs/real-models.md):
+    recorded with the run, so that a resume can say when it differs."""
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu_name()}
+
+
+_NUMERICS_WORDS = {"threads": "CPU threads", "torch": "torch", "cpu": "the CPU"}
+
+
+def warn_numerics_changed(model: EarlyExitModel, sink: Sink) -> None:
+    """Warn where the run being resumed recorded another thread count, torch version or CPU: the
+    kernels then round differently, so the resumed result is close to an uninterrupted run's, not
+    equal to it. Runs recorded before a key was recorded are not checked for it."""
     training = model.meta.get("training", {})
-    was = training.get("threads")
-    if was is not None and was != torch.get_num_threads():
-        # Reductions split by thread count round differently: the resume is then close, not exact.
-        sink.warn(f"the run being resumed used {was} CPU threads, this one {torch.get_num_threads()}: "
-                  "its result may differ from an uninterrupted run's in the last bits")
-    plans = training.get("pool_plans") or []
-    if group.rank < len(plans):
-        branch_mod.pin_plans(plans[group.rank])
+    now = numerics_record()
+    for key, words in _NUMERICS_WORDS.items():
+        was = training.get(key)
+        if was is not None and was != now[key]:
+            said = f"{was} {words}, this one {now[key]}" if key == "threads" else f"{words} {was}, this one {now[key]}"
+            sink.warn(f"the run being resumed used {said}: its result may differ from an uninterrupted run's "
+                      "in the last bits")
