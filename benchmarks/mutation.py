@@ -204,6 +204,18 @@ MUTANTS: list[Mutant] = [
     M("M71", "exits/policies.py", "return (1.0 / (1.0 + math.exp(-c)) if c >= 0 else math.exp(c) / (1.0 + math.exp(c))), abs(c)",
       "return (1.0 / (1.0 + math.exp(-c)) if c >= 0 else 1.0 / (1.0 + math.exp(c))), abs(c)",
       "the batch-1 confidence score is wrong for negative logits", ("tests/test_policies.py",)),
+    # -- same inputs, same bits: pooling plans a clock chooses, what a resume checks --
+    M("M72", "exits/branches.py", 'POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "nhwc": _pool_nhwc}',
+      'POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "nhwc": _pool_nhwc, "rows": lambda x, k: ('
+      "x.reshape(*x.shape[:2], x.shape[2] // k[0], k[0], x.shape[3]).sum(3).reshape(*x.shape[:2], x.shape[2] // k[0], "
+      'x.shape[3] // k[1], k[1]).sum(4) / (k[0] * k[1]), F.max_pool2d(x, k))}',
+      "a pooling plan that sums whole rows first (faster, other rounding) may be timed fastest",
+      (f"{H}::test_every_pooling_plan_gives_the_same_bits_whatever_the_batch",
+       "tests/test_train.py::test_the_pooling_plan_a_clock_picks_cannot_change_what_training_learns")),
+    M("M73", "training/step.py", "if was is not None and was != now[key]:", "if False:",
+      "a resume on another CPU, torch or thread count says nothing",
+      ("tests/test_resume_anywhere.py::test_resume_on_another_cpu_or_torch_says_it_may_differ",
+       "tests/test_resume_anywhere.py::test_resume_on_another_thread_count_says_it_may_differ")),
     # -- the guarantee: p-values, the fixed sequence, the structure split, the choice --
     M("M48", "sweep/guarantee.py", "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            return i",
       "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            continue",
