@@ -205,8 +205,8 @@ MUTANTS: list[Mutant] = [
       "return (1.0 / (1.0 + math.exp(-c)) if c >= 0 else 1.0 / (1.0 + math.exp(c))), abs(c)",
       "the batch-1 confidence score is wrong for negative logits", ("tests/test_policies.py",)),
     # -- same inputs, same bits: pooling plans a clock chooses, what a resume checks --
-    M("M72", "exits/branches.py", 'POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "nhwc": _pool_nhwc}',
-      'POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "nhwc": _pool_nhwc, "rows": lambda x, k: ('
+    M("M72", "exits/branches.py", '"rows": _pool_rows, "nhwc": _pool_nhwc}',
+      '"rows": _pool_rows, "nhwc": _pool_nhwc, "rows-first": lambda x, k: ('
       "x.reshape(*x.shape[:2], x.shape[2] // k[0], k[0], x.shape[3]).sum(3).reshape(*x.shape[:2], x.shape[2] // k[0], "
       'x.shape[3] // k[1], k[1]).sum(4) / (k[0] * k[1]), F.max_pool2d(x, k))}',
       "a pooling plan that sums whole rows first (faster, other rounding) may be timed fastest",

@@ -136,6 +136,15 @@ def _pool_nchw(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch
     return F.avg_pool2d(x, k), mx
 
 
+def _pool_rows(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """avg_pool2d, and a max over the window's rows first, over whole contiguous image rows
+    (vectorised along W), then its columns: fast where windows are large (CIFAR ResNet stage 1,
+    ImageNet maps)."""
+    (kh, kw), (b, c, h, w) = k, x.shape
+    rows = x.reshape(b, c, h // kh, kh, w)
+    return F.avg_pool2d(x, k), rows.amax(3).reshape(b, c, h // kh, w // kw, kw).amax(4)
+
+
 def _pool_nhwc(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One copy to channels-last, where both pooling kernels vectorise along C: fast for small
     windows over many channels (CIFAR ResNet stages 2-3), slow for large maps (the copy)."""
@@ -150,15 +159,15 @@ def _pool_nhwc(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch
 # computes its average with PyTorch's avg_pool2d kernel (NCHW or channels-last: both add a window's
 # elements in the same row-major order from zero, then divide), and a maximum is exact in any order,
 # so all plans give the same bits for a given input, and a sample's pooled values do not depend on
-# the batch it came in (tests/test_branches.py). Summing whole rows first, as a faster formulation
-# for large windows would, rounds differently: it is not a plan (its price: docs/speed.md).
+# the batch it came in (tests/test_branches.py). Summing whole rows first, as the maximum does in
+# "rows", would round averages differently: no plan does (the price: docs/speed.md).
 def _pool_2d(x: torch.Tensor, k: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain pooling kernels with the window as kernel and stride: the fastest at batch 1 (half
     the adaptive kernels' time), any batch size, and what torch.export and ONNX get."""
     return F.avg_pool2d(x, k), F.max_pool2d(x, k)
 
 
-POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "nhwc": _pool_nhwc}
+POOL_PLANS = {"pool2d": _pool_2d, "nchw": _pool_nchw, "rows": _pool_rows, "nhwc": _pool_nhwc}
 _chosen_plan: dict[str, str] = {}  # plan_key -> plan name
 _forced = threading.local()
 
