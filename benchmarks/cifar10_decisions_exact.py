@@ -1,9 +1,9 @@
 """Do the exits a shipped model takes equal the ones the sweep simulated? Every test image, every path.
 
 On the CIFAR-10 default ResNet-56 (``benchmarks/cifar10_resnet.py --only r56-default``): operating
-points are chosen through the library on the calibration split's exit cache (``-val.npz``): per
-policy, the cheapest global threshold within 1 point of the backbone, and the per-exit thresholds
-at that point's cost. Then, on the 10,000 test images, each point's exit for every image from
+points are chosen through the library on the calibration split's exit cache (``-val.npz``; without
+one, on protocol B's calibration half of test): per policy, the cheapest global threshold within 1
+point of the backbone, and the per-exit thresholds at that point's cost. Then, on the 10,000 test images, each point's exit for every image from
 
 - the sweep's simulation: ``build_cache`` (``forward_all`` at batch 256) and ``exit_indices``;
 - ``pteenet.load(...).predict`` at batch 256 (rows that leave drop out of the batch) and at batch 1
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cifar10_resnet import eval_data  # noqa: E402
+from cifar10_resnet import eval_data, report_half  # noqa: E402
 
 import pteenet  # noqa: E402
 from pteenet.data import load_splits  # noqa: E402
@@ -109,8 +109,7 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     model = pteenet.load(str(args.model))
-    cal = ExitCache.load(args.calibration_cache or args.model.with_name(args.model.stem + "-val.npz"))
-    points = settings(cal)
+    cal_path = args.calibration_cache or args.model.with_name(args.model.stem + "-val.npz")
     test = load_splits(eval_data(argparse.Namespace(data=args.data, eval_limit=None)), model.info.preprocess,
                        model.info.num_classes).test
     n = len(test) if args.limit is None else min(args.limit, len(test))
@@ -125,6 +124,11 @@ def main() -> None:
     stored = args.model.with_name(args.model.stem + "-test.npz")
     old = ExitCache.load(stored) if stored.exists() and args.limit is None else None
     doc["seconds_cache"] = time.time() - t
+    if cal_path.exists():
+        cal, doc["thresholds_chosen_on"] = ExitCache.load(cal_path), str(cal_path)
+    else:
+        cal, doc["thresholds_chosen_on"] = sim_cache.take(report_half(n, 0)), "protocol B's calibration half of test"
+    points = settings(cal)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.time()
         folders = {}
