@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,16 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from cifar10_resnet import eval_data, report_half  # noqa: E402
+from common import eval_data, report_half
 
-import pteenet  # noqa: E402
-from pteenet.data import load_splits  # noqa: E402
-from pteenet.export.driver import StagedModel, onnx_runner  # noqa: E402
-from pteenet.export.run import ExportConfig, export_model  # noqa: E402
-from pteenet.exits.policies import POLICIES  # noqa: E402
-from pteenet.sweep import ExitCache, backbone_point, build_cache, search_per_exit, select, sweep_global  # noqa: E402
-from pteenet.sweep.engine import exit_indices  # noqa: E402
+import pteenet
+from pteenet.data import load_splits
+from pteenet.export.driver import StagedModel, onnx_runner
+from pteenet.export.run import ExportConfig, export_model
+from pteenet.exits.policies import POLICIES
+from pteenet.evaluation import ExitCache, backbone_point, exit_indices, search_per_exit, select, sweep_global
+from pteenet.sweep import build_cache
 
 GRID = np.round(np.linspace(0, 1, 1001), 4)
 
