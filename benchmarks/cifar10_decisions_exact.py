@@ -113,7 +113,9 @@ def main() -> None:
     n = len(test) if args.limit is None else min(args.limit, len(test))
     items = [test[i] for i in range(n)]
     x, y = torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
+    trained = model.meta.get("training", {})
     doc: dict[str, Any] = {"model": str(args.model), "images": n, "threads": 1, "torch": torch.__version__,
+                           "model_training": {k: trained.get(k) for k in ("epochs_done", "complete")},
                            "cpu": platform.processor() or platform.machine(),
                            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                            "loadavg_start": os.getloadavg(), "points": []}
