@@ -37,7 +37,8 @@ def test_happy_path_writes_outputs_on_the_recorded_split(trained: Path, tmp_path
     # The calibration split training held out, rebuilt from the checkpoint's record.
     assert doc["data"]["val_split"] == 0.2 and doc["data"]["seed"] == 1 and doc["samples"] == 100
     assert doc["split"] == doc["selection_split"] == "calibration" and doc["notes"] == [] and doc["warnings"] == []
-    assert doc["policies"] == ["confidence", "max-softmax", "entropy"] and len(doc["points"]) == 3 * 21
+    # Three scores on the 21 thresholds, patience on its run lengths 1..E+1 (3 exits).
+    assert doc["policies"] == ["confidence", "max-softmax", "entropy", "patience"] and len(doc["points"]) == 3 * 21 + 4
     chosen = doc["chosen"]
     assert chosen["cost"] <= 0.8 + 1e-9
     best = max(p["accuracy"] for p in doc["points"] if p["cost"] <= 0.8 + 1e-9)
@@ -150,6 +151,8 @@ def test_budget_below_the_cheapest_reachable(trained: Path, tmp_path: Path) -> N
     (["--write", "x.safetensors"], "--budget"),
     (["--max-drop", "-1"], "max-drop"),
     (["--data", "cifar10"], "not the data the branches were trained on"),
+    (["--patience", "0"], "patience"),
+    (["--policy", "entropy", "--patience", "2"], "patience policy"),
 ])
 def test_bad_inputs_are_one_line_errors(trained: Path, tmp_path: Path, args: list[str], needle: str) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path / "o", *args)
@@ -277,3 +280,18 @@ def test_resolve_data_calibration_overrides_the_record() -> None:
     assert cfg.calibration == "synthetic#half=1"  # the record's calibration is rebuilt by default
     cfg, notes = resolve_data(DataRequest(spec="synthetic", calibration="synthetic#half=0"), None)
     assert cfg.calibration == "synthetic#half=0" and notes == []  # no carve, so no overlap to warn about
+
+
+def test_patience_sweeps_run_lengths_and_writes_one(trained: Path, tmp_path: Path) -> None:
+    code, stdout, stderr = _run(trained, "-o", tmp_path / "a", "--policy", "patience", "--budget", 1.5, "--json")
+    assert code == 0, stderr
+    ts = sorted(p["threshold"] for p in json.loads(stdout)["points"])
+    assert ts == [1.0, 2.0, 3.0, 4.0]  # run lengths 1..E, and E + 1: nobody leaves
+    ckpt = tmp_path / "m.safetensors"
+    code, stdout, stderr = _run(trained, "-o", tmp_path / "b", "--patience", 2, "--max-drop", 100, "--write", ckpt,
+                                "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert [p["threshold"] for p in doc["points"]] == [2.0] and doc["chosen"]["policy"] == "patience"
+    model = pteenet.load(str(ckpt))
+    assert model.policy == "patience" and model.thresholds == [2.0] * 3
