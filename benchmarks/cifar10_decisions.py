@@ -135,6 +135,23 @@ def study(test: ExitCache, model: Any, profiles: dict[int, TimeProfile], decisio
     return out
 
 
+def test_cache(prefix: str) -> ExitCache:
+    """PREFIX-test.npz, or, where it is missing (the Fashion-MNIST demo model), the test split's
+    exit cache built once from the checkpoint's recorded data and saved there."""
+    path = Path(f"{prefix}-test.npz")
+    if path.exists():
+        return ExitCache.load(path)
+    from pteenet.data import DataRequest, load_splits, resolve_data
+    from pteenet.sweep import build_cache
+
+    model = load_checkpoint(f"{prefix}.safetensors").model
+    cfg, _ = resolve_data(DataRequest(), model.meta.get("data"))
+    splits = load_splits(cfg, model.info.preprocess, model.info.num_classes)
+    cache = build_cache(model, splits.test)
+    cache.save(path)
+    return cache
+
+
 def plot(doc: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -161,7 +178,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, metavar="NAME=PREFIX",
-                    help="PREFIX.safetensors (cost table) and PREFIX-test.npz (exit cache of the test split)")
+                    help="PREFIX.safetensors (cost table) and PREFIX-test.npz (exit cache of the test split; "
+                    "built from the checkpoint's recorded data where missing)")
     ap.add_argument("--profile", action="append", default=[], metavar="NAME=FILE",
                     help="a cifar10_time.py summary (its profiles at batch 1 and 256) for that model")
     ap.add_argument("--splits", type=int, default=300)
@@ -182,7 +200,7 @@ def main() -> None:
         doc["models"] = json.loads(args.out.read_text()).get("models", {})
     for spec in args.model:
         name, prefix = spec.split("=", 1)
-        test, model = ExitCache.load(f"{prefix}-test.npz"), load_checkpoint(f"{prefix}.safetensors").model
+        test, model = test_cache(prefix), load_checkpoint(f"{prefix}.safetensors").model
         profs: dict[int, TimeProfile] = {}
         if name in profiles:
             raw = json.loads(Path(profiles[name]).read_text())

@@ -25,7 +25,7 @@ def _run(*args: object) -> tuple[int, str, str]:
 
 def test_happy_path_writes_outputs_on_the_recorded_split(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, stdout, stderr = _run(trained, "-o", out, "--thresholds", GRID, "--budget", 0.8)
+    code, stdout, stderr = _run(trained, "-o", out, "--thresholds", GRID, "--budget", 0.8, "--no-select-exits")
     assert code == 0, stderr
     files = {"sweep.json", "sweep.csv"}
     if importlib.util.find_spec("matplotlib") is not None:
@@ -84,7 +84,7 @@ def test_write_sets_thresholds_and_keeps_the_curve(trained: Path, tmp_path: Path
 
 def test_per_exit_never_worse_than_global_at_the_budget(trained: Path, tmp_path: Path) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--budget", 0.85,
-                                "--per-exit", "--json")
+                                "--per-exit", "--no-select-exits", "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
     for policy, budgets in doc["per_exit_budgets"].items():
@@ -213,7 +213,7 @@ def test_a_setting_dearer_than_the_backbone_is_flagged(tmp_path: Path) -> None:
     ckpt = tmp_path / "untrained.safetensors"
     pteenet.save_checkpoint(ckpt, conv2_model())
     code, stdout, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID, "--data", "synthetic",
-                                "--limit", 40, "--max-drop", 0, "--no-guarantee", "--json")  # 0 points: never certified
+                                "--limit", 40, "--max-drop", 0, "--no-guarantee", "--no-select-exits", "--json")  # 0 points: never certified
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc["nothing_pays"]["cheapest"]["cost"] >= 1.0 and doc["chosen"]["cost"] == 1.0  # the backbone alone
@@ -223,7 +223,7 @@ def test_a_setting_dearer_than_the_backbone_is_flagged(tmp_path: Path) -> None:
 # -- --calibration: tune on other data than training's held-out split ---------------------------------
 def test_calibration_on_a_test_half_reports_on_the_other_half(trained: Path, tmp_path: Path) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--max-drop", 100,
-                                "--policy", "max-softmax", "--calibration", "synthetic#half=0", "--json")
+                                "--policy", "max-softmax", "--calibration", "synthetic#half=0", "--no-select-exits", "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
     info = doc["data"]
@@ -295,3 +295,10 @@ def test_patience_sweeps_run_lengths_and_writes_one(trained: Path, tmp_path: Pat
     assert [p["threshold"] for p in doc["points"]] == [2.0] and doc["chosen"]["policy"] == "patience"
     model = pteenet.load(str(ckpt))
     assert model.policy == "patience" and model.thresholds == [2.0] * 3
+
+
+def test_exit_selection_is_on_by_default_where_the_cost_is_time() -> None:
+    assert SweepConfig(max_drop=1.0).select_exits is True
+    assert SweepConfig(max_drop=1.0, cost="macs").select_exits is False
+    assert SweepConfig().select_exits is False  # no criterion: nothing to select for
+    assert SweepConfig(max_drop=1.0, select_exits=False).select_exits is False

@@ -261,7 +261,9 @@ def check_policy(value: Any, also: Sequence[str] = ()) -> None:
 
 
 def with_patience(patience: Any, policy: str) -> str:
-    """The policy a sweep given a fixed ``patience`` runs (patience), checking the pair."""
+    """The policy a sweep given a fixed ``patience`` runs (patience; ``policy`` where None), checking the pair."""
+    if patience is None:
+        return policy
     check_int("patience", patience, 1, "e.g. --patience 3: leave once 3 deciding exits in a row agree")
     if policy not in ("all", "patience"):
         raise PteenetError(f"--patience goes with the patience policy, not {policy}", "drop --policy, or pass --policy patience")
