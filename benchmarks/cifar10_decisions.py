@@ -28,7 +28,7 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +68,13 @@ def per_class_rule(max_drop: float, confidence: float) -> Rule:
     return rule
 
 
-def rows(max_drop: float, confidence: float) -> dict[str, Rule]:
-    """Every decision the tool has: each registered policy with one global threshold (a policy
-    added to the registry, such as a learned scheduler, is one more row), and per-class thresholds."""
-    out: dict[str, Rule] = {p: global_rule(p, max_drop, confidence) for p in pol.POLICIES}
+def rows(max_drop: float, confidence: float, cached: Collection[str]) -> dict[str, Rule]:
+    """Every decision the tool has: each registered policy certified with one global threshold, and
+    per-class thresholds. A decision that is fitted before it is certified (EENet's scheduler: fitted
+    on the structure part, certified over a budget sequence, and fed the exits' logits, which these
+    caches do not hold) is one more ``Rule`` here, returning its deciding exits and where each sample
+    leaves; ``--only`` then runs it alone and the results file keeps the other rows."""
+    out: dict[str, Rule] = {p: global_rule(p, max_drop, confidence) for p in pol.POLICIES if p in cached}
     out["per-class max-softmax"] = per_class_rule(max_drop, confidence)
     # What exit selection is worth where the cost is time: the same rule with every exit deciding.
     out["max-softmax, every exit decides"] = global_rule("max-softmax", max_drop, confidence, select=False)
@@ -190,7 +193,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cifar10_decisions.json"))
     args = ap.parse_args()
     profiles = dict(p.split("=", 1) for p in args.profile)
-    decisions = {k: v for k, v in rows(args.max_drop, args.confidence).items() if not args.only or k in args.only}
     doc: dict[str, Any] = {"setup": {"splits": args.splits, "time_splits": args.time_splits, "confidence": args.confidence,
                                      "max_drop": args.max_drop, "grid": "0:1:0.01", "per_class_min_samples": per_class.MIN_SAMPLES,
                                      "protocol": "seeded random halvings (seed 1000 + i) of the test cache; certify on "
@@ -205,7 +207,11 @@ def main() -> None:
         if name in profiles:
             raw = json.loads(Path(profiles[name]).read_text())
             profs = {b: TimeProfile.from_dict(raw["profiles"][str(b)]) for b in (1, 256)}
+        decisions = {k: v for k, v in rows(args.max_drop, args.confidence, test.scores).items()
+                     if not args.only or k in args.only}
         results = study(test, model, profs, decisions, args.splits, args.time_splits, args.max_drop)
+        if args.only and name in doc["models"]:  # a partial run adds its rows to the ones there
+            results = {**doc["models"][name]["results"], **results}
         doc["models"][name] = {"cache": f"{prefix}-test.npz", "model": f"{prefix}.safetensors", "chained": model.chained,
                                "exits": test.num_exits, "time_profile": profiles.get(name),
                                "backbone_accuracy": backbone_point(test).accuracy, "results": results,

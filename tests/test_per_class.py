@@ -97,7 +97,7 @@ def test_points_of_older_sweeps_have_no_table() -> None:
 
 def test_cli_per_class(trained: Path, tmp_path: Path) -> None:  # noqa: F811
     ckpt = tmp_path / "m.safetensors"
-    code, stdout, stderr = _run(trained, "-o", tmp_path / "o", "--per-class", "--policy", "max-softmax",
+    code, stdout, stderr = _run(trained, "-o", tmp_path / "o", "--per-class", "--policy", "max-softmax", "--cost", "macs",
                                 "--max-drop", 30, "--write", ckpt, "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
