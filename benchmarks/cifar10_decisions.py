@@ -155,6 +155,21 @@ def test_cache(prefix: str) -> ExitCache:
     return cache
 
 
+def table(doc: dict[str, Any]) -> str:
+    """The results file as the markdown table of docs/how-it-works.md."""
+    out = ["| model | decision | over 1 pt | MAC reduction | time b1 | time b256 | of the oracle's saving |",
+           "|---|---|---|---|---|---|---|"]
+    for cfg, m in doc["models"].items():
+        for name, r in m["results"].items():
+            if name == "oracle":
+                continue
+            t = [f"{r[k]:.3f}" if k in r else "-" for k in ("time_b1", "time_b256")]
+            out.append(f"| {cfg} | {name} | {100 * r['share_over']:.1f}% | {100 * r['reduction_mean']:.1f}% | {t[0]} | "
+                       f"{t[1]} | {100 * r['oracle_share']:.0f}% |")
+        out.append(f"| {cfg} | agreement oracle | | {100 * m['results']['oracle']['reduction_mean']:.1f}% | | | 100% |")
+    return "\n".join(out)
+
+
 def plot(doc: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -180,7 +195,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", required=True, metavar="NAME=PREFIX",
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=PREFIX",
                     help="PREFIX.safetensors (cost table) and PREFIX-test.npz (exit cache of the test split; "
                     "built from the checkpoint's recorded data where missing)")
     ap.add_argument("--profile", action="append", default=[], metavar="NAME=FILE",
@@ -191,7 +206,11 @@ def main() -> None:
     ap.add_argument("--max-drop", type=float, default=1.0)
     ap.add_argument("--only", nargs="*", help="run only these decisions")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cifar10_decisions.json"))
+    ap.add_argument("--table", action="store_true", help="print the results file --out as a markdown table and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     profiles = dict(p.split("=", 1) for p in args.profile)
     doc: dict[str, Any] = {"setup": {"splits": args.splits, "time_splits": args.time_splits, "confidence": args.confidence,
                                      "max_drop": args.max_drop, "grid": "0:1:0.01", "per_class_min_samples": per_class.MIN_SAMPLES,
