@@ -20,7 +20,7 @@ learned scheduler becomes one more row). Everything is numpy over the cached exi
 
     python benchmarks/cifar10_decisions.py \\
         --model unchained=/work/cache/bench-cifar10/r56-default \\
-        --profile unchained=benchmarks/results/cifar10_time_summary.json [--splits 300] [--time-splits 10]
+        --profile unchained=benchmarks/results/cifar10_time.json [--splits 300] [--time-splits 10]
 """
 from __future__ import annotations
 
@@ -138,6 +138,27 @@ def study(test: ExitCache, model: Any, profiles: dict[int, TimeProfile], decisio
     return out
 
 
+def features_cache(prefix: str, features: Path) -> ExitCache:
+    """The exit cache of a split held in a training feature cache (``train-branches --cache-dir``:
+    labels, the backbone's logits and each branch's stem output per image): only the heads run."""
+    import torch
+
+    from pteenet.sweep import ExitCacheBuilder
+    from pteenet.training import feature_cache as store
+    from pteenet.training.batches import Autocast
+
+    model = load_checkpoint(f"{prefix}.safetensors").model.eval()
+    key = features.stem.removeprefix("features-")
+    fc = store.load(features.parent, key, batch_size=500, shuffle=False, stems=True)
+    if fc is None:
+        raise SystemExit(f"cannot read the feature cache {features}")
+    builder = ExitCacheBuilder()
+    with torch.no_grad():
+        for out, y in fc.batches(model, torch.device("cpu"), torch.Generator(), Autocast(torch.device("cpu"), False)):
+            builder.add_outputs(out, y)
+    return builder.build_for(model)
+
+
 def test_cache(prefix: str) -> ExitCache:
     """PREFIX-test.npz, or, where it is missing (the Fashion-MNIST demo model), the test split's
     exit cache built once from the checkpoint's recorded data and saved there."""
@@ -200,6 +221,9 @@ def main() -> None:
                     "built from the checkpoint's recorded data where missing)")
     ap.add_argument("--profile", action="append", default=[], metavar="NAME=FILE",
                     help="a cifar10_time.py summary (its profiles at batch 1 and 256) for that model")
+    ap.add_argument("--features", action="append", default=[], metavar="NAME=FILE",
+                    help="measure that model on a split held in a training feature cache (features-KEY.safetensors, "
+                    "e.g. its calibration split) instead of PREFIX-test.npz: no backbone pass")
     ap.add_argument("--splits", type=int, default=300)
     ap.add_argument("--time-splits", type=int, default=10)
     ap.add_argument("--confidence", type=float, default=0.9)
@@ -212,6 +236,7 @@ def main() -> None:
         print(table(json.loads(args.out.read_text())))
         return
     profiles = dict(p.split("=", 1) for p in args.profile)
+    features = dict(p.split("=", 1) for p in args.features)
     doc: dict[str, Any] = {"setup": {"splits": args.splits, "time_splits": args.time_splits, "confidence": args.confidence,
                                      "max_drop": args.max_drop, "grid": "0:1:0.01", "per_class_min_samples": per_class.MIN_SAMPLES,
                                      "protocol": "seeded random halvings (seed 1000 + i) of the test cache; certify on "
@@ -221,7 +246,9 @@ def main() -> None:
         doc["models"] = json.loads(args.out.read_text()).get("models", {})
     for spec in args.model:
         name, prefix = spec.split("=", 1)
-        test, model = test_cache(prefix), load_checkpoint(f"{prefix}.safetensors").model
+        source = features.get(name)
+        test = test_cache(prefix) if source is None else features_cache(prefix, Path(source))
+        model = load_checkpoint(f"{prefix}.safetensors").model
         profs: dict[int, TimeProfile] = {}
         if name in profiles:
             raw = json.loads(Path(profiles[name]).read_text())
@@ -231,7 +258,9 @@ def main() -> None:
         results = study(test, model, profs, decisions, args.splits, args.time_splits, args.max_drop)
         if args.only and name in doc["models"]:  # a partial run adds its rows to the ones there
             results = {**doc["models"][name]["results"], **results}
-        doc["models"][name] = {"cache": f"{prefix}-test.npz", "model": f"{prefix}.safetensors", "chained": model.chained,
+        doc["models"][name] = {"cache": source or f"{prefix}-test.npz", "samples": test.num_samples,
+                               "model": f"{prefix}.safetensors", "chained": model.chained,
+                               "training": {k: (model.meta.get("training") or {}).get(k) for k in ("epochs_done", "complete")},
                                "exits": test.num_exits, "time_profile": profiles.get(name),
                                "backbone_accuracy": backbone_point(test).accuracy, "results": results,
                                "loadavg_end": os.getloadavg()}

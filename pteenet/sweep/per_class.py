@@ -4,7 +4,8 @@ An exit is often sure of some classes long before others; one threshold per exit
 classes wait for the hard ones. Here, at a level ``eps``, exit k lets a sample it predicts as class c
 leave where its score passes ``T[k, c](eps)``: the most permissive threshold at which, on the
 samples that fit the family, exit k's answers of class c that pass agree with the backbone at least
-``1 - eps`` of the time, counting one disagreement more than seen (a per-class precision target,
+``1 - eps`` of the time, counting one disagreement more than seen and shrinking the class towards
+its exit's agreement over all classes by ``SHRINK`` samples' worth (a per-class precision target,
 as CalexNet calibrates its exits). As ``eps``
 grows the set of admissible thresholds only grows, so every ``T[k, c]`` moves monotonically towards
 letting more samples leave: the family is ordered from conservative to aggressive, and the
@@ -17,6 +18,7 @@ in eager, batch-1 and staged programs, so it sends each sample where ``exit_indi
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,9 @@ MIN_SAMPLES = 30  # fitting samples an exit must predict as a class for that cla
 # so the family starts at "nobody leaves" (level 0) and a few lucky samples of a class do not let it
 # leave early.
 PRIOR_MISSES = 1
+# A class's agreement at a threshold is shrunk towards its exit's (all classes) by this many samples'
+# worth: a class seen a few dozen times cannot move far from its exit on luck alone.
+SHRINK = 20
 # The precision misses tried, conservative first: 0, then log-spaced up to one answer in two.
 LEVELS = np.concatenate([[0.0], np.geomspace(1e-4, 0.5, 79)])
 
@@ -62,19 +67,43 @@ class ClassFamily:
                 "fallback": [list(p) for p in self.fallback]}
 
 
-def _cuts(scores: np.ndarray, ok: np.ndarray, levels: np.ndarray, policy: str) -> np.ndarray:
-    """Per level, the most permissive threshold whose passing samples agree at least 1 - eps of
-    the time (the policy's never-exit threshold where none does)."""
+def _precision(scores: np.ndarray, ok: np.ndarray, policy: str,
+               pooled: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores sorted most eager to leave first, the cuts: the last index of each run of equal
+    scores, the agreement of the samples each cut passes). With ``pooled`` (the exit's agreement over
+    every class at a threshold) it is shrunk towards that by ``SHRINK`` samples' worth."""
     p = pol.get(policy)
     keep = ~np.isnan(scores)
     s, ok = scores[keep].astype(np.float32), ok[keep]
-    out = np.full(levels.size, p.never_exit, dtype=np.float64)
-    if s.size == 0:
-        return out
-    order = np.argsort(-s if p.high_leaves else s, kind="stable")  # most eager to leave first
+    order = np.argsort(-s if p.high_leaves else s, kind="stable")
     s, ok = s[order], ok[order]
     last = np.flatnonzero(np.append(s[1:] != s[:-1], True))  # a cut passes a whole run of equal scores
-    precision = np.cumsum(ok)[last] / (last + 1 + PRIOR_MISSES)
+    agree = np.cumsum(ok)[last].astype(np.float64)
+    if pooled is None:
+        return s, last, agree / (last + 1 + PRIOR_MISSES)
+    return s, last, (agree + SHRINK * pooled(s[last])) / (last + 1 + SHRINK)
+
+
+def _pooled(s: np.ndarray, last: np.ndarray, precision: np.ndarray, policy: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The exit's agreement at any threshold: that of the deepest pooled cut the threshold passes."""
+    high = pol.get(policy).high_leaves
+    keys = -s[last].astype(np.float64) if high else s[last].astype(np.float64)
+
+    def at(v: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(keys, -v if high else v, side="right") - 1
+        return np.where(i >= 0, precision[np.maximum(i, 0)], 0.0)
+    return at
+
+
+def _cuts(scores: np.ndarray, ok: np.ndarray, levels: np.ndarray, policy: str,
+          pooled: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Per level, the most permissive threshold whose passing samples agree at least 1 - eps of
+    the time (the policy's never-exit threshold where none does)."""
+    p = pol.get(policy)
+    out = np.full(levels.size, p.never_exit, dtype=np.float64)
+    if np.isnan(scores).all():
+        return out
+    s, last, precision = _precision(scores, ok, policy, pooled)
     for i, eps in enumerate(levels):
         good = np.flatnonzero(precision >= 1.0 - eps - 1e-12)
         if good.size:
@@ -102,14 +131,15 @@ def fit(cache: ExitCache, policy: str, num_classes: int | None = None, levels: n
     fallback = []
     for k in range(e):
         pooled = _cuts(s[k], agree[k], levels, policy)
+        prior = None if np.isnan(s[k]).all() else _pooled(*_precision(s[k], agree[k], policy), policy)
         for cls in range(c):
             mine = cache.preds[k] == cls
             if mine.sum() < min_samples:
                 table[:, k, cls] = pooled
-                if not np.isnan(s[k]).all():
+                if prior is not None:
                     fallback.append((k, cls))
             else:
-                table[:, k, cls] = _cuts(s[k, mine], agree[k, mine], levels, policy)
+                table[:, k, cls] = _cuts(s[k, mine], agree[k, mine], levels, policy, prior)
     return ClassFamily(policy, levels, table.astype(np.float32), fallback)
 
 
