@@ -38,7 +38,7 @@ from pteenet.exits import policies as pol
 from pteenet.runtime.checkpoint import load_checkpoint
 from pteenet.runtime.timing import TimeProfile
 from pteenet.sweep import ExitCache, backbone_point, certify, oracle_point, parse_range, per_class, restrict
-from pteenet.sweep.engine import exit_indices
+from pteenet.evaluation.engine import exit_indices
 
 GRID = parse_range("0:1:0.01")  # the CLI's default grid
 # A decision: (calibration half, time profile or None, chained) -> (the exits that decide or None,
@@ -176,6 +176,14 @@ def test_cache(prefix: str) -> ExitCache:
     return cache
 
 
+def agreement(cache: ExitCache) -> dict[str, list[float]]:
+    """Why patience saves what it saves: how often neighbouring exits agree with each other, and
+    how often each exit agrees with the backbone."""
+    p = cache.preds
+    return {"neighbours": [float((p[k] == p[k + 1]).mean()) for k in range(cache.num_exits - 1)],
+            "backbone": [float((p[k] == p[-1]).mean()) for k in range(cache.num_exits)]}
+
+
 def table(doc: dict[str, Any]) -> str:
     """The results file as the markdown table of docs/how-it-works.md."""
     out = ["| model | decision | over 1 pt | MAC reduction | time b1 | time b256 | of the oracle's saving |",
@@ -230,6 +238,7 @@ def main() -> None:
     ap.add_argument("--max-drop", type=float, default=1.0)
     ap.add_argument("--only", nargs="*", help="run only these decisions")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cifar10_decisions.json"))
+    ap.add_argument("--agreement-only", action="store_true", help="only add the exits' agreement figures to --out")
     ap.add_argument("--table", action="store_true", help="print the results file --out as a markdown table and stop")
     args = ap.parse_args()
     if args.table:
@@ -243,7 +252,10 @@ def main() -> None:
                                      "the first half, measure on the other", "loadavg_start": os.getloadavg()},
                            "models": {}}
     if args.out.exists():  # keep the other models' results: one model per run is fine
-        doc["models"] = json.loads(args.out.read_text()).get("models", {})
+        old = json.loads(args.out.read_text())
+        doc["models"] = old.get("models", {})
+        if args.agreement_only:
+            doc["setup"] = old.get("setup", doc["setup"])
     for spec in args.model:
         name, prefix = spec.split("=", 1)
         source = features.get(name)
@@ -253,6 +265,10 @@ def main() -> None:
         if name in profiles:
             raw = json.loads(Path(profiles[name]).read_text())
             profs = {b: TimeProfile.from_dict(raw["profiles"][str(b)]) for b in (1, 256)}
+        if args.agreement_only and name in doc["models"]:  # add the agreement figures to a finished run
+            doc["models"][name]["agreement"] = agreement(test)
+            args.out.write_text(json.dumps(doc, indent=1) + "\n")
+            continue
         decisions = {k: v for k, v in rows(args.max_drop, args.confidence, test.scores).items()
                      if not args.only or k in args.only}
         results = study(test, model, profs, decisions, args.splits, args.time_splits, args.max_drop)
@@ -263,6 +279,7 @@ def main() -> None:
                                "training": {k: (model.meta.get("training") or {}).get(k) for k in ("epochs_done", "complete")},
                                "exits": test.num_exits, "time_profile": profiles.get(name),
                                "backbone_accuracy": backbone_point(test).accuracy, "results": results,
+                               "agreement": agreement(test),
                                "loadavg_end": os.getloadavg()}
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
     try:

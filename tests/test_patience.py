@@ -11,14 +11,12 @@ import pytest
 import torch
 
 import pteenet
-from helpers import assert_logits_close, build, cache_of, make_images
+from helpers import HAS_ORT, assert_logits_close, build, cache_of, make_images, staged_runs
 from pteenet.errors import PteenetError
+from pteenet.evaluation.engine import exit_indices
 from pteenet.exits import policies as pol
 from pteenet.export.run import ExportConfig, export_model
-from pteenet.export.staged import torch_runner
 from pteenet.sweep import ExitCache, certify, evaluate, restrict, sweep_global
-from pteenet.sweep.engine import exit_indices
-from test_staged import HAS_ORT, _driver
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +101,7 @@ def test_staged_programs_carry_the_run(model: pteenet.EarlyExitModel, images: to
     try:
         formats = ("staged-torch-export", "staged-onnx") if HAS_ORT else ("staged-torch-export",)
         export_model(model, ExportConfig(output=tmp_path / "o", formats=formats))
-        runs = [_driver(tmp_path / "o" / "staged_pt2").StagedModel(tmp_path / "o" / "staged_pt2", torch_runner)]
-        if HAS_ORT:
-            runs.append(_driver(tmp_path / "o" / "staged_onnx").StagedModel(tmp_path / "o" / "staged_onnx"))
+        runs = [staged for _, staged in staged_runs(tmp_path / "o")]
         for staged in runs:
             assert [p["inputs"][-3:] for p in staged.pieces[1:3]] == [["last", "run", "threshold"]] * 2
             for batch in (images, images[:1], images[7:8], images[20:21]):

@@ -12,19 +12,18 @@ import numpy as np
 import torch
 
 import pteenet
-from helpers import build, cache_of, error_line, make_images
+from helpers import HAS_ORT, SYNTH_COST, build, cache_of, error_line, make_images, run_cli, staged_runs, synthetic_cache
 from pteenet.export.run import ExportConfig, export_model
-from pteenet.export.staged import torch_runner
 from pteenet.sweep import Point, backbone_point, per_class
-from test_guarantee import COST, DELTA, GRID_TS, SAMPLES, TARGET, _draw
-from test_staged import HAS_ORT, _driver
-from test_sweep_cli import _run, trained  # noqa: F401 - the trained tiny checkpoint fixture
+
+SAMPLES, DELTA, TARGET = 1000, 0.2, 0.02  # a large delta: fewer draws tell a broken promise from a kept one
+GRID_TS = np.round(np.arange(0, 1.0001, 0.01), 4)
 
 DRAWS = 60
 
 
 def test_family_is_monotone_and_falls_back_for_rare_classes() -> None:
-    cache = _draw(3000, np.random.default_rng(0))
+    cache = synthetic_cache(3000, np.random.default_rng(0))
     # Class 9 predicted rarely at exit 0: drop most of its samples there.
     rare = np.flatnonzero(cache.preds[0] == 9)[20:]
     cache.preds[0, rare] = 8
@@ -43,10 +42,10 @@ def test_family_is_monotone_and_falls_back_for_rare_classes() -> None:
 
 
 def test_certified_per_class_keeps_the_promise() -> None:
-    pop, rng = _draw(100_000, np.random.default_rng(123)), np.random.default_rng(11)
+    pop, rng = synthetic_cache(100_000, np.random.default_rng(123)), np.random.default_rng(11)
     over = none = 0
     for _ in range(DRAWS):
-        c, fam = per_class.certify_per_class(_draw(SAMPLES, rng), ["max-softmax"], GRID_TS, 100 * TARGET, 1 - DELTA)
+        c, fam = per_class.certify_per_class(synthetic_cache(SAMPLES, rng), ["max-softmax"], GRID_TS, 100 * TARGET, 1 - DELTA)
         if c.point is None:
             none += 1
             continue
@@ -81,9 +80,7 @@ def test_runtime_and_staged_programs_match_the_simulation(tmp_path: Path) -> Non
     assert model.predict(x, 1.5).exit_index.eq(3).all()
     formats = ("staged-torch-export", "staged-onnx") if HAS_ORT else ("staged-torch-export",)
     export_model(model, ExportConfig(output=tmp_path / "o", formats=formats))
-    runs = [_driver(tmp_path / "o" / "staged_pt2").StagedModel(tmp_path / "o" / "staged_pt2", torch_runner)]
-    if HAS_ORT:
-        runs.append(_driver(tmp_path / "o" / "staged_onnx").StagedModel(tmp_path / "o" / "staged_onnx"))
+    runs = [staged for _, staged in staged_runs(tmp_path / "o")]
     for staged in runs:
         for bs in (1, 64):
             got = np.concatenate([staged.run(x[i:i + bs].numpy())[1] for i in range(0, 64, bs)])
@@ -102,9 +99,9 @@ def test_points_of_older_sweeps_have_no_table() -> None:
     assert p.class_thresholds is None and p.to_dict() == d
 
 
-def test_cli_per_class(trained: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_cli_per_class(trained: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "m.safetensors"
-    code, stdout, stderr = _run(trained, "-o", tmp_path / "o", "--per-class", "--policy", "max-softmax", "--cost", "macs",
+    code, stdout, stderr = run_cli("sweep-threshold", trained, "-o", tmp_path / "o", "--per-class", "--policy", "max-softmax", "--cost", "macs",
                                 "--max-drop", 30, "--write", ckpt, "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
@@ -117,14 +114,14 @@ def test_cli_per_class(trained: Path, tmp_path: Path) -> None:  # noqa: F811
     assert model.class_thresholds == doc["chosen"]["class_thresholds"]
     for args, needle in ((["--per-class"], "--max-drop"), (["--per-class", "--max-drop", 1, "--no-guarantee"], "--max-drop"),
                          (["--per-class", "--policy", "patience", "--max-drop", 1], "per-class")):
-        code, stdout, stderr = _run(trained, "-o", tmp_path / "x", *args)
+        code, stdout, stderr = run_cli("sweep-threshold", trained, "-o", tmp_path / "x", *args)
         assert code == 1 and needle in error_line(stderr)
 
 
 def test_costs_priced_with_exit_selection() -> None:
     """With a cost table the structure part chooses exits; the family then fits only those."""
-    c, fam = per_class.certify_per_class(_draw(2000, np.random.default_rng(5)), ["max-softmax"], GRID_TS, 5.0, 0.9,
-                                         cost=COST, chained=True)
+    c, fam = per_class.certify_per_class(synthetic_cache(2000, np.random.default_rng(5)), ["max-softmax"], GRID_TS, 5.0, 0.9,
+                                         cost=SYNTH_COST, chained=True)
     assert c.active is not None and len(c.active) == 3
     off = [k for k, a in enumerate(c.active) if not a]
     assert all(k not in off for k, _ in fam.fallback)

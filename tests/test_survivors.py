@@ -12,7 +12,7 @@ import torch
 import pteenet
 from helpers import cache_of, error_line, make_images, make_model, random_thresholds, run_cli
 from pteenet.errors import PteenetError
-from pteenet.sweep.engine import exit_indices
+from pteenet.evaluation.engine import exit_indices
 from pteenet.training.config import TrainConfig
 from pteenet.training.loss import LossConfig, early_exit_loss
 from pteenet.training.step import BranchTrainer
