@@ -49,7 +49,7 @@ def test_happy_path_writes_outputs_on_the_recorded_split(trained: Path, tmp_path
 
 def test_json_shape(trained: Path, tmp_path: Path) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--max-drop", 100,
-                                "--policy", "max-softmax", "--json")
+                                "--policy", "max-softmax", "--no-select-exits", "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc == json.loads((tmp_path / "sweep.json").read_text())
@@ -241,7 +241,7 @@ def test_calibration_on_a_test_half_reports_on_the_other_half(trained: Path, tmp
 
 def test_calibration_on_the_whole_test_split_warns(trained: Path, tmp_path: Path) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--max-drop", 100,
-                                "--policy", "entropy", "--calibration", "synthetic", "--json")
+                                "--policy", "entropy", "--calibration", "synthetic", "--no-select-exits", "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc["data"]["calibration_overlap"] == "test"
