@@ -3,7 +3,9 @@ the one check of a one-line error, and a sink that presses Ctrl-C (no test modul
 fixtures are in conftest.py)."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from pteenet.exits.chain import fit_ensemble
 from pteenet.progress import Sink, Task
 from pteenet.runtime.timing import TimeProfile
 from pteenet.sweep import ExitCache, ExitCacheBuilder
+from pteenet.tracing.cost import CostTable, ExitCost
 
 
 def run_cli(*args: object, columns: int | None = None) -> tuple[int, str, str]:
@@ -190,3 +193,48 @@ def four_exit_cache() -> tuple[ExitCache, TimeProfile]:
         scores[k, group == k] = 0.99
     prof = TimeProfile(batch_size=1, stage_ms=[1.0] * (e + 1), branch_ms=[0.3] * e, backbone_ms=float(e + 1))
     return ExitCache(preds, {"max-softmax": scores}, np.zeros(n), prof.costs(), prof.costs_paper()), prof
+
+
+# -- synthetic exit caches of a known distribution (the guarantee's and per-class tests) ------------
+SYNTH_EXITS = 3
+SYNTH_COST = CostTable(100, [ExitCost(f"e{k}", f"n{k}", p, 5, (p + 5 * (k + 1)) / 100, (p + 5) / 100)
+                             for k, p in enumerate((30, 55, 80))])
+
+
+def synthetic_cache(n: int, rng: np.random.Generator, labelled: bool = True) -> ExitCache:
+    """Samples of a fixed distribution: a difficulty per sample drives the backbone's errors, each
+    exit's confidence and whether that exit is right."""
+    e = SYNTH_EXITS
+    y = rng.integers(0, 10, n)
+    u = rng.random(n)
+    preds = np.empty((e + 1, n), np.int64)
+    preds[-1] = np.where(rng.random(n) < 0.95 - 0.15 * u, y, (y + 1) % 10)
+    conf = np.empty((e, n), np.float32)
+    for k in range(e):
+        conf[k] = np.clip(1 - u + 0.15 * rng.standard_normal(n) + 0.1 * k, 0, 1)
+        preds[k] = np.where(rng.random(n) < 0.35 + 0.6 * conf[k], y, (y + 2 + k) % 10)
+    return ExitCache(preds, {"max-softmax": conf, "entropy": 1 - conf}, y if labelled else None,
+                     SYNTH_COST.costs(), SYNTH_COST.costs_paper())
+
+
+# -- staged programs, run through the driver copied into the export folder ---------------------------
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
+
+
+def staged_driver(folder: Path) -> Any:
+    """run_staged.py as copied into the folder: it must work on its own."""
+    spec = importlib.util.spec_from_file_location("run_staged_copy", folder / "run_staged.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def staged_runs(folder: Path) -> list[tuple[str, Any]]:
+    """The staged programs under ``folder`` (``staged_pt2``, and ``staged_onnx`` with onnxruntime)."""
+    from pteenet.export.staged import torch_runner
+
+    runs = [("torch.export", staged_driver(folder / "staged_pt2").StagedModel(folder / "staged_pt2", torch_runner))]
+    if HAS_ORT:
+        runs.append(("onnxruntime", staged_driver(folder / "staged_onnx").StagedModel(folder / "staged_onnx")))
+    return runs

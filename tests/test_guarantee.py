@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from helpers import GRID, error_line, run_cli
+from helpers import GRID, SYNTH_COST, SYNTH_EXITS, error_line, run_cli, synthetic_cache
 from pteenet.errors import PteenetError
 from pteenet.sweep import (
     ExitCache,
@@ -27,35 +27,17 @@ from pteenet.sweep import (
     select_exits,
     sweep_global,
 )
-from pteenet.tracing.cost import CostTable, ExitCost
 
-E = 3
-COST = CostTable(100, [ExitCost(f"e{k}", f"n{k}", p, 5, (p + 5 * (k + 1)) / 100, (p + 5) / 100)
-                       for k, p in enumerate((30, 55, 80))])
+COST, E = SYNTH_COST, SYNTH_EXITS
 GRID_TS = np.round(np.arange(0, 1.0001, 0.01), 4)
 DELTA, TARGET = 0.2, 0.02  # a large delta: fewer draws tell a broken promise from a kept one
 DRAWS, SAMPLES = 80, 1000
 
 
-def _draw(n: int, rng: np.random.Generator, labelled: bool = True) -> ExitCache:
-    """Samples of a fixed distribution: a difficulty per sample drives the backbone's errors, each
-    exit's confidence and whether that exit is right."""
-    y = rng.integers(0, 10, n)
-    u = rng.random(n)
-    preds = np.empty((E + 1, n), np.int64)
-    preds[-1] = np.where(rng.random(n) < 0.95 - 0.15 * u, y, (y + 1) % 10)
-    conf = np.empty((E, n), np.float32)
-    for k in range(E):
-        conf[k] = np.clip(1 - u + 0.15 * rng.standard_normal(n) + 0.1 * k, 0, 1)
-        preds[k] = np.where(rng.random(n) < 0.35 + 0.6 * conf[k], y, (y + 2 + k) % 10)
-    return ExitCache(preds, {"max-softmax": conf, "entropy": 1 - conf}, y if labelled else None,
-                     COST.costs(), COST.costs_paper())
-
-
 @pytest.fixture(scope="module")
 def populations() -> dict[bool, ExitCache]:
     rng = np.random.default_rng(123)
-    return {labelled: _draw(100_000, rng, labelled) for labelled in (True, False)}
+    return {labelled: synthetic_cache(100_000, rng, labelled) for labelled in (True, False)}
 
 
 def _true_risk(pop: ExitCache, policy: str, ts: list[float], active: list[bool] | None) -> float:
@@ -89,7 +71,7 @@ def test_violation_rate_at_most_delta(mode: str, populations: dict[bool, ExitCac
     pop, rng = populations[labelled], np.random.default_rng(7)
     new = old = none = 0
     for _ in range(DRAWS):
-        cal = _draw(SAMPLES, rng, labelled)
+        cal = synthetic_cache(SAMPLES, rng, labelled)
         c = certify(cal, policies, GRID_TS, 100 * target, 1 - DELTA, per_exit=per_exit,
                     cost=COST if sel else None, chained=True)
         g = c.guarantee

@@ -26,7 +26,7 @@ def images() -> torch.Tensor:
     return make_images(48)
 
 
-@pytest.mark.parametrize("policy", pol.POLICIES)
+@pytest.mark.parametrize("policy", pol.SCORED)  # stateful policies: test_patience.py
 def test_runtime_matches_sweep_simulation(model: pteenet.EarlyExitModel, images: torch.Tensor, policy: str) -> None:
     cache = cache_of(model, images)
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_batch_dependent_carried_value(tmp_path: Path) -> None:
     perturb(model, 1)
     x = make_images(24, seed=4)
     cache = cache_of(model, x)
-    for policy in pol.POLICIES:
+    for policy in pol.SCORED:
         ts = random_thresholds(cache, policy, np.random.default_rng(7))
         want = simulated_exits(cache, policy, ts)
         for bs in (1, len(x)):

@@ -4,21 +4,17 @@ eager in torch.export and ONNX Runtime, at batch 1 and at a larger batch, and ex
 the pieces of exits that are not computed."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import pteenet
-from helpers import TIE_GAP, assert_logits_close, cache_of, make_images, perturb
+from helpers import HAS_ORT, TIE_GAP, assert_logits_close, cache_of, make_images, perturb, staged_driver, staged_runs
 from pteenet.exits.chain import Ensemble
 from pteenet.export.run import ExportConfig, export_model
 from pteenet.export.staged import plan, torch_runner
-
-HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
 
 
 def many_exit_model(seed: int = 0, chained: bool = True) -> pteenet.EarlyExitModel:
@@ -64,28 +60,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[pteenet.EarlyExi
     return model, folder
 
 
-def _driver(folder: Path) -> Any:
-    """run_staged.py as copied into the folder: it must work on its own."""
-    spec = importlib.util.spec_from_file_location("run_staged_copy", folder / "run_staged.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _runs(folder: Path) -> list[tuple[str, Any]]:
-    runs = [("torch.export", _driver(folder / "staged_pt2").StagedModel(folder / "staged_pt2", torch_runner))]
-    if HAS_ORT:
-        runs.append(("onnxruntime", _driver(folder / "staged_onnx").StagedModel(folder / "staged_onnx")))
-    return runs
-
-
 def test_staged_programs_equal_eager_at_batch_1_and_16(exported: tuple[pteenet.EarlyExitModel, Path]) -> None:
     model, folder = exported
     assert model.num_exits == 9 and model.chained
     x = make_images(16, seed=5)
     seen: set[int] = set()
-    for name, staged in _runs(folder):
+    for name, staged in staged_runs(folder):
         assert len(staged.pieces) == model.num_exits + 1
         for ts in settings(model, x):
             for batch in (x, x[:1], x[7:8], x[11:12]):
@@ -100,7 +80,7 @@ def test_staged_programs_equal_eager_at_batch_1_and_16(exported: tuple[pteenet.E
 def test_the_recorded_thresholds_are_the_default(exported: tuple[pteenet.EarlyExitModel, Path]) -> None:
     model, folder = exported
     x = make_images(8, seed=6)
-    for _, staged in _runs(folder):
+    for _, staged in staged_runs(folder):
         assert staged.thresholds == model.thresholds and staged.policy == "max-softmax"
         assert staged.run(x.numpy())[1].tolist() == model.predict(x).exit_index.tolist()
 
@@ -116,7 +96,7 @@ def test_exit_selection_drops_pieces(tmp_path: Path, chained: bool) -> None:
     x = make_images(16, seed=7)
     model.set_thresholds(settings(model, x)[0], "max-softmax")
     export_model(model, ExportConfig(output=tmp_path / "o", formats=("staged-torch-export",)))
-    staged = _driver(tmp_path / "o" / "staged_pt2").StagedModel(tmp_path / "o" / "staged_pt2", torch_runner)
+    staged = staged_driver(tmp_path / "o" / "staged_pt2").StagedModel(tmp_path / "o" / "staged_pt2", torch_runner)
     assert len(staged.pieces) == 4
     seen: set[int] = set()
     for batch in (x, x[:1], x[4:5], x[9:10]):
@@ -140,7 +120,7 @@ def test_uneven_pooling_windows_export_to_onnx(tmp_path: Path) -> None:
     x = torch.randn(8, 3, 14, 14, generator=torch.Generator().manual_seed(9))
     model.set_thresholds(settings(model, x)[0], "max-softmax")
     export_model(model, ExportConfig(output=tmp_path / "o", formats=("staged-onnx",)))
-    staged = _driver(tmp_path / "o" / "staged_onnx").StagedModel(tmp_path / "o" / "staged_onnx")
+    staged = staged_driver(tmp_path / "o" / "staged_onnx").StagedModel(tmp_path / "o" / "staged_onnx")
     for batch in (x, x[:1], x[5:6]):
         want = model.predict(batch)
         logits, exit_index = staged.run(batch.numpy())

@@ -25,7 +25,7 @@ def _run(*args: object) -> tuple[int, str, str]:
 
 def test_happy_path_writes_outputs_on_the_recorded_split(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, stdout, stderr = _run(trained, "-o", out, "--thresholds", GRID, "--budget", 0.8)
+    code, stdout, stderr = _run(trained, "-o", out, "--thresholds", GRID, "--budget", 0.8, "--no-select-exits")
     assert code == 0, stderr
     files = {"sweep.json", "sweep.csv"}
     if importlib.util.find_spec("matplotlib") is not None:
@@ -37,7 +37,8 @@ def test_happy_path_writes_outputs_on_the_recorded_split(trained: Path, tmp_path
     # The calibration split training held out, rebuilt from the checkpoint's record.
     assert doc["data"]["val_split"] == 0.2 and doc["data"]["seed"] == 1 and doc["samples"] == 100
     assert doc["split"] == doc["selection_split"] == "calibration" and doc["notes"] == [] and doc["warnings"] == []
-    assert doc["policies"] == ["confidence", "max-softmax", "entropy"] and len(doc["points"]) == 3 * 21
+    # Three scores on the 21 thresholds, patience on its run lengths 1..E+1 (3 exits).
+    assert doc["policies"] == ["confidence", "max-softmax", "entropy", "patience"] and len(doc["points"]) == 3 * 21 + 4
     chosen = doc["chosen"]
     assert chosen["cost"] <= 0.8 + 1e-9
     best = max(p["accuracy"] for p in doc["points"] if p["cost"] <= 0.8 + 1e-9)
@@ -48,7 +49,7 @@ def test_happy_path_writes_outputs_on_the_recorded_split(trained: Path, tmp_path
 
 def test_json_shape(trained: Path, tmp_path: Path) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--max-drop", 100,
-                                "--policy", "max-softmax", "--json")
+                                "--policy", "max-softmax", "--no-select-exits", "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc == json.loads((tmp_path / "sweep.json").read_text())
@@ -83,7 +84,7 @@ def test_write_sets_thresholds_and_keeps_the_curve(trained: Path, tmp_path: Path
 
 def test_per_exit_never_worse_than_global_at_the_budget(trained: Path, tmp_path: Path) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--budget", 0.85,
-                                "--per-exit", "--json")
+                                "--per-exit", "--no-select-exits", "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
     for policy, budgets in doc["per_exit_budgets"].items():
@@ -150,6 +151,8 @@ def test_budget_below_the_cheapest_reachable(trained: Path, tmp_path: Path) -> N
     (["--write", "x.safetensors"], "--budget"),
     (["--max-drop", "-1"], "max-drop"),
     (["--data", "cifar10"], "not the data the branches were trained on"),
+    (["--patience", "0"], "patience"),
+    (["--policy", "entropy", "--patience", "2"], "patience policy"),
 ])
 def test_bad_inputs_are_one_line_errors(trained: Path, tmp_path: Path, args: list[str], needle: str) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path / "o", *args)
@@ -210,7 +213,7 @@ def test_a_setting_dearer_than_the_backbone_is_flagged(tmp_path: Path) -> None:
     ckpt = tmp_path / "untrained.safetensors"
     pteenet.save_checkpoint(ckpt, conv2_model())
     code, stdout, stderr = _run(ckpt, "-o", tmp_path / "out", "--thresholds", GRID, "--data", "synthetic",
-                                "--limit", 40, "--max-drop", 0, "--no-guarantee", "--json")  # 0 points: never certified
+                                "--limit", 40, "--max-drop", 0, "--no-guarantee", "--no-select-exits", "--json")  # 0 points: never certified
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc["nothing_pays"]["cheapest"]["cost"] >= 1.0 and doc["chosen"]["cost"] == 1.0  # the backbone alone
@@ -220,7 +223,7 @@ def test_a_setting_dearer_than_the_backbone_is_flagged(tmp_path: Path) -> None:
 # -- --calibration: tune on other data than training's held-out split ---------------------------------
 def test_calibration_on_a_test_half_reports_on_the_other_half(trained: Path, tmp_path: Path) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--max-drop", 100,
-                                "--policy", "max-softmax", "--calibration", "synthetic#half=0", "--json")
+                                "--policy", "max-softmax", "--calibration", "synthetic#half=0", "--no-select-exits", "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
     info = doc["data"]
@@ -238,7 +241,7 @@ def test_calibration_on_a_test_half_reports_on_the_other_half(trained: Path, tmp
 
 def test_calibration_on_the_whole_test_split_warns(trained: Path, tmp_path: Path) -> None:
     code, stdout, stderr = _run(trained, "-o", tmp_path, "--thresholds", GRID, "--max-drop", 100,
-                                "--policy", "entropy", "--calibration", "synthetic", "--json")
+                                "--policy", "entropy", "--calibration", "synthetic", "--no-select-exits", "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc["data"]["calibration_overlap"] == "test"
@@ -277,3 +280,25 @@ def test_resolve_data_calibration_overrides_the_record() -> None:
     assert cfg.calibration == "synthetic#half=1"  # the record's calibration is rebuilt by default
     cfg, notes = resolve_data(DataRequest(spec="synthetic", calibration="synthetic#half=0"), None)
     assert cfg.calibration == "synthetic#half=0" and notes == []  # no carve, so no overlap to warn about
+
+
+def test_patience_sweeps_run_lengths_and_writes_one(trained: Path, tmp_path: Path) -> None:
+    code, stdout, stderr = _run(trained, "-o", tmp_path / "a", "--policy", "patience", "--budget", 1.5, "--json")
+    assert code == 0, stderr
+    ts = sorted(p["threshold"] for p in json.loads(stdout)["points"])
+    assert ts == [1.0, 2.0, 3.0, 4.0]  # run lengths 1..E, and E + 1: nobody leaves
+    ckpt = tmp_path / "m.safetensors"
+    code, stdout, stderr = _run(trained, "-o", tmp_path / "b", "--patience", 2, "--max-drop", 100, "--write", ckpt,
+                                "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert [p["threshold"] for p in doc["points"]] == [2.0] and doc["chosen"]["policy"] == "patience"
+    model = pteenet.load(str(ckpt))
+    assert model.policy == "patience" and model.thresholds == [2.0] * 3
+
+
+def test_exit_selection_is_on_by_default_where_the_cost_is_time() -> None:
+    assert SweepConfig(max_drop=1.0).select_exits is True
+    assert SweepConfig(max_drop=1.0, cost="macs").select_exits is False
+    assert SweepConfig().select_exits is False  # no criterion: nothing to select for
+    assert SweepConfig(max_drop=1.0, select_exits=False).select_exits is False

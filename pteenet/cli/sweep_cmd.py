@@ -90,8 +90,10 @@ def sweep_command(
     split: SplitChoice = typer.Option(SplitChoice.calibration, help="calibration: tune on training's calibration split, report the choice on test; test: sweep test only (val: calibration)"),
     policy: PolicyOption = ALL_POLICIES,
     thresholds: str = typer.Option("0:1:0.01", help="threshold grid START:STOP:STEP (or one value)"),
+    patience: Optional[int] = typer.Option(None, "--patience", metavar="T", help="the patience policy at run length T only: a sample leaves once T deciding exits in a row predict the same class (--policy patience sweeps T)"),
     per_exit: bool = typer.Option(False, "--per-exit", help="also search one threshold per exit at a set of budgets"),
-    select_exits: bool = typer.Option(False, "--select-exits", help="also choose which exits decide at all (greedy; needs --budget or --max-drop); unused branches are not computed"),
+    per_class: bool = typer.Option(False, "--per-class", help="with --max-drop: one threshold per (exit, predicted class), a family certified from conservative to aggressive"),
+    select_exits: Optional[bool] = typer.Option(None, "--select-exits/--no-select-exits", help="also choose which exits decide at all (greedy; needs --budget or --max-drop); unused branches are not computed. Default: on with --cost time and a criterion"),
     budget: Optional[float] = typer.Option(None, help="choose the most accurate setting with mean cost <= F x backbone"),
     max_drop: Optional[float] = typer.Option(None, help="choose the cheapest setting at most P points below the backbone (accuracy; agreement without labels), certified for new data"),
     confidence: float = typer.Option(CONFIDENCE, metavar="C", help="with --max-drop: the drop stays within P points on new data from the same distribution with probability >= C (Learn-then-Test); 0 = no guarantee"),
@@ -113,8 +115,8 @@ def sweep_command(
 
     Unless given, --data, --limit and the calibration split are the ones training recorded.
     """
-    cfg = SweepConfig(outdir=str(output), split=split.value, policy=policy, thresholds=thresholds,
-                      per_exit=per_exit, select_exits=select_exits, budget=budget, max_drop=max_drop,
+    cfg = SweepConfig(outdir=str(output), split=split.value, policy=policy, thresholds=thresholds, patience=patience,
+                      per_exit=per_exit, per_class=per_class, select_exits=select_exits, budget=budget, max_drop=max_drop,
                       confidence=0.0 if no_guarantee else confidence,
                       write=None if write is None else str(write), batch_size=batch_size,
                       cost=cost, deploy_batch_size=deploy_batch_size, deploy_runtime=deploy_runtime, max_tail=max_tail,

@@ -77,6 +77,7 @@ def train_command(
     cache_features: bool = typer.Option(False, "--cache-features", help="run the backbone once (per view) and train from cached exit features"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="save feature caches here and reuse them in later runs on the same backbone, exits and data"),
     views: int = typer.Option(TrainConfig.views, "--views", help="augmented views of each training image in the feature cache (needs --cache-features, augmentation on)"),
+    survivors: bool = typer.Option(False, "--survivors", help="train each branch only on the samples that reach it under the checkpoint's chosen exit rule (after sweep-threshold --write)"),
     ensemble: bool = typer.Option(TrainConfig.ensemble, "--ensemble/--no-ensemble", help="after training, fit an ensemble of the exits on the calibration split"),
     json_: JsonOption = False,
 ) -> None:
@@ -85,7 +86,7 @@ def train_command(
                           seed=seed, calibration=calibration, test_split=test_split, strict_images=strict_images)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
                       workers=workers, amp=amp, resume=resume, cache_features=cache_features, views=views, cache_dir=cache_dir,
-                      ensemble=ensemble, loss=LossConfig(version=loss, lam=lam, targets=targets, temperature=temperature,
+                      ensemble=ensemble, survivors=survivors, loss=LossConfig(version=loss, lam=lam, targets=targets, temperature=temperature,
                                                           exit_ce=exit_ce))
     try:
         with progress_sink() as sink:

@@ -49,6 +49,10 @@ class ExitCache:
         if bad or self.costs.shape != (e + 1,) or self.costs_paper.shape != (e + 1,):
             raise PteenetError("the exit cache is inconsistent (array shapes do not match)",
                                "recompute it from the model")
+        # Stateful policies' scores follow from the predictions (caches saved before them lack them).
+        missing = [p for p in pol.STATEFUL if p not in self.scores]
+        if missing:
+            self.scores.update({p: s for p, s in pol.chain_scores(self.preds[:-1]).items() if p in missing})
 
     @property
     def num_exits(self) -> int:
@@ -95,7 +99,7 @@ class ExitCacheBuilder:
 
     def __init__(self) -> None:
         self._preds: list[np.ndarray] = []
-        self._scores: dict[str, list[np.ndarray]] = {p: [] for p in pol.POLICIES}
+        self._scores: dict[str, list[np.ndarray]] = {p: [] for p in pol.POLICIES if p not in pol.STATEFUL}
         self._labels: list[np.ndarray] = []
         self._num_exits: int | None = None
 
@@ -115,7 +119,7 @@ class ExitCacheBuilder:
         rows = [lg.detach().argmax(1) for lg in exit_logits] + [final_logits.detach().argmax(1)]
         self._preds.append(torch.stack(rows).to(torch.int32).cpu().numpy())
         per_exit = [pol.scores(lg.detach(), c.detach()) for lg, c in zip(exit_logits, exit_conf)]
-        for p in pol.POLICIES:
+        for p in self._scores:
             s = torch.stack([d[p] for d in per_exit]).cpu().numpy() if e else np.zeros((0, b))
             self._scores[p].append(s.astype(np.float32))
         if labels is not None:

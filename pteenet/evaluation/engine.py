@@ -35,7 +35,8 @@ class Point:
     cost_paper: float  # mean cost in the paper's convention
     exit_fractions: list[float]  # E+1 fractions; the last is "ran to the end"
     policy: str | None = None
-    kind: str = "global"  # global | per-exit | backbone | oracle
+    kind: str = "global"  # global | per-exit | per-class | backbone | oracle
+    class_thresholds: list[list[float]] | None = None  # per-class: [E][C], looked up by the exit's predicted class
 
     @property
     def metric(self) -> float:
@@ -47,13 +48,15 @@ class Point:
         return {"threshold": self.thresholds[0] if glob else self.thresholds,
                 "accuracy": self.accuracy, "agreement": self.agreement, "cost": self.cost,
                 "cost_paper": self.cost_paper, "exit_fractions": self.exit_fractions,
-                "policy": self.policy, "kind": self.kind}
+                "policy": self.policy, "kind": self.kind,
+                **({} if self.class_thresholds is None else {"class_thresholds": self.class_thresholds})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], n_exits: int) -> Point:
         """The inverse of ``to_dict`` (a point of a stored sweep document)."""
         return cls(threshold_list(d.get("threshold"), n_exits), d.get("accuracy"), d["agreement"], d["cost"],
-                   d["cost_paper"], list(d["exit_fractions"]), d.get("policy"), d.get("kind", "global"))
+                   d["cost_paper"], list(d["exit_fractions"]), d.get("policy"), d.get("kind", "global"),
+                   d.get("class_thresholds"))
 
 
 def threshold_list(t: Any, n_exits: int) -> list[float] | None:
@@ -100,7 +103,7 @@ def _make_point(cache: ExitCache, counts: np.ndarray, n_correct: int, n_agree: i
                  exit_fractions=[int(c) / n for c in counts], policy=policy, kind=kind)
 
 
-def _point_from_exits(cache: ExitCache, exit_idx: np.ndarray, thresholds: list[float] | None,
+def point_from_exits(cache: ExitCache, exit_idx: np.ndarray, thresholds: list[float] | None,
                       policy: str | None, kind: str) -> Point:
     correct, agree = _hits(cache)
     cols = np.arange(cache.num_samples)
@@ -130,7 +133,7 @@ def exit_indices(cache: ExitCache, policy: str, thresholds: float | Sequence[flo
 def evaluate(cache: ExitCache, policy: str, thresholds: float | Sequence[float]) -> Point:
     """One setting: a global threshold (float) or one threshold per exit."""
     ts, kind = _setting(cache, thresholds)
-    return _point_from_exits(cache, exit_indices(cache, policy, ts), ts, policy, kind)
+    return point_from_exits(cache, exit_indices(cache, policy, ts), ts, policy, kind)
 
 
 def backbone_point(cache: ExitCache) -> Point:
@@ -145,7 +148,7 @@ def oracle_point(cache: ExitCache) -> Point:
     """Each sample leaves at the first exit that is right (vs labels, else vs the backbone)."""
     correct, agree = _hits(cache)
     ok = (correct if correct is not None else agree)[:-1]
-    return _point_from_exits(cache, _first_index(ok), None, None, "oracle")
+    return point_from_exits(cache, _first_index(ok), None, None, "oracle")
 
 
 def _direction(policy: str) -> tuple[bool, str]:

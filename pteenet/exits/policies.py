@@ -12,6 +12,11 @@ ops 0.25-0.33 ms, with ``leaves_one`` 0.20-0.28 ms; ``benchmarks/results/batch1_
 ``Policy.leaves_one`` reads the K numbers once and scores them in Python floats (``host``), and
 lets the tensor score decide only where the two could disagree (``_margin``): the decision is
 the tensor score's, always.
+
+A stateful policy (``Policy.step``: patience) scores an exit from what the exits that decided before
+it answered: the runtime carries that small state through its stage loop (``decide``), and the exit
+cache derives the same scores from the exits' predictions (``chain_scores``), so the sweep simulates
+exactly what the runtime does.
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..configs import check_choice
+from ..configs import check_choice, check_int
+from ..errors import PteenetError
 
 # The comparisons a policy may use: "leaves when score OP threshold".
 _COMPARISONS: dict[str, Callable[[Any, Any], Any]] = {
@@ -45,10 +52,29 @@ class Policy:
     # then use ``score``).
     host: Callable[[list[float], float], tuple[float, float]] | None = None
     host_reads_conf: bool = False  # whether ``host`` reads the confidence logit (one more read)
+    # Stateful policies: ``step(logits [B,K], state) -> (score [B], state)``, the state None at the
+    # first deciding exit; ``from_preds(preds [E,N] ints, active [E] bools) -> scores [E,N]`` (NaN
+    # where an exit does not decide) is the same score from the exit cache; ``grid(E)`` the
+    # thresholds worth sweeping (the policy's own, not the [0, 1] grid of the scores above).
+    step: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None
+    from_preds: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    grid: Callable[[int], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.compare not in _COMPARISONS:
             raise ValueError(f"policy {self.name!r}: compare must be one of {', '.join(_COMPARISONS)}")
+
+    @property
+    def stateful(self) -> bool:
+        """True when an exit's score depends on the exits that decided before it."""
+        return self.step is not None
+
+    def decide(self, logits: torch.Tensor, conf_logit: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        """(score [B], the state the next deciding exit reads): the runtime's one call per deciding
+        exit, for stateless and stateful policies alike (a stateless one keeps no state)."""
+        if self.step is not None:
+            return self.step(logits, state)
+        return self.score(logits, conf_logit), None
 
     @property
     def high_leaves(self) -> bool:
@@ -132,13 +158,53 @@ def _host_entropy(z: list[float], c: float) -> tuple[float, float]:
     return min(max(ent, 0.0), 1.0), max(mx, -min(z))
 
 
+# Patience (PABEE, Zhou et al. 2020): the score is the run length, how many deciding exits in a
+# row, ending at this one, predict the same class; a sample leaves once it reaches the threshold t.
+# PABEE's "patience p" (p unchanged predictions after the first) is t = p + 1 here. The state is
+# (last predicted class [B] int64, run length [B] float32), carried by the runtime.
+NEVER_PATIENT = 1e6  # more deciding exits than any model has: nobody leaves
+
+
+def _patience_step(logits: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    pred = logits.argmax(1)
+    if state is None:
+        run = torch.ones(pred.shape, dtype=torch.float32, device=pred.device)
+    else:
+        last, prev_run = state
+        run = torch.where(pred == last, prev_run + 1.0, torch.ones_like(prev_run))
+    return run, (pred, run)
+
+
+def _patience_from_preds(preds: np.ndarray, active: np.ndarray) -> np.ndarray:
+    e, n = preds.shape
+    out = np.full((e, n), np.nan, dtype=np.float32)
+    last, run = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32)
+    for k in range(e):
+        if active[k]:
+            run = np.where(preds[k] == last, run + 1, 1).astype(np.float32)
+            last = preds[k].astype(np.int64)
+            out[k] = run
+    return out
+
+
+def _patience_score(logits: torch.Tensor, conf_logit: torch.Tensor) -> torch.Tensor:
+    """An exit alone (no earlier exit decided): a run of one."""
+    return torch.ones(logits.shape[0], dtype=torch.float32, device=logits.device)
+
+
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("confidence", _confidence, ">", never_exit=1.0, rule="confidence h > T", host=_host_confidence,
            host_reads_conf=True),
     Policy("max-softmax", _max_softmax, ">=", never_exit=1.5, rule="top softmax probability >= T",
            host=_host_max_softmax),
     Policy("entropy", _entropy, "<=", never_exit=-1.0, rule="normalised softmax entropy <= T", host=_host_entropy),
+    Policy("patience", _patience_score, ">=", never_exit=NEVER_PATIENT,
+           rule="T deciding exits in a row, ending there, predict the same class (patience)",
+           step=_patience_step, from_preds=_patience_from_preds,
+           grid=lambda e: np.arange(1, e + 2, dtype=np.float64)),
 )}
+STATEFUL = tuple(name for name, p in POLICIES.items() if p.stateful)
+SCORED = tuple(name for name in POLICIES if name not in STATEFUL)  # an exit's outputs alone give the score
 
 
 def get(policy: str) -> Policy:
@@ -150,10 +216,28 @@ def get(policy: str) -> Policy:
 
 
 def scores(logits: torch.Tensor, conf_logit: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-sample scores of one exit for every policy (float32, shape [batch]), what the exit cache
-    stores. Each comes from the policy's own ``score``, the function the runtime calls, so the
-    runtime and the sweep's cache agree to the bit."""
-    return {name: p.score(logits, conf_logit) for name, p in POLICIES.items()}
+    """Per-sample scores of one exit for every stateless policy (float32, shape [batch]), what the
+    exit cache stores. Each comes from the policy's own ``score``, the function the runtime calls,
+    so the runtime and the sweep's cache agree to the bit. Stateful ones: ``chain_scores``."""
+    return {name: POLICIES[name].score(logits, conf_logit) for name in SCORED}
+
+
+def chain_scores(preds: np.ndarray, active: Sequence[bool] | np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every stateful policy's scores [E, N] from the exits' predictions [E, N] (the exit cache's,
+    without the backbone's row), with only ``active`` exits deciding (default: all; NaN elsewhere)."""
+    mask = np.ones(preds.shape[0], dtype=bool) if active is None else np.asarray(active, dtype=bool)
+    return {name: p.from_preds(preds, mask) for name, p in POLICIES.items() if p.from_preds is not None}
+
+
+def grid_for(policy: str, grid: np.ndarray, num_exits: int) -> np.ndarray:
+    """The thresholds a sweep tries for ``policy``: its own grid where it has one (patience: the
+    run lengths 1..E+1, E+1 being "never") unless ``grid`` already is one of whole numbers, else
+    ``grid`` (the [0, 1] grid of the scores)."""
+    p = get(policy)
+    given = np.asarray(grid, dtype=np.float64)
+    if p.grid is None or (given.size and (given >= 1).all() and (given == np.round(given)).all()):
+        return grid  # a grid of whole numbers >= 1 is patience values already (``--patience T``)
+    return p.grid(num_exits)
 
 
 def score(policy: str, logits: torch.Tensor, conf_logit: torch.Tensor) -> torch.Tensor:
@@ -174,3 +258,13 @@ def never_exit_threshold(policy: str) -> float:
 def check_policy(value: Any, also: Sequence[str] = ()) -> None:
     """A policy of the registry (``POLICIES``), or one of ``also`` (such as "all")."""
     check_choice("policy", value, [*POLICIES, *also])
+
+
+def with_patience(patience: Any, policy: str) -> str:
+    """The policy a sweep given a fixed ``patience`` runs (patience; ``policy`` where None), checking the pair."""
+    if patience is None:
+        return policy
+    check_int("patience", patience, 1, "e.g. --patience 3: leave once 3 deciding exits in a row agree")
+    if policy not in ("all", "patience"):
+        raise PteenetError(f"--patience goes with the patience policy, not {policy}", "drop --policy, or pass --policy patience")
+    return "patience"

@@ -51,14 +51,18 @@ class StagedModel:
         self.pieces: list[dict[str, Any]] = manifest["pieces"]
         self.num_exits: int = manifest["num_exits"]
         self.thresholds: list[float] = list(manifest["thresholds"])
+        # Per-class thresholds [E][C] (pieces then read a [C] threshold); absent in older folders.
+        self.class_thresholds: list[list[float]] | None = manifest.get("class_thresholds")
         self.policy: str = manifest["policy"]
         self.shrinkable: bool = manifest["shrinkable"]
         make = runner or onnx_runner()
         self.calls = [make(folder / p["file"], p) for p in self.pieces]
 
     def run(self, x: np.ndarray, thresholds: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(logits [B, K] of the exit each sample left at, exit index [B]: 0..E-1, E = the backbone's end)."""
+        """(logits [B, K] of the exit each sample left at, exit index [B]: 0..E-1, E = the backbone's end).
+        ``thresholds``: one per exit, in place of the recorded setting (and of its per-class table)."""
         t = self.thresholds if thresholds is None else [float(v) for v in thresholds]
+        table = self.class_thresholds if thresholds is None else None
         n = x.shape[0]
         values: dict[str, np.ndarray] = {"s0": x}
         rows = np.arange(n)  # original position of each row in flight
@@ -68,7 +72,9 @@ class StagedModel:
         for piece, call in zip(self.pieces, self.calls):
             feeds = {name: values[name] for name in piece["inputs"] if name != "threshold"}
             if piece["decides"]:
-                feeds["threshold"] = np.asarray([t[piece["exit"]]], dtype=np.float32)
+                k = piece["exit"]
+                width = len(self.class_thresholds[0]) if self.class_thresholds else 1
+                feeds["threshold"] = np.asarray(table[k] if table else [t[k]] * width, dtype=np.float32)
             outs = dict(zip(piece["outputs"], call(feeds)))
             logits = outs["logits"]
             if out is None:

@@ -93,6 +93,11 @@ def output_names(model: EarlyExitModel, static: bool) -> list[str]:
 def exported_program(model: EarlyExitModel, static: bool) -> torch.export.ExportedProgram:
     c, h, w = model.info.preprocess.input_size
     device = next(model.parameters()).device
+    if not static and (policies.get(model.policy).stateful or model.class_thresholds is not None):
+        what = (f"the {model.policy} policy carries a state from exit to exit" if model.class_thresholds is None
+                else "per-class thresholds are looked up by the predicted class")
+        raise PteenetError(f"{what}, which the nested torch.cond program does not do",
+                           "export --format staged-onnx or staged-torch-export, or safetensors and run it with pteenet.load")
     try:
         if static:
             x = torch.zeros(2, c, h, w, device=device)

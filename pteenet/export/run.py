@@ -126,7 +126,7 @@ def _recertified(model: EarlyExitModel, sweep: dict[str, Any] | None, cfg: Expor
         raise PteenetError(f"no stored setting is certified to keep the {rec['risk']} within {cfg.max_drop:g} points at "
                            f"confidence {rec['confidence']:g} ({rec['tested']} tested on {rec['samples']} calibration images)",
                            "allow a larger --max-drop, or certify on more images (pteenet sweep-threshold --max-drop P --write)")
-    model.set_thresholds(p.thresholds, p.policy)
+    model.set_thresholds(p.thresholds, p.policy, p.class_thresholds)
     _set_exits(model, cert.active, p.cost)
     return {"how": f"the cheapest setting certified to keep the {rec['risk']} within {cfg.max_drop:g} points "
                    "(the sweep's fixed sequence, tested again at this target)", "guarantee": rec,
@@ -158,7 +158,7 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
             raise PteenetError(f"no swept operating point is within {cfg.max_drop} points of the backbone",
                                "allow a larger --max-drop, or use --budget")
         assert best.thresholds is not None and best.policy is not None
-        model.set_thresholds(best.thresholds, best.policy)
+        model.set_thresholds(best.thresholds, best.policy, best.class_thresholds)
         # The swept curve was measured with every exit deciding: an exit selection made for another
         # point does not hold for this one.
         _set_exits(model, None, best.cost)

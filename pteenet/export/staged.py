@@ -10,7 +10,8 @@ Dynamo's recursion limit, 28 pieces export one after another.
 
 Inputs of a piece are named ``s0..`` (the backbone state entering it, ``s0`` the image for the
 first), ``prev`` / ``acc`` (the carry) and ``threshold`` [1]; outputs ``next_<input name>`` for
-what the next piece reads, ``logits`` and ``leave``. ``staged.json`` lists them, with the batch axis
+what the next piece reads, ``logits`` and ``leave``. With per-class thresholds ``threshold`` is [C]
+and the piece looks it up by the exit's predicted class. ``staged.json`` lists them, with the batch axis
 of every value the driver compacts.
 """
 from __future__ import annotations
@@ -40,13 +41,16 @@ class PieceSpec:
     n_state: int  # backbone values entering it
     prev: bool  # carry layout entering it (cascade logits, ensemble sums)
     acc: bool
+    state: bool = False  # a stateful policy's state entering it (patience: ``last`` class, ``run`` length)
+    emits_state: bool = False  # it passes that state on (a deciding piece before another)
 
     @property
     def decides(self) -> bool:
         return bool(self.heads) and self.heads[-1] == self.last
 
     def input_names(self) -> list[str]:
-        return [f"s{j}" for j in range(self.n_state)] + ["prev"] * self.prev + ["acc"] * self.acc + ["threshold"] * self.decides
+        return ([f"s{j}" for j in range(self.n_state)] + ["prev"] * self.prev + ["acc"] * self.acc
+                + ["last", "run"] * self.state + ["threshold"] * self.decides)
 
 
 def plan(model: EarlyExitModel) -> list[PieceSpec]:
@@ -55,6 +59,7 @@ def plan(model: EarlyExitModel) -> list[PieceSpec]:
     that do not decide still feed later ones), then the rest of the backbone. The carry layout and
     state sizes come from one eager pass on two images."""
     computed = model.computed_branches()
+    stateful = policies.get(model.policy).stateful
     c, h, w = model.info.preprocess.input_size
     specs: list[PieceSpec] = []
     with torch.no_grad():
@@ -66,7 +71,7 @@ def plan(model: EarlyExitModel) -> list[PieceSpec]:
                 raise PteenetError("a backbone stage passes a non-tensor value on: staged programs carry tensors only",
                                    "export --format static-onnx or safetensors")
             if k == model.num_exits:
-                specs.append(PieceSpec(first, k, tuple(heads), *entering))
+                specs.append(PieceSpec(first, k, tuple(heads), *entering))  # the end reads no decision state
                 break
             out = stage(*state)
             state = tuple(out[:-1])
@@ -74,8 +79,10 @@ def plan(model: EarlyExitModel) -> list[PieceSpec]:
                 _, _, _, carry = exit_step(model.branches[k], model.ensemble, k, out[-1], carry)
                 heads.append(k)
             if computed[k] and model.active[k]:
-                specs.append(PieceSpec(first, k, tuple(heads), *entering))
+                specs.append(PieceSpec(first, k, tuple(heads), *entering, state=stateful and len(specs) > 0))
                 entering, heads, first = (len(state), carry.prev is not None, carry.acc is not None), [], k + 1
+    for spec, nxt in zip(specs, specs[1:]):
+        spec.emits_state = nxt.state
     return specs
 
 
@@ -85,6 +92,7 @@ class Piece(nn.Module):
     def __init__(self, model: EarlyExitModel, spec: PieceSpec) -> None:
         super().__init__()
         self.spec, self.policy, self.num_exits = spec, model.policy, model.num_exits
+        self.by_class = model.class_thresholds is not None  # the threshold input is [C], looked up by class
         self.stages = nn.ModuleList(model.stages.modules[spec.first:spec.last + 1])
         self.heads = nn.ModuleList(model.branches[k] for k in spec.heads)
         self.ensemble = model.ensemble
@@ -94,6 +102,7 @@ class Piece(nn.Module):
         state: tuple[Any, ...] = tuple(inputs[:s.n_state])
         it = iter(inputs[s.n_state:])
         carry = Carry(next(it) if s.prev else None, next(it) if s.acc else None)
+        decided = (next(it), next(it)) if s.state else None
         branches = dict(zip(s.heads, self.heads))
         logits = conf = None
         for k, stage in enumerate(self.stages, start=s.first):
@@ -104,8 +113,12 @@ class Piece(nn.Module):
             if k in branches:
                 _, logits, conf, carry = exit_step(branches[k], self.ensemble, k, out[-1], carry)
         assert logits is not None and conf is not None and s.decides
-        leave = policies.passes(self.policy, policies.score(self.policy, logits, conf), next(it)[0])
-        return (*state, *carry.tensors(), logits.clone(), leave)
+        rule = policies.get(self.policy)
+        score, decided = rule.decide(logits, conf, decided)
+        threshold = next(it)
+        leave = rule.passes(score, threshold[logits.argmax(1)] if self.by_class else threshold[0])
+        passed = tuple(v.clone() for v in decided) if s.emits_state else ()  # clone: never an input as is
+        return (*state, *carry.tensors(), *passed, logits.clone(), leave)
 
 
 def _output_names(spec: PieceSpec, nxt: PieceSpec | None) -> list[str]:
@@ -118,7 +131,7 @@ def _output_names(spec: PieceSpec, nxt: PieceSpec | None) -> list[str]:
 def _axes(model: EarlyExitModel, spec: PieceSpec) -> list[int | None]:
     """The batch axis of each input but the threshold (None: not batched, never compacted)."""
     flags = model.stages.batched[spec.first]
-    return [0 if b else None for b in flags] + [0] * spec.prev + [1] * spec.acc
+    return [0 if b else None for b in flags] + [0] * spec.prev + [1] * spec.acc + [0, 0] * spec.state
 
 
 def _examples(model: EarlyExitModel, specs: list[PieceSpec], batch: int) -> list[tuple[torch.Tensor, ...]]:
@@ -129,7 +142,8 @@ def _examples(model: EarlyExitModel, specs: list[PieceSpec], batch: int) -> list
     examples = []
     with torch.no_grad():
         for i, spec in enumerate(specs):
-            args = values + ((torch.tensor([0.5], device=device),) if spec.decides else ())
+            width = model.info.num_classes if model.class_thresholds is not None else 1
+            args = values + ((torch.full((width,), 0.5, device=device),) if spec.decides else ())
             examples.append(args)
             values = tuple(Piece(model, spec).eval()(*args)[:-2])
     return examples
@@ -166,7 +180,8 @@ def export_pieces(model: EarlyExitModel, folder: Path, onnx: bool) -> list[str]:
                        "decides": spec.decides, "inputs": names, "outputs": _output_names(spec, nxt),
                        "next_axes": next_axes})
     manifest = {"format": "pteenet staged program", "num_exits": model.num_exits, "policy": model.policy,
-                "thresholds": list(model.thresholds), "shrinkable": model.stages.shrinkable,
+                "thresholds": list(model.thresholds), "class_thresholds": model.class_thresholds,
+                "shrinkable": model.stages.shrinkable,
                 "num_classes": model.info.num_classes, "input_size": list(model.info.preprocess.input_size),
                 "pieces": pieces}
     (folder / driver.MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -55,6 +55,7 @@ def describe(model: EarlyExitModel) -> dict[str, Any]:
         "cost": model.cost.to_dict() if model.cost else None,
         "policy": model.policy,
         "thresholds": model.thresholds,
+        "class_thresholds": model.class_thresholds,
         **model.meta,
     }
 
@@ -141,7 +142,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         ens.load_state_dict({k[len("ensemble."):]: v for k, v in tensors.items() if k.startswith("ensemble.")})
         model.set_ensemble(ens)
     model.set_active(meta.get("active_exits"))
-    model.set_thresholds(meta["thresholds"], meta["policy"])
+    model.set_thresholds(meta["thresholds"], meta["policy"], meta.get("class_thresholds"))  # older files: none
     known = set(describe(model))
     model.meta = {k: v for k, v in meta.items() if k not in known}
     state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}

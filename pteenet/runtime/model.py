@@ -73,6 +73,9 @@ class EarlyExitModel(nn.Module):
         self.ensemble: Ensemble | None = None
         self.policy = "confidence"
         self.thresholds = [0.5] * len(self.exit_points)
+        # Per-class thresholds [E][C] (``sweep-threshold --per-class``), looked up by the exit's
+        # predicted class; None: one threshold per exit.
+        self.class_thresholds: list[list[float]] | None = None
         self.active = [True] * len(self.exit_points)
         self.meta: dict[str, Any] = {}  # free-form sections (training, history, data, sweep, bench)
         # The hash the backbone had when it was attached; every save checks it still holds.
@@ -155,8 +158,19 @@ class EarlyExitModel(nn.Module):
         return computed_branches(self.active if active is None else active, self.chained)
 
     # -- thresholds ------------------------------------------------------------------------------
-    def set_thresholds(self, thresholds: float | Sequence[float], policy: str | None = None) -> None:
+    def set_thresholds(self, thresholds: float | Sequence[float], policy: str | None = None,
+                       class_thresholds: Sequence[Sequence[float]] | None = None) -> None:
+        """The model's setting: one threshold, or one per exit; with ``class_thresholds`` [E][C]
+        the exits decide by those instead (``thresholds`` then only shows each exit's loosest)."""
         self.thresholds, self.policy = self.resolve_thresholds(thresholds, policy)
+        self.class_thresholds = None if class_thresholds is None else self._class_table(class_thresholds)
+
+    def _class_table(self, table: Sequence[Sequence[float]]) -> list[list[float]]:
+        rows = [[float(v) for v in row] for row in table]
+        if len(rows) != self.num_exits or any(len(r) != self.info.num_classes for r in rows):
+            raise PteenetError(f"per-class thresholds must be {self.num_exits} x {self.info.num_classes} (exits x classes)",
+                               "re-run pteenet sweep-threshold --per-class")
+        return rows
 
     def resolve_thresholds(self, thresholds: float | Sequence[float], policy: str | None = None) -> tuple[list[float], str]:
         """One threshold for every exit, or one per exit; the policy defaults to the model's own.
@@ -194,6 +208,23 @@ class EarlyExitModel(nn.Module):
             conf.append(c)
         return AllExits(logits, conf, final, heads)
 
+    @torch.no_grad()
+    def reaching(self, out: AllExits) -> torch.Tensor:
+        """[E, B] bools: per exit, the samples of ``out`` that reach it under the model's own setting
+        (policy, thresholds or class table, deciding exits), as ``predict`` would run them: the
+        survivors of the exits before (``train-branches --survivors`` trains each head on its own)."""
+        rule, n = policies.get(self.policy), out.final_logits.shape[0]
+        here = torch.ones(n, dtype=torch.bool, device=out.final_logits.device)
+        reach, decided = [], None
+        for k, (logits, conf) in enumerate(zip(out.exit_logits, out.exit_conf)):
+            reach.append(here)
+            if self.active[k]:
+                s, decided = rule.decide(logits.detach(), conf.detach(), decided)
+                t = (self.thresholds[k] if self.class_thresholds is None else
+                     torch.tensor(self.class_thresholds[k], dtype=torch.float32, device=here.device)[logits.argmax(1)])
+                here = here & ~rule.passes(s, t)
+        return torch.stack(reach) if reach else torch.ones(0, n, dtype=torch.bool)
+
     def forward_all(self, x: torch.Tensor) -> AllExits:
         """Every exit's outputs and the backbone's logits (what training and the sweep use)."""
         return self.branch_outputs(*self.backbone_taps(x))
@@ -201,19 +232,21 @@ class EarlyExitModel(nn.Module):
     def predict(self, x: torch.Tensor, threshold: float | Sequence[float] | None = None,
                 policy: str | None = None) -> Prediction:
         """Early-exit inference: each sample leaves at the first exit whose score passes."""
+        own = threshold is None and policy in (None, self.policy)  # the model's setting: its class table too
         thresholds, policy = self.resolve_thresholds(self.thresholds if threshold is None else threshold, policy)
+        table = self.class_thresholds if own else None
         if self.training:
             # Inference on a model left in training mode: branch BatchNorm must use (and keep) its
             # running statistics. Switching walks every module, so the usual eval-mode call skips it.
             self.train(False)
             try:
-                return self.predict(x, thresholds, policy)
+                return self.predict(x, None if own else thresholds, None if own else policy)
             finally:
                 self.train(True)
         with torch.no_grad():
             if x.shape[0] == 1:
-                return self._predict_one(x, thresholds, policy)
-            return self._predict_batch(x, thresholds, policy)
+                return self._predict_one(x, thresholds, policy, table)
+            return self._predict_batch(x, thresholds, policy, table)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x).logits
@@ -235,22 +268,33 @@ class EarlyExitModel(nn.Module):
         _, logits, conf, carry = exit_step(self.branches[k], self.ensemble, k, tap, carry)
         return logits, conf, carry
 
-    def _predict_one(self, x: torch.Tensor, thresholds: list[float], policy: str) -> Prediction:
+    def _predict_one(self, x: torch.Tensor, thresholds: list[float], policy: str,
+                     table: list[list[float]] | None = None) -> Prediction:
         """Batch size 1, the latency case: no index bookkeeping at all."""
         state: tuple[Any, ...] = (x,)
         carry = Carry()
         idx, stages = self.run_plan()
         rule, context = policies.get(policy), lean.context()
+        decided: Any = None  # a stateful policy's state (patience: last class, run length)
         for k, stage in zip(idx, stages.modules[:-1]):
             out = stage(*state)
             state = out[:-1]
             logits, conf, carry = self.step_one(k, out[-1], carry, context)
-            if self.active[k] and rule.leaves_one(logits, conf, thresholds[k]):  # no tensor ops, mostly
+            if not self.active[k]:
+                continue
+            t = thresholds[k] if table is None else table[k][int(logits.argmax(1))]
+            if rule.stateful:
+                s, decided = rule.decide(logits, conf, decided)
+                leave = bool(rule.passes(s, t))
+            else:
+                leave = rule.leaves_one(logits, conf, t)  # no tensor ops, mostly
+            if leave:
                 return Prediction(logits, logits.argmax(1), torch.tensor([k], device=x.device))
         logits = stages.modules[-1](*state)
         return Prediction(logits, logits.argmax(1), torch.tensor([self.num_exits], device=x.device))
 
-    def _predict_batch(self, x: torch.Tensor, thresholds: list[float], policy: str) -> Prediction:
+    def _predict_batch(self, x: torch.Tensor, thresholds: list[float], policy: str,
+                       table: list[list[float]] | None = None) -> Prediction:
         n = x.shape[0]
         out_logits = x.new_empty(n, self.info.num_classes)
         exit_index = torch.full((n,), self.num_exits, dtype=torch.long, device=x.device)
@@ -259,13 +303,18 @@ class EarlyExitModel(nn.Module):
         state: tuple[Any, ...] = (x,)
         carry = Carry()
         idx, stages = self.run_plan()
+        rule = policies.get(policy)
+        decided: Any = None  # a stateful policy's state, one row per row in flight
+        # float32, as the scores and the exit cache's comparison
+        by_class = None if table is None else torch.tensor(table, dtype=torch.float32, device=x.device)
         for j, (k, stage) in enumerate(zip(idx, stages.modules[:-1])):
             out = stage(*state)
             state = out[:-1]
             _, logits, conf, carry = exit_step(self.branches[k], self.ensemble, k, out[-1], carry)
             if not self.active[k]:
                 continue
-            leave = policies.passes(policy, policies.score(policy, logits, conf), thresholds[k]) & pending
+            s, decided = rule.decide(logits, conf, decided)
+            leave = rule.passes(s, thresholds[k] if by_class is None else by_class[k][logits.argmax(1)]) & pending
             if not bool(leave.any()):
                 continue
             out_logits[rows[leave]] = logits[leave].to(out_logits.dtype)
@@ -282,6 +331,7 @@ class EarlyExitModel(nn.Module):
                 keep = pending.nonzero().squeeze(1)
                 state = tuple(v.index_select(0, keep) if b else v for v, b in zip(state, flags))
                 carry = carry.select(keep)
+                decided = None if decided is None else tuple(v.index_select(0, keep) for v in decided)
                 rows, pending = rows.index_select(0, keep), pending.index_select(0, keep)
         final = stages.modules[-1](*state)
         out_logits[rows[pending]] = final[pending].to(out_logits.dtype)

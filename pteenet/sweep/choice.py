@@ -25,6 +25,7 @@ from ..exits.chain import computed_branches
 from ..runtime import timing
 from ..runtime.model import EarlyExitModel
 from .guarantee import certify, record
+from .per_class import certify_per_class, chosen_level
 from .pricing import Pricing
 from .selection import Selection, backbone_only, better, select_exits, tail_breaks
 
@@ -36,6 +37,7 @@ class SweepConfig(Protocol):
     budget: float | None
     confidence: float
     per_exit: bool
+    per_class: bool
     select_exits: bool
     max_tail: float | None
     profile: str | None
@@ -77,8 +79,15 @@ def choose(cache: ExitCache, points: list[Point], model: EarlyExitModel, policie
         else (chosen, None)
     if cfg.max_drop is None or not cfg.confidence:
         return chosen, active, None
+    cost = pricing if cfg.select_exits else None
+    if cfg.per_class:
+        cert, family = certify_per_class(cache, policies, grid, cfg.max_drop, cfg.confidence, cost=cost, chained=model.chained,
+                                         max_tail=cfg.max_tail, num_classes=model.info.num_classes)
+        rec = record(cert, backbone_point(cache), chosen, active)
+        rec["per_class"] = {**family.to_dict(), "level": chosen_level(family, cert.point)}
+        return cert.point, cert.active, rec
     cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit,
-                   cost=pricing if cfg.select_exits else None, chained=model.chained, max_tail=cfg.max_tail)
+                   cost=cost, chained=model.chained, max_tail=cfg.max_tail)
     return cert.point, cert.active, record(cert, backbone_point(cache), chosen, active)
 
 

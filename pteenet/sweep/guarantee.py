@@ -121,22 +121,23 @@ def fixed_sequence(counts: Sequence[tuple[int, int]], n: int, target: float, del
 
 def threshold_sequence(policy: str, grid: np.ndarray, num_exits: int) -> list[Candidate]:
     """A policy's global thresholds, conservative (fewest samples leave) first."""
-    ts = np.unique(np.asarray(grid, dtype=np.float64))
+    ts = np.unique(np.asarray(pol.grid_for(policy, grid, num_exits), dtype=np.float64))
     ts = ts[::-1] if pol.get(policy).high_leaves else ts
     return [(policy, [float(t)] * num_exits) for t in ts]
 
 
-def _view(cache: ExitCache, active: list[bool] | None, cost: CostTable | None, chained: bool) -> ExitCache:
+def view_of(cache: ExitCache, active: list[bool] | None, cost: CostTable | None, chained: bool) -> ExitCache:
     return cache if active is None or cost is None else restrict(cache, active, cost, chained)
 
 
-def _structure(part: ExitCache, policies: Sequence[str], grid: np.ndarray, max_drop: float, per_exit: bool,
+def choose_structure(part: ExitCache, policies: Sequence[str], grid: np.ndarray, max_drop: float, per_exit: bool,
                cost: CostTable | None, chained: bool, max_tail: float | None = None) -> tuple[list[bool] | None, list[Candidate]]:
     """On the structure part: the policy (and, with ``cost``, the exits) the --no-guarantee rule would pick,
     and that structure's candidates ordered by their cost on this part, dearest first."""
     best: tuple[float, str, list[bool] | None] = (float("inf"), policies[0], None)
     for policy in policies:
-        active, point = None, select(sweep_global(part, policy, grid), backbone_point(part), max_drop=max_drop)
+        own = pol.grid_for(policy, grid, part.num_exits)
+        active, point = None, select(sweep_global(part, policy, own), backbone_point(part), max_drop=max_drop)
         if cost is not None:
             try:
                 sel = select_exits(part, cost, chained, policy, grid, max_drop=max_drop, max_tail=max_tail)
@@ -148,13 +149,14 @@ def _structure(part: ExitCache, policies: Sequence[str], grid: np.ndarray, max_d
         if point is not None and point.cost < best[0]:
             best = (point.cost, policy, active)
     _, policy, active = best
-    view = _view(part, active, cost, chained)
+    view = view_of(part, active, cost, chained)
     seq = threshold_sequence(policy, grid, part.num_exits)
     priced = [(p.cost, c) for p, c in zip(sweep_global(view, policy, np.array([c[1][0] for c in seq])), seq)]
     if per_exit and part.num_exits > 1:
-        front = pareto(sweep_global(view, policy, grid))
+        own = pol.grid_for(policy, grid, part.num_exits)
+        front = pareto(sweep_global(view, policy, own))
         picks = np.unique(np.linspace(0, len(front) - 1, min(PER_EXIT_CANDIDATES, len(front))).round().astype(int))
-        for p in search_per_exit(view, policy, sorted({front[i].cost for i in picks}), grid):
+        for p in search_per_exit(view, policy, sorted({front[i].cost for i in picks}), own):
             priced.append((p.cost, (policy, list(p.thresholds or []))))
     order = sorted(range(len(priced)), key=lambda i: (-priced[i][0], i))  # stable: ties keep the threshold order
     return active, [priced[i][1] for i in order]
@@ -171,11 +173,11 @@ def certify(cache: ExitCache, policies: Sequence[str], grid: np.ndarray, max_dro
         perm = np.random.default_rng(seed).permutation(n)
         k = int(round(STRUCTURE_SHARE * n))
         part, rest = cache.take(np.sort(perm[:k])), cache.take(np.sort(perm[k:]))
-        active, candidates = _structure(part, policies, grid, max_drop, per_exit, cost, chained, max_tail)
+        active, candidates = choose_structure(part, policies, grid, max_drop, per_exit, cost, chained, max_tail)
     else:
         part, rest, active = None, cache, None
         candidates = threshold_sequence(policies[0], grid, cache.num_exits)
-    rest_view, full_view = _view(rest, active, cost, chained), _view(cache, active, cost, chained)
+    rest_view, full_view = view_of(rest, active, cost, chained), view_of(cache, active, cost, chained)
     tested = []
     for policy, ts in candidates:
         point = evaluate(full_view, policy, ts)
@@ -183,12 +185,12 @@ def certify(cache: ExitCache, policies: Sequence[str], grid: np.ndarray, max_dro
             point.kind = "global"
         tested.append((point, risk_counts(rest_view, exit_indices(rest_view, policy, ts))))
     risk = "accuracy drop" if cache.labels is not None else "disagreement"
-    return _certified(Guarantee(confidence=confidence, risk=risk, target=target, bound=None, observed=None,
+    return certified_choice(Guarantee(confidence=confidence, risk=risk, target=target, bound=None, observed=None,
                                 samples=rest.num_samples, structure_samples=0 if part is None else part.num_samples,
                                 tested=0, certified=0), tested, active)
 
 
-def _certified(g: Guarantee, tested: list[Tested], active: list[bool] | None) -> Certified:
+def certified_choice(g: Guarantee, tested: list[Tested], active: list[bool] | None) -> Certified:
     """Fixed-sequence testing of ``tested`` at ``g``'s target and confidence, and the cheapest
     certified setting (its cost and metric on the whole calibration split)."""
     labelled, delta = g.risk == "accuracy drop", 1.0 - g.confidence
@@ -216,7 +218,7 @@ def recertify(rec: dict[str, Any], max_drop: float, n_exits: int) -> tuple[Certi
     g = Guarantee(confidence=float(rec["confidence"]), risk=rec["risk"], target=max_drop / 100.0, bound=None,
                   observed=None, samples=int(rec["samples"]), structure_samples=int(rec["structure_samples"]),
                   tested=0, certified=0)
-    c = _certified(g, tested, seq.get("active_exits"))
+    c = certified_choice(g, tested, seq.get("active_exits"))
     m, labelled = float(seq["backbone_metric"]), g.risk == "accuracy drop"
     bb = Point(None, m if labelled else None, 1.0 if labelled else m, 1.0, 1.0, [], None, "backbone")
     free = [p for p, _ in tested if _drop_points(p, bb) <= max_drop + 1e-9]

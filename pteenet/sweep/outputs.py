@@ -13,9 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..atomic import atomic_write_bytes
 from ..evaluation.cache import ExitCache
 from ..evaluation.engine import Point, backbone_point, evaluate, oracle_point
+from .per_class import evaluate as evaluate_per_class
 from .pricing import unit
 
 PLOTS_WARNING = "matplotlib is not installed: skipped curve.png and exits.png " \
@@ -50,7 +53,8 @@ def build_document(cache: ExitCache, points: Sequence[Point], chosen: Point | No
     }
     if chosen is not None and test_cache is not None and chosen.policy and chosen.thresholds:
         ts = chosen.thresholds[0] if chosen.kind == "global" else chosen.thresholds
-        test = evaluate(test_cache, chosen.policy, ts).to_dict()
+        test = (evaluate(test_cache, chosen.policy, ts) if chosen.class_thresholds is None
+                else evaluate_per_class(test_cache, chosen.policy, np.asarray(chosen.class_thresholds))).to_dict()
         test["backbone"] = _summary(backbone_point(test_cache))
         doc["chosen"]["test"] = test
     return doc

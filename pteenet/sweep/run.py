@@ -37,6 +37,7 @@ from ..runtime.model import EarlyExitModel
 from .choice import choose_checked, tail_meter
 from .guarantee import CONFIDENCE, check_confidence
 from .outputs import build_document, write_sweep_outputs
+from .per_class import check_per_class, fallback_warning
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .pricing import DEPLOY_RUNTIMES, Pricing, both_costs, pricing_for
 from .selection import backbone_only, restrict
@@ -49,10 +50,12 @@ PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along
 class SweepConfig(Config):
     outdir: str | None = None  # sweep.json, sweep.csv, curve.png, exits.png; None writes nothing
     split: str = "calibration"  # calibration: tune there (and report the choice on test) | test; "val" is read as calibration
-    policy: str = "all"  # one of policies.POLICIES, or all three side by side
-    thresholds: str = "0:1:0.01"  # START:STOP:STEP (parse_range)
+    policy: str = "all"  # one of policies.POLICIES, or all of them side by side
+    thresholds: str = "0:1:0.01"  # START:STOP:STEP (parse_range); patience sweeps its run lengths 1..E+1
+    patience: int | None = None  # the patience policy at this one run length (PABEE), not swept
     per_exit: bool = False
-    select_exits: bool = False  # also search which exits should decide at all (needs budget or max_drop)
+    per_class: bool = False  # with max_drop: one threshold per (exit, predicted class), certified (per_class.py)
+    select_exits: bool | None = None  # which exits decide at all (needs a criterion); None: on when priced in time
     budget: float | None = None  # mean cumulative cost <= budget x backbone
     max_drop: float | None = None  # percentage points below the backbone
     confidence: float = CONFIDENCE  # with max_drop: certify it holds on new data with this probability; 0: off
@@ -73,10 +76,14 @@ class SweepConfig(Config):
         check_choice("split", self.split, SPLITS[1:])  # never the training split
         check_policy(self.policy, also=("all",))
         parse_range(self.thresholds)
+        check_per_class(self.per_class, self.max_drop, self.confidence, self.policy)
+        self.policy = pol.with_patience(self.patience, self.policy)  # --patience T: the patience policy
         check_criterion(self.budget, self.max_drop)
         check_confidence(self.confidence)
         if self.select_exits and self.budget is None and self.max_drop is None:
             raise PteenetError("--select-exits needs a criterion", "pass --budget F or --max-drop P")
+        criterion = self.budget is not None or self.max_drop is not None
+        self.select_exits = self.cost == "time" and criterion if self.select_exits is None else self.select_exits
         if self.write and self.budget is None and self.max_drop is None:
             raise PteenetError("--write needs a chosen setting", "pass --budget F or --max-drop P")
         check_int("batch_size", self.batch_size, 1, "e.g. --batch-size 256")
@@ -86,6 +93,9 @@ class SweepConfig(Config):
         check_choice("deploy_runtime", self.deploy_runtime, DEPLOY_RUNTIMES)
         if self.max_tail is not None and not (isinstance(self.max_tail, (int, float)) and self.max_tail >= 1.0):
             raise PteenetError(f"max_tail must be a number >= 1, got {self.max_tail!r}", "e.g. --max-tail 1.2")
+
+    def grid(self) -> np.ndarray:  # the thresholds to try: ``thresholds`` parsed, or the one ``patience``
+        return parse_range(self.thresholds) if self.patience is None else np.array([float(self.patience)])
 
     @property
     def policies(self) -> list[str]:
@@ -161,12 +171,13 @@ def sweep_points(cache: ExitCache, policies: list[str], grid: np.ndarray, per_ex
     points: list[Point] = []
     budgets: dict[str, list[float]] = {}
     for policy in policies:
-        glob = sweep_global(cache, policy, grid)
+        own = pol.grid_for(policy, grid, cache.num_exits)
+        glob = sweep_global(cache, policy, own)
         points += glob
         if per_exit and cache.num_exits > 1:  # one exit: per-exit is the global sweep
             budgets[policy] = _per_exit_budgets(glob, budget)
             seen: set[tuple[float, ...]] = set()
-            for p in search_per_exit(cache, policy, budgets[policy], grid):
+            for p in search_per_exit(cache, policy, budgets[policy], own):
                 key = tuple(p.thresholds or ())
                 if len(set(key)) > 1 and key not in seen:  # equal thresholds: already a global point
                     seen.add(key)
@@ -268,7 +279,7 @@ def _apply_choice(model: EarlyExitModel, doc: dict[str, Any], chosen: Point | No
                            + (f" (the curve is in {cfg.outdir})" if cfg.outdir else ""),
                            "raise --max-drop, widen --thresholds or add --per-exit")
     if chosen is not None and chosen.policy:
-        model.set_thresholds(chosen.thresholds or [], chosen.policy)
+        model.set_thresholds(chosen.thresholds or [], chosen.policy, chosen.class_thresholds)
         model.set_active(active)
         model.meta["sweep"] = sweep_meta(doc)
 
@@ -302,7 +313,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
             warnings.append(text)
         sink.warn(text)
 
-    policies, grid = cfg.policies, parse_range(cfg.thresholds)
+    policies, grid = cfg.policies, cfg.grid()
     check_sweepable(model, cfg.budget if cfg.cost == "macs" else None, name)  # a time budget is checked once priced
     training_warnings(model, name, warn)
     data_cfg, notes = _data_config(data, model.meta.get("data"), warn)
@@ -329,6 +340,8 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     (chosen, active, guarantee), tail = choose_checked(cache, points, model, policies, grid, cfg, pricing, meter)
     if tail is not None and tail["attempts"]:
         _tail_notes(tail, sink, warn)
+    if fallback := fallback_warning(guarantee):
+        warn(fallback)
     nothing = None
     if chosen is not None and chosen.cost >= 1.0:
         chosen, active, nothing = backbone_only(cache, chosen, pricing, model.chained)

@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import PteenetError
 from ..evaluation.cache import ExitCache
 from ..evaluation.engine import Point, backbone_point, evaluate, select, sweep_global
+from ..exits import policies as pol
 from ..exits.chain import computed_branches
 from ..runtime.timing import TimeProfile
 from ..tracing.cost import CostTable
@@ -33,6 +34,7 @@ def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable | TimePro
     if mask.shape != (cache.num_exits,):
         raise PteenetError(f"{mask.size} active flags for {cache.num_exits} exits", "give one per exit")
     scores = {p: np.where(mask[:, None], s, np.nan).astype(np.float32) for p, s in cache.scores.items()}
+    scores.update(pol.chain_scores(cache.preds[:-1], mask))  # a stateful score counts only the exits that decide
     return ExitCache(cache.preds, scores, cache.labels, np.asarray(cost.costs(computed_branches(mask, chained))),
                      cache.costs_paper)
 
@@ -70,6 +72,7 @@ def select_exits(cache: ExitCache, cost: CostTable | TimeProfile, chained: bool,
         raise PteenetError("exit selection needs a criterion", "pass either --max-drop or --budget")
     backbone = backbone_point(cache)
     by_budget = budget is not None
+    grid = pol.grid_for(policy, grid, cache.num_exits)
 
     def best(active: list[bool]) -> Point | None:
         if not any(active):

@@ -51,6 +51,9 @@ class TrainConfig(Config):
     # reason (runtime/attach.py): exit i's answer would need heads 0..i computed.
     ensemble: bool = False
     loss: LossConfig = setting(default_factory=LossConfig, decode=LossConfig.from_dict)
+    # Train each head only on the samples that reach it under the checkpoint's chosen setting
+    # (CalexNet's survivors): a second round after sweep-threshold --write.
+    survivors: bool = False
     # the confidence threshold of the per-epoch early-exit metrics (monitoring only)
     threshold: float = setting(0.5, resume="free")
 
@@ -70,8 +73,19 @@ class TrainConfig(Config):
         if self.views > 1 and not self.cache_features:
             raise PteenetError(f"--views {self.views} needs --cache-features with augmentation on",
                                "views are augmented copies of each training image held in the feature cache")
+        if self.survivors and self.loss.version != "ce":
+            raise PteenetError(f"--survivors trains each head on its own (the ce loss), not with --loss {self.loss.version}",
+                               "drop --survivors or pass --loss ce")
         if self.amp and self.device in ("cpu", "mps"):
             raise PteenetError(f"--amp needs a CUDA device, not {self.device}", "drop --amp, or use --device cuda")
+
+
+def check_survivors(cfg: TrainConfig, meta: dict[str, Any], source: str | None) -> None:
+    """``--survivors`` needs the exit rule chosen on the checkpoint (``sweep-threshold --write``)."""
+    if cfg.survivors and not ((meta.get("sweep") or {}).get("chosen") or {}).get("policy"):
+        raise PteenetError(f"--survivors trains each head on the samples that reach it under the chosen exit rule, and "
+                           f"{source or 'the model'} has none",
+                           "choose it first: pteenet sweep-threshold CKPT --max-drop P --write CKPT, then train-branches CKPT --survivors")
 
 
 class Interrupted(PteenetError):

@@ -108,8 +108,10 @@ def early_exit_loss(
     costs: Sequence[float],
     cfg: LossConfig,
     labels: torch.Tensor | None = None,
+    reach: torch.Tensor | None = None,
 ) -> LossOutput:
-    """The v1/v2 loss for E exits; exit i's cumulative cost is costs[i], the full backbone's costs[E]."""
+    """The v1/v2 loss for E exits; exit i's cumulative cost is costs[i], the full backbone's costs[E].
+    ``reach`` [E, B] (``ce`` only): exit i learns only from the samples that reach it (survivors)."""
     e = len(exit_logits)
     if e < 1 or len(exit_conf) != e:
         raise PteenetError(f"need one confidence per exit and at least one exit, got {e} logits and {len(exit_conf)} confidences")
@@ -123,7 +125,9 @@ def early_exit_loss(
     dtype = _work_dtype(final_logits)
     targets = targets_from_backbone(final_logits, cfg, labels)
     if cfg.version == "ce":
-        return _per_exit_loss(exit_logits, exit_conf, final_logits, costs, cfg, targets)
+        return _per_exit_loss(exit_logits, exit_conf, final_logits, costs, cfg, targets, reach)
+    if reach is not None:
+        raise PteenetError(f"survivor training needs the ce loss, not {cfg.version}", "drop --survivors or pass --loss ce")
 
     # Everything downstream of the backbone's output is a constant: the backbone is frozen.
     log_y = F.log_softmax(final_logits.detach().to(dtype), dim=1)
@@ -161,20 +165,28 @@ def early_exit_loss(
 
 
 def _per_exit_loss(exit_logits: Sequence[torch.Tensor], exit_conf: Sequence[torch.Tensor], final_logits: torch.Tensor,
-                   costs: Sequence[float], cfg: LossConfig, targets: torch.Tensor) -> LossOutput:
+                   costs: Sequence[float], cfg: LossConfig, targets: torch.Tensor,
+                   reach: torch.Tensor | None = None) -> LossOutput:
     """The ``ce`` loss: every head's own cross-entropy (``exit_ce`` does not apply) and a BCE that
-    teaches each confidence head whether its exit agrees with the backbone."""
+    teaches each confidence head whether its exit agrees with the backbone. With ``reach`` [E, B],
+    each exit's two terms average over the samples that reach it only (none: the exit adds 0)."""
     dtype = _work_dtype(final_logits)
     agree_with = final_logits.detach().argmax(1)
     ces, bces, h_mean = [], [], []
-    for z, conf in zip(exit_logits, exit_conf):
+    for k, (z, conf) in enumerate(zip(exit_logits, exit_conf)):
         z, conf = z.to(dtype), conf.to(dtype).reshape(-1)
         if z.shape != final_logits.shape or conf.numel() != final_logits.shape[0]:
             raise PteenetError(f"exit logits {tuple(z.shape)} / confidence {tuple(conf.shape)} "
                                f"do not match the backbone's {tuple(final_logits.shape)}")
-        ces.append(_nll(F.log_softmax(z, dim=1), targets))
         hit = (z.detach().argmax(1) == agree_with).to(dtype)
-        bces.append(F.binary_cross_entropy_with_logits(conf, hit))
+        if reach is None:
+            ces.append(_nll(F.log_softmax(z, dim=1), targets))
+            bces.append(F.binary_cross_entropy_with_logits(conf, hit))
+        else:
+            w = reach[k].to(dtype)
+            per_sample = -(targets * F.log_softmax(z, dim=1).clamp(min=torch.finfo(dtype).min)).sum(1)
+            ces.append((w * per_sample).sum() / w.sum().clamp(min=1.0))
+            bces.append((w * F.binary_cross_entropy_with_logits(conf, hit, reduction="none")).sum() / w.sum().clamp(min=1.0))
         h_mean.append(torch.sigmoid(conf.detach()))
     nll = torch.stack(ces).mean()
     loss = nll + torch.stack(bces).mean()

@@ -14,10 +14,9 @@ thread count and torch version: ``training`` records them, and a resume warns wh
 When training completes the final checkpoint drops ``state.*``
 (a finished cosine schedule has nothing left to resume) and records ``training.complete = true``.
 
-``--cache-features`` runs the backbone once over the train and calibration splits (``views`` passes over
-train when it is augmented), keeps what the branches read in memory as float16 and trains every
-epoch from it: the backbone, the floor of every other mode, then costs one pass per view instead of
-one per epoch.
+``--cache-features`` runs the backbone once over the train and calibration splits (``views`` passes over train when
+it is augmented), keeps what the branches read in memory as float16 and trains every epoch from it: the backbone, the
+floor of every other mode, then costs one pass per view instead of one per epoch.
 
 With ``ensemble`` (the default), once the heads are trained an ``Ensemble`` is fitted on the
 calibration split, which the heads never trained on, and saved with the final checkpoint.
@@ -48,6 +47,7 @@ from .config import (
     Interrupted,
     TrainConfig,
     check_resume,
+    check_survivors,
     run_settings,
     small_data_warning,
     unfinished_run,
@@ -122,6 +122,7 @@ def _check_run(model: EarlyExitModel, cfg: TrainConfig, device: torch.device, gr
     if model.cost is None or model.num_exits < 1:
         raise PteenetError(f"{source or 'the model'} has no exits to train",
                            "create it with `pteenet attach BACKBONE --exits N`")
+    check_survivors(cfg, model.meta, source)  # before any data is read
     if out_path is not None:
         check_parent_folder("output", out_path)
         if not resume and (tr := unfinished_run(out_path)) is not None:

@@ -131,8 +131,9 @@ class BranchTrainer:
 
     def step(self, out: AllExits, labels: torch.Tensor) -> dict[str, Any]:
         """One update from a batch's exit outputs; returns the batch's figures (loss, T = 0.5 metrics)."""
+        reach = self.model.reaching(out) if self.cfg.survivors else None  # under the model's chosen setting
         res = early_exit_loss(out.heads, out.exit_conf, out.final_logits, self.costs, self.cfg.loss,
-                              labels.to(out.final_logits.device))
+                              labels.to(out.final_logits.device), reach)
         loss = distributed.mean_loss(res.loss, self.group)  # every rank stops together on a bad loss
         if not math.isfinite(loss):
             raise PteenetError(f"the loss became {loss} at step {self.step_count + 1}",
