@@ -7,10 +7,12 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
+from ..data import DataRequest
 from ..export.run import FORMATS, ExportConfig, export
 from ..progress import format_percent
+from ..runtime.ort_quant import DEFAULT_QUANT_IMAGES
 from .common import console, emit, handle_errors, progress_sink
-from .options import JsonOption, PolicyOption
+from .options import DataDirOption, DataOption, JsonOption, PolicyOption
 
 
 @handle_errors
@@ -23,13 +25,20 @@ def export_command(
     policy: PolicyOption = None,
     format_: Optional[list[str]] = typer.Option(None, "--format", help=f"repeat for several: {' | '.join(FORMATS)}"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: also the staged-onnx program (and the backbone) as "
+                                                                     "static INT8, with accuracy and agreement in the report"),
+    quant_images: Optional[int] = typer.Option(None, "--quant-images", help=f"calibration images to quantize on (default: the "
+                                                                             f"INT8 sweep's, else {DEFAULT_QUANT_IMAGES})"),
+    data: DataOption = None,
+    data_dir: DataDirOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Export the model (model.safetensors + optional torch.export/ONNX programs) with report.md."""
     cfg = ExportConfig(output=output, threshold=threshold, budget=budget, max_drop=max_drop, policy=policy,
-                       formats=tuple(format_ or ("safetensors",)), force=force)
+                       formats=tuple(format_ or ("safetensors",)), force=force, quantize=quantize, quant_images=quant_images)
+    request = DataRequest(spec=data, data_dir=data_dir) if data or data_dir else None
     with progress_sink() as sink:
-        doc = export(checkpoint, cfg, sink)
+        doc = export(checkpoint, cfg, sink, data=request)
     emit(doc, json_, _show)
 
 
@@ -45,4 +54,10 @@ def _show(doc: dict[str, Any]) -> None:
                       f"mean cost {val['cost']:.3f}")
     for name, what in doc["files"].items():
         table.add_row(name, what)
+    ev = (doc.get("int8") or {}).get("evaluation")
+    if ev:
+        bb, ee = ev["int8_backbone"], ev["int8_early_exit"]
+        table.add_row("INT8 (test)", f"early exit accuracy {format_percent(ee['accuracy'])}, agreement with the FP32 backbone "
+                      f"{format_percent(ee['agreement_with_fp32_backbone'])}; INT8 backbone {format_percent(bb['accuracy'])}, "
+                      f"{format_percent(bb['agreement_with_fp32_backbone'])} ({ev['images']} images)")
     console.print(table)

@@ -147,7 +147,26 @@ def markdown(r: dict[str, Any]) -> str:
     out += ["", "## Threshold sweep", ""] + _sweep_md(r["sweep"])
     out += ["", "## Operating point", ""] + _point_md(r["operating_point"], n_exits)
     out += ["", "## Measured speed", ""] + _bench_md(r["bench"], r["operating_point"])
+    if r.get("int8"):
+        out += ["", "## INT8 program", ""] + _int8_md(r["int8"])
     return "\n".join(out) + "\n"
+
+
+def _int8_md(q: dict[str, Any]) -> list[str]:
+    """What was quantized on what, what the thresholds were chosen for, and the INT8 programs' numbers."""
+    rec = q["quantization"]
+    out = [f"`staged_onnx_int8/` and `backbone_int8.onnx` are static INT8 ({rec['tool']}, {rec['format']}, per-channel "
+           f"weights, {rec['ranges']} ranges) quantized on {rec['rows']} ({rec['data']}). {q['chosen_for'][0].upper() + q['chosen_for'][1:]}.", ""]
+    ev = q.get("evaluation")
+    if not ev:
+        return out + ["No test images: accuracy and agreement not measured."]
+    pct = format_percent
+    out += [f"On the first {ev['images']} test images (FP32 backbone accuracy {pct(ev['fp32_backbone_accuracy'])}):", ""]
+    rows = [[name, pct(d["fraction"]), pct(d["accuracy"]), pct(d["agreement_with_fp32_backbone"])]
+            for name, d in (("INT8 backbone", ev["int8_backbone"]), ("INT8 early exit", ev["int8_early_exit"]))]
+    rows += [[f"exit {d['exit']}", pct(d["fraction"]), pct(d["accuracy"]), pct(d["agreement_with_fp32_backbone"])]
+             for d in ev["per_exit"]]
+    return out + _table(["program / where samples left", "samples", "accuracy", "agreement with FP32 backbone"], rows)
 
 
 def _intro_md(r: dict[str, Any]) -> list[str]:

@@ -28,15 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..configs import Config, check_criterion, check_thresholds, setting
+from ..configs import Config, check_choice, check_criterion, check_int, check_thresholds, setting
+from ..data import DataRequest
 from ..errors import PteenetError, unknown_name
 from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
+from ..runtime.onnx import require_onnxruntime
+from ..runtime.ort_quant import DEFAULT_QUANT_IMAGES, SETTINGS
 from ..sweep import Point, recertify, select, threshold_list
 from ..tracing.hooks import NO_EARLY_EXIT
 from .programs import write_program
+from .quantize import INT8_FOLDER, evaluate_int8, quantization_data, quantize_staged, test_images
 from .report import build_report, nothing_pays, write_report
 
 
@@ -62,6 +66,11 @@ FORMATS = {
 }
 
 
+INT8_FILES = {INT8_FOLDER: "the staged program as static INT8 (ONNX Runtime's quantizer, QDQ, per-channel weights); "
+                           "run_staged.py drives it",
+              "backbone_int8.onnx": "the backbone alone as static INT8, from the same stage programs (to compare)"}
+
+
 @dataclass(kw_only=True)
 class ExportConfig(Config):
     output: Path = setting(decode=Path)
@@ -71,6 +80,8 @@ class ExportConfig(Config):
     policy: str | None = None
     formats: Sequence[str] = ("safetensors",)
     force: bool = False
+    quantize: str | None = None  # "int8": the staged-onnx program also as static INT8 (quantize.py)
+    quant_images: int | None = None  # calibration images to quantize on; None: the INT8 sweep's, else DEFAULT_QUANT_IMAGES
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -84,6 +95,11 @@ class ExportConfig(Config):
         check_criterion(self.budget, self.max_drop, threshold=self.threshold)
         if self.policy is not None:
             check_policy(self.policy)
+        if self.quantize is not None:
+            check_choice("quantize", self.quantize, ("int8",))
+            if "staged-onnx" not in self.formats:
+                raise PteenetError("--quantize int8 quantizes the staged ONNX program", "add --format staged-onnx")
+        check_int("quant_images", self.quant_images, 1, "e.g. --quant-images 512", optional=True)
 
 
 # -- the operating point ---------------------------------------------------------------------------
@@ -222,13 +238,30 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)  # also onto an existing empty folder
 
 
+def _int8_warning(model: EarlyExitModel) -> str | None:
+    """Where the thresholds were not chosen on the INT8 program, the sentence that says so."""
+    sweep = model.meta.get("sweep") if isinstance(model.meta.get("sweep"), dict) else None
+    if sweep is not None and (sweep.get("cost_model") or {}).get("precision") == "int8":
+        return None
+    return ("the thresholds were not chosen on the INT8 program (" + ("the sweep ran the FP32 model" if sweep else "no sweep")
+            + "): a guarantee on the drop does not cover it; sweep-threshold --deploy-runtime onnxruntime --quantize int8 "
+              "chooses and certifies them on it")
+
+
+def _quant_images(model: EarlyExitModel, config: ExportConfig) -> int:
+    """The images to quantize on: as asked, else the INT8 sweep's (so the pieces are the swept ones)."""
+    swept = ((model.meta.get("sweep") or {}).get("cost_model") or {}).get("quantization") or {}
+    return config.quant_images or int(swept.get("images") or DEFAULT_QUANT_IMAGES)
+
+
 def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILENT, *,
-                 source: str | Path | None = None) -> dict[str, Any]:
+                 source: str | Path | None = None, data: DataRequest | None = None) -> dict[str, Any]:
     """Write ``config.output`` (model.safetensors, report.md/json, curve.png, the asked formats) from a
     model in memory, after setting on it the operating point ``config`` asks for (its own thresholds
     when ``config`` names none). Everything is written into a temp folder beside it and renamed at the
     end, so a failure leaves no half-written folder. Returns a summary document. ``source`` names the
-    checkpoint the model came from, for the report. Progress goes to ``sink``: one step per file
+    checkpoint the model came from, for the report. ``data``: where ``config.quantize`` finds its
+    calibration images (None: the data the checkpoint records). Progress goes to ``sink``: one step per file
     written, the slow programs (torch.export, ONNX) named while they are built."""
     formats = _check_environment(source, config)
     if model.runtime == "hooks" and len(formats) > 1:
@@ -240,9 +273,15 @@ def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILEN
     point = choose_point(model, config)
     if (alone := nothing_pays(model)) is not None:
         sink.warn(alone + "; the report says so too")
-    data = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}
-    if model.info.class_names is None and data.get("class_names"):
-        model.info.class_names = list(data["class_names"])  # so the exported file names its classes
+    recorded = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}
+    if model.info.class_names is None and recorded.get("class_names"):
+        model.info.class_names = list(recorded["class_names"])  # so the exported file names its classes
+    quant = None
+    if config.quantize:
+        require_onnxruntime("--quantize int8")
+        if (why := _int8_warning(model)) is not None:
+            sink.warn(why)
+        quant = quantization_data(model, data, _quant_images(model, config))
     files = {FORMATS[f].file: FORMATS[f].what for f in formats}
     source_name = None if source is None else Path(source).name
     model.meta["export"] = {"exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -259,7 +298,18 @@ def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILEN
                 task.advance(0, info=f"{fmt} ...")
                 write_program(model, fmt, tmp / FORMATS[fmt].file, programs)
                 task.advance(info=fmt)
+            int8 = None
+            if quant is not None:
+                task.advance(0, info="INT8 ...")
+                images, record, test = quant
+                for name in quantize_staged(model, tmp / FORMATS["staged-onnx"].file, tmp / INT8_FOLDER, images, record):
+                    files[name] = INT8_FILES[name]
+                int8 = {"quantization": {**SETTINGS, **record}, "chosen_for": _int8_warning(model) or "the thresholds were chosen and certified on this INT8 program "
+                                                                           "(sweep-threshold --quantize int8)"}
+                if (t := test_images(test)) is not None:
+                    int8["evaluation"] = evaluate_int8(model, tmp, *t, threads=None)
             report = build_report(model, point, files, source_name)
+            report["int8"] = int8
             files.update(write_report(tmp, report, model.meta.get("sweep")))
             task.advance(info="report")
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the folder is meant to be shared
@@ -267,11 +317,11 @@ def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILEN
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"output": str(config.output), "files": files, "operating_point": point, "formats": formats,
+    return {"output": str(config.output), "files": files, "operating_point": point, "formats": formats, "int8": int8,
             "no_real_early_exit": NO_EARLY_EXIT if model.runtime == "hooks" else None}
 
 
-def export(checkpoint: str | Path, config: ExportConfig, sink: Sink = SILENT) -> dict[str, Any]:
+def export(checkpoint: str | Path, config: ExportConfig, sink: Sink = SILENT, data: DataRequest | None = None) -> dict[str, Any]:
     """``pteenet export``: ``export_model`` on the model of a checkpoint file."""
     _check_environment(checkpoint, config)  # before the checkpoint is read
-    return export_model(load_checkpoint(checkpoint).model, config, sink, source=checkpoint)
+    return export_model(load_checkpoint(checkpoint).model, config, sink, source=checkpoint, data=data)

@@ -26,39 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import PteenetError
-from ..exits import policies
 from .model import EarlyExitModel
-from .onnx import export_session, ort_session, require_onnxruntime
+from .onnx import HeadProgram, StageProgram, export_session, ort_session, require_onnxruntime
 from .timing import TimeProfile, machine
 
 DEPLOY_RUNTIMES = ("eager", "onnxruntime")  # what --deploy-runtime prices in
-
-
-class _Stage(nn.Module):
-    """Backbone stage k alone: its input values in, (values out..., tap) out."""
-
-    def __init__(self, stage: nn.Module) -> None:
-        super().__init__()
-        self.stage = stage
-
-    def forward(self, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.stage(*state)
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-class _Head(nn.Module):
-    """Exit k's head and decision, as a staged piece ends: (tap, threshold) -> (logits, leave)."""
-
-    def __init__(self, branch: nn.Module, policy: str) -> None:
-        super().__init__()
-        self.branch, self.policy = branch, policy
-
-    def forward(self, tap: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, conf = self.branch(tap)
-        return logits.clone(), policies.passes(self.policy, policies.score(self.policy, logits, conf), threshold[0])
 
 
 def _empty_session(threads: int | None) -> Any:
@@ -99,11 +73,11 @@ def profile_onnx(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmu
         state: tuple[torch.Tensor, ...] = (x,)
         stage_s, head_s = [], {}
         for k, stage in enumerate(stages):
-            stage_s.append(export_session(_Stage(stage), state, work / f"stage{k}.onnx", threads))
-            out = _Stage(stage)(*state)
+            stage_s.append(export_session(StageProgram(stage), state, work / f"stage{k}.onnx", threads))
+            out = StageProgram(stage)(*state)
             if k < len(stages) - 1:
                 if computed[k]:
-                    head_s[k] = export_session(_Head(model.branches[k], model.policy),
+                    head_s[k] = export_session(HeadProgram(model.branches[k], model.policy),
                                          (out[-1], torch.tensor([0.5])), work / f"head{k}.onnx", threads)
                 state = out[:-1]
         backbone = export_session(model.backbone, (x,), work / "backbone.onnx", threads)

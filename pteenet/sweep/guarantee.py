@@ -162,17 +162,26 @@ def choose_structure(part: ExitCache, policies: Sequence[str], grid: np.ndarray,
     return active, [priced[i][1] for i in order]
 
 
+def structure_rows(n: int, seed: int = SPLIT_SEED) -> np.ndarray:
+    """The calibration rows (of ``n``, sorted) that choose a structure and never certify: a seeded
+    ``STRUCTURE_SHARE`` of them. INT8 programs are quantized on images of these rows too."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[:int(round(STRUCTURE_SHARE * n))])
+
+
 def certify(cache: ExitCache, policies: Sequence[str], grid: np.ndarray, max_drop: float, confidence: float, *,
             per_exit: bool = False, cost: CostTable | None = None, chained: bool = False,
-            seed: int = SPLIT_SEED, max_tail: float | None = None) -> Certified:
+            seed: int = SPLIT_SEED, max_tail: float | None = None, split: bool = False) -> Certified:
     """The cheapest setting certified to keep the accuracy drop (the disagreement without labels)
     within ``max_drop`` points with probability >= ``confidence``. ``cost`` turns exit selection on;
-    ``max_tail`` bounds what a sample that takes no exit pays there, as ``select_exits`` does."""
+    ``max_tail`` bounds what a sample that takes no exit pays there, as ``select_exits`` does.
+    ``split``: certify on the certification share only even where no structure is chosen (an INT8
+    program was quantized on images of the structure share: they may not certify it)."""
     target, n = max_drop / 100.0, cache.num_samples
-    if len(policies) > 1 or per_exit or cost is not None:
-        perm = np.random.default_rng(seed).permutation(n)
-        k = int(round(STRUCTURE_SHARE * n))
-        part, rest = cache.take(np.sort(perm[:k])), cache.take(np.sort(perm[k:]))
+    if len(policies) > 1 or per_exit or cost is not None or split:
+        part_rows = structure_rows(n, seed)
+        rest_rows = np.setdiff1d(np.arange(n), part_rows)
+        part, rest = cache.take(part_rows), cache.take(rest_rows)
         active, candidates = choose_structure(part, policies, grid, max_drop, per_exit, cost, chained, max_tail)
     else:
         part, rest, active = None, cache, None

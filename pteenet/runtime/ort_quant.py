@@ -1,0 +1,195 @@
+"""Static INT8 programs with ONNX Runtime's quantizer (``onnxruntime.quantization.quantize_static``):
+QDQ format, per-channel weights, MinMax ranges from calibration images.
+
+Every program pteenet quantizes (the pieces of ``export --format staged-onnx --quantize int8``, the
+per-stage and per-head programs the INT8 sweep prices and caches, the whole backbone beside them)
+goes through ``quantize_program``, with the ranges of its inputs taken from the FP32 values the
+program sees in the model (the FP32 model run in eager PyTorch up to it). The ranges of a tensor then
+depend only on the FP32 model and the calibration images, never on where the model is cut into
+programs: a stage quantized alone computes what it computes inside a piece, so the sweep's cache on
+per-stage programs is the cache of the program that ships, whatever exits it selects.
+
+The decision stays in float: the nodes between a head's last linear layer and the ``logits`` /
+``leave`` / ``conf`` outputs (softmax, entropy, sigmoid, the comparison with the threshold) are left
+out of quantization, so ``leave`` is computed from dequantized logits as in FP32 and stays bool.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import PteenetError, describe_error
+from .model import EarlyExitModel
+
+PRECISIONS = ("fp32", "int8")
+DEFAULT_QUANT_IMAGES = 512  # calibration images per program
+QUANT_BATCH = 64  # images per calibration batch (the ranges are min/max over all of them)
+HEAD_OUTPUTS = ("logits", "leave", "conf")  # outputs computed from a head's logits: kept in float
+_LINEAR = {"Gemm", "MatMul", "Conv"}  # a head's last quantized layers: the float decision starts after them
+SETTINGS = {"format": "QDQ", "per_channel": True, "activations": "int8", "weights": "int8", "ranges": "min-max",
+            "tool": "onnxruntime.quantization.quantize_static"}
+
+
+def cpu_int8_instructions(cpuinfo: str | None = None) -> str:
+    """The CPU's INT8 dot-product instructions, from /proc/cpuinfo's flags: 'AMX', 'VNNI' (AVX-512
+    or AVX), or 'none' (INT8 may then be slower than FP32); 'unknown' off Linux."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "unknown"
+    flags = set(re.findall(r"[a-z0-9_]+", " ".join(line for line in cpuinfo.splitlines() if line.startswith("flags"))))
+    found = [name for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"))
+             if flag in flags]
+    return " + ".join(found) if found else "none"
+
+
+def check_quant_images(available: int, wanted: int, where: str) -> None:
+    """Refuse a calibration set smaller than the images quantization asks for."""
+    if wanted < 1:
+        raise PteenetError(f"quant_images must be at least 1, got {wanted}", f"e.g. --quant-images {DEFAULT_QUANT_IMAGES}")
+    if available < wanted:
+        raise PteenetError(f"INT8 quantization asks for {wanted} calibration images and {where} holds {available}",
+                           f"pass --quant-images {max(1, available)} or fewer, or calibrate on more images")
+
+
+def batches(feeds: dict[str, np.ndarray], batched: Sequence[bool]) -> list[dict[str, np.ndarray]]:
+    """A program's calibration inputs cut into ``QUANT_BATCH`` rows (inputs not batched, such as a
+    threshold, repeated)."""
+    n = next(v.shape[0] for v, b in zip(feeds.values(), batched) if b)
+    return [{k: v[i:i + QUANT_BATCH] if b else v for (k, v), b in zip(feeds.items(), batched)}
+            for i in range(0, n, QUANT_BATCH)]
+
+
+def _float_decision_nodes(model: Any) -> list[str]:
+    """Names of the nodes from a head's last linear layer to the ``HEAD_OUTPUTS`` (walking back from
+    those outputs and stopping at a Gemm, MatMul or Conv): what stays in float."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    todo = [o.name for o in model.graph.output if o.name in HEAD_OUTPUTS]
+    seen, keep = set(todo), []
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.op_type in _LINEAR or node.name in keep:
+            continue
+        keep.append(node.name)
+        for i in node.input:
+            if i and i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return keep
+
+
+class _Reader:
+    """``CalibrationDataReader``'s protocol over a list of feeds."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]]) -> None:
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def quantize_program(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], what: str) -> None:
+    """``src`` (FP32 ONNX) as static INT8 at ``dst`` (``SETTINGS``), its ranges from ``feeds``; a
+    failure is one error naming ``what`` (e.g. "piece 2 (stages 5-9)")."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not feeds:
+        raise PteenetError(f"cannot quantize {what}: no calibration data", "give calibration images (--quant-images N)")
+    model = onnx.load(str(src))
+    for i, node in enumerate(model.graph.node):  # exclusion works by node name
+        node.name = node.name or f"node_{i}"
+    onnx.save(model, str(src))
+    # The quantizer logs advice and every tensor it leaves alone on the root logger: not the user's business.
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=_float_decision_nodes(model))
+    except PteenetError:
+        raise
+    except Exception as e:
+        raise PteenetError(f"cannot quantize {what} to INT8: {describe_error(e)}",
+                           "export without --quantize (FP32), or report the model's operators") from e
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+
+class QuantizedParts:
+    """Every backbone stage and every computed head of a model as its own static INT8 program
+    (``StageProgram``: in0.. -> out0.., the tap last; ``HeadProgram``: in0 tap, in1 threshold ->
+    logits, leave, conf), any batch size, quantized on the FP32 values each sees. The INT8 sweep
+    caches and prices them; the INT8 export composes its pieces and its backbone from them, so the
+    program that ships computes what the sweep measured."""
+
+    def __init__(self, folder: Path, num_stages: int, heads: Sequence[int], images: int) -> None:
+        self.folder, self.num_stages, self.heads, self.images = folder, num_stages, list(heads), images
+
+    def stage_file(self, k: int) -> Path:
+        return self.folder / f"stage{k}.onnx"
+
+    def head_file(self, k: int) -> Path:
+        return self.folder / f"head{k}.onnx"
+
+    def sessions(self, threads: int | None) -> tuple[list[Any], dict[int, Any]]:
+        from .onnx import ort_session
+
+        return ([ort_session(str(self.stage_file(k)), threads) for k in range(self.num_stages)],
+                {k: ort_session(str(self.head_file(k)), threads) for k in self.heads})
+
+
+def quantize_parts(model: EarlyExitModel, images: torch.Tensor, folder: Path) -> QuantizedParts:
+    """``QuantizedParts`` of ``model`` in ``folder``, quantized on ``images`` (preprocessed
+    calibration images). Deterministic: the same model and images give the same programs."""
+    from .onnx import HeadProgram, StageProgram
+
+    if model.chained or model.runtime != "staged":
+        why = "a cascade or an ensemble" if model.chained else "a backbone that could not be traced"
+        raise PteenetError(f"INT8 programs do not support {why}",
+                           "export or sweep in FP32 (drop --quantize), or attach without --cascade and train without --ensemble")
+    folder.mkdir(parents=True, exist_ok=True)
+    stages, computed = model.stages.modules, model.computed_branches()
+    heads = [k for k in range(model.num_exits) if computed[k]]
+    threshold = torch.tensor([0.5])
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {}
+    with torch.no_grad():
+        for chunk in images.detach().float().cpu().split(QUANT_BATCH):
+            state: tuple[torch.Tensor, ...] = (chunk,)
+            for k, stage in enumerate(stages):
+                feeds.setdefault(f"stage{k}", []).append({f"in{i}": v.numpy() for i, v in enumerate(state)})
+                out = StageProgram(stage)(*state)
+                if k in heads:
+                    feeds.setdefault(f"head{k}", []).append({"in0": out[-1].numpy(), "in1": threshold.numpy()})
+                state = out[:-1]
+        example: tuple[torch.Tensor, ...] = (images[:2].detach().float().cpu(),)
+        for k, stage in enumerate(stages):
+            out = StageProgram(stage)(*example)
+            _quantized(StageProgram(stage), example, [True] * len(example), [f"out{j}" for j in range(len(out))],
+                       folder, f"stage{k}", feeds[f"stage{k}"], f"backbone stage {k}")
+            if k in heads:
+                _quantized(HeadProgram(model.branches[k], model.policy), (out[-1], threshold), [True, False],
+                           ["logits", "leave", "conf"], folder, f"head{k}", feeds[f"head{k}"], f"exit {k}'s head")
+            example = out[:-1]
+    return QuantizedParts(folder, len(stages), heads, images.shape[0])
+
+
+def _quantized(module: torch.nn.Module, args: tuple[torch.Tensor, ...], batched: list[bool], outputs: list[str],
+               folder: Path, name: str, feeds: list[dict[str, np.ndarray]], what: str) -> None:
+    from .onnx import export_onnx
+
+    fp32 = folder / f"{name}.fp32.onnx"
+    export_onnx(module, args, fp32, batched, output_names=outputs, hint="drop --quantize (FP32)")
+    quantize_program(fp32, folder / f"{name}.onnx", feeds, what)
+    fp32.unlink()
