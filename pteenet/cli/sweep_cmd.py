@@ -103,6 +103,8 @@ def sweep_command(
     cost: str = typer.Option(SweepConfig.cost, help="a point's cost: time (predicted from the stages and branches timed on this machine at --deploy-batch-size) or macs"),
     deploy_batch_size: int = typer.Option(SweepConfig.deploy_batch_size, "--deploy-batch-size", help="with --cost time: the batch size you deploy at, which time is predicted for"),
     deploy_runtime: str = typer.Option(SweepConfig.deploy_runtime, "--deploy-runtime", help="with --cost time: where you run the model, eager (pteenet.load) or onnxruntime (export --format staged-onnx); time is measured there"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8 (with --deploy-runtime onnxruntime): cache, price and certify the static INT8 program of export --quantize int8, against the FP32 backbone"),
+    quant_images: int = typer.Option(SweepConfig.quant_images, "--quant-images", help="with --quantize: calibration images (of the structure share) to quantize on"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="with --cost time: price with a profile measured before (sweep.json "
                                                                   "of an earlier sweep, e.g. on the machine you deploy on) instead of timing here"),
     max_tail: Optional[float] = typer.Option(SweepConfig.max_tail, "--max-tail", help="with --select-exits: a sample that takes no exit costs at most F x the backbone"),
@@ -120,6 +122,7 @@ def sweep_command(
                       confidence=0.0 if no_guarantee else confidence,
                       write=None if write is None else str(write), batch_size=batch_size,
                       cost=cost, deploy_batch_size=deploy_batch_size, deploy_runtime=deploy_runtime, max_tail=max_tail,
+                      quantize=quantize, quant_images=quant_images,
                       profile=None if profile is None else str(profile),
                       device=device, workers=workers)
     with progress_sink() as sink:

@@ -35,6 +35,9 @@ class ExitCache:
     labels: np.ndarray | None  # int64 [N], None when the split has no labels
     costs: np.ndarray  # float64 [E+1], cumulative
     costs_paper: np.ndarray  # float64 [E+1], the paper's convention
+    # int32 [N]: the model drops and agreement are measured against, where it is not the program's
+    # own end (row E): the FP32 backbone of an INT8 program. None: row E.
+    reference: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.preds = np.asarray(self.preds, dtype=np.int32)
@@ -46,6 +49,8 @@ class ExitCache:
         e, n = (self.preds.shape[0] - 1, self.preds.shape[1]) if not bad else (0, 0)
         bad = bad or any(s.shape != (e, n) for s in self.scores.values())
         bad = bad or (self.labels is not None and self.labels.shape != (n,))
+        self.reference = None if self.reference is None else np.asarray(self.reference, dtype=np.int32)
+        bad = bad or (self.reference is not None and self.reference.shape != (n,))
         if bad or self.costs.shape != (e + 1,) or self.costs_paper.shape != (e + 1,):
             raise PteenetError("the exit cache is inconsistent (array shapes do not match)",
                                "recompute it from the model")
@@ -62,10 +67,16 @@ class ExitCache:
     def num_samples(self) -> int:
         return self.preds.shape[1]
 
+    @property
+    def backbone_preds(self) -> np.ndarray:
+        """[N] the backbone's predictions, what drops and agreement are measured against."""
+        return self.preds[-1] if self.reference is None else self.reference
+
     def take(self, idx: np.ndarray) -> ExitCache:
         """The cache of some of its samples (``idx``: indices or a boolean mask)."""
         return ExitCache(self.preds[:, idx], {k: v[:, idx] for k, v in self.scores.items()},
-                         None if self.labels is None else self.labels[idx], self.costs, self.costs_paper)
+                         None if self.labels is None else self.labels[idx], self.costs, self.costs_paper,
+                         None if self.reference is None else self.reference[idx])
 
     def save(self, path: str | os.PathLike) -> None:
         """Save as .npz (no pickles), atomically."""
@@ -74,6 +85,8 @@ class ExitCache:
         arrays.update({f"score_{p}": s for p, s in self.scores.items()})
         if self.labels is not None:
             arrays["labels"] = self.labels
+        if self.reference is not None:
+            arrays["reference"] = self.reference
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         atomic_write_bytes(path, buf.getvalue())
@@ -87,7 +100,8 @@ class ExitCache:
                     raise PteenetError(f"{path} is not an exit cache of this version", hint)
                 return cls(preds=z["preds"], labels=z["labels"] if "labels" in z.files else None,
                            scores={k[6:]: z[k] for k in z.files if k.startswith("score_")},
-                           costs=z["costs"], costs_paper=z["costs_paper"])
+                           costs=z["costs"], costs_paper=z["costs_paper"],
+                           reference=z["reference"] if "reference" in z.files else None)
         except FileNotFoundError:
             raise PteenetError(f"no exit cache at {path}", hint) from None
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
@@ -101,13 +115,15 @@ class ExitCacheBuilder:
         self._preds: list[np.ndarray] = []
         self._scores: dict[str, list[np.ndarray]] = {p: [] for p in pol.POLICIES if p not in pol.STATEFUL}
         self._labels: list[np.ndarray] = []
+        self._reference: list[np.ndarray] = []
         self._num_exits: int | None = None
 
     @torch.no_grad()
     def add(self, exit_logits: list[torch.Tensor], exit_conf: list[torch.Tensor],
-            final_logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+            final_logits: torch.Tensor, labels: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> None:
         """One batch: each exit's logits [B,K] and confidence LOGITS [B], the backbone's logits.
-        Labels that are all negative (``data.UNLABELLED``: images without labels) count as none."""
+        Labels that are all negative (``data.UNLABELLED``: images without labels) count as none.
+        ``reference``: the predictions [B] to measure against, where not the backbone's (``ExitCache.reference``)."""
         e, b = len(exit_logits), final_logits.shape[0]
         if labels is not None and labels.numel() and bool((labels < 0).all()):
             labels = None
@@ -124,6 +140,8 @@ class ExitCacheBuilder:
             self._scores[p].append(s.astype(np.float32))
         if labels is not None:
             self._labels.append(labels.detach().reshape(-1).to(torch.int64).cpu().numpy())
+        if reference is not None:
+            self._reference.append(reference.detach().reshape(-1).to(torch.int32).cpu().numpy())
 
     def add_outputs(self, out: AllExits, labels: torch.Tensor | None = None) -> None:
         """One batch of ``EarlyExitModel.forward_all`` (or ``branch_outputs``) outputs."""
@@ -143,7 +161,10 @@ class ExitCacheBuilder:
                 np.concatenate(self._labels) if self._labels else None)
 
     def build(self, costs: Sequence[float], costs_paper: Sequence[float]) -> ExitCache:
-        return _cache(self.arrays(), costs, costs_paper)
+        cache = _cache(self.arrays(), costs, costs_paper)
+        if self._reference:
+            cache.reference = np.concatenate(self._reference).astype(np.int32)
+        return cache
 
 
 def _cache(arrays: tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None] | None, costs: Sequence[float],

@@ -73,7 +73,7 @@ def _policy_scores(cache: ExitCache, policy: str) -> np.ndarray:
 def _hits(cache: ExitCache) -> tuple[np.ndarray | None, np.ndarray]:
     """[E+1, N] bools: each exit right vs labels (None without labels), and agreeing with the end."""
     correct = None if cache.labels is None else cache.preds == cache.labels[None, :]
-    return correct, cache.preds == cache.preds[-1][None, :]
+    return correct, cache.preds == cache.backbone_preds[None, :]
 
 
 def _first_index(mask: np.ndarray) -> np.ndarray:
@@ -139,8 +139,8 @@ def evaluate(cache: ExitCache, policy: str, thresholds: float | Sequence[float])
 def backbone_point(cache: ExitCache) -> Point:
     """The plain backbone: no branch runs, cost 1 in both conventions."""
     e, n = cache.num_exits, max(cache.num_samples, 1)
-    correct, _ = _hits(cache)
-    return Point(None, None if correct is None else int(correct[-1].sum()) / n, 1.0, 1.0, 1.0,
+    right = None if cache.labels is None else int((cache.backbone_preds == cache.labels).sum())
+    return Point(None, None if right is None else right / n, 1.0, 1.0, 1.0,
                  [0.0] * e + [1.0], None, "backbone")
 
 

@@ -23,61 +23,12 @@ import torch
 from ..exits import policies
 from ..runtime.model import EarlyExitModel
 from ..runtime.onnx import ort_session
-from ..runtime.ort_quant import SETTINGS, QuantizedParts, quantize_parts
+from ..runtime.ort_quant import SETTINGS, join, quantize_parts
+from ..sweep.quantized import quantization_images, stack
 from . import driver
 
 INT8_FOLDER = "staged_onnx_int8"
 INT8_BACKBONE = "backbone_int8.onnx"
-
-
-def _join(parts: QuantizedParts, first: int, last: int, head: bool, inputs: list[str], outputs: list[str]) -> Any:
-    """Stages ``first``..``last`` (and ``last``'s head) as one ONNX program: each part's inputs fed
-    from the one before by Identity nodes (free in ONNX Runtime), inputs and outputs renamed as a
-    piece's (``inputs``: the state, then ``threshold`` with a head; ``outputs``: the state passed on,
-    then ``logits`` and ``leave``; at the backbone's end ``logits`` alone)."""
-    import onnx
-    from onnx import compose, helper
-
-    models = [(f"st{k}_", onnx.load(str(parts.stage_file(k)))) for k in range(first, last + 1)]
-    if head:
-        models.append((f"hd{last}_", onnx.load(str(parts.head_file(last)))))
-    models = [(p, compose.add_prefix(m, p)) for p, m in models]
-    nodes, inits, vinfo = [], [], []
-    for _, m in models:
-        nodes += list(m.graph.node)
-        inits += list(m.graph.initializer)
-        vinfo += list(m.graph.value_info)
-    link = [helper.make_node("Identity", [src], [dst]) for src, dst in _links(models, head, inputs)]
-    stage_in = [n for n in inputs if n != "threshold"]
-    g_in = [_renamed(models[0][1].graph.input[i], n) for i, n in enumerate(stage_in)]
-    g_in += [_renamed(models[-1][1].graph.input[1], "threshold")] if head else []
-    last_stage = models[len(models) - 1 - head][1]
-    sources = list(last_stage.graph.output)[:len(outputs) - 2] + list(models[-1][1].graph.output)[:2] if head \
-        else list(last_stage.graph.output)[:1]
-    out_links = [helper.make_node("Identity", [src.name], [name]) for name, src in zip(outputs, sources)]
-    g_out = [_renamed(src, name) for name, src in zip(outputs, sources)]
-    graph = helper.make_graph(link + nodes + out_links, "piece", g_in, g_out, inits, value_info=vinfo)
-    return helper.make_model(graph, opset_imports=models[0][1].opset_import, ir_version=models[0][1].ir_version)
-
-
-def _links(models: list[tuple[str, Any]], head: bool, inputs: list[str]) -> list[tuple[str, str]]:
-    """(source, input) pairs: the piece's inputs into the first stage, each stage's state into the
-    next, the last stage's tap and the threshold into the head."""
-    pairs = [(name, models[0][1].graph.input[i].name) for i, name in enumerate(inputs) if name != "threshold"]
-    stages = models[:len(models) - head]
-    for (_, a), (_, b) in zip(stages, stages[1:]):
-        pairs += [(a.graph.output[i].name, b.graph.input[i].name) for i in range(len(b.graph.input))]
-    if head:
-        h, s = models[-1][1], stages[-1][1]
-        pairs += [(s.graph.output[len(s.graph.output) - 1].name, h.graph.input[0].name), ("threshold", h.graph.input[1].name)]
-    return pairs
-
-
-def _renamed(info: Any, name: str) -> Any:
-    out = type(info)()
-    out.CopyFrom(info)
-    out.name = name
-    return out
 
 
 def quantize_staged(model: EarlyExitModel, fp32: Path, out: Path, images: torch.Tensor, record: dict[str, Any]) -> list[str]:
@@ -92,8 +43,8 @@ def quantize_staged(model: EarlyExitModel, fp32: Path, out: Path, images: torch.
         parts = quantize_parts(model, images, Path(work))
         for piece in manifest["pieces"]:
             first, last = piece["stages"]
-            onnx.save(_join(parts, first, last, piece["decides"], piece["inputs"], piece["outputs"]), str(out / piece["file"]))
-        onnx.save(_join(parts, 0, model.num_exits, False, ["x"], ["logits"]), str(out.parent / INT8_BACKBONE))
+            onnx.save(join(parts, first, last, piece["decides"], piece["inputs"], piece["outputs"]), str(out / piece["file"]))
+        onnx.save(join(parts, 0, model.num_exits, False, ["x"], ["logits"]), str(out.parent / INT8_BACKBONE))
     manifest.update(precision="int8", quantization={**SETTINGS, **record})
     (out / driver.MANIFEST).write_text(json.dumps(manifest, indent=1))
     shutil.copyfile(driver.__file__, out / "run_staged.py")
@@ -139,37 +90,18 @@ def never_leave(model: EarlyExitModel) -> list[float]:
 REPORT_IMAGES = 2000  # test images the report measures the INT8 programs on
 
 
-def _stack(dataset: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from ..data import make_loader
-
-    xs, ys = [], []
-    for x, y in make_loader(dataset, 256, shuffle=False):
-        xs.append(x)
-        ys.append(torch.as_tensor(y))
-    labels = torch.cat(ys)
-    return torch.cat(xs), None if bool((labels < 0).all()) else labels
-
-
 def quantization_data(model: EarlyExitModel, data: Any, n: int) -> tuple[torch.Tensor, dict[str, Any], Any]:
-    """``n`` calibration images to quantize on (the first ``n`` rows of the structure share of the
-    calibration split, as the INT8 sweep takes them), what to record of them, and the test split."""
-    from torch.utils.data import Subset
-
+    """``n`` calibration images to quantize on (``sweep.quantized.quantization_images``: as the INT8
+    sweep takes them), what to record of them, and the test split."""
     from ..data import DataRequest, load_splits, resolve_data
     from ..errors import PteenetError
-    from ..runtime.ort_quant import check_quant_images
-    from ..sweep.guarantee import SPLIT_SEED, STRUCTURE_SHARE, structure_rows
 
     if data is None and not model.meta.get("data"):
         raise PteenetError("--quantize int8 needs calibration images and the checkpoint records no data",
                            "pass --data SPEC (the data the exits were trained on)")
     cfg, _ = resolve_data(data or DataRequest(), model.meta.get("data"))
     splits = load_splits(cfg, model.info.preprocess, model.info.num_classes)
-    rows = structure_rows(len(splits.val), SPLIT_SEED)  # type: ignore[arg-type]
-    check_quant_images(len(rows), n, f"the structure share ({STRUCTURE_SHARE:.0%}) of the calibration split")
-    images, _ = _stack(Subset(splits.val, rows[:n].tolist()))
-    record = {"images": n, "rows": f"the first {n} of the calibration split's structure share (seed {SPLIT_SEED})",
-              "data": cfg.spec}
+    images, record = quantization_images(splits.val, n, cfg.spec)
     return images, record, splits.test
 
 
@@ -178,4 +110,4 @@ def test_images(test: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     from torch.utils.data import Subset
 
     n = min(len(test), REPORT_IMAGES)
-    return None if n == 0 else _stack(Subset(test, list(range(n))))
+    return None if n == 0 else stack(Subset(test, list(range(n))))

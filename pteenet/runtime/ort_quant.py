@@ -193,3 +193,53 @@ def _quantized(module: torch.nn.Module, args: tuple[torch.Tensor, ...], batched:
     export_onnx(module, args, fp32, batched, output_names=outputs, hint="drop --quantize (FP32)")
     quantize_program(fp32, folder / f"{name}.onnx", feeds, what)
     fp32.unlink()
+
+
+def join(parts: QuantizedParts, first: int, last: int, head: bool, inputs: list[str], outputs: list[str]) -> Any:
+    """Stages ``first``..``last`` (and ``last``'s head) as one ONNX program: each part's inputs fed
+    from the one before by Identity nodes (free in ONNX Runtime), inputs and outputs renamed as a
+    piece's (``inputs``: the state, then ``threshold`` with a head; ``outputs``: the state passed on,
+    then ``logits`` and ``leave``; at the backbone's end ``logits`` alone)."""
+    import onnx
+    from onnx import compose, helper
+
+    models = [(f"st{k}_", onnx.load(str(parts.stage_file(k)))) for k in range(first, last + 1)]
+    if head:
+        models.append((f"hd{last}_", onnx.load(str(parts.head_file(last)))))
+    models = [(p, compose.add_prefix(m, p)) for p, m in models]
+    nodes, inits, vinfo = [], [], []
+    for _, m in models:
+        nodes += list(m.graph.node)
+        inits += list(m.graph.initializer)
+        vinfo += list(m.graph.value_info)
+    link = [helper.make_node("Identity", [src], [dst]) for src, dst in _links(models, head, inputs)]
+    stage_in = [n for n in inputs if n != "threshold"]
+    g_in = [_renamed(models[0][1].graph.input[i], n) for i, n in enumerate(stage_in)]
+    g_in += [_renamed(models[-1][1].graph.input[1], "threshold")] if head else []
+    last_stage = models[len(models) - 1 - head][1]
+    sources = list(last_stage.graph.output)[:len(outputs) - 2] + list(models[-1][1].graph.output)[:2] if head \
+        else list(last_stage.graph.output)[:1]
+    out_links = [helper.make_node("Identity", [src.name], [name]) for name, src in zip(outputs, sources)]
+    g_out = [_renamed(src, name) for name, src in zip(outputs, sources)]
+    graph = helper.make_graph(link + nodes + out_links, "piece", g_in, g_out, inits, value_info=vinfo)
+    return helper.make_model(graph, opset_imports=models[0][1].opset_import, ir_version=models[0][1].ir_version)
+
+
+def _links(models: list[tuple[str, Any]], head: bool, inputs: list[str]) -> list[tuple[str, str]]:
+    """(source, input) pairs: the piece's inputs into the first stage, each stage's state into the
+    next, the last stage's tap and the threshold into the head."""
+    pairs = [(name, models[0][1].graph.input[i].name) for i, name in enumerate(inputs) if name != "threshold"]
+    stages = models[:len(models) - head]
+    for (_, a), (_, b) in zip(stages, stages[1:]):
+        pairs += [(a.graph.output[i].name, b.graph.input[i].name) for i in range(len(b.graph.input))]
+    if head:
+        h, s = models[-1][1], stages[-1][1]
+        pairs += [(s.graph.output[len(s.graph.output) - 1].name, h.graph.input[0].name), ("threshold", h.graph.input[1].name)]
+    return pairs
+
+
+def _renamed(info: Any, name: str) -> Any:
+    out = type(info)()
+    out.CopyFrom(info)
+    out.name = name
+    return out

@@ -30,6 +30,7 @@ import torch
 from ..errors import PteenetError
 from .model import EarlyExitModel
 from .onnx import HeadProgram, StageProgram, export_session, ort_session, require_onnxruntime
+from .ort_quant import QuantizedParts, join
 from .timing import TimeProfile, machine
 
 DEPLOY_RUNTIMES = ("eager", "onnxruntime")  # what --deploy-runtime prices in
@@ -60,10 +61,11 @@ def _timed(fn: Callable[[], Any], into: list[float]) -> Any:
 
 
 def profile_onnx(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: int = 1,
-                 threads: int | None = None) -> TimeProfile:
+                 threads: int | None = None, parts: QuantizedParts | None = None) -> TimeProfile:
     """``runtime.timing.profile`` in ONNX Runtime: each stage and each computed head (with its
     decision) as its own program at ``x``'s shape, timed in full passes; medians over ``repeats``.
-    ``threads``: ONNX Runtime's intra-op threads (None: its default)."""
+    ``threads``: ONNX Runtime's intra-op threads (None: its default). ``parts``: time these INT8
+    programs (``ort_quant.quantize_parts``) instead, against the INT8 backbone joined from them."""
     _check(model)
     stages, computed = model.stages.modules, model.computed_branches()
     thresholds = [np.asarray([t], dtype=np.float32) for t in model.thresholds]
@@ -71,8 +73,12 @@ def profile_onnx(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmu
     with tempfile.TemporaryDirectory(prefix="pteenet-ort-") as tmp, torch.no_grad():
         work = Path(tmp)
         state: tuple[torch.Tensor, ...] = (x,)
-        stage_s, head_s = [], {}
-        for k, stage in enumerate(stages):
+        stage_s: list[Any] = []
+        head_s: dict[int, Any] = {}
+        if parts is not None:
+            stage_s, head_s = parts.sessions(threads)
+            backbone = ort_session(join(parts, 0, len(stages) - 1, False, ["in0"], ["logits"]).SerializeToString(), threads)
+        for k, stage in enumerate(stages if parts is None else []):
             stage_s.append(export_session(StageProgram(stage), state, work / f"stage{k}.onnx", threads))
             out = StageProgram(stage)(*state)
             if k < len(stages) - 1:
@@ -80,7 +86,8 @@ def profile_onnx(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmu
                     head_s[k] = export_session(HeadProgram(model.branches[k], model.policy),
                                          (out[-1], torch.tensor([0.5])), work / f"head{k}.onnx", threads)
                 state = out[:-1]
-        backbone = export_session(model.backbone, (x,), work / "backbone.onnx", threads)
+        if parts is None:
+            backbone = export_session(model.backbone, (x,), work / "backbone.onnx", threads)
         empty = _empty_session(threads)
         times = _passes(stage_s, head_s, thresholds, x.numpy(), backbone, empty, repeats + warmup)
     med = {key: 1e3 * statistics.median(v[warmup:]) for key, v in times.items()}
@@ -97,6 +104,7 @@ def profile_onnx(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmu
         [med.get(("compaction", k), 0.0) for k in range(model.num_exits)] if x.shape[0] > 1 else [],
         {**machine(), "runtime": "onnxruntime", "onnxruntime": ort.__version__,
          "threads": threads if threads is not None else "onnxruntime default",
+         "precision": "fp32" if parts is None else "int8",
          "note": "each deciding exit's head includes its decision and one call's fixed cost"}, load)
 
 

@@ -22,6 +22,7 @@ from ..errors import PteenetError
 from ..evaluation.cache import ExitCache
 from ..evaluation.engine import Point, backbone_point, select
 from ..exits.chain import computed_branches
+from ..progress import Sink
 from ..runtime import timing
 from ..runtime.model import EarlyExitModel
 from .guarantee import certify, record
@@ -43,6 +44,7 @@ class SweepConfig(Protocol):
     profile: str | None
     deploy_runtime: str
     deploy_batch_size: int
+    quantize: str | None
 
 Choice = tuple[Point | None, list[bool] | None, dict[str, Any] | None]
 TAIL_TRIES = 4  # measurements at most; each takes about 3 s (timing.measure_tail)
@@ -87,7 +89,8 @@ def choose(cache: ExitCache, points: list[Point], model: EarlyExitModel, policie
         rec["per_class"] = {**family.to_dict(), "level": chosen_level(family, cert.point)}
         return cert.point, cert.active, rec
     cert = certify(cache, policies, grid, cfg.max_drop, cfg.confidence, per_exit=cfg.per_exit,
-                   cost=cost, chained=model.chained, max_tail=cfg.max_tail)
+                   cost=cost, chained=model.chained, max_tail=cfg.max_tail,
+                   split=cfg.quantize is not None)  # INT8: quantized on structure-share images, which may not certify
     return cert.point, cert.active, record(cert, backbone_point(cache), chosen, active)
 
 
@@ -152,3 +155,20 @@ def choose_checked(cache: ExitCache, points: list[Point], model: EarlyExitModel,
         return choose(cache, points, model, policies, grid, dataclasses.replace(cfg, max_tail=bound), pricing)
     assert cfg.max_tail is not None
     return guard_tail(pick, meter, pricing, model.chained, cache.num_exits, cfg.max_tail)
+
+
+def tail_notes(tail: dict[str, Any], sink: Sink, warn: Callable[[str], None]) -> None:
+    """What the no-exit tail measured, and the predicted bound it took (``choice.guard_tail``)."""
+    timed = [a for a in tail["attempts"] if a["measured"] is not None]
+    if not timed:
+        return
+    first, last = timed[0], tail["attempts"][-1]
+    text = (f"a sample that takes no exit measured {first['measured']:.3f}x the backbone here "
+            f"(predicted {first['predicted']:.3f}x, bound {tail['max_tail']:g}x)")
+    if len(tail["attempts"]) > 1:
+        text += (f"; with the predicted bound tightened to {last['bound']:.3f}x, "
+                 + (f"{last['measured']:.3f}x" if last["measured"] is not None else "no exit computed (the backbone alone)"))
+    sink.note(text)
+    if not tail["held"]:
+        warn(f"the no-exit path still measures {last['measured']:.3f}x the backbone, over --max-tail "
+             f"{tail['max_tail']:g} after {len(tail['attempts'])} tries; pass a lower --max-tail or attach fewer exits")

@@ -105,8 +105,8 @@ def risk_counts(cache: ExitCache, exits: np.ndarray) -> tuple[int, int]:
     """(n_plus, n_minus) of the accuracy drop with labels; (disagreements, 0) without."""
     answer = cache.preds[exits, np.arange(cache.num_samples)]
     if cache.labels is None:
-        return int((answer != cache.preds[-1]).sum()), 0
-    backbone, exit_ok = cache.preds[-1] == cache.labels, answer == cache.labels
+        return int((answer != cache.backbone_preds).sum()), 0
+    backbone, exit_ok = cache.backbone_preds == cache.labels, answer == cache.labels
     return int((backbone & ~exit_ok).sum()), int((~backbone & exit_ok).sum())
 
 

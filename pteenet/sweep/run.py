@@ -12,6 +12,7 @@ or the training images), we warn.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,14 @@ from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
-from .choice import choose_checked, tail_meter
+from ..runtime.ort_quant import DEFAULT_QUANT_IMAGES, PRECISIONS
+from .choice import choose_checked, tail_meter, tail_notes
 from .guarantee import CONFIDENCE, check_confidence
 from .outputs import build_document, write_sweep_outputs
 from .per_class import check_per_class, fallback_warning
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .pricing import DEPLOY_RUNTIMES, Pricing, both_costs, pricing_for
+from .quantized import Int8Exits, int8_exits
 from .selection import backbone_only, restrict
 
 COSTS = ("macs", "time")
@@ -66,6 +69,8 @@ class SweepConfig(Config):
     deploy_runtime: str = "eager"  # with cost "time": eager (pteenet.load) or onnxruntime (export --format staged-onnx)
     profile: str | None = None  # with cost "time": a TimeProfile measured before (timing.read_profile), not measured here
     max_tail: float | None = 1.2  # exit selection: a sample that takes no exit costs at most this x (predicted; docs/speed.md)
+    quantize: str | None = None  # "int8": cache, price and certify the INT8 program (quantized.py), not the FP32 model
+    quant_images: int = DEFAULT_QUANT_IMAGES  # with quantize: calibration images to quantize on (structure share)
     device: str = "auto"
     workers: int = 0
     plots: bool = True
@@ -91,6 +96,15 @@ class SweepConfig(Config):
         check_choice("cost", self.cost, COSTS)
         check_int("deploy_batch_size", self.deploy_batch_size, 1, "e.g. --deploy-batch-size 1")
         check_choice("deploy_runtime", self.deploy_runtime, DEPLOY_RUNTIMES)
+        if self.quantize is not None:
+            check_choice("quantize", self.quantize, PRECISIONS[1:])
+            if self.deploy_runtime != "onnxruntime" or self.cost != "time":
+                raise PteenetError("--quantize int8 runs and prices the INT8 program in ONNX Runtime",
+                                   "add --deploy-runtime onnxruntime (and price in time: drop --cost macs)")
+            if self.split != "calibration":
+                raise PteenetError("--quantize int8 quantizes on calibration images and certifies on others",
+                                   "sweep the calibration split (--split calibration)")
+        check_int("quant_images", self.quant_images, 1, f"e.g. --quant-images {DEFAULT_QUANT_IMAGES}")
         if self.max_tail is not None and not (isinstance(self.max_tail, (int, float)) and self.max_tail >= 1.0):
             raise PteenetError(f"max_tail must be a number >= 1, got {self.max_tail!r}", "e.g. --max-tail 1.2")
 
@@ -284,23 +298,6 @@ def _apply_choice(model: EarlyExitModel, doc: dict[str, Any], chosen: Point | No
         model.meta["sweep"] = sweep_meta(doc)
 
 
-def _tail_notes(tail: dict[str, Any], sink: Sink, warn: Callable[[str], None]) -> None:
-    """What the no-exit tail measured, and the predicted bound it took (``choice.guard_tail``)."""
-    timed = [a for a in tail["attempts"] if a["measured"] is not None]
-    if not timed:
-        return
-    first, last = timed[0], tail["attempts"][-1]
-    text = (f"a sample that takes no exit measured {first['measured']:.3f}x the backbone here "
-            f"(predicted {first['predicted']:.3f}x, bound {tail['max_tail']:g}x)")
-    if len(tail["attempts"]) > 1:
-        text += (f"; with the predicted bound tightened to {last['bound']:.3f}x, "
-                 + (f"{last['measured']:.3f}x" if last["measured"] is not None else "no exit computed (the backbone alone)"))
-    sink.note(text)
-    if not tail["held"]:
-        warn(f"the no-exit path still measures {last['measured']:.3f}x the backbone, over --max-tail "
-             f"{tail['max_tail']:g} after {len(tail['attempts'])} tries; pass a lower --max-tail or attach fewer exits")
-
-
 def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: SweepConfig, sink: Sink,
            source: str | None) -> dict[str, Any]:
     """Everything but reading and writing the checkpoint: check, run the split(s) once, sweep,
@@ -323,15 +320,31 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     choosing = cfg.budget is not None or cfg.max_drop is not None
     calibration_warnings(splits.split_info, cfg.split, choosing, warn)
     group, device = _place(model, cfg)
+    with contextlib.ExitStack() as stack:
+        int8 = stack.enter_context(int8_exits(model, splits.calibration, cfg.quant_images, data_cfg.spec, torch.get_num_threads(),
+                                              sink, elsewhere=group.active or device.type != "cpu")) if cfg.quantize else None
+        return _sweep_on(model, cfg, sink, source, splits, group, device, int8, choosing, notes, warnings, warn,
+                         policies, grid)
 
+
+def _sweep_on(model: EarlyExitModel, cfg: SweepConfig, sink: Sink, source: str | None, splits: Any, group: Group,
+              device: torch.device, int8: tuple[Int8Exits, dict[str, Any]] | None, choosing: bool, notes: list[str],
+              warnings: list[str], warn: Callable[..., None], policies: list[str], grid: np.ndarray) -> dict[str, Any]:
+    """The split(s) run once (by the INT8 programs with ``int8``), the sweep, the choice, the outputs."""
     def run(dataset: Dataset, name: str) -> ExitCache:
+        if int8 is not None:
+            return int8[0].cache(dataset, cfg.batch_size, cfg.workers, sink, name)
         if group.active:
             return _sharded_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name, group)
         return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name)
 
     skipped_before = SKIPPED.mark()
     cache = run(getattr(splits, cfg.split), cfg.split)
-    pricing, cost_model = pricing_for(model, cfg.cost, cfg.deploy_batch_size, device, group, cfg.deploy_runtime, cfg.profile)
+    pricing, cost_model = pricing_for(model, cfg.cost, cfg.deploy_batch_size, device, group, cfg.deploy_runtime, cfg.profile,
+                                      parts=None if int8 is None else int8[0].parts)
+    if int8 is not None:
+        cost_model["quantization"] = int8[1]
+        sink.note("INT8: the exits' answers come from the INT8 programs, drops and agreement are against the FP32 backbone")
     cache = restrict(cache, [True] * cache.num_exits, pricing, model.chained)  # the costs in the chosen unit
     if cache.labels is None:
         sink.note(NO_LABELS)
@@ -339,7 +352,7 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     meter = tail_meter(model, cfg, cost_model, device, group)
     (chosen, active, guarantee), tail = choose_checked(cache, points, model, policies, grid, cfg, pricing, meter)
     if tail is not None and tail["attempts"]:
-        _tail_notes(tail, sink, warn)
+        tail_notes(tail, sink, warn)
     if fallback := fallback_warning(guarantee):
         warn(fallback)
     nothing = None

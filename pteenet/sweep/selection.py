@@ -36,7 +36,7 @@ def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable | TimePro
     scores = {p: np.where(mask[:, None], s, np.nan).astype(np.float32) for p, s in cache.scores.items()}
     scores.update(pol.chain_scores(cache.preds[:-1], mask))  # a stateful score counts only the exits that decide
     return ExitCache(cache.preds, scores, cache.labels, np.asarray(cost.costs(computed_branches(mask, chained))),
-                     cache.costs_paper)
+                     cache.costs_paper, cache.reference)
 
 
 @dataclass
@@ -138,7 +138,7 @@ def backbone_only(cache: ExitCache, chosen: Point, cost: CostTable | TimeProfile
     that rarely exits costs more): the same policy and thresholds with no exit active, so that the
     runtime computes no branch and the cost is exactly 1.0. Returns that point, the active flags
     (all off) and why."""
-    agree = [(cache.preds[k] == cache.preds[-1]).mean() for k in range(cache.num_exits)]
+    agree = [(cache.preds[k] == cache.backbone_preds).mean() for k in range(cache.num_exits)]
     best = int(np.argmax(agree))
     active = [False] * cache.num_exits
     ts = chosen.thresholds or [1.0] * cache.num_exits
