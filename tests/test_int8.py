@@ -119,3 +119,25 @@ def test_a_failing_quantization_names_the_part(ckpt: Path, tmp_path: Path, monke
     monkeypatch.setattr(q, "quantize_static", broken)
     line = _fails(ckpt, tmp_path / "o", "--format", "staged-onnx", "--quantize", "int8", "--quant-images", 8)
     assert "cannot quantize backbone stage 0 to INT8: ValueError: Unsupported op Foo" in line
+
+
+# -- bench ---------------------------------------------------------------------------------------
+def test_bench_times_four_programs_in_turn_with_accuracy(ckpt: Path) -> None:
+    from pteenet.bench.run import BenchConfig, bench
+
+    model = pteenet.load(str(ckpt))
+    x = make_images(6, seed=2)
+    labels = __import__("torch").arange(6) % 10
+    cfg = BenchConfig(batch_sizes=(1, 3), repeats=1, warmup=1, threads=1, runtime="onnxruntime", quantize="int8")
+    doc = bench(model, x, cfg, labels=labels, int8=(make_images(8, seed=3), {"images": 8}))
+    assert doc["cpu_int8"] in ("none", "unknown") or "VNNI" in doc["cpu_int8"] or "AMX" in doc["cpu_int8"]
+    for r in doc["results"]:
+        p = r["programs"]
+        assert list(p) == ["backbone", "early_exit", "backbone_int8", "early_exit_int8"]
+        assert p["backbone"]["time_ratio_vs_fp32_backbone"] == 1.0 and "time_ratio_vs_backbone_int8" in p["early_exit_int8"]
+        assert all(0 <= v["accuracy"] <= 1 and v["latency_ms"]["p99"] >= v["latency_ms"]["p50"] for v in p.values())
+
+
+def test_bench_cli_int8_needs_onnxruntime_runtime(ckpt: Path) -> None:
+    code, _, stderr = run_cli("bench", ckpt, "--quantize", "int8", "--limit", 4)
+    assert code == 1 and "add --runtime onnxruntime" in error_line(stderr)

@@ -19,9 +19,10 @@ import torch
 
 from ..errors import PteenetError
 from ..export.driver import StagedModel, onnx_runner
+from ..export.quantize import INT8_BACKBONE, INT8_FOLDER, quantize_staged
 from ..export.staged import export_pieces
 from ..runtime.model import EarlyExitModel
-from ..runtime.onnx import export_session, require_onnxruntime
+from ..runtime.onnx import export_session, ort_session, require_onnxruntime
 
 
 class OnnxPrediction:
@@ -32,10 +33,12 @@ class OnnxPrediction:
 
 
 @contextlib.contextmanager
-def onnx_runs(model: EarlyExitModel, work: Path, thresholds: list[float], threads: int
-              ) -> Iterator[dict[str, Callable[[torch.Tensor], Any]]]:
+def onnx_runs(model: EarlyExitModel, work: Path, thresholds: list[float], threads: int,
+              int8: tuple[torch.Tensor, dict[str, Any]] | None = None) -> Iterator[dict[str, Callable[[torch.Tensor], Any]]]:
     """{"backbone", "early_exit"} as ONNX Runtime calls on CPU tensors (programs written under
-    ``work``); ``threads``: ONNX Runtime's intra-op threads, as torch's for eager."""
+    ``work``); ``threads``: ONNX Runtime's intra-op threads, as torch's for eager. ``int8``
+    (calibration images and their record): also "backbone_int8" and "early_exit_int8", the
+    programs of ``export --quantize int8``."""
     require_onnxruntime("bench --runtime onnxruntime")
     if model.runtime != "staged":
         raise PteenetError("a model run by forward hooks has no staged program", "bench in eager time (--runtime eager)")
@@ -44,5 +47,12 @@ def onnx_runs(model: EarlyExitModel, work: Path, thresholds: list[float], thread
                            hint="bench in eager time (--runtime eager)")
     export_pieces(model, work / "staged", onnx=True)
     staged = StagedModel(work / "staged", onnx_runner(threads))
-    yield {"backbone": lambda x: plain.run(None, {"in0": x.numpy()}),
-           "early_exit": lambda x: OnnxPrediction(*staged.run(x.numpy(), thresholds))}
+    runs = {"backbone": lambda x: plain.run(None, {"in0": x.numpy()})[0],
+            "early_exit": lambda x: OnnxPrediction(*staged.run(x.numpy(), thresholds))}
+    if int8 is not None:
+        quantize_staged(model, work / "staged", work / INT8_FOLDER, *int8)
+        staged8 = StagedModel(work / INT8_FOLDER, onnx_runner(threads))
+        plain8 = ort_session(str(work / INT8_BACKBONE), threads)
+        runs.update(backbone_int8=lambda x: plain8.run(None, {"x": x.numpy()})[0],
+                    early_exit_int8=lambda x: OnnxPrediction(*staged8.run(x.numpy(), thresholds)))
+    yield runs

@@ -29,9 +29,11 @@ from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
 from ..runtime import timing
 from ..runtime.model import EarlyExitModel
+from ..runtime.ort_quant import cpu_int8_instructions
 from ..runtime.ort_timing import DEPLOY_RUNTIMES, profile_onnx
 from ..runtime.timing import tune_allocator
 from ..tracing.hooks import NO_EARLY_EXIT
+from .int8 import int8_warnings, programs
 from .onnx_runs import onnx_runs
 
 # Time ratio above the MAC ratio by more than this (relative) counts as "overhead eats part of the
@@ -50,6 +52,7 @@ class BenchConfig(Config):
     extra: dict[str, Any] = field(default_factory=dict)  # recorded as is (data spec, split, ...)
     tune_allocator: bool = True  # see tune_allocator(); applies to both models alike
     runtime: str = "eager"  # eager (pteenet.load) | onnxruntime (both models exported: bench/onnx_runs.py)
+    quantize: str | None = None  # "int8" (onnxruntime): the INT8 backbone and INT8 early exit too, four programs in turn
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(self.batch_sizes)
@@ -66,6 +69,10 @@ class BenchConfig(Config):
         check_int("repeats", self.repeats, 1, "e.g. --repeats 5")
         check_int("warmup", self.warmup, 0)
         check_choice("runtime", self.runtime, DEPLOY_RUNTIMES)
+        if self.quantize is not None:
+            check_choice("quantize", self.quantize, ("int8",))
+            if self.runtime != "onnxruntime":
+                raise PteenetError("--quantize int8 times the INT8 programs of ONNX Runtime", "add --runtime onnxruntime")
 
 
 def _load_average() -> float | None:
@@ -109,7 +116,8 @@ def _percentile(values: list[float], q: float) -> float:
 def _side(totals: list[float], per_batch: list[float], n_images: int) -> dict[str, Any]:
     t = statistics.median(totals)
     return {"images_per_s": n_images / t, "time_s": t,
-            "latency_ms": {"p50": 1e3 * _percentile(per_batch, 0.5), "p95": 1e3 * _percentile(per_batch, 0.95)}}
+            "latency_ms": {"mean": 1e3 * statistics.fmean(per_batch), "p50": 1e3 * _percentile(per_batch, 0.5),
+                           "p95": 1e3 * _percentile(per_batch, 0.95), "p99": 1e3 * _percentile(per_batch, 0.99)}}
 
 
 def verdict(batch_size: int, time_ratio: float, mac_ratio: float | None, split: dict[str, float] | None = None) -> str:
@@ -145,7 +153,7 @@ def _thread_count(threads: int | None) -> Iterator[None]:
 
 
 def _one_batch_size(model: EarlyExitModel, images: torch.Tensor, bs: int, runs: dict[str, Callable[[torch.Tensor], Any]],
-                    cfg: BenchConfig, sink: Sink) -> dict[str, Any]:
+                    cfg: BenchConfig, sink: Sink, labels: torch.Tensor | None = None) -> dict[str, Any]:
     """Both models at one batch size: warm-up, then repeats interleaved A B / B A, then where the time
     goes on one batch (``timing.profile``, or ``profile_onnx`` in ONNX Runtime); the exits taken come
     from the first early-exit pass."""
@@ -158,9 +166,10 @@ def _one_batch_size(model: EarlyExitModel, images: torch.Tensor, bs: int, runs: 
     totals: dict[str, list[float]] = {k: [] for k in runs}
     per_batch: dict[str, list[float]] = {k: [] for k in runs}
     exit_index = None
-    with sink.task(f"timing batch {bs}, {n} images", 2 * cfg.repeats) as task:
+    names = list(runs)
+    with sink.task(f"timing batch {bs}, {n} images", len(names) * cfg.repeats) as task:
         for r in range(cfg.repeats):
-            for name in (("backbone", "early_exit") if r % 2 == 0 else ("early_exit", "backbone")):
+            for name in (names if r % 2 == 0 else names[::-1]):  # A B, then B A: drifts hit every program alike
                 times, outs = _timed(runs[name], batches, device)
                 totals[name].append(sum(times))
                 per_batch[name].extend(times)
@@ -173,7 +182,10 @@ def _one_batch_size(model: EarlyExitModel, images: torch.Tensor, bs: int, runs: 
         prof = profile_onnx(model, batches[0], repeats=cfg.repeats, warmup=min(cfg.warmup, 1), threads=torch.get_num_threads())
     else:
         prof = timing.profile(model, batches[0], repeats=cfg.repeats, warmup=min(cfg.warmup, 1))
-    return _result(bs, len(batches), n, totals, per_batch, exit_index, model, prof)
+    result = _result(bs, len(batches), n, totals, per_batch, exit_index, model, prof)
+    if len(runs) > 2 or labels is not None:
+        result["programs"] = programs(runs, batches, totals, per_batch, n, labels)
+    return result
 
 
 def _machine(device: torch.device, threads: int) -> dict[str, Any]:
@@ -195,10 +207,15 @@ def _warnings(model: EarlyExitModel, load: float, cpus: int) -> list[str]:
     return warnings
 
 
-def bench(model: EarlyExitModel, images: torch.Tensor, config: BenchConfig, sink: Sink = SILENT) -> dict[str, Any]:
+def bench(model: EarlyExitModel, images: torch.Tensor, config: BenchConfig, sink: Sink = SILENT, *,
+          labels: torch.Tensor | None = None, int8: tuple[torch.Tensor, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Time ``model.backbone`` against ``model.predict`` on ``images`` (already preprocessed, in
     memory) at each batch size; returns the JSON-able results document (``meta["bench"]``). Progress
-    goes to ``sink`` between timed passes (never inside one), and so do the document's warnings."""
+    goes to ``sink`` between timed passes (never inside one), and so do the document's warnings.
+    ``labels``: each program's accuracy too. ``int8`` (calibration images and their record, e.g.
+    ``export.quantize.quantization_data``'s): with ``config.quantize``, the INT8 programs too."""
+    if config.quantize and int8 is None:
+        raise PteenetError("bench --quantize int8 needs calibration images to quantize on", "pass int8=(images, record)")
     if images.shape[0] < 1:
         raise PteenetError("no images to measure on", "check the data split and --limit")
     thresholds, policy = model.resolve_thresholds(model.thresholds if config.threshold is None else config.threshold, config.policy)
@@ -208,15 +225,15 @@ def bench(model: EarlyExitModel, images: torch.Tensor, config: BenchConfig, sink
     n = images.shape[0]
     allocator = tune_allocator() if config.tune_allocator else None
     load_before = _load_average()
-    with _thread_count(config.threads), _runs(model, thresholds, policy, config, device) as runs:
+    with _thread_count(config.threads), _runs(model, thresholds, policy, config, device, int8) as runs:
         with torch.inference_mode():
-            results = [_one_batch_size(model, images, bs, runs, config, sink) for bs in config.batch_sizes]
+            results = [_one_batch_size(model, images, bs, runs, config, sink, labels) for bs in config.batch_sizes]
         threads = torch.get_num_threads()
     first = results[0]
     # The load before the run: afterwards the 1-minute average mostly counts our own threads.
     load = load_before or 0.0
     cpus = os.cpu_count() or 1
-    warnings = _warnings(model, load, cpus)
+    warnings = _warnings(model, load, cpus) + int8_warnings(results)
     for w in warnings:
         sink.warn(w)
     return {
@@ -228,13 +245,14 @@ def bench(model: EarlyExitModel, images: torch.Tensor, config: BenchConfig, sink
         "results": results,
         "overhead_eats_savings": any(r["time_ratio"] >= 1.0 for r in results),
         "load_average": load, "cpu_count": cpus, "warnings": warnings, "allocator": allocator,
+        "quantize": config.quantize, "cpu_int8": cpu_int8_instructions() if config.quantize else None,
         **config.extra,
     }
 
 
 @contextlib.contextmanager
-def _runs(model: EarlyExitModel, thresholds: list[float], policy: str, cfg: BenchConfig, device: torch.device
-          ) -> Iterator[dict[str, Callable[[torch.Tensor], Any]]]:
+def _runs(model: EarlyExitModel, thresholds: list[float], policy: str, cfg: BenchConfig, device: torch.device,
+          int8: tuple[torch.Tensor, dict[str, Any]] | None = None) -> Iterator[dict[str, Callable[[torch.Tensor], Any]]]:
     """The two timed calls: eager (``model.backbone`` and ``model.predict``), or both models exported
     and run in ONNX Runtime (``onnx_runs``: the staged program holds the policy, set here for the export)."""
     if cfg.runtime == "eager":
@@ -245,7 +263,8 @@ def _runs(model: EarlyExitModel, thresholds: list[float], policy: str, cfg: Benc
     saved = model.thresholds, model.policy
     model.set_thresholds(thresholds, policy)
     try:
-        with tempfile.TemporaryDirectory(prefix="pteenet-bench-") as tmp, onnx_runs(model, Path(tmp), thresholds, torch.get_num_threads()) as runs:
+        with tempfile.TemporaryDirectory(prefix="pteenet-bench-") as tmp, onnx_runs(model, Path(tmp), thresholds, torch.get_num_threads(),
+                                                                                              int8 if cfg.quantize else None) as runs:
             yield runs
     finally:
         model.set_thresholds(*saved)
@@ -276,6 +295,13 @@ def load_images(model: EarlyExitModel, spec: str | None = None, data_dir: str | 
     """One split, preprocessed for the backbone and stacked in memory so that the timed loops never
     wait for data; the split is rebuilt from the checkpoint's data record as the sweep does (``spec``
     None: the recorded data). Returns the images and notes on what was assumed."""
+    images, _, notes = load_split(model, spec, data_dir, split, limit, sink)
+    return images, notes
+
+
+def load_split(model: EarlyExitModel, spec: str | None = None, data_dir: str | None = None, split: str = "test",
+               limit: int | None = None, sink: Sink = SILENT) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """``load_images`` with the labels (None where the images have none)."""
     split = split_name(split)
     check_choice("split", split, SPLITS)
     cfg, notes = resolve_data(DataRequest(spec=spec, data_dir=data_dir, limit=limit), model.meta.get("data"))
@@ -283,9 +309,11 @@ def load_images(model: EarlyExitModel, spec: str | None = None, data_dir: str | 
     if len(ds) == 0:
         raise PteenetError(f"the {split} split of {cfg.spec} is empty", "use --split test")
     loader = make_loader(ds, 256, shuffle=False)
-    images = []
+    images, labels = [], []
     with sink.task(f"loading {len(ds)} {split} images", len(loader)) as task:
-        for x, _ in loader:
+        for x, y in loader:
             images.append(x)
+            labels.append(torch.as_tensor(y))
             task.advance()
-    return torch.cat(images), notes
+    y = torch.cat(labels)
+    return torch.cat(images), None if bool((y < 0).all()) else y, notes

@@ -7,9 +7,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..bench.run import BenchConfig, bench, load_images
-from ..data import split_name
+from ..bench.run import BenchConfig, bench, load_split
+from ..data import DataRequest, split_name
 from ..devices import resolve_device
+from ..export.quantize import quant_images_for, quantization_data
 from ..export.report import batch_label
 from ..progress import format_percent
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
@@ -36,6 +37,10 @@ def bench_command(
                                         help="keep freed activation memory in-process (glibc), for both models alike"),
     runtime: str = typer.Option("eager", help="eager (pteenet.load) or onnxruntime (both models exported, the early exit as "
                                               "the staged program of export --format staged-onnx)"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8 (with --runtime onnxruntime): also the INT8 backbone and "
+                                                                     "the INT8 early exit of export --quantize int8, four programs in turn"),
+    quant_images: Optional[int] = typer.Option(None, "--quant-images", help="with --quantize: calibration images to quantize on "
+                                                                             "(default: the INT8 sweep's, else 512)"),
     record: bool = typer.Option(False, "--record", help="store the results in the checkpoint (meta['bench'])"),
     json_: JsonOption = False,
 ) -> None:
@@ -43,18 +48,22 @@ def bench_command(
     images preloaded into memory."""
     # Built first: its checks (threshold, policy, sizes) run before any file is read.
     cfg = BenchConfig(batch_sizes=tuple(batch_size or (1, 256)), threshold=threshold, policy=policy, threads=threads,
-                      repeats=repeats, tune_allocator=tune_allocator, runtime=runtime)
+                      repeats=repeats, tune_allocator=tune_allocator, runtime=runtime, quantize=quantize)
     ck = load_checkpoint(checkpoint, resolve_device(device))
     model = ck.model
     spec = data or (model.meta.get("data") or {}).get("spec")
     split = split_name(split)
     cfg.extra.update(data=spec, split=split)
     with progress_sink() as sink:
-        images, notes = load_images(model, data, data_dir, split, limit, sink)
+        images, labels, notes = load_split(model, data, data_dir, split, limit, sink)
         # The notes are about which images form the calibration split; other splits do not depend on it.
         for note in notes if split == "calibration" else []:
             sink.note(note)
-        doc = bench(model, images, cfg, sink)
+        int8 = None
+        if quantize:
+            n = quant_images_for(model, quant_images)
+            int8 = quantization_data(model, DataRequest(spec=data, data_dir=data_dir), n)[:2]
+        doc = bench(model, images, cfg, sink, labels=labels, int8=int8)
     if record:
         model.meta["bench"] = doc
         save_checkpoint(checkpoint, model, ck.state)  # atomic: a reader sees the old file or the new one
@@ -84,3 +93,21 @@ def print_bench(doc: dict) -> None:
                   + f", end: {format_percent(fr[-1], 1)}")
     for r in doc["results"]:
         console.print(r["verdict"], style="bold red" if r["time_ratio"] >= 1 else None, markup=False)
+    if doc.get("quantize"):
+        _print_programs(doc)
+
+
+def _print_programs(doc: dict) -> None:
+    """The four programs of --quantize int8, each against the FP32 backbone (and the INT8 early exit
+    against the INT8 backbone), with the CPU's INT8 instructions."""
+    table = Table(title=f"FP32 and INT8 in ONNX Runtime (CPU INT8 instructions: {doc['cpu_int8']})")
+    for col in ("batch", "program", "mean ms/batch", "p50", "p99", "vs FP32 backbone", "vs INT8 backbone", "accuracy"):
+        table.add_column(col, justify="right")
+    for r in doc["results"]:
+        for name, p in r["programs"].items():
+            lat = p["latency_ms"]
+            vs8 = p.get("time_ratio_vs_backbone_int8")
+            table.add_row(batch_label(r), name.replace("_", " "), f"{lat['mean']:.2f}", f"{lat['p50']:.2f}", f"{lat['p99']:.2f}",
+                          f"{p['time_ratio_vs_fp32_backbone']:.3f}", "-" if vs8 is None else f"{vs8:.3f}",
+                          format_percent(p.get("accuracy")))
+    console.print(table)

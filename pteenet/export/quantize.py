@@ -111,3 +111,11 @@ def test_images(test: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
 
     n = min(len(test), REPORT_IMAGES)
     return None if n == 0 else stack(Subset(test, list(range(n))))
+
+
+def quant_images_for(model: EarlyExitModel, asked: int | None) -> int:
+    """The images to quantize on: as asked, else the INT8 sweep's (so the programs are the swept ones)."""
+    from ..runtime.ort_quant import DEFAULT_QUANT_IMAGES
+
+    swept = ((model.meta.get("sweep") or {}).get("cost_model") or {}).get("quantization") or {}
+    return asked or int(swept.get("images") or DEFAULT_QUANT_IMAGES)

@@ -36,11 +36,11 @@ from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
 from ..runtime.onnx import require_onnxruntime
-from ..runtime.ort_quant import DEFAULT_QUANT_IMAGES, SETTINGS
+from ..runtime.ort_quant import SETTINGS
 from ..sweep import Point, recertify, select, threshold_list
 from ..tracing.hooks import NO_EARLY_EXIT
 from .programs import write_program
-from .quantize import INT8_FOLDER, evaluate_int8, quantization_data, quantize_staged, test_images
+from .quantize import INT8_FOLDER, evaluate_int8, quant_images_for, quantization_data, quantize_staged, test_images
 from .report import build_report, nothing_pays, write_report
 
 
@@ -248,12 +248,6 @@ def _int8_warning(model: EarlyExitModel) -> str | None:
               "chooses and certifies them on it")
 
 
-def _quant_images(model: EarlyExitModel, config: ExportConfig) -> int:
-    """The images to quantize on: as asked, else the INT8 sweep's (so the pieces are the swept ones)."""
-    swept = ((model.meta.get("sweep") or {}).get("cost_model") or {}).get("quantization") or {}
-    return config.quant_images or int(swept.get("images") or DEFAULT_QUANT_IMAGES)
-
-
 def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILENT, *,
                  source: str | Path | None = None, data: DataRequest | None = None) -> dict[str, Any]:
     """Write ``config.output`` (model.safetensors, report.md/json, curve.png, the asked formats) from a
@@ -281,7 +275,7 @@ def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILEN
         require_onnxruntime("--quantize int8")
         if (why := _int8_warning(model)) is not None:
             sink.warn(why)
-        quant = quantization_data(model, data, _quant_images(model, config))
+        quant = quantization_data(model, data, quant_images_for(model, config.quant_images))
     files = {FORMATS[f].file: FORMATS[f].what for f in formats}
     source_name = None if source is None else Path(source).name
     model.meta["export"] = {"exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
