@@ -96,7 +96,7 @@ def test_shared_options_are_one_definition() -> None:
         assert len(set(by_command.values())) == 1, f"{opt} has different help texts: {by_command}"
     assert set(helps["--json"]) == set(group.commands)  # type: ignore[attr-defined]
     assert set(helps["--data"]) == set(helps["--data-dir"]) == set(helps["--limit"]) \
-        == {"train-branches", "sweep-threshold", "bench"}
+        == {"train-branches", "sweep-threshold", "bench", "export"}  # export: the images --quantize int8 calibrates on
     assert set(helps["--policy"]) == {"sweep-threshold", "export", "bench"}
     assert set(helps["--device"]) == {"train-branches", "sweep-threshold", "bench"}
 

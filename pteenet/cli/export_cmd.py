@@ -12,7 +12,7 @@ from ..export.run import FORMATS, ExportConfig, export
 from ..progress import format_percent
 from ..runtime.ort_quant import DEFAULT_QUANT_IMAGES
 from .common import console, emit, handle_errors, progress_sink
-from .options import DataDirOption, DataOption, JsonOption, PolicyOption
+from .options import DataDirOption, DataOption, JsonOption, LimitOption, PolicyOption
 
 
 @handle_errors
@@ -31,12 +31,13 @@ def export_command(
                                                                              f"INT8 sweep's, else {DEFAULT_QUANT_IMAGES})"),
     data: DataOption = None,
     data_dir: DataDirOption = None,
+    limit: LimitOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Export the model (model.safetensors + optional torch.export/ONNX programs) with report.md."""
     cfg = ExportConfig(output=output, threshold=threshold, budget=budget, max_drop=max_drop, policy=policy,
                        formats=tuple(format_ or ("safetensors",)), force=force, quantize=quantize, quant_images=quant_images)
-    request = DataRequest(spec=data, data_dir=data_dir) if data or data_dir else None
+    request = DataRequest(spec=data, data_dir=data_dir, limit=limit) if data or data_dir or limit else None
     with progress_sink() as sink:
         doc = export(checkpoint, cfg, sink, data=request)
     emit(doc, json_, _show)

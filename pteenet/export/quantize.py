@@ -23,7 +23,7 @@ import torch
 from ..exits import policies
 from ..runtime.model import EarlyExitModel
 from ..runtime.onnx import ort_session
-from ..runtime.ort_quant import SETTINGS, join, quantize_parts
+from ..runtime.ort_quant import SETTINGS, QuantizedParts, join, quantize_parts
 from ..sweep.quantized import quantization_images, stack
 from . import driver
 
@@ -31,16 +31,18 @@ INT8_FOLDER = "staged_onnx_int8"
 INT8_BACKBONE = "backbone_int8.onnx"
 
 
-def quantize_staged(model: EarlyExitModel, fp32: Path, out: Path, images: torch.Tensor, record: dict[str, Any]) -> list[str]:
+def quantize_staged(model: EarlyExitModel, fp32: Path, out: Path, images: torch.Tensor, record: dict[str, Any],
+                    parts: QuantizedParts | None = None) -> list[str]:
     """The pieces listed in ``fp32`` (``export_pieces``'s manifest) as INT8 programs in ``out``,
     quantized on ``images`` (preprocessed calibration images), with the driver and manifest; the
-    INT8 backbone at ``out.parent / INT8_BACKBONE``. Returns the names written beside ``fp32``."""
+    INT8 backbone at ``out.parent / INT8_BACKBONE``. Returns the names written beside ``fp32``.
+    ``parts``: stage and head programs quantized on ``images`` before (``quantize_parts``), reused."""
     import onnx
 
     manifest = json.loads((fp32 / driver.MANIFEST).read_text())
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pteenet-int8-", dir=out.parent) as work:
-        parts = quantize_parts(model, images, Path(work))
+        parts = parts or quantize_parts(model, images, Path(work))
         for piece in manifest["pieces"]:
             first, last = piece["stages"]
             onnx.save(join(parts, first, last, piece["decides"], piece["inputs"], piece["outputs"]), str(out / piece["file"]))
