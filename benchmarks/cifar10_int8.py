@@ -44,7 +44,7 @@ from pteenet.export.driver import StagedModel, onnx_runner  # noqa: E402
 from pteenet.export.quantize import INT8_FOLDER, quantize_staged  # noqa: E402
 from pteenet.export.staged import export_pieces  # noqa: E402
 from pteenet.runtime.onnx import export_onnx, ort_session  # noqa: E402
-from pteenet.runtime.ort_quant import batches, cpu_int8_instructions, quantize_program  # noqa: E402
+from pteenet.runtime.ort_quant import batches, cpu_int8_instructions, join, quantize_program  # noqa: E402
 from pteenet.runtime.ort_timing import profile_onnx  # noqa: E402
 from pteenet.sweep import SweepConfig, backbone_point, certify, evaluate, restrict  # noqa: E402
 from pteenet.sweep.quantized import int8_exits, quantization_images  # noqa: E402
@@ -150,6 +150,10 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                                  "fp32_backbone_accuracy_report_half": backbone_point(report).accuracy}
             chosen = {bs: choose(cal, report, model, profs[bs], args.max_drop) for bs in (1, 256)}
             sessions = plain_programs(args.backbones, quant, work, args.threads)
+            # The INT8 backbone the staged program is cut from (stage programs joined): what its
+            # cuts (a QDQ pair per stage boundary) cost against the backbone quantized whole.
+            joined = join(exits.parts, 0, model.num_exits, False, ["x"], ["logits"]).SerializeToString()
+            sessions["resnet56_int8_joined"] = ort_session(joined, args.threads)
             ee = {bs: staged_program(model, chosen[bs], quant, work / f"ee{bs}", args.threads, exits.parts) for bs in (1, 256)}
             # The shipped program decides as the cache it was chosen on: checked on report images.
             for bs in (1, 256):

@@ -193,7 +193,8 @@ def choose_point(model: EarlyExitModel, cfg: ExportConfig) -> dict[str, Any]:
             point.update(val=certified["val"], guarantee=certified["guarantee"])
         point["metric"] = sweep.get("metric")
         cm = sweep.get("cost_model") or {"kind": "macs"}
-        point["cost_model"] = {k: cm.get(k) for k in ("kind", "batch_size")}  # what "cost" means: MACs or time
+        # What "cost" means (MACs or time) and what the choice was made for (runtime, precision).
+        point["cost_model"] = {k: cm.get(k) for k in ("kind", "batch_size", "runtime", "precision")}
     return point
 
 

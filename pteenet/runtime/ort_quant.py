@@ -32,7 +32,9 @@ DEFAULT_QUANT_IMAGES = 512  # calibration images per program
 QUANT_BATCH = 64  # images per calibration batch (the ranges are min/max over all of them)
 HEAD_OUTPUTS = ("logits", "leave", "conf")  # outputs computed from a head's logits: kept in float
 _LINEAR = {"Gemm", "MatMul", "Conv"}  # a head's last quantized layers: the float decision starts after them
-SETTINGS = {"format": "QDQ", "per_channel": True, "activations": "int8", "weights": "int8", "ranges": "min-max",
+# Activations uint8, weights int8 (U8S8): the form x86's VNNI instructions multiply. Measured on this
+# CPU (AVX-512 VNNI), ResNet-56 at batch 1, 1 thread: U8S8 0.45 of FP32's time, S8S8 1.4 (slower than FP32).
+SETTINGS = {"format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8", "ranges": "min-max",
             "tool": "onnxruntime.quantization.quantize_static"}
 
 
@@ -114,7 +116,7 @@ def quantize_program(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], w
         lg.setLevel(logging.ERROR)
     try:
         quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=_float_decision_nodes(model))
     except PteenetError:
         raise
