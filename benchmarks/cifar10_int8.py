@@ -138,8 +138,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                                      "protocol": "B: chosen on one random half of test, reported and timed on the other"}}
     with tempfile.TemporaryDirectory(prefix="cifar10-int8-") as tmp, torch.inference_mode():
         work = Path(tmp)
-        with int8_exits(model, splits.val, args.quant_images, "cifar10 jpeg", args.threads) as (exits, record):
-            quant, _ = quantization_images(splits.val, args.quant_images, "cifar10 jpeg")
+        with int8_exits(model, splits.calibration, args.quant_images, "cifar10 jpeg", args.threads) as (exits, record):
+            quant, _ = quantization_images(splits.calibration, args.quant_images, "cifar10 jpeg")
             cache = exits.cache(test, 256, 0, description="test")
             cal, report = cache.take(halves[0]), cache.take(halves[1])
             images = torch.stack([test[int(i)][0] for i in halves[1][:max(args.images_1, args.images_256)]])

@@ -83,7 +83,7 @@ def profile_shares(prof: Any, active: list[bool]) -> dict[str, Any]:
     """From a profile: each computed head against its stage, the no-exit tail of ``active`` and each
     exit's added time, as fractions of the backbone (stage sums)."""
     total = sum(prof.stage_ms)
-    heads = [(k, h) for k, h in enumerate(prof.head_ms) if h > 0]
+    heads = [(k, h) for k, h in enumerate(prof.branch_ms) if h > 0]
     return {"backbone_ms": prof.backbone_ms, "stages_ms": total,
             "head_vs_stage_median": statistics.median(h / max(prof.stage_ms[k], 1e-9) for k, h in heads) if heads else None,
             "exit_added_time_median": statistics.median(h / total for _, h in heads) if heads else None,

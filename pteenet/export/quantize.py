@@ -103,7 +103,7 @@ def quantization_data(model: EarlyExitModel, data: Any, n: int) -> tuple[torch.T
                            "pass --data SPEC (the data the exits were trained on)")
     cfg, _ = resolve_data(data or DataRequest(), model.meta.get("data"))
     splits = load_splits(cfg, model.info.preprocess, model.info.num_classes)
-    images, record = quantization_images(splits.val, n, cfg.spec)
+    images, record = quantization_images(splits.calibration, n, cfg.spec)
     return images, record, splits.test
 
 
