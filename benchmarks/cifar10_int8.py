@@ -64,6 +64,9 @@ def plain_programs(backbones: Path, quant: torch.Tensor, work: Path, threads: in
         quantize_program(fp32, work / f"{name}_int8.onnx", batches({"x": quant.numpy()}, [True]), name)
         sessions[f"{name}_fp32"] = ort_session(str(fp32), threads)
         sessions[f"{name}_int8"] = ort_session(str(work / f"{name}_int8.onnx"), threads)
+        if name == "resnet56":  # int8 activations (S8S8) against uint8 (U8S8, what pteenet uses)
+            quantize_program(fp32, work / "s8s8.onnx", batches({"x": quant.numpy()}, [True]), name, signed_activations=True)
+            sessions["resnet56_int8_s8s8"] = ort_session(str(work / "s8s8.onnx"), threads)
     return sessions
 
 

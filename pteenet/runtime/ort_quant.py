@@ -32,8 +32,9 @@ DEFAULT_QUANT_IMAGES = 512  # calibration images per program
 QUANT_BATCH = 64  # images per calibration batch (the ranges are min/max over all of them)
 HEAD_OUTPUTS = ("logits", "leave", "conf")  # outputs computed from a head's logits: kept in float
 _LINEAR = {"Gemm", "MatMul", "Conv"}  # a head's last quantized layers: the float decision starts after them
-# Activations uint8, weights int8 (U8S8): the form x86's VNNI instructions multiply. Measured on this
-# CPU (AVX-512 VNNI), ResNet-56 at batch 1, 1 thread: U8S8 0.45 of FP32's time, S8S8 1.4 (slower than FP32).
+# Activations uint8, weights int8 (U8S8): the form x86's VNNI instructions multiply; with int8
+# activations (S8S8) ONNX Runtime ran ResNet-56 slower than FP32 on a VNNI CPU (benchmarks/cifar10_int8.py
+# times both: resnet56_int8 and resnet56_int8_s8s8).
 SETTINGS = {"format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8", "ranges": "min-max",
             "tool": "onnxruntime.quantization.quantize_static"}
 
@@ -97,9 +98,10 @@ class _Reader:
         return next(self._it, None)
 
 
-def quantize_program(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], what: str) -> None:
+def quantize_program(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], what: str, signed_activations: bool = False) -> None:
     """``src`` (FP32 ONNX) as static INT8 at ``dst`` (``SETTINGS``), its ranges from ``feeds``; a
-    failure is one error naming ``what`` (e.g. "piece 2 (stages 5-9)")."""
+    failure is one error naming ``what`` (e.g. "piece 2 (stages 5-9)"). ``signed_activations``:
+    int8 activations instead (S8S8), for comparison only."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -116,7 +118,7 @@ def quantize_program(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], w
         lg.setLevel(logging.ERROR)
     try:
         quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QInt8 if signed_activations else QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=_float_decision_nodes(model))
     except PteenetError:
         raise
