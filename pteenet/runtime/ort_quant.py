@@ -98,10 +98,31 @@ class _Reader:
         return next(self._it, None)
 
 
-def quantize_program(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], what: str, signed_activations: bool = False) -> None:
+def output_params(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each output of a quantized program that leaves through a DequantizeLinear: its (scale, zero
+    point), for the next program's input (``quantize_program``'s ``inputs_as``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    out = {}
+    for o in g.output:
+        node = producer.get(o.name)
+        if node is not None and node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[1] in inits:
+            out[o.name] = (inits[node.input[1]], inits[node.input[2]])
+    return out
+
+
+def quantize_program(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], what: str, signed_activations: bool = False,
+                     inputs_as: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
     """``src`` (FP32 ONNX) as static INT8 at ``dst`` (``SETTINGS``), its ranges from ``feeds``; a
     failure is one error naming ``what`` (e.g. "piece 2 (stages 5-9)"). ``signed_activations``:
-    int8 activations instead (S8S8), for comparison only."""
+    int8 activations instead (S8S8), for comparison only. ``inputs_as``: inputs quantized with the
+    (scale, zero point) of the program that produces them (``output_params``), so that where two
+    programs are joined the dequantize-quantize pair between them is the identity, which ONNX
+    Runtime removes (int8 flows on), and the values stay those of the programs run one by one."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -119,7 +140,9 @@ def quantize_program(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], w
     try:
         quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8 if signed_activations else QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=_float_decision_nodes(model))
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=_float_decision_nodes(model),
+                        extra_options={"TensorQuantOverrides": {k: [{"scale": sc, "zero_point": zp}]
+                                                                for k, (sc, zp) in (inputs_as or {}).items()}})
     except PteenetError:
         raise
     except Exception as e:
@@ -178,24 +201,30 @@ def quantize_parts(model: EarlyExitModel, images: torch.Tensor, folder: Path) ->
                     feeds.setdefault(f"head{k}", []).append({"in0": out[-1].numpy(), "in1": threshold.numpy()})
                 state = out[:-1]
         example: tuple[torch.Tensor, ...] = (images[:2].detach().float().cpu(),)
+        upstream: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the previous stage's outputs, as in0..
         for k, stage in enumerate(stages):
             out = StageProgram(stage)(*example)
             _quantized(StageProgram(stage), example, [True] * len(example), [f"out{j}" for j in range(len(out))],
-                       folder, f"stage{k}", feeds[f"stage{k}"], f"backbone stage {k}")
+                       folder, f"stage{k}", feeds[f"stage{k}"], f"backbone stage {k}", upstream)
+            params = output_params(folder / f"stage{k}.onnx")
             if k in heads:
+                tap = params.get(f"out{len(out) - 1}")
                 _quantized(HeadProgram(model.branches[k], model.policy), (out[-1], threshold), [True, False],
-                           ["logits", "leave", "conf"], folder, f"head{k}", feeds[f"head{k}"], f"exit {k}'s head")
+                           ["logits", "leave", "conf"], folder, f"head{k}", feeds[f"head{k}"], f"exit {k}'s head",
+                           {"in0": tap} if tap is not None else {})
+            upstream = {f"in{j}": params[f"out{j}"] for j in range(len(out) - 1) if f"out{j}" in params}
             example = out[:-1]
     return QuantizedParts(folder, len(stages), heads, images.shape[0])
 
 
 def _quantized(module: torch.nn.Module, args: tuple[torch.Tensor, ...], batched: list[bool], outputs: list[str],
-               folder: Path, name: str, feeds: list[dict[str, np.ndarray]], what: str) -> None:
+               folder: Path, name: str, feeds: list[dict[str, np.ndarray]], what: str,
+               inputs_as: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     from .onnx import export_onnx
 
     fp32 = folder / f"{name}.fp32.onnx"
     export_onnx(module, args, fp32, batched, output_names=outputs, hint="drop --quantize (FP32)")
-    quantize_program(fp32, folder / f"{name}.onnx", feeds, what)
+    quantize_program(fp32, folder / f"{name}.onnx", feeds, what, inputs_as=inputs_as)
     fp32.unlink()
 
 
@@ -225,7 +254,7 @@ def join(parts: QuantizedParts, first: int, last: int, head: bool, inputs: list[
         else list(last_stage.graph.output)[:1]
     out_links = [helper.make_node("Identity", [src.name], [name]) for name, src in zip(outputs, sources)]
     g_out = [_renamed(src, name) for name, src in zip(outputs, sources)]
-    graph = helper.make_graph(link + nodes + out_links, "piece", g_in, g_out, inits, value_info=vinfo)
+    graph = helper.make_graph(_live(link + nodes + out_links, outputs), "piece", g_in, g_out, inits, value_info=vinfo)
     return helper.make_model(graph, opset_imports=models[0][1].opset_import, ir_version=models[0][1].ir_version)
 
 
@@ -247,3 +276,15 @@ def _renamed(info: Any, name: str) -> Any:
     out.CopyFrom(info)
     out.name = name
     return out
+
+
+def _live(nodes: list[Any], outputs: list[str]) -> list[Any]:
+    """The nodes some output needs: a stage's tap where no head reads it, computed and quantized
+    for nothing otherwise (ONNX Runtime keeps nodes whose outputs nobody reads)."""
+    needed, size = set(outputs), -1
+    while len(needed) != size:  # the nodes are not in order (the links come first): to a fixed point
+        size = len(needed)
+        for node in nodes:
+            if any(o in needed for o in node.output):
+                needed.update(i for i in node.input if i)
+    return [n for n in nodes if any(o in needed for o in n.output)]
