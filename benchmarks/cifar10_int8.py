@@ -185,6 +185,9 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                         "latency": {k: r["early_exit_int8"][k] for k in ("ms_per_batch_mean", "p50_ms", "p99_ms")}},
                     "int8_backbone": {"time_ratio_vs_fp32_backbone": r["resnet56_int8"]["time_ratio_vs_fp32_backbone"],
                                       "accuracy": acc["resnet56_int8"]},
+                    **{key: {"time_ratio_vs_int8_backbone": r[name]["time_ratio_vs_int8_backbone"], "accuracy": acc[name]}
+                       for key, name in (("int8_backbone_s8s8", "resnet56_int8_s8s8"),
+                                         ("int8_backbone_joined_from_stages", "resnet56_int8_joined"))},
                     **{f"plain_int8_{p}": {"time_ratio_vs_fp32_backbone": r[f"{p}_int8"]["time_ratio_vs_fp32_backbone"],
                                            "accuracy": acc[f"{p}_int8"]} for p in PLAIN[:3]},
                     "plain_fp32": {p: {"time_ratio_vs_fp32_backbone": r[f"{p}_fp32"]["time_ratio_vs_fp32_backbone"],
