@@ -25,12 +25,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from ..configs import check_choice, check_int
 from ..data import make_loader
 from ..errors import PteenetError
 from ..evaluation.cache import ExitCache, ExitCacheBuilder
 from ..progress import SILENT, Sink
 from ..runtime.model import EarlyExitModel
-from ..runtime.ort_quant import SETTINGS, QuantizedParts, check_quant_images, quantize_parts
+from ..runtime.ort_quant import (
+    DEFAULT_QUANT_IMAGES,
+    PRECISIONS,
+    SETTINGS,
+    QuantizedParts,
+    check_quant_images,
+    quantize_parts,
+)
 from .guarantee import SPLIT_SEED, STRUCTURE_SHARE, structure_rows
 
 
@@ -52,6 +60,20 @@ def quantization_images(calibration: Dataset, n: int, spec: str | None) -> tuple
     images, _ = stack(Subset(calibration, rows[:n].tolist()))
     return images, {"images": n, "seed": SPLIT_SEED, "data": spec,
                     "rows": f"the first {n} of the calibration split's structure share (seed {SPLIT_SEED})"}
+
+
+def check_int8(quantize: str | None, deploy_runtime: str, cost: str, split: str, quant_images: int) -> None:
+    """``SweepConfig``'s INT8 fields: int8 needs ONNX Runtime time and the calibration split."""
+    check_int("quant_images", quant_images, 1, f"e.g. --quant-images {DEFAULT_QUANT_IMAGES}")
+    if quantize is None:
+        return
+    check_choice("quantize", quantize, PRECISIONS[1:])
+    if deploy_runtime != "onnxruntime" or cost != "time":
+        raise PteenetError("--quantize int8 runs and prices the INT8 program in ONNX Runtime",
+                           "add --deploy-runtime onnxruntime (and price in time: drop --cost macs)")
+    if split != "calibration":
+        raise PteenetError("--quantize int8 quantizes on calibration images and certifies on others",
+                           "sweep the calibration split (--split calibration)")
 
 
 class Int8Exits:
@@ -114,6 +136,7 @@ def int8_exits(model: EarlyExitModel, calibration: Dataset, n: int, spec: str | 
             with sink.task(f"quantizing every stage and head to INT8 on {n} images", 1) as task:
                 parts = quantize_parts(model.cpu(), images, Path(tmp))
                 task.advance()
+            sink.note("INT8: the exits' answers come from the INT8 programs, drops and agreement are against the FP32 backbone")
             yield Int8Exits(model, parts, threads), {**SETTINGS, **record}
     finally:
         model.set_active(saved)

@@ -35,14 +35,14 @@ from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
-from ..runtime.ort_quant import DEFAULT_QUANT_IMAGES, PRECISIONS
+from ..runtime.ort_quant import DEFAULT_QUANT_IMAGES
 from .choice import choose_checked, tail_meter, tail_notes
 from .guarantee import CONFIDENCE, check_confidence
 from .outputs import build_document, write_sweep_outputs
 from .per_class import check_per_class, fallback_warning
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .pricing import DEPLOY_RUNTIMES, Pricing, both_costs, pricing_for
-from .quantized import Int8Exits, int8_exits
+from .quantized import check_int8, int8_exits
 from .selection import backbone_only, restrict
 
 COSTS = ("macs", "time")
@@ -96,15 +96,7 @@ class SweepConfig(Config):
         check_choice("cost", self.cost, COSTS)
         check_int("deploy_batch_size", self.deploy_batch_size, 1, "e.g. --deploy-batch-size 1")
         check_choice("deploy_runtime", self.deploy_runtime, DEPLOY_RUNTIMES)
-        if self.quantize is not None:
-            check_choice("quantize", self.quantize, PRECISIONS[1:])
-            if self.deploy_runtime != "onnxruntime" or self.cost != "time":
-                raise PteenetError("--quantize int8 runs and prices the INT8 program in ONNX Runtime",
-                                   "add --deploy-runtime onnxruntime (and price in time: drop --cost macs)")
-            if self.split != "calibration":
-                raise PteenetError("--quantize int8 quantizes on calibration images and certifies on others",
-                                   "sweep the calibration split (--split calibration)")
-        check_int("quant_images", self.quant_images, 1, f"e.g. --quant-images {DEFAULT_QUANT_IMAGES}")
+        check_int8(self.quantize, self.deploy_runtime, self.cost, self.split, self.quant_images)
         if self.max_tail is not None and not (isinstance(self.max_tail, (int, float)) and self.max_tail >= 1.0):
             raise PteenetError(f"max_tail must be a number >= 1, got {self.max_tail!r}", "e.g. --max-tail 1.2")
 
@@ -320,16 +312,13 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     choosing = cfg.budget is not None or cfg.max_drop is not None
     calibration_warnings(splits.split_info, cfg.split, choosing, warn)
     group, device = _place(model, cfg)
-    with contextlib.ExitStack() as stack:
-        int8 = stack.enter_context(int8_exits(model, splits.calibration, cfg.quant_images, data_cfg.spec, torch.get_num_threads(),
-                                              sink, elsewhere=group.active or device.type != "cpu")) if cfg.quantize else None
-        return _sweep_on(model, cfg, sink, source, splits, group, device, int8, choosing, notes, warnings, warn,
-                         policies, grid)
+    with int8_exits(model, splits.calibration, cfg.quant_images, data_cfg.spec, torch.get_num_threads(), sink,
+                    elsewhere=group.active or device.type != "cpu") if cfg.quantize else contextlib.nullcontext() as int8:
+        return _sweep_on(model, cfg, sink, source, splits, group, device, int8, choosing, notes, warnings, warn, policies, grid)
 
 
-def _sweep_on(model: EarlyExitModel, cfg: SweepConfig, sink: Sink, source: str | None, splits: Any, group: Group,
-              device: torch.device, int8: tuple[Int8Exits, dict[str, Any]] | None, choosing: bool, notes: list[str],
-              warnings: list[str], warn: Callable[..., None], policies: list[str], grid: np.ndarray) -> dict[str, Any]:
+def _sweep_on(model: EarlyExitModel, cfg: SweepConfig, sink: Sink, source: str | None, splits: Any, group: Group, device: torch.device,
+              int8: Any, choosing: bool, notes: list[str], warnings: list[str], warn: Callable[..., None], policies: list[str], grid: np.ndarray) -> dict[str, Any]:
     """The split(s) run once (by the INT8 programs with ``int8``), the sweep, the choice, the outputs."""
     def run(dataset: Dataset, name: str) -> ExitCache:
         if int8 is not None:
@@ -342,9 +331,7 @@ def _sweep_on(model: EarlyExitModel, cfg: SweepConfig, sink: Sink, source: str |
     cache = run(getattr(splits, cfg.split), cfg.split)
     pricing, cost_model = pricing_for(model, cfg.cost, cfg.deploy_batch_size, device, group, cfg.deploy_runtime, cfg.profile,
                                       parts=None if int8 is None else int8[0].parts)
-    if int8 is not None:
-        cost_model["quantization"] = int8[1]
-        sink.note("INT8: the exits' answers come from the INT8 programs, drops and agreement are against the FP32 backbone")
+    cost_model.update({} if int8 is None else {"quantization": int8[1]})
     cache = restrict(cache, [True] * cache.num_exits, pricing, model.chained)  # the costs in the chosen unit
     if cache.labels is None:
         sink.note(NO_LABELS)
