@@ -10,7 +10,7 @@ import typer
 
 from ..data import DEFAULT_DATA_DIR, KNOWN_SPECS
 from ..devices import DEVICES
-from ..exits.policies import POLICIES
+from ..exits.policies import LEARNED, POLICIES
 
 ALL_POLICIES = "all"  # --policy of sweep-threshold: every policy side by side
 
@@ -35,9 +35,10 @@ DataDirOption = Annotated[Optional[str], typer.Option(
 LimitOption = Annotated[Optional[int], typer.Option(
     "--limit", help="use at most N images per split")]
 PolicyOption = Annotated[Optional[str], typer.Option(
-    "--policy", parser=_choice("policy", [*POLICIES, ALL_POLICIES]), metavar="POLICY",
-    help=f"exit policy: {' | '.join((*POLICIES, ALL_POLICIES))} ({ALL_POLICIES}: each side by side, sweep-threshold "
-         "only, and its default; elsewhere the default is the checkpoint's own)")]
+    "--policy", parser=_choice("policy", [*POLICIES, *LEARNED, ALL_POLICIES]), metavar="POLICY",
+    help=f"exit policy: {' | '.join((*POLICIES, *LEARNED, ALL_POLICIES))} ({ALL_POLICIES}: each side by side, sweep-threshold "
+         "only, and its default; eenet: EENet's learned scheduler, fitted by sweep-threshold on the calibration split; "
+         "elsewhere the default is the checkpoint's own)")]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="print the result as one JSON document on stdout, and nothing else there")]
 StrictImagesOption = Annotated[bool, typer.Option(

@@ -38,6 +38,9 @@ class ExitCache:
     # int32 [N]: the model drops and agreement are measured against, where it is not the program's
     # own end (row E): the FP32 backbone of an INT8 program. None: row E.
     reference: np.ndarray | None = None
+    # float32 [E, N, K]: each exit's logits, kept only where a learned policy needs them (EENet's
+    # scheduler reads the class probabilities); None otherwise, so a cache stays small.
+    logits: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.preds = np.asarray(self.preds, dtype=np.int32)
@@ -45,12 +48,14 @@ class ExitCache:
         self.labels = None if self.labels is None else np.asarray(self.labels, dtype=np.int64)
         self.costs = np.asarray(self.costs, dtype=np.float64).reshape(-1)
         self.costs_paper = np.asarray(self.costs_paper, dtype=np.float64).reshape(-1)
+        self.logits = None if self.logits is None else np.asarray(self.logits, dtype=np.float32)
         bad = self.preds.ndim != 2 or self.preds.shape[0] < 1
         e, n = (self.preds.shape[0] - 1, self.preds.shape[1]) if not bad else (0, 0)
         bad = bad or any(s.shape != (e, n) for s in self.scores.values())
         bad = bad or (self.labels is not None and self.labels.shape != (n,))
         self.reference = None if self.reference is None else np.asarray(self.reference, dtype=np.int32)
         bad = bad or (self.reference is not None and self.reference.shape != (n,))
+        bad = bad or (self.logits is not None and (self.logits.ndim != 3 or self.logits.shape[:2] != (e, n)))
         if bad or self.costs.shape != (e + 1,) or self.costs_paper.shape != (e + 1,):
             raise PteenetError("the exit cache is inconsistent (array shapes do not match)",
                                "recompute it from the model")
@@ -76,7 +81,8 @@ class ExitCache:
         """The cache of some of its samples (``idx``: indices or a boolean mask)."""
         return ExitCache(self.preds[:, idx], {k: v[:, idx] for k, v in self.scores.items()},
                          None if self.labels is None else self.labels[idx], self.costs, self.costs_paper,
-                         None if self.reference is None else self.reference[idx])
+                         reference=None if self.reference is None else self.reference[idx],
+                         logits=None if self.logits is None else self.logits[:, idx])
 
     def save(self, path: str | os.PathLike) -> None:
         """Save as .npz (no pickles), atomically."""
@@ -87,6 +93,8 @@ class ExitCache:
             arrays["labels"] = self.labels
         if self.reference is not None:
             arrays["reference"] = self.reference
+        if self.logits is not None:  # an extra array: readers that do not know it skip it
+            arrays["logits"] = self.logits
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         atomic_write_bytes(path, buf.getvalue())
@@ -101,7 +109,8 @@ class ExitCache:
                 return cls(preds=z["preds"], labels=z["labels"] if "labels" in z.files else None,
                            scores={k[6:]: z[k] for k in z.files if k.startswith("score_")},
                            costs=z["costs"], costs_paper=z["costs_paper"],
-                           reference=z["reference"] if "reference" in z.files else None)
+                           reference=z["reference"] if "reference" in z.files else None,
+                           logits=z["logits"] if "logits" in z.files else None)
         except FileNotFoundError:
             raise PteenetError(f"no exit cache at {path}", hint) from None
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
@@ -111,8 +120,9 @@ class ExitCache:
 class ExitCacheBuilder:
     """Accumulates per-batch model outputs, then builds an ``ExitCache``."""
 
-    def __init__(self) -> None:
+    def __init__(self, logits: bool = False) -> None:
         self._preds: list[np.ndarray] = []
+        self._logits: list[np.ndarray] | None = [] if logits else None  # each exit's logits, when kept
         self._scores: dict[str, list[np.ndarray]] = {p: [] for p in pol.POLICIES if p not in pol.STATEFUL}
         self._labels: list[np.ndarray] = []
         self._reference: list[np.ndarray] = []
@@ -142,6 +152,10 @@ class ExitCacheBuilder:
             self._labels.append(labels.detach().reshape(-1).to(torch.int64).cpu().numpy())
         if reference is not None:
             self._reference.append(reference.detach().reshape(-1).to(torch.int32).cpu().numpy())
+        if self._logits is not None:
+            k = final_logits.shape[1]
+            z = torch.stack([lg.detach().float() for lg in exit_logits]).cpu().numpy() if e else np.zeros((0, b, k))
+            self._logits.append(z.astype(np.float32))
 
     def add_outputs(self, out: AllExits, labels: torch.Tensor | None = None) -> None:
         """One batch of ``EarlyExitModel.forward_all`` (or ``branch_outputs``) outputs."""
@@ -164,6 +178,8 @@ class ExitCacheBuilder:
         cache = _cache(self.arrays(), costs, costs_paper)
         if self._reference:
             cache.reference = np.concatenate(self._reference).astype(np.int32)
+        if self._logits:  # one process only: gather_exit_cache does not carry them
+            cache.logits = np.concatenate(self._logits, axis=1)
         return cache
 
 

@@ -8,6 +8,7 @@ runtime's decisions equal the sweep's simulation by construction.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,18 +77,20 @@ class Carry:
 
     prev: torch.Tensor | None = None  # the last head's logits (cascade)
     acc: torch.Tensor | None = None  # [E-k, B, K]: the ensemble sums of the exits still to come
+    util: torch.Tensor | None = None  # [B, j]: EENet's utilities of the deciding exits so far (exits/eenet.py)
 
     def select(self, rows: torch.Tensor) -> "Carry":
-        return Carry(None if self.prev is None else self.prev[rows], None if self.acc is None else self.acc[:, rows])
+        return Carry(None if self.prev is None else self.prev[rows], None if self.acc is None else self.acc[:, rows],
+                     None if self.util is None else self.util[rows])
 
     def tensors(self) -> list[torch.Tensor]:
         """The carried tensors, for programs that pass them on explicitly (torch.cond)."""
-        return [t for t in (self.prev, self.acc) if t is not None]
+        return [t for t in (self.prev, self.acc, self.util) if t is not None]
 
     def like(self, tensors: Sequence[torch.Tensor]) -> "Carry":
         """A carry of this one's layout holding ``tensors`` (the inverse of ``tensors``)."""
         it = iter(tensors)
-        return Carry(None if self.prev is None else next(it), None if self.acc is None else next(it))
+        return Carry(*(None if t is None else next(it) for t in (self.prev, self.acc, self.util)))
 
 
 def exit_step(branch: Branch, ensemble: Ensemble | None, k: int, x: torch.Tensor, carry: Carry,
@@ -101,7 +104,7 @@ def exit_step(branch: Branch, ensemble: Ensemble | None, k: int, x: torch.Tensor
     if ensemble is not None:
         z, acc = ensemble.add_head(k, torch.log_softmax(head.float(), 1), acc)
         logits = z.to(head.dtype)
-    return head, logits, conf, Carry(head if branch.cascade else None, acc)
+    return head, logits, conf, dataclasses.replace(carry, prev=head if branch.cascade else None, acc=acc)
 
 
 def fit_ensemble(head_logits: list[torch.Tensor], targets: torch.Tensor, steps: int = 300,

@@ -255,9 +255,15 @@ def never_exit_threshold(policy: str) -> float:
     return get(policy).never_exit
 
 
+# Policies whose score a fitted model computes (``exits/eenet.py``): not in ``POLICIES`` (the
+# exit cache cannot score them before they are fitted), but a model may run them.
+EENET = "eenet"  # exits/eenet.py
+LEARNED = (EENET,)
+
+
 def check_policy(value: Any, also: Sequence[str] = ()) -> None:
-    """A policy of the registry (``POLICIES``), or one of ``also`` (such as "all")."""
-    check_choice("policy", value, [*POLICIES, *also])
+    """A policy of the registry (``POLICIES``), a learned one (``LEARNED``), or one of ``also`` (such as "all")."""
+    check_choice("policy", value, [*POLICIES, *LEARNED, *also])
 
 
 def with_patience(patience: Any, policy: str) -> str:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import PteenetError, describe_error
-from ..exits import policies
+from ..exits import eenet, policies
 from ..exits.chain import Carry, exit_step
 from ..runtime.model import EarlyExitModel
 from ..runtime.onnx import quiet_onnx_export
@@ -102,8 +102,13 @@ def exported_program(model: EarlyExitModel, static: bool) -> torch.export.Export
         if static:
             x = torch.zeros(2, c, h, w, device=device)
             return torch.export.export(StaticProgram(model).eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        if model.policy == eenet.NAME:
+            raise PteenetError("policy eenet runs in the staged programs, not in one nested-cond program",
+                               "export --format staged-onnx or staged-torch-export (or static-onnx, or safetensors)")
         thresholds = torch.tensor(model.thresholds, dtype=torch.float32, device=device)
         return torch.export.export(CondProgram(model, model.policy).eval(), (torch.zeros(1, c, h, w, device=device), thresholds))
+    except PteenetError:
+        raise
     except Exception as e:
         raise PteenetError(f"torch.export cannot export this model {'statically' if static else 'with torch.cond'}: "
                            f"{describe_error(e)}",

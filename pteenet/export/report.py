@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_bytes, atomic_write_text
-from ..exits import policies
+from ..exits import eenet, policies
 from ..progress import format_macs, format_percent
 from ..runtime.model import EarlyExitModel
 from ..sweep import Point, curve_figure, pareto, threshold_list
@@ -77,6 +77,8 @@ def nothing_pays(model: EarlyExitModel) -> str | None:
 
 def _rule(policy: str | None) -> str | None:
     """The registry's sentence for the policy: when a sample leaves."""
+    if policy == eenet.NAME:
+        return eenet.RULE
     p = policies.POLICIES.get(policy)  # type: ignore[arg-type]
     return None if p is None else p.rule
 

@@ -9,7 +9,7 @@ in flight, and stops once every row has left. Nothing nests: where 27 nested ``t
 Dynamo's recursion limit, 28 pieces export one after another.
 
 Inputs of a piece are named ``s0..`` (the backbone state entering it, ``s0`` the image for the
-first), ``prev`` / ``acc`` (the carry) and ``threshold`` [1]; outputs ``next_<input name>`` for
+first), ``prev`` / ``acc`` / ``util`` (the carry; ``util``: EENet's utilities of the deciding exits so far) and ``threshold`` [1]; outputs ``next_<input name>`` for
 what the next piece reads, ``logits`` and ``leave``. With per-class thresholds ``threshold`` is [C]
 and the piece looks it up by the exit's predicted class. ``staged.json`` lists them, with the batch axis
 of every value the driver compacts.
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import PteenetError, describe_error
-from ..exits import policies
+from ..exits import eenet, policies
 from ..exits.chain import Carry, exit_step
 from ..runtime.model import EarlyExitModel
 from ..runtime.onnx import quiet_onnx_export
@@ -39,17 +39,18 @@ class PieceSpec:
     last: int  # the last one: a deciding exit's stage, or E for the backbone's end
     heads: tuple[int, ...]  # the heads it computes (the last one decides; earlier ones feed later exits)
     n_state: int  # backbone values entering it
-    prev: bool  # carry layout entering it (cascade logits, ensemble sums)
+    prev: bool  # carry layout entering it (cascade logits, ensemble sums, EENet's utilities)
     acc: bool
     state: bool = False  # a stateful policy's state entering it (patience: ``last`` class, ``run`` length)
     emits_state: bool = False  # it passes that state on (a deciding piece before another)
+    util: bool = False  # EENet's utilities entering it
 
     @property
     def decides(self) -> bool:
         return bool(self.heads) and self.heads[-1] == self.last
 
     def input_names(self) -> list[str]:
-        return ([f"s{j}" for j in range(self.n_state)] + ["prev"] * self.prev + ["acc"] * self.acc
+        return ([f"s{j}" for j in range(self.n_state)] + ["prev"] * self.prev + ["acc"] * self.acc + ["util"] * self.util
                 + ["last", "run"] * self.state + ["threshold"] * self.decides)
 
 
@@ -65,7 +66,8 @@ def plan(model: EarlyExitModel) -> list[PieceSpec]:
     with torch.no_grad():
         state: tuple[Any, ...] = (torch.zeros(2, c, h, w, device=next(model.parameters()).device),)
         carry, heads, first = Carry(), [], 0
-        entering = (1, False, False)
+        entering: tuple[int, bool, bool] = (1, False, False)
+        eenet_on = model.policy == eenet.NAME  # after the first deciding exit, its utilities are carried
         for k, stage in enumerate(model.stages.modules):
             if any(not isinstance(v, torch.Tensor) for v in state):
                 raise PteenetError("a backbone stage passes a non-tensor value on: staged programs carry tensors only",
@@ -79,7 +81,8 @@ def plan(model: EarlyExitModel) -> list[PieceSpec]:
                 _, _, _, carry = exit_step(model.branches[k], model.ensemble, k, out[-1], carry)
                 heads.append(k)
             if computed[k] and model.active[k]:
-                specs.append(PieceSpec(first, k, tuple(heads), *entering, state=stateful and len(specs) > 0))
+                specs.append(PieceSpec(first, k, tuple(heads), *entering, state=stateful and len(specs) > 0,
+                                       util=eenet_on and len(specs) > 0))
                 entering, heads, first = (len(state), carry.prev is not None, carry.acc is not None), [], k + 1
     for spec, nxt in zip(specs, specs[1:]):
         spec.emits_state = nxt.state
@@ -93,6 +96,7 @@ class Piece(nn.Module):
         super().__init__()
         self.spec, self.policy, self.num_exits = spec, model.policy, model.num_exits
         self.by_class = model.class_thresholds is not None  # the threshold input is [C], looked up by class
+        self.scheduler = model.scheduler if model.policy == eenet.NAME else None
         self.stages = nn.ModuleList(model.stages.modules[spec.first:spec.last + 1])
         self.heads = nn.ModuleList(model.branches[k] for k in spec.heads)
         self.ensemble = model.ensemble
@@ -101,7 +105,7 @@ class Piece(nn.Module):
         s = self.spec
         state: tuple[Any, ...] = tuple(inputs[:s.n_state])
         it = iter(inputs[s.n_state:])
-        carry = Carry(next(it) if s.prev else None, next(it) if s.acc else None)
+        carry = Carry(next(it) if s.prev else None, next(it) if s.acc else None, next(it) if s.util else None)
         decided = (next(it), next(it)) if s.state else None
         branches = dict(zip(s.heads, self.heads))
         logits = conf = None
@@ -113,6 +117,10 @@ class Piece(nn.Module):
             if k in branches:
                 _, logits, conf, carry = exit_step(branches[k], self.ensemble, k, out[-1], carry)
         assert logits is not None and conf is not None and s.decides
+        if self.scheduler is not None:  # the float32 threshold compares exactly with the float64 score
+            score, util = self.scheduler.step(s.last, logits, carry.util)
+            carry = Carry(carry.prev, carry.acc, util)
+            return (*state, *carry.tensors(), logits.clone(), score >= next(it)[0].to(score.dtype))
         rule = policies.get(self.policy)
         score, decided = rule.decide(logits, conf, decided)
         threshold = next(it)
@@ -131,7 +139,7 @@ def _output_names(spec: PieceSpec, nxt: PieceSpec | None) -> list[str]:
 def _axes(model: EarlyExitModel, spec: PieceSpec) -> list[int | None]:
     """The batch axis of each input but the threshold (None: not batched, never compacted)."""
     flags = model.stages.batched[spec.first]
-    return [0 if b else None for b in flags] + [0] * spec.prev + [1] * spec.acc + [0, 0] * spec.state
+    return [0 if b else None for b in flags] + [0] * spec.prev + [1] * spec.acc + [0] * spec.util + [0, 0] * spec.state
 
 
 def _examples(model: EarlyExitModel, specs: list[PieceSpec], batch: int) -> list[tuple[torch.Tensor, ...]]:

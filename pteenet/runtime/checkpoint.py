@@ -9,6 +9,8 @@ Schema 2 added the branch kinds (pool, pool-mlp, conv-lite, cascade), the ensemb
 exits. Schema 3 records the training run's configs whole (``training.config``, ``training.data``, from
 ``pteenet.configs``; a resume compares them field by field) and drops the always-empty
 ``backbone.extra``. Schema 1 and 2 files load unchanged, and their unfinished runs still resume.
+A fitted EENet scheduler adds ``scheduler.*`` tensors and a ``scheduler`` entry (None without
+one); loaders that do not know them skip both, and files without them load as before.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from ..backbones.weights import load_state, module_sha256, tensors_sha256
 from ..errors import PteenetError, describe_error
 from ..exits.branches import BranchConfig
 from ..exits.chain import Ensemble
+from ..exits.eenet import Scheduler
 from ..tracing.cost import CostTable
 from ..version import __version__
 from .model import EarlyExitModel
@@ -51,6 +54,7 @@ def describe(model: EarlyExitModel) -> dict[str, Any]:
         "runtime": model.runtime,
         "branch": model.branch_config.to_dict(),
         "ensemble": model.ensemble is not None,
+        "scheduler": None if model.scheduler is None else model.scheduler.to_meta(),
         "active_exits": model.active,
         "cost": model.cost.to_dict() if model.cost else None,
         "policy": model.policy,
@@ -68,8 +72,9 @@ def save_checkpoint(path: str | Path, model: EarlyExitModel, state: dict[str, to
                            "this is a bug in pteenet: please report it")
     tensors: dict[str, torch.Tensor] = {}
     ens = model.ensemble.state_dict() if model.ensemble is not None else {}
+    sched = model.scheduler.state_dict() if model.scheduler is not None else {}
     for prefix, sd in (("backbone.", model.backbone.state_dict()), ("branches.", model.branches.state_dict()),
-                       ("ensemble.", ens), ("state.", state or {})):
+                       ("ensemble.", ens), ("scheduler.", sched), ("state.", state or {})):
         for k, v in sd.items():
             # clone(): safetensors refuses tensors that share storage (tied weights, views).
             tensors[prefix + k] = v.detach().to("cpu").contiguous().clone()
@@ -141,6 +146,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         ens = Ensemble(model.num_exits, info.num_classes)
         ens.load_state_dict({k[len("ensemble."):]: v for k, v in tensors.items() if k.startswith("ensemble.")})
         model.set_ensemble(ens)
+    if meta.get("scheduler"):
+        model.set_scheduler(Scheduler.from_meta(meta["scheduler"], {k[len("scheduler."):]: v for k, v in tensors.items()
+                                                                     if k.startswith("scheduler.")}))
     model.set_active(meta.get("active_exits"))
     model.set_thresholds(meta["thresholds"], meta["policy"], meta.get("class_thresholds"))  # older files: none
     known = set(describe(model))

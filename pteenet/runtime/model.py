@@ -7,6 +7,7 @@ computed (``forward_all``), with the backbone under ``no_grad`` once per batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -18,7 +19,7 @@ from ..backbones.specs import BackboneInfo
 from ..backbones.weights import module_sha256
 from ..configs import check_choice
 from ..errors import PteenetError
-from ..exits import lean, policies
+from ..exits import eenet, lean, policies
 from ..exits.branches import Branch, BranchConfig
 from ..exits.chain import Carry, Ensemble, computed_branches, exit_step
 from ..exits.policies import check_policy
@@ -71,6 +72,7 @@ class EarlyExitModel(nn.Module):
             Branch(self._tap_shapes[k], info.num_classes, branch, p.layout) for k, p in enumerate(self.exit_points)
         )
         self.ensemble: Ensemble | None = None
+        self.scheduler: eenet.Scheduler | None = None  # EENet's, for policy "eenet" (set_scheduler)
         self.policy = "confidence"
         self.thresholds = [0.5] * len(self.exit_points)
         # Per-class thresholds [E][C] (``sweep-threshold --per-class``), looked up by the exit's
@@ -146,6 +148,15 @@ class EarlyExitModel(nn.Module):
         dev = next(self.branches.parameters()).device if self.num_exits else torch.device("cpu")
         self.ensemble = None if ensemble is None else ensemble.to(dev).requires_grad_(False)
 
+    def set_scheduler(self, scheduler: eenet.Scheduler | None) -> None:
+        """EENet's fitted scheduler (``pteenet.sweep.eenet``), which policy "eenet" decides with;
+        None removes it. Registered as an attribute, not a submodule: ``state_dict`` stays as it was."""
+        if scheduler is not None and (max(scheduler.exits) >= self.num_exits
+                                      or scheduler.num_classes != self.info.num_classes):
+            raise PteenetError(f"the scheduler's exits {scheduler.exits} or {scheduler.num_classes} classes do not fit this model",
+                               "fit the scheduler on this model's exit cache")
+        object.__setattr__(self, "scheduler", scheduler)
+
     def set_active(self, active: Sequence[bool] | None) -> None:
         """Which exits take decisions (None: all of them)."""
         mask = [True] * self.num_exits if active is None else [bool(a) for a in active]
@@ -181,6 +192,9 @@ class EarlyExitModel(nn.Module):
         values = [float(thresholds)] * self.num_exits if isinstance(thresholds, numbers.Real) else [float(t) for t in thresholds]
         if len(values) != self.num_exits:
             raise PteenetError(f"{len(values)} thresholds given for {self.num_exits} exits", "give one, or one per exit")
+        if policy == eenet.NAME and self.scheduler is None:
+            raise PteenetError("policy eenet needs a fitted scheduler, and this model has none",
+                               "fit one with pteenet sweep-threshold --policy eenet --write, or choose another policy")
         return values, policy
 
     # -- running ---------------------------------------------------------------------------------
@@ -274,7 +288,8 @@ class EarlyExitModel(nn.Module):
         state: tuple[Any, ...] = (x,)
         carry = Carry()
         idx, stages = self.run_plan()
-        rule, context = policies.get(policy), lean.context()
+        sched = self.scheduler if policy == eenet.NAME else None
+        rule, context, util = policies.get(policy) if sched is None else None, lean.context(), []
         decided: Any = None  # a stateful policy's state (patience: last class, run length)
         for k, stage in zip(idx, stages.modules[:-1]):
             out = stage(*state)
@@ -283,11 +298,13 @@ class EarlyExitModel(nn.Module):
             if not self.active[k]:
                 continue
             t = thresholds[k] if table is None else table[k][int(logits.argmax(1))]
-            if rule.stateful:
-                s, decided = rule.decide(logits, conf, decided)
-                leave = bool(rule.passes(s, t))
+            if sched is not None:
+                leave = k in sched.slot and eenet.leaves_one(sched, k, logits, util, t)
+            elif rule.stateful:  # type: ignore[union-attr]
+                s, decided = rule.decide(logits, conf, decided)  # type: ignore[union-attr]
+                leave = bool(rule.passes(s, t))  # type: ignore[union-attr]
             else:
-                leave = rule.leaves_one(logits, conf, t)  # no tensor ops, mostly
+                leave = rule.leaves_one(logits, conf, t)  # type: ignore[union-attr]  # no tensor ops, mostly
             if leave:
                 return Prediction(logits, logits.argmax(1), torch.tensor([k], device=x.device))
         logits = stages.modules[-1](*state)
@@ -303,7 +320,8 @@ class EarlyExitModel(nn.Module):
         state: tuple[Any, ...] = (x,)
         carry = Carry()
         idx, stages = self.run_plan()
-        rule = policies.get(policy)
+        sched = self.scheduler if policy == eenet.NAME else None
+        rule = policies.get(policy) if sched is None else None
         decided: Any = None  # a stateful policy's state, one row per row in flight
         # float32, as the scores and the exit cache's comparison
         by_class = None if table is None else torch.tensor(table, dtype=torch.float32, device=x.device)
@@ -311,10 +329,15 @@ class EarlyExitModel(nn.Module):
             out = stage(*state)
             state = out[:-1]
             _, logits, conf, carry = exit_step(self.branches[k], self.ensemble, k, out[-1], carry)
-            if not self.active[k]:
+            if not self.active[k] or (sched is not None and k not in sched.slot):
                 continue
-            s, decided = rule.decide(logits, conf, decided)
-            leave = rule.passes(s, thresholds[k] if by_class is None else by_class[k][logits.argmax(1)]) & pending
+            if sched is not None:
+                s, util = sched.step(k, logits, carry.util)
+                carry = dataclasses.replace(carry, util=util)
+                leave = (s >= thresholds[k]) & pending
+            else:
+                s, decided = rule.decide(logits, conf, decided)  # type: ignore[union-attr]
+                leave = rule.passes(s, thresholds[k] if by_class is None else by_class[k][logits.argmax(1)]) & pending  # type: ignore[union-attr]
             if not bool(leave.any()):
                 continue
             out_logits[rows[leave]] = logits[leave].to(out_logits.dtype)

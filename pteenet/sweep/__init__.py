@@ -10,6 +10,8 @@ evaluated from it, the choice, and the outputs.
 - ``selection``: exit selection (which exits decide at all), priced as the runtime runs it.
 - ``guarantee`` (with ``bounds``): the ``--max-drop`` choice certified for new data (Learn-then-Test).
 - ``outputs``: the JSON document, sweep.csv and the plots.
+- ``eenet``: policy eenet, EENet's learned scheduler: ``fit`` (at a budget) or ``certify_eenet`` (at a
+  drop) on a cache with logits, ``evaluate`` / ``exit_indices`` of the fitted ``Setting`` on another.
 
 The policies themselves live in ``pteenet.exits.policies``.
 """

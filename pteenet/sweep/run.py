@@ -31,12 +31,14 @@ from ..errors import PteenetError
 from ..evaluation.cache import ExitCache, ExitCacheBuilder, gather_exit_cache
 from ..evaluation.engine import Point, pareto, parse_range, search_per_exit, sweep_global
 from ..exits import policies as pol
+from ..exits.eenet import NAME as EENET
 from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
 from ..runtime.model import EarlyExitModel
 from ..runtime.ort_quant import DEFAULT_QUANT_IMAGES
-from .choice import choose_checked, tail_meter, tail_notes
+from . import eenet
+from .choice import Choice, choose_checked, tail_meter, tail_notes
 from .guarantee import CONFIDENCE, check_confidence
 from .outputs import build_document, write_sweep_outputs
 from .per_class import check_per_class, fallback_warning
@@ -53,7 +55,7 @@ PER_EXIT_BUDGETS = 8  # budgets per policy for the per-exit search, spread along
 class SweepConfig(Config):
     outdir: str | None = None  # sweep.json, sweep.csv, curve.png, exits.png; None writes nothing
     split: str = "calibration"  # calibration: tune there (and report the choice on test) | test; "val" is read as calibration
-    policy: str = "all"  # one of policies.POLICIES, or all of them side by side
+    policy: str = "all"  # one of policies.POLICIES, all of them side by side, or eenet (sweep/eenet.py)
     thresholds: str = "0:1:0.01"  # START:STOP:STEP (parse_range); patience sweeps its run lengths 1..E+1
     patience: int | None = None  # the patience policy at this one run length (PABEE), not swept
     per_exit: bool = False
@@ -80,6 +82,7 @@ class SweepConfig(Config):
         self.split = split_name(self.split)
         check_choice("split", self.split, SPLITS[1:])  # never the training split
         check_policy(self.policy, also=("all",))
+        eenet.check_options(self.policy, self.per_exit, self.select_exits)
         parse_range(self.thresholds)
         check_per_class(self.per_class, self.max_drop, self.confidence, self.policy)
         self.policy = pol.with_patience(self.patience, self.policy)  # --patience T: the patience policy
@@ -105,7 +108,7 @@ class SweepConfig(Config):
 
     @property
     def policies(self) -> list[str]:
-        """The policies to sweep."""
+        """The policies to sweep (eenet alone: ``sweep_eenet``)."""
         return list(pol.POLICIES) if self.policy == "all" else [self.policy]
 
 
@@ -118,8 +121,9 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, Any]:
 
 def build_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256,
                 device: str | torch.device = "cpu", workers: int = 0, sink: Sink = SILENT,
-                description: str = "exits") -> ExitCache:
+                description: str = "exits", logits: bool = False) -> ExitCache:
     """Run every exit on every sample of ``dataset`` once (``forward_all``) and cache the results.
+    With ``logits`` the cache keeps each exit's logits too (policy eenet fits on them).
 
     Items are ``(image, label)`` or a bare image (then the cache has no labels and the sweep scores
     agreement with the backbone). ``model`` must already be on ``device``.
@@ -128,14 +132,14 @@ def build_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256,
         raise PteenetError(f"the {description} split is empty", "check the data and its split")
     if model.cost is None:
         raise PteenetError("the checkpoint has no cost table", "attach the branches with `pteenet attach`")
-    return _run_exits(model, dataset, batch_size, device, workers, sink, description).build_for(model)
+    return _run_exits(model, dataset, batch_size, device, workers, sink, description, logits).build_for(model)
 
 
 def _run_exits(model: EarlyExitModel, dataset: Dataset, batch_size: int, device: str | torch.device, workers: int,
-               sink: Sink, description: str) -> ExitCacheBuilder:
+               sink: Sink, description: str, logits: bool = False) -> ExitCacheBuilder:
     model.eval()
     loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
-    builder, device = ExitCacheBuilder(), torch.device(device)
+    builder, device = ExitCacheBuilder(logits), torch.device(device)
     with sink.task(f"{description} ({len(dataset)} images)", len(loader)) as task, torch.no_grad():  # type: ignore[arg-type]
         for batch in loader:
             x, y = _unpack(batch)
@@ -252,9 +256,12 @@ def _test_cache(model: EarlyExitModel, test: Dataset, chosen: Point | None, acti
 def _document(cache: ExitCache, points: list[Point], chosen: Point | None, test_cache: ExitCache | None,
               active: list[bool] | None, cfg: SweepConfig, *, source: str | None, split_info: dict[str, Any],
               policies: list[str], grid: np.ndarray, budgets: dict[str, list[float]], choosing: bool,
-              notes: list[str], warnings: list[str], skipped: list[Any], guarantee: dict[str, Any] | None = None) -> dict[str, Any]:
+              notes: list[str], warnings: list[str], skipped: list[Any], guarantee: dict[str, Any] | None = None,
+              fitted: eenet.Choice | None = None) -> dict[str, Any]:
     """The sweep's document (sweep.json): the curve, the choice and how they were made."""
-    doc = build_document(cache, points, chosen, test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
+    doc = build_document(cache, points, chosen, None if fitted else test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
+    if fitted is not None and fitted.setting is not None and test_cache is not None and doc["chosen"] is not None:
+        doc["chosen"]["test"] = eenet.test_report(test_cache, fitted.setting)  # its score is not in the cache
     if doc["chosen"] is not None:
         doc["chosen"]["active_exits"] = active
     doc.update({
@@ -272,7 +279,7 @@ def _document(cache: ExitCache, points: list[Point], chosen: Point | None, test_
 
 
 def _apply_choice(model: EarlyExitModel, doc: dict[str, Any], chosen: Point | None, active: list[bool] | None,
-                  cfg: SweepConfig, choosing: bool) -> None:
+                  cfg: SweepConfig, choosing: bool, fitted: eenet.Choice | None = None) -> None:
     """Set the chosen point on the model (thresholds, policy, active exits, ``meta["sweep"]``);
     refuse where a criterion was given and no swept setting meets it."""
     g = doc.get("guarantee")
@@ -285,9 +292,25 @@ def _apply_choice(model: EarlyExitModel, doc: dict[str, Any], chosen: Point | No
                            + (f" (the curve is in {cfg.outdir})" if cfg.outdir else ""),
                            "raise --max-drop, widen --thresholds or add --per-exit")
     if chosen is not None and chosen.policy:
+        if fitted is not None and fitted.setting is not None:
+            model.set_scheduler(fitted.setting.scheduler)  # before policy eenet's thresholds
         model.set_thresholds(chosen.thresholds or [], chosen.policy, chosen.class_thresholds)
         model.set_active(active)
         model.meta["sweep"] = sweep_meta(doc)
+
+
+def _pick(cache: ExitCache, model: EarlyExitModel, cfg: SweepConfig, grid: np.ndarray, pricing: Pricing, cost_model: dict[str, Any],
+          device: torch.device, group: Group) -> tuple[list[Point], dict[str, list[float]], Choice, dict[str, Any] | None,
+                                                      eenet.Choice | None]:
+    """(points, per-exit budgets, the choice, the tail check, EENet's fit): policy eenet fits its
+    scheduler (``sweep/eenet.py``); the others are swept on the grid and chosen (``choice.py``)."""
+    if cfg.policy == EENET:
+        f = eenet.sweep_eenet(cache, budget=cfg.budget, max_drop=cfg.max_drop, confidence=cfg.confidence)
+        return f.points, {}, (f.chosen, None, f.guarantee), None, f
+    points, budgets = sweep_points(cache, cfg.policies, grid, cfg.per_exit, cfg.budget)
+    choice, tail = choose_checked(cache, points, model, cfg.policies, grid, cfg, pricing,
+                                  tail_meter(model, cfg, cost_model, device, group))
+    return points, budgets, choice, tail, None
 
 
 def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: SweepConfig, sink: Sink,
@@ -320,12 +343,14 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
 def _sweep_on(model: EarlyExitModel, cfg: SweepConfig, sink: Sink, source: str | None, splits: Any, group: Group, device: torch.device,
               int8: Any, choosing: bool, notes: list[str], warnings: list[str], warn: Callable[..., None], policies: list[str], grid: np.ndarray) -> dict[str, Any]:
     """The split(s) run once (by the INT8 programs with ``int8``), the sweep, the choice, the outputs."""
+    learned = cfg.policy == EENET  # its scheduler is fitted on each exit's logits
+
     def run(dataset: Dataset, name: str) -> ExitCache:
         if int8 is not None:
             return int8[0].cache(dataset, cfg.batch_size, cfg.workers, sink, name)
-        if group.active:
+        if group.active and not learned:  # eenet: each rank runs the whole split (logits are not gathered)
             return _sharded_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name, group)
-        return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name)
+        return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name, logits=learned)
 
     skipped_before = SKIPPED.mark()
     cache = run(getattr(splits, cfg.split), cfg.split)
@@ -335,9 +360,7 @@ def _sweep_on(model: EarlyExitModel, cfg: SweepConfig, sink: Sink, source: str |
     cache = restrict(cache, [True] * cache.num_exits, pricing, model.chained)  # the costs in the chosen unit
     if cache.labels is None:
         sink.note(NO_LABELS)
-    points, budgets = sweep_points(cache, policies, grid, cfg.per_exit, cfg.budget)
-    meter = tail_meter(model, cfg, cost_model, device, group)
-    (chosen, active, guarantee), tail = choose_checked(cache, points, model, policies, grid, cfg, pricing, meter)
+    points, budgets, (chosen, active, guarantee), tail, fitted = _pick(cache, model, cfg, grid, pricing, cost_model, device, group)
     if tail is not None and tail["attempts"]:
         tail_notes(tail, sink, warn)
     if fallback := fallback_warning(guarantee):
@@ -352,7 +375,7 @@ def _sweep_on(model: EarlyExitModel, cfg: SweepConfig, sink: Sink, source: str |
     test_cache = _test_cache(model, splits.test, chosen, active, cfg, run, pricing)
     doc = _document(cache, points, chosen, test_cache, active, cfg, source=source, split_info=splits.split_info,
                     policies=policies, grid=grid, budgets=budgets, choosing=choosing, notes=notes,
-                    warnings=warnings, skipped=SKIPPED.since(skipped_before), guarantee=guarantee)
+                    warnings=warnings, skipped=SKIPPED.since(skipped_before), guarantee=guarantee, fitted=fitted)
     for point in filter(None, (doc["chosen"], (doc["chosen"] or {}).get("test"))):  # both units, calibration and test
         point.update(both_costs(point["exit_fractions"], model, pricing, active))
     doc["cost_model"] = {**cost_model, "max_tail": cfg.max_tail if cfg.select_exits else None, "tail_check": tail}
@@ -361,7 +384,7 @@ def _sweep_on(model: EarlyExitModel, cfg: SweepConfig, sink: Sink, source: str |
         skipped = write_sweep_outputs(cfg.outdir, doc, plots=cfg.plots)
         if skipped:
             warn(skipped, record=False)  # sweep.json is already written: keep the document equal to it
-    _apply_choice(model, doc, chosen, active, cfg, choosing)
+    _apply_choice(model, doc, chosen, active, cfg, choosing, fitted)
     return doc
 
 

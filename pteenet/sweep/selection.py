@@ -36,7 +36,7 @@ def restrict(cache: ExitCache, active: Sequence[bool], cost: CostTable | TimePro
     scores = {p: np.where(mask[:, None], s, np.nan).astype(np.float32) for p, s in cache.scores.items()}
     scores.update(pol.chain_scores(cache.preds[:-1], mask))  # a stateful score counts only the exits that decide
     return ExitCache(cache.preds, scores, cache.labels, np.asarray(cost.costs(computed_branches(mask, chained))),
-                     cache.costs_paper, cache.reference)
+                     cache.costs_paper, reference=cache.reference, logits=cache.logits)
 
 
 @dataclass
