@@ -93,7 +93,7 @@ def output_names(model: EarlyExitModel, static: bool) -> list[str]:
 def exported_program(model: EarlyExitModel, static: bool) -> torch.export.ExportedProgram:
     c, h, w = model.info.preprocess.input_size
     device = next(model.parameters()).device
-    if not static and (policies.get(model.policy).stateful or model.class_thresholds is not None):
+    if not static and (model.policy == eenet.NAME or policies.get(model.policy).stateful or model.class_thresholds is not None):
         what = (f"the {model.policy} policy carries a state from exit to exit" if model.class_thresholds is None
                 else "per-class thresholds are looked up by the predicted class")
         raise PteenetError(f"{what}, which the nested torch.cond program does not do",
@@ -102,13 +102,8 @@ def exported_program(model: EarlyExitModel, static: bool) -> torch.export.Export
         if static:
             x = torch.zeros(2, c, h, w, device=device)
             return torch.export.export(StaticProgram(model).eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-        if model.policy == eenet.NAME:
-            raise PteenetError("policy eenet runs in the staged programs, not in one nested-cond program",
-                               "export --format staged-onnx or staged-torch-export (or static-onnx, or safetensors)")
         thresholds = torch.tensor(model.thresholds, dtype=torch.float32, device=device)
         return torch.export.export(CondProgram(model, model.policy).eval(), (torch.zeros(1, c, h, w, device=device), thresholds))
-    except PteenetError:
-        raise
     except Exception as e:
         raise PteenetError(f"torch.export cannot export this model {'statically' if static else 'with torch.cond'}: "
                            f"{describe_error(e)}",

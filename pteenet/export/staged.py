@@ -60,7 +60,7 @@ def plan(model: EarlyExitModel) -> list[PieceSpec]:
     that do not decide still feed later ones), then the rest of the backbone. The carry layout and
     state sizes come from one eager pass on two images."""
     computed = model.computed_branches()
-    stateful = policies.get(model.policy).stateful
+    stateful = model.policy in policies.POLICIES and policies.get(model.policy).stateful  # eenet: its own carry
     c, h, w = model.info.preprocess.input_size
     specs: list[PieceSpec] = []
     with torch.no_grad():

@@ -207,7 +207,9 @@ def profile(model: EarlyExitModel, x: torch.Tensor, repeats: int = 5, warmup: in
     the rows), for the batch ``x``: medians over ``repeats`` rounds, taken in turns."""
     stages = model.stages.modules
     computed = model.computed_branches()
-    rule, threshold = policies.get(model.policy), model.thresholds[0] if model.thresholds else 0.5
+    # policy eenet's decision is timed as max-softmax's: the same softmax, then a few dot products
+    rule = policies.get(model.policy if model.policy in policies.POLICIES else "max-softmax")
+    threshold = model.thresholds[0] if model.thresholds else 0.5
     segments: dict[tuple[str, int], list[float]] = {("stage", k): [] for k in range(len(stages))}
     segments.update({("head", k): [] for k, c in enumerate(computed) if c})
     calls: dict[Any, Callable[[], Any]] = {("backbone", 0): lambda: model.backbone(x),
