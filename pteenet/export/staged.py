@@ -73,7 +73,8 @@ def plan(model: EarlyExitModel) -> list[PieceSpec]:
                 raise PteenetError("a backbone stage passes a non-tensor value on: staged programs carry tensors only",
                                    "export --format static-onnx or safetensors")
             if k == model.num_exits:
-                specs.append(PieceSpec(first, k, tuple(heads), *entering))  # the end reads no decision state
+                # the end reads no decision state; it takes EENet's utilities, which the piece before passes on
+                specs.append(PieceSpec(first, k, tuple(heads), *entering, util=eenet_on and len(specs) > 0))
                 break
             out = stage(*state)
             state = tuple(out[:-1])

@@ -221,10 +221,14 @@ def evaluate(cache: ExitCache, setting: Setting, util: np.ndarray | None = None)
     return point_from_exits(cache, exit_indices(cache, setting, util), list(setting.thresholds), NAME, "per-exit")
 
 
-def test_report(cache: ExitCache, setting: Setting) -> dict:
-    """The setting on the test split, as the sweep document's ``chosen["test"]`` holds it."""
+def add_test_report(doc: dict, cache: ExitCache | None, setting: Setting | None) -> None:
+    """The setting on the test split ``cache`` into the sweep document's ``chosen["test"]`` (where
+    there is a chosen setting and a test split)."""
+    if cache is None or setting is None or doc.get("chosen") is None:
+        return
     bb = backbone_point(cache)
-    return {**evaluate(cache, setting).to_dict(), "backbone": {"accuracy": bb.accuracy, "agreement": bb.agreement, "cost": bb.cost}}
+    doc["chosen"]["test"] = {**evaluate(cache, setting).to_dict(),
+                             "backbone": {"accuracy": bb.accuracy, "agreement": bb.agreement, "cost": bb.cost}}
 
 
 def _setting(cache: ExitCache, sched: Scheduler, per_exit: list[float], budget: float) -> Setting:

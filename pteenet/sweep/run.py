@@ -31,7 +31,6 @@ from ..errors import PteenetError
 from ..evaluation.cache import ExitCache, ExitCacheBuilder, gather_exit_cache
 from ..evaluation.engine import Point, pareto, parse_range, search_per_exit, sweep_global
 from ..exits import policies as pol
-from ..exits.eenet import NAME as EENET
 from ..exits.policies import check_policy
 from ..progress import SILENT, Sink
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint
@@ -260,8 +259,7 @@ def _document(cache: ExitCache, points: list[Point], chosen: Point | None, test_
               fitted: eenet.Choice | None = None) -> dict[str, Any]:
     """The sweep's document (sweep.json): the curve, the choice and how they were made."""
     doc = build_document(cache, points, chosen, None if fitted else test_cache, budget=cfg.budget, max_drop=cfg.max_drop)
-    if fitted is not None and fitted.setting is not None and test_cache is not None and doc["chosen"] is not None:
-        doc["chosen"]["test"] = eenet.test_report(test_cache, fitted.setting)  # its score is not in the cache
+    eenet.add_test_report(doc, test_cache, None if fitted is None else fitted.setting)  # its score is not in the cache
     if doc["chosen"] is not None:
         doc["chosen"]["active_exits"] = active
     doc.update({
@@ -300,11 +298,9 @@ def _apply_choice(model: EarlyExitModel, doc: dict[str, Any], chosen: Point | No
 
 
 def _pick(cache: ExitCache, model: EarlyExitModel, cfg: SweepConfig, grid: np.ndarray, pricing: Pricing, cost_model: dict[str, Any],
-          device: torch.device, group: Group) -> tuple[list[Point], dict[str, list[float]], Choice, dict[str, Any] | None,
-                                                      eenet.Choice | None]:
-    """(points, per-exit budgets, the choice, the tail check, EENet's fit): policy eenet fits its
-    scheduler (``sweep/eenet.py``); the others are swept on the grid and chosen (``choice.py``)."""
-    if cfg.policy == EENET:
+          device: torch.device, group: Group) -> tuple[list[Point], dict[str, list[float]], Choice, Any, eenet.Choice | None]:
+    """(points, per-exit budgets, the choice, the tail check, EENet's fit: ``sweep/eenet.py``)."""
+    if cfg.policy == eenet.NAME:
         f = eenet.sweep_eenet(cache, budget=cfg.budget, max_drop=cfg.max_drop, confidence=cfg.confidence)
         return f.points, {}, (f.chosen, None, f.guarantee), None, f
     points, budgets = sweep_points(cache, cfg.policies, grid, cfg.per_exit, cfg.budget)
@@ -343,14 +339,12 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
 def _sweep_on(model: EarlyExitModel, cfg: SweepConfig, sink: Sink, source: str | None, splits: Any, group: Group, device: torch.device,
               int8: Any, choosing: bool, notes: list[str], warnings: list[str], warn: Callable[..., None], policies: list[str], grid: np.ndarray) -> dict[str, Any]:
     """The split(s) run once (by the INT8 programs with ``int8``), the sweep, the choice, the outputs."""
-    learned = cfg.policy == EENET  # its scheduler is fitted on each exit's logits
-
     def run(dataset: Dataset, name: str) -> ExitCache:
         if int8 is not None:
             return int8[0].cache(dataset, cfg.batch_size, cfg.workers, sink, name)
-        if group.active and not learned:  # eenet: each rank runs the whole split (logits are not gathered)
+        if group.active and cfg.policy != eenet.NAME:  # eenet: each rank runs the whole split, with logits
             return _sharded_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name, group)
-        return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name, logits=learned)
+        return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name, logits=cfg.policy == eenet.NAME)
 
     skipped_before = SKIPPED.mark()
     cache = run(getattr(splits, cfg.split), cfg.split)
