@@ -21,7 +21,8 @@ from ..evaluation import *  # noqa: F403  (the cache and the engine, re-exported
 from ..evaluation import __all__ as _evaluation
 from .guarantee import CONFIDENCE, Certified, Guarantee, certify, recertify
 from .outputs import PLOTS_WARNING, build_document, cost_axis_label, curve_figure, short_thresholds, write_sweep_outputs
-from .run import SweepConfig, build_cache, sweep_meta, sweep_model, sweep_points, sweep_threshold
+from .passes import build_cache
+from .run import SweepConfig, sweep_meta, sweep_model, sweep_points, sweep_threshold
 from .selection import Selection, restrict, select_exits
 
 __all__ = [*_evaluation, "CONFIDENCE", "Certified", "Guarantee", "certify", "recertify", "PLOTS_WARNING", "SweepConfig",

@@ -2,7 +2,7 @@
 file (``pteenet sweep-threshold``: load, ``sweep_model``'s work, write ``--write``). One pass over a
 split, then the sweep, the choice and the outputs.
 
-The model runs once per split (``build_cache``); every threshold, policy and per-exit search after
+The model runs once per split (``build_cache``, ``passes.py``); every threshold, policy and per-exit search after
 that is numpy over the cache (``engine.py``). Thresholds are tuned on the calibration split that
 training used, rebuilt from the checkpoint's own record (``model.meta["data"]``): the part of the
 training data it held out, or other data (``DataRequest.calibration`` overrides either; see
@@ -20,15 +20,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from .. import distributed
 from ..configs import Config, check_choice, check_criterion, check_device, check_int, check_parent_folder
-from ..data import NO_LABELS, SKIPPED, SPLITS, DataConfig, DataRequest, make_loader, resolve_data, split_name
+from ..data import NO_LABELS, SKIPPED, SPLITS, DataConfig, DataRequest, resolve_data, split_name
 from ..devices import resolve_device
 from ..distributed import Group
 from ..errors import PteenetError
-from ..evaluation.cache import ExitCache, ExitCacheBuilder, gather_exit_cache
+from ..evaluation.cache import ExitCache
 from ..evaluation.engine import Point, pareto, parse_range, search_per_exit, sweep_global
 from ..exits import policies as pol
 from ..exits.policies import check_policy
@@ -40,6 +40,7 @@ from . import eenet
 from .choice import Choice, choose_checked, tail_meter, tail_notes
 from .guarantee import CONFIDENCE, check_confidence
 from .outputs import build_document, write_sweep_outputs
+from .passes import build_cache, sharded_cache
 from .per_class import check_per_class, fallback_warning
 from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
 from .pricing import DEPLOY_RUNTIMES, Pricing, both_costs, pricing_for
@@ -109,57 +110,6 @@ class SweepConfig(Config):
     def policies(self) -> list[str]:
         """The policies to sweep (eenet alone: ``sweep_eenet``)."""
         return list(pol.POLICIES) if self.policy == "all" else [self.policy]
-
-
-def _unpack(batch: Any) -> tuple[torch.Tensor, Any]:
-    """(images, labels) from a batch of ``(image, label)`` items, or (images, None) from bare images."""
-    if isinstance(batch, (list, tuple)):
-        return batch[0], batch[1] if len(batch) > 1 else None
-    return batch, None
-
-
-def build_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256,
-                device: str | torch.device = "cpu", workers: int = 0, sink: Sink = SILENT,
-                description: str = "exits", logits: bool = False) -> ExitCache:
-    """Run every exit on every sample of ``dataset`` once (``forward_all``) and cache the results.
-    With ``logits`` the cache keeps each exit's logits too (policy eenet fits on them).
-
-    Items are ``(image, label)`` or a bare image (then the cache has no labels and the sweep scores
-    agreement with the backbone). ``model`` must already be on ``device``.
-    """
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        raise PteenetError(f"the {description} split is empty", "check the data and its split")
-    if model.cost is None:
-        raise PteenetError("the checkpoint has no cost table", "attach the branches with `pteenet attach`")
-    return _run_exits(model, dataset, batch_size, device, workers, sink, description, logits).build_for(model)
-
-
-def _run_exits(model: EarlyExitModel, dataset: Dataset, batch_size: int, device: str | torch.device, workers: int,
-               sink: Sink, description: str, logits: bool = False) -> ExitCacheBuilder:
-    model.eval()
-    loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
-    builder, device = ExitCacheBuilder(logits), torch.device(device)
-    with sink.task(f"{description} ({len(dataset)} images)", len(loader)) as task, torch.no_grad():  # type: ignore[arg-type]
-        for batch in loader:
-            x, y = _unpack(batch)
-            out = model.forward_all(x.to(device, non_blocking=True))
-            builder.add_outputs(out, None if y is None else torch.as_tensor(y))
-            task.advance()
-    return builder
-
-
-def _sharded_cache(model: EarlyExitModel, dataset: Dataset, batch_size: int, device: torch.device, workers: int,
-                   sink: Sink, description: str, group: Group) -> ExitCache:
-    """Under several processes: each rank runs its shard of ``dataset``; every rank gets the
-    whole split's cache (it is small), so all of them take the same decisions after it."""
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        raise PteenetError(f"the {description} split is empty", "check the data and its split")
-    rows = distributed.eval_rows(len(dataset), batch_size, group)  # type: ignore[arg-type]
-    builder = _run_exits(model, Subset(dataset, rows), batch_size, device, workers, sink,
-                         f"{description}, rank {group.rank}'s shard")
-    cache = gather_exit_cache(builder, rows, model, group, to_main_only=False)
-    assert cache is not None
-    return cache
 
 
 def _per_exit_budgets(glob: list[Point], budget: float | None) -> list[float]:
@@ -343,7 +293,7 @@ def _sweep_on(model: EarlyExitModel, cfg: SweepConfig, sink: Sink, source: str |
         if int8 is not None:
             return int8[0].cache(dataset, cfg.batch_size, cfg.workers, sink, name)
         if group.active and cfg.policy != eenet.NAME:  # eenet: each rank runs the whole split, with logits
-            return _sharded_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name, group)
+            return sharded_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name, group)
         return build_cache(model, dataset, cfg.batch_size, device, cfg.workers, sink, name, logits=cfg.policy == eenet.NAME)
 
     skipped_before = SKIPPED.mark()
