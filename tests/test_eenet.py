@@ -211,6 +211,8 @@ def test_cli_fits_writes_and_reports(checkpoint: Path, tmp_path: Path, monkeypat
 @pytest.mark.parametrize(("args", "needle"), [
     (["--max-drop", "1"], f"at least {ee.min_calibration()} calibration images"),
     (["--budget", "0.8", "--per-exit"], "drop --per-exit"),
+    (["--max-drop", "0.1", "--per-class"], "--per-class thresholds a score, and eenet is not one"),
+    (["--budget", "0.8", "--quantize", "int8"], "not the INT8 programs'"),
 ])
 def test_cli_bad_inputs(checkpoint: Path, tmp_path: Path, args: list[str], needle: str) -> None:
     from helpers import error_line, run_cli
@@ -218,3 +220,12 @@ def test_cli_bad_inputs(checkpoint: Path, tmp_path: Path, args: list[str], needl
     code, stdout, stderr = run_cli("sweep-threshold", checkpoint, "-o", tmp_path / "o", "--policy", "eenet",
                                    "--cost", "macs", *args)
     assert code == 1 and stdout == "" and needle in error_line(stderr)
+
+
+def test_survivor_training_refuses_a_model_that_exits_by_eenet() -> None:
+    from pteenet.training.config import TrainConfig, check_survivors
+
+    with pytest.raises(PteenetError, match="eenet's learned scheduler") as e:
+        check_survivors(TrainConfig(survivors=True), {"sweep": {"chosen": {"policy": "eenet"}}}, "m.safetensors")
+    assert "drop --survivors" in e.value.hint
+    check_survivors(TrainConfig(survivors=True), {"sweep": {"chosen": {"policy": "max-softmax"}}}, "m.safetensors")

@@ -49,11 +49,14 @@ class Setting:
     budget: float | None = None  # the budget the thresholds were fitted for
 
 
-def check_options(policy: str, per_exit: bool, select_exits: bool) -> None:
+def check_options(policy: str, per_exit: bool, select_exits: bool, quantize: str | None = None) -> None:
     """The sweep options that do not apply to policy eenet."""
     if policy == NAME and (per_exit or select_exits):
         raise PteenetError("--policy eenet sets its own threshold per exit and decides at every exit",
                            "drop --per-exit and --select-exits")
+    if policy == NAME and quantize:  # the INT8 programs' caches keep no logits to fit the scheduler on
+        raise PteenetError("--policy eenet is fitted on the FP32 model's exit logits, not the INT8 programs'",
+                           "drop --quantize, or pass another --policy")
 
 
 def min_calibration(share: float = STRUCTURE_SHARE) -> int:

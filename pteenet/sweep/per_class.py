@@ -28,6 +28,7 @@ from ..errors import PteenetError
 from ..evaluation.cache import ExitCache
 from ..evaluation.engine import Point, point_from_exits
 from ..exits import policies as pol
+from ..exits.eenet import NAME as EENET
 from ..tracing.cost import CostTable
 from .guarantee import (
     SPLIT_SEED,
@@ -213,7 +214,7 @@ def check_per_class(per_class: bool, max_drop: float | None, confidence: float, 
     if max_drop is None or not confidence:
         raise PteenetError("--per-class needs --max-drop P with a guarantee: its thresholds are a family certified "
                            "from conservative to aggressive", "pass --max-drop P (and no --no-guarantee)")
-    if policy in pol.STATEFUL:
+    if policy in pol.STATEFUL or policy == EENET:  # eenet: its scheduler's score is fitted, one threshold per exit
         raise PteenetError(f"--per-class thresholds a score, and {policy} is not one",
                            f"pass --policy {' or '.join(pol.SCORED)}, or all")
 

@@ -82,7 +82,7 @@ class SweepConfig(Config):
         self.split = split_name(self.split)
         check_choice("split", self.split, SPLITS[1:])  # never the training split
         check_policy(self.policy, also=("all",))
-        eenet.check_options(self.policy, self.per_exit, self.select_exits)
+        eenet.check_options(self.policy, self.per_exit, self.select_exits, self.quantize)
         parse_range(self.thresholds)
         check_per_class(self.per_class, self.max_drop, self.confidence, self.policy)
         self.policy = pol.with_patience(self.patience, self.policy)  # --patience T: the patience policy

@@ -22,6 +22,7 @@ from ..configs import (
 )
 from ..data import DataConfig
 from ..errors import PteenetError
+from ..exits.eenet import NAME as EENET
 from ..runtime.checkpoint import read_metadata
 from .loss import LossConfig
 
@@ -86,6 +87,10 @@ def check_survivors(cfg: TrainConfig, meta: dict[str, Any], source: str | None) 
         raise PteenetError(f"--survivors trains each head on the samples that reach it under the chosen exit rule, and "
                            f"{source or 'the model'} has none",
                            "choose it first: pteenet sweep-threshold CKPT --max-drop P --write CKPT, then train-branches CKPT --survivors")
+    if cfg.survivors and meta["sweep"]["chosen"]["policy"] == EENET:  # model.reaching runs the registered policies
+        raise PteenetError(f"--survivors trains each head on the samples that reach it under a threshold rule, and "
+                           f"{source or 'the model'} exits by eenet's learned scheduler",
+                           "choose another --policy with sweep-threshold --write, or drop --survivors")
 
 
 class Interrupted(PteenetError):
