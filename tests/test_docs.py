@@ -101,7 +101,7 @@ def test_process_language_is_recognised() -> None:
               "## What changed", "in the earlier run", "unlike this run"]
     assert [s for s in caught if not process_language(s)] == []
     fine = ["samples that stop computing", "a diverging run stops", "stop at the first p-value",
-            "`benchmarks/results/archive/cifar10_time_summary-stop25.json`", "Ctrl-C stops the run", "no exit"]
+            "`benchmarks/results/archive/cifar10_time-other-machine.json`", "Ctrl-C stops the run", "no exit"]
     assert [s for s in fine if process_language(s)] == []
 
 
