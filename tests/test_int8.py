@@ -141,3 +141,22 @@ def test_bench_times_four_programs_in_turn_with_accuracy(ckpt: Path) -> None:
 def test_bench_cli_int8_needs_onnxruntime_runtime(ckpt: Path) -> None:
     code, _, stderr = run_cli("bench", ckpt, "--quantize", "int8", "--limit", 4)
     assert code == 1 and "add --runtime onnxruntime" in error_line(stderr)
+
+
+def test_export_with_data_counts_the_staged_onnx_decisions_that_differ_from_eager(ckpt: Path, tmp_path: Path) -> None:
+    from pteenet.data import DataRequest
+    from pteenet.export.quantize import test_images, test_split
+
+    code, _, stderr = run_cli("export", ckpt, "-o", tmp_path / "o", "--format", "staged-onnx", "--data", "synthetic",
+                              "--threshold", 0.6, "--json")
+    assert code == 0, stderr
+    got = json.loads((tmp_path / "o" / "report.json").read_text())["onnx_decisions"]
+    model = pteenet.load(str(ckpt))
+    model.set_thresholds(0.6)
+    images, _ = test_images(test_split(model, DataRequest(spec="synthetic")))
+    _, where = driver.StagedModel(tmp_path / "o" / "staged_onnx", driver.onnx_runner(None)).run(images.numpy())
+    want = int((where != model.predict(images).exit_index.numpy()).sum())
+    assert got["images"] == len(images) > 0 and got["exits_differ"] == want and 0 < (where < model.num_exits).sum()
+    assert f"{want} left the staged ONNX program" in (tmp_path / "o" / "report.md").read_text()
+    code, _, stderr = run_cli("export", ckpt, "-o", tmp_path / "p", "--format", "staged-onnx")  # no data: no count
+    assert code == 0 and json.loads((tmp_path / "p" / "report.json").read_text())["onnx_decisions"] is None

@@ -84,6 +84,19 @@ def evaluate_int8(model: EarlyExitModel, folder: Path, images: torch.Tensor, lab
                          for k in range(model.num_exits + 1) if k == model.num_exits or model.active[k]]}
 
 
+def onnx_decisions(model: EarlyExitModel, folder: Path, images: torch.Tensor, threads: int | None = None) -> dict[str, Any]:
+    """The FP32 staged ONNX program of ``folder`` against the eager model (the values the sweep
+    certified on), sample by sample on ``images``: how many leave at another exit. ONNX Runtime's
+    kernels round differently from PyTorch's, so this is measured, not assumed (docs/how-it-works.md)."""
+    staged = driver.StagedModel(folder, driver.onnx_runner(threads))
+    differ = 0
+    with torch.no_grad():
+        for x in images.split(256):
+            _, where = staged.run(x.numpy())
+            differ += int((where != model.predict(x).exit_index.numpy()).sum())
+    return {"images": len(images), "exits_differ": differ, "policy": model.policy, "thresholds": list(model.thresholds)}
+
+
 def never_leave(model: EarlyExitModel) -> list[float]:
     """Thresholds at which no sample leaves: the INT8 program then runs the INT8 backbone."""
     return [policies.never_exit_threshold(model.policy)] * model.num_exits
@@ -95,16 +108,27 @@ REPORT_IMAGES = 2000  # test images the report measures the INT8 programs on
 def quantization_data(model: EarlyExitModel, data: Any, n: int) -> tuple[torch.Tensor, dict[str, Any], Any]:
     """``n`` calibration images to quantize on (``sweep.quantized.quantization_images``: as the INT8
     sweep takes them), what to record of them, and the test split."""
-    from ..data import DataRequest, load_splits, resolve_data
+    from ..data import DataRequest
     from ..errors import PteenetError
 
     if data is None and not model.meta.get("data"):
         raise PteenetError("--quantize int8 needs calibration images and the checkpoint records no data",
                            "pass --data SPEC (the data the exits were trained on)")
-    cfg, _ = resolve_data(data or DataRequest(), model.meta.get("data"))
-    splits = load_splits(cfg, model.info.preprocess, model.info.num_classes)
-    images, record = quantization_images(splits.calibration, n, cfg.spec)
+    splits, spec = _splits(model, data or DataRequest())
+    images, record = quantization_images(splits.calibration, n, spec)
     return images, record, splits.test
+
+
+def test_split(model: EarlyExitModel, data: Any) -> Any:
+    """The test split of ``data`` (a ``DataRequest``), as the checkpoint's training held it out."""
+    return _splits(model, data)[0].test
+
+
+def _splits(model: EarlyExitModel, data: Any) -> tuple[Any, str | None]:
+    from ..data import load_splits, resolve_data
+
+    cfg, _ = resolve_data(data, model.meta.get("data"))
+    return load_splits(cfg, model.info.preprocess, model.info.num_classes), cfg.spec
 
 
 def test_images(test: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -151,6 +151,10 @@ def markdown(r: dict[str, Any]) -> str:
     out += ["", "## Measured speed", ""] + _bench_md(r["bench"], r["operating_point"])
     if r.get("int8"):
         out += ["", "## INT8 program", ""] + _int8_md(r["int8"])
+    if d := r.get("onnx_decisions"):  # eager and ONNX Runtime round differently: counted, not assumed
+        out += ["", "## Staged ONNX decisions", "",
+                f"On {d['images']} test images, {d['exits_differ']} left the staged ONNX program (in ONNX Runtime) at "
+                "another exit than the eager model, whose values the threshold was chosen and certified on."]
     return "\n".join(out) + "\n"
 
 

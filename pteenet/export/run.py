@@ -40,7 +40,16 @@ from ..runtime.ort_quant import SETTINGS
 from ..sweep import Point, recertify, select, threshold_list
 from ..tracing.hooks import NO_EARLY_EXIT
 from .programs import write_program
-from .quantize import INT8_FOLDER, evaluate_int8, quant_images_for, quantization_data, quantize_staged, test_images
+from .quantize import (
+    INT8_FOLDER,
+    evaluate_int8,
+    onnx_decisions,
+    quant_images_for,
+    quantization_data,
+    quantize_staged,
+    test_images,
+    test_split,
+)
 from .report import build_report, nothing_pays, write_report
 
 
@@ -256,7 +265,8 @@ def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILEN
     when ``config`` names none). Everything is written into a temp folder beside it and renamed at the
     end, so a failure leaves no half-written folder. Returns a summary document. ``source`` names the
     checkpoint the model came from, for the report. ``data``: where ``config.quantize`` finds its
-    calibration images (None: the data the checkpoint records). Progress goes to ``sink``: one step per file
+    calibration images (None: the data the checkpoint records); given without it, the report counts
+    the staged ONNX program's exits that differ from the eager model's on its test split. Progress goes to ``sink``: one step per file
     written, the slow programs (torch.export, ONNX) named while they are built."""
     formats = _check_environment(source, config)
     if model.runtime == "hooks" and len(formats) > 1:
@@ -271,12 +281,7 @@ def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILEN
     recorded = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}
     if model.info.class_names is None and recorded.get("class_names"):
         model.info.class_names = list(recorded["class_names"])  # so the exported file names its classes
-    quant = None
-    if config.quantize:
-        require_onnxruntime("--quantize int8")
-        if (why := _int8_warning(model)) is not None:
-            sink.warn(why)
-        quant = quantization_data(model, data, quant_images_for(model, config.quant_images))
+    quant = _images_for_report(model, config, formats, sink, data)
     files = {FORMATS[f].file: FORMATS[f].what for f in formats}
     source_name = None if source is None else Path(source).name
     model.meta["export"] = {"exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -293,8 +298,10 @@ def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILEN
                 task.advance(0, info=f"{fmt} ...")
                 write_program(model, fmt, tmp / FORMATS[fmt].file, programs)
                 task.advance(info=fmt)
-            int8 = None
-            if quant is not None:
+            int8 = decisions = None
+            if quant is not None and quant[0] is None and (t := test_images(quant[2])) is not None:
+                decisions = onnx_decisions(model, tmp / FORMATS["staged-onnx"].file, t[0])
+            elif quant is not None:
                 task.advance(0, info="INT8 ...")
                 images, record, test = quant
                 for name in quantize_staged(model, tmp / FORMATS["staged-onnx"].file, tmp / INT8_FOLDER, images, record):
@@ -305,6 +312,7 @@ def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILEN
                     int8["evaluation"] = evaluate_int8(model, tmp, *t, threads=None)
             report = build_report(model, point, files, source_name)
             report["int8"] = int8
+            report["onnx_decisions"] = decisions
             files.update(write_report(tmp, report, model.meta.get("sweep")))
             task.advance(info="report")
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the folder is meant to be shared
@@ -315,6 +323,21 @@ def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILEN
     return {"output": str(config.output), "files": files, "operating_point": point, "formats": formats, "int8": int8,
             "no_real_early_exit": NO_EARLY_EXIT if model.runtime == "hooks" else None}
 
+
+
+def _images_for_report(model: EarlyExitModel, config: ExportConfig, formats: list[str], sink: Sink,
+                       data: DataRequest | None) -> tuple[Any, Any, Any] | None:
+    """(calibration images to quantize on, their record, the test split) with ``--quantize int8``;
+    (None, None, the test split) for the staged ONNX program's decision count when data is given; else None."""
+    if config.quantize:
+        require_onnxruntime("--quantize int8")
+        if (why := _int8_warning(model)) is not None:
+            sink.warn(why)
+        return quantization_data(model, data, quant_images_for(model, config.quant_images))
+    if data is not None and "staged-onnx" in formats:
+        require_onnxruntime("--format staged-onnx")
+        return None, None, test_split(model, data)
+    return None
 
 def export(checkpoint: str | Path, config: ExportConfig, sink: Sink = SILENT, data: DataRequest | None = None) -> dict[str, Any]:
     """``pteenet export``: ``export_model`` on the model of a checkpoint file."""
