@@ -169,14 +169,20 @@ class CtrlCAfter(Task):
             raise KeyboardInterrupt
 
 
-def swept_checkpoint(folder: Path) -> tuple[pteenet.EarlyExitModel, Path]:
-    """An exit after every block (pool-mlp, cascade, ensemble) saved with a training and data record,
-    ready for ``sweep-threshold`` on synthetic data: (the model, the checkpoint's path)."""
-    model = build("pool-mlp", True, True, exits="all")
+def saved_checkpoint(folder: Path, exits: int | str = 2, chained: bool = False, val_split: float = 0.2,
+                     limit: int = 60) -> tuple[pteenet.EarlyExitModel, Path]:
+    """A pool-mlp model (cascaded and ensembled with ``chained``) saved as ``folder/m.safetensors``
+    with a training and a synthetic-data record, ready for the commands: (the model, the path)."""
+    model = build("pool-mlp", chained, chained, exits=exits)
     model.meta.update(training={"complete": True, "epochs_done": 1},
-                      data={"spec": "synthetic", "val_split": 0.2, "seed": 1, "limit": 60})
+                      data={"spec": "synthetic", "val_split": val_split, "seed": 1, "limit": limit})
     pteenet.save_checkpoint(folder / "m.safetensors", model)
     return model, folder / "m.safetensors"
+
+
+def swept_checkpoint(folder: Path) -> tuple[pteenet.EarlyExitModel, Path]:
+    """An exit after every block (pool-mlp, cascade, ensemble), ready for ``sweep-threshold``."""
+    return saved_checkpoint(folder, exits="all", chained=True)
 
 
 def four_exit_cache() -> tuple[ExitCache, TimeProfile]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import pteenet
-from helpers import build, error_line, make_images, run_cli
+from helpers import error_line, make_images, run_cli, saved_checkpoint
 
 pytest.importorskip("onnxruntime")
 from pteenet.export import driver  # noqa: E402
@@ -21,20 +21,10 @@ from pteenet.export.quantize import INT8_BACKBONE, INT8_FOLDER, never_leave  # n
 from pteenet.runtime.onnx import ort_session  # noqa: E402
 from pteenet.runtime.ort_quant import cpu_int8_instructions  # noqa: E402
 
-DATA = {"spec": "synthetic", "val_split": 0.5, "seed": 1, "limit": 120}
-
-
-def _ckpt(folder: Path) -> Path:
-    model = build("pool-mlp", False, False, exits=3)
-    model.meta.update(training={"complete": True, "epochs_done": 1}, data=dict(DATA))
-    path = folder / "m.safetensors"
-    pteenet.save_checkpoint(path, model)
-    return path
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _ckpt(tmp_path_factory.mktemp("int8"))
+    return saved_checkpoint(tmp_path_factory.mktemp("int8"), exits=3, val_split=0.5, limit=120)[1]
 
 
 @pytest.fixture(scope="module")

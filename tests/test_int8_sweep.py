@@ -12,7 +12,16 @@ import torch
 from torch.utils.data import TensorDataset
 
 import pteenet
-from helpers import build, cache_of, error_line, make_images, random_thresholds, run_cli, simulated_exits
+from helpers import (
+    build,
+    cache_of,
+    error_line,
+    make_images,
+    random_thresholds,
+    run_cli,
+    saved_checkpoint,
+    simulated_exits,
+)
 
 pytest.importorskip("onnxruntime")
 from pteenet.evaluation.engine import exit_indices  # noqa: E402
@@ -68,11 +77,8 @@ def test_the_drop_certified_on_int8_outputs_is_not_the_fp32_one() -> None:
 
 
 def test_sweep_cli_int8_json_then_export_reuses_its_quantization(tmp_path: Path) -> None:
-    model = build("pool-mlp", False, False, exits=2)
-    model.meta.update(training={"complete": True, "epochs_done": 1},
-                      data={"spec": "synthetic", "val_split": 0.5, "seed": 1, "limit": 200})
-    ckpt, tuned = tmp_path / "m.safetensors", tmp_path / "tuned.safetensors"
-    pteenet.save_checkpoint(ckpt, model)
+    model, ckpt = saved_checkpoint(tmp_path, val_split=0.5, limit=200)
+    tuned = tmp_path / "tuned.safetensors"
     code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw", "--thresholds", "0:1:0.1", "--max-drop", 100,
                                    "--policy", "confidence", "--deploy-runtime", "onnxruntime", "--quantize", "int8",
                                    "--quant-images", 12, "--write", tuned, "--json")

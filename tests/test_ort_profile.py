@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import pteenet
-from helpers import build, make_images, run_cli
+from helpers import build, make_images, run_cli, saved_checkpoint
 from pteenet.errors import PteenetError
 
 pytest.importorskip("onnxruntime")
@@ -39,11 +39,8 @@ def test_onnx_runtime_pricing_refuses_chained_exits_with_a_hint() -> None:
 
 
 def test_sweep_cli_prices_in_onnx_runtime_and_every_report_says_so(tmp_path: Path) -> None:
-    model = build("pool-mlp", False, False, exits=2)
-    model.meta.update(training={"complete": True, "epochs_done": 1},
-                      data={"spec": "synthetic", "val_split": 0.2, "seed": 1, "limit": 40})
-    ckpt, tuned = tmp_path / "m.safetensors", tmp_path / "tuned.safetensors"
-    pteenet.save_checkpoint(ckpt, model)
+    model, ckpt = saved_checkpoint(tmp_path, limit=40)
+    tuned = tmp_path / "tuned.safetensors"
     code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw", "--thresholds", "0:1:0.1",
                                  "--max-drop", "100", "--no-guarantee", "--policy", "max-softmax",
                                  "--deploy-runtime", "onnxruntime", "--write", tuned, "--json")
