@@ -15,8 +15,10 @@ other:
   first exit that agrees with the backbone).
 
 Decisions: one global threshold of each scored policy (max-softmax, entropy, confidence), patience
-(run lengths), per-class max-softmax thresholds, and any policy the registry gains (``ROWS``: a
-learned scheduler becomes one more row). Everything is numpy over the cached exits: no model runs.
+(run lengths), per-class max-softmax thresholds, and EENet's learned scheduler where the test cache
+keeps each exit's logits (``cifar10_resnet.py`` and ``test_cache`` here build it so). Everything is
+numpy over the cached exits: no model runs. A survivor-trained model (``train-branches --survivors``)
+is one more ``--model``.
 
     python benchmarks/cifar10_decisions.py \\
         --model unchained=/work/cache/bench-cifar10/r56-default \\
@@ -36,8 +38,9 @@ import numpy as np
 
 from pteenet.exits import policies as pol
 from pteenet.runtime.checkpoint import load_checkpoint
-from pteenet.runtime.timing import TimeProfile
+from pteenet.runtime.timing import TimeProfile, read_profile
 from pteenet.sweep import ExitCache, backbone_point, certify, oracle_point, parse_range, per_class, restrict
+from pteenet.sweep import eenet as ee
 from pteenet.evaluation.engine import exit_indices
 
 GRID = parse_range("0:1:0.01")  # the CLI's default grid
@@ -68,14 +71,26 @@ def per_class_rule(max_drop: float, confidence: float) -> Rule:
     return rule
 
 
-def rows(max_drop: float, confidence: float, cached: Collection[str]) -> dict[str, Rule]:
-    """Every decision the tool has: each registered policy certified with one global threshold, and
-    per-class thresholds. A decision that is fitted before it is certified (EENet's scheduler: fitted
-    on the structure part, certified over a budget sequence, and fed the exits' logits, which these
-    caches do not hold) is one more ``Rule`` here, returning its deciding exits and where each sample
-    leaves; ``--only`` then runs it alone and the results file keeps the other rows."""
+def eenet_rule(max_drop: float, confidence: float) -> Rule:
+    """EENet's scheduler as ``sweep-threshold --policy eenet --max-drop P`` certifies it: fitted on the
+    structure share of the calibration half, a budget sequence certified on the rest; every exit decides."""
+    def rule(cal: ExitCache, cost: Any, chained: bool) -> Any:
+        c = ee.certify_eenet(cal, max_drop, confidence)
+        if c.setting is None:
+            return None
+        setting = c.setting
+        return None, lambda cache: ee.exit_indices(cache, setting)
+    return rule
+
+
+def rows(max_drop: float, confidence: float, cached: Collection[str], logits: bool) -> dict[str, Rule]:
+    """Every decision the tool has: each registered policy certified with one global threshold,
+    per-class thresholds, and, where the cache keeps the exits' logits, EENet's learned scheduler.
+    ``--only`` runs some rows alone and the results file keeps the other rows."""
     out: dict[str, Rule] = {p: global_rule(p, max_drop, confidence) for p in pol.POLICIES if p in cached}
     out["per-class max-softmax"] = per_class_rule(max_drop, confidence)
+    if logits:
+        out["eenet"] = eenet_rule(max_drop, confidence)
     # What exit selection is worth where the cost is time: the same rule with every exit deciding.
     out["max-softmax, every exit decides"] = global_rule("max-softmax", max_drop, confidence, select=False)
     return out
@@ -171,9 +186,22 @@ def test_cache(prefix: str) -> ExitCache:
     model = load_checkpoint(f"{prefix}.safetensors").model
     cfg, _ = resolve_data(DataRequest(), model.meta.get("data"))
     splits = load_splits(cfg, model.info.preprocess, model.info.num_classes)
-    cache = build_cache(model, splits.test)
+    cache = build_cache(model, splits.test, logits=True)
     cache.save(path)
     return cache
+
+
+def model_profiles(name: str, specs: list[str], num_exits: int) -> dict[int, TimeProfile]:
+    """The batch-1 and batch-256 profiles given for model ``name``: ``NAME=FILE`` (a ``cifar10_time.py``
+    summary, both batch sizes) or ``NAME@B=FILE`` (one batch size, e.g. a sweep's ``sweep.json``)."""
+    out: dict[int, TimeProfile] = {}
+    for spec in specs:
+        key, path = spec.split("=", 1)
+        who, _, b = key.partition("@")
+        if who == name:
+            for size in ([int(b)] if b else [1, 256]):
+                out[size] = read_profile(path, num_exits, size)
+    return out
 
 
 def agreement(cache: ExitCache) -> dict[str, list[float]]:
@@ -222,13 +250,36 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     FigureCanvasAgg(fig).print_png(str(path))
 
 
+def save(out: Path, name: str, entry: dict[str, Any], setup: dict[str, Any], rows_only: list[str] | None,
+         partial: bool) -> dict[str, Any]:
+    """Write model ``name``'s entry into ``out``, keeping the other models (one model per run is fine),
+    read again just before writing so that runs of other models in parallel are kept. A partial run
+    (``--only`` some rows) adds its rows to the ones there, and the file's setup stays with this run
+    listed under ``row_runs``."""
+    doc: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"setup": setup, "models": {}}
+    old = doc["models"].get(name)
+    if partial and old is not None:
+        entry = {**old, **entry, "results": {**old.get("results", {}), **entry.get("results", {})}}
+    if rows_only and old is not None:
+        run = {k: setup[k] for k in ("splits", "time_splits", "loadavg_start")}
+        doc["setup"]["row_runs"] = [*doc["setup"].get("row_runs", []), {"model": name, "rows": rows_only, **run}]
+    elif not partial and not doc["models"]:
+        doc["setup"] = setup
+    doc["models"][name] = entry
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out)
+    return doc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", default=[], metavar="NAME=PREFIX",
                     help="PREFIX.safetensors (cost table) and PREFIX-test.npz (exit cache of the test split; "
                     "built from the checkpoint's recorded data where missing)")
-    ap.add_argument("--profile", action="append", default=[], metavar="NAME=FILE",
-                    help="a cifar10_time.py summary (its profiles at batch 1 and 256) for that model")
+    ap.add_argument("--profile", action="append", default=[], metavar="NAME[@B]=FILE",
+                    help="NAME=FILE: a cifar10_time.py summary (its profiles at batch 1 and 256) for that model; "
+                    "NAME@B=FILE: its profile at batch B alone, e.g. a sweep.json priced at --deploy-batch-size B")
     ap.add_argument("--features", action="append", default=[], metavar="NAME=FILE",
                     help="measure that model on a split held in a training feature cache (features-KEY.safetensors, "
                     "e.g. its calibration split) instead of PREFIX-test.npz: no backbone pass")
@@ -244,44 +295,32 @@ def main() -> None:
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return
-    profiles = dict(p.split("=", 1) for p in args.profile)
     features = dict(p.split("=", 1) for p in args.features)
-    doc: dict[str, Any] = {"setup": {"splits": args.splits, "time_splits": args.time_splits, "confidence": args.confidence,
-                                     "max_drop": args.max_drop, "grid": "0:1:0.01", "per_class_min_samples": per_class.MIN_SAMPLES,
-                                     "protocol": "seeded random halvings (seed 1000 + i) of the test cache; certify on "
-                                     "the first half, measure on the other", "loadavg_start": os.getloadavg()},
-                           "models": {}}
-    if args.out.exists():  # keep the other models' results: one model per run is fine
-        old = json.loads(args.out.read_text())
-        doc["models"] = old.get("models", {})
-        if args.agreement_only:
-            doc["setup"] = old.get("setup", doc["setup"])
+    setup = {"splits": args.splits, "time_splits": args.time_splits, "confidence": args.confidence, "max_drop": args.max_drop,
+             "grid": "0:1:0.01", "per_class_min_samples": per_class.MIN_SAMPLES,
+             "protocol": "seeded random halvings (seed 1000 + i) of the test cache; certify on the first half, measure "
+             "on the other", "loadavg_start": os.getloadavg()}
+    doc: dict[str, Any] = {"setup": setup, "models": {}}
     for spec in args.model:
         name, prefix = spec.split("=", 1)
         source = features.get(name)
         test = test_cache(prefix) if source is None else features_cache(prefix, Path(source))
         model = load_checkpoint(f"{prefix}.safetensors").model
-        profs: dict[int, TimeProfile] = {}
-        if name in profiles:
-            raw = json.loads(Path(profiles[name]).read_text())
-            profs = {b: TimeProfile.from_dict(raw["profiles"][str(b)]) for b in (1, 256)}
-        if args.agreement_only and name in doc["models"]:  # add the agreement figures to a finished run
-            doc["models"][name]["agreement"] = agreement(test)
-            args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        if args.agreement_only:  # add the agreement figures to a finished run
+            doc = save(args.out, name, {"agreement": agreement(test)}, setup, rows_only=None, partial=True)
             continue
-        decisions = {k: v for k, v in rows(args.max_drop, args.confidence, test.scores).items()
+        profs = model_profiles(name, args.profile, test.num_exits)
+        decisions = {k: v for k, v in rows(args.max_drop, args.confidence, test.scores, test.logits is not None).items()
                      if not args.only or k in args.only}
         results = study(test, model, profs, decisions, args.splits, args.time_splits, args.max_drop)
-        if args.only and name in doc["models"]:  # a partial run adds its rows to the ones there
-            results = {**doc["models"][name]["results"], **results}
-        doc["models"][name] = {"cache": source or f"{prefix}-test.npz", "samples": test.num_samples,
-                               "model": f"{prefix}.safetensors", "chained": model.chained,
-                               "training": {k: (model.meta.get("training") or {}).get(k) for k in ("epochs_done", "complete")},
-                               "exits": test.num_exits, "time_profile": profiles.get(name),
-                               "backbone_accuracy": backbone_point(test).accuracy, "results": results,
-                               "agreement": agreement(test),
-                               "loadavg_end": os.getloadavg()}
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        entry = {"cache": source or f"{prefix}-test.npz", "samples": test.num_samples, "model": f"{prefix}.safetensors",
+                 "chained": model.chained,
+                 "training": {k: (model.meta.get("training") or {}).get(k) for k in ("epochs_done", "complete")},
+                 "exits": test.num_exits,
+                 "time_profile": [s.split("=", 1)[1] for s in args.profile if s.split("=", 1)[0].partition("@")[0] == name] or None,
+                 "backbone_accuracy": backbone_point(test).accuracy, "results": results, "agreement": agreement(test),
+                 "loadavg_end": os.getloadavg()}
+        doc = save(args.out, name, entry, setup, rows_only=args.only, partial=bool(args.only))
     try:
         plot(doc, args.out.with_suffix(".png"))
     except ImportError:

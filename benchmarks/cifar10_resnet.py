@@ -173,7 +173,8 @@ def run_config(c: dict[str, Any], args: argparse.Namespace, work: Path, grid: An
         model = load_checkpoint(trained).model
         splits = load_splits(eval_data(args), model.info.preprocess, model.info.num_classes)
         build_cache(model, splits.calibration, batch_size=256).save(val_npz)
-        build_cache(model, splits.test, batch_size=256).save(test_npz)
+        # The test cache keeps each exit's logits: learned schedulers (--policy eenet) read them.
+        build_cache(model, splits.test, batch_size=256, logits=True).save(test_npz)
     model = load_checkpoint(trained).model
     val, test = ExitCache.load(val_npz), ExitCache.load(test_npz)
     bb_test = backbone_point(test)
