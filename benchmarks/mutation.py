@@ -57,11 +57,12 @@ MUTANTS: list[Mutant] = [
     # -- runtime (real early exit) --
     M("M01", "runtime/model.py", "if stages.shrinkable:", "if False:",
       "the batch never shrinks: every row runs every stage", (f"{P}::test_samples_that_leave_stop_computing",)),
-    M("M02", "runtime/model.py", "if self.active[k] and bool(policies.passes(", "if bool(policies.passes(",
+    M("M02", "runtime/model.py", "            if not self.active[k]:\n                continue\n            t = thresholds[k]",
+      "            t = thresholds[k]",
       "batch 1: inactive exits decide too",
       (*INACTIVE, f"{H}::test_cond_program_with_ensemble_and_inactive_exits_equals_eager")),
-    M("M03", "runtime/model.py", "            if not self.active[k]:\n                continue\n            leave",
-      "            leave", "batched: inactive exits decide too", (*INACTIVE, *SELECTION)),
+    M("M03", "runtime/model.py", "if not self.active[k] or (sched is not None and k not in sched.slot):",
+      "if sched is not None and k not in sched.slot:", "batched: inactive exits decide too", (*INACTIVE, *SELECTION)),
     M("M04", "runtime/model.py", "out_logits[rows[leave]] = logits[leave]", "out_logits[:len(leave)][leave] = logits[leave]",
       "answers written at the running batch's positions, not the original rows", (R,)),
     M("M05", "runtime/model.py", "exit_index[rows[leave]] = k", "exit_index[rows[leave]] = min(k + 1, self.num_exits)",
@@ -125,8 +126,8 @@ MUTANTS: list[Mutant] = [
     # -- cascade and ensemble --
     M("M30", "exits/cascade.py", "p = prev.detach().float()", "p = prev.float()",
       "the cascade input is not detached: gradients reach the previous head", (f"{P}::test_no_gradient_reaches_the_previous_head_through_the_next",)),
-    M("M31", "exits/chain.py", "return head, logits, conf, Carry(head if branch.cascade else None, acc)",
-      "return head, logits, conf, Carry(None, acc)", "a cascade head never sees the previous head",
+    M("M31", "exits/chain.py", "prev=head if branch.cascade else None, acc=acc)",
+      "prev=None, acc=acc)", "a cascade head never sees the previous head",
       (HEADS, f"{H}::test_feature_cache_rows_give_the_same_outputs", f"{P}::test_a_cascade_head_reads_the_previous_heads_logits")),
     M("M32", "exits/chain.py", "w = self._inference_weights()[k:, k].to(logp.dtype)",
       "w = self.weights()[k:, 0].to(logp.dtype)", "the ensemble weights head 0's column for every head",
@@ -198,8 +199,8 @@ MUTANTS: list[Mutant] = [
       "the batch-1 step skips the hidden layer's ReLU", ("tests/test_lean.py",)),
     M("M69", "exits/policies.py", "return 1e-6 * (k + 4 + size)", "return 1e-9 * (k + 4 + size)",
       "the batch-1 decision trusts its float64 score right up to the threshold", ("tests/test_policies.py",)),
-    M("M70", "runtime/model.py", "if self.active[k] and rule.leaves_one(logits, conf, thresholds[k]):",
-      "if self.active[k] and bool(rule.passes(rule.score(logits, conf), thresholds[k])):",
+    M("M70", "runtime/model.py", "leave = rule.leaves_one(logits, conf, t)",
+      "leave = bool(rule.passes(rule.score(logits, conf), t))",
       "the batch-1 runtime decides through the tensor ops again (right, slower)", ("tests/test_policies.py",)),
     M("M71", "exits/policies.py", "return (1.0 / (1.0 + math.exp(-c)) if c >= 0 else math.exp(c) / (1.0 + math.exp(c))), abs(c)",
       "return (1.0 / (1.0 + math.exp(-c)) if c >= 0 else 1.0 / (1.0 + math.exp(c))), abs(c)",
@@ -220,7 +221,7 @@ MUTANTS: list[Mutant] = [
     M("M48", "sweep/guarantee.py", "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            return i",
       "if bounds.pvalue(c, n, target, delta, labelled) > delta:\n            continue",
       "fixed-sequence testing goes on past a hypothesis it could not reject", (G,)),
-    M("M49", "sweep/guarantee.py", "part, rest = cache.take(np.sort(perm[:k])), cache.take(np.sort(perm[k:]))",
+    M("M49", "sweep/guarantee.py", "part, rest = cache.take(part_rows), cache.take(rest_rows)",
       "part, rest = cache, cache", "the structure is chosen on the samples that certify it", (G,)),
     M("M50", "sweep/bounds.py", "tail = max(_trinomial_tail(", "tail = min(_trinomial_tail(",
       "the drop's p-value takes the least conservative discordance rate", (G,)),
@@ -247,13 +248,24 @@ EQUIVALENT: dict[str, str] = {
 }
 
 
-def check_snippets(mutants: list[Mutant]) -> None:
+def stale(mutants: list[Mutant]) -> list[str]:
+    """What no longer applies: a snippet that does not occur exactly once in its file, a listed test
+    file or test function that is gone (tests/test_mutation.py checks this on every test run)."""
     bad = []
     for m in mutants:
         n = (ROOT / "pteenet" / m.file).read_text().count(m.old)
         if n != 1:
             bad.append(f"{m.id}: {m.file}: the snippet occurs {n} times: {m.old!r}")
-    if bad:
+        for t in m.tests:
+            file, _, name = t.partition("::")
+            path = ROOT / file
+            if not path.is_file() or (name and f"def {name.split('[')[0]}(" not in path.read_text()):
+                bad.append(f"{m.id}: no test {t}")
+    return bad
+
+
+def check_snippets(mutants: list[Mutant]) -> None:
+    if bad := stale(mutants):
         sys.exit("mutants that no longer apply (fix the snippet to the code as it is now):\n" + "\n".join(bad))
 
 

@@ -222,6 +222,27 @@ def test_cli_bad_inputs(checkpoint: Path, tmp_path: Path, args: list[str], needl
     assert code == 1 and stdout == "" and needle in error_line(stderr)
 
 
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime and onnxscript are not installed")
+def test_int8_export_of_a_model_that_exits_by_eenet_is_refused_as_the_sweep_refuses_it(checkpoint: Path, tmp_path: Path) -> None:
+    """Its scheduler and thresholds were fitted on the FP32 exits' logits: refused before anything is
+    read or written (no warning, no folder), with the sweep's own message; FP32 and another policy export."""
+    from helpers import error_line, run_cli
+
+    model = pteenet.load_checkpoint(checkpoint).model
+    apply(model, random_setting(model, logits_cache(model, make_images(40)), 1))
+    path = tmp_path / "eenet.safetensors"
+    pteenet.save_checkpoint(path, model)
+    code, stdout, stderr = run_cli("export", path, "-o", tmp_path / "o", "--format", "staged-onnx", "--quantize", "int8")
+    assert code == 1 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    line = error_line(stderr)
+    assert "not the INT8 programs'" in line and "drop --quantize" in line and not (tmp_path / "o").exists()
+    code, _, swept = run_cli("sweep-threshold", checkpoint, "-o", tmp_path / "s", "--policy", "eenet", "--cost", "macs",
+                             "--budget", "0.8", "--quantize", "int8")
+    assert code == 1 and error_line(swept) == line  # one message for both commands
+    code, _, stderr = run_cli("export", path, "-o", tmp_path / "fp32", "--format", "staged-onnx")
+    assert code == 0, stderr
+
+
 def test_survivor_training_refuses_a_model_that_exits_by_eenet() -> None:
     from pteenet.training.config import TrainConfig, check_survivors
 

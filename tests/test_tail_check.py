@@ -1,7 +1,8 @@
 """The no-exit tail checked on the clock (``sweep/choice.py``, ``timing.measure_tail``): where the
 measured tail is over ``max_tail`` the sweep tightens the predicted bound and chooses again. The
-measurements here are given (a function of the computed heads), not timed, except one call of
-the real ``measure_tail`` whose figures are only checked for shape."""
+measurements and profiles here are given (a function of the computed heads; a fixed profile), not
+timed, so no choice depends on the machine's load, except one call of the real ``measure_tail``
+whose figures are only checked for shape."""
 from __future__ import annotations
 
 import json
@@ -72,8 +73,18 @@ def test_a_tail_that_never_fits_ends_with_the_backbone_or_says_it_does_not_hold(
 
 
 def test_the_sweep_measures_the_tail_it_ships_and_tightens_the_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, ckpt = swept_checkpoint(tmp_path)
+    model, ckpt = swept_checkpoint(tmp_path)
     calls: list[int] = []
+    e = model.num_exits
+    # The profile is given too: timed, a loaded machine can price the heads so dear that the first
+    # choice computes none, and nothing is left to measure. Heads at 5% of a stage: all of them fit 1.2.
+    given = TimeProfile(batch_size=1, stage_ms=[1.0] * (e + 1), branch_ms=[0.05] * e, backbone_ms=float(e + 1),
+                        decision_ms=0.01, machine=timing.machine())
+    profiled: list[int] = []
+
+    def profile(model: Any, x: Any, **kw: Any) -> TimeProfile:
+        profiled.append(x.shape[0])
+        return given
 
     def fake(model: Any, x: Any, active: list[bool], **kw: Any) -> dict[str, float]:
         n = sum(computed_branches(active, model.chained))
@@ -81,12 +92,14 @@ def test_the_sweep_measures_the_tail_it_ships_and_tightens_the_bound(tmp_path: P
         return {"ratio": 1.0 + 0.25 * n}  # even one computed head measures over 1.2
 
     monkeypatch.setattr(timing, "measure_tail", fake)
+    monkeypatch.setattr(timing, "profile", profile)
     tuned = tmp_path / "tuned.safetensors"
     args = ["sweep-threshold", str(ckpt), "--thresholds", "0:1:0.05", "--max-drop", "100", "--select-exits",
             "--policy", "max-softmax", "--confidence", "0", "--json"]
     code, stdout, stderr = run_cli(*args, "-o", tmp_path / "sw", "--write", tuned)
     assert code == 0, stderr
     doc = json.loads(stdout)
+    assert profiled == [1] and TimeProfile.from_dict(doc["cost_model"]["profile"]) == given  # priced with it
     check = doc["cost_model"]["tail_check"]
     # The first choice computes heads and measures over the bound; tightened, none is computed.
     assert calls and calls[0] >= 1 and [a["computed"] for a in check["attempts"] if a["measured"] is not None] == calls

@@ -38,6 +38,7 @@ from ..runtime.model import EarlyExitModel
 from ..runtime.onnx import require_onnxruntime
 from ..runtime.ort_quant import SETTINGS
 from ..sweep import Point, recertify, select, threshold_list
+from ..sweep.eenet import check_quantize
 from ..tracing.hooks import NO_EARLY_EXIT
 from .programs import write_program
 from .quantize import (
@@ -276,6 +277,7 @@ def export_model(model: EarlyExitModel, config: ExportConfig, sink: Sink = SILEN
         sink.warn(NO_EARLY_EXIT)
     model.eval()
     point = choose_point(model, config)
+    check_quantize(model.policy, config.quantize)  # the policy is known once the point is chosen
     if (alone := nothing_pays(model)) is not None:
         sink.warn(alone + "; the report says so too")
     recorded = model.meta.get("data") if isinstance(model.meta.get("data"), dict) else {}

@@ -54,9 +54,16 @@ def check_options(policy: str, per_exit: bool, select_exits: bool, quantize: str
     if policy == NAME and (per_exit or select_exits):
         raise PteenetError("--policy eenet sets its own threshold per exit and decides at every exit",
                            "drop --per-exit and --select-exits")
-    if policy == NAME and quantize:  # the INT8 programs' caches keep no logits to fit the scheduler on
-        raise PteenetError("--policy eenet is fitted on the FP32 model's exit logits, not the INT8 programs'",
-                           "drop --quantize, or pass another --policy")
+    check_quantize(policy, quantize)
+
+
+def check_quantize(policy: str, quantize: str | None) -> None:
+    """Policy eenet with INT8, refused by the sweep and the export alike: the scheduler is fitted and
+    its thresholds certified on the FP32 exits' logits (the INT8 programs' caches keep none), and a
+    threshold certified there is no guarantee for the INT8 exits' logits the scheduler would read."""
+    if policy == NAME and quantize:
+        raise PteenetError("policy eenet's scheduler is fitted on the FP32 model's exit logits, not the INT8 programs'",
+                           "drop --quantize, or use another --policy")
 
 
 def min_calibration(share: float = STRUCTURE_SHARE) -> int:
