@@ -214,16 +214,16 @@ def agreement(cache: ExitCache) -> dict[str, list[float]]:
 
 def table(doc: dict[str, Any]) -> str:
     """The results file as the markdown table of docs/how-it-works.md."""
-    out = ["| model | decision | over 1 pt | MAC reduction | time b1 | time b256 | of the oracle's saving |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| model | decision | halvings | over 1 pt | MAC reduction | time b1 | time b256 | of the oracle's saving |",
+           "|---|---|---|---|---|---|---|---|"]
     for cfg, m in doc["models"].items():
         for name, r in m["results"].items():
             if name == "oracle":
                 continue
             t = [f"{r[k]:.3f}" if k in r else "-" for k in ("time_b1", "time_b256")]
-            out.append(f"| {cfg} | {name} | {100 * r['share_over']:.1f}% | {100 * r['reduction_mean']:.1f}% | {t[0]} | "
+            out.append(f"| {cfg} | {name} | {r['splits']} | {100 * r['share_over']:.1f}% | {100 * r['reduction_mean']:.1f}% | {t[0]} | "
                        f"{t[1]} | {100 * r['oracle_share']:.0f}% |")
-        out.append(f"| {cfg} | agreement oracle | | {100 * m['results']['oracle']['reduction_mean']:.1f}% | | | 100% |")
+        out.append(f"| {cfg} | agreement oracle | | | {100 * m['results']['oracle']['reduction_mean']:.1f}% | | | 100% |")
     return "\n".join(out)
 
 
