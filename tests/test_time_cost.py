@@ -13,6 +13,7 @@ import pteenet
 from helpers import build, cache_of, four_exit_cache, make_images, run_cli, simulated_exits, swept_checkpoint
 from pteenet.runtime.timing import TimeProfile, profile
 from pteenet.sweep import certify, restrict, select_exits
+from pteenet.sweep.preflight import NO_CRITERION
 
 
 def test_time_costs_price_heads_decisions_and_compaction() -> None:
@@ -101,6 +102,22 @@ def test_the_default_prices_in_time_at_batch_1_and_says_so(tmp_path: Path) -> No
                                  "--max-drop", "100", "--policy", "max-softmax")
     assert code == 0, stderr
     assert "predicted time at batch 1 on this machine" in " ".join(stderr.split())  # the table's reader is told
+    assert "no --max-drop or --budget" not in stderr  # a criterion: exits are chosen, nothing to point at
+
+
+def test_a_sweep_without_a_criterion_says_that_every_exit_decides_on_its_curve(tmp_path: Path) -> None:
+    _, ckpt = swept_checkpoint(tmp_path)
+    code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw", "--thresholds", "0:1:0.05",
+                                   "--policy", "max-softmax", "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc["chosen"] is None
+    assert NO_CRITERION in doc["notes"]  # in the document, and told to the user in one line
+    assert "no --max-drop or --budget: nothing is chosen" in " ".join(stderr.split())
+    code, stdout, stderr = run_cli("sweep-threshold", ckpt, "-o", tmp_path / "sw2", "--thresholds", "0:1:0.05",
+                                   "--policy", "max-softmax", "--cost", "macs", "--json")
+    assert code == 0, stderr
+    assert NO_CRITERION not in json.loads(stdout)["notes"]  # in MACs exits are not selected with a criterion either
 
 
 def test_max_tail_bounds_what_a_sample_that_never_leaves_pays() -> None:

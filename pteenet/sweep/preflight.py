@@ -49,6 +49,14 @@ def read_splits(model: EarlyExitModel, data_cfg: DataConfig, split: str) -> Spli
     return splits
 
 
+# Without a criterion the sweep only draws the curve, and with every exit deciding: at batch 1 the
+# heads of exits that never pay are priced in (on CIFAR ResNet-56 with 27 heads the cheapest point
+# within 1 pt then cost 1.056 of the backbone, against 0.860 chosen with --max-drop 1;
+# benchmarks/results/new_user.json).
+NO_CRITERION = ("no --max-drop or --budget: nothing is chosen, and on this curve every exit decides and is paid for "
+                "(choosing which exits decide needs a criterion); --max-drop P chooses the exits too, and certifies the drop")
+
+
 def calibration_warnings(split_info: dict[str, Any], split: str, choosing: bool, warn: Callable[[str], None]) -> None:
     """Warn where the split a setting is chosen on makes its reported numbers optimistic."""
     if choosing and split == "test":

@@ -42,7 +42,7 @@ from .guarantee import CONFIDENCE, check_confidence
 from .outputs import build_document, write_sweep_outputs
 from .passes import build_cache, sharded_cache
 from .per_class import check_per_class, fallback_warning
-from .preflight import calibration_warnings, check_sweepable, read_splits, training_warnings
+from .preflight import NO_CRITERION, calibration_warnings, check_sweepable, read_splits, training_warnings
 from .pricing import DEPLOY_RUNTIMES, Pricing, both_costs, pricing_for
 from .quantized import check_int8, int8_exits
 from .selection import backbone_only, restrict
@@ -280,6 +280,9 @@ def _sweep(model: EarlyExitModel, data: DataRequest | DataConfig | None, cfg: Sw
     splits = read_splits(model, data_cfg, cfg.split)
     choosing = cfg.budget is not None or cfg.max_drop is not None
     calibration_warnings(splits.split_info, cfg.split, choosing, warn)
+    if not choosing and cfg.cost == "time" and cfg.policy != eenet.NAME:
+        notes.append(NO_CRITERION)
+        sink.note(NO_CRITERION)
     group, device = _place(model, cfg)
     with int8_exits(model, splits.calibration, cfg.quant_images, data_cfg.spec, torch.get_num_threads(), sink,
                     elsewhere=group.active or device.type != "cpu") if cfg.quantize else contextlib.nullcontext() as int8:
