@@ -22,17 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-
-def cli(*args: str) -> dict[str, Any]:
-    """One pteenet command with ``--json``: its document (stderr passes through)."""
-    out = subprocess.run([sys.executable, "-m", "pteenet", *args, "--json"], check=True, stdout=subprocess.PIPE, text=True)
-    return json.loads(out.stdout)
+from common import cli
 
 
 def main() -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +100,11 @@ def best_b(r: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     with or without exit selection, from one configuration's results in ``cifar10_resnet.py``'s file."""
     cands = [(k, r["chosen_test_halves"][k]) for k in ("drop1", "drop1_select") if r["chosen_test_halves"].get(k)]
     return max(cands, key=lambda kc: kc[1]["test_cost_reduction"]) if cands else None
+
+
+def cli(*args: str) -> dict[str, Any]:
+    """One ``pteenet`` command run as a user runs it, with ``--json``: its document, plus the seconds
+    it took (``_seconds``); stderr (progress, notes, warnings) passes through."""
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "pteenet", *args, "--json"], check=True, stdout=subprocess.PIPE, text=True)
+    return {**json.loads(out.stdout), "_seconds": time.time() - t0}

@@ -18,20 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-
-def cli(*args: str) -> dict[str, Any]:
-    """One pteenet command with ``--json``: its document (stderr passes through)."""
-    t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "pteenet", *args, "--json"], check=True, stdout=subprocess.PIPE, text=True)
-    doc = json.loads(out.stdout)
-    doc["_seconds"] = time.time() - t0
-    return doc
+from common import cli
 
 
 def cheapest_within(doc: dict[str, Any], points: float) -> dict[str, Any] | None:
