@@ -40,6 +40,7 @@ from cifar10_time import timed  # noqa: E402
 from pteenet import load_checkpoint  # noqa: E402
 from pteenet.backbones.specs import load_backbone  # noqa: E402
 from pteenet.data import load_splits  # noqa: E402
+from pteenet.evaluation.engine import exit_indices  # noqa: E402
 from pteenet.export.driver import StagedModel, onnx_runner  # noqa: E402
 from pteenet.export.quantize import INT8_FOLDER, quantize_staged  # noqa: E402
 from pteenet.export.staged import export_pieces  # noqa: E402
@@ -158,11 +159,14 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             joined = join(exits.parts, 0, model.num_exits, False, ["x"], ["logits"]).SerializeToString()
             sessions["resnet56_int8_joined"] = ort_session(joined, args.threads)
             ee = {bs: staged_program(model, chosen[bs], quant, work / f"ee{bs}", args.threads, exits.parts) for bs in (1, 256)}
-            # The shipped program decides as the cache it was chosen on: checked on report images.
+            # The shipped program decides as the cache it was chosen on: checked on report images,
+            # exit for exit (where each image leaves) and answer for answer.
             for bs in (1, 256):
                 logits, where = ee[bs].run(images.numpy())
-                want = report.preds[:, :len(images)]
-                chosen[bs]["program_matches_cache"] = float((logits.argmax(1) == want[where, np.arange(len(images))]).mean())
+                view = restrict(report.take(np.arange(len(images))), chosen[bs]["active_exits"], profs[bs], False)
+                want = exit_indices(view, chosen[bs]["policy"], chosen[bs]["thresholds"])
+                chosen[bs]["program_matches_cache"] = float(((where == want)
+                                                             & (logits.argmax(1) == view.preds[want, np.arange(len(images))])).mean())
             rep_images = torch.stack([test[int(i)][0] for i in halves[1]])
             rep_labels = np.array([int(test[int(i)][1]) for i in halves[1]])
             acc = {name: accuracy(lambda x, s=s: s.run(None, {"x": x})[0], rep_images, rep_labels) for name, s in sessions.items()}

@@ -57,6 +57,35 @@ def test_the_int8_program_decides_as_the_sweeps_int8_cache(tmp_path: Path) -> No
         assert w1[0] == want[0]
 
 
+def test_parts_quantized_before_a_setting_is_chosen_decide_by_that_setting(tmp_path: Path) -> None:
+    """The sweep quantizes under the checkpoint's policy; a setting chosen after with another policy
+    and fewer exits, exported from those parts, must decide by the chosen policy (the heads compute
+    ``leave``), as the cache simulates it."""
+    model = build("pool-mlp", False, False, exits=3, seed=4)
+    model.set_thresholds([0.5] * 3, "confidence")
+    calibration = _data(make_images(60, seed=4))
+    x = make_images(48, seed=9)
+    with int8_exits(model, calibration, 8, "test", 1) as (exits, record):
+        cache = exits.cache(_data(x), 16, 0)
+        images, _ = quantization_images(calibration, 8, "test")
+        assert exits.parts.policy == "confidence"
+        rng = np.random.default_rng(1)
+        ts = random_thresholds(cache, "max-softmax", rng)
+        model.set_thresholds(ts, "max-softmax")
+        model.set_active([True, False, True])
+        export_pieces(model, tmp_path / "fp32", onnx=True)
+        quantize_staged(model, tmp_path / "fp32", tmp_path / "int8", images, record, parts=exits.parts)
+    staged = driver.StagedModel(tmp_path / "int8", driver.onnx_runner(1))
+    logits, where = staged.run(x.numpy())
+    view = cache.take(np.arange(len(x)))
+    for k in (1,):  # the inactive exit never decides
+        view.scores["max-softmax"][k] = -np.inf
+    want = exit_indices(view, "max-softmax", ts)
+    assert len(set(want.tolist())) > 1  # the thresholds send samples to different exits
+    np.testing.assert_array_equal(where, want)
+    np.testing.assert_array_equal(logits.argmax(1), cache.preds[want, np.arange(len(x))])
+
+
 def test_the_drop_certified_on_int8_outputs_is_not_the_fp32_one() -> None:
     """INT8 programs quantized on two images move the exits' scores across thresholds: the same
     fixed sequence certified on the INT8 cache counts other errors than on the FP32 one."""
@@ -70,8 +99,10 @@ def test_the_drop_certified_on_int8_outputs_is_not_the_fp32_one() -> None:
     grid = np.linspace(0, 1, 21)
     flips = [int((exit_indices(fp32, "confidence", t) != exit_indices(int8, "confidence", t)).sum()) for t in grid]
     assert max(flips) > 0  # quantization changed where samples leave
-    a = certify(fp32, ["confidence"], grid, 20.0, 0.9, split=True)
-    b = certify(int8, ["confidence"], grid, 20.0, 0.9, split=True)
+    # 5 points: a target at which the fixed sequence stops inside the grid (at 20 both certify every
+    # threshold and end at the same point, whatever the counts)
+    a = certify(fp32, ["confidence"], grid, 5.0, 0.9, split=True)
+    b = certify(int8, ["confidence"], grid, 5.0, 0.9, split=True)
     assert [c for _, c in a.tested] != [c for _, c in b.tested]
     assert a.guarantee.to_dict() != b.guarantee.to_dict()
 

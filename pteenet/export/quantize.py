@@ -1,8 +1,8 @@
 """``export --format staged-onnx --quantize int8``: the staged program's pieces as static INT8,
 and the INT8 backbone beside them.
 
-The pieces are composed from ``runtime.ort_quant.QuantizedParts``: every stage and head quantized
-alone on the FP32 values it sees, then joined (``onnx.compose``) into one program per piece. These
+The pieces are composed from ``runtime.ort_quant.QuantizedParts``: every stage quantized alone on
+the FP32 values it sees and every deciding exit's head in FP32, then joined (``onnx.compose``) into one program per piece. These
 are the very programs ``sweep-threshold --quantize int8`` caches and prices, quantized from the same
 images (rows of the calibration split the sweep does not certify on: ``guarantee.structure_rows``),
 so the exported program decides as the sweep measured it. The INT8 backbone is the same stage
@@ -42,7 +42,9 @@ def quantize_staged(model: EarlyExitModel, fp32: Path, out: Path, images: torch.
     manifest = json.loads((fp32 / driver.MANIFEST).read_text())
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pteenet-int8-", dir=out.parent) as work:
-        parts = parts or quantize_parts(model, images, Path(work))
+        # Parts quantized before (by the INT8 sweep) keep their stages; their heads decide by the
+        # policy of that time, so they are exported again where the model's setting changed since.
+        parts = parts.for_model(model, images, Path(work) / "heads") if parts else quantize_parts(model, images, Path(work))
         for piece in manifest["pieces"]:
             first, last = piece["stages"]
             onnx.save(join(parts, first, last, piece["decides"], piece["inputs"], piece["outputs"]), str(out / piece["file"]))

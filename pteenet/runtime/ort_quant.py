@@ -1,17 +1,16 @@
 """Static INT8 programs with ONNX Runtime's quantizer (``onnxruntime.quantization.quantize_static``):
 QDQ format, per-channel weights, MinMax ranges from calibration images.
 
-Every program pteenet quantizes (the pieces of ``export --format staged-onnx --quantize int8``, the
-per-stage and per-head programs the INT8 sweep prices and caches, the whole backbone beside them)
+Every program pteenet quantizes (the stage programs of ``export --format staged-onnx --quantize int8``
+and of the INT8 sweep, and the whole plain backbones ``benchmarks/cifar10_int8.py`` compares with)
 goes through ``quantize_program``, with the ranges of its inputs taken from the FP32 values the
 program sees in the model (the FP32 model run in eager PyTorch up to it). The ranges of a tensor then
 depend only on the FP32 model and the calibration images, never on where the model is cut into
 programs: a stage quantized alone computes what it computes inside a piece, so the sweep's cache on
 per-stage programs is the cache of the program that ships, whatever exits it selects.
 
-The decision stays in float: the nodes between a head's last linear layer and the ``logits`` /
-``leave`` / ``conf`` outputs (softmax, entropy, sigmoid, the comparison with the threshold) are left
-out of quantization, so ``leave`` is computed from dequantized logits as in FP32 and stays bool.
+The exits' heads, and so their decisions (softmax, entropy, sigmoid, the comparison with the
+threshold), stay in FP32 on the dequantized taps (``QuantizedParts``); ``leave`` stays bool.
 """
 from __future__ import annotations
 
@@ -30,8 +29,6 @@ from .model import EarlyExitModel
 PRECISIONS = ("fp32", "int8")
 DEFAULT_QUANT_IMAGES = 512  # calibration images per program
 QUANT_BATCH = 64  # images per calibration batch (the ranges are min/max over all of them)
-HEAD_OUTPUTS = ("logits", "leave", "conf")  # outputs computed from a head's logits: kept in float
-_LINEAR = {"Gemm", "MatMul", "Conv"}  # a head's last quantized layers: the float decision starts after them
 # Activations uint8, weights int8 (U8S8): the form x86's VNNI instructions multiply; with int8
 # activations (S8S8) ONNX Runtime ran ResNet-56 slower than FP32 on a VNNI CPU (benchmarks/cifar10_int8.py
 # times both: resnet56_int8 and resnet56_int8_s8s8).
@@ -70,24 +67,6 @@ def batches(feeds: dict[str, np.ndarray], batched: Sequence[bool]) -> list[dict[
             for i in range(0, n, QUANT_BATCH)]
 
 
-def _float_decision_nodes(model: Any) -> list[str]:
-    """Names of the nodes from a head's last linear layer to the ``HEAD_OUTPUTS`` (walking back from
-    those outputs and stopping at a Gemm, MatMul or Conv): what stays in float."""
-    producer = {out: node for node in model.graph.node for out in node.output}
-    todo = [o.name for o in model.graph.output if o.name in HEAD_OUTPUTS]
-    seen, keep = set(todo), []
-    while todo:
-        node = producer.get(todo.pop())
-        if node is None or node.op_type in _LINEAR or node.name in keep:
-            continue
-        keep.append(node.name)
-        for i in node.input:
-            if i and i not in seen:
-                seen.add(i)
-                todo.append(i)
-    return keep
-
-
 class _Reader:
     """``CalibrationDataReader``'s protocol over a list of feeds."""
 
@@ -123,15 +102,10 @@ def quantize_program(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], w
     (scale, zero point) of the program that produces them (``output_params``), so that where two
     programs are joined the dequantize-quantize pair between them is the identity, which ONNX
     Runtime removes (int8 flows on), and the values stay those of the programs run one by one."""
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not feeds:
         raise PteenetError(f"cannot quantize {what}: no calibration data", "give calibration images (--quant-images N)")
-    model = onnx.load(str(src))
-    for i, node in enumerate(model.graph.node):  # exclusion works by node name
-        node.name = node.name or f"node_{i}"
-    onnx.save(model, str(src))
     # The quantizer logs advice and every tensor it leaves alone on the root logger: not the user's business.
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
     levels = [lg.level for lg in loggers]
@@ -140,7 +114,7 @@ def quantize_program(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], w
     try:
         quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8 if signed_activations else QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=_float_decision_nodes(model),
+                        calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"TensorQuantOverrides": {k: [{"scale": sc, "zero_point": zp}]
                                                                 for k, (sc, zp) in (inputs_as or {}).items()}})
     except PteenetError:
@@ -155,20 +129,39 @@ def quantize_program(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], w
 
 
 class QuantizedParts:
-    """Every backbone stage and every computed head of a model as its own static INT8 program
-    (``StageProgram``: in0.. -> out0.., the tap last; ``HeadProgram``: in0 tap, in1 threshold ->
-    logits, leave, conf), any batch size, quantized on the FP32 values each sees. The INT8 sweep
-    caches and prices them; the INT8 export composes its pieces and its backbone from them, so the
-    program that ships computes what the sweep measured."""
+    """Every backbone stage of a model as its own static INT8 program (``StageProgram``: in0.. ->
+    out0.., the tap last), quantized on the FP32 values it sees, and every computed head as an FP32
+    program (``HeadProgram``: in0 tap, in1 threshold -> logits, leave, conf) reading the stage's
+    dequantized tap; any batch size. The INT8 sweep caches and prices them; the INT8 export composes
+    its pieces and its backbone from them, so the program that ships computes what the sweep measured.
 
-    def __init__(self, folder: Path, num_stages: int, heads: Sequence[int], images: int) -> None:
+    Heads stay FP32 because INT8 makes them slower: a pooled MLP head is a pooling and two small
+    matrix products, where quantize/dequantize pairs cost more than the int8 arithmetic saves (on
+    CIFAR ResNet-56 an INT8 head cost 2.6 times its INT8 stage, against 0.96 for an FP32 head on
+    an FP32 stage; ``benchmarks/results/archive/cifar10_int8-int8-heads.json``)."""
+
+    def __init__(self, folder: Path, num_stages: int, heads: Sequence[int], images: int, policy: str,
+                 head_folder: Path | None = None) -> None:
         self.folder, self.num_stages, self.heads, self.images = folder, num_stages, list(heads), images
+        self.policy = policy  # the decision the heads' ``leave`` output computes
+        self.head_folder = head_folder or folder
 
     def stage_file(self, k: int) -> Path:
         return self.folder / f"stage{k}.onnx"
 
     def head_file(self, k: int) -> Path:
-        return self.folder / f"head{k}.onnx"
+        return self.head_folder / f"head{k}.onnx"
+
+    def for_model(self, model: EarlyExitModel, images: torch.Tensor, folder: Path) -> QuantizedParts:
+        """These stage programs with heads that decide as ``model`` does now: a head computes
+        ``leave`` by the policy it was exported with, so where the model's policy (or the set of
+        computed heads) changed since (a setting chosen after quantizing), its heads are exported
+        again into ``folder``. The stages, and so every value the exits read, stay the same."""
+        computed = model.computed_branches()
+        if model.policy == self.policy and all(k in self.heads for k in range(model.num_exits) if computed[k]):
+            return self
+        folder.mkdir(parents=True, exist_ok=True)
+        return QuantizedParts(self.folder, self.num_stages, export_heads(model, images, folder), self.images, model.policy, folder)
 
     def sessions(self, threads: int | None) -> tuple[list[Any], dict[int, Any]]:
         from .onnx import ort_session
@@ -180,16 +173,14 @@ class QuantizedParts:
 def quantize_parts(model: EarlyExitModel, images: torch.Tensor, folder: Path) -> QuantizedParts:
     """``QuantizedParts`` of ``model`` in ``folder``, quantized on ``images`` (preprocessed
     calibration images). Deterministic: the same model and images give the same programs."""
-    from .onnx import HeadProgram, StageProgram
+    from .onnx import StageProgram
 
     if model.chained or model.runtime != "staged":
         why = "a cascade or an ensemble" if model.chained else "a backbone that could not be traced"
         raise PteenetError(f"INT8 programs do not support {why}",
                            "export or sweep in FP32 (drop --quantize), or attach without --cascade and train without --ensemble")
     folder.mkdir(parents=True, exist_ok=True)
-    stages, computed = model.stages.modules, model.computed_branches()
-    heads = [k for k in range(model.num_exits) if computed[k]]
-    threshold = torch.tensor([0.5])
+    stages = model.stages.modules
     feeds: dict[str, list[dict[str, np.ndarray]]] = {}
     with torch.no_grad():
         for chunk in images.detach().float().cpu().split(QUANT_BATCH):
@@ -197,8 +188,6 @@ def quantize_parts(model: EarlyExitModel, images: torch.Tensor, folder: Path) ->
             for k, stage in enumerate(stages):
                 feeds.setdefault(f"stage{k}", []).append({f"in{i}": v.numpy() for i, v in enumerate(state)})
                 out = StageProgram(stage)(*state)
-                if k in heads:
-                    feeds.setdefault(f"head{k}", []).append({"in0": out[-1].numpy(), "in1": threshold.numpy()})
                 state = out[:-1]
         example: tuple[torch.Tensor, ...] = (images[:2].detach().float().cpu(),)
         upstream: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the previous stage's outputs, as in0..
@@ -207,14 +196,27 @@ def quantize_parts(model: EarlyExitModel, images: torch.Tensor, folder: Path) ->
             _quantized(StageProgram(stage), example, [True] * len(example), [f"out{j}" for j in range(len(out))],
                        folder, f"stage{k}", feeds[f"stage{k}"], f"backbone stage {k}", upstream)
             params = output_params(folder / f"stage{k}.onnx")
-            if k in heads:
-                tap = params.get(f"out{len(out) - 1}")
-                _quantized(HeadProgram(model.branches[k], model.policy), (out[-1], threshold), [True, False],
-                           ["logits", "leave", "conf"], folder, f"head{k}", feeds[f"head{k}"], f"exit {k}'s head",
-                           {"in0": tap} if tap is not None else {})
             upstream = {f"in{j}": params[f"out{j}"] for j in range(len(out) - 1) if f"out{j}" in params}
             example = out[:-1]
-    return QuantizedParts(folder, len(stages), heads, images.shape[0])
+    return QuantizedParts(folder, len(stages), export_heads(model, images, folder), images.shape[0], model.policy)
+
+
+def export_heads(model: EarlyExitModel, images: torch.Tensor, folder: Path) -> list[int]:
+    """Every computed head of ``model`` as an FP32 program in ``folder`` (``head{k}.onnx``: in0 tap, in1
+    threshold -> logits, leave, conf; ``leave`` by the model's policy); returns their exits."""
+    from .onnx import HeadProgram, StageProgram, export_onnx
+
+    computed = model.computed_branches()
+    heads = [k for k in range(model.num_exits) if computed[k]]
+    example: tuple[torch.Tensor, ...] = (images[:2].detach().float().cpu(),)  # two rows: the batch stays dynamic
+    with torch.no_grad():
+        for k, stage in enumerate(model.stages.modules[:max(heads, default=-1) + 1]):
+            out = StageProgram(stage)(*example)
+            if k in heads:
+                export_onnx(HeadProgram(model.branches[k], model.policy), (out[-1], torch.tensor([0.5])), folder / f"head{k}.onnx",
+                            [True, False], output_names=["logits", "leave", "conf"], hint="drop --quantize (FP32)")
+            example = out[:-1]
+    return heads
 
 
 def _quantized(module: torch.nn.Module, args: tuple[torch.Tensor, ...], batched: list[bool], outputs: list[str],

@@ -1,7 +1,7 @@
 """``sweep-threshold --deploy-runtime onnxruntime --quantize int8``: the exit cache and the prices
 of the INT8 program that ships, not of the FP32 model.
 
-Every stage and every head is quantized once (``runtime.ort_quant.quantize_parts``) on images of
+Every stage is quantized once (``runtime.ort_quant.quantize_parts``; the heads stay FP32) on images of
 the calibration split's structure share (``guarantee.structure_rows``: they choose, they never
 certify). The calibration and test caches are then computed by running those INT8 programs in ONNX
 Runtime, and the profile is timed on them, against the INT8 backbone joined from the same stage
@@ -118,8 +118,8 @@ class Int8Exits:
 @contextlib.contextmanager
 def int8_exits(model: EarlyExitModel, calibration: Dataset, n: int, spec: str | None, threads: int | None,
                sink: Sink = SILENT, elsewhere: bool = False) -> Iterator[tuple[Int8Exits, dict[str, Any]]]:
-    """Every stage and head of ``model`` quantized on ``n`` structure-share images of
-    ``calibration``, every head computed (exit selection chooses among them); with the record of
+    """Every stage of ``model`` quantized on ``n`` structure-share images of ``calibration`` (the
+    heads in FP32), every head computed (exit selection chooses among them); with the record of
     how (``cost_model["quantization"]``). ``elsewhere``: the sweep runs on another device or under
     torchrun, which INT8 programs do not."""
     if elsewhere:
@@ -133,7 +133,7 @@ def int8_exits(model: EarlyExitModel, calibration: Dataset, n: int, spec: str | 
     model.set_active(None)
     try:
         with tempfile.TemporaryDirectory(prefix="pteenet-int8-") as tmp:
-            with sink.task(f"quantizing every stage and head to INT8 on {n} images", 1) as task:
+            with sink.task(f"quantizing every stage to INT8 on {n} images", 1) as task:
                 parts = quantize_parts(model.cpu(), images, Path(tmp))
                 task.advance()
             sink.note("INT8: the exits' answers come from the INT8 programs, drops and agreement are against the FP32 backbone")
