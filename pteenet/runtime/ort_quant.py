@@ -138,7 +138,9 @@ class QuantizedParts:
     Heads stay FP32 because INT8 makes them slower: a pooled MLP head is a pooling and two small
     matrix products, where quantize/dequantize pairs cost more than the int8 arithmetic saves (on
     CIFAR ResNet-56 an INT8 head cost 2.6 times its INT8 stage, against 0.96 for an FP32 head on
-    an FP32 stage; ``benchmarks/results/archive/cifar10_int8-int8-heads.json``)."""
+    an FP32 stage; ``benchmarks/results/archive/cifar10_int8-int8-heads.json``). On ResNet-50 at 224
+    px it is the other way round (an FP32 head 0.50 of its INT8 stage, quantized 0.42;
+    ``benchmarks/results/int8_overheads.json`` and its archived run): choosing per model is open."""
 
     def __init__(self, folder: Path, num_stages: int, heads: Sequence[int], images: int, policy: str,
                  head_folder: Path | None = None) -> None:
