@@ -19,16 +19,10 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from common import cli
 
-
-def cheapest_within(doc: dict[str, Any], points: float) -> dict[str, Any] | None:
-    """The cheapest calibration point at most ``points`` below the backbone there (no guarantee)."""
-    floor = doc["backbone"]["accuracy"] - points / 100
-    ok = [p for p in doc["points"] if p["accuracy"] >= floor - 1e-12]
-    return min(ok, key=lambda p: p["cost"]) if ok else None
+from pteenet.evaluation.engine import Point, select
 
 
 def main() -> None:
@@ -49,7 +43,13 @@ def main() -> None:
                 "--epochs", str(args.epochs))
     plain = cli("sweep-threshold", str(w / "trained.safetensors"), "-o", str(w / "sweep-all"), "--policy", "all")
     readme = cli("sweep-threshold", str(w / "trained.safetensors"), "-o", str(w / "sweep-max-drop-1"), "--max-drop", "1")
-    pick = cheapest_within(plain, 1.0)
+    # The cheapest point of the curve within 1 pt of the backbone on the calibration split, as the
+    # sweep's own select() reads a curve (no guarantee: what a user reading the curve would take).
+    n = plain["exits"]
+    points = [Point.from_dict(p, n) for p in plain["points"]]
+    backbone = Point.from_dict({**plain["backbone"], "cost_paper": 1.0, "exit_fractions": [0.0] * n + [1.0]}, n)
+    chosen_point = select(points, backbone, max_drop=1.0)
+    pick = None if chosen_point is None else plain["points"][points.index(chosen_point)]
     chosen = readme.get("chosen") or {}
     doc = {
         "setup": {"data": str(args.data), "weights": str(args.weights), "limit": args.limit, "epochs": args.epochs,
