@@ -254,17 +254,17 @@ def save(out: Path, name: str, entry: dict[str, Any], setup: dict[str, Any], row
          partial: bool) -> dict[str, Any]:
     """Write model ``name``'s entry into ``out``, keeping the other models (one model per run is fine),
     read again just before writing so that runs of other models in parallel are kept. A partial run
-    (``--only`` some rows) adds its rows to the ones there, and the file's setup stays with this run
-    listed under ``row_runs``."""
-    doc: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"setup": setup, "models": {}}
+    (``--only`` some rows, or ``--agreement-only``) adds to the entry there. The file keeps the setup
+    of the run that created it; every later run is listed under ``row_runs``."""
+    if not out.exists():
+        doc: dict[str, Any] = {"setup": setup, "models": {}}
+    else:
+        doc = json.loads(out.read_text())
+        run = {k: setup[k] for k in ("splits", "time_splits", "loadavg_start")}
+        doc["setup"]["row_runs"] = [*doc["setup"].get("row_runs", []), {"model": name, "rows": rows_only or "all", **run}]
     old = doc["models"].get(name)
     if partial and old is not None:
         entry = {**old, **entry, "results": {**old.get("results", {}), **entry.get("results", {})}}
-    if rows_only and old is not None:
-        run = {k: setup[k] for k in ("splits", "time_splits", "loadavg_start")}
-        doc["setup"]["row_runs"] = [*doc["setup"].get("row_runs", []), {"model": name, "rows": rows_only, **run}]
-    elif not partial and not doc["models"]:
-        doc["setup"] = setup
     doc["models"][name] = entry
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
